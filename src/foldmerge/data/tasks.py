@@ -1,0 +1,120 @@
+"""Tasks: a data set restricted to some classes, with train/val/test splits.
+
+A task spec is `DATASET[:CLASSES]`, e.g. `mnist:0-4`, `fmnist:5-9`, `mnist:0,2,4` or `mnist`
+(all ten classes). Labels are re-indexed 0..C-1 in the order the classes are listed, so
+each task has its own head. The validation split is a fixed 10% of the task's training
+images (split seed 0, independent of any experiment seed); the test split is the data
+set's own test set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from .datasets import canonical_name, load_images
+
+VAL_FRACTION = 0.10
+SPLIT_SEED = 0
+
+
+def _parse_classes(text: str) -> tuple[int, ...]:
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            lo_i, hi_i = int(lo), int(hi)
+            if hi_i < lo_i:
+                raise ValueError(f"class range {part!r} is empty")
+            out.extend(range(lo_i, hi_i + 1))
+        elif part:
+            out.append(int(part))
+    if len(set(out)) != len(out) or not out:
+        raise ValueError(f"classes {text!r} must be a non-empty list without repeats")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Task:
+    dataset: str
+    classes: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, spec: str | "Task") -> "Task":
+        if isinstance(spec, Task):
+            return spec
+        name, _, cls_text = str(spec).partition(":")
+        dataset = canonical_name(name.strip())
+        try:
+            classes = _parse_classes(cls_text) if cls_text else tuple(range(10))
+        except ValueError as e:
+            raise ValueError(f"bad task spec {spec!r}: {e}") from None
+        if any(c < 0 or c > 9 for c in classes):
+            raise ValueError(f"bad task spec {spec!r}: classes must be in 0..9")
+        return cls(dataset, classes)
+
+    @property
+    def name(self) -> str:
+        c = self.classes
+        if c == tuple(range(c[0], c[-1] + 1)) and len(c) > 1:
+            text = f"{c[0]}-{c[-1]}"
+        else:
+            text = ",".join(map(str, c))
+        return f"{self.dataset}:{text}"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __str__(self) -> str:
+        return self.name
+
+    # ----------------------------------------------------------------------- splits
+    def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images float32 (N,1,28,28) normalized, labels int64 in 0..C-1)."""
+        if which not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {which!r}")
+        return _split(self, which)
+
+    def sample(self, n: int, seed: int) -> torch.Tensor:
+        """An unlabeled merge sample: n training images (never validation or test) drawn with `seed`."""
+        x, _ = self.split("train")
+        if n > len(x):
+            raise ValueError(f"task {self} has only {len(x)} training images, asked for {n}")
+        g = torch.Generator().manual_seed(int(seed))
+        idx = torch.randperm(len(x), generator=g)[:n]
+        return x[idx]
+
+
+@lru_cache(maxsize=4)
+def _normalizer(dataset: str) -> tuple[float, float]:
+    x = load_images(dataset)["train_x"]
+    x = x.astype(np.float32) / 255.0
+    return float(x.mean()), float(x.std())
+
+
+@lru_cache(maxsize=32)
+def _split(task: Task, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+    data = load_images(task.dataset)
+    part = "test" if which == "test" else "train"
+    xs, ys = data[f"{part}_x"], data[f"{part}_y"]
+    keep = np.flatnonzero(np.isin(ys, task.classes))
+    if which != "test":
+        rng = np.random.default_rng(SPLIT_SEED)
+        keep = keep[rng.permutation(len(keep))]
+        n_val = int(round(VAL_FRACTION * len(keep)))
+        keep = np.sort(keep[:n_val] if which == "val" else keep[n_val:])
+    mean, std = _normalizer(task.dataset)
+    x = torch.from_numpy(xs[keep].astype(np.float32) / 255.0)
+    x = ((x - mean) / std).unsqueeze(1)
+    remap = np.full(10, -1, dtype=np.int64)
+    remap[list(task.classes)] = np.arange(len(task.classes))
+    y = torch.from_numpy(remap[ys[keep]])
+    return x, y
+
+
+def parse_tasks(specs) -> list[Task]:
+    return [Task.parse(s) for s in specs]

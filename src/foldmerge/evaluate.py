@@ -1,0 +1,93 @@
+"""The evaluation protocol (FS-Merge paper section 3; ZipIt! section 4).
+
+per-task accuracy: each task's test set scored with that task's head only; mean over tasks.
+joint accuracy:    each task's test set scored by argmax over the concatenated scores of all
+                   heads (a prediction counts only if it lands in the right task's head and
+                   class); mean over tasks.
+
+A "model" here is anything that maps images to a list of logits, one per task, in the
+order of its `tasks` attribute: a TaskModel, an `Ensemble`, or a merged model.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .data import Task
+
+
+@torch.no_grad()
+def _logits(model, x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    outs = [model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    return [torch.cat([o[j] for o in outs]) for j in range(len(outs[0]))]
+
+
+@torch.no_grad()
+def evaluate(model, tasks: list[Task | str] | None = None, split: str = "test",
+             batch_size: int = 1000) -> dict:
+    """Per-task and joint accuracy (in %) of `model` on `tasks` (default: all of its tasks)."""
+    if isinstance(model, nn.Module):
+        model.eval()
+    own = [t.name for t in model.tasks]
+    tasks = [Task.parse(t) for t in (tasks or model.tasks)]
+    missing = [t.name for t in tasks if t.name not in own]
+    if missing:
+        raise ValueError(f"the model has no head for {', '.join(missing)} (its heads: {', '.join(own)})")
+    offsets, o = [], 0
+    for t in model.tasks:
+        offsets.append(o)
+        o += t.num_classes
+    per_task, joint = {}, {}
+    for t in tasks:
+        j = own.index(t.name)
+        x, y = t.split(split)
+        logits = _logits(model, x, batch_size)
+        per_task[t.name] = 100.0 * (logits[j].argmax(1) == y).float().mean().item()
+        if len(own) > 1:
+            joint_pred = torch.cat(logits, dim=1).argmax(1)
+            joint[t.name] = 100.0 * (joint_pred == y + offsets[j]).float().mean().item()
+    result = {"split": split, "per_task": per_task,
+              "per_task_mean": sum(per_task.values()) / len(per_task)}
+    if joint:
+        result["joint"] = joint
+        result["joint_mean"] = sum(joint.values()) / len(joint)
+    return result
+
+
+def random_guess(tasks: list[Task | str]) -> dict:
+    tasks = [Task.parse(t) for t in tasks]
+    total = sum(t.num_classes for t in tasks)
+    per = {t.name: 100.0 / t.num_classes for t in tasks}
+    return {"per_task": per, "per_task_mean": sum(per.values()) / len(per),
+            "joint": {t.name: 100.0 / total for t in tasks}, "joint_mean": 100.0 / total}
+
+
+def originals(sources) -> dict:
+    """Each source model on its own task(s) with its own head: the level merging aims for."""
+    per = {}
+    for s in sources:
+        per.update(evaluate(s)["per_task"])
+    return {"per_task": per, "per_task_mean": sum(per.values()) / len(per)}
+
+
+def _abs_mean(f: torch.Tensor) -> torch.Tensor:
+    return f.abs().mean().clamp_min(1e-12)
+
+
+class Ensemble(nn.Module):
+    """Reference, not a merge: runs every source, averages their features (each scaled to
+    unit mean absolute value, as the FS-Merge authors' code does), then applies every head.
+    Needs sources whose features have the same size."""
+
+    def __init__(self, sources):
+        super().__init__()
+        dims = {s.backbone.out_dim for s in sources}
+        if len(dims) != 1:
+            raise ValueError(f"an ensemble needs equal feature sizes, got {sorted(dims)}")
+        self.sources = nn.ModuleList(sources)
+        self.tasks = [t for s in sources for t in s.tasks]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = [s.features(x) for s in self.sources]
+        avg = sum(f / _abs_mean(f) for f in feats) / len(feats)
+        return [h(avg) for s in self.sources for h in s.heads]

@@ -1,0 +1,219 @@
+"""The foldable linear map: learnable merge (M) and unmerge (U) matrices.
+
+For n source models with linear weights W_k (out_k x in_k, y = W x + b):
+
+    W* = M · blockdiag(W_1 … W_n) · U          b* = M · concat(b_1 … b_n)
+
+M ("merge") is (d* x Σ out_k); U ("unmerge") is (Σ in_k x d*). Both are stored as a
+`FoldMap` S of shape (d* x Σ d_k) made of n column blocks S[k] (d* x d_k):
+M = S_M and U = S_Uᵀ. Storing U transposed lets one class serve both roles.
+
+Parameterizations (paper eq. 12, appendix C):
+  full            S is a dense matrix.
+  diag            each block S[k] is a (rectangular) diagonal: min(d*, d_k) numbers.
+  diag+lowrank    diag blocks plus A·B (A: d* x r, B: r x Σ d_k), LoRA style; A
+                  starts at zero so any initialization is exact.
+
+All arithmetic goes through two block operations (row-batch convention, X has one row
+per example):
+  apply(k, X)   = X · S[k]ᵀ     (m x d_k  -> m x d*)
+  apply_t(k, Y) = Y · S[k]      (m x d*   -> m x d_k)
+so folding never materializes a dense block-diagonal matrix: for diag(+low-rank) maps
+it costs O(n·r·d²).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+PARAMS = ("full", "diag", "diag+lowrank")
+INITS = ("first", "average", "random")
+
+
+def parse_param(spec: str) -> tuple[str, int]:
+    """'full' | 'diag' | 'diag+lowrank' | 'diag+lowrank(16)' | 'lowrank16' -> (kind, rank)."""
+    s = spec.strip().lower().replace(" ", "")
+    if s in ("full", "diag"):
+        return s, 0
+    for prefix in ("diag+lowrank", "lowrank"):
+        if s.startswith(prefix):
+            rest = s[len(prefix):].strip("()=:")
+            try:
+                rank = int(rest) if rest else 16
+            except ValueError:
+                break
+            if rank < 1:
+                raise ValueError(f"low rank must be >= 1, got {rank}")
+            return "diag+lowrank", rank
+    raise ValueError(f"unknown M/U parameterization {spec!r}; use full, diag or diag+lowrank(R)")
+
+
+def _fit_cols(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Truncate or zero-pad the last dimension of x to `width` (a rectangular identity)."""
+    have = x.shape[-1]
+    if have == width:
+        return x
+    if have > width:
+        return x[..., :width]
+    pad = x.new_zeros(*x.shape[:-1], width - have)
+    return torch.cat([x, pad], dim=-1)
+
+
+class FoldMap(nn.Module):
+    """A (d* x Σ d_k) matrix of n column blocks, used as M (role 'merge') or Uᵀ (role 'unmerge')."""
+
+    def __init__(self, out_dim: int, in_dims: list[int], param: str = "full", init: str = "first",
+                 role: str = "merge", generator: torch.Generator | None = None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        kind, rank = parse_param(param)
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; use one of {', '.join(INITS)}")
+        if role not in ("merge", "unmerge"):
+            raise ValueError(f"role must be 'merge' or 'unmerge', got {role!r}")
+        self.kind, self.rank, self.role = kind, rank, role
+        self.out_dim, self.in_dims = int(out_dim), [int(d) for d in in_dims]
+        self.n = len(self.in_dims)
+        offsets = [0]
+        for d in self.in_dims:
+            offsets.append(offsets[-1] + d)
+        self.offsets = offsets
+        self.diag_lens = [min(self.out_dim, d) for d in self.in_dims]
+        total = offsets[-1]
+
+        if kind == "full":
+            self.weight = nn.Parameter(self._init_full(init, generator, dtype))
+        else:
+            self.diag = nn.Parameter(self._init_diag(init, generator, dtype))
+            if kind == "diag+lowrank":
+                # A = 0 keeps the initialization exact; B random so that A receives gradient.
+                self.A = nn.Parameter(torch.zeros(self.out_dim, rank, dtype=dtype))
+                b = torch.randn(rank, total, generator=generator, dtype=dtype) / math.sqrt(total)
+                self.B = nn.Parameter(b)
+
+    # ----------------------------------------------------------------- initialization
+    def _block_scale(self, init: str, k: int) -> float:
+        """Value on the (rectangular) identity of block k for the structured inits."""
+        if self.role == "unmerge":          # U = [I; I; …] for both 'first' and 'average'
+            return 1.0
+        if init == "first":
+            return 1.0 if k == 0 else 0.0
+        return 1.0 / self.n                 # 'average': M = [I/n … I/n]
+
+    def _init_full(self, init, generator, dtype):
+        w = torch.zeros(self.out_dim, self.offsets[-1], dtype=dtype)
+        if init == "random":
+            # As the authors' code: Gaussian scaled by 1/sqrt(source width); M also by 1/n.
+            width = sum(self.in_dims) / self.n
+            std = 1.0 / math.sqrt(width) / (self.n if self.role == "merge" else 1.0)
+            return torch.randn(w.shape, generator=generator, dtype=dtype) * std
+        for k in range(self.n):
+            r, o = self.diag_lens[k], self.offsets[k]
+            idx = torch.arange(r)
+            w[idx, o + idx] = self._block_scale(init, k)
+        return w
+
+    def _init_diag(self, init, generator, dtype):
+        total = sum(self.diag_lens)
+        if init == "random":
+            std = 1.0 / (self.n if self.role == "merge" else 1.0)
+            return torch.randn(total, generator=generator, dtype=dtype) * std
+        return torch.cat([torch.full((r,), self._block_scale(init, k), dtype=dtype)
+                          for k, r in enumerate(self.diag_lens)])
+
+    # ------------------------------------------------------------------ block algebra
+    def _cols(self, k: int) -> slice:
+        return slice(self.offsets[k], self.offsets[k + 1])
+
+    def _diag_k(self, k: int) -> torch.Tensor:
+        o = sum(self.diag_lens[:k])
+        return self.diag[o:o + self.diag_lens[k]]
+
+    def apply(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """x · S[k]ᵀ: (… x d_k) -> (… x d*)."""
+        if self.kind == "full":
+            return x @ self.weight[:, self._cols(k)].T
+        r = self.diag_lens[k]
+        y = _fit_cols(x[..., :r] * self._diag_k(k), self.out_dim)
+        if self.kind == "diag+lowrank":
+            y = y + (x @ self.B[:, self._cols(k)].T) @ self.A.T
+        return y
+
+    def apply_t(self, k: int, y: torch.Tensor) -> torch.Tensor:
+        """y · S[k]: (… x d*) -> (… x d_k)."""
+        if self.kind == "full":
+            return y @ self.weight[:, self._cols(k)]
+        r = self.diag_lens[k]
+        x = _fit_cols(y[..., :r] * self._diag_k(k), self.in_dims[k])
+        if self.kind == "diag+lowrank":
+            x = x + (y @ self.A) @ self.B[:, self._cols(k)]
+        return x
+
+    def block(self, k: int) -> torch.Tensor:
+        """Dense S[k] (d* x d_k): for tests and small models, never on the hot path."""
+        eye = torch.eye(self.in_dims[k], dtype=self._dtype(), device=self._device())
+        return self.apply(k, eye).T
+
+    def dense(self) -> torch.Tensor:
+        """Dense S (d* x Σ d_k). As M this is M; as U, the matrix U is dense().T."""
+        return torch.cat([self.block(k) for k in range(self.n)], dim=1)
+
+    @torch.no_grad()
+    def scale_block(self, k: int, c: float) -> None:
+        """Multiply block S[k] by c (used to undo a target scaling after training)."""
+        if self.kind == "full":
+            self.weight[:, self._cols(k)] *= c
+            return
+        o = sum(self.diag_lens[:k])
+        self.diag[o:o + self.diag_lens[k]] *= c
+        if self.kind == "diag+lowrank":
+            self.B[:, self._cols(k)] *= c
+
+    @torch.no_grad()
+    def set_dense(self, s: torch.Tensor) -> None:
+        """Load a dense S (d* x Σ d_k); only a 'full' map can hold any matrix."""
+        if self.kind != "full":
+            raise ValueError("set_dense needs a 'full' parameterization")
+        self.weight.copy_(s.to(self.weight))
+
+    def _dtype(self):
+        return next(self.parameters()).dtype
+
+    def _device(self):
+        return next(self.parameters()).device
+
+    def extra_repr(self) -> str:
+        return f"{self.role}, out={self.out_dim}, in={self.in_dims}, {self.kind}" + (
+            f", rank={self.rank}" if self.rank else "")
+
+
+# --------------------------------------------------------------------------- folding
+def merge_features(m: FoldMap, feats: list[torch.Tensor]) -> torch.Tensor:
+    """Merged features Σ_k feats_k · M[k]ᵀ (the SuperNet's M applied to concatenated features)."""
+    return sum(m.apply(k, f) for k, f in enumerate(feats))
+
+
+def unmerge_features(u: FoldMap, merged: torch.Tensor) -> list[torch.Tensor]:
+    """Reconstruct every source model's features from merged ones: U · f*, split per model."""
+    return [u.apply_t(k, merged) for k in range(u.n)]
+
+
+def fold_linear(m: FoldMap | None, weights: list[torch.Tensor], u: FoldMap | None,
+                biases: list[torch.Tensor] | None = None):
+    """W* = M · blockdiag(W_k) · U and b* = M · concat(b_k).
+
+    m=None means 'no merge on the output side' and is only valid for n = 1.
+    u=None means a shared input (U = [I; I; …]), e.g. the image fed to every model.
+    """
+    if m is None and len(weights) != 1:
+        raise ValueError("fold_linear without M needs exactly one weight")
+    w_star = 0
+    for k, w in enumerate(weights):
+        wu = u.apply(k, w) if u is not None else w          # W_k · U[k]    (out_k x d_in*)
+        w_star = w_star + (m.apply(k, wu.T).T if m is not None else wu)
+    if biases is None:
+        return w_star, None
+    b_star = merge_features(m, [b.unsqueeze(0) for b in biases])[0] if m is not None else biases[0]
+    return w_star, b_star

@@ -1,0 +1,21 @@
+"""Merging methods: one module each, one signature `merge(models, data, **options) -> TaskModel`.
+
+`models` are TaskModels (one or more heads each); `data` is one unlabeled tensor of
+inputs per model, drawn from that model's task(s). The result is a TaskModel with every
+head of every source, and a `meta` dict saying how it was made.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+
+def registry() -> dict[str, Callable]:
+    from . import average, fs_merge
+    return {"fs-merge": fs_merge.merge, "average": average.merge}
+
+
+def get_method(name: str) -> Callable:
+    methods = registry()
+    if name not in methods:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(methods))}")
+    return methods[name]

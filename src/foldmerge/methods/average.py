@@ -1,0 +1,31 @@
+"""Weight averaging: the mean of every backbone parameter; heads are kept as they are.
+
+Meaningful for models that share an initialization; for models from different
+initializations it is the baseline that collapses (FS-Merge paper, Table 2).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..model import TaskModel
+from .common import sources_arch
+
+
+def merge(models, data=None, weights: list[float] | None = None, seed: int = 0):
+    sources_arch(models)
+    cfgs = {str(m.backbone_config) for m in models}
+    if len(cfgs) != 1:
+        raise ValueError("weight averaging needs identical backbones; got "
+                         + " vs ".join(sorted(cfgs)))
+    weights = weights or [1.0 / len(models)] * len(models)
+    first = models[0]
+    merged = TaskModel(first.arch, first.backbone_config, [t for m in models for t in m.tasks], first.head_bias)
+    with torch.no_grad():
+        states = [m.backbone.state_dict() for m in models]
+        avg = {k: sum(w * s[k] for w, s in zip(weights, states)) for k in states[0]}
+        merged.backbone.load_state_dict(avg)
+        heads = [h for m in models for h in m.heads]
+        for dst, src in zip(merged.heads, heads):
+            dst.load_state_dict(src.state_dict())
+    merged.meta = {"method": "average", "weights": weights}
+    return merged

@@ -1,0 +1,43 @@
+"""Training the source models to be merged (FS-Merge paper, appendix E.1).
+
+MLPs: SGD, lr 0.01, batch size 10, cross-entropy, 1 epoch (2 when depth > 4 or width > 256);
+Fashion-MNIST: 10 epochs at lr 0.001. Each model starts from its own seed.
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from .data import Task
+from .evaluate import evaluate
+from .model import TaskModel
+from .train import TrainConfig, fit
+
+
+def paper_schedule(task: Task, hidden: list[int]) -> tuple[int, float]:
+    """(epochs, lr) of appendix E.1 for an MLP on this task."""
+    if task.dataset == "fmnist":
+        return 10, 0.001
+    return (2 if len(hidden) > 4 or max(hidden) > 256 else 1), 0.01
+
+
+def train_source(task: Task | str, hidden: list[int], seed: int, epochs: int | None = None,
+                 lr: float | None = None, batch_size: int = 10) -> TaskModel:
+    task = Task.parse(task)
+    auto_epochs, auto_lr = paper_schedule(task, hidden)
+    epochs = auto_epochs if epochs is None else epochs
+    lr = auto_lr if lr is None else lr
+    torch.manual_seed(seed)
+    model = TaskModel("mlp", {"in_dim": 784, "hidden": list(hidden)}, [task])
+    x, y = task.split("train")
+    cfg = TrainConfig(epochs=epochs, lr=lr, momentum=0.0, schedule="constant", batch_size=batch_size, seed=seed)
+
+    def loss_fn(xb, yb):
+        return F.cross_entropy(model(xb)[0], yb)
+
+    fit(list(model.parameters()), loss_fn, (x, y), cfg, desc=f"train {task} (seed {seed})")
+    model.eval()
+    model.meta = {"kind": "source", "task": task.name, "seed": seed, "train": cfg.as_dict(),
+                  "test_accuracy": evaluate(model, [task])["per_task_mean"],
+                  "val_accuracy": evaluate(model, [task], split="val")["per_task_mean"]}
+    return model

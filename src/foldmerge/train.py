@@ -1,0 +1,101 @@
+"""The one training loop: source-model training, FS-Merge and distillation all run through `fit`.
+
+It is deliberately plain: an optimizer, a per-step learning-rate schedule, minibatches
+(or the whole data at once, i.e. gradient descent as in the FS-Merge paper's MLP runs),
+and a loss function supplied by the caller.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .progress import bar
+
+SCHEDULES = ("constant", "step", "cosine")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    optimizer: str = "sgd"
+    schedule: str = "cosine"      # cosine: one cycle after a linear warmup (paper E.1)
+    warmup: int = 20              # warmup length in epochs (cosine only)
+    step_gamma: float = 0.9       # step: the LR is multiplied by gamma at 1/3 and 2/3 of training
+    batch_size: int | None = None  # None: the whole data each step (gradient descent)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.epochs < 0 or self.lr <= 0:
+            raise ValueError("epochs must be >= 0 and lr > 0")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def lr_factor(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> float:
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "step":
+        drops = sum(step >= total * f for f in (1 / 3, 2 / 3))
+        return cfg.step_gamma ** drops
+    warm = min(cfg.warmup * steps_per_epoch, max(total - 1, 0))
+    if step < warm:
+        return (step + 1) / warm
+    rest = max(total - warm, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / rest))
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tensor],
+        data: Sequence[torch.Tensor], cfg: TrainConfig, desc: str = "training") -> list[float]:
+    """Minimize loss_fn(*batch) over `data` (tensors sharing their first dimension).
+
+    Returns the mean loss of every epoch.
+    """
+    params = [p for p in params if p.requires_grad]
+    n = len(data[0])
+    bs = n if not cfg.batch_size or cfg.batch_size >= n else cfg.batch_size
+    steps_per_epoch = math.ceil(n / bs)
+    total = cfg.epochs * steps_per_epoch
+    opt = make_optimizer(params, cfg)
+    g = torch.Generator().manual_seed(cfg.seed)
+    history: list[float] = []
+    step = 0
+    show_every = max(1, cfg.epochs // 200) if bs == n else 1
+    with bar(cfg.epochs if bs == n else total, desc) as progress:
+        for _ in range(cfg.epochs):
+            order = torch.randperm(n, generator=g) if bs < n else None
+            epoch_loss = 0.0
+            for i in range(steps_per_epoch):
+                batch = data if order is None else [t[order[i * bs:(i + 1) * bs]] for t in data]
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(cfg, step, total, steps_per_epoch)
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(*batch)
+                loss.backward()
+                opt.step()
+                step += 1
+                epoch_loss += loss.item() * len(batch[0])
+                if bs < n:
+                    progress.advance(1)
+            history.append(epoch_loss / n)
+            if bs == n:
+                info = {"info": f"loss {history[-1]:.4g}"} if len(history) % show_every == 0 else {}
+                progress.advance(1, **info)
+    return history
