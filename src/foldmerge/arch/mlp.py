@@ -86,6 +86,7 @@ class SuperNet(nn.Module):
         self.tasks = [t for s in sources for t in s.tasks]
         self.head_bias = sources[0].head_bias
         g = torch.Generator().manual_seed(int(seed))
+        dtype = sources[0].backbone.layers[0].weight.dtype
 
         # Frozen source weights, kept as buffers (never trained, moved with .to()).
         self.src_w, self.src_b = [], []
@@ -108,9 +109,9 @@ class SuperNet(nn.Module):
                 self.register_buffer(f"hb{i}", h.bias.detach().clone() if h.bias is not None else None)
                 self.head_owner.append(k)
 
-        self.M = nn.ModuleList(FoldMap(self.widths[l], src_widths[l], param, init, "merge", g)
+        self.M = nn.ModuleList(FoldMap(self.widths[l], src_widths[l], param, init, "merge", g, dtype)
                                for l in range(depth))
-        self.U = nn.ModuleList(FoldMap(self.widths[l], src_widths[l], param, init, "unmerge", g)
+        self.U = nn.ModuleList(FoldMap(self.widths[l], src_widths[l], param, init, "unmerge", g, dtype)
                                for l in range(depth))
 
     # ---------------------------------------------------------------- source weights

@@ -1,0 +1,140 @@
+"""Exactness of the foldable map: folding equals the SuperNet, and the structured inits fold
+to what they claim to (model 1; the weight average)."""
+import pytest
+import torch
+from torch.nn import functional as F
+
+from foldmerge.arch.mlp import SuperNet
+from foldmerge.foldable import FoldMap, fold_linear, merge_features, parse_param, unmerge_features
+from foldmerge.model import TaskModel
+
+TASKS = ["mnist:0-4", "mnist:5-9", "fmnist:0-4"]
+PARAMS = ["full", "diag", "diag+lowrank(3)"]
+
+
+def make_sources(hiddens, in_dim=20, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return [TaskModel("mlp", {"in_dim": in_dim, "hidden": h}, [TASKS[k]]).to(dtype)
+            for k, h in enumerate(hiddens)]
+
+
+def perturb(module, scale=0.1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def supernet_logits(sn, x):
+    """The SuperNet as drawn in the paper (wide, dense M and U), then the original heads on U_L·f*."""
+    recon = sn.reconstruct(sn(x, form="supernet"))
+    return [F.linear(recon[sn.head_owner[i]], getattr(sn, f"hw{i}"), getattr(sn, f"hb{i}"))
+            for i in range(len(sn.head_owner))]
+
+
+@pytest.mark.parametrize("param", PARAMS)
+@pytest.mark.parametrize("hiddens,widths", [
+    ([[16], [16]], None),
+    ([[16, 12], [16, 12], [16, 12]], None),
+    ([[8, 8, 8], [8, 8, 8]], None),
+    ([[16, 12], [24, 10], [16, 8]], [14, 9]),      # different widths into another target width
+])
+def test_folded_model_equals_supernet(param, hiddens, widths):
+    sources = make_sources(hiddens)
+    for init in ("first", "average", "random"):
+        sn = SuperNet(sources, widths=widths, param=param, init=init, seed=3).double()
+        perturb(sn)                                   # away from the structured init
+        x = torch.randn(9, 20, dtype=torch.float64)
+        folded = sn.fold()
+        assert folded.backbone.hidden == (widths or hiddens[0])
+        for a, b in zip(folded(x), supernet_logits(sn, x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+        # the folded-form training forward is the same function too
+        torch.testing.assert_close(sn(x, form="folded"), sn(x, form="supernet"), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("param", PARAMS)
+def test_folded_equals_supernet_float32(param):
+    sources = make_sources([[32, 16], [32, 16]], dtype=torch.float32)
+    sn = SuperNet(sources, param=param, init="random", seed=0)
+    perturb(sn, 0.05)
+    x = torch.randn(16, 20)
+    for a, b in zip(sn.fold()(x), supernet_logits(sn, x)):
+        assert (a - b).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("param", PARAMS)
+@pytest.mark.parametrize("n", [2, 3])
+def test_first_init_folds_to_model_one(param, n):
+    sources = make_sources([[16, 12]] * n)
+    merged = SuperNet(sources, param=param, init="first").fold()
+    for got, want in zip(merged.backbone.layers, sources[0].backbone.layers):
+        assert torch.equal(got.weight, want.weight) and torch.equal(got.bias, want.bias)
+    x = torch.randn(5, 20, dtype=torch.float64)
+    assert torch.equal(merged(x)[0], sources[0](x)[0])
+    # U = [I; I; …] leaves every head unchanged
+    for got, src in zip(merged.heads, sources):
+        assert torch.equal(got.weight, src.heads[0].weight)
+
+
+@pytest.mark.parametrize("param", PARAMS)
+@pytest.mark.parametrize("n", [2, 3])
+def test_average_init_folds_to_weight_average(param, n):
+    sources = make_sources([[16, 12]] * n)
+    merged = SuperNet(sources, param=param, init="average").fold()
+    for l, layer in enumerate(merged.backbone.layers):
+        w = sum(s.backbone.layers[l].weight for s in sources) / n
+        b = sum(s.backbone.layers[l].bias for s in sources) / n
+        torch.testing.assert_close(layer.weight, w, rtol=0, atol=1e-12)
+        torch.testing.assert_close(layer.bias, b, rtol=0, atol=1e-12)
+
+
+def test_depth_mismatch_is_a_clear_error():
+    sources = make_sources([[16], [16, 16]])
+    with pytest.raises(ValueError, match="different depths"):
+        SuperNet(sources)
+
+
+def test_target_width_count_must_match_depth():
+    with pytest.raises(ValueError, match="depth"):
+        SuperNet(make_sources([[16, 16], [16, 16]]), widths=[16])
+
+
+@pytest.mark.parametrize("param", PARAMS)
+def test_block_ops_match_dense_matrix(param):
+    g = torch.Generator().manual_seed(0)
+    m = FoldMap(6, [4, 7, 6], param, "random", "merge", g).double()
+    perturb(m)
+    s = m.dense()
+    assert s.shape == (6, 17)
+    feats = [torch.randn(3, d, dtype=torch.float64) for d in (4, 7, 6)]
+    torch.testing.assert_close(merge_features(m, feats), torch.cat(feats, 1) @ s.T)
+    y = torch.randn(3, 6, dtype=torch.float64)
+    torch.testing.assert_close(torch.cat(unmerge_features(m, y), 1), y @ s)
+    # fold_linear = M · blockdiag(W) · U with dense matrices
+    u = FoldMap(5, [3, 2, 4], param, "random", "unmerge", g).double()
+    perturb(u)
+    ws = [torch.randn(d_out, d_in, dtype=torch.float64) for d_out, d_in in zip((4, 7, 6), (3, 2, 4))]
+    bs = [torch.randn(d, dtype=torch.float64) for d in (4, 7, 6)]
+    w_star, b_star = fold_linear(m, ws, u, bs)
+    torch.testing.assert_close(w_star, s @ torch.block_diag(*ws) @ u.dense().T)
+    torch.testing.assert_close(b_star, s @ torch.cat(bs))
+
+
+def test_scale_block_scales_only_that_block():
+    m = FoldMap(5, [5, 5], "diag+lowrank(2)", "random", "unmerge", torch.Generator().manual_seed(0)).double()
+    perturb(m)
+    before = m.dense().clone()
+    m.scale_block(1, 0.5)
+    after = m.dense()
+    torch.testing.assert_close(after[:, :5], before[:, :5])
+    torch.testing.assert_close(after[:, 5:], 0.5 * before[:, 5:])
+
+
+def test_parse_param():
+    assert parse_param("full") == ("full", 0)
+    assert parse_param("diag+lowrank(12)") == ("diag+lowrank", 12)
+    assert parse_param("lowrank8") == ("diag+lowrank", 8)
+    for bad in ("dense", "diag+lowrank(0)", "lowrank(x)"):
+        with pytest.raises(ValueError):
+            parse_param(bad)
