@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from foldmerge.data import Task
-from foldmerge.evaluate import Ensemble, evaluate, random_guess
+from foldmerge.evaluation import Ensemble, evaluate, random_guess
 from foldmerge.model import TaskModel
 
 

@@ -61,5 +61,5 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
 
 
 def evaluate(model, tasks: list[Task | str] | None = None, split: str = "test") -> dict:
-    from .evaluate import evaluate as _evaluate
+    from .evaluation import evaluate as _evaluate
     return _evaluate(model, tasks, split=split)

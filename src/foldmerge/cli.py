@@ -73,7 +73,7 @@ def _command_line() -> str:
 def cmd_train_sources(args) -> None:
     from .data import Task
     from .report import print_json, print_table
-    from .sources import train_source
+    from .sources import source_dirname, train_source
     tasks = [Task.parse(t) for t in args.tasks]
     seeds = args.seeds if args.seeds is not None else list(range(len(tasks)))
     if len(seeds) != len(tasks):
@@ -83,7 +83,7 @@ def cmd_train_sources(args) -> None:
     rows = []
     for task, seed in zip(tasks, seeds):
         model = train_source(task, args.hidden, seed, epochs=args.epochs, lr=args.lr)
-        path = Path(args.out) / f"{task.name.replace(':', '_').replace(',', '.')}-s{seed}"
+        path = Path(args.out) / source_dirname(task, seed)
         model.meta["command"] = _command_line()
         model.save(path)
         rows.append({"task": task.name, "seed": seed, "path": str(path),
@@ -101,7 +101,7 @@ MERGE_OPTIONS = ("variant", "param", "init", "widths", "epochs", "lr", "momentum
 
 def cmd_merge(args) -> None:
     from .api import load, merge
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .methods import get_method
     from .report import print_json, print_table, result_row
     fn = get_method(args.method)
@@ -130,7 +130,7 @@ def cmd_merge(args) -> None:
 
 def cmd_eval(args) -> None:
     from .api import load
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .report import print_json, print_table
     out = []
     for p in args.models:
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     from .io import ModelFileError
     try:
         COMMANDS[args.command](args)
-    except (ValueError, DataMissing, ModelFileError, FileNotFoundError, NotADirectoryError) as e:
+    except (ValueError, DataMissing, ModelFileError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"foldmerge: error: {msg}", file=sys.stderr)
         return 2

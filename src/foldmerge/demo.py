@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 from .api import merge, merge_sample
-from .evaluate import Ensemble, evaluate, originals, random_guess
+from .evaluation import Ensemble, evaluate, originals, random_guess
 from .progress import status
 from .report import result_row
-from .sources import train_source
+from .sources import source_dirname, train_source
 
 TASKS = ("mnist:0-4", "mnist:5-9")
 
@@ -28,7 +28,7 @@ def run_demo(seed: int = 0, per_task: int = 64, hidden: tuple[int, ...] = (128,)
         sources[-1].meta["train_seconds"] = time.perf_counter() - start
     if out:
         for s in sources:
-            s.save(Path(out) / "sources" / f"{s.tasks[0].name.replace(':', '_')}-s{s.meta['seed']}")
+            s.save(Path(out) / "sources" / source_dirname(s.tasks[0], s.meta["seed"]))
     tasks = [t for s in sources for t in s.tasks]
     rows.append(result_row("random guess", random_guess(tasks)))
     rows.append(result_row("original models", originals(sources),

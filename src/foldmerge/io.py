@@ -28,11 +28,14 @@ class ModelFileError(RuntimeError):
 
 def save_model(model, out_dir: str | os.PathLike, meta: dict[str, Any] | None = None,
                overwrite: bool = True) -> Path:
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
     if out.exists() and not overwrite:
         raise ModelFileError(f"{out} already exists")
     if out.exists() and not out.is_dir():
         raise ModelFileError(f"{out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not (out / CONFIG).is_file():
+        # Only ever replace an earlier model directory, never an unrelated folder.
+        raise ModelFileError(f"{out} exists and is not a foldmerge model directory; refusing to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -41,6 +44,12 @@ def save_model(model, out_dir: str | os.PathLike, meta: dict[str, Any] | None = 
         cfg = model.config()
         cfg["meta"] = meta or {}
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+        # mkdtemp makes a private (0700) folder; give the model the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for f in (WEIGHTS, CONFIG):
+            os.chmod(tmp / f, 0o666 & ~umask)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -76,8 +85,8 @@ def load_model(path: str | os.PathLike, allow_pickle: bool = False):
         raise ModelFileError(f"{path} does not exist")
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
-            raise ModelFileError(f"{path} is a pickle checkpoint; refusing to load it "
-                                 "(it can run code). Pass --allow-pickle if you trust it")
+            raise ModelFileError(f"{path} is a pickle checkpoint; refusing to load it (it can run code). "
+                                 f"If you trust it, put it in a directory beside a {CONFIG} and pass --allow-pickle")
         raise ModelFileError(f"{path} is a file; expected a model directory with {CONFIG} and {WEIGHTS}")
     cfg = _read_config(path)
     weights = path / WEIGHTS
@@ -104,5 +113,6 @@ def load_model(path: str | os.PathLike, allow_pickle: bool = False):
     except RuntimeError as e:
         first = str(e).splitlines()[0] if str(e) else "shape or key mismatch"
         raise ModelFileError(f"{weights} does not match {CONFIG}: {first}") from None
+    model.meta = dict(cfg.get("meta") or {})
     model.eval()
     return model

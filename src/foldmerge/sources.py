@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from .data import Task
-from .evaluate import evaluate
+from .evaluation import evaluate
 from .model import TaskModel
 from .train import TrainConfig, fit
 
@@ -19,6 +19,11 @@ def paper_schedule(task: Task, hidden: list[int]) -> tuple[int, float]:
     if task.dataset == "fmnist":
         return 10, 0.001
     return (2 if len(hidden) > 4 or max(hidden) > 256 else 1), 0.01
+
+
+def source_dirname(task: Task, seed: int) -> str:
+    """Folder name of a source model: mnist:0-4, seed 0 -> mnist_0-4-s0."""
+    return f"{task.name.replace(':', '_').replace(',', '.')}-s{seed}"
 
 
 def train_source(task: Task | str, hidden: list[int], seed: int, epochs: int | None = None,

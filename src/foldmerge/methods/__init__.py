@@ -10,8 +10,8 @@ from typing import Callable
 
 
 def registry() -> dict[str, Callable]:
-    from . import average, fs_merge
-    return {"fs-merge": fs_merge.merge, "average": average.merge}
+    from . import average, fs_merge, regmean, slerp, permute, zipit
+    return {"fs-merge": fs_merge.merge, "average": average.merge, "regmean": regmean.merge, "slerp": slerp.merge, "zipit": zipit.merge, "permute": permute.merge}
 
 
 def get_method(name: str) -> Callable:

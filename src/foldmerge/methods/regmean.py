@@ -1,0 +1,153 @@
+"""RegMean: Regression Mean (Jin, Ren, Preotiuc-Pietro, Cheng: "Dataless Knowledge Fusion by
+Merging Weights of Language Models", ICLR 2023), as the FS-Merge authors run it.
+
+For every foldable linear layer y = W x + b of the backbone (`get_arch(arch).linear_layers`;
+for MLPs every hidden layer; heads are outside the backbone and are copied, never merged),
+RegMean picks the W* that best reproduces, on each model's own inputs, what every source
+layer computes:
+
+    W* = argmin_W  Σ_k ‖X_k Wᵀ − X_k W_kᵀ‖²
+
+where X_k (examples × in) holds the layer's inputs computed by model k itself on data[k],
+the merge sample of model k's own task. With the Gram matrices G_k = X_kᵀ X_k (summed over
+examples, not normalized) the closed form, in PyTorch's (out × in) weight convention, is
+
+    W*ᵀ = (Σ_k G_k)⁻¹ Σ_k G_k W_kᵀ.
+
+The off-diagonal entries of every Gram are scaled by α before summing (the paper's
+regularization; α = 1 is the plain regression, α = 0 a per-input-feature weighted mean):
+
+    G_k ← α · G_k + (1 − α) · diag(G_k).
+
+Biases and every other backbone parameter are plainly averaged. Default α = 0.9
+(FS-Merge paper, appendix E.1, MNIST).
+
+Singular systems: an input feature that is zero in every example of every model (MNIST's
+blank border pixels, a ReLU unit dead on the whole sample) leaves its row and column of
+Σ G_k zero, so the data say nothing about that column of W*. Such columns take the plain
+average and the system is solved over the remaining features (the limit of a vanishing
+ridge term ε‖W − W_avg‖² that pulls W* towards the plain average).
+If what remains is still singular (α = 1 with fewer examples than inputs) the solution
+falls back to pinv(G)·B plus the plain average projected onto the null space of G (the
+same limit); `meta["fallback_layers"]` lists where that happened.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..arch import get_arch
+from ..model import TaskModel
+from .common import sources_arch
+
+
+def _check(models, data, alpha: float) -> None:
+    sources_arch(models)
+    cfgs = {str(m.backbone_config) for m in models}
+    if len(cfgs) != 1:
+        raise ValueError("RegMean needs identical backbones; got " + " vs ".join(sorted(cfgs)))
+    if len({m.head_bias for m in models}) != 1:
+        raise ValueError("RegMean needs sources whose heads all have, or all lack, a bias")
+    if data is None or len(data) != len(models):
+        raise ValueError(f"RegMean needs one data tensor per model; got "
+                         f"{0 if data is None else len(data)} for {len(models)} models")
+    if any(len(d) == 0 for d in data):
+        raise ValueError("RegMean needs at least one example per model")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
+
+
+@torch.no_grad()
+def input_grams(model, x: torch.Tensor) -> list[torch.Tensor]:
+    """G_l = X_lᵀ X_l (float64, unnormalized) of the inputs of every foldable linear layer
+    of `model`'s backbone, when `model` itself runs on `x`."""
+    layers = get_arch(model.arch).linear_layers(model.backbone)
+    grams = [torch.zeros(l.in_features, l.in_features, dtype=torch.float64, device=l.weight.device)
+             for l in layers]
+
+    def hook_for(i):
+        def hook(module, args):
+            inp = args[0].reshape(-1, module.in_features).to(torch.float64)
+            grams[i].add_(inp.T @ inp)
+        return hook
+
+    handles = [l.register_forward_pre_hook(hook_for(i)) for i, l in enumerate(layers)]
+    was_training = model.training
+    try:
+        model.eval()
+        p = next(model.backbone.parameters())
+        model.features(x.to(device=p.device, dtype=p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return grams
+
+
+def scale_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """α · G + (1 − α) · diag(G)."""
+    return alpha * gram + (1.0 - alpha) * torch.diag(torch.diagonal(gram))
+
+
+def regmean_weight(grams: list[torch.Tensor], weights: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """W* (out × in, float64) from the (already α-scaled) Grams and the (out × in) weights.
+
+    Returns (W*, fell_back): fell_back is True when the pseudo-inverse path was needed."""
+    G = sum(grams)
+    ws = [w.to(torch.float64) for w in weights]
+    B = sum(g @ w.T for g, w in zip(grams, ws))               # in × out
+    avg_t = (sum(ws) / len(ws)).T                              # in × out
+    active = torch.diagonal(G) > 0                             # zero diagonal ⇒ zero row/column (G ⪰ 0)
+    out = avg_t.clone()
+    if not bool(active.any()):
+        return out.T, False
+    Ga, Ba = G[active][:, active], B[active]
+    # Rank test on the symmetric PSD system (round-off hides exact singularity from solve).
+    evals, evecs = torch.linalg.eigh(Ga)
+    tol = evals.abs().max() * Ga.shape[0] * torch.finfo(torch.float64).eps
+    fell_back = bool(evals.min() <= tol)
+    if not fell_back:
+        sol = torch.linalg.solve(Ga, Ba)
+    else:
+        keep = evals > tol
+        vr, vn = evecs[:, keep], evecs[:, ~keep]
+        sol = vr @ ((vr.T @ Ba) / evals[keep, None]) + vn @ (vn.T @ avg_t[active])
+    out[active] = sol
+    return out.T, fell_back
+
+
+def merge(models, data, alpha: float = 0.9, seed: int = 0):
+    _check(models, data, alpha)
+    alpha = float(alpha)
+    first = models[0]
+    arch = get_arch(first.arch)
+    p = next(first.backbone.parameters())
+    merged = TaskModel(first.arch, first.backbone_config, [t for m in models for t in m.tasks], first.head_bias)
+    merged.to(dtype=p.dtype, device=p.device)
+
+    # Grams of every model's own inputs, on its own task's data.
+    grams = [input_grams(m, x) for m, x in zip(models, data)]          # [model][layer]
+    with torch.no_grad():
+        states = [m.backbone.state_dict() for m in models]
+        avg = {}
+        for key, v in states[0].items():
+            if v.is_floating_point():
+                avg[key] = (sum(s[key].to(torch.float64) for s in states) / len(states)).to(v.dtype)
+            else:
+                avg[key] = v.clone()
+        merged.backbone.load_state_dict(avg)
+
+        fallback = []
+        src_layers = [arch.linear_layers(m.backbone) for m in models]
+        for l, dst in enumerate(arch.linear_layers(merged.backbone)):
+            g = [scale_off_diagonal(grams[k][l], alpha) for k in range(len(models))]
+            w, fell_back = regmean_weight(g, [layers[l].weight for layers in src_layers])
+            dst.weight.copy_(w.to(dtype=dst.weight.dtype, device=dst.weight.device))
+            if fell_back:
+                fallback.append(l)
+
+        heads = [h for m in models for h in m.heads]
+        for dst, src in zip(merged.heads, heads):
+            dst.load_state_dict(src.state_dict())
+    merged.meta = {"method": "regmean", "alpha": alpha, "merge_examples": [len(d) for d in data],
+                   "fallback_layers": fallback}
+    return merged

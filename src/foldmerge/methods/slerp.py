@@ -1,0 +1,89 @@
+"""SLERP: spherical linear interpolation (Shoemake 1985, "Animating rotation with quaternion
+curves"), applied per tensor of the backbone, the usual baseline for merging two models.
+
+Every backbone tensor is flattened to a vector; for two vectors a, b and t ∈ [0, 1]
+
+    slerp(a, b, t) = sin((1 − t)Ω) / sin Ω · a + sin(tΩ) / sin Ω · b,
+    cos Ω = ⟨a/|a|, b/|b|⟩,
+
+applied to the raw vectors (not normalized: the standard form for model merging), falling
+back to linear interpolation (1 − t)·a + t·b when the vectors are (nearly) parallel or
+antiparallel, |cos Ω| > 1 − 1e-6, or either is zero. t = 0 returns a, t = 1 returns b.
+
+More than two models (our definition): a running spherical mean over the models in order,
+
+    m_1 = v_1,   m_i = slerp(m_{i−1}, v_i, t = 1/i),
+
+so each model enters with the weight it would have in a running arithmetic mean; for two
+models it is slerp(v_1, v_2, 0.5). `t` may only be set for two models. Heads are copied,
+never merged; the backbones must have identical configurations.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..model import TaskModel
+from .common import sources_arch
+
+PARALLEL_EPS = 1e-6
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation of two same-shape tensors, taken as flat vectors (float64 inside)."""
+    if a.shape != b.shape:
+        raise ValueError(f"slerp needs tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    va, vb = a.reshape(-1).to(torch.float64), b.reshape(-1).to(torch.float64)
+    na, nb = va.norm(), vb.norm()
+    lerp = (1.0 - t) * va + t * vb
+    if na == 0 or nb == 0:
+        out = lerp
+    else:
+        cos = float(torch.dot(va / na, vb / nb).clamp(-1.0, 1.0))
+        if abs(cos) > 1.0 - PARALLEL_EPS:
+            out = lerp
+        else:
+            omega = math.acos(cos)
+            s = math.sin(omega)
+            out = math.sin((1.0 - t) * omega) / s * va + math.sin(t * omega) / s * vb
+    return out.reshape(a.shape).to(a.dtype)
+
+
+def merge(models, data=None, t: float | None = None, seed: int = 0):
+    sources_arch(models)
+    cfgs = {str(m.backbone_config) for m in models}
+    if len(cfgs) != 1:
+        raise ValueError("SLERP needs identical backbones; got " + " vs ".join(sorted(cfgs)))
+    if len({m.head_bias for m in models}) != 1:
+        raise ValueError("SLERP needs sources whose heads all have, or all lack, a bias")
+    if t is not None and len(models) != 2:
+        raise ValueError(f"the SLERP option t is defined for two models only; got {len(models)} "
+                         "(more than two are merged by a running spherical mean)")
+    if t is not None and not 0.0 <= float(t) <= 1.0:
+        raise ValueError(f"t must lie in [0, 1], got {t!r}")
+    first = models[0]
+    p = next(first.backbone.parameters())
+    merged = TaskModel(first.arch, first.backbone_config, [tk for m in models for tk in m.tasks], first.head_bias)
+    merged.to(dtype=p.dtype, device=p.device)
+    with torch.no_grad():
+        states = [m.backbone.state_dict() for m in models]
+        out = {}
+        for key, v in states[0].items():
+            if not v.is_floating_point():
+                out[key] = v.clone()
+                continue
+            if len(models) == 2:
+                out[key] = slerp(v, states[1][key], 0.5 if t is None else float(t))
+            else:
+                m = v.to(torch.float64)
+                for i, s in enumerate(states[1:], start=2):
+                    m = slerp(m, s[key], 1.0 / i)
+                out[key] = m.to(v.dtype)
+        merged.backbone.load_state_dict(out)
+        heads = [h for m in models for h in m.heads]
+        for dst, src in zip(merged.heads, heads):
+            dst.load_state_dict(src.state_dict())
+    merged.meta = {"method": "slerp", "t": (0.5 if t is None else float(t)) if len(models) == 2 else None,
+                   "combine": "pair" if len(models) == 2 else "running spherical mean, t_i = 1/i"}
+    return merged
