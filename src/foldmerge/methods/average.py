@@ -8,15 +8,11 @@ from __future__ import annotations
 import torch
 
 from ..model import TaskModel
-from .common import sources_arch
+from .common import check_same_backbone
 
 
 def merge(models, data=None, weights: list[float] | None = None, seed: int = 0):
-    sources_arch(models)
-    cfgs = {str(m.backbone_config) for m in models}
-    if len(cfgs) != 1:
-        raise ValueError("weight averaging needs identical backbones; got "
-                         + " vs ".join(sorted(cfgs)))
+    check_same_backbone(models, "weight averaging")
     weights = weights or [1.0 / len(models)] * len(models)
     first = models[0]
     merged = TaskModel(first.arch, first.backbone_config, [t for m in models for t in m.tasks], first.head_bias)

@@ -37,16 +37,11 @@ import torch
 
 from ..arch import get_arch
 from ..model import TaskModel
-from .common import sources_arch
+from .common import check_same_backbone
 
 
 def _check(models, data, alpha: float) -> None:
-    sources_arch(models)
-    cfgs = {str(m.backbone_config) for m in models}
-    if len(cfgs) != 1:
-        raise ValueError("RegMean needs identical backbones; got " + " vs ".join(sorted(cfgs)))
-    if len({m.head_bias for m in models}) != 1:
-        raise ValueError("RegMean needs sources whose heads all have, or all lack, a bias")
+    check_same_backbone(models, "RegMean")
     if data is None or len(data) != len(models):
         raise ValueError(f"RegMean needs one data tensor per model; got "
                          f"{0 if data is None else len(data)} for {len(models)} models")

@@ -25,7 +25,7 @@ import math
 import torch
 
 from ..model import TaskModel
-from .common import sources_arch
+from .common import check_same_backbone
 
 PARALLEL_EPS = 1e-6
 
@@ -51,12 +51,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def merge(models, data=None, t: float | None = None, seed: int = 0):
-    sources_arch(models)
-    cfgs = {str(m.backbone_config) for m in models}
-    if len(cfgs) != 1:
-        raise ValueError("SLERP needs identical backbones; got " + " vs ".join(sorted(cfgs)))
-    if len({m.head_bias for m in models}) != 1:
-        raise ValueError("SLERP needs sources whose heads all have, or all lack, a bias")
+    check_same_backbone(models, "SLERP")
     if t is not None and len(models) != 2:
         raise ValueError(f"the SLERP option t is defined for two models only; got {len(models)} "
                          "(more than two are merged by a running spherical mean)")
