@@ -4,7 +4,7 @@ import torch
 
 import foldmerge
 from foldmerge.arch.mlp import SuperNet
-from foldmerge.methods.fs_merge import _recon_loss, _scales
+from foldmerge.methods.common import reconstruction_loss as _recon_loss, target_scales as _scales
 from foldmerge.model import TaskModel
 
 

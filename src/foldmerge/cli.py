@@ -32,10 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="merge source models into one model with every task's head")
     p.add_argument("models", nargs="+", help="model directories (from train-sources or merge)")
-    p.add_argument("--method", default="fs-merge", help="fs-merge | average")
+    p.add_argument("--method", default="fs-merge",
+                   help="fs-merge | distill | average | slerp | regmean | zipit | permute")
     p.add_argument("--variant", choices=["local", "global"], help="FS-Merge objective (default global)")
     p.add_argument("--param", help="M/U parameterization: full | diag | diag+lowrank(R)")
-    p.add_argument("--init", choices=["first", "average", "random"], help="M/U initialization")
+    p.add_argument("--init", choices=["first", "average", "random", "zipit", "regmean"],
+                   help="FS-Merge M/U init (first|average|random|zipit) or distillation student init "
+                        "(first|average|regmean|random)")
     p.add_argument("--widths", nargs="+", type=int, help="target widths, one per hidden layer")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
@@ -46,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", choices=["all", "own-task"])
     p.add_argument("--target-scale", help="match | none | a number")
     p.add_argument("--form", choices=["folded", "supernet"], help="how the SuperNet is run in training")
+    p.add_argument("--alpha", type=float, help="RegMean: off-diagonal scale; ZipIt!: repeated-match factor")
+    p.add_argument("--beta", type=float, help="ZipIt!: within-model merge budget in [0, 1]")
+    p.add_argument("--stop-layer", type=int, help="ZipIt!: zip hidden layers 1..N only (partial zipping)")
+    p.add_argument("--t", type=float, help="SLERP: interpolation point for two models (default 0.5)")
+    p.add_argument("--zipit-alpha", type=float, help="FS-Merge with --init zipit: ZipIt!'s alpha")
+    p.add_argument("--zipit-beta", type=float, help="FS-Merge with --init zipit: ZipIt!'s beta")
+    p.add_argument("--regmean-alpha", type=float, help="distillation with --init regmean: RegMean's alpha")
     p.add_argument("--per-task", type=int, default=64, help="unlabeled training images per task (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output model directory")
@@ -57,6 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--allow-pickle", action="store_true")
     _common(p)
+
+    p = sub.add_parser("bench", help="benchmarks that reproduce the papers' tables (measured now)")
+    bench = p.add_subparsers(dest="bench", required=True)
+    b = bench.add_parser("mlp", help="FS-Merge paper Table 2 and Tables 9-14: MLP pairs on MNIST/Fashion-MNIST halves")
+    b.add_argument("--dataset", choices=["mnist", "fmnist"], default="mnist")
+    b.add_argument("--vary", choices=["depth", "width"], default="depth")
+    b.add_argument("--seeds", type=int, default=5, help="number of seeds (pairs 0..N-1; default 5)")
+    b.add_argument("--values", nargs="+", type=int, help="depths or widths to run (default: the paper's)")
+    b.add_argument("--methods", nargs="+", help="only these rows or methods (default: all)")
+    b.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per core)")
+    b.add_argument("--epochs-scale", type=float, default=1.0,
+                   help="multiply every training epoch count (1 = the paper's; <1 for a quick look)")
+    b.add_argument("--retune", action="store_true", help="choose the hyperparameters on validation again")
+    b.add_argument("--out", default="runs/bench", help="cache for source models and tuning (default runs/bench)")
+    b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
+    b.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("demo", help="MNIST 0-4 vs 5-9: train two MLPs, merge, print the table")
     p.add_argument("--seed", type=int, default=0)
@@ -96,7 +122,8 @@ def cmd_train_sources(args) -> None:
 
 
 MERGE_OPTIONS = ("variant", "param", "init", "widths", "epochs", "lr", "momentum", "schedule",
-                 "weight_decay", "batch_size", "targets", "target_scale", "form")
+                 "weight_decay", "batch_size", "targets", "target_scale", "form", "alpha", "beta",
+                 "stop_layer", "t", "zipit_alpha", "zipit_beta", "regmean_alpha")
 
 
 def cmd_merge(args) -> None:
@@ -167,7 +194,31 @@ def cmd_demo(args) -> None:
                        f"{result['total_seconds']:.0f} s in all; command: {result['command']}")
 
 
-COMMANDS = {"train-sources": cmd_train_sources, "merge": cmd_merge, "eval": cmd_eval, "demo": cmd_demo}
+def cmd_bench(args) -> None:
+    from .bench import mlp
+    result = mlp.run_bench(dataset=args.dataset, vary=args.vary, seeds=args.seeds, values=args.values,
+                           methods=args.methods, jobs=args.jobs, out=args.out,
+                           epochs_scale=args.epochs_scale, retune=args.retune)
+    result["command"] = _command_line()
+    if args.json:
+        _write_json_atomic(args.json, result)
+    mlp.print_report(result, result["command"])
+    if args.json:
+        print(f"every measurement written to {args.json}")
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    import json
+    import os
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    os.replace(tmp, target)
+
+
+COMMANDS = {"train-sources": cmd_train_sources, "merge": cmd_merge, "eval": cmd_eval, "demo": cmd_demo,
+            "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

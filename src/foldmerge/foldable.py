@@ -192,11 +192,15 @@ class FoldMap(nn.Module):
 # --------------------------------------------------------------------------- folding
 def merge_features(m: FoldMap, feats: list[torch.Tensor]) -> torch.Tensor:
     """Merged features Σ_k feats_k · M[k]ᵀ (the SuperNet's M applied to concatenated features)."""
+    if m.kind == "full":    # one matmul instead of n (the hot path of local FS-Merge)
+        return torch.cat(list(feats), dim=-1) @ m.weight.T
     return sum(m.apply(k, f) for k, f in enumerate(feats))
 
 
 def unmerge_features(u: FoldMap, merged: torch.Tensor) -> list[torch.Tensor]:
     """Reconstruct every source model's features from merged ones: U · f*, split per model."""
+    if u.kind == "full":
+        return list((merged @ u.weight).split(u.in_dims, dim=-1))
     return [u.apply_t(k, merged) for k in range(u.n)]
 
 

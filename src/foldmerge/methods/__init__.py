@@ -10,8 +10,9 @@ from typing import Callable
 
 
 def registry() -> dict[str, Callable]:
-    from . import average, fs_merge, regmean, slerp, permute, zipit
-    return {"fs-merge": fs_merge.merge, "average": average.merge, "regmean": regmean.merge, "slerp": slerp.merge, "zipit": zipit.merge, "permute": permute.merge}
+    from . import average, distill, fs_merge, permute, regmean, slerp, zipit
+    return {"fs-merge": fs_merge.merge, "distill": distill.merge, "average": average.merge,
+            "regmean": regmean.merge, "slerp": slerp.merge, "zipit": zipit.merge, "permute": permute.merge}
 
 
 def get_method(name: str) -> Callable:

@@ -28,3 +28,31 @@ def check_same_backbone(models, method: str) -> None:
         raise ValueError(f"{method} needs identical backbones; got " + " vs ".join(sorted(cfgs)))
     if len({m.head_bias for m in models}) != 1:
         raise ValueError(f"{method} needs sources whose heads all have, or all lack, a bias")
+
+
+# The objective FS-Merge and distillation share ------------------------------------
+def target_scales(targets: list[torch.Tensor], how) -> list[float]:
+    """Factors that bring every source's targets to a common mean |f| (FS-Merge paper E.1):
+    'match' the first source's level, a number that level, 'none' leaves them (all 1)."""
+    means = [t.abs().mean().clamp_min(1e-12).item() for t in targets]
+    if how in (None, "none", 0, 0.0):
+        return [1.0] * len(targets)
+    if how == "match":
+        return [means[0] / m for m in means]
+    try:
+        level = float(how)
+    except (TypeError, ValueError):
+        raise ValueError(f"target_scale must be 'match', 'none' or a number, got {how!r}") from None
+    return [level / m for m in means]
+
+
+def reconstruction_loss(recon: list[torch.Tensor], targets: list[torch.Tensor], owner: torch.Tensor | None):
+    """Mean squared error over the scored entries (all, or only each input's own task)."""
+    total, count = 0.0, 0
+    for k, (r, t) in enumerate(zip(recon, targets)):
+        if owner is not None:
+            keep = owner == k
+            r, t = r[keep], t[keep]
+        total = total + ((r - t) ** 2).sum()
+        count += t.numel()
+    return total / max(count, 1)

@@ -4,6 +4,7 @@ local  (paper eq. 3, MLPs): per hidden layer l, from the sources' own pre-activa
        z_l^1‖…‖z_l^n, learn M_l, U_l so that U_l · relu(M_l · z) reconstructs f_l^1‖…‖f_l^n.
 global (paper eq. 4): learn every M, U together so that U_L · f*_L reconstructs the last
        representation layer of each source.
+init: 'first' | 'average' | 'random' | 'zipit' (M, U start as ZipIt!'s maps; MLPs, param full).
 targets: 'all'      every input is scored against every source's features (MLP default);
          'own-task' an input of task k only against source k (transformer default, B.2).
 target_scale: 'match' (scale each source's targets to the first source's mean |f|, paper E.1),
@@ -20,7 +21,7 @@ from torch.nn import functional as F
 from ..arch import get_arch
 from ..foldable import merge_features, unmerge_features
 from ..train import TrainConfig, fit
-from .common import cat_with_owner, sources_arch
+from .common import cat_with_owner, reconstruction_loss, sources_arch, target_scales
 
 # Appendix E.1, bold values of the MNIST grid.
 DEFAULTS = {
@@ -29,36 +30,11 @@ DEFAULTS = {
 }
 
 
-def _scales(targets: list[torch.Tensor], how) -> list[float]:
-    means = [t.abs().mean().clamp_min(1e-12).item() for t in targets]
-    if how in (None, "none", 0, 0.0):
-        return [1.0] * len(targets)
-    if how == "match":
-        return [means[0] / m for m in means]
-    try:
-        level = float(how)
-    except (TypeError, ValueError):
-        raise ValueError(f"target_scale must be 'match', 'none' or a number, got {how!r}") from None
-    return [level / m for m in means]
-
-
-def _recon_loss(recon: list[torch.Tensor], targets: list[torch.Tensor], owner: torch.Tensor | None):
-    """Mean squared error over the scored entries (all, or only each input's own task)."""
-    total, count = 0.0, 0
-    for k, (r, t) in enumerate(zip(recon, targets)):
-        if owner is not None:
-            keep = owner == k
-            r, t = r[keep], t[keep]
-        total = total + ((r - t) ** 2).sum()
-        count += t.numel()
-    return total / max(count, 1)
-
-
 def merge(models, data, variant: str = "global", param: str | None = None, init: str | None = None,
           widths: list[int] | None = None, epochs: int | None = None, lr: float | None = None,
           momentum: float | None = None, schedule: str = "cosine", weight_decay: float = 0.0,
           targets: str | None = None, target_scale="match", form: str = "folded", seed: int = 0,
-          batch_size: int | None = None):
+          batch_size: int | None = None, zipit_alpha: float | None = None, zipit_beta: float | None = None):
     if variant not in DEFAULTS:
         raise ValueError(f"FS-Merge variant must be 'local' or 'global', got {variant!r}")
     d = DEFAULTS[variant]
@@ -72,7 +48,10 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
                       weight_decay=weight_decay, batch_size=batch_size, seed=seed)
     arch = get_arch(sources_arch(models))
     torch.manual_seed(seed)
-    supernet = arch.SuperNet(models, widths=widths, param=param, init=init, seed=seed)
+    if init == "zipit":
+        supernet = _zipit_supernet(arch, models, data, widths, param, seed, zipit_alpha, zipit_beta)
+    else:
+        supernet = arch.SuperNet(models, widths=widths, param=param, init=init, seed=seed)
     x, owner = cat_with_owner(data)
     start = time.perf_counter()
     if variant == "local":
@@ -84,7 +63,8 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
     merged = supernet.fold()
     merged.meta = {
         "method": "fs-merge", "variant": variant, "param": param, "init": init, "targets": targets,
-        "target_scale": target_scale, "form": form, "widths": supernet.widths,
+        "target_scale": target_scale, "form": form,
+        **({"zipit_alpha": zipit_alpha, "zipit_beta": zipit_beta} if init == "zipit" else {}), "widths": supernet.widths,
         "train": cfg.as_dict(), "train_seconds": time.perf_counter() - start,
         "learnable_parameters": sum(p.numel() for p in supernet.parameters()),
         "final_loss": history[-1] if history else None,
@@ -94,17 +74,35 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
     return merged
 
 
+def _zipit_supernet(arch, models, data, widths, param, seed, alpha, beta):
+    """A SuperNet whose M_l, U_l start as ZipIt!'s maps (paper section 3.1, "FS-M, ZipIt init")."""
+    from . import zipit
+    if param != "full":
+        raise ValueError(f"init 'zipit' needs param 'full' (ZipIt!'s maps are not diagonal), got {param!r}")
+    if sources_arch(models) != "mlp":
+        raise ValueError("init 'zipit' is implemented for MLPs only")
+    alpha = zipit.DEFAULT_ALPHA if alpha is None else alpha
+    beta = zipit.DEFAULT_BETA if beta is None else beta
+    supernet = arch.SuperNet(models, widths=widths, param="full", init="first", seed=seed)
+    feats = zipit.hidden_features(models, data)
+    for l in range(supernet.depth):
+        m, u = zipit.zipit_maps(feats[l], supernet.widths[l], alpha, beta)
+        supernet.M[l].set_dense(m)
+        supernet.U[l].set_dense(u.T)
+    return supernet
+
+
 def _train_global(supernet, models, x, owner, cfg, target_scale, form):
     with torch.no_grad():
         feats = [m.features(x) for m in models]
-    scales = _scales(feats, target_scale)
+    scales = target_scales(feats, target_scale)
     feats = [f * s for f, s in zip(feats, scales)]
     args = [x, *feats] + ([owner] if owner is not None else [])
 
     def loss_fn(xb, *rest):
         tb = list(rest[:len(feats)])
         ob = rest[len(feats)] if owner is not None else None
-        return _recon_loss(supernet.reconstruct(supernet(xb, form=form)), tb, ob)
+        return reconstruction_loss(supernet.reconstruct(supernet(xb, form=form)), tb, ob)
 
     history = fit(supernet.parameters(), loss_fn, args, cfg, desc="FS-Merge global")
     for k, s in enumerate(scales):
@@ -113,29 +111,69 @@ def _train_global(supernet, models, x, owner, cfg, target_scale, form):
 
 
 def _train_local(supernet, models, x, owner, cfg, target_scale):
+    """Every layer's (M_l, U_l) learns its own reconstruction (eq. 3).
+
+    The layers share no parameters, so they are trained in one loop on the sum of their
+    losses: with (momentum) SGD each layer's update is exactly the one it would get alone,
+    and one optimizer step serves all layers. When every layer has full maps of one shape
+    (the usual constant-width MLP) the layers run as one batched matmul.
+    """
     if not hasattr(supernet, "M") or any(m.arch != "mlp" for m in models):
         raise ValueError("local FS-Merge is defined for MLPs; use --variant global for other architectures")
     with torch.no_grad():
         pre = [m.backbone.preactivations(x) for m in models]   # [model][layer]
-    history: list[float] = []
-    for l in range(supernet.depth):
-        z = [p[l] for p in pre]
-        tgt = [F.relu(zk) for zk in z]
-        scales = _scales(tgt, target_scale)
-        tgt = [t * s for t, s in zip(tgt, scales)]
-        M, U = supernet.M[l], supernet.U[l]
-        n = len(z)
-        ob_index = 2 * n
+    n, depth = len(models), supernet.depth
+    z = [[p[l] for p in pre] for l in range(depth)]
+    tgt, layer_scales = [], []
+    for l in range(depth):
+        t = [F.relu(zk) for zk in z[l]]
+        scales = target_scales(t, target_scale)
+        layer_scales.append(scales)
+        tgt.append([tk * s for tk, s in zip(t, scales)])
+    maps = [(supernet.M[l], supernet.U[l]) for l in range(depth)]
+    params = [p for M, U in maps for p in (*M.parameters(), *U.parameters())]
+    batched = all(M.kind == U.kind == "full" for M, U in maps) and \
+        len({(tuple(M.weight.shape), tuple(U.weight.shape)) for M, U in maps}) == 1
+    desc = f"FS-Merge local ({depth} layer{'s' if depth > 1 else ''})"
+    if batched:
+        history = fit(params, _batched_local_loss(maps, owner, supernet.M[0].in_dims),
+                      _batched_local_data(z, tgt, owner), cfg, desc=desc)
+    else:
+        args = [t for l in range(depth) for t in (*z[l], *tgt[l])] + ([owner] if owner is not None else [])
 
-        def loss_fn(*batch, M=M, U=U, n=n):
-            zb, tb = list(batch[:n]), list(batch[n:2 * n])
-            ob = batch[ob_index] if len(batch) > ob_index else None
-            recon = unmerge_features(U, F.relu(merge_features(M, zb)))
-            return _recon_loss(recon, tb, ob)
+        def loss_fn(*batch):
+            ob = batch[2 * n * depth] if owner is not None else None
+            total = 0.0
+            for l, (M, U) in enumerate(maps):
+                zb, tb = batch[2 * n * l:2 * n * l + n], list(batch[2 * n * l + n:2 * n * (l + 1)])
+                total = total + reconstruction_loss(unmerge_features(U, F.relu(merge_features(M, zb))), tb, ob)
+            return total
 
-        args = [*z, *tgt] + ([owner] if owner is not None else [])
-        history += fit(list(M.parameters()) + list(U.parameters()), loss_fn, args, cfg,
-                       desc=f"FS-Merge local, layer {l + 1}/{supernet.depth}")
-        for k, s in enumerate(scales):
-            U.scale_block(k, 1.0 / s)
+        history = fit(params, loss_fn, args, cfg, desc=desc)
+    for l in range(depth):
+        for k, s in enumerate(layer_scales[l]):
+            supernet.U[l].scale_block(k, 1.0 / s)
     return history
+
+
+def _batched_local_data(z, tgt, owner):
+    """(examples x layers x Σd) inputs and targets, so that minibatches slice examples."""
+    data = [torch.stack([torch.cat(zl, 1) for zl in z], 1), torch.stack([torch.cat(tl, 1) for tl in tgt], 1)]
+    return data + ([owner] if owner is not None else [])
+
+
+def _batched_local_loss(maps, owner, in_dims):
+    """The per-layer losses of `_recon_loss`, summed, for L layers at once (bmm)."""
+    block_of = torch.cat([torch.full((d,), k) for k, d in enumerate(in_dims)])
+
+    def loss_fn(zb, tb, ob=None):
+        m = torch.stack([M.weight for M, _ in maps])          # L x d* x Σd
+        u = torch.stack([U.weight for _, U in maps])          # L x d* x Σd  (U = uᵀ)
+        h = F.relu(torch.bmm(zb.transpose(0, 1), m.transpose(1, 2)))
+        sq = (torch.bmm(h, u) - tb.transpose(0, 1)) ** 2       # L x N x Σd
+        if ob is None:
+            return sq.mean(dim=(1, 2)).sum()
+        keep = (ob.unsqueeze(1) == block_of.unsqueeze(0)).to(sq.dtype)   # N x Σd: own block only
+        return ((sq * keep).sum(dim=(1, 2)) / keep.sum().clamp_min(1)).sum()
+
+    return loss_fn

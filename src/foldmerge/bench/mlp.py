@@ -1,0 +1,354 @@
+"""`foldmerge bench mlp`: the FS-Merge paper's MLP tables (Table 2, Tables 9–14), measured here.
+
+Setting (paper section 3.1, appendix E.1): two MLPs trained from different seeds on the
+halves 0–4 and 5–9 of MNIST or Fashion-MNIST, merged from 64 unlabeled training images per
+task. `--vary depth`: width 128, 1/2/3/4/6 hidden layers; `--vary width`: one hidden layer
+of width 16/64/128/512/1024. Every method runs on the same sources and the same merge sample;
+each cell is the mean ± sample std over the seeds of the test accuracy.
+
+Hyperparameters. Where appendix E.1 marks a value in bold it is used as is (FS-Merge local:
+random init, 15k epochs (20k Fashion-MNIST), lr 0.1, momentum 0.9; global: `first` init,
+1k epochs (1.5k), lr 0.1; global ZipIt init: 10k epochs, lr 0.1). What the paper does not
+fix legibly is chosen here, as the paper does, on the VALIDATION split of the depth-2,
+width-128 pair of seed 0, once per dataset, and then used for every depth and width:
+RegMean α, ZipIt! α and β (also the ZipIt init of FS-Merge), the distillation student's init
+and learning rate. The grid, every validation score and the choice go into --json.
+
+Seeds: pair s uses source seeds 2s (task 0–4) and 2s + 1 (task 5–9) and merge-sample seed s.
+Source models are cached under OUT/sources (safetensors) and reused by later runs.
+Work is spread over processes (one per core by default), each single-threaded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from importlib import resources
+from multiprocessing import get_context
+from pathlib import Path
+
+VALUES = {"depth": [1, 2, 3, 4, 6], "width": [16, 64, 128, 512, 1024]}
+TASKS = {"mnist": ("mnist:0-4", "mnist:5-9"), "fmnist": ("fmnist:0-4", "fmnist:5-9")}
+PER_TASK = 64
+TUNE_HIDDEN = [128, 128]          # E.1: tuned on two hidden layers of width 128
+REFERENCES = ("originals", "ensemble")
+ROW_ORDER = ("originals", "ensemble", "average", "slerp", "regmean", "permute", "zipit", "distill",
+             "fs-merge local", "fs-merge local, zipit init", "fs-merge global", "fs-merge global, zipit init")
+
+GRID = {
+    "regmean_alpha": [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1],
+    "zipit_alpha": [0.3, 0.5, 1.0],
+    "zipit_beta": [0.0, 0.125, 0.25, 0.5, 1.0],
+    "distill_init": ["first", "average", "regmean"],
+    "distill_lr": [0.1, 0.03, 0.01],
+}
+
+
+def hidden_for(vary: str, value: int) -> list[int]:
+    return [128] * value if vary == "depth" else [value]
+
+
+def paper_epochs(dataset: str) -> dict:
+    """Bold epoch counts of appendix E.1."""
+    fashion = dataset == "fmnist"
+    return {"local": 20000 if fashion else 15000, "global": 1500 if fashion else 1000,
+            "global_zipit": 10000, "distill": 1500 if fashion else 1000}
+
+
+def method_plan(dataset: str, tuned: dict, epochs_scale: float = 1.0) -> list[tuple[str, str, dict]]:
+    """(row name, method, options) for every merge the bench runs."""
+    ep = {k: max(1, int(round(v * epochs_scale))) for k, v in paper_epochs(dataset).items()}
+    zipit = {"alpha": tuned["zipit_alpha"], "beta": tuned["zipit_beta"]}
+    zinit = {"zipit_alpha": tuned["zipit_alpha"], "zipit_beta": tuned["zipit_beta"]}
+    fs = {"lr": 0.1, "momentum": 0.9}
+    return [
+        ("average", "average", {}),
+        ("slerp", "slerp", {}),
+        ("regmean", "regmean", {"alpha": tuned["regmean_alpha"]}),
+        ("permute", "permute", {}),
+        ("zipit", "zipit", zipit),
+        ("distill", "distill", {"init": tuned["distill_init"], "lr": tuned["distill_lr"], "momentum": 0.9,
+                                "epochs": ep["distill"], "regmean_alpha": tuned["regmean_alpha"]}),
+        ("fs-merge local", "fs-merge", {"variant": "local", "init": "random", "epochs": ep["local"], **fs}),
+        ("fs-merge local, zipit init", "fs-merge",
+         {"variant": "local", "init": "zipit", "epochs": ep["local"], **fs, **zinit}),
+        ("fs-merge global", "fs-merge", {"variant": "global", "init": "first", "epochs": ep["global"], **fs}),
+        ("fs-merge global, zipit init", "fs-merge",
+         {"variant": "global", "init": "zipit", "epochs": ep["global_zipit"], **fs, **zinit}),
+    ]
+
+
+# ------------------------------------------------------------------------------ sources
+def get_sources(dataset: str, hidden: list[int], pair_seed: int, cache: Path) -> list:
+    """The two source models of a pair: loaded from the cache, or trained (E.1) and cached."""
+    from ..api import load
+    from ..sources import source_dirname, train_source
+    folder = cache / "sources" / dataset / ("h" + "x".join(map(str, hidden)))
+    models = []
+    for k, task in enumerate(TASKS[dataset]):
+        seed = 2 * pair_seed + k
+        path = folder / source_dirname(_task(task), seed)
+        model = None
+        if (path / "config.json").is_file():
+            model = load(path)
+            if list(model.backbone.hidden) != list(hidden) or model.meta.get("seed") != seed:
+                model = None            # a different model under that name: train afresh
+        if model is None:
+            model = train_source(task, hidden, seed)
+            model.meta["command"] = "foldmerge bench mlp (source)"
+            model.save(path)
+            model.meta["path"] = str(path)
+        models.append(model)
+    return models
+
+
+def _task(spec):
+    from ..data import Task
+    return Task.parse(spec)
+
+
+# ------------------------------------------------------------------------------- tuning
+def tune(dataset: str, cache: Path, grid: dict | None = None) -> dict:
+    """Choose the unfixed hyperparameters on the validation split (module docstring)."""
+    from ..api import merge, merge_sample
+    from ..evaluation import evaluate
+    from ..progress import bar
+    grid = grid or GRID
+    sources = get_sources(dataset, TUNE_HIDDEN, 0, cache)
+    data = merge_sample(sources, PER_TASK, 0)
+    trials: list[dict] = []
+
+    def score(method, **opts):
+        merged = merge(sources, data, method=method, seed=0, **opts)
+        val = evaluate(merged, split="val")
+        trials.append({"method": method, "options": opts, "val_per_task": val["per_task_mean"],
+                       "val_joint": val.get("joint_mean")})
+        return val["per_task_mean"]
+
+    n = (len(grid["regmean_alpha"]) + len(grid["zipit_alpha"]) * len(grid["zipit_beta"])
+         + len(grid["distill_init"]) * len(grid["distill_lr"]))
+    with bar(n, f"tuning on {dataset} validation") as progress:
+        def step(value):
+            progress.advance(1)
+            return value
+        reg = max(grid["regmean_alpha"], key=lambda a: step(score("regmean", alpha=a)))
+        zip_pairs = [(a, b) for a in grid["zipit_alpha"] for b in grid["zipit_beta"]]
+        za, zb = max(zip_pairs, key=lambda ab: step(score("zipit", alpha=ab[0], beta=ab[1])))
+        epochs = paper_epochs(dataset)["distill"]
+        d_pairs = [(i, lr) for i in grid["distill_init"] for lr in grid["distill_lr"]]
+        di, dlr = max(d_pairs, key=lambda p: step(score("distill", init=p[0], lr=p[1], momentum=0.9,
+                                                        epochs=epochs, regmean_alpha=reg)))
+    return {"regmean_alpha": reg, "zipit_alpha": za, "zipit_beta": zb, "distill_init": di, "distill_lr": dlr,
+            "chosen_on": f"{dataset} validation split, hidden {TUNE_HIDDEN}, pair seed 0",
+            "trials": trials}
+
+
+# ---------------------------------------------------------------------------- one unit
+def run_unit(dataset: str, vary: str, value: int, seed: int, tuned: dict, cache: str,
+             methods: list[str] | None, epochs_scale: float = 1.0, threads: int = 1) -> list[dict]:
+    """Every method on one (setting, seed): the rows of that cell, measured on the test split."""
+    import torch
+    torch.set_num_threads(threads)
+    from ..api import merge, merge_sample
+    from ..evaluation import Ensemble, evaluate, originals
+    hidden = hidden_for(vary, value)
+    sources = get_sources(dataset, hidden, seed, Path(cache))
+    rows = []
+
+    def add(name, result, seconds, **extra):
+        rows.append({"method": name, "value": value, "seed": seed, "per_task": result["per_task_mean"],
+                     "joint": result.get("joint_mean"), "per_task_by_task": result["per_task"],
+                     "seconds": seconds, **extra})
+
+    add("originals", originals(sources), None)
+    t = time.perf_counter()
+    add("ensemble", evaluate(Ensemble(sources)), time.perf_counter() - t)
+    data = merge_sample(sources, PER_TASK, seed)
+    for name, method, opts in method_plan(dataset, tuned, epochs_scale):
+        if methods and name not in methods and method not in methods:
+            continue
+        merged = merge(sources, data, method=method, seed=seed, **opts)
+        extra = {k: merged.meta[k] for k in ("final_loss", "initial_loss") if merged.meta.get(k) is not None}
+        add(name, evaluate(merged), merged.meta["wall_seconds"], options=opts, **extra)
+    return rows
+
+
+def _unit_cost(vary: str, value: int) -> float:
+    """Rough relative cost, to start the longest units first."""
+    return value if vary == "depth" else (value / 128) ** 2 + 0.5
+
+
+# ------------------------------------------------------------------------------- driver
+def run_bench(dataset: str = "mnist", vary: str = "depth", seeds: int = 5, values: list[int] | None = None,
+              methods: list[str] | None = None, jobs: int | None = None, out: str = "runs/bench",
+              epochs_scale: float = 1.0, retune: bool = False) -> dict:
+    from ..progress import bar, status
+    if dataset not in TASKS:
+        raise ValueError(f"--dataset must be one of {', '.join(TASKS)}, got {dataset!r}")
+    if vary not in VALUES:
+        raise ValueError(f"--vary must be depth or width, got {vary!r}")
+    if seeds < 1:
+        raise ValueError("--seeds must be at least 1")
+    if epochs_scale <= 0:
+        raise ValueError("--epochs-scale must be positive")
+    values = list(values or VALUES[vary])
+    if any(v < 1 for v in values):
+        raise ValueError(f"{vary} values must be positive, got {values}")
+    known = {name for name, _, _ in method_plan(dataset, _placeholder_tuning())} | \
+            {m for _, m, _ in method_plan(dataset, _placeholder_tuning())}
+    unknown = [m for m in (methods or []) if m not in known]
+    if unknown:
+        raise ValueError(f"unknown bench method {unknown[0]!r}; choose from {', '.join(sorted(known))}")
+    cache = Path(out)
+    cache.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    tuned_path = cache / f"tuned-{dataset}.json"
+    if tuned_path.is_file() and not retune:
+        tuned = json.loads(tuned_path.read_text())
+        status(f"hyperparameters from {tuned_path} (chosen on validation; --retune to redo)")
+    else:
+        tuned = tune(dataset, cache)
+        tmp = tuned_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(tuned, indent=1) + "\n")
+        os.replace(tmp, tuned_path)
+
+    jobs = max(1, jobs or os.cpu_count() or 1)
+    units = sorted(((v, s) for v in values for s in range(seeds)), key=lambda u: -_unit_cost(vary, u[0]))
+    jobs = min(jobs, len(units))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    rows: list[dict] = []
+    with bar(len(units), f"bench mlp {dataset}, vary {vary}") as progress:
+        if jobs == 1:
+            for v, s in units:
+                rows += run_unit(dataset, vary, v, s, tuned, str(cache), methods, epochs_scale, threads)
+                progress.advance(1, info=f"{vary} {v}, seed {s} done")
+        else:
+            ctx = get_context("spawn")
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_quiet_worker) as pool:
+                futures = {pool.submit(run_unit, dataset, vary, v, s, tuned, str(cache), methods,
+                                       epochs_scale, threads): (v, s) for v, s in units}
+                try:
+                    for fut in as_completed(futures):
+                        rows += fut.result()
+                        v, s = futures[fut]
+                        progress.advance(1, info=f"{vary} {v}, seed {s} done")
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+    return {
+        "bench": "mlp", "dataset": dataset, "vary": vary, "values": values, "seeds": list(range(seeds)),
+        "tasks": list(TASKS[dataset]), "per_task_images": PER_TASK, "epochs_scale": epochs_scale,
+        "hyperparameters": {k: v for k, v in tuned.items() if k != "trials"},
+        "tuning_trials": tuned.get("trials", []),
+        "plan": [{"row": n, "method": m, "options": o} for n, m, o in method_plan(dataset, tuned, epochs_scale)],
+        "table": aggregate(rows, values),
+        "paper": paper_reference(dataset, vary),
+        "runs": sorted(rows, key=lambda r: (r["value"], r["seed"], r["method"])),
+        "jobs": jobs, "threads_per_job": threads, "total_seconds": time.perf_counter() - t0,
+    }
+
+
+def _placeholder_tuning() -> dict:
+    return {"regmean_alpha": 0.9, "zipit_alpha": 0.3, "zipit_beta": 0.0, "distill_init": "first",
+            "distill_lr": 0.1}
+
+
+def _quiet_worker() -> None:
+    os.environ["FOLDMERGE_PROGRESS"] = "0"
+
+
+# --------------------------------------------------------------------------- reporting
+def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def aggregate(rows: list[dict], values: list[int]) -> dict:
+    """{metric: {row: {value: {mean, std, n, seconds}}}}."""
+    table: dict = {"per_task": {}, "joint": {}}
+    names = sorted({r["method"] for r in rows},
+                   key=lambda n: (ROW_ORDER.index(n) if n in ROW_ORDER else len(ROW_ORDER), n))
+    for metric in table:
+        for name in names:
+            cells = {}
+            for v in values:
+                sel = [r for r in rows if r["method"] == name and r["value"] == v]
+                if not sel:
+                    continue
+                m, sd = _mean_std([r[metric] for r in sel])
+                if m is None:
+                    continue
+                secs = [r["seconds"] for r in sel if r["seconds"] is not None]
+                cells[str(v)] = {"mean": m, "std": sd, "n": len(sel),
+                                 "seconds": sum(secs) / len(secs) if secs else None}
+            if cells:
+                table[metric][name] = cells
+    return table
+
+
+def paper_reference(dataset: str, vary: str) -> dict:
+    """The published tables for this setting (data file bench/paper_mlp.json)."""
+    text = resources.files("foldmerge").joinpath("bench/paper_mlp.json").read_text()
+    data = json.loads(text)
+    out = {}
+    for metric in ("per_task", "joint"):
+        entry = data.get(f"{dataset}/{vary}/{metric}")
+        if entry:
+            out[metric] = {"table": entry["table"], "values": entry["values"], "rows": entry["rows"]}
+    return out
+
+
+def paper_value(paper: dict, metric: str, row: str, value: int) -> float | None:
+    entry = paper.get(metric)
+    if not entry or row not in entry["rows"] or value not in entry["values"]:
+        return None
+    return entry["rows"][row][entry["values"].index(value)][0]
+
+
+def print_report(result: dict, command: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    console = Console(file=sys.stdout, width=max(120, Console().width))
+    paper = result["paper"]
+    names = {"per_task": "per-task", "joint": "joint"}
+    for metric, label in names.items():
+        rows = result["table"][metric]
+        if not rows:
+            continue
+        ref = paper.get(metric, {}).get("table")
+        table = Table(title=f"{result['dataset'].upper()} 0-4 / 5-9, vary {result['vary']}: {label} accuracy % "
+                            f"(test), ours mean ± std over {len(result['seeds'])} seed(s)"
+                            + (f"; [dim](paper {ref})[/dim] = published value" if ref else ""))
+        table.add_column("method")
+        for v in result["values"]:
+            table.add_column(f"{result['vary']} {v}", justify="right")
+        for name, cells in rows.items():
+            out = [name]
+            for v in result["values"]:
+                c = cells.get(str(v))
+                if c is None:
+                    out.append("-")
+                    continue
+                text = f"{c['mean']:.2f} ± {c['std']:.2f}"
+                p = paper_value(paper, metric, name, v)
+                if p is not None:
+                    text += f" [dim](paper {p:.2f})[/dim]"
+                out.append(text)
+            table.add_row(*out)
+        console.print(table)
+    hp = result["hyperparameters"]
+    console.print(f"hyperparameters (chosen on validation, {hp.get('chosen_on', '?')}): RegMean α {hp['regmean_alpha']}, "
+                  f"ZipIt! α {hp['zipit_alpha']} β {hp['zipit_beta']}, distillation init {hp['distill_init']} "
+                  f"lr {hp['distill_lr']}; the rest are appendix E.1's bold values"
+                  + (f"; epochs scaled by {result['epochs_scale']}" if result["epochs_scale"] != 1 else ""))
+    console.print(f"measured now: seeds {result['seeds']}, {result['jobs']} process(es) x "
+                  f"{result['threads_per_job']} thread(s), {result['total_seconds'] / 60:.1f} min; command: {command}")
+    console.print("'paper' values are copied from Kinderman et al. (FS-Merge), not measured here.")
