@@ -84,6 +84,8 @@ def merge(models, data, init: str | None = None, epochs: int | None = None, lr: 
         feats = [m.features(x) for m in models]
     scales = target_scales(feats, target_scale)
     feats = [f * s for f, s in zip(feats, scales)]
+    for k, s in enumerate(scales):          # start from the init's function on the scaled targets
+        u.scale_block(k, s)
     own = targets == "own-task"
     args = [x, *feats] + ([owner] if own else [])
 

@@ -8,8 +8,10 @@ init: 'first' | 'average' | 'random' | 'zipit' (M, U start as ZipIt!'s maps; MLP
 targets: 'all'      every input is scored against every source's features (MLP default);
          'own-task' an input of task k only against source k (transformer default, B.2).
 target_scale: 'match' (scale each source's targets to the first source's mean |f|, paper E.1),
-         a number (scale every source's targets to that mean |f|), or 'none'. Whatever U
-         learns to produce on scaled targets is scaled back before folding (as the authors do).
+         a number (scale every source's targets to that mean |f|), or 'none'. U's blocks are
+         multiplied by the scales before training (so training starts exactly at the init) and
+         divided by them before folding (as the authors do), so the scaling never changes what
+         the folded model computes, only how the sources' errors are weighed.
 """
 from __future__ import annotations
 
@@ -97,6 +99,8 @@ def _train_global(supernet, models, x, owner, cfg, target_scale, form):
         feats = [m.features(x) for m in models]
     scales = target_scales(feats, target_scale)
     feats = [f * s for f, s in zip(feats, scales)]
+    for k, s in enumerate(scales):          # start from the init's function on the scaled targets
+        supernet.U[-1].scale_block(k, s)
     args = [x, *feats] + ([owner] if owner is not None else [])
 
     def loss_fn(xb, *rest):
@@ -129,6 +133,8 @@ def _train_local(supernet, models, x, owner, cfg, target_scale):
         t = [F.relu(zk) for zk in z[l]]
         scales = target_scales(t, target_scale)
         layer_scales.append(scales)
+        for k, sk in enumerate(scales):     # start from the init's function on the scaled targets
+            supernet.U[l].scale_block(k, sk)
         tgt.append([tk * s for tk, s in zip(t, scales)])
     maps = [(supernet.M[l], supernet.U[l]) for l in range(depth)]
     params = [p for M, U in maps for p in (*M.parameters(), *U.parameters())]

@@ -1,0 +1,192 @@
+"""Distillation, FS-Merge with ZipIt! init, the batched local objective, and the MLP bench's pieces."""
+import json
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import foldmerge
+from foldmerge.arch.mlp import SuperNet
+from foldmerge.bench import mlp as bench
+from foldmerge.foldable import merge_features, unmerge_features
+from foldmerge.methods import distill, fs_merge, zipit
+from foldmerge.methods.common import reconstruction_loss
+from foldmerge.model import TaskModel
+from foldmerge.train import TrainConfig
+
+
+def sources(hidden=(16, 12), n=2):
+    torch.manual_seed(0)
+    tasks = ["mnist:0-4", "mnist:5-9", "fmnist:0-4"]
+    return [TaskModel("mlp", {"in_dim": 20, "hidden": list(hidden)}, [tasks[k]]) for k in range(n)]
+
+
+def sample(n_models, n=24):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(n, 20, generator=g) + k for k in range(n_models)]
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+# ------------------------------------------------------------------------- distillation
+@pytest.mark.parametrize("init", ["first", "average", "regmean"])
+def test_distill_zero_epochs_is_its_student_init(init):
+    src, data = sources(), sample(2)
+    merged = foldmerge.merge(src, data, method="distill", init=init, epochs=0)
+    x = torch.randn(7, 20)
+    if init == "first":
+        ref_features = src[0].features(x)
+    elif init == "average":
+        ref_features = foldmerge.merge(src, data, method="average").features(x)
+    else:
+        ref_features = foldmerge.merge(src, data, method="regmean", alpha=0.9).features(x)
+    assert torch.allclose(merged.features(x), ref_features, atol=1e-6)
+    # U starts as [I; I]: every head reads the student's features unchanged.
+    for out, head in zip(logits(merged, x), [h for m in src for h in m.heads]):
+        assert torch.allclose(out, head(ref_features), atol=1e-5)
+
+
+def test_distill_trains_every_student_weight_and_folds_u_into_the_heads():
+    src, data = sources(), sample(2)
+    merged = foldmerge.merge(src, data, method="distill", init="first", epochs=200, lr=0.05,
+                             schedule="constant", target_scale="none")
+    assert merged.meta["final_loss"] < 0.5 * merged.meta["initial_loss"]
+    assert not torch.equal(merged.backbone.layers[0].weight, src[0].backbone.layers[0].weight)
+
+
+@pytest.mark.parametrize("method", ["distill", "fs-merge"])
+def test_target_scaling_never_changes_the_init(method):
+    """Targets of source k are scaled by s_k for training; U[k] is scaled by s_k before and by
+    1/s_k after, so zero epochs give back the init exactly, scaled or not."""
+    from foldmerge.methods.common import target_scales
+    src, data = sources(), sample(2)
+    x = torch.cat(data)
+    assert target_scales([m.features(x) for m in src], "match")[1] != 1.0
+    plain = foldmerge.merge(src, data, method=method, init="first", epochs=0, target_scale="none")
+    scaled = foldmerge.merge(src, data, method=method, init="first", epochs=0, target_scale="match")
+    for a, b in zip(logits(plain, x), logits(scaled, x)):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_distill_shares_fs_merge_objective_and_loop():
+    # Same loss function object and same training loop: distillation imports them, not copies.
+    assert distill.reconstruction_loss is fs_merge.reconstruction_loss
+    assert distill.fit is fs_merge.fit
+
+
+def test_distill_bad_options():
+    src, data = sources(), sample(2)
+    with pytest.raises(ValueError, match="unknown distillation init"):
+        foldmerge.merge(src, data, method="distill", init="zipit", epochs=0)
+    with pytest.raises(ValueError, match="targets"):
+        foldmerge.merge(src, data, method="distill", targets="mine", epochs=0)
+    with pytest.raises(ValueError, match="identical backbones"):
+        foldmerge.merge([src[0], sources((16, 10))[1]], data, method="distill", epochs=0)
+
+
+# ---------------------------------------------------------------------- ZipIt! init
+@pytest.mark.parametrize("variant", ["local", "global"])
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_fs_merge_zipit_init_before_training_is_zipit(variant, beta):
+    src, data = sources(), sample(2)
+    z = foldmerge.merge(src, data, method="zipit", alpha=0.3, beta=beta)
+    fs = foldmerge.merge(src, data, method="fs-merge", variant=variant, init="zipit", epochs=0,
+                         zipit_alpha=0.3, zipit_beta=beta)
+    x = torch.randn(9, 20)
+    for a, b in zip(logits(z, x), logits(fs, x)):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_fs_merge_zipit_init_improves_its_objective_and_needs_full_maps():
+    src, data = sources(), sample(2)
+    merged = foldmerge.merge(src, data, method="fs-merge", variant="local", init="zipit", epochs=200,
+                             lr=0.05, schedule="constant")
+    assert merged.meta["final_loss"] < merged.meta["initial_loss"]
+    with pytest.raises(ValueError, match="needs param 'full'"):
+        foldmerge.merge(src, data, method="fs-merge", init="zipit", param="diag", epochs=0)
+
+
+# --------------------------------------------------------------- batched local objective
+@pytest.mark.parametrize("own", [False, True])
+def test_batched_local_loss_equals_the_per_layer_losses(own):
+    src, data = sources((16, 16, 16)), sample(2)
+    sn = SuperNet(src, param="full", init="random", seed=3)
+    x = torch.cat(data)
+    owner = torch.cat([torch.full((len(d),), k) for k, d in enumerate(data)]) if own else None
+    pre = [m.backbone.preactivations(x) for m in src]
+    z = [[p[l] for p in pre] for l in range(3)]
+    tgt = [[F.relu(t) for t in zl] for zl in z]
+    maps = [(sn.M[l], sn.U[l]) for l in range(3)]
+    expected = sum(reconstruction_loss(unmerge_features(U, F.relu(merge_features(M, z[l]))), tgt[l], owner)
+                   for l, (M, U) in enumerate(maps))
+    loss_fn = fs_merge._batched_local_loss(maps, owner, sn.M[0].in_dims)
+    got = loss_fn(*fs_merge._batched_local_data(z, tgt, owner))
+    assert torch.allclose(got, expected, rtol=1e-5)
+
+
+def test_local_layers_train_as_if_alone():
+    """Training all layers in one loop gives each layer the update it would get on its own."""
+    src, data = sources((16, 16)), sample(2)
+    cfg = dict(variant="local", init="average", epochs=50, lr=0.05, schedule="cosine")
+    both = foldmerge.merge(src, data, method="fs-merge", **cfg)
+    # Layer 1 alone: a one-layer source pair made of the first layers gives the same M_1, U_1.
+    one = [TaskModel("mlp", {"in_dim": 20, "hidden": [16]}, [m.tasks[0]]) for m in src]
+    for o, m in zip(one, src):
+        o.backbone.layers[0].load_state_dict(m.backbone.layers[0].state_dict())
+    first = foldmerge.merge(one, data, method="fs-merge", **cfg)
+    assert torch.allclose(both.backbone.layers[0].weight, first.backbone.layers[0].weight, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bench
+def test_paper_data_file_names_its_tables_and_is_labelled():
+    for dataset, vary in [("mnist", "depth"), ("mnist", "width"), ("fmnist", "depth"), ("fmnist", "width")]:
+        ref = bench.paper_reference(dataset, vary)
+        assert ref["per_task"]["table"].startswith("Table")
+        assert ref["per_task"]["values"] == bench.VALUES[vary]
+        for row, cells in ref["per_task"]["rows"].items():
+            assert len(cells) == 5 and all(0 < c[0] <= 100 for c in cells), row
+    t2 = bench.paper_reference("mnist", "depth")["per_task"]
+    assert t2["table"] == "Table 2"
+    assert bench.paper_value({"per_task": t2}, "per_task", "zipit", 1) == pytest.approx(96.35)
+    assert bench.paper_value({"per_task": t2}, "per_task", "slerp", 1) is None
+    from importlib import resources
+    raw = json.loads(resources.files("foldmerge").joinpath("bench/paper_mlp.json").read_text())
+    assert "PAPER" in raw["_what"] and "not measured here" in raw["_what"]
+
+
+def test_aggregate_mean_and_sample_std():
+    rows = [{"method": "zipit", "value": 1, "seed": s, "per_task": v, "joint": None, "seconds": 1.0}
+            for s, v in enumerate([90.0, 92.0, 94.0])]
+    table = bench.aggregate(rows, [1, 2])
+    cell = table["per_task"]["zipit"]["1"]
+    assert cell["mean"] == pytest.approx(92.0) and cell["std"] == pytest.approx(2.0) and cell["n"] == 3
+    assert "2" not in table["per_task"]["zipit"] and "zipit" not in table["joint"]
+
+
+def test_method_plan_uses_the_bold_values_and_the_tuned_ones():
+    tuned = {"regmean_alpha": 0.7, "zipit_alpha": 0.5, "zipit_beta": 0.25, "distill_init": "average",
+             "distill_lr": 0.03}
+    plan = {name: (method, opts) for name, method, opts in bench.method_plan("mnist", tuned)}
+    assert plan["fs-merge local"][1] == {"variant": "local", "init": "random", "epochs": 15000, "lr": 0.1,
+                                         "momentum": 0.9}
+    assert plan["fs-merge global"][1]["epochs"] == 1000 and plan["fs-merge global"][1]["init"] == "first"
+    assert plan["regmean"][1] == {"alpha": 0.7}
+    assert plan["fs-merge local, zipit init"][1]["zipit_beta"] == 0.25
+    assert bench.method_plan("fmnist", tuned)[6][2]["epochs"] == 20000
+    # every planned option is accepted by its method
+    import inspect
+    from foldmerge.methods import get_method
+    for name, (method, opts) in plan.items():
+        accepted = set(inspect.signature(get_method(method)).parameters)
+        assert set(opts) <= accepted, name
+
+
+def test_bench_rejects_bad_arguments(capsys):
+    from foldmerge.cli import main
+    assert main(["bench", "mlp", "--seeds", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err
+    assert main(["bench", "mlp", "--methods", "nonsense", "--out", "/tmp/unused-bench"]) == 2
+    assert "unknown bench method" in capsys.readouterr().err
