@@ -190,3 +190,18 @@ def test_bench_rejects_bad_arguments(capsys):
     assert "at least 1" in capsys.readouterr().err
     assert main(["bench", "mlp", "--methods", "nonsense", "--out", "/tmp/unused-bench"]) == 2
     assert "unknown bench method" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("form", ["folded", "supernet"])
+@pytest.mark.parametrize("param", ["full", "diag+lowrank(3)"])
+def test_starting_from_input_preactivations_is_the_same_function(form, param):
+    src = sources((16, 12))
+    sn = SuperNet(src, param=param, init="random", seed=2)
+    x = torch.randn(10, 20)
+    direct = sn(x, form=form)
+    cached = sn(None, form=form, pre=sn.input_preactivations(x))
+    assert torch.allclose(direct, cached, atol=1e-5)
+    for w in (direct.sum(), cached.sum()):
+        w.backward()
+    # the gradient reaches M_1 through the cached path too
+    assert sn.M[0].parameters().__next__().grad is not None

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..foldable import FoldMap, fold_linear, unmerge_features
+from ..foldable import FoldMap, fold_linear, merge_features, unmerge_features
 
 FORMS = ("folded", "supernet")
 
@@ -126,13 +126,33 @@ class SuperNet(nn.Module):
         return len(self.widths)
 
     # ------------------------------------------------------------------------ forward
-    def folded_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """W*_l, b*_l for every hidden layer (differentiable in M and U)."""
+    def folded_layers(self, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """W*_l, b*_l for every hidden layer from `start` on (differentiable in M and U)."""
         return [fold_linear(self.M[l], self.weights(l), self.U[l - 1] if l > 0 else None, self.biases(l))
-                for l in range(self.depth)]
+                for l in range(start, self.depth)]
 
-    def forward(self, x: torch.Tensor, form: str = "folded") -> torch.Tensor:
-        """Merged features f*_L (d*_L wide)."""
+    @torch.no_grad()
+    def input_preactivations(self, x: torch.Tensor) -> torch.Tensor:
+        """[z_1^1 … z_1^n]: every source's first-layer pre-activations (examples x Σ d_1^k).
+
+        The input is shared and never learned, so a training loop can compute these once;
+        `forward(None, pre=z)` then starts from them: relu(M_1 · z) is exactly layer 1 of the
+        folded model (W*_1 x + b*_1 = M_1 (blockdiag(W_1) [x; …; x] + b_1)), at a fraction of the
+        cost when the input is wide (784 pixels against 2 x 128 features)."""
+        x = x.flatten(1)
+        return torch.cat([F.linear(x, w, b) for w, b in zip(self.weights(0), self.biases(0))], dim=1)
+
+    def forward(self, x: torch.Tensor | None, form: str = "folded", pre: torch.Tensor | None = None) -> torch.Tensor:
+        """Merged features f*_L (d*_L wide). `pre`: `input_preactivations(x)` instead of x."""
+        if pre is not None:
+            if form not in FORMS:
+                raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+            f = F.relu(merge_features(self.M[0], list(pre.split(self.M[0].in_dims, dim=1))))
+            if form == "folded":
+                for w, b in self.folded_layers(start=1):
+                    f = F.relu(F.linear(f, w, b))
+                return f
+            return self._supernet_layers(f, start=1)
         f = x.flatten(1)
         if form == "folded":
             for w, b in self.folded_layers():
@@ -140,7 +160,10 @@ class SuperNet(nn.Module):
             return f
         if form != "supernet":
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-        for l in range(self.depth):
+        return self._supernet_layers(f, start=0)
+
+    def _supernet_layers(self, f: torch.Tensor, start: int) -> torch.Tensor:
+        for l in range(start, self.depth):
             # U_{l-1} · f*: every model's reconstructed input (shared image for l = 0).
             recon = unmerge_features(self.U[l - 1], f) if l > 0 else [f] * self.n
             z = [F.linear(r, w, b) for r, w, b in zip(recon, self.weights(l), self.biases(l))]

@@ -258,7 +258,18 @@ def _placeholder_tuning() -> dict:
 
 
 def _quiet_worker() -> None:
+    """Worker setup: no progress bars; exit when the bench process is gone (killed or
+    interrupted) instead of computing on for nobody."""
+    import threading
     os.environ["FOLDMERGE_PROGRESS"] = "0"
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 # --------------------------------------------------------------------------- reporting
