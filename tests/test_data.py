@@ -48,3 +48,21 @@ def test_missing_data_names_the_install_step(monkeypatch, tmp_path):
             datasets.load_images("fmnist")
     finally:
         datasets.load_images.cache_clear()
+
+
+def test_task_views_make_distinct_tasks_from_the_same_images():
+    from foldmerge.data import Task
+    from foldmerge.sources import source_dirname
+    plain, rot, inv = Task.parse("mnist:0-4"), Task.parse("mnist/rot90:0-4"), Task.parse("mnist/invert:0-4")
+    assert rot.name == "mnist/rot90:0-4" and Task.parse(rot.name) == rot and rot != plain
+    assert source_dirname(rot, 3) == "mnist-rot90_0-4-s3"
+    x, y = plain.split("val")
+    xr, yr = rot.split("val")
+    xi, _ = inv.split("val")
+    assert torch.equal(y, yr)
+    assert torch.allclose(torch.rot90(x, 1, dims=(2, 3)), xr, atol=1e-6)
+    # invert: 255 - p, so in normalized units x_inv = c - x for one constant c
+    c = (xi + x).flatten()
+    assert torch.allclose(c, c[0].expand_as(c), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown view"):
+        Task.parse("mnist/upside:0-4")

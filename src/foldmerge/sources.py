@@ -22,8 +22,8 @@ def paper_schedule(task: Task, hidden: list[int]) -> tuple[int, float]:
 
 
 def source_dirname(task: Task, seed: int) -> str:
-    """Folder name of a source model: mnist:0-4, seed 0 -> mnist_0-4-s0."""
-    return f"{task.name.replace(':', '_').replace(',', '.')}-s{seed}"
+    """Folder name of a source model: mnist:0-4, seed 0 -> mnist_0-4-s0; mnist/rot90:0-4 -> mnist-rot90_0-4-s0."""
+    return f"{task.name.replace('/', '-').replace(':', '_').replace(',', '.')}-s{seed}"
 
 
 def train_source(task: Task | str, hidden: list[int], seed: int, epochs: int | None = None,

@@ -10,8 +10,8 @@ from types import ModuleType
 
 
 def get_arch(name: str) -> ModuleType:
-    from . import mlp
-    families = {"mlp": mlp}
+    from . import mlp, vit
+    families = {"mlp": mlp, "vit": vit}
     if name not in families:
         raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(families))}")
     return families[name]

@@ -1,7 +1,9 @@
 """Tasks: a data set restricted to some classes, with train/val/test splits.
 
-A task spec is `DATASET[:CLASSES]`, e.g. `mnist:0-4`, `fmnist:5-9`, `mnist:0,2,4` or `mnist`
-(all ten classes). Labels are re-indexed 0..C-1 in the order the classes are listed, so
+A task spec is `DATASET[/VIEW][:CLASSES]`, e.g. `mnist:0-4`, `fmnist:5-9`, `mnist:0,2,4`,
+`mnist` (all ten classes) or `mnist/rot90:0-4`. A VIEW is a fixed transform of every image of
+the task, which makes a distinct task from the same data: rot90, rot180, rot270, flip
+(left-right), transpose, invert (255 − pixel). Labels are re-indexed 0..C-1 in the order the classes are listed, so
 each task has its own head. The validation split is a fixed 10% of the task's training
 images (split seed 0, independent of any experiment seed); the test split is the data
 set's own test set.
@@ -18,6 +20,14 @@ from .datasets import canonical_name, load_images
 
 VAL_FRACTION = 0.10
 SPLIT_SEED = 0
+VIEWS = {
+    "rot90": lambda x: np.rot90(x, 1, axes=(1, 2)),
+    "rot180": lambda x: np.rot90(x, 2, axes=(1, 2)),
+    "rot270": lambda x: np.rot90(x, 3, axes=(1, 2)),
+    "flip": lambda x: x[:, :, ::-1],
+    "transpose": lambda x: np.swapaxes(x, 1, 2),
+    "invert": lambda x: 255 - x,
+}
 
 
 def _parse_classes(text: str) -> tuple[int, ...]:
@@ -41,12 +51,17 @@ def _parse_classes(text: str) -> tuple[int, ...]:
 class Task:
     dataset: str
     classes: tuple[int, ...]
+    view: str = ""
 
     @classmethod
     def parse(cls, spec: str | "Task") -> "Task":
         if isinstance(spec, Task):
             return spec
         name, _, cls_text = str(spec).partition(":")
+        name, _, view = name.partition("/")
+        view = view.strip().lower()
+        if view and view not in VIEWS:
+            raise ValueError(f"bad task spec {spec!r}: unknown view {view!r}; use one of {', '.join(VIEWS)}")
         dataset = canonical_name(name.strip())
         try:
             classes = _parse_classes(cls_text) if cls_text else tuple(range(10))
@@ -54,7 +69,7 @@ class Task:
             raise ValueError(f"bad task spec {spec!r}: {e}") from None
         if any(c < 0 or c > 9 for c in classes):
             raise ValueError(f"bad task spec {spec!r}: classes must be in 0..9")
-        return cls(dataset, classes)
+        return cls(dataset, classes, view)
 
     @property
     def name(self) -> str:
@@ -63,7 +78,7 @@ class Task:
             text = f"{c[0]}-{c[-1]}"
         else:
             text = ",".join(map(str, c))
-        return f"{self.dataset}:{text}"
+        return f"{self.dataset}{'/' + self.view if self.view else ''}:{text}"
 
     @property
     def num_classes(self) -> int:
@@ -108,7 +123,8 @@ def _split(task: Task, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         n_val = int(round(VAL_FRACTION * len(keep)))
         keep = np.sort(keep[:n_val] if which == "val" else keep[n_val:])
     mean, std = _normalizer(task.dataset)
-    x = torch.from_numpy(xs[keep].astype(np.float32) / 255.0)
+    images = VIEWS[task.view](xs[keep]) if task.view else xs[keep]
+    x = torch.from_numpy(np.ascontiguousarray(images).astype(np.float32) / 255.0)
     x = ((x - mean) / std).unsqueeze(1)
     remap = np.full(10, -1, dtype=np.int64)
     remap[list(task.classes)] = np.arange(len(task.classes))

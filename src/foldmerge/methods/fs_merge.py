@@ -49,6 +49,8 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
                       momentum=d["momentum"] if momentum is None else momentum, schedule=schedule,
                       weight_decay=weight_decay, batch_size=batch_size, seed=seed)
     arch = get_arch(sources_arch(models))
+    if not hasattr(arch, "SuperNet"):
+        raise ValueError(f"FS-Merge has no Foldable SuperNet for {sources_arch(models)!r} models yet")
     torch.manual_seed(seed)
     if init == "zipit":
         supernet = _zipit_supernet(arch, models, data, widths, param, seed, zipit_alpha, zipit_beta)

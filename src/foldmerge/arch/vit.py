@@ -1,0 +1,108 @@
+"""Vision Transformers in plain PyTorch (the FS-Merge paper's ViT-B/16 family, scaled down).
+
+Pre-LayerNorm blocks, a CLS token, learned position embeddings, a final LayerNorm on the
+CLS token and a projection (no bias) to the feature dimension, as in CLIP's image encoder:
+
+    h_0 = [cls; patches · W_patchᵀ + b_patch] + pos
+    h   = h + W_O · attn(LN_1(h))             attn: q, k, v = separate linears, H heads
+    h   = h + W_2 · gelu(W_1 · LN_2(h))
+    f   = W_proj · LN_post(h[CLS])
+
+Every linear map is its own `nn.Linear` (the patch projection is a linear on flattened
+patches, the same as a stride-p convolution), because each is a place where the
+Foldable SuperNet puts an M or a U (DESIGN §3, paper appendix B.1).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/p · W/p, C·p·p), patches in row-major order."""
+    b, c, h, w = x.shape
+    if h % patch or w % patch:
+        raise ValueError(f"image size {h}x{w} is not divisible by the patch size {patch}")
+    x = x.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_dim: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(width)
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+        self.o = nn.Linear(width, width)
+        self.ln2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, mlp_dim)
+        self.fc2 = nn.Linear(mlp_dim, width)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+
+        def split(t):           # (B, N, D) -> (B, H, N, D/H)
+            return t.reshape(b, n, self.heads, -1).transpose(1, 2)
+
+        a = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.o(a.transpose(1, 2).reshape(b, n, -1))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.attention(self.ln1(h))
+        return h + self.fc2(F.gelu(self.fc1(self.ln2(h))))
+
+
+class Backbone(nn.Module):
+    def __init__(self, image_size: int = 28, channels: int = 1, patch: int = 7, width: int = 64,
+                 depth: int = 4, heads: int = 4, mlp_dim: int = 128, out_dim: int = 64):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"ViT width {width} is not divisible by its {heads} attention heads")
+        if image_size % patch:
+            raise ValueError(f"image size {image_size} is not divisible by the patch size {patch}")
+        if depth < 1:
+            raise ValueError("a ViT needs at least one block")
+        self.image_size, self.channels, self.patch = image_size, channels, patch
+        self.width, self.depth, self.heads, self.mlp_dim, self.out_dim = width, depth, heads, mlp_dim, out_dim
+        n_patches = (image_size // patch) ** 2
+        self.patch_proj = nn.Linear(channels * patch * patch, width)
+        self.cls = nn.Parameter(torch.randn(width) * 0.02)
+        self.pos = nn.Parameter(torch.randn(n_patches + 1, width) * 0.02)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_dim) for _ in range(depth))
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, out_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(width))
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """h_0: the CLS token and the embedded patches, with position embeddings (B, 1 + N, width)."""
+        p = self.patch_proj(patchify(x, self.patch))
+        cls = self.cls.expand(p.shape[0], 1, -1)
+        return torch.cat([cls, p], dim=1) + self.pos
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tokens(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.proj(self.ln_post(h[:, 0]))
+
+
+def linear_layers(backbone: Backbone) -> list[nn.Linear]:
+    """Every foldable linear layer in forward order (RegMean and other layer-wise methods)."""
+    out = [backbone.patch_proj]
+    for b in backbone.blocks:
+        out += [b.q, b.k, b.v, b.o, b.fc1, b.fc2]
+    return out + [backbone.proj]
+
+
+def check_compatible(sources) -> None:
+    """Same depth, heads, patch and image size (widths may differ); else one clear error."""
+    for attr, what in (("depth", "depths"), ("heads", "attention head counts"), ("patch", "patch sizes"),
+                       ("image_size", "image sizes"), ("channels", "channel counts")):
+        vals = [getattr(s.backbone, attr) for s in sources]
+        if len(set(vals)) != 1:
+            raise ValueError(f"cannot merge ViTs with different {what} {vals}")
