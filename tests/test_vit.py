@@ -64,6 +64,71 @@ def test_clear_errors():
         model(patch=5)
     with pytest.raises(ValueError, match="different attention head counts"):
         vit.check_compatible([model(), model(heads=4)])
-    a, c = model("mnist:0-4", 0), model("mnist:5-9", 1)
-    with pytest.raises(ValueError, match="no Foldable SuperNet for 'vit'"):
-        foldmerge.merge([a, c], [torch.randn(4, 1, 28, 28)] * 2, method="fs-merge")
+    with pytest.raises(ValueError, match="not divisible by the 2 attention heads"):
+        vit.SuperNet([model(), model("mnist:5-9", 1)], widths=[15])
+
+
+# ------------------------------------------------------------------- Foldable SuperNet
+TASKS = ["mnist:0-4", "mnist:5-9", "fmnist:0-4"]
+
+
+def sources64(n, widths=None, mlps=None):
+    widths = widths or [16] * n
+    mlps = mlps or [32] * n
+    return [model(TASKS[k], k, width=widths[k], mlp_dim=mlps[k]).double() for k in range(n)]
+
+
+@pytest.mark.parametrize("param", ["full", "diag", "diag+lowrank(3)"])
+@pytest.mark.parametrize("n,widths,target", [(2, [16, 16], None), (3, [16, 16, 16], None),
+                                             (2, [16, 24], [20, 40]), (3, [16, 24, 12], [12, 24])])
+def test_folded_vit_equals_supernet(param, n, widths, target):
+    src = sources64(n, widths, [2 * w for w in widths])
+    sn = vit.SuperNet(src, widths=target, param=param, init="random", seed=3).double()
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    wide = sn(x, form="supernet")
+    folded = sn(x, form="folded")
+    plain = sn.fold()
+    assert torch.allclose(wide, folded, atol=1e-10)
+    assert torch.allclose(plain.features(x), wide, atol=1e-10)
+    assert plain.backbone.width == (target[0] if target else widths[0])
+    # heads: head_k(U_out[k] f*) == folded head k
+    recon = sn.reconstruct(wide)
+    for i, (k, out) in enumerate(zip(sn.head_owner, plain(x))):
+        assert torch.allclose(out, sn.heads[i](recon[k]), atol=1e-10)
+
+
+@pytest.mark.parametrize("param", ["full", "diag+lowrank(4)"])
+@pytest.mark.parametrize("n", [2, 3])
+def test_vit_first_init_folds_to_model_one(param, n):
+    src = sources64(n)
+    plain = vit.SuperNet(src, param=param, init="first").double().fold()
+    x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    assert torch.equal(plain.features(x), src[0].features(x))
+    assert torch.equal(plain(x)[0], src[0](x)[0])
+
+
+def test_vit_global_fs_merge_trains_and_folds():
+    src = [model(TASKS[k], k) for k in range(2)]
+    data = [torch.randn(8, 1, 28, 28) for _ in range(2)]
+    merged = foldmerge.merge(src, data, method="fs-merge", variant="global", epochs=60, lr=0.05,
+                             schedule="constant")
+    assert merged.meta["param"] == "diag+lowrank(16)" and merged.meta["targets"] == "own-task"
+    assert merged.meta["final_loss"] < merged.meta["initial_loss"]
+    # learnable: the maps and merged norms only, never the frozen source weights
+    sn = vit.SuperNet(src, param="diag+lowrank(16)")
+    maps = sum(p.numel() for m in sn.modules() if type(m).__name__ == "FoldMap" for p in m.parameters())
+    norms = sum(p.numel() for m in sn.modules() if isinstance(m, torch.nn.LayerNorm) and
+                any(q.requires_grad for q in m.parameters()) for p in m.parameters())
+    assert merged.meta["learnable_parameters"] == maps + norms
+    assert merged.arch == "vit" and merged.backbone.width == 16
+
+
+def test_vit_mismatch_errors_are_clear():
+    a = model("mnist:0-4", 0)
+    with pytest.raises(ValueError, match="different depths"):
+        vit.SuperNet([a, model("mnist:5-9", 1, depth=3)])
+    with pytest.raises(ValueError, match="different attention head counts"):
+        vit.SuperNet([a, model("mnist:5-9", 1, heads=4)])
+    with pytest.raises(ValueError, match="local FS-Merge is defined for MLPs"):
+        foldmerge.merge([a, model("mnist:5-9", 1)], [torch.randn(4, 1, 28, 28)] * 2, method="fs-merge",
+                        variant="local", epochs=1)

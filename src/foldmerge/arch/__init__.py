@@ -1,7 +1,8 @@
 """Architecture families. Each module describes one family as data the methods work on:
 
   Backbone(**config)     the plain model (features before the heads), `out_dim` attribute
-  SuperNet(sources, …)   its Foldable SuperNet: forward in folded or SuperNet form, fold()
+  SuperNet(sources, …)   its Foldable SuperNet: forward in folded or SuperNet form, fold(),
+                         reconstruct(f*), output_map (the map folded into the heads)
   linear_layers(backbone)  the foldable linear layers in order, for layer-wise methods
 """
 from __future__ import annotations

@@ -170,6 +170,11 @@ class SuperNet(nn.Module):
             f = F.relu(torch.cat(z, dim=1) @ self.M[l].dense().T)
         return f
 
+    @property
+    def output_map(self) -> FoldMap:
+        """The map that reconstructs the sources' features and is folded into the heads."""
+        return self.U[-1]
+
     def reconstruct(self, merged: torch.Tensor) -> list[torch.Tensor]:
         """U_L · f*: the reconstruction of every source model's last features."""
         return unmerge_features(self.U[-1], merged)

@@ -106,3 +106,173 @@ def check_compatible(sources) -> None:
         vals = [getattr(s.backbone, attr) for s in sources]
         if len(set(vals)) != 1:
             raise ValueError(f"cannot merge ViTs with different {what} {vals}")
+
+
+# ------------------------------------------------------------------- Foldable SuperNet
+class SuperNet(nn.Module):
+    """The ViT Foldable SuperNet of the FS-Merge paper, appendix B.1 (DESIGN §3).
+
+    Frozen source weights; learnable maps (one FoldMap each, n column blocks) and merged
+    LayerNorms. Residual stream of width d* (`widths[0]`), MLP hidden width m* (`widths[1]`):
+
+      tokens   h* = M_in · [h_0^1; …; h_0^n]          (patch proj., CLS and positions of all models)
+      attn     u = LN1*(h*);  q* = M_Q·[W_Q^k U_att[k] u + b_Q^k]_k   (one U_att for Q, K, V)
+               a = MHA(q*, k*, v*) in width d* (H heads of d*/H);  h* += M_O·[W_O^k U_O[k] a + b_O^k]_k
+      mlp      u = LN2*(h*);  g = gelu(M_1·[W_1^k U_1[k] u + b_1^k]_k);  h* += M_2·[W_2^k U_2[k] g + b_2^k]_k
+      post     c = LN_post*(h*[CLS]);  f* = M_proj·[W_proj^k U_post[k] c]_k
+      output   model k's features are reconstructed as U_out[k] · f*; U_out is folded into the heads.
+
+    Every non-linear step (LayerNorm, softmax attention, GELU, residual add) acts on merged
+    features, so folding each linear (W* = M·blockdiag(W)·U) gives a plain ViT of width d*
+    that computes exactly what the SuperNet computes: `forward(form="folded")` runs that ViT
+    (built every step, differentiable in the maps), `form="supernet"` the wide reference.
+    """
+
+    def __init__(self, sources, widths: list[int] | None = None, param: str = "diag+lowrank(16)",
+                 init: str = "first", seed: int = 0):
+        super().__init__()
+        from ..foldable import FoldMap
+        if any(s.arch != "vit" for s in sources):
+            raise ValueError("the ViT SuperNet needs ViT source models")
+        check_compatible(sources)
+        self.n = len(sources)
+        bbs = [s.backbone for s in sources]
+        w = [b.width for b in bbs]
+        m = [b.mlp_dim for b in bbs]
+        o = [b.out_dim for b in bbs]
+        widths = list(widths) if widths else [w[0], m[0]]
+        if len(widths) == 1:
+            widths.append(m[0])
+        d, md = int(widths[0]), int(widths[1])
+        if d % bbs[0].heads:
+            raise ValueError(f"merged width {d} is not divisible by the {bbs[0].heads} attention heads")
+        self.widths = [d, md]
+        self.config = {"image_size": bbs[0].image_size, "channels": bbs[0].channels, "patch": bbs[0].patch,
+                       "width": d, "depth": bbs[0].depth, "heads": bbs[0].heads, "mlp_dim": md, "out_dim": o[0]}
+        self.tasks = [t for s in sources for t in s.tasks]
+        self.head_bias = sources[0].head_bias
+        g = torch.Generator().manual_seed(int(seed))
+        dtype = bbs[0].proj.weight.dtype
+
+        def fm(out_dim, in_dims, role):
+            return FoldMap(out_dim, in_dims, param, init, role, g, dtype)
+
+        # frozen sources: kept as modules whose parameters never train
+        self.sources = nn.ModuleList(bbs)
+        for p in self.sources.parameters():
+            p.requires_grad_(False)
+        self.M_in = fm(d, w, "merge")
+        self.blocks = nn.ModuleList()
+        for l in range(bbs[0].depth):
+            blk = nn.Module()
+            blk.U_att, blk.M_q, blk.M_k, blk.M_v = fm(d, w, "unmerge"), fm(d, w, "merge"), fm(d, w, "merge"), fm(d, w, "merge")
+            blk.U_o, blk.M_o = fm(d, w, "unmerge"), fm(d, w, "merge")
+            blk.U_1, blk.M_1 = fm(d, w, "unmerge"), fm(md, m, "merge")
+            blk.U_2, blk.M_2 = fm(md, m, "unmerge"), fm(d, w, "merge")
+            blk.ln1 = self._merged_norm([b.blocks[l].ln1 for b in bbs], d, init)
+            blk.ln2 = self._merged_norm([b.blocks[l].ln2 for b in bbs], d, init)
+            self.blocks.append(blk)
+        self.ln_post = self._merged_norm([b.ln_post for b in bbs], d, init)
+        self.U_post, self.M_proj = fm(d, w, "unmerge"), fm(o[0], o, "merge")
+        self.U_out = fm(o[0], o, "unmerge")
+        self.head_owner, heads = [], []
+        for k, s in enumerate(sources):
+            for h in s.heads:
+                self.head_owner.append(k)
+                heads.append(h)
+        self.heads = nn.ModuleList(heads)
+        for p in self.heads.parameters():
+            p.requires_grad_(False)
+        # The merged-width ViT the folded form runs (its own parameters are never used).
+        self._template = Backbone(**self.config).to(dtype)
+        for p in self._template.parameters():
+            p.requires_grad_(False)
+
+    @staticmethod
+    def _merged_norm(norms, width: int, init: str) -> nn.LayerNorm:
+        """A learnable LayerNorm of the merged width: model 1's for 'first', else the mean."""
+        from ..foldable import _fit_cols
+        ln = nn.LayerNorm(width, eps=norms[0].eps).to(norms[0].weight.dtype)
+        chosen = norms[:1] if init == "first" else norms
+        with torch.no_grad():
+            ln.weight.copy_(sum(_fit_cols(n.weight.detach(), width) for n in chosen) / len(chosen))
+            ln.bias.copy_(sum(_fit_cols(n.bias.detach(), width) for n in chosen) / len(chosen))
+        return ln
+
+    # ------------------------------------------------------------------------ folding
+    def folded_state(self) -> dict[str, torch.Tensor]:
+        """Parameters of the merged-width ViT (differentiable in the maps and merged norms)."""
+        from ..foldable import fold_linear, merge_features
+        bbs = list(self.sources)
+        st: dict[str, torch.Tensor] = {}
+        w, b = fold_linear(self.M_in, [s.patch_proj.weight for s in bbs], None, [s.patch_proj.bias for s in bbs])
+        st["patch_proj.weight"], st["patch_proj.bias"] = w, b
+        st["cls"] = merge_features(self.M_in, [s.cls.unsqueeze(0) for s in bbs])[0]
+        st["pos"] = merge_features(self.M_in, [s.pos for s in bbs])
+        for l, blk in enumerate(self.blocks):
+            src = [s.blocks[l] for s in bbs]
+            pre = f"blocks.{l}."
+            for name, M, U in (("q", blk.M_q, blk.U_att), ("k", blk.M_k, blk.U_att), ("v", blk.M_v, blk.U_att),
+                               ("o", blk.M_o, blk.U_o), ("fc1", blk.M_1, blk.U_1), ("fc2", blk.M_2, blk.U_2)):
+                lins = [getattr(s, name) for s in src]
+                w, b = fold_linear(M, [x.weight for x in lins], U, [x.bias for x in lins])
+                st[pre + name + ".weight"], st[pre + name + ".bias"] = w, b
+            for ln in ("ln1", "ln2"):
+                st[pre + ln + ".weight"], st[pre + ln + ".bias"] = getattr(blk, ln).weight, getattr(blk, ln).bias
+        st["ln_post.weight"], st["ln_post.bias"] = self.ln_post.weight, self.ln_post.bias
+        st["proj.weight"], _ = fold_linear(self.M_proj, [s.proj.weight for s in bbs], self.U_post)
+        return st
+
+    def forward(self, x: torch.Tensor, form: str = "folded") -> torch.Tensor:
+        """Merged features f* (B, out_dim)."""
+        if form == "folded":
+            return torch.func.functional_call(self._template, self.folded_state(), (x,))
+        if form != "supernet":
+            raise ValueError(f"form must be 'folded' or 'supernet', got {form!r}")
+        return self._supernet_forward(x)
+
+    def _supernet_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..foldable import merge_features, unmerge_features
+        bbs = list(self.sources)
+        h = merge_features(self.M_in, [s.tokens(x) for s in bbs])
+        for l, blk in enumerate(self.blocks):
+            src = [s.blocks[l] for s in bbs]
+            u = unmerge_features(blk.U_att, blk.ln1(h))
+            q, k, v = (merge_features(M, [getattr(s, name)(uk) for s, uk in zip(src, u)])
+                       for name, M in (("q", blk.M_q), ("k", blk.M_k), ("v", blk.M_v)))
+            bsz, n, _ = q.shape
+
+            def split(t):
+                return t.reshape(bsz, n, src[0].heads, -1).transpose(1, 2)
+
+            a = F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(bsz, n, -1)
+            h = h + merge_features(blk.M_o, [s.o(ak) for s, ak in zip(src, unmerge_features(blk.U_o, a))])
+            u = unmerge_features(blk.U_1, blk.ln2(h))
+            g = F.gelu(merge_features(blk.M_1, [s.fc1(uk) for s, uk in zip(src, u)]))
+            h = h + merge_features(blk.M_2, [s.fc2(gk) for s, gk in zip(src, unmerge_features(blk.U_2, g))])
+        c = unmerge_features(self.U_post, self.ln_post(h[:, 0]))
+        return merge_features(self.M_proj, [s.proj(ck) for s, ck in zip(bbs, c)])
+
+    @property
+    def output_map(self):
+        """The map that reconstructs the sources' features and is folded into the heads."""
+        return self.U_out
+
+    def reconstruct(self, merged: torch.Tensor) -> list[torch.Tensor]:
+        from ..foldable import unmerge_features
+        return unmerge_features(self.U_out, merged)
+
+    @torch.no_grad()
+    def fold(self):
+        """A plain ViT of the merged width with one adapted head per task (head_k · U_out[k])."""
+        from ..model import TaskModel
+        merged = TaskModel("vit", dict(self.config), self.tasks, self.head_bias)
+        p = self.M_in.dense()
+        merged.to(dtype=p.dtype, device=p.device)
+        merged.backbone.load_state_dict({k: v.detach() for k, v in self.folded_state().items()})
+        for i, head in enumerate(merged.heads):
+            src = self.heads[i]
+            head.weight.copy_(self.U_out.apply(self.head_owner[i], src.weight))
+            if head.bias is not None:
+                head.bias.copy_(src.bias)
+        return merged

@@ -31,6 +31,9 @@ DEFAULTS = {
     "global": dict(init="first", param="full", epochs=1000, lr=0.1, momentum=0.9, targets="all"),
 }
 
+# Transformers (paper B.2, E.2): diagonal blocks plus a low-rank term, own-task targets.
+TRANSFORMER_DEFAULTS = dict(param="diag+lowrank(16)", targets="own-task")
+
 
 def merge(models, data, variant: str = "global", param: str | None = None, init: str | None = None,
           widths: list[int] | None = None, epochs: int | None = None, lr: float | None = None,
@@ -39,7 +42,9 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
           batch_size: int | None = None, zipit_alpha: float | None = None, zipit_beta: float | None = None):
     if variant not in DEFAULTS:
         raise ValueError(f"FS-Merge variant must be 'local' or 'global', got {variant!r}")
-    d = DEFAULTS[variant]
+    d = dict(DEFAULTS[variant])
+    if sources_arch(models) != "mlp":
+        d.update(TRANSFORMER_DEFAULTS)
     param = param or d["param"]
     init = init or d["init"]
     targets = targets or d["targets"]
@@ -70,7 +75,7 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
         "target_scale": target_scale, "form": form,
         **({"zipit_alpha": zipit_alpha, "zipit_beta": zipit_beta} if init == "zipit" else {}), "widths": supernet.widths,
         "train": cfg.as_dict(), "train_seconds": time.perf_counter() - start,
-        "learnable_parameters": sum(p.numel() for p in supernet.parameters()),
+        "learnable_parameters": sum(p.numel() for p in supernet.parameters() if p.requires_grad),
         "final_loss": history[-1] if history else None,
         "initial_loss": history[0] if history else None,
         "merge_examples": [len(t) for t in data],
@@ -102,7 +107,7 @@ def _train_global(supernet, models, x, owner, cfg, target_scale, form):
     scales = target_scales(feats, target_scale)
     feats = [f * s for f, s in zip(feats, scales)]
     for k, s in enumerate(scales):          # start from the init's function on the scaled targets
-        supernet.U[-1].scale_block(k, s)
+        supernet.output_map.scale_block(k, s)
     # The input is fixed: where the architecture allows, start every step from the sources'
     # first-layer pre-activations, computed once (same function, much less work per step).
     pre = supernet.input_preactivations(x) if hasattr(supernet, "input_preactivations") else None
@@ -116,7 +121,7 @@ def _train_global(supernet, models, x, owner, cfg, target_scale, form):
 
     history = fit(supernet.parameters(), loss_fn, args, cfg, desc="FS-Merge global")
     for k, s in enumerate(scales):
-        supernet.U[-1].scale_block(k, 1.0 / s)
+        supernet.output_map.scale_block(k, 1.0 / s)
     return history
 
 
