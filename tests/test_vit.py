@@ -132,3 +132,25 @@ def test_vit_mismatch_errors_are_clear():
     with pytest.raises(ValueError, match="local FS-Merge is defined for MLPs"):
         foldmerge.merge([a, model("mnist:5-9", 1)], [torch.randn(4, 1, 28, 28)] * 2, method="fs-merge",
                         variant="local", epochs=1)
+
+
+def test_class_embedding_heads_are_fixed_shared_and_frozen(tmp_path):
+    from foldmerge.model import class_embeddings
+    a = TaskModel("vit", CFG, ["mnist:0-4"], head="class-embedding")
+    b = TaskModel("vit", CFG, ["mnist:0-4"], head="class-embedding")
+    c = TaskModel("vit", CFG, ["mnist/rot90:0-4"], head="class-embedding")
+    assert torch.equal(a.heads[0].weight, b.heads[0].weight)          # same task, same head
+    assert not torch.allclose(a.heads[0].weight, c.heads[0].weight)    # another task, another head
+    assert a.heads[0].bias is None and not a.heads[0].weight.requires_grad
+    assert torch.allclose(class_embeddings("mnist:0-4", 8).norm(dim=1), torch.ones(5))
+    a.save(tmp_path / "m")
+    back = foldmerge.load(tmp_path / "m")
+    assert back.head_kind == "class-embedding" and torch.equal(back.heads[0].weight, a.heads[0].weight)
+
+
+def test_two_stage_vit_source_training_learns():
+    from foldmerge.sources import train_vit_source
+    m = train_vit_source("mnist:0-4", CFG, seed=0, pretrain_task="fmnist:0-4", pretrain_epochs=1,
+                         epochs=2, limit=600)
+    assert m.meta["pretrain_task"] == "fmnist:0-4" and m.head_kind == "class-embedding"
+    assert m.meta["val_accuracy"] > 40.0          # far above the 20% of guessing, from 600 images

@@ -6,6 +6,7 @@ folding the last U into it.
 """
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +17,42 @@ from .arch import get_arch
 from .data import Task
 
 
+HEADS = ("linear", "class-embedding")
+
+
+def class_embeddings(task: Task | str, dim: int) -> torch.Tensor:
+    """A fixed (classes x dim) matrix of unit rows for `task`: the same for every model and
+    every run (seeded by the task and class names), distinct for distinct tasks. It stands
+    in for the CLIP text embeddings of the label names that the FS-Merge paper uses as
+    frozen heads, so that models trained on one task share one output space."""
+    task = Task.parse(task)
+    rows = []
+    for c in task.classes:
+        g = torch.Generator().manual_seed(zlib.crc32(f"{task.name}#{c}".encode()))
+        rows.append(torch.randn(dim, generator=g))
+    e = torch.stack(rows)
+    return e / e.norm(dim=1, keepdim=True)
+
+
 class TaskModel(nn.Module):
     def __init__(self, arch: str, backbone: dict[str, Any], tasks: list[Task | str],
-                 head_bias: bool = True):
+                 head_bias: bool = True, head: str = "linear"):
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         self.arch = arch
         self.backbone_config = dict(backbone)
         self.tasks = [Task.parse(t) for t in tasks]
-        self.head_bias = head_bias
+        self.head_kind = head
+        self.head_bias = head_bias and head == "linear"
         self.backbone = get_arch(arch).Backbone(**backbone)
         d = self.backbone.out_dim
-        self.heads = nn.ModuleList(nn.Linear(d, t.num_classes, bias=head_bias) for t in self.tasks)
+        self.heads = nn.ModuleList(nn.Linear(d, t.num_classes, bias=self.head_bias) for t in self.tasks)
+        if head == "class-embedding":      # frozen: training only moves the backbone
+            with torch.no_grad():
+                for h, t in zip(self.heads, self.tasks):
+                    h.weight.copy_(class_embeddings(t, d))
+                    h.weight.requires_grad_(False)
         self.meta: dict[str, Any] = {}   # how the model was made (method, options, seed, …)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -38,11 +64,11 @@ class TaskModel(nn.Module):
 
     def config(self) -> dict[str, Any]:
         return {"arch": self.arch, "backbone": self.backbone_config,
-                "tasks": [t.name for t in self.tasks], "head_bias": self.head_bias}
+                "tasks": [t.name for t in self.tasks], "head_bias": self.head_bias, "head": self.head_kind}
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "TaskModel":
-        return cls(cfg["arch"], cfg["backbone"], cfg["tasks"], cfg.get("head_bias", True))
+        return cls(cfg["arch"], cfg["backbone"], cfg["tasks"], cfg.get("head_bias", True), cfg.get("head", "linear"))
 
     def save(self, out_dir) -> "Path":
         """Write safetensors weights + config.json (with `meta`) atomically."""

@@ -46,3 +46,42 @@ def train_source(task: Task | str, hidden: list[int], seed: int, epochs: int | N
                   "test_accuracy": evaluate(model, [task])["per_task_mean"],
                   "val_accuracy": evaluate(model, [task], split="val")["per_task_mean"]}
     return model
+
+
+def train_vit_source(task: Task | str, config: dict, seed: int, pretrain_task: Task | str | None = None,
+                     pretrain_epochs: int = 3, epochs: int = 2, lr: float = 1e-3, batch_size: int = 64,
+                     weight_decay: float = 0.01, limit: int | None = None) -> TaskModel:
+    """A ViT source in the paper's two stages (appendix D): "pre-training" from `seed` on
+    `pretrain_task`, then fine-tuning on `task`; heads are frozen class embeddings
+    (`class_embeddings`), so every model's features live in one shared output space.
+    AdamW, cosine schedule; `limit` caps the training images per stage (quick runs, tests)."""
+    task = Task.parse(task)
+    stages = ([(Task.parse(pretrain_task), pretrain_epochs)] if pretrain_task is not None else []) + [(task, epochs)]
+    torch.manual_seed(seed)
+    backbone_state = None
+    accuracies = {}
+    for k, (t, n_epochs) in enumerate(stages):
+        model = TaskModel("vit", dict(config), [t], head="class-embedding")
+        if backbone_state is not None:
+            model.backbone.load_state_dict(backbone_state)
+        x, y = t.split("train")
+        if limit:
+            x, y = x[:limit], y[:limit]
+        cfg = TrainConfig(epochs=n_epochs, lr=lr, optimizer="adamw", weight_decay=weight_decay,
+                          schedule="cosine", warmup=0, batch_size=batch_size, seed=seed * 100 + k)
+
+        def loss_fn(xb, yb, model=model):
+            return F.cross_entropy(model(xb)[0], yb)
+
+        model.train()
+        fit(list(model.parameters()), loss_fn, (x, y), cfg,
+            desc=f"{'pre-train' if k < len(stages) - 1 else 'fine-tune'} ViT on {t} (seed {seed})")
+        model.eval()
+        backbone_state = model.backbone.state_dict()
+        accuracies[t.name] = evaluate(model, [t], split="val")["per_task_mean"]
+    model.meta = {"kind": "source", "task": task.name, "seed": seed,
+                  "pretrain_task": stages[0][0].name if len(stages) > 1 else None,
+                  "val_accuracy": accuracies[task.name], "pretrain_val_accuracy": accuracies.get(stages[0][0].name)
+                  if len(stages) > 1 else None,
+                  "test_accuracy": evaluate(model, [task])["per_task_mean"]}
+    return model
