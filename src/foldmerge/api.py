@@ -24,19 +24,27 @@ def load(path: str | os.PathLike, allow_pickle: bool = False):
     return model
 
 
-def merge_sample(models, per_task: int, seed: int = 0) -> list[torch.Tensor]:
-    """For each model, `per_task` unlabeled training images of each of its tasks (seeded)."""
+def merge_sample(models, per_task: int, seed: int = 0, augment: int = 0) -> list[torch.Tensor]:
+    """For each model, `per_task` unlabeled training images of each of its tasks (seeded),
+    plus `augment` augmented images made from them (`foldmerge.data.augment.expand`)."""
+    from .data.augment import expand
     out = []
     for k, m in enumerate(models):
-        parts = [t.sample(per_task, seed=seed * 1000 + 17 * k + i) for i, t in enumerate(m.tasks)]
+        parts = []
+        for i, t in enumerate(m.tasks):
+            s = seed * 1000 + 17 * k + i
+            originals = t.sample(per_task, seed=s)
+            parts += [originals] + ([expand(t, originals, augment, seed=s)] if augment else [])
         out.append(torch.cat(parts))
     return out
 
 
-def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge", seed: int = 0, **options):
+def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge", seed: int = 0,
+          augment: int = 0, **options):
     """Merge `models` (TaskModels or paths) into one TaskModel with every source's heads.
 
-    data: per-model unlabeled input tensors, or an int N to draw N training images per task.
+    data: per-model unlabeled input tensors, or an int N to draw N training images per task
+    (plus `augment` augmented images per task made from them).
     options: passed to the method (see `foldmerge.methods`), e.g. variant, param, init, epochs.
     """
     models = [load(m) if isinstance(m, (str, os.PathLike)) else m for m in models]
@@ -46,7 +54,9 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
     if isinstance(data, int):
         if data < 1:
             raise ValueError("the merge sample needs at least one image per task")
-        data = merge_sample(models, data, seed)
+        if augment < 0:
+            raise ValueError("augment must be >= 0")
+        data = merge_sample(models, data, seed, augment)
     if len(data) != len(models):
         raise ValueError(f"got {len(data)} data tensors for {len(models)} models")
     fn = get_method(method)

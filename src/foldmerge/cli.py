@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zipit-beta", type=float, help="FS-Merge with --init zipit: ZipIt!'s beta")
     p.add_argument("--regmean-alpha", type=float, help="distillation with --init regmean: RegMean's alpha")
     p.add_argument("--per-task", type=int, default=64, help="unlabeled training images per task (default 64)")
+    p.add_argument("--augment", type=int, default=0,
+                   help="augmented images per task made from them (crop, flip, solarize/blur, MixUp)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints")
@@ -143,7 +145,7 @@ def cmd_merge(args) -> None:
         except ValueError:
             raise ValueError("--target-scale must be match, none or a number") from None
     models = [load(p, allow_pickle=args.allow_pickle) for p in args.models]
-    merged = merge(models, args.per_task, method=args.method, seed=args.seed, **options)
+    merged = merge(models, args.per_task, method=args.method, seed=args.seed, augment=args.augment, **options)
     merged.meta["command"] = _command_line()
     merged.save(args.out)
     result = evaluate(merged)

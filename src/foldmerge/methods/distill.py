@@ -61,9 +61,11 @@ def student_init(models, data, init: str, regmean_alpha: float = 0.9, seed: int 
 
 def merge(models, data, init: str | None = None, epochs: int | None = None, lr: float | None = None,
           momentum: float | None = None, schedule: str = "cosine", weight_decay: float = 0.0,
-          targets: str = "all", target_scale="match", batch_size: int | None = None,
+          targets: str | None = None, target_scale="match", batch_size: int | None = None,
           regmean_alpha: float = 0.9, seed: int = 0):
     check_same_backbone(models, "distillation")
+    # as FS-Merge: every source's features for MLPs, only the own task's for transformers
+    targets = targets or ("all" if models[0].arch == "mlp" else "own-task")
     if targets not in ("all", "own-task"):
         raise ValueError(f"targets must be 'all' or 'own-task', got {targets!r}")
     init = init or DEFAULTS["init"]
