@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["constant", "step", "cosine"])
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--batch-size", type=int, help="default: the whole merge sample (gradient descent)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], help="FS-Merge / distillation optimizer (default sgd)")
     p.add_argument("--targets", choices=["all", "own-task"])
     p.add_argument("--target-scale", help="match | none | a number")
     p.add_argument("--form", choices=["folded", "supernet"], help="how the SuperNet is run in training")
@@ -124,7 +125,7 @@ def cmd_train_sources(args) -> None:
 
 
 MERGE_OPTIONS = ("variant", "param", "init", "widths", "epochs", "lr", "momentum", "schedule",
-                 "weight_decay", "batch_size", "targets", "target_scale", "form", "alpha", "beta",
+                 "weight_decay", "batch_size", "optimizer", "targets", "target_scale", "form", "alpha", "beta",
                  "stop_layer", "t", "zipit_alpha", "zipit_beta", "regmean_alpha")
 
 

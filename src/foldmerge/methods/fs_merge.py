@@ -39,7 +39,8 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
           widths: list[int] | None = None, epochs: int | None = None, lr: float | None = None,
           momentum: float | None = None, schedule: str = "cosine", weight_decay: float = 0.0,
           targets: str | None = None, target_scale="match", form: str = "folded", seed: int = 0,
-          batch_size: int | None = None, zipit_alpha: float | None = None, zipit_beta: float | None = None):
+          batch_size: int | None = None, optimizer: str = "sgd", zipit_alpha: float | None = None,
+          zipit_beta: float | None = None):
     if variant not in DEFAULTS:
         raise ValueError(f"FS-Merge variant must be 'local' or 'global', got {variant!r}")
     d = dict(DEFAULTS[variant])
@@ -52,7 +53,7 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
         raise ValueError(f"targets must be 'all' or 'own-task', got {targets!r}")
     cfg = TrainConfig(epochs=d["epochs"] if epochs is None else epochs, lr=d["lr"] if lr is None else lr,
                       momentum=d["momentum"] if momentum is None else momentum, schedule=schedule,
-                      weight_decay=weight_decay, batch_size=batch_size, seed=seed)
+                      weight_decay=weight_decay, batch_size=batch_size, optimizer=optimizer, seed=seed)
     arch = get_arch(sources_arch(models))
     if not hasattr(arch, "SuperNet"):
         raise ValueError(f"FS-Merge has no Foldable SuperNet for {sources_arch(models)!r} models yet")
