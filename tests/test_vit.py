@@ -154,3 +154,68 @@ def test_two_stage_vit_source_training_learns():
                          epochs=2, limit=600)
     assert m.meta["pretrain_task"] == "fmnist:0-4" and m.head_kind == "class-embedding"
     assert m.meta["val_accuracy"] > 40.0          # far above the 20% of guessing, from 600 images
+
+
+# ------------------------------------------------------------------------------ opt (OT fusion)
+def permuted_copy(m, seed=5):
+    """The same function with the residual stream, each head's q/k and v dims and the MLP
+    hidden units permuted (a ViT has these symmetries)."""
+    import copy
+    g = torch.Generator().manual_seed(seed)
+    b = copy.deepcopy(m)
+    bb = b.backbone
+    d, heads, md = bb.width, bb.heads, bb.mlp_dim
+    hd = d // heads
+    P = torch.randperm(d, generator=g)
+
+    def within_heads():
+        return torch.cat([h * hd + torch.randperm(hd, generator=g) for h in range(heads)])
+
+    with torch.no_grad():
+        bb.patch_proj.weight.copy_(bb.patch_proj.weight[P]); bb.patch_proj.bias.copy_(bb.patch_proj.bias[P])
+        bb.cls.copy_(bb.cls[P]); bb.pos.copy_(bb.pos[:, P])
+        for blk in bb.blocks:
+            qk, v, hm = within_heads(), within_heads(), torch.randperm(md, generator=g)
+            for ln in (blk.ln1, blk.ln2):
+                ln.weight.copy_(ln.weight[P]); ln.bias.copy_(ln.bias[P])
+            for lin, rows in ((blk.q, qk), (blk.k, qk), (blk.v, v)):
+                lin.weight.copy_(lin.weight[rows][:, P]); lin.bias.copy_(lin.bias[rows])
+            blk.o.weight.copy_(blk.o.weight[P][:, v]); blk.o.bias.copy_(blk.o.bias[P])
+            blk.fc1.weight.copy_(blk.fc1.weight[hm][:, P]); blk.fc1.bias.copy_(blk.fc1.bias[hm])
+            blk.fc2.weight.copy_(blk.fc2.weight[P][:, hm]); blk.fc2.bias.copy_(blk.fc2.bias[P])
+        bb.ln_post.weight.copy_(bb.ln_post.weight[P]); bb.ln_post.bias.copy_(bb.ln_post.bias[P])
+        bb.proj.weight.copy_(bb.proj.weight[:, P])
+    return b
+
+
+def test_opt_hard_alignment_recovers_a_permuted_copy_exactly():
+    a = model("mnist:0-4", 0).double()
+    b = permuted_copy(a)
+    b.tasks = [foldmerge.data.Task.parse("mnist:5-9")]
+    x = torch.randn(5, 1, 28, 28, dtype=torch.float64)
+    assert torch.allclose(a.features(x), b.features(x), atol=1e-10)          # the copy is the same function
+    assert not torch.allclose(a.backbone.blocks[0].fc1.weight, b.backbone.blocks[0].fc1.weight)
+    assert not torch.allclose(foldmerge.merge([a, b], [x, x], method="average").features(x), a.features(x), atol=1e-3)
+    data = [torch.randn(12, 1, 28, 28, dtype=torch.float64) for _ in range(2)]
+    fused = foldmerge.merge([a, b], data, method="opt", filter="full", reg=0.0)
+    assert torch.allclose(fused.features(x), a.features(x), atol=1e-8)
+
+
+@pytest.mark.parametrize("filter_,reg", [("cls", 0.0), ("window-4", 0.05), ("full", 0.05)])
+def test_opt_runs_soft_and_windowed(filter_, reg):
+    a, c = model("mnist:0-4", 0), model("mnist:5-9", 1)
+    data = [torch.randn(6, 1, 28, 28) for _ in range(2)]
+    fused = foldmerge.merge([a, c], data, method="opt", filter=filter_, reg=reg)
+    assert torch.isfinite(fused.features(torch.randn(2, 1, 28, 28))).all()
+    assert fused.meta["hard"] == (reg == 0.0)
+
+
+def test_opt_bad_input():
+    a, c = model("mnist:0-4", 0), model("mnist:5-9", 1)
+    data = [torch.randn(4, 1, 28, 28)] * 2
+    with pytest.raises(ValueError, match="unknown token filter"):
+        foldmerge.merge([a, c], data, method="opt", filter="rows")
+    with pytest.raises(ValueError, match="window must hold"):
+        foldmerge.merge([a, c], data, method="opt", filter="window-99")
+    with pytest.raises(ValueError, match="one shape"):
+        foldmerge.merge([a, model("mnist:5-9", 1, mlp_dim=48)], data, method="opt")

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge source models into one model with every task's head")
     p.add_argument("models", nargs="+", help="model directories (from train-sources or merge)")
     p.add_argument("--method", default="fs-merge",
-                   help="fs-merge | distill | average | slerp | regmean | zipit | permute")
+                   help="fs-merge | distill | average | slerp | regmean | zipit | permute | opt")
     p.add_argument("--variant", choices=["local", "global"], help="FS-Merge objective (default global)")
     p.add_argument("--param", help="M/U parameterization: full | diag | diag+lowrank(R)")
     p.add_argument("--init", choices=["first", "average", "random", "zipit", "regmean"],
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, help="ZipIt!: within-model merge budget in [0, 1]")
     p.add_argument("--stop-layer", type=int, help="ZipIt!: zip hidden layers 1..N only (partial zipping)")
     p.add_argument("--t", type=float, help="SLERP: interpolation point for two models (default 0.5)")
+    p.add_argument("--filter", help="opt: tokens that define a neuron: cls | full | window-K")
+    p.add_argument("--reg", type=float, help="opt: Sinkhorn regularization λ (0 = exact, hard alignment)")
     p.add_argument("--zipit-alpha", type=float, help="FS-Merge with --init zipit: ZipIt!'s alpha")
     p.add_argument("--zipit-beta", type=float, help="FS-Merge with --init zipit: ZipIt!'s beta")
     p.add_argument("--regmean-alpha", type=float, help="distillation with --init regmean: RegMean's alpha")
@@ -126,7 +128,7 @@ def cmd_train_sources(args) -> None:
 
 MERGE_OPTIONS = ("variant", "param", "init", "widths", "epochs", "lr", "momentum", "schedule",
                  "weight_decay", "batch_size", "optimizer", "targets", "target_scale", "form", "alpha", "beta",
-                 "stop_layer", "t", "zipit_alpha", "zipit_beta", "regmean_alpha")
+                 "stop_layer", "t", "filter", "reg", "zipit_alpha", "zipit_beta", "regmean_alpha")
 
 
 def cmd_merge(args) -> None:

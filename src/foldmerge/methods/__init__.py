@@ -10,9 +10,10 @@ from typing import Callable
 
 
 def registry() -> dict[str, Callable]:
-    from . import average, distill, fs_merge, permute, regmean, slerp, zipit
+    from . import average, distill, fs_merge, opt, permute, regmean, slerp, zipit
     return {"fs-merge": fs_merge.merge, "distill": distill.merge, "average": average.merge,
-            "regmean": regmean.merge, "slerp": slerp.merge, "zipit": zipit.merge, "permute": permute.merge}
+            "regmean": regmean.merge, "slerp": slerp.merge, "zipit": zipit.merge, "permute": permute.merge,
+            "opt": opt.merge}
 
 
 def get_method(name: str) -> Callable:
