@@ -219,3 +219,15 @@ def test_opt_bad_input():
         foldmerge.merge([a, c], data, method="opt", filter="window-99")
     with pytest.raises(ValueError, match="one shape"):
         foldmerge.merge([a, model("mnist:5-9", 1, mlp_dim=48)], data, method="opt")
+
+
+def test_vit_bench_plan_options_are_accepted_and_bad_arguments_are_clear(capsys):
+    import inspect
+    from foldmerge.bench import vit as bench_vit
+    from foldmerge.cli import main
+    from foldmerge.methods import get_method
+    for name, method, opts in bench_vit.method_plan():
+        assert set(opts) <= set(inspect.signature(get_method(method)).parameters), name
+    assert len({t for pair in bench_vit.PAIRS for t in pair} | {bench_vit.PRETRAIN_TASK}) >= 6
+    assert main(["bench", "vit", "--pairs", "9"]) == 2
+    assert "--pairs must lie" in capsys.readouterr().err

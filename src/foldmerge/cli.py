@@ -88,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="runs/bench", help="cache for source models and tuning (default runs/bench)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     b.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    b = bench.add_parser("vit", help="FS-Merge paper 3.2: ViT pairs from different inits and tasks (in progress)")
+    b.add_argument("--setting", choices=["pairs16", "pairs100"], default="pairs16")
+    b.add_argument("--pairs", type=int, default=3, help="number of task pairs (1-3)")
+    b.add_argument("--methods", nargs="+", help="only these rows or methods (default: all)")
+    b.add_argument("--small", action="store_true", help="a smaller ViT (depth 2, width 32) for a quick look")
+    b.add_argument("--limit", type=int, help="cap the training images per source stage (quick look)")
+    b.add_argument("--source-epochs", type=int, nargs=2, default=[3, 2], metavar=("PRE", "FINE"),
+                   help="pre-training and fine-tuning epochs of the sources (default 3 2)")
+    b.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every merge's epochs")
+    b.add_argument("--out", default="runs/bench", help="cache for the source models (default runs/bench)")
+    b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
+    b.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("demo", help="MNIST 0-4 vs 5-9: train two MLPs, merge, print the table")
     p.add_argument("--seed", type=int, default=0)
@@ -200,6 +212,8 @@ def cmd_demo(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.bench == "vit":
+        return cmd_bench_vit(args)
     from .bench import mlp
     result = mlp.run_bench(dataset=args.dataset, vary=args.vary, seeds=args.seeds, values=args.values,
                            methods=args.methods, jobs=args.jobs, out=args.out,
@@ -210,6 +224,19 @@ def cmd_bench(args) -> None:
     mlp.print_report(result, result["command"])
     if args.json:
         print(f"every measurement written to {args.json}")
+
+
+def cmd_bench_vit(args) -> None:
+    from .bench import vit
+    if args.epochs_scale <= 0 or (args.limit is not None and args.limit < 1):
+        raise ValueError("--epochs-scale and --limit must be positive")
+    result = vit.run_bench(setting=args.setting, pairs=args.pairs, out=args.out, small=args.small,
+                           limit=args.limit, epochs_scale=args.epochs_scale, methods=args.methods,
+                           source_epochs=tuple(args.source_epochs))
+    result["command"] = _command_line()
+    if args.json:
+        _write_json_atomic(args.json, result)
+    vit.print_report(result, result["command"])
 
 
 def _write_json_atomic(path: str, obj) -> None:
