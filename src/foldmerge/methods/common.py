@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from ..foldable import unmerge_features
+from ..train import TrainConfig, fit
+
 
 def sources_arch(models) -> str:
     archs = {m.arch for m in models}
@@ -56,3 +59,34 @@ def reconstruction_loss(recon: list[torch.Tensor], targets: list[torch.Tensor], 
         total = total + ((r - t) ** 2).sum()
         count += t.numel()
     return total / max(count, 1)
+
+
+def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, owner: torch.Tensor | None,
+                       cfg: TrainConfig, target_scale, desc: str, inputs: torch.Tensor | None = None) -> list[float]:
+    """The objective and loop FS-Merge global and distillation share.
+
+    `features(batch)` gives the merged features f*; `output_map` (a FoldMap, unmerge role)
+    reconstructs every source's last features from them; the loss scores those against the
+    sources' own features on x (computed once), on every input or, with `owner`, only on
+    each input's own source. Targets are scaled by `target_scales`; the output map's blocks
+    are multiplied by the scales before training (so training starts exactly at the init)
+    and divided by them after (so the folded model is unaffected). `inputs` (default x) is
+    what `features` receives, e.g. cached first-layer pre-activations of x.
+    """
+    with torch.no_grad():
+        targets = [m.features(x) for m in models]
+    scales = target_scales(targets, target_scale)
+    targets = [t * s for t, s in zip(targets, scales)]
+    for k, s in enumerate(scales):
+        output_map.scale_block(k, s)
+    n = len(targets)
+    args = [x if inputs is None else inputs, *targets] + ([owner] if owner is not None else [])
+
+    def loss_fn(xb, *rest):
+        ob = rest[n] if owner is not None else None
+        return reconstruction_loss(unmerge_features(output_map, features(xb)), list(rest[:n]), ob)
+
+    history = fit(params, loss_fn, args, cfg, desc=desc)
+    for k, s in enumerate(scales):
+        output_map.scale_block(k, 1.0 / s)
+    return history

@@ -22,10 +22,10 @@ import time
 
 import torch
 
-from ..foldable import FoldMap, unmerge_features
+from ..foldable import FoldMap
 from ..model import TaskModel
-from ..train import TrainConfig, fit
-from .common import cat_with_owner, check_same_backbone, reconstruction_loss, target_scales
+from ..train import TrainConfig
+from .common import cat_with_owner, check_same_backbone, fit_reconstruction
 
 INITS = ("first", "average", "regmean", "random")
 # The paper's E.1 distillation grid: 1k epochs (MNIST); the lr/momentum marks are not legible
@@ -84,27 +84,12 @@ def merge(models, data, init: str | None = None, epochs: int | None = None, lr: 
                 "unmerge", dtype=p.dtype).to(p.device)
 
     x, owner = cat_with_owner(data)
-    with torch.no_grad():
-        feats = [m.features(x) for m in models]
-    scales = target_scales(feats, target_scale)
-    feats = [f * s for f, s in zip(feats, scales)]
-    for k, s in enumerate(scales):          # start from the init's function on the scaled targets
-        u.scale_block(k, s)
-    own = targets == "own-task"
-    args = [x, *feats] + ([owner] if own else [])
-
-    def loss_fn(xb, *rest):
-        tb = list(rest[:len(feats)])
-        ob = rest[len(feats)] if own else None
-        return reconstruction_loss(unmerge_features(u, student.features(xb)), tb, ob)
-
     start = time.perf_counter()
-    history = fit(list(student.backbone.parameters()) + list(u.parameters()), loss_fn, args, cfg,
-                  desc="distillation")
+    history = fit_reconstruction(list(student.backbone.parameters()) + list(u.parameters()), student.features,
+                                 u, models, x, owner if targets == "own-task" else None, cfg, target_scale,
+                                 "distillation")
     student.eval()
     with torch.no_grad():
-        for k, s in enumerate(scales):
-            u.scale_block(k, 1.0 / s)
         for head, w, k in zip(student.heads, head_weights, owner_of_head):
             head.weight.copy_(u.apply(k, w))        # head_k · U[k]
     student.meta = {

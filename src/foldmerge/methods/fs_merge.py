@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from ..arch import get_arch
 from ..foldable import merge_features, unmerge_features
 from ..train import TrainConfig, fit
-from .common import cat_with_owner, reconstruction_loss, sources_arch, target_scales
+from .common import cat_with_owner, fit_reconstruction, reconstruction_loss, sources_arch, target_scales
 
 # Appendix E.1, bold values of the MNIST grid.
 DEFAULTS = {
@@ -103,27 +103,14 @@ def _zipit_supernet(arch, models, data, widths, param, seed, alpha, beta):
 
 
 def _train_global(supernet, models, x, owner, cfg, target_scale, form):
-    with torch.no_grad():
-        feats = [m.features(x) for m in models]
-    scales = target_scales(feats, target_scale)
-    feats = [f * s for f, s in zip(feats, scales)]
-    for k, s in enumerate(scales):          # start from the init's function on the scaled targets
-        supernet.output_map.scale_block(k, s)
     # The input is fixed: where the architecture allows, start every step from the sources'
     # first-layer pre-activations, computed once (same function, much less work per step).
-    pre = supernet.input_preactivations(x) if hasattr(supernet, "input_preactivations") else None
-    args = [x if pre is None else pre, *feats] + ([owner] if owner is not None else [])
-
-    def loss_fn(xb, *rest):
-        tb = list(rest[:len(feats)])
-        ob = rest[len(feats)] if owner is not None else None
-        f = supernet(xb, form=form) if pre is None else supernet(None, form=form, pre=xb)
-        return reconstruction_loss(supernet.reconstruct(f), tb, ob)
-
-    history = fit(supernet.parameters(), loss_fn, args, cfg, desc="FS-Merge global")
-    for k, s in enumerate(scales):
-        supernet.output_map.scale_block(k, 1.0 / s)
-    return history
+    if hasattr(supernet, "input_preactivations"):
+        return fit_reconstruction(supernet.parameters(), lambda zb: supernet(None, form=form, pre=zb),
+                                  supernet.output_map, models, x, owner, cfg, target_scale, "FS-Merge global",
+                                  inputs=supernet.input_preactivations(x))
+    return fit_reconstruction(supernet.parameters(), lambda xb: supernet(xb, form=form), supernet.output_map,
+                              models, x, owner, cfg, target_scale, "FS-Merge global")
 
 
 def _train_local(supernet, models, x, owner, cfg, target_scale):
