@@ -177,7 +177,7 @@ class SuperNet(nn.Module):
 
     def reconstruct(self, merged: torch.Tensor) -> list[torch.Tensor]:
         """U_L · f*: the reconstruction of every source model's last features."""
-        return unmerge_features(self.U[-1], merged)
+        return unmerge_features(self.output_map, merged)
 
     # ------------------------------------------------------------------------ folding
     @torch.no_grad()

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..foldable import FoldMap, _fit_cols, fold_linear, merge_features, unmerge_features
+
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, H/p · W/p, C·p·p), patches in row-major order."""
@@ -28,6 +30,16 @@ def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
         raise ValueError(f"image size {h}x{w} is not divisible by the patch size {patch}")
     x = x.reshape(b, c, h // patch, patch, w // patch, patch)
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+def multihead(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Softmax attention with `heads` heads of width/heads each: (B, N, D) x 3 -> (B, N, D)."""
+    b, n, _ = q.shape
+
+    def split(t):           # (B, N, D) -> (B, H, N, D/H)
+        return t.reshape(b, n, heads, -1).transpose(1, 2)
+
+    return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, n, -1)
 
 
 class Block(nn.Module):
@@ -44,13 +56,7 @@ class Block(nn.Module):
         self.fc2 = nn.Linear(mlp_dim, width)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-
-        def split(t):           # (B, N, D) -> (B, H, N, D/H)
-            return t.reshape(b, n, self.heads, -1).transpose(1, 2)
-
-        a = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
-        return self.o(a.transpose(1, 2).reshape(b, n, -1))
+        return self.o(multihead(self.q(x), self.k(x), self.v(x), self.heads))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h = h + self.attention(self.ln1(h))
@@ -131,7 +137,6 @@ class SuperNet(nn.Module):
     def __init__(self, sources, widths: list[int] | None = None, param: str = "diag+lowrank(16)",
                  init: str = "first", seed: int = 0):
         super().__init__()
-        from ..foldable import FoldMap
         if any(s.arch != "vit" for s in sources):
             raise ValueError("the ViT SuperNet needs ViT source models")
         check_compatible(sources)
@@ -191,7 +196,6 @@ class SuperNet(nn.Module):
     @staticmethod
     def _merged_norm(norms, width: int, init: str) -> nn.LayerNorm:
         """A learnable LayerNorm of the merged width: model 1's for 'first', else the mean."""
-        from ..foldable import _fit_cols
         ln = nn.LayerNorm(width, eps=norms[0].eps).to(norms[0].weight.dtype)
         chosen = norms[:1] if init == "first" else norms
         with torch.no_grad():
@@ -202,7 +206,6 @@ class SuperNet(nn.Module):
     # ------------------------------------------------------------------------ folding
     def folded_state(self) -> dict[str, torch.Tensor]:
         """Parameters of the merged-width ViT (differentiable in the maps and merged norms)."""
-        from ..foldable import fold_linear, merge_features
         bbs = list(self.sources)
         st: dict[str, torch.Tensor] = {}
         w, b = fold_linear(self.M_in, [s.patch_proj.weight for s in bbs], None, [s.patch_proj.bias for s in bbs])
@@ -232,7 +235,6 @@ class SuperNet(nn.Module):
         return self._supernet_forward(x)
 
     def _supernet_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..foldable import merge_features, unmerge_features
         bbs = list(self.sources)
         h = merge_features(self.M_in, [s.tokens(x) for s in bbs])
         for l, blk in enumerate(self.blocks):
@@ -240,12 +242,7 @@ class SuperNet(nn.Module):
             u = unmerge_features(blk.U_att, blk.ln1(h))
             q, k, v = (merge_features(M, [getattr(s, name)(uk) for s, uk in zip(src, u)])
                        for name, M in (("q", blk.M_q), ("k", blk.M_k), ("v", blk.M_v)))
-            bsz, n, _ = q.shape
-
-            def split(t):
-                return t.reshape(bsz, n, src[0].heads, -1).transpose(1, 2)
-
-            a = F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(bsz, n, -1)
+            a = multihead(q, k, v, src[0].heads)
             h = h + merge_features(blk.M_o, [s.o(ak) for s, ak in zip(src, unmerge_features(blk.U_o, a))])
             u = unmerge_features(blk.U_1, blk.ln2(h))
             g = F.gelu(merge_features(blk.M_1, [s.fc1(uk) for s, uk in zip(src, u)]))
@@ -259,7 +256,6 @@ class SuperNet(nn.Module):
         return self.U_out
 
     def reconstruct(self, merged: torch.Tensor) -> list[torch.Tensor]:
-        from ..foldable import unmerge_features
         return unmerge_features(self.U_out, merged)
 
     @torch.no_grad()
@@ -267,7 +263,7 @@ class SuperNet(nn.Module):
         """A plain ViT of the merged width with one adapted head per task (head_k · U_out[k])."""
         from ..model import TaskModel
         merged = TaskModel("vit", dict(self.config), self.tasks, self.head_bias)
-        p = self.M_in.dense()
+        p = next(self.M_in.parameters())
         merged.to(dtype=p.dtype, device=p.device)
         merged.backbone.load_state_dict({k: v.detach() for k, v in self.folded_state().items()})
         for i, head in enumerate(merged.heads):

@@ -34,7 +34,6 @@ VALUES = {"depth": [1, 2, 3, 4, 6], "width": [16, 64, 128, 512, 1024]}
 TASKS = {"mnist": ("mnist:0-4", "mnist:5-9"), "fmnist": ("fmnist:0-4", "fmnist:5-9")}
 PER_TASK = 64
 TUNE_HIDDEN = [128, 128]          # E.1: tuned on two hidden layers of width 128
-REFERENCES = ("originals", "ensemble")
 ROW_ORDER = ("originals", "ensemble", "average", "slerp", "regmean", "permute", "zipit", "distill",
              "fs-merge local", "fs-merge local, zipit init", "fs-merge global", "fs-merge global, zipit init")
 
