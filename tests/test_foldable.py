@@ -5,7 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from foldmerge.arch.mlp import SuperNet
-from foldmerge.foldable import FoldMap, fold_linear, merge_features, parse_param, unmerge_features
+from foldmerge.foldable import FoldMap, fold_linear, fold_linears, merge_features, parse_param, unmerge_features
 from foldmerge.model import TaskModel
 
 TASKS = ["mnist:0-4", "mnist:5-9", "fmnist:0-4"]
@@ -119,6 +119,33 @@ def test_block_ops_match_dense_matrix(param):
     w_star, b_star = fold_linear(m, ws, u, bs)
     torch.testing.assert_close(w_star, s @ torch.block_diag(*ws) @ u.dense().T)
     torch.testing.assert_close(b_star, s @ torch.cat(bs))
+
+
+@pytest.mark.parametrize("param", PARAMS)
+def test_batched_fold_equals_layer_by_layer(param):
+    # fold_linears groups same-shaped layers (equal and unequal source widths, shared U,
+    # no U, no bias) and must give exactly what folding each layer alone gives.
+    g = torch.Generator().manual_seed(1)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+
+    def fm(out, ins, role):
+        m = FoldMap(out, ins, param, "random", role, g).double()
+        perturb(m)
+        return m
+
+    u_shared, u_uneq = fm(5, [4, 4], "unmerge"), fm(5, [3, 6], "unmerge")
+    jobs = [(fm(6, [4, 4], "merge"), [rnd(4, 4), rnd(4, 4)], u_shared, [rnd(4), rnd(4)]) for _ in range(3)]
+    jobs += [(fm(6, [2, 7], "merge"), [rnd(2, 3), rnd(7, 6)], u_uneq, [rnd(2), rnd(7)]) for _ in range(2)]
+    jobs += [(fm(6, [4, 4], "merge"), [rnd(4, 9), rnd(4, 9)], None, None)]
+    for (w, b), job in zip(fold_linears(jobs), jobs):
+        w1, b1 = fold_linear(*job)
+        m, ws, u, bs = job
+        dense_u = u.dense().T if u is not None else torch.cat([torch.eye(9, dtype=torch.float64)] * 2)
+        torch.testing.assert_close(w, m.dense() @ torch.block_diag(*ws) @ dense_u)
+        torch.testing.assert_close(w, w1)
+        assert (b is None) == (bs is None)
+        if bs is not None:
+            torch.testing.assert_close(b, m.dense() @ torch.cat(bs))
 
 
 def test_scale_block_scales_only_that_block():

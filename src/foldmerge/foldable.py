@@ -18,8 +18,10 @@ All arithmetic goes through two block operations (row-batch convention, X has on
 per example):
   apply(k, X)   = X · S[k]ᵀ     (m x d_k  -> m x d*)
   apply_t(k, Y) = Y · S[k]      (m x d*   -> m x d_k)
-so folding never materializes a dense block-diagonal matrix: for diag(+low-rank) maps
-it costs O(n·r·d²).
+The SuperNet form uses these block operations on activations. Folding instead builds
+each map densely once (`matrix()`, differentiable) and multiplies small matrices: a few
+matmuls per layer, O(n·d³), which is negligible next to a forward pass whenever
+batch × tokens >> d, and far fewer kernel launches than per-block structured algebra.
 """
 from __future__ import annotations
 
@@ -92,6 +94,10 @@ class FoldMap(nn.Module):
                 self.A = nn.Parameter(torch.zeros(self.out_dim, rank, dtype=dtype))
                 b = torch.randn(rank, total, generator=generator, dtype=dtype) / math.sqrt(total)
                 self.B = nn.Parameter(b)
+            # where the concatenated diagonals sit in the dense (d* x Σ d_k) matrix
+            rows = torch.cat([torch.arange(r) for r in self.diag_lens])
+            cols = torch.cat([o + torch.arange(r) for o, r in zip(offsets, self.diag_lens)])
+            self.register_buffer("_diag_index", torch.stack([rows, cols]), persistent=False)
 
     # ----------------------------------------------------------------- initialization
     def _block_scale(self, init: str, k: int) -> float:
@@ -151,8 +157,12 @@ class FoldMap(nn.Module):
             x = x + (y @ self.A) @ self.B[:, self._cols(k)]
         return x
 
+    def matrix(self) -> torch.Tensor:
+        """Dense S (d* x Σ d_k), differentiable: what folding multiplies with."""
+        return stacked_matrices([self])[0]
+
     def block(self, k: int) -> torch.Tensor:
-        """Dense S[k] (d* x d_k): for tests and small models, never on the hot path."""
+        """Dense S[k] (d* x d_k) through the block algebra (tests check it against matrix())."""
         eye = torch.eye(self.in_dims[k], dtype=self._dtype(), device=self._device())
         return self.apply(k, eye).T
 
@@ -211,13 +221,76 @@ def fold_linear(m: FoldMap | None, weights: list[torch.Tensor], u: FoldMap | Non
     m=None means 'no merge on the output side' and is only valid for n = 1.
     u=None means a shared input (U = [I; I; …]), e.g. the image fed to every model.
     """
-    if m is None and len(weights) != 1:
-        raise ValueError("fold_linear without M needs exactly one weight")
-    w_star = 0
-    for k, w in enumerate(weights):
-        wu = u.apply(k, w) if u is not None else w          # W_k · U[k]    (out_k x d_in*)
-        w_star = w_star + (m.apply(k, wu.T).T if m is not None else wu)
-    if biases is None:
-        return w_star, None
-    b_star = merge_features(m, [b.unsqueeze(0) for b in biases])[0] if m is not None else biases[0]
-    return w_star, b_star
+    return fold_linears([(m, weights, u, biases)])[0]
+
+
+def fold_linears(jobs) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """`fold_linear` for many layers at once: jobs = [(m, weights, u, biases), …].
+
+    Layers whose maps and weights have the same shapes (e.g. every block's Q, K, V and O)
+    are folded together with batched matmuls, so the cost per training step is a few dozen
+    kernel launches for a whole network instead of several per layer.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, (m, weights, u, biases) in enumerate(jobs):
+        if m is None and len(weights) != 1:
+            raise ValueError("fold_linear without M needs exactly one weight")
+        key = (_map_key(m), _map_key(u), tuple(tuple(w.shape) for w in weights), biases is None)
+        groups.setdefault(key, []).append(i)
+    out: list = [None] * len(jobs)
+    for idx in groups.values():
+        ms, ws, us, bs = zip(*(jobs[i] for i in idx))
+        for i, folded in zip(idx, _fold_group(ms, ws, us, bs)):
+            out[i] = folded
+    return out
+
+
+def _map_key(m: FoldMap | None):
+    return None if m is None else (m.kind, m.rank, m.out_dim, tuple(m.in_dims))
+
+
+def stacked_matrices(maps) -> torch.Tensor:
+    """(L x d* x Σ d_k): the dense matrices of L maps of one shape and kind, built in one go."""
+    m0 = maps[0]
+    if m0.kind == "full":
+        return torch.stack([m.weight for m in maps])
+    diag = torch.stack([m.diag for m in maps])
+    s = diag.new_zeros(len(maps), m0.out_dim, m0.offsets[-1])
+    layer = torch.arange(len(maps), device=diag.device).repeat_interleave(diag.shape[1])
+    rows, cols = m0._diag_index
+    s = s.index_put((layer, rows.repeat(len(maps)), cols.repeat(len(maps))), diag.reshape(-1))
+    if m0.kind == "diag+lowrank":
+        s = s + torch.stack([m.A for m in maps]) @ torch.stack([m.B for m in maps])
+    return s
+
+
+def _fold_group(ms, ws, us, bs):
+    """Fold L same-shaped layers; ws[l][k] is layer l's weight of source k."""
+    n = len(ws[0])
+    W = [torch.stack([w[k] for w in ws]) for k in range(n)]               # n x (L, out_k, in_k)
+    if us[0] is not None:                                                 # W_k · U[k]
+        U = stacked_matrices(us)                                          # (L, d_in*, Σ in_k)
+        if len({tuple(w.shape) for w in W}) == 1:                         # equal widths: one matmul
+            L, out_k, in_k = W[0].shape
+            Uk = U.view(L, -1, n, in_k).permute(0, 2, 3, 1)               # (L, n, in_k, d_in*)
+            wu = (torch.stack(W, 1) @ Uk).reshape(L, n * out_k, -1)
+        else:
+            cols = _split_points([w.shape[2] for w in W])
+            wu = torch.cat([w @ U[:, :, a:b].transpose(1, 2) for w, (a, b) in zip(W, cols)], dim=1)
+    else:
+        wu = torch.cat(W, dim=1)                                          # (L, Σ out_k, in)
+    if ms[0] is None:
+        return [(wu[l], bs[l][0] if bs[0] is not None else None) for l in range(len(ws))]
+    M = stacked_matrices(ms)                                              # (L, d*, Σ out_k)
+    w_star = M @ wu
+    b_star = (M @ torch.stack([torch.cat(list(b)) for b in bs]).unsqueeze(-1)).squeeze(-1) \
+        if bs[0] is not None else None
+    return [(w_star[l], b_star[l] if b_star is not None else None) for l in range(len(ws))]
+
+
+def _split_points(sizes: list[int]) -> list[tuple[int, int]]:
+    out, o = [], 0
+    for s in sizes:
+        out.append((o, o + s))
+        o += s
+    return out

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..foldable import FoldMap, fold_linear, merge_features, unmerge_features
+from ..foldable import FoldMap, fold_linears, merge_features, unmerge_features
 
 FORMS = ("folded", "supernet")
 
@@ -128,8 +128,8 @@ class SuperNet(nn.Module):
     # ------------------------------------------------------------------------ forward
     def folded_layers(self, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """W*_l, b*_l for every hidden layer from `start` on (differentiable in M and U)."""
-        return [fold_linear(self.M[l], self.weights(l), self.U[l - 1] if l > 0 else None, self.biases(l))
-                for l in range(start, self.depth)]
+        return fold_linears([(self.M[l], self.weights(l), self.U[l - 1] if l > 0 else None, self.biases(l))
+                             for l in range(start, self.depth)])
 
     @torch.no_grad()
     def input_preactivations(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..foldable import FoldMap, _fit_cols, fold_linear, merge_features, unmerge_features
+from ..foldable import FoldMap, _fit_cols, fold_linears, merge_features, unmerge_features
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -207,23 +207,32 @@ class SuperNet(nn.Module):
     def folded_state(self) -> dict[str, torch.Tensor]:
         """Parameters of the merged-width ViT (differentiable in the maps and merged norms)."""
         bbs = list(self.sources)
-        st: dict[str, torch.Tensor] = {}
-        w, b = fold_linear(self.M_in, [s.patch_proj.weight for s in bbs], None, [s.patch_proj.bias for s in bbs])
-        st["patch_proj.weight"], st["patch_proj.bias"] = w, b
-        st["cls"] = merge_features(self.M_in, [s.cls.unsqueeze(0) for s in bbs])[0]
-        st["pos"] = merge_features(self.M_in, [s.pos for s in bbs])
+        names, jobs = [], []
+
+        def job(name, M, lins, U, bias=True):
+            names.append(name)
+            jobs.append((M, [x.weight for x in lins], U, [x.bias for x in lins] if bias else None))
+
+        job("patch_proj", self.M_in, [s.patch_proj for s in bbs], None)
         for l, blk in enumerate(self.blocks):
             src = [s.blocks[l] for s in bbs]
-            pre = f"blocks.{l}."
             for name, M, U in (("q", blk.M_q, blk.U_att), ("k", blk.M_k, blk.U_att), ("v", blk.M_v, blk.U_att),
                                ("o", blk.M_o, blk.U_o), ("fc1", blk.M_1, blk.U_1), ("fc2", blk.M_2, blk.U_2)):
-                lins = [getattr(s, name) for s in src]
-                w, b = fold_linear(M, [x.weight for x in lins], U, [x.bias for x in lins])
-                st[pre + name + ".weight"], st[pre + name + ".bias"] = w, b
+                job(f"blocks.{l}.{name}", M, [getattr(s, name) for s in src], U)
+        job("proj", self.M_proj, [s.proj for s in bbs], self.U_post, bias=False)
+        st: dict[str, torch.Tensor] = {}
+        for name, (w, b) in zip(names, fold_linears(jobs)):
+            st[name + ".weight"] = w
+            if b is not None:
+                st[name + ".bias"] = b
+        m_in = self.M_in.matrix()
+        st["cls"] = torch.cat([s.cls for s in bbs]) @ m_in.T
+        st["pos"] = torch.cat([s.pos for s in bbs], dim=-1) @ m_in.T
+        for l, blk in enumerate(self.blocks):
             for ln in ("ln1", "ln2"):
-                st[pre + ln + ".weight"], st[pre + ln + ".bias"] = getattr(blk, ln).weight, getattr(blk, ln).bias
+                norm = getattr(blk, ln)
+                st[f"blocks.{l}.{ln}.weight"], st[f"blocks.{l}.{ln}.bias"] = norm.weight, norm.bias
         st["ln_post.weight"], st["ln_post.bias"] = self.ln_post.weight, self.ln_post.bias
-        st["proj.weight"], _ = fold_linear(self.M_proj, [s.proj.weight for s in bbs], self.U_post)
         return st
 
     def forward(self, x: torch.Tensor, form: str = "folded") -> torch.Tensor:
