@@ -206,3 +206,19 @@ def test_starting_from_input_preactivations_is_the_same_function(form, param):
         w.backward()
     # the gradient reaches M_1 through the cached path too
     assert sn.M[0].parameters().__next__().grad is not None
+
+
+def test_teacher_features_are_computed_once_per_model_and_sample():
+    from foldmerge.methods.common import teacher_features
+    src = sources()
+    x = torch.randn(7, 20)
+    calls = []
+    original = src[0].features
+    src[0].features = lambda z: calls.append(1) or original(z)
+    first = teacher_features(src[0], x)
+    assert teacher_features(src[0], x.clone()) is first and len(calls) == 1    # same content: reused
+    teacher_features(src[0], x + 1)                                          # another sample: recomputed
+    with torch.no_grad():
+        src[0].backbone.layers[0].weight.mul_(2)                             # an edited model: recomputed
+    edited = teacher_features(src[0], x)
+    assert len(calls) == 3 and torch.allclose(edited, original(x))

@@ -97,6 +97,45 @@ def test_folded_vit_equals_supernet(param, n, widths, target):
         assert torch.allclose(out, sn.heads[i](recon[k]), atol=1e-10)
 
 
+@pytest.mark.parametrize("param", ["full", "diag", "diag+lowrank(3)"])
+@pytest.mark.parametrize("n,widths,target", [(2, [16, 16], None), (3, [16, 24, 12], [12, 24])])
+def test_vit_folded_and_supernet_forms_give_same_loss_and_gradients(param, n, widths, target):
+    # training in folded form is training the SuperNet: same loss, same gradient for every map and norm
+    from foldmerge.methods.common import reconstruction_loss
+    src = sources64(n, widths, [2 * w for w in widths])
+    sn = vit.SuperNet(src, widths=target, param=param, init="random", seed=4).double()
+    x = torch.randn(6, 1, 28, 28, dtype=torch.float64)
+    owner = torch.arange(6) % n
+    targets = [s.features(x).detach() for s in src]
+    got = {}
+    for form in ("folded", "supernet"):
+        sn.zero_grad(set_to_none=True)
+        loss = reconstruction_loss(sn.reconstruct(sn(x, form=form)), targets, owner)
+        loss.backward()
+        got[form] = (loss.detach(), {k: p.grad.clone() for k, p in sn.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(got["folded"][0], got["supernet"][0], rtol=0, atol=1e-10)
+    assert got["folded"][1].keys() == got["supernet"][1].keys() and len(got["folded"][1]) > 10
+    for k, g in got["folded"][1].items():
+        torch.testing.assert_close(g, got["supernet"][1][k], rtol=1e-7, atol=1e-10, msg=k)
+    assert all(not p.requires_grad for p in sn.sources.parameters())
+
+
+def test_vit_distillation_output_map_is_fixed_by_default_and_heads_stay_shared():
+    src = [model(TASKS[k], k) for k in range(2)]
+    data = [torch.randn(8, 1, 28, 28) for _ in range(2)]
+    opts = dict(method="distill", init="first", epochs=3, lr=1e-3, optimizer="adamw", batch_size=8)
+    fixed = foldmerge.merge(src, data, **opts)
+    assert fixed.meta["output_map"] == "fixed" and fixed.meta["targets"] == "own-task"
+    assert fixed.meta["learnable_parameters"] == sum(p.numel() for p in src[0].backbone.parameters())
+    for head, source_head in zip(fixed.heads, [h for s in src for h in s.heads]):
+        assert torch.equal(head.weight, source_head.weight)      # the shared class embeddings
+    learned = foldmerge.merge(src, data, output_map="learned", **opts)
+    assert learned.meta["learnable_parameters"] == fixed.meta["learnable_parameters"] + 8 * 16
+    assert not torch.equal(learned.heads[1].weight, src[1].heads[0].weight)
+    with pytest.raises(ValueError, match="output_map"):
+        foldmerge.merge(src, data, output_map="free", **opts)
+
+
 @pytest.mark.parametrize("param", ["full", "diag+lowrank(4)"])
 @pytest.mark.parametrize("n", [2, 3])
 def test_vit_first_init_folds_to_model_one(param, n):

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", choices=["all", "own-task"])
     p.add_argument("--target-scale", help="match | none | a number")
     p.add_argument("--form", choices=["folded", "supernet"], help="how the SuperNet is run in training")
+    p.add_argument("--output-map", choices=["learned", "fixed"],
+                   help="distillation: learn the map from student to source features (MLP default) or keep "
+                        "it the identity (transformer default)")
     p.add_argument("--alpha", type=float, help="RegMean: off-diagonal scale; ZipIt!: repeated-match factor")
     p.add_argument("--beta", type=float, help="ZipIt!: within-model merge budget in [0, 1]")
     p.add_argument("--stop-layer", type=int, help="ZipIt!: zip hidden layers 1..N only (partial zipping)")
@@ -140,7 +143,7 @@ def cmd_train_sources(args) -> None:
 
 MERGE_OPTIONS = ("variant", "param", "init", "widths", "epochs", "lr", "momentum", "schedule",
                  "weight_decay", "batch_size", "optimizer", "targets", "target_scale", "form", "alpha", "beta",
-                 "stop_layer", "t", "filter", "reg", "zipit_alpha", "zipit_beta", "regmean_alpha")
+                 "stop_layer", "t", "filter", "reg", "zipit_alpha", "zipit_beta", "regmean_alpha", "output_map")
 
 
 def cmd_merge(args) -> None:

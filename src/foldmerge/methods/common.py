@@ -1,6 +1,9 @@
 """Helpers every merging method shares."""
 from __future__ import annotations
 
+import hashlib
+import weakref
+
 import torch
 
 from ..foldable import unmerge_features
@@ -34,6 +37,29 @@ def check_same_backbone(models, method: str) -> None:
 
 
 # The objective FS-Merge and distillation share ------------------------------------
+_TEACHER_FEATURES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def teacher_features(model, x: torch.Tensor) -> torch.Tensor:
+    """model.features(x), computed once per (model, data) and reused by every later method.
+
+    A bench runs distillation and several FS-Merge variants on the same sources and merge
+    sample; the sources' features are the same for all of them (paper E.2 saves them to disk
+    once). The key is the data's content and the model's parameter versions, so a changed
+    sample or an edited model is recomputed; entries die with the model.
+    """
+    data = x.detach().to("cpu").contiguous()
+    key = (tuple(x.shape), str(x.dtype), str(x.device),
+           hashlib.sha1(data.view(torch.uint8).numpy().tobytes()).hexdigest(),
+           tuple(p._version for p in model.parameters()))
+    per_model = _TEACHER_FEATURES.setdefault(model, {})
+    if key not in per_model:
+        per_model.clear()               # keep one sample per model: memory stays bounded
+        per_model[key] = model.features(x)
+    return per_model[key]
+
+
 def target_scales(targets: list[torch.Tensor], how) -> list[float]:
     """Factors that bring every source's targets to a common mean |f| (FS-Merge paper E.1):
     'match' the first source's level, a number that level, 'none' leaves them (all 1)."""
@@ -73,8 +99,7 @@ def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, ow
     and divided by them after (so the folded model is unaffected). `inputs` (default x) is
     what `features` receives, e.g. cached first-layer pre-activations of x.
     """
-    with torch.no_grad():
-        targets = [m.features(x) for m in models]
+    targets = [teacher_features(m, x) for m in models]
     scales = target_scales(targets, target_scale)
     targets = [t * s for t, s in zip(targets, scales)]
     for k, s in enumerate(scales):

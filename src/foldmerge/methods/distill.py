@@ -7,11 +7,16 @@ what is learned differs:
   FS-Merge      W*_l = M_l · blockdiag(W_l^k) · U_{l-1}   (M, U learned, source weights frozen)
   distillation  W*_l free                                 (every student weight learned)
 
-The student's features f_s (d wide) must reconstruct each source's last features through a
-learned linear map U (one block per source, FS-Merge's last U): loss = MSE(U[k]·f_s, f_k),
-scored against every source ('all', the MLP default) or only each input's own source
-('own-task'). After training U is folded into the heads (head_k · U[k]) as in FS-Merge, so
-the result is a plain model of the sources' architecture with every source's head.
+The student's features f_s (d wide) reconstruct each source's last features through a map
+U (one block per source): loss = MSE(U[k]·f_s, f_k), scored against every source ('all', the
+MLP default) or only each input's own source ('own-task'). `output_map`:
+  learned  U is trained (FS-Merge's last U) and folded into the heads (head_k · U[k]). The
+           MLP default: sources with their own learned heads have unrelated feature spaces,
+           and one student of width d cannot be scored against both without it.
+  fixed    U = [I; I; …] stays fixed: the student reproduces each source's features directly,
+           as in the authors' ViT/BERT distillation baseline (their sources' heads live in one
+           shared label-embedding space). The default for transformers.
+The result is a plain model of the sources' architecture with every source's head.
 
 Student initializations: 'first' (model 1), 'average' (weight average), 'regmean' (RegMean
 with `regmean_alpha`), 'random' (a fresh model from `seed`). U starts as [I; I; …].
@@ -62,13 +67,16 @@ def student_init(models, data, init: str, regmean_alpha: float = 0.9, seed: int 
 def merge(models, data, init: str | None = None, epochs: int | None = None, lr: float | None = None,
           momentum: float | None = None, schedule: str = "cosine", weight_decay: float = 0.0,
           targets: str | None = None, target_scale="match", batch_size: int | None = None,
-          optimizer: str = "sgd",
+          optimizer: str = "sgd", output_map: str | None = None,
           regmean_alpha: float = 0.9, seed: int = 0):
     check_same_backbone(models, "distillation")
     # as FS-Merge: every source's features for MLPs, only the own task's for transformers
     targets = targets or ("all" if models[0].arch == "mlp" else "own-task")
     if targets not in ("all", "own-task"):
         raise ValueError(f"targets must be 'all' or 'own-task', got {targets!r}")
+    output_map = output_map or ("learned" if models[0].arch == "mlp" else "fixed")
+    if output_map not in ("learned", "fixed"):
+        raise ValueError(f"output_map must be 'learned' or 'fixed', got {output_map!r}")
     init = init or DEFAULTS["init"]
     cfg = TrainConfig(epochs=DEFAULTS["epochs"] if epochs is None else epochs,
                       lr=DEFAULTS["lr"] if lr is None else lr,
@@ -82,10 +90,12 @@ def merge(models, data, init: str | None = None, epochs: int | None = None, lr: 
     p = next(student.parameters())
     u = FoldMap(student.backbone.out_dim, [m.backbone.out_dim for m in models], "full", "first",
                 "unmerge", dtype=p.dtype).to(p.device)
+    u.weight.requires_grad_(output_map == "learned")
 
     x, owner = cat_with_owner(data)
     start = time.perf_counter()
-    history = fit_reconstruction(list(student.backbone.parameters()) + list(u.parameters()), student.features,
+    learned = list(student.backbone.parameters()) + [q for q in u.parameters() if q.requires_grad]
+    history = fit_reconstruction(learned, student.features,
                                  u, models, x, owner if targets == "own-task" else None, cfg, target_scale,
                                  "distillation")
     student.eval()
@@ -94,8 +104,9 @@ def merge(models, data, init: str | None = None, epochs: int | None = None, lr: 
             head.weight.copy_(u.apply(k, w))        # head_k · U[k]
     student.meta = {
         "method": "distill", "init": init, "targets": targets, "target_scale": target_scale,
+        "output_map": output_map,
         "train": cfg.as_dict(), "train_seconds": time.perf_counter() - start,
-        "learnable_parameters": sum(q.numel() for q in student.backbone.parameters()) + u.weight.numel(),
+        "learnable_parameters": sum(q.numel() for q in learned),
         "initial_loss": history[0] if history else None, "final_loss": history[-1] if history else None,
         "merge_examples": [len(d) for d in data],
         **({"regmean_alpha": regmean_alpha} if init == "regmean" else {}),
