@@ -270,3 +270,35 @@ def test_vit_bench_plan_options_are_accepted_and_bad_arguments_are_clear(capsys)
     assert len({t for pair in bench_vit.PAIRS for t in pair} | {bench_vit.PRETRAIN_TASK}) >= 6
     assert main(["bench", "vit", "--pairs", "9"]) == 2
     assert "--pairs must lie" in capsys.readouterr().err
+
+
+def test_vit_bench_tuning_picks_the_best_validation_trial(monkeypatch):
+    from foldmerge.bench import vit as bench_vit
+    scores = {("regmean", 0.5): 60.0, ("distill", (2, 1e-3)): 70.0, ("fs-merge diag", (1, 1e-2)): 80.0}
+    seen = []
+
+    def fake_merge(sources, data, method, seed, **opts):
+        seen.append((method, opts))
+        m = model()
+        m.meta = {"wall_seconds": 0.0, "opts": opts, "method": method}
+        return m
+
+    def fake_eval(merged, split="test"):
+        assert split == "val"                      # never chosen on test
+        o = merged.meta["opts"]
+        key = {"regmean": ("regmean", o.get("alpha")), "opt": ("opt", None)}.get(merged.meta["method"])
+        if key is None:
+            key = ("distill" if merged.meta["method"] == "distill" else "fs-merge " + o["param"],
+                   (o["epochs"], o["lr"]))
+        return {"per_task_mean": scores.get(key, 50.0)}
+
+    monkeypatch.setattr("foldmerge.api.merge", fake_merge)
+    monkeypatch.setattr("foldmerge.evaluation.evaluate", fake_eval)
+    grid = {"regmean_alpha": [0.9, 0.5], "opt": [("cls", 0.0)], "distill": [(1, 1e-3), (2, 1e-3)],
+            "fs-merge diag": [(1, 1e-2), (1, 1e-3)], "fs-merge diag+lowrank(12)": [(1, 1e-4)]}
+    tuned = bench_vit.tune([], [], grid=grid)
+    assert tuned["regmean_alpha"] == 0.5 and tuned["distill"] == [2, 1e-3] and tuned["fs-merge diag"] == [1, 1e-2]
+    assert len(tuned["trials"]) == len(seen) == 8
+    plan = {name: opts for name, _, opts in bench_vit.method_plan(tuned)}
+    assert plan["distill"]["epochs"] == 2 and plan["regmean"]["alpha"] == 0.5
+    assert all(o["optimizer"] == "adamw" for n, o in plan.items() if "epochs" in o)

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="runs/bench", help="cache for source models and tuning (default runs/bench)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     b.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
-    b = bench.add_parser("vit", help="FS-Merge paper 3.2: ViT pairs from different inits and tasks (in progress)")
+    b = bench.add_parser("vit", help="FS-Merge paper 3.2: ViT pairs from different inits and tasks")
     b.add_argument("--setting", choices=["pairs16", "pairs100"], default="pairs16")
     b.add_argument("--pairs", type=int, default=3, help="number of task pairs (1-3)")
     b.add_argument("--methods", nargs="+", help="only these rows or methods (default: all)")
@@ -100,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--source-epochs", type=int, nargs=2, default=[3, 2], metavar=("PRE", "FINE"),
                    help="pre-training and fine-tuning epochs of the sources (default 3 2)")
     b.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every merge's epochs")
-    b.add_argument("--out", default="runs/bench", help="cache for the source models (default runs/bench)")
+    b.add_argument("--retune", action="store_true", help="choose the hyperparameters on validation again")
+    b.add_argument("--no-tune", action="store_true",
+                   help="skip the validation search and use appendix E.2's bold values")
+    b.add_argument("--out", default="runs/bench", help="cache for source models and tuning (default runs/bench)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     b.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -235,7 +238,7 @@ def cmd_bench_vit(args) -> None:
         raise ValueError("--epochs-scale and --limit must be positive")
     result = vit.run_bench(setting=args.setting, pairs=args.pairs, out=args.out, small=args.small,
                            limit=args.limit, epochs_scale=args.epochs_scale, methods=args.methods,
-                           source_epochs=tuple(args.source_epochs))
+                           source_epochs=tuple(args.source_epochs), tune_=not args.no_tune, retune=args.retune)
     result["command"] = _command_line()
     if args.json:
         _write_json_atomic(args.json, result)

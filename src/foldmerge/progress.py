@@ -1,6 +1,8 @@
 """Progress bars (rich) on stderr, so stdout stays clean for tables and --json.
 
 Bars show only when stderr is a terminal; FOLDMERGE_PROGRESS=0 turns them off, =1 forces them.
+Status lines also go to a redirected stderr (a log file shows what a long run is doing);
+FOLDMERGE_PROGRESS=0 silences them too.
 """
 from __future__ import annotations
 
@@ -49,5 +51,5 @@ def bar(total: int, desc: str, show: bool | None = None):
 
 def status(message: str) -> None:
     """A one-line note on stderr (e.g. 'training source 1/2')."""
-    if enabled():
+    if os.environ.get("FOLDMERGE_PROGRESS") not in ("0", "false", "no"):
         _console.print(f"[dim]{message}[/dim]")
