@@ -98,3 +98,49 @@ def test_bad_options_are_clear_errors():
         foldmerge.merge(src, sample(2), method="magic")
     with pytest.raises(ValueError, match="share a task"):
         foldmerge.merge([src[0], src[0]], sample(2))
+
+
+def _same_model(a, b, atol=0.0):
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb
+        torch.testing.assert_close(va, vb, rtol=0, atol=atol, msg=ka)
+
+
+@pytest.mark.parametrize("param", ["full", "diag+lowrank(4)"])
+def test_seq_of_two_models_is_global(param):
+    src = sources(dtype=torch.float64)
+    opts = dict(method="fs-merge", param=param, epochs=40, lr=0.05, schedule="constant")
+    seq = foldmerge.merge(src, sample(2, dtype=torch.float64), variant="seq", **opts)
+    glob = foldmerge.merge(src, sample(2, dtype=torch.float64), variant="global", **opts)
+    _same_model(seq, glob)
+    assert len(seq.meta["stages"]) == 1
+
+
+def test_seq_starts_each_stage_from_the_last_merge_and_keeps_earlier_tasks():
+    src = sources(([24, 16], [24, 16], [24, 16]), dtype=torch.float64)
+    data = sample(3, dtype=torch.float64)
+    opts = dict(method="fs-merge", param="diag+lowrank(4)", epochs=40, lr=0.05, schedule="constant")
+    first_two = foldmerge.merge(src[:2], data[:2], variant="global", **opts)
+    # a last stage of 0 epochs is its 'first' init: the merge of models 1 and 2, plus head 3 unchanged
+    seq0 = foldmerge.merge(src, data, variant="seq", last_epochs=0, **opts)
+    x = torch.randn(5, 20, dtype=torch.float64)
+    torch.testing.assert_close(seq0.features(x), first_two.features(x), rtol=0, atol=1e-12)
+    for a, b in zip(seq0(x)[:2], first_two(x)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(seq0.heads[2].weight, src[2].heads[0].weight)
+    # trained: each stage lowers its loss; a stage optimizes a two-model SuperNet only
+    seq = foldmerge.merge(src, data, variant="seq", **opts)
+    assert [t.name for t in seq.tasks] == [t.name for s in src for t in s.tasks]
+    assert all(s["final_loss"] < s["initial_loss"] for s in seq.meta["stages"])
+    two = SuperNet(src[:2], param="diag+lowrank(4)")
+    assert seq.meta["learnable_parameters"] == sum(p.numel() for p in two.parameters() if p.requires_grad)
+    glob3 = foldmerge.merge(src, data, variant="global", **opts)
+    assert glob3.meta["learnable_parameters"] > seq.meta["learnable_parameters"]
+
+
+def test_seq_bad_options():
+    src = sources()
+    with pytest.raises(ValueError, match="init must be 'first'"):
+        foldmerge.merge(src, sample(2), method="fs-merge", variant="seq", init="random", epochs=1)
+    with pytest.raises(ValueError, match="last_epochs applies"):
+        foldmerge.merge(src, sample(2), method="fs-merge", variant="global", last_epochs=3, epochs=1)

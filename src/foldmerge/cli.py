@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", help="model directories (from train-sources or merge)")
     p.add_argument("--method", default="fs-merge",
                    help="fs-merge | distill | average | slerp | regmean | zipit | permute | opt")
-    p.add_argument("--variant", choices=["local", "global"], help="FS-Merge objective (default global)")
+    p.add_argument("--variant", choices=["local", "global", "seq"],
+                   help="FS-Merge objective (default global; seq = merge the models one after another)")
+    p.add_argument("--last-epochs", type=int, help="FS-Merge seq.: epochs of the last stage (default --epochs)")
     p.add_argument("--param", help="M/U parameterization: full | diag | diag+lowrank(R)")
     p.add_argument("--init", choices=["first", "average", "random", "zipit", "regmean"],
                    help="FS-Merge M/U init (first|average|random|zipit) or distillation student init "
@@ -144,7 +146,7 @@ def cmd_train_sources(args) -> None:
                                             ("test", "test acc %"), ("path", "saved to")])
 
 
-MERGE_OPTIONS = ("variant", "param", "init", "widths", "epochs", "lr", "momentum", "schedule",
+MERGE_OPTIONS = ("variant", "last_epochs", "param", "init", "widths", "epochs", "lr", "momentum", "schedule",
                  "weight_decay", "batch_size", "optimizer", "targets", "target_scale", "form", "alpha", "beta",
                  "stop_layer", "t", "filter", "reg", "zipit_alpha", "zipit_beta", "regmean_alpha", "output_map")
 

@@ -88,7 +88,8 @@ def reconstruction_loss(recon: list[torch.Tensor], targets: list[torch.Tensor], 
 
 
 def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, owner: torch.Tensor | None,
-                       cfg: TrainConfig, target_scale, desc: str, inputs: torch.Tensor | None = None) -> list[float]:
+                       cfg: TrainConfig, target_scale, desc: str, inputs: torch.Tensor | None = None,
+                       through: list | None = None) -> list[float]:
     """The objective and loop FS-Merge global and distillation share.
 
     `features(batch)` gives the merged features f*; `output_map` (a FoldMap, unmerge role)
@@ -98,20 +99,29 @@ def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, ow
     are multiplied by the scales before training (so training starts exactly at the init)
     and divided by them after (so the folded model is unaffected). `inputs` (default x) is
     what `features` receives, e.g. cached first-layer pre-activations of x.
+
+    `through` (FS-Merge seq.): one (block, A) per source: source k is reconstructed as
+    A · U[block] f* with a fixed matrix A (None: U[block] f* itself, one source per block).
+    A source reached through A is scaled by scaling A, so several may share a block.
     """
     targets = [teacher_features(m, x) for m in models]
     scales = target_scales(targets, target_scale)
     targets = [t * s for t, s in zip(targets, scales)]
-    for k, s in enumerate(scales):
-        output_map.scale_block(k, s)
+    links = through or [(k, None) for k in range(len(models))]
+    links = [(b, None if a is None else a * s) for (b, a), s in zip(links, scales)]
+    own_blocks = [(b, s) for (b, a), s in zip(links, scales) if a is None]
+    for b, s in own_blocks:
+        output_map.scale_block(b, s)
     n = len(targets)
     args = [x if inputs is None else inputs, *targets] + ([owner] if owner is not None else [])
 
     def loss_fn(xb, *rest):
         ob = rest[n] if owner is not None else None
-        return reconstruction_loss(unmerge_features(output_map, features(xb)), list(rest[:n]), ob)
+        blocks = unmerge_features(output_map, features(xb))
+        recon = [blocks[b] if a is None else blocks[b] @ a.T for b, a in links]
+        return reconstruction_loss(recon, list(rest[:n]), ob)
 
     history = fit(params, loss_fn, args, cfg, desc=desc)
-    for k, s in enumerate(scales):
-        output_map.scale_block(k, 1.0 / s)
+    for b, s in own_blocks:
+        output_map.scale_block(b, 1.0 / s)
     return history

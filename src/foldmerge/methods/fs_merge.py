@@ -4,6 +4,11 @@ local  (paper eq. 3, MLPs): per hidden layer l, from the sources' own pre-activa
        z_l^1‖…‖z_l^n, learn M_l, U_l so that U_l · relu(M_l · z) reconstructs f_l^1‖…‖f_l^n.
 global (paper eq. 4): learn every M, U together so that U_L · f*_L reconstructs the last
        representation layer of each source.
+seq    (paper B.4, "FS-Merge seq."): global FS-Merge of models 1 and 2, then of that merge
+       and model 3, and so on; each stage holds two weight sets (the last merge and one new
+       source), starts from the last merge ('first' init) and reconstructs every source seen
+       so far (sources merged earlier through their chain of last-U maps). `last_epochs`
+       trains the last stage longer or shorter.
 init: 'first' | 'average' | 'random' | 'zipit' (M, U start as ZipIt!'s maps; MLPs, param full).
 targets: 'all'      every input is scored against every source's features (MLP default);
          'own-task' an input of task k only against source k (transformer default, B.2).
@@ -29,6 +34,7 @@ from .common import cat_with_owner, fit_reconstruction, reconstruction_loss, sou
 DEFAULTS = {
     "local": dict(init="random", param="full", epochs=15000, lr=0.1, momentum=0.9, targets="all"),
     "global": dict(init="first", param="full", epochs=1000, lr=0.1, momentum=0.9, targets="all"),
+    "seq": dict(init="first", param="full", epochs=1000, lr=0.1, momentum=0.9, targets="all"),
 }
 
 # Transformers (paper B.2, E.2): diagonal blocks plus a low-rank term, own-task targets.
@@ -40,9 +46,11 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
           momentum: float | None = None, schedule: str = "cosine", weight_decay: float = 0.0,
           targets: str | None = None, target_scale="match", form: str = "folded", seed: int = 0,
           batch_size: int | None = None, optimizer: str = "sgd", zipit_alpha: float | None = None,
-          zipit_beta: float | None = None):
+          zipit_beta: float | None = None, last_epochs: int | None = None):
     if variant not in DEFAULTS:
-        raise ValueError(f"FS-Merge variant must be 'local' or 'global', got {variant!r}")
+        raise ValueError(f"FS-Merge variant must be 'local', 'global' or 'seq', got {variant!r}")
+    if last_epochs is not None and variant != "seq":
+        raise ValueError("last_epochs applies to the 'seq' variant only")
     d = dict(DEFAULTS[variant])
     if sources_arch(models) != "mlp":
         d.update(TRANSFORMER_DEFAULTS)
@@ -58,6 +66,9 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
     if not hasattr(arch, "SuperNet"):
         raise ValueError(f"FS-Merge has no Foldable SuperNet for {sources_arch(models)!r} models yet")
     torch.manual_seed(seed)
+    if variant == "seq":
+        return _merge_seq(arch, models, data, widths, param, init, targets, target_scale, form, cfg, last_epochs,
+                          seed)
     if init == "zipit":
         supernet = _zipit_supernet(arch, models, data, widths, param, seed, zipit_alpha, zipit_beta)
     else:
@@ -84,6 +95,41 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
     return merged
 
 
+def _merge_seq(arch, models, data, widths, param, init, targets, target_scale, form, cfg, last_epochs, seed):
+    """FS-Merge seq. (B.4): n - 1 global stages over (last merge, next source)."""
+    from dataclasses import replace
+    if init != "first":
+        raise ValueError(f"FS-Merge seq. starts every stage from the last merge: init must be 'first', got {init!r}")
+    start = time.perf_counter()
+    merged, chain, stages = None, None, []
+    for k in range(1, len(models)):
+        pair = [models[0], models[1]] if k == 1 else [merged, models[k]]
+        supernet = arch.SuperNet(pair, widths=widths if k == 1 else None, param=param, init="first", seed=seed)
+        x, owner = cat_with_owner(data[:k + 1])
+        # source j < k is reconstructed through its chain into the last merge's feature space
+        through = None if k == 1 else [(0, a) for a in chain] + [(1, None)]
+        stage_cfg = replace(cfg, epochs=last_epochs) if k == len(models) - 1 and last_epochs is not None else cfg
+        history = _train_global(supernet, models[:k + 1], x, owner if targets == "own-task" else None, stage_cfg,
+                                target_scale, form, through=through, desc=f"FS-Merge seq. {k}/{len(models) - 1}")
+        with torch.no_grad():
+            u = [supernet.output_map.block(b).T for b in range(2)]   # U[b]: (d_b x d*)
+            chain = u if k == 1 else [a @ u[0] for a in chain] + [u[1]]
+        merged = supernet.fold()
+        stages.append({"learnable_parameters": sum(p.numel() for p in supernet.parameters() if p.requires_grad),
+                       "epochs": stage_cfg.epochs, "initial_loss": history[0] if history else None,
+                       "final_loss": history[-1] if history else None})
+    merged.meta = {
+        "method": "fs-merge", "variant": "seq", "param": param, "init": init, "targets": targets,
+        "target_scale": target_scale, "form": form, "widths": supernet.widths, "train": cfg.as_dict(),
+        "last_epochs": last_epochs, "train_seconds": time.perf_counter() - start, "stages": stages,
+        # what one stage optimizes (the stages run one after another)
+        "learnable_parameters": max(s["learnable_parameters"] for s in stages),
+        "initial_loss": stages[-1]["initial_loss"], "final_loss": stages[-1]["final_loss"],
+        "merge_examples": [len(t) for t in data],
+    }
+    return merged
+
+
 def _zipit_supernet(arch, models, data, widths, param, seed, alpha, beta):
     """A SuperNet whose M_l, U_l start as ZipIt!'s maps (paper section 3.1, "FS-M, ZipIt init")."""
     from . import zipit
@@ -102,15 +148,15 @@ def _zipit_supernet(arch, models, data, widths, param, seed, alpha, beta):
     return supernet
 
 
-def _train_global(supernet, models, x, owner, cfg, target_scale, form):
+def _train_global(supernet, models, x, owner, cfg, target_scale, form, through=None, desc="FS-Merge global"):
     # The input is fixed: where the architecture allows, start every step from the sources'
     # first-layer pre-activations, computed once (same function, much less work per step).
     if hasattr(supernet, "input_preactivations"):
         return fit_reconstruction(supernet.parameters(), lambda zb: supernet(None, form=form, pre=zb),
-                                  supernet.output_map, models, x, owner, cfg, target_scale, "FS-Merge global",
-                                  inputs=supernet.input_preactivations(x))
+                                  supernet.output_map, models, x, owner, cfg, target_scale, desc,
+                                  inputs=supernet.input_preactivations(x), through=through)
     return fit_reconstruction(supernet.parameters(), lambda xb: supernet(xb, form=form), supernet.output_map,
-                              models, x, owner, cfg, target_scale, "FS-Merge global")
+                              models, x, owner, cfg, target_scale, desc, through=through)
 
 
 def _train_local(supernet, models, x, owner, cfg, target_scale):
