@@ -270,6 +270,13 @@ def test_vit_bench_plan_options_are_accepted_and_bad_arguments_are_clear(capsys)
     assert len({t for pair in bench_vit.PAIRS for t in pair} | {bench_vit.PRETRAIN_TASK}) >= 6
     assert main(["bench", "vit", "--pairs", "9"]) == 2
     assert "--pairs must lie" in capsys.readouterr().err
+    # groups: disjoint tasks with their own seeds; FS-Merge seq. only where more than two models merge
+    assert bench_vit.groups("groups4") == [[0, 1, 2, 3], [4, 5, 6, 7]] and bench_vit.groups("groups8") == [list(range(8))]
+    assert len(set(bench_vit.TASKS)) == 8 and bench_vit.PRETRAIN_TASK not in bench_vit.TASKS
+    assert "fs-merge seq diag+lowrank(12)" in [n for n, _, _ in bench_vit.method_plan(group_size=4)]
+    assert "fs-merge seq diag+lowrank(12)" not in [n for n, _, _ in bench_vit.method_plan()]
+    seq = dict((n, o) for n, _, o in bench_vit.method_plan(group_size=4))["fs-merge seq diag+lowrank(12)"]
+    assert seq["variant"] == "seq" and set(seq) <= set(inspect.signature(get_method("fs-merge")).parameters)
 
 
 def test_vit_bench_tuning_picks_the_best_validation_trial(monkeypatch):

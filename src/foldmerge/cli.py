@@ -21,9 +21,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="foldmerge", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train-sources", help="train one source MLP per task, each from its own seed")
+    p = sub.add_parser("train-sources", help="train one source model (MLP or ViT) per task, each from its own seed")
     p.add_argument("--tasks", nargs="+", required=True, help="task specs, e.g. mnist:0-4 mnist:5-9")
-    p.add_argument("--hidden", nargs="+", type=int, default=[128], help="hidden widths (one per layer)")
+    p.add_argument("--arch", choices=["mlp", "vit"], default="mlp")
+    p.add_argument("--hidden", nargs="+", type=int, default=[128], help="MLP: hidden widths (one per layer)")
+    p.add_argument("--width", type=int, default=64, help="ViT: residual width (default 64)")
+    p.add_argument("--mlp-dim", type=int, default=None, help="ViT: MLP hidden width (default 2 x width)")
+    p.add_argument("--depth", type=int, default=4, help="ViT: blocks (default 4)")
+    p.add_argument("--heads", type=int, default=4, help="ViT: attention heads (default 4)")
+    p.add_argument("--pretrain-task", default="mnist/transpose",
+                   help="ViT: task of the 'pre-training' stage before fine-tuning (default mnist/transpose)")
+    p.add_argument("--limit", type=int, default=None, help="ViT: cap the training images per stage")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="one seed per task (default 0, 1, …)")
     p.add_argument("--epochs", type=int, default=None, help="default: paper E.1 (1 or 2; 10 for fmnist)")
     p.add_argument("--lr", type=float, default=None, help="default: paper E.1 (0.01; 0.001 for fmnist)")
@@ -94,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     b.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     b = bench.add_parser("vit", help="FS-Merge paper 3.2: ViT pairs from different inits and tasks")
-    b.add_argument("--setting", choices=["pairs16", "pairs100"], default="pairs16")
-    b.add_argument("--pairs", type=int, default=3, help="number of task pairs (1-3)")
+    b.add_argument("--setting", choices=["pairs16", "pairs100", "groups4", "groups8"], default="pairs16")
+    b.add_argument("--pairs", "--groups", dest="pairs", type=int, default=None,
+                   help="run only the first N pairs or groups (default all: 3 pairs, 2 groups of 4, 1 of 8)")
     b.add_argument("--methods", nargs="+", help="only these rows or methods (default: all)")
     b.add_argument("--small", action="store_true", help="a smaller ViT (depth 2, width 32) for a quick look")
     b.add_argument("--limit", type=int, help="cap the training images per source stage (quick look)")
@@ -124,16 +133,25 @@ def _command_line() -> str:
 def cmd_train_sources(args) -> None:
     from .data import Task
     from .report import print_json, print_table
-    from .sources import source_dirname, train_source
+    from .sources import source_dirname, train_source, train_vit_source
     tasks = [Task.parse(t) for t in args.tasks]
     seeds = args.seeds if args.seeds is not None else list(range(len(tasks)))
     if len(seeds) != len(tasks):
         raise ValueError(f"--seeds needs one seed per task ({len(tasks)}), got {len(seeds)}")
-    if any(h < 1 for h in args.hidden):
-        raise ValueError("--hidden widths must be positive")
+    if any(h < 1 for h in args.hidden) or min(args.width, args.depth, args.heads) < 1:
+        raise ValueError("widths, depth and heads must be positive")
+    if args.arch == "vit" and args.width % args.heads:
+        raise ValueError(f"--width {args.width} is not divisible by --heads {args.heads}")
+    vit = {"image_size": 28, "channels": 1, "patch": 7, "width": args.width, "depth": args.depth,
+           "heads": args.heads, "mlp_dim": args.mlp_dim or 2 * args.width, "out_dim": 64}
     rows = []
     for task, seed in zip(tasks, seeds):
-        model = train_source(task, args.hidden, seed, epochs=args.epochs, lr=args.lr)
+        if args.arch == "vit":
+            stage = {} if args.epochs is None else {"epochs": args.epochs}
+            model = train_vit_source(task, vit, seed, pretrain_task=args.pretrain_task, limit=args.limit,
+                                     **stage, **({"lr": args.lr} if args.lr else {}))
+        else:
+            model = train_source(task, args.hidden, seed, epochs=args.epochs, lr=args.lr)
         path = Path(args.out) / source_dirname(task, seed)
         model.meta["command"] = _command_line()
         model.save(path)

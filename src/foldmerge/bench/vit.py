@@ -1,11 +1,12 @@
 """`foldmerge bench vit`: merging ViTs from different initializations and tasks (FS-Merge paper 3.2).
 
-Sources: for pair p, two ViTs "pre-trained" from seeds 2p and 2p + 1 on PRETRAIN_TASK, each
-then fine-tuned on its own downstream task (`train_vit_source`), with frozen class-embedding
-heads; cached under OUT/sources. Merge data: `originals` unlabeled training images per task
-expanded by augmentation to `augmented` more (paper E.2, settings a and b of Table 8).
+Sources: TASKS[i] is learned by a ViT "pre-trained" from seed i on PRETRAIN_TASK, then
+fine-tuned on that task (`train_vit_source`), with frozen class-embedding heads; cached
+under OUT/sources. Settings (paper Table 8): pairs16 / pairs100 merge the pairs (0,1), (2,3),
+(4,5) from 16 / 100 original images per task (+800 / +1000 augmented); groups4 merges
+tasks 0–3 and 4–7, groups8 all eight, from 100 (+1000) per task, and adds FS-Merge seq.
 Every method runs on the same data; the table gives per-task and joint test accuracy per
-pair and their mean, the number of learnable parameters and the wall time of each method.
+group and their mean, the number of learnable parameters and the wall time of each method.
 
 Hyperparameters. Fixed as appendix E.2: AdamW, batch 128, weight decay 0.001, `first` init,
 own-task targets, no target scaling for FS-Merge. Chosen, as the paper does, on the
@@ -13,7 +14,9 @@ VALIDATION split of the first pair, once per setting, then used for every pair: 
 learning rate of distillation and of both FS-Merge variants, RegMean α, Opt's filter and λ
 (GRID: a CPU-sized subset of E.2's grids, around its bold values). Every trial, its
 validation score and the choice go into --json; the choice is cached in
-OUT/tuned-vit-<setting>.json (`--retune` redoes it).
+OUT/tuned-vit-<setting>.json (`--retune` redoes it). The group settings reuse the choice made
+for pairs100 (same images per task; a search over four or eight models at a time does not
+fit a CPU session), FS-Merge seq. the low-rank FS-Merge's epochs and learning rate per stage.
 """
 from __future__ import annotations
 
@@ -22,9 +25,21 @@ import os
 import time
 from pathlib import Path
 
-SETTINGS = {"pairs16": (16, 800), "pairs100": (100, 1000)}
+# setting: (original images per task, augmented images per task, models per group)
+SETTINGS = {"pairs16": (16, 800, 2), "pairs100": (100, 1000, 2), "groups4": (100, 1000, 4),
+            "groups8": (100, 1000, 8)}
 PRETRAIN_TASK = "mnist/transpose"
-PAIRS = [("mnist:0-4", "fmnist:5-9"), ("fmnist:0-4", "mnist/rot90:5-9"), ("mnist/invert:0-4", "fmnist/flip:0-4")]
+TASKS = ["mnist:0-4", "fmnist:5-9", "fmnist:0-4", "mnist/rot90:5-9", "mnist/invert:0-4", "fmnist/flip:0-4",
+         "mnist/rot180:5-9", "fmnist/rot90:0-4"]
+PAIRS = [tuple(TASKS[i:i + 2]) for i in (0, 2, 4)]
+
+
+def groups(setting: str) -> list[list[int]]:
+    """Indices into TASKS of every group the setting merges."""
+    size = SETTINGS[setting][2]
+    if size == 2:
+        return [[0, 1], [2, 3], [4, 5]]
+    return [list(range(i, i + size)) for i in range(0, len(TASKS) - size + 1, size)]
 VIT = {"image_size": 28, "channels": 1, "patch": 7, "width": 64, "depth": 4, "heads": 4, "mlp_dim": 128,
        "out_dim": 64}
 SMALL_VIT = {**VIT, "width": 32, "depth": 2, "heads": 2, "mlp_dim": 64, "out_dim": 32}
@@ -44,7 +59,7 @@ TRAIN = {"optimizer": "adamw", "batch_size": 128, "weight_decay": 0.001}
 FS_MERGE = {"variant": "global", "init": "first", "target_scale": "none"}
 
 
-def method_plan(tuned: dict | None = None, epochs_scale: float = 1.0) -> list[tuple[str, str, dict]]:
+def method_plan(tuned: dict | None = None, epochs_scale: float = 1.0, group_size: int = 2) -> list[tuple[str, str, dict]]:
     """(row name, method, options) of every merge, with the chosen hyperparameters."""
     t = tuned or PAPER_CHOICE
 
@@ -61,7 +76,9 @@ def method_plan(tuned: dict | None = None, epochs_scale: float = 1.0) -> list[tu
         ("fs-merge diag", "fs-merge", {**FS_MERGE, "param": "diag", **trained("fs-merge diag")}),
         ("fs-merge diag+lowrank(12)", "fs-merge",
          {**FS_MERGE, "param": "diag+lowrank(12)", **trained("fs-merge diag+lowrank(12)")}),
-    ]
+    ] + ([("fs-merge seq diag+lowrank(12)", "fs-merge",
+           {**FS_MERGE, "variant": "seq", "param": "diag+lowrank(12)", **trained("fs-merge diag+lowrank(12)")})]
+         if group_size > 2 else [])
 
 
 def tune(sources, data, epochs_scale: float = 1.0, grid: dict | None = None) -> dict:
@@ -102,8 +119,8 @@ def load_or_tune(setting: str, cache: Path, sources, data, retune: bool, epochs_
     if path.is_file() and not retune:
         status(f"hyperparameters from {path} (chosen on validation; --retune to redo)")
         return json.loads(path.read_text())
-    tuned = {**tune(sources, data, epochs_scale), "chosen_on": f"validation split of pair 1 {list(PAIRS[0])}, "
-                                                              f"setting {setting}, seed 0"}
+    tuned = {**tune(sources, data, epochs_scale), "chosen_on": f"validation split of the first group "
+                                                              f"{list(PAIRS[0])}, setting {setting}, seed 0"}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(tuned, indent=1) + "\n")
@@ -111,14 +128,15 @@ def load_or_tune(setting: str, cache: Path, sources, data, retune: bool, epochs_
     return tuned
 
 
-def get_sources(pair: int, config: dict, cache: Path, limit: int | None, epochs: tuple[int, int]) -> list:
+def get_sources(indices: list[int], config: dict, cache: Path, limit: int | None, epochs: tuple[int, int]) -> list:
+    """The source ViTs of TASKS[i] (seed i) for i in indices: loaded from the cache or trained and cached."""
     from ..api import load
     from ..sources import source_dirname, train_vit_source
     from ..data import Task
     tag = f"w{config['width']}d{config['depth']}" + (f"-limit{limit}" if limit else "")
     models = []
-    for k, task in enumerate(PAIRS[pair]):
-        seed = 2 * pair + k
+    for i in indices:
+        task, seed = TASKS[i], i
         path = cache / "sources" / "vit" / tag / source_dirname(Task.parse(task), seed)
         if (path / "config.json").is_file():
             models.append(load(path))
@@ -131,37 +149,42 @@ def get_sources(pair: int, config: dict, cache: Path, limit: int | None, epochs:
     return models
 
 
-def run_bench(setting: str = "pairs16", pairs: int = 3, out: str = "runs/bench", small: bool = False,
+def run_bench(setting: str = "pairs16", pairs: int | None = None, out: str = "runs/bench", small: bool = False,
               limit: int | None = None, epochs_scale: float = 1.0, methods: list[str] | None = None,
               source_epochs: tuple[int, int] = (3, 2), seed: int = 0, tune_: bool = True,
               retune: bool = False) -> dict:
+    """`pairs`: how many of the setting's groups to run (default all)."""
     from ..api import merge, merge_sample
     from ..evaluation import Ensemble, evaluate, originals, random_guess
     from ..progress import status
     if setting not in SETTINGS:
-        raise ValueError(f"--setting must be one of {', '.join(SETTINGS)} (groups4/groups8 come with FS-Merge seq.)")
-    if not 1 <= pairs <= len(PAIRS):
-        raise ValueError(f"--pairs must lie in 1…{len(PAIRS)}")
-    known = {n for n, _, _ in method_plan()} | {m for _, m, _ in method_plan()}
+        raise ValueError(f"--setting must be one of {', '.join(SETTINGS)}")
+    all_groups = groups(setting)
+    count = len(all_groups) if pairs is None else pairs
+    if not 1 <= count <= len(all_groups):
+        raise ValueError(f"--pairs must lie in 1…{len(all_groups)} for {setting}")
+    n_orig, n_aug, size = SETTINGS[setting]
+    known = {n for n, _, _ in method_plan(group_size=size)} | {m for _, m, _ in method_plan(group_size=size)}
     bad = [m for m in (methods or []) if m not in known]
     if bad:
         raise ValueError(f"unknown bench method {bad[0]!r}; choose from {', '.join(sorted(known))}")
-    n_orig, n_aug = SETTINGS[setting]
     config = SMALL_VIT if small else VIT
     cache = Path(out)
     t0 = time.perf_counter()
     tuned = None
     if tune_:
-        first = get_sources(0, config, cache, limit, source_epochs)
-        tuned = load_or_tune(setting + ("-small" if small else "") + (f"-limit{limit}" if limit else ""), cache,
-                             first, merge_sample(first, n_orig, seed, augment=n_aug), retune, epochs_scale)
-    plan = method_plan(tuned, epochs_scale)
+        tune_setting = setting if size == 2 else "pairs100"
+        t_orig, t_aug, _ = SETTINGS[tune_setting]
+        first = get_sources(groups(tune_setting)[0], config, cache, limit, source_epochs)
+        tuned = load_or_tune(tune_setting + ("-small" if small else "") + (f"-limit{limit}" if limit else ""), cache,
+                             first, merge_sample(first, t_orig, seed, augment=t_aug), retune, epochs_scale)
+    plan = method_plan(tuned, epochs_scale, size)
     rows = []
-    for p in range(pairs):
-        status(f"pair {p + 1}/{pairs}: {' + '.join(PAIRS[p])}")
-        sources = get_sources(p, config, cache, limit, source_epochs)
+    for g, indices in enumerate(all_groups[:count]):
+        status(f"group {g + 1}/{count}: {' + '.join(TASKS[i] for i in indices)}")
+        sources = get_sources(indices, config, cache, limit, source_epochs)
         tasks = [t for s in sources for t in s.tasks]
-        base = {"pair": p, "tasks": [t.name for t in tasks]}
+        base = {"pair": g, "tasks": [t.name for t in tasks]}
         rows.append({**base, "method": "random guess", **_scores(random_guess(tasks))})
         rows.append({**base, "method": "originals", **_scores(originals(sources))})
         rows.append({**base, "method": "ensemble", **_scores(evaluate(Ensemble(sources)))})
@@ -175,7 +198,8 @@ def run_bench(setting: str = "pairs16", pairs: int = 3, out: str = "runs/bench",
             rows.append({**base, "method": name, **scores, "seconds": merged.meta["wall_seconds"],
                          "learnable_parameters": merged.meta.get("learnable_parameters"), "options": opts})
     return {"bench": "vit", "setting": setting, "originals_per_task": n_orig, "augmented_per_task": n_aug,
-            "vit": config, "pretrain_task": PRETRAIN_TASK, "pairs": [list(PAIRS[p]) for p in range(pairs)],
+            "vit": config, "pretrain_task": PRETRAIN_TASK,
+            "pairs": [[TASKS[i] for i in indices] for indices in all_groups[:count]],
             "seed": seed, "epochs_scale": epochs_scale, "limit": limit, "rows": rows,
             "hyperparameters": {k: v for k, v in (tuned or PAPER_CHOICE).items() if k != "trials"},
             "chosen_on": (tuned or {}).get("chosen_on", "appendix E.2 bold values (no tuning)"),
@@ -198,7 +222,8 @@ def print_report(result: dict, command: str) -> None:
                         f"{result['augmented_per_task']} augmented images per task; per-task / joint accuracy % (test)")
     table.add_column("method")
     for p in range(pairs):
-        table.add_column(" + ".join(result["pairs"][p]), justify="right")
+        table.add_column(" + ".join(result["pairs"][p]) if len(result["pairs"][p]) <= 2
+                         else f"group {p + 1} ({len(result['pairs'][p])} tasks)", justify="right")
     for col in ("mean", "learnable params", "seconds (mean)"):
         table.add_column(col, justify="right")
     for name in names:
