@@ -40,11 +40,13 @@ def merge_sample(models, per_task: int, seed: int = 0, augment: int = 0) -> list
 
 
 def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge", seed: int = 0,
-          augment: int = 0, **options):
+          augment: int = 0, engine=None, **options):
     """Merge `models` (TaskModels or paths) into one TaskModel with every source's heads.
 
     data: per-model unlabeled input tensors, or an int N to draw N training images per task
     (plus `augment` augmented images per task made from them).
+    engine: a `foldmerge.engine.Engine` (device, devices for DDP, precision) to train under
+    Lightning Fabric; the merged model comes back on the CPU. None: this process, as is.
     options: passed to the method (see `foldmerge.methods`), e.g. variant, param, init, epochs.
     """
     models = [load(m) if isinstance(m, (str, os.PathLike)) else m for m in models]
@@ -59,14 +61,51 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
         data = merge_sample(models, data, seed, augment)
     if len(data) != len(models):
         raise ValueError(f"got {len(data)} data tensors for {len(models)} models")
-    fn = get_method(method)
+    get_method(method)                  # an unknown method fails here, before any launch
     start = time.perf_counter()
-    torch.manual_seed(seed)
-    merged = fn(models, data, seed=seed, **options)
+    if engine is None:
+        merged = _merge_here(models, data, method, seed, options)
+    else:
+        config, state, meta = engine.run(_merge_on_device, models, data, method, seed, options)
+        merged = _rebuild(config, state, meta)
+        merged.meta["engine"] = {"accelerator": engine.accelerator, "devices": engine.devices,
+                                 "precision": engine.precision}
     merged.meta.setdefault("method", method)
     merged.meta["seed"] = seed
     merged.meta["wall_seconds"] = time.perf_counter() - start
     merged.meta["sources"] = [m.meta.get("path", "") for m in models]
+    return merged
+
+
+def _merge_here(models, data, method, seed, options):
+    torch.manual_seed(seed)
+    return get_method(method)(models, data, seed=seed, **options)
+
+
+def _merge_on_device(models, data, method, seed, options):
+    """One rank of an engine run: sources and data on this rank's device, result on the CPU."""
+    from . import engine
+    device = engine.current().device
+    models = [m.to(device) for m in models]
+    data = [d.to(device) for d in data]
+    merged = _merge_here(models, data, method, seed, options)
+    # sent back to the launching process by value (a spawned rank's shared tensors die with it)
+    state = {k: v.detach().cpu().clone() for k, v in merged.state_dict().items()}
+    return merged.config(), {k: (_as_numpy(v), v.dtype) for k, v in state.items()}, merged.meta
+
+
+def _as_numpy(t: torch.Tensor):
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()   # numpy has no bfloat16
+
+
+def _rebuild(config, state, meta):
+    from .model import TaskModel
+    merged = TaskModel.from_config(config)
+    tensors = {k: torch.from_numpy(a).view(dtype) if dtype == torch.bfloat16 else torch.from_numpy(a)
+               for k, (a, dtype) in state.items()}
+    merged.to(next(iter(tensors.values())).dtype)
+    merged.load_state_dict(tensors)
+    merged.meta = meta
     return merged
 
 

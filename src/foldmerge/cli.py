@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-task", type=int, default=64, help="unlabeled training images per task (default 64)")
     p.add_argument("--augment", type=int, default=0,
                    help="augmented images per task made from them (crop, flip, solarize/blur, MixUp)")
+    p.add_argument("--accelerator", choices=["cpu", "cuda", "auto"],
+                   help="train under Lightning Fabric on this device (default: plain PyTorch on the CPU)")
+    p.add_argument("--devices", type=int, default=1, help="with --accelerator: processes/devices for DDP (default 1)")
+    p.add_argument("--precision", choices=["32-true", "bf16-mixed"], help="with --accelerator (default 32-true)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints")
@@ -185,8 +189,13 @@ def cmd_merge(args) -> None:
             options["target_scale"] = float(options["target_scale"])
         except ValueError:
             raise ValueError("--target-scale must be match, none or a number") from None
+    engine = None
+    if args.accelerator or args.devices != 1 or args.precision:
+        from .engine import Engine
+        engine = Engine(args.accelerator or "cpu", args.devices, args.precision or "32-true")
     models = [load(p, allow_pickle=args.allow_pickle) for p in args.models]
-    merged = merge(models, args.per_task, method=args.method, seed=args.seed, augment=args.augment, **options)
+    merged = merge(models, args.per_task, method=args.method, seed=args.seed, augment=args.augment,
+                   engine=engine, **options)
     merged.meta["command"] = _command_line()
     merged.save(args.out)
     result = evaluate(merged)

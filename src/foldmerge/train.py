@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import engine
 from .progress import bar
 
 SCHEDULES = ("constant", "step", "cosine")
@@ -66,7 +67,8 @@ def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tenso
         data: Sequence[torch.Tensor], cfg: TrainConfig, desc: str = "training") -> list[float]:
     """Minimize loss_fn(*batch) over `data` (tensors sharing their first dimension).
 
-    Returns the mean loss of every epoch.
+    Returns the mean loss of every epoch. Under an `engine.Engine` run the batch is shared
+    among the ranks and their gradients averaged (see engine.py); otherwise plain PyTorch.
     """
     params = [p for p in params if p.requires_grad]
     n = len(data[0])
@@ -78,6 +80,7 @@ def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tenso
     history: list[float] = []
     step = 0
     show_every = max(1, cfg.epochs // 200) if bs == n else 1
+    fabric = engine.current()
     with bar(cfg.epochs if bs == n else total, desc) as progress:
         for _ in range(cfg.epochs):
             order = torch.randperm(n, generator=g) if bs < n else None
@@ -87,11 +90,17 @@ def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tenso
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * lr_factor(cfg, step, total, steps_per_epoch)
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(*batch)
-                loss.backward()
+                part, weight = engine.shard(batch, fabric)
+                if len(part[0]):
+                    with engine.autocast(fabric):
+                        loss = loss_fn(*part)
+                    loss.backward()
+                else:                           # more ranks than examples: this rank adds nothing
+                    loss = torch.zeros(())
+                batch_loss = engine.average_gradients(params, loss, weight, fabric)
                 opt.step()
                 step += 1
-                epoch_loss += loss.item() * len(batch[0])
+                epoch_loss += batch_loss * len(batch[0])
                 if bs < n:
                     progress.advance(1)
             history.append(epoch_loss / n)

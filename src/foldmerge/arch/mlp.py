@@ -113,6 +113,7 @@ class SuperNet(nn.Module):
                                for l in range(depth))
         self.U = nn.ModuleList(FoldMap(self.widths[l], src_widths[l], param, init, "unmerge", g, dtype)
                                for l in range(depth))
+        self.to(sources[0].backbone.layers[0].weight.device)   # maps live where the sources do
 
     # ---------------------------------------------------------------- source weights
     def weights(self, l: int) -> list[torch.Tensor]:

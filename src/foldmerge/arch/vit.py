@@ -192,6 +192,7 @@ class SuperNet(nn.Module):
         self._template = Backbone(**self.config).to(dtype)
         for p in self._template.parameters():
             p.requires_grad_(False)
+        self.to(bbs[0].proj.weight.device)                     # maps live where the sources do
 
     @staticmethod
     def _merged_norm(norms, width: int, init: str) -> nn.LayerNorm:

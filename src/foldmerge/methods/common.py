@@ -22,7 +22,7 @@ def sources_arch(models) -> str:
 def cat_with_owner(data: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate the per-model merge samples; owner[i] = index of the model whose task x[i] is from."""
     x = torch.cat(list(data))
-    owner = torch.cat([torch.full((len(d),), k, dtype=torch.long) for k, d in enumerate(data)])
+    owner = torch.cat([torch.full((len(d),), k, dtype=torch.long, device=d.device) for k, d in enumerate(data)])
     return x, owner
 
 

@@ -1,0 +1,97 @@
+"""Where training runs: Lightning Fabric (device, precision, data-parallel processes) around the one loop.
+
+`Engine(accelerator, devices, precision).run(fn, *args)` launches `fn(*args)` under a Fabric:
+in this process for one device, or in one process per device for data parallelism (DDP:
+gloo on CPU, NCCL on CUDA; started by spawning, so a library call or the CLI can launch it),
+and returns rank 0's result. While it runs, `train.fit` finds the Fabric with `current()`:
+
+  * each rank takes an equal contiguous share of every batch;
+  * gradients (and the logged loss) are averaged over ranks, each share weighted by its
+    size, in one all-reduce per step: for a loss that is a mean over examples (every loss
+    here) that is exactly the gradient one process would compute on the whole batch;
+  * the loss runs under Fabric's autocast ("bf16-mixed": bfloat16 matmuls, float32 weights).
+
+Every rank builds the same model from the same seed and sees the same batch order, so the
+ranks stay identical without broadcasting weights. Without an engine nothing changes.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+ACCELERATORS = ("cpu", "cuda", "auto")
+PRECISIONS = ("32-true", "bf16-mixed")
+_current = None
+
+
+def current():
+    """The Fabric of the run in progress, or None."""
+    return _current
+
+
+@dataclass
+class Engine:
+    accelerator: str = "cpu"
+    devices: int = 1
+    precision: str = "32-true"
+
+    def __post_init__(self):
+        if self.accelerator not in ACCELERATORS:
+            raise ValueError(f"accelerator must be one of {ACCELERATORS}, got {self.accelerator!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.devices < 1:
+            raise ValueError(f"devices must be >= 1, got {self.devices}")
+        if self.accelerator == "cuda" and not torch.cuda.is_available():
+            raise ValueError("accelerator 'cuda' asked for, but torch sees no CUDA device here")
+        if self.accelerator == "cuda" and self.devices > torch.cuda.device_count():
+            raise ValueError(f"{self.devices} CUDA devices asked for, {torch.cuda.device_count()} present")
+
+    def fabric(self):
+        from lightning_fabric import Fabric
+        strategy = "ddp_spawn" if self.devices > 1 else "auto"
+        return Fabric(accelerator=self.accelerator, devices=self.devices, strategy=strategy,
+                      precision=self.precision)
+
+    def run(self, fn, *args):
+        """fn(*args) on every rank with `current()` set; rank 0's result."""
+        return self.fabric().launch(_on_rank, fn, *args)
+
+
+def _on_rank(fabric, fn, *args):
+    global _current
+    _current = fabric
+    try:
+        return fn(*args)
+    finally:
+        _current = None
+
+
+# --------------------------------------------------------- what `fit` uses per step
+def shard(batch, fabric):
+    """This rank's contiguous share of a batch and its weight (share size x ranks / batch size)."""
+    if fabric is None or fabric.world_size == 1:
+        return batch, 1.0
+    m, r, w = len(batch[0]), fabric.global_rank, fabric.world_size
+    lo, hi = m * r // w, m * (r + 1) // w
+    return [t[lo:hi] for t in batch], (hi - lo) * w / m
+
+
+def autocast(fabric):
+    return fabric.autocast() if fabric is not None else nullcontext()
+
+
+def average_gradients(params, loss: torch.Tensor, weight: float, fabric) -> float:
+    """Average weight-scaled gradients and loss over ranks (one all-reduce); the global loss."""
+    if fabric is None or fabric.world_size == 1:
+        return loss.item()
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+                     + [loss.detach().reshape(1)]) * weight
+    flat = fabric.all_reduce(flat, reduce_op="mean")
+    o = 0
+    for p in params:
+        p.grad = flat[o:o + p.numel()].view_as(p).clone()
+        o += p.numel()
+    return flat[-1].item()

@@ -1,0 +1,58 @@
+"""Lightning Fabric engine: a 2-process DDP (gloo) merge on CPU equals the one-process merge."""
+import pytest
+import torch
+
+import foldmerge
+from foldmerge.engine import Engine
+from foldmerge.model import TaskModel
+
+
+def sources():
+    torch.manual_seed(0)
+    return [TaskModel("mlp", {"in_dim": 20, "hidden": [16, 12]}, [t]).double() for t in ("mnist:0-4", "mnist:5-9")]
+
+
+def sample():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(30, 20, generator=g, dtype=torch.float64) + k for k in range(2)]
+
+
+def assert_same(a, b, atol):
+    for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(va, vb, rtol=0, atol=atol, msg=k)
+
+
+@pytest.mark.parametrize("method,opts", [
+    ("fs-merge", dict(variant="global", param="diag+lowrank(3)", epochs=6, lr=0.05, batch_size=13,
+                      targets="own-task")),
+    ("distill", dict(epochs=4, lr=0.05, batch_size=None)),
+])
+def test_two_process_ddp_merge_matches_one_process(method, opts):
+    # batch 13 of 60 examples: uneven shards (6 + 7) and a last batch of 8; own-task targets
+    one = foldmerge.merge(sources(), sample(), method=method, **opts)
+    ddp = foldmerge.merge(sources(), sample(), method=method, engine=Engine("cpu", devices=2), **opts)
+    assert ddp.meta["engine"]["devices"] == 2
+    assert_same(one, ddp, atol=1e-9)
+    assert not torch.equal(one.backbone.layers[0].weight, sources()[0].backbone.layers[0].weight)
+    torch.testing.assert_close(ddp.meta["final_loss"], one.meta["final_loss"], rtol=1e-9, atol=0)
+
+
+def test_single_device_engine_and_bf16_autocast_run_on_cpu():
+    src = [m.float() for m in sources()]
+    data = [d.float() for d in sample()]
+    plain = foldmerge.merge(src, data, method="fs-merge", epochs=3, lr=0.05)
+    same = foldmerge.merge(src, data, method="fs-merge", epochs=3, lr=0.05, engine=Engine("cpu"))
+    assert_same(plain, same, atol=0)
+    bf16 = foldmerge.merge(src, data, method="fs-merge", epochs=3, lr=0.05, engine=Engine("cpu", precision="bf16-mixed"))
+    assert bf16.backbone.layers[0].weight.dtype == torch.float32        # weights stay float32
+    assert 0 < (bf16.backbone.layers[0].weight - plain.backbone.layers[0].weight).abs().max() < 0.05
+
+
+def test_engine_bad_input():
+    with pytest.raises(ValueError, match="precision"):
+        Engine("cpu", precision="fp8")
+    with pytest.raises(ValueError, match="devices"):
+        Engine("cpu", devices=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA"):
+            Engine("cuda")
