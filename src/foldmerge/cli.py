@@ -122,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     b.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
 
+    b = bench.add_parser("cost", help="time and peak memory of FS-Merge (folded, SuperNet, seq.) vs distillation")
+    b.add_argument("--n", nargs="+", type=int, default=[2, 4, 8], help="numbers of models (default 2 4 8)")
+    b.add_argument("--per-task", type=int, default=512, help="merge images per model (default 512)")
+    b.add_argument("--epochs", type=int, default=5, help="epochs of every run (default 5)")
+    b.add_argument("--methods", nargs="+", help="only these rows (default all)")
+    b.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    b.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
+    b.add_argument("--repeats", type=int, default=1, help="runs per cell; the median is reported (default 1)")
+    b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
+    b.add_argument("--threads", type=int, default=None, help="torch threads per run (default torch's choice)")
+
     p = sub.add_parser("demo", help="MNIST 0-4 vs 5-9: train two MLPs, merge, print the table")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-task", type=int, default=64)
@@ -249,6 +260,8 @@ def cmd_demo(args) -> None:
 def cmd_bench(args) -> None:
     if args.bench == "vit":
         return cmd_bench_vit(args)
+    if args.bench == "cost":
+        return cmd_bench_cost(args)
     from .bench import mlp
     result = mlp.run_bench(dataset=args.dataset, vary=args.vary, seeds=args.seeds, values=args.values,
                            methods=args.methods, jobs=args.jobs, out=args.out,
@@ -272,6 +285,17 @@ def cmd_bench_vit(args) -> None:
     if args.json:
         _write_json_atomic(args.json, result)
     vit.print_report(result, result["command"])
+
+
+def cmd_bench_cost(args) -> None:
+    from .bench import cost
+    result = cost.run_bench(ns=tuple(args.n), per_task=args.per_task, epochs=args.epochs, device=args.device,
+                            threads=args.threads, methods=args.methods, precision=args.precision,
+                            repeats=args.repeats)
+    result["command"] = _command_line()
+    if args.json:
+        _write_json_atomic(args.json, result)
+    cost.print_report(result, result["command"])
 
 
 def _write_json_atomic(path: str, obj) -> None:

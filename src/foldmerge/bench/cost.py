@@ -1,0 +1,204 @@
+"""`foldmerge bench cost`: what FS-Merge costs next to distillation (FS-Merge paper, appendix C, Table 6).
+
+For n = 2, 4 and 8 ViTs (the bench's tiny ViT, random weights: cost does not depend on what
+the weights learned), every method trains on the same merge sample (`per_task` random images
+per model), the same cached teacher features (computed before the clock starts), the same
+epochs, batch size and optimizer:
+
+  distill             one student ViT, every weight learned (`first` init)
+  fs-merge folded     global FS-Merge, diag+low-rank maps, trained in folded form (the default)
+  fs-merge supernet   the same, trained in SuperNet form (all n models run every step)
+  fs-merge seq        FS-Merge seq. (n - 1 two-model stages, each `epochs` long), folded form
+
+Each run is a fresh process (one after another, so they never share cores): wall time of the
+whole merge, and peak memory above the process's level just before the merge (CUDA: peak
+allocated bytes; CPU: peak resident set size sampled every millisecond). Ratios are to
+distillation with the same n.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+
+VIT = {"image_size": 28, "channels": 1, "patch": 7, "width": 64, "depth": 4, "heads": 4, "mlp_dim": 128,
+       "out_dim": 64}
+TASKS = ["mnist:0-4", "fmnist:5-9", "fmnist:0-4", "mnist/rot90:5-9", "mnist/invert:0-4", "fmnist/flip:0-4",
+         "mnist/rot180:5-9", "fmnist/rot90:0-4"]
+TRAIN = {"optimizer": "adamw", "batch_size": 128, "weight_decay": 0.001, "lr": 1e-4}
+FS = {"param": "diag+lowrank(12)", "init": "first", "target_scale": "none"}
+METHODS = {
+    "distill": ("distill", {"init": "first"}),
+    "fs-merge folded": ("fs-merge", {"variant": "global", "form": "folded", **FS}),
+    "fs-merge supernet": ("fs-merge", {"variant": "global", "form": "supernet", **FS}),
+    "fs-merge seq": ("fs-merge", {"variant": "seq", "form": "folded", **FS}),
+}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator stats, else sampled RSS."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def __enter__(self):
+        import torch
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.base = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.001):
+                self.peak = max(self.peak, _rss_bytes())
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss_bytes())
+            self.bytes = self.peak - self.base
+
+
+def measure(n: int, method: str, per_task: int, epochs: int, device: str, threads: int | None,
+            precision: str = "32-true") -> dict:
+    """One run, meant for a fresh process: seconds and peak bytes of one merge."""
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    from ..api import merge
+    from ..methods.common import cat_with_owner, teacher_features
+    from ..model import TaskModel
+    models = []
+    for k in range(n):
+        torch.manual_seed(k)
+        models.append(TaskModel("vit", VIT, [TASKS[k]], head="class-embedding").to(device).eval())
+    g = torch.Generator().manual_seed(0)
+    data = [torch.rand(per_task, 1, 28, 28, generator=g).to(device) for _ in range(n)]
+    # cached teacher features, as every method would read them: outside the clock
+    for k in range(2, n + 1):
+        x, _ = cat_with_owner(data[:k])
+        for m in models[:k]:
+            teacher_features(m, x)
+    name, opts = METHODS[method]
+    autocast = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if precision == "bf16-mixed"
+                else _nothing())
+    with PeakMemory(device) as mem, autocast:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        merged = merge(models, data, method=name, seed=0, epochs=epochs, **TRAIN, **opts)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return {"n": n, "method": method, "seconds": seconds, "peak_bytes": mem.bytes,
+            "learnable_parameters": merged.meta.get("learnable_parameters")}
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def device_name(device: str) -> str:
+    import torch
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+def run_bench(ns=(2, 4, 8), per_task: int = 512, epochs: int = 5, device: str = "cpu",
+              threads: int | None = None, methods: list[str] | None = None, precision: str = "32-true",
+              repeats: int = 1) -> dict:
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+    from ..progress import bar, status
+    methods = methods or list(METHODS)
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown cost-bench method {bad[0]!r}; choose from {', '.join(METHODS)}")
+    if any(n < 2 or n > len(TASKS) for n in ns):
+        raise ValueError(f"--n values must lie in 2…{len(TASKS)}")
+    if per_task < 1 or epochs < 1 or repeats < 1:
+        raise ValueError("--per-task, --epochs and --repeats must be positive")
+    if device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but torch sees no CUDA device here")
+    rows = []
+    jobs = [(n, m) for n in ns for m in methods for _ in range(repeats)]
+    t0 = time.perf_counter()
+    with bar(len(jobs), "cost runs") as progress:
+        for n, m in jobs:
+            # a fresh process per run: its peak memory and allocator state are its own
+            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+                row = pool.submit(measure, n, m, per_task, epochs, device, threads, precision).result()
+            rows.append(row)
+            status(f"  n={n} {m}: {row['seconds']:.1f} s, peak {row['peak_bytes'] / 2**20:.0f} MiB")
+            progress.advance(1)
+    return {"bench": "cost", "device": device_name(device), "precision": precision, "per_task": per_task,
+            "epochs": epochs, "vit": VIT, "train": TRAIN, "fs_merge": FS, "repeats": repeats,
+            "rows": _medians(rows), "runs": rows, "total_seconds": time.perf_counter() - t0}
+
+
+def _medians(rows: list[dict]) -> list[dict]:
+    """One row per (n, method): median seconds and peak over repeats, with ratios to distill."""
+    import statistics
+    out = []
+    keys = list(dict.fromkeys((r["n"], r["method"]) for r in rows))
+    for n, m in keys:
+        sel = [r for r in rows if r["n"] == n and r["method"] == m]
+        out.append({"n": n, "method": m, "seconds": statistics.median(r["seconds"] for r in sel),
+                    "peak_bytes": statistics.median(r["peak_bytes"] for r in sel),
+                    "learnable_parameters": sel[0]["learnable_parameters"]})
+    for r in out:
+        base = next((b for b in out if b["n"] == r["n"] and b["method"] == "distill"), None)
+        r["time_ratio"] = r["seconds"] / base["seconds"] if base else None
+        r["memory_ratio"] = r["peak_bytes"] / base["peak_bytes"] if base and base["peak_bytes"] > 0 else None
+    return out
+
+
+def print_report(result: dict, command: str) -> None:
+    import sys
+    from rich.console import Console
+    from rich.table import Table
+    console = Console(file=sys.stdout, width=max(120, Console().width))
+    table = Table(title=f"merge cost on {result['device']} ({result['precision']}): {result['per_task']} images per "
+                        f"model, {result['epochs']} epochs, batch {result['train']['batch_size']}")
+    for col in ("n", "method", "seconds", "× distill time", "peak MiB", "× distill memory", "learnable params"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in result["rows"]:
+        table.add_row(str(r["n"]), r["method"], f"{r['seconds']:.1f}",
+                      "-" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}",
+                      f"{r['peak_bytes'] / 2**20:.1f}",
+                      "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}",
+                      f"{r['learnable_parameters']:,}" if r["learnable_parameters"] else "-")
+    console.print(table)
+    console.print(f"measured now ({result['total_seconds'] / 60:.1f} min, median of {result['repeats']} run(s) each); "
+                  f"target: fs-merge folded ≤ 1.15× distill time and ≤ 1.25× its memory for n = 2, 4; "
+                  f"command: {command}")

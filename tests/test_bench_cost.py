@@ -1,0 +1,32 @@
+"""bench cost: one tiny measured run per method, ratios to distillation, clear errors."""
+import pytest
+
+from foldmerge.bench import cost
+from foldmerge.cli import main
+
+
+@pytest.mark.parametrize("method", list(cost.METHODS))
+def test_measure_runs_each_method(method, monkeypatch):
+    monkeypatch.setattr(cost, "VIT", {**cost.VIT, "width": 16, "depth": 1, "heads": 2, "mlp_dim": 32, "out_dim": 8})
+    row = cost.measure(3, method, per_task=6, epochs=1, device="cpu", threads=None)
+    assert row["seconds"] > 0 and row["peak_bytes"] >= 0 and row["learnable_parameters"] > 0
+
+
+def test_ratios_are_to_distillation_of_the_same_n():
+    runs = [{"n": 2, "method": "distill", "seconds": 2.0, "peak_bytes": 100, "learnable_parameters": 5},
+            {"n": 2, "method": "fs-merge folded", "seconds": 3.0, "peak_bytes": 150, "learnable_parameters": 4},
+            {"n": 2, "method": "fs-merge folded", "seconds": 1.0, "peak_bytes": 90, "learnable_parameters": 4},
+            {"n": 2, "method": "fs-merge folded", "seconds": 2.2, "peak_bytes": 110, "learnable_parameters": 4},
+            {"n": 4, "method": "distill", "seconds": 4.0, "peak_bytes": 200, "learnable_parameters": 5}]
+    rows = {(r["n"], r["method"]): r for r in cost._medians(runs)}
+    assert rows[(2, "fs-merge folded")]["seconds"] == 2.2                 # the median of three
+    assert rows[(2, "fs-merge folded")]["time_ratio"] == pytest.approx(1.1)
+    assert rows[(2, "fs-merge folded")]["memory_ratio"] == pytest.approx(1.1)
+    assert rows[(4, "distill")]["time_ratio"] == 1.0
+
+
+def test_bad_arguments(capsys):
+    assert main(["bench", "cost", "--n", "1"]) == 2
+    assert "--n values" in capsys.readouterr().err
+    assert main(["bench", "cost", "--methods", "magic"]) == 2
+    assert "unknown cost-bench method" in capsys.readouterr().err
