@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = bench.add_parser("cost", help="time and peak memory of FS-Merge (folded, SuperNet, seq.) vs distillation")
     b.add_argument("--n", nargs="+", type=int, default=[2, 4, 8], help="numbers of models (default 2 4 8)")
-    b.add_argument("--per-task", type=int, default=512, help="merge images per model (default 512)")
+    b.add_argument("--per-task", type=int, default=1024, help="merge images per model (default 1024)")
+    b.add_argument("--width", type=int, default=64, help="ViT width, heads of 16 (default 64)")
+    b.add_argument("--patch", type=int, default=7, help="ViT patch size; 4 gives 50 tokens (default 7: 17)")
     b.add_argument("--epochs", type=int, default=5, help="epochs of every run (default 5)")
     b.add_argument("--methods", nargs="+", help="only these rows (default all)")
     b.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
@@ -291,7 +293,7 @@ def cmd_bench_cost(args) -> None:
     from .bench import cost
     result = cost.run_bench(ns=tuple(args.n), per_task=args.per_task, epochs=args.epochs, device=args.device,
                             threads=args.threads, methods=args.methods, precision=args.precision,
-                            repeats=args.repeats)
+                            repeats=args.repeats, width=args.width, patch=args.patch)
     result["command"] = _command_line()
     if args.json:
         _write_json_atomic(args.json, result)

@@ -76,10 +76,20 @@ class PeakMemory:
             self.bytes = self.peak - self.base
 
 
+def vit_config(width: int = 64, patch: int = 7) -> dict:
+    """The bench ViT at another width (heads of 16) or patch size (more tokens per image)."""
+    if width % 16 or width < 16:
+        raise ValueError(f"--width must be a positive multiple of 16 (heads of 16), got {width}")
+    if patch < 1 or 28 % patch:
+        raise ValueError(f"--patch must divide 28, got {patch}")
+    return {**VIT, "width": width, "heads": width // 16, "mlp_dim": 2 * width, "patch": patch}
+
+
 def measure(n: int, method: str, per_task: int, epochs: int, device: str, threads: int | None,
-            precision: str = "32-true") -> dict:
+            precision: str = "32-true", vit: dict | None = None) -> dict:
     """One run, meant for a fresh process: seconds and peak bytes of one merge."""
     import torch
+    vit = vit or VIT
     if threads:
         torch.set_num_threads(threads)
     from ..api import merge
@@ -88,7 +98,7 @@ def measure(n: int, method: str, per_task: int, epochs: int, device: str, thread
     models = []
     for k in range(n):
         torch.manual_seed(k)
-        models.append(TaskModel("vit", VIT, [TASKS[k]], head="class-embedding").to(device).eval())
+        models.append(TaskModel("vit", vit, [TASKS[k]], head="class-embedding").to(device).eval())
     g = torch.Generator().manual_seed(0)
     data = [torch.rand(per_task, 1, 28, 28, generator=g).to(device) for _ in range(n)]
     # cached teacher features, as every method would read them: outside the clock
@@ -132,9 +142,9 @@ def device_name(device: str) -> str:
     return f"{cpu} ({torch.get_num_threads()} threads)"
 
 
-def run_bench(ns=(2, 4, 8), per_task: int = 512, epochs: int = 5, device: str = "cpu",
+def run_bench(ns=(2, 4, 8), per_task: int = 1024, epochs: int = 5, device: str = "cpu",
               threads: int | None = None, methods: list[str] | None = None, precision: str = "32-true",
-              repeats: int = 1) -> dict:
+              repeats: int = 1, width: int = 64, patch: int = 7) -> dict:
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
     from ..progress import bar, status
@@ -146,6 +156,7 @@ def run_bench(ns=(2, 4, 8), per_task: int = 512, epochs: int = 5, device: str = 
         raise ValueError(f"--n values must lie in 2…{len(TASKS)}")
     if per_task < 1 or epochs < 1 or repeats < 1:
         raise ValueError("--per-task, --epochs and --repeats must be positive")
+    vit = vit_config(width, patch)
     if device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
@@ -157,12 +168,12 @@ def run_bench(ns=(2, 4, 8), per_task: int = 512, epochs: int = 5, device: str = 
         for n, m in jobs:
             # a fresh process per run: its peak memory and allocator state are its own
             with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-                row = pool.submit(measure, n, m, per_task, epochs, device, threads, precision).result()
+                row = pool.submit(measure, n, m, per_task, epochs, device, threads, precision, vit).result()
             rows.append(row)
             status(f"  n={n} {m}: {row['seconds']:.1f} s, peak {row['peak_bytes'] / 2**20:.0f} MiB")
             progress.advance(1)
     return {"bench": "cost", "device": device_name(device), "precision": precision, "per_task": per_task,
-            "epochs": epochs, "vit": VIT, "train": TRAIN, "fs_merge": FS, "repeats": repeats,
+            "epochs": epochs, "vit": vit, "train": TRAIN, "fs_merge": FS, "repeats": repeats,
             "rows": _medians(rows), "runs": rows, "total_seconds": time.perf_counter() - t0}
 
 
@@ -188,8 +199,10 @@ def print_report(result: dict, command: str) -> None:
     from rich.console import Console
     from rich.table import Table
     console = Console(file=sys.stdout, width=max(120, Console().width))
-    table = Table(title=f"merge cost on {result['device']} ({result['precision']}): {result['per_task']} images per "
-                        f"model, {result['epochs']} epochs, batch {result['train']['batch_size']}")
+    v = result["vit"]
+    table = Table(title=f"merge cost on {result['device']} ({result['precision']}): ViT width {v['width']}, depth "
+                        f"{v['depth']}, {(28 // v['patch']) ** 2 + 1} tokens; {result['per_task']} images per model, "
+                        f"{result['epochs']} epochs, batch {result['train']['batch_size']}")
     for col in ("n", "method", "seconds", "× distill time", "peak MiB", "× distill memory", "learnable params"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in result["rows"]:
