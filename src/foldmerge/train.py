@@ -58,9 +58,11 @@ def lr_factor(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> 
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # foreach: one multi-tensor kernel per update step instead of a Python loop over tensors
+    # (torch picks it only on CUDA by default; FS-Merge has many small map tensors)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
 
 
 def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tensor],
