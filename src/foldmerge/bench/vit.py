@@ -225,8 +225,10 @@ def print_report(result: dict, command: str) -> None:
     for p in range(pairs):
         table.add_column(" + ".join(result["pairs"][p]) if len(result["pairs"][p]) <= 2
                          else f"group {p + 1} ({len(result['pairs'][p])} tasks)", justify="right")
-    for col in ("mean", "learnable params", "seconds (mean)"):
+    for col in ("mean", "% of ensemble", "learnable params", "seconds (mean)"):
         table.add_column(col, justify="right")
+    ens = [r["per_task"] for r in result["rows"] if r["method"] == "ensemble"]
+    ens_mean = sum(ens) / len(ens) if ens else None
     for name in names:
         sel = [r for r in result["rows"] if r["method"] == name]
         cells = []
@@ -238,7 +240,8 @@ def print_report(result: dict, command: str) -> None:
         mean = f"{pt:.1f} / " + (f"{sum(js) / len(js):.1f}" if js else "-")
         lp = sel[0].get("learnable_parameters")
         secs = [r["seconds"] for r in sel if r.get("seconds") is not None]
-        table.add_row(name, *cells, mean, "-" if lp is None else f"{lp:,}",
+        of_ens = "-" if not ens_mean or name in ("random guess", "originals") else f"{100 * pt / ens_mean:.1f}"
+        table.add_row(name, *cells, mean, of_ens, "-" if lp is None else f"{lp:,}",
                       "-" if not secs else f"{sum(secs) / len(secs):.0f}")
     console.print(table)
     console.print(f"measured now: seed {result['seed']}, ViT {result['vit']}, pre-trained on {result['pretrain_task']}; "
