@@ -67,6 +67,11 @@ def _on_rank(fabric, fn, *args):
         return fn(*args)
     finally:
         _current = None
+        if fabric.world_size > 1 and torch.distributed.is_initialized():
+            # leave together and close the process group before the spawned process exits
+            # (a rank that exits with gloo threads still running can abort)
+            fabric.barrier()
+            torch.distributed.destroy_process_group()
 
 
 # --------------------------------------------------------- what `fit` uses per step
