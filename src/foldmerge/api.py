@@ -66,8 +66,8 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
     if engine is None:
         merged = _merge_here(models, data, method, seed, options)
     else:
-        config, state, meta = engine.run(_merge_on_device, models, data, method, seed, options)
-        merged = _rebuild(config, state, meta)
+        config, weights, meta = engine.run(_merge_on_device, models, data, method, seed, options)
+        merged = _rebuild(config, weights, meta)
         merged.meta["engine"] = {"accelerator": engine.accelerator, "devices": engine.devices,
                                  "precision": engine.precision}
     merged.meta.setdefault("method", method)
@@ -89,20 +89,18 @@ def _merge_on_device(models, data, method, seed, options):
     models = [m.to(device) for m in models]
     data = [d.to(device) for d in data]
     merged = _merge_here(models, data, method, seed, options)
-    # sent back to the launching process by value (a spawned rank's shared tensors die with it)
-    state = {k: v.detach().cpu().clone() for k, v in merged.state_dict().items()}
-    return merged.config(), {k: (_as_numpy(v), v.dtype) for k, v in state.items()}, merged.meta
+    # sent back to the launching process by value (a spawned rank's shared tensors die with it),
+    # as the safetensors bytes the model files use
+    from safetensors.torch import save
+    state = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
+    return merged.config(), save(state), merged.meta
 
 
-def _as_numpy(t: torch.Tensor):
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()   # numpy has no bfloat16
-
-
-def _rebuild(config, state, meta):
+def _rebuild(config, weights: bytes, meta):
+    from safetensors.torch import load
     from .model import TaskModel
     merged = TaskModel.from_config(config)
-    tensors = {k: torch.from_numpy(a).view(dtype) if dtype == torch.bfloat16 else torch.from_numpy(a)
-               for k, (a, dtype) in state.items()}
+    tensors = load(weights)
     merged.to(next(iter(tensors.values())).dtype)
     merged.load_state_dict(tensors)
     merged.meta = meta
