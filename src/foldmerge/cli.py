@@ -159,8 +159,9 @@ def cmd_train_sources(args) -> None:
         raise ValueError("widths, depth and heads must be positive")
     if args.arch == "vit" and args.width % args.heads:
         raise ValueError(f"--width {args.width} is not divisible by --heads {args.heads}")
-    vit = {"image_size": 28, "channels": 1, "patch": 7, "width": args.width, "depth": args.depth,
-           "heads": args.heads, "mlp_dim": args.mlp_dim or 2 * args.width, "out_dim": 64}
+    from .bench.vit import VIT
+    vit = {**VIT, "width": args.width, "depth": args.depth, "heads": args.heads,
+           "mlp_dim": args.mlp_dim or 2 * args.width}
     rows = []
     for task, seed in zip(tasks, seeds):
         if args.arch == "vit":
@@ -268,12 +269,7 @@ def cmd_bench(args) -> None:
     result = mlp.run_bench(dataset=args.dataset, vary=args.vary, seeds=args.seeds, values=args.values,
                            methods=args.methods, jobs=args.jobs, out=args.out,
                            epochs_scale=args.epochs_scale, retune=args.retune)
-    result["command"] = _command_line()
-    if args.json:
-        _write_json_atomic(args.json, result)
-    mlp.print_report(result, result["command"])
-    if args.json:
-        print(f"every measurement written to {args.json}")
+    _report_bench(result, args, mlp.print_report)
 
 
 def cmd_bench_vit(args) -> None:
@@ -283,10 +279,7 @@ def cmd_bench_vit(args) -> None:
     result = vit.run_bench(setting=args.setting, pairs=args.pairs, out=args.out, small=args.small,
                            limit=args.limit, epochs_scale=args.epochs_scale, methods=args.methods,
                            source_epochs=tuple(args.source_epochs), tune_=not args.no_tune, retune=args.retune)
-    result["command"] = _command_line()
-    if args.json:
-        _write_json_atomic(args.json, result)
-    vit.print_report(result, result["command"])
+    _report_bench(result, args, vit.print_report)
 
 
 def cmd_bench_cost(args) -> None:
@@ -294,10 +287,17 @@ def cmd_bench_cost(args) -> None:
     result = cost.run_bench(ns=tuple(args.n), per_task=args.per_task, epochs=args.epochs, device=args.device,
                             threads=args.threads, methods=args.methods, precision=args.precision,
                             repeats=args.repeats, width=args.width, patch=args.patch)
+    _report_bench(result, args, cost.print_report)
+
+
+def _report_bench(result: dict, args, print_report) -> None:
+    """Every bench ends alike: the command that made it, --json written, the table printed."""
     result["command"] = _command_line()
     if args.json:
         _write_json_atomic(args.json, result)
-    cost.print_report(result, result["command"])
+    print_report(result, result["command"])
+    if args.json:
+        print(f"every measurement written to {args.json}")
 
 
 def _write_json_atomic(path: str, obj) -> None:

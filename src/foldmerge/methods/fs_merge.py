@@ -34,8 +34,8 @@ from .common import cat_with_owner, fit_reconstruction, reconstruction_loss, sou
 DEFAULTS = {
     "local": dict(init="random", param="full", epochs=15000, lr=0.1, momentum=0.9, targets="all"),
     "global": dict(init="first", param="full", epochs=1000, lr=0.1, momentum=0.9, targets="all"),
-    "seq": dict(init="first", param="full", epochs=1000, lr=0.1, momentum=0.9, targets="all"),
 }
+DEFAULTS["seq"] = DEFAULTS["global"]     # every stage of seq. is a global FS-Merge
 
 # Transformers (paper B.2, E.2): diagonal blocks plus a low-rank term, own-task targets.
 TRANSFORMER_DEFAULTS = dict(param="diag+lowrank(16)", targets="own-task")
