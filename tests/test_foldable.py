@@ -5,7 +5,8 @@ import torch
 from torch.nn import functional as F
 
 from foldmerge.arch.mlp import SuperNet
-from foldmerge.foldable import FoldMap, fold_linear, fold_linears, merge_features, parse_param, unmerge_features
+from foldmerge.foldable import (FoldMap, fold_linear, fold_linears, merge_features, pack_maps, parse_param,
+                               unmerge_features)
 from foldmerge.model import TaskModel
 
 TASKS = ["mnist:0-4", "mnist:5-9", "fmnist:0-4"]
@@ -121,8 +122,9 @@ def test_block_ops_match_dense_matrix(param):
     torch.testing.assert_close(b_star, s @ torch.cat(bs))
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("param", PARAMS)
-def test_batched_fold_equals_layer_by_layer(param):
+def test_batched_fold_equals_layer_by_layer(param, packed):
     # fold_linears groups same-shaped layers (equal and unequal source widths, shared U,
     # no U, no bias) and must give exactly what folding each layer alone gives.
     g = torch.Generator().manual_seed(1)
@@ -137,6 +139,12 @@ def test_batched_fold_equals_layer_by_layer(param):
     jobs = [(fm(6, [4, 4], "merge"), [rnd(4, 4), rnd(4, 4)], u_shared, [rnd(4), rnd(4)]) for _ in range(3)]
     jobs += [(fm(6, [2, 7], "merge"), [rnd(2, 3), rnd(7, 6)], u_uneq, [rnd(2), rnd(7)]) for _ in range(2)]
     jobs += [(fm(6, [4, 4], "merge"), [rnd(4, 9), rnd(4, 9)], None, None)]
+    jobs += [(fm(3, [4, 4], "merge"), [rnd(4, 8), rnd(4, 8)], fm(5, [8, 8], "unmerge"), [rnd(4), rnd(4)])
+             for _ in range(2)]                                      # d* smaller than the sources' widths
+    if packed:   # maps in shared banks, read out of order and repeated (u_shared serves three layers)
+        holder = torch.nn.ModuleList(m for job in reversed(jobs) for m in (job[0], job[2]) if m is not None)
+        banks = pack_maps(holder)
+        assert len(banks) < len({id(m) for m in holder})
     for (w, b), job in zip(fold_linears(jobs), jobs):
         w1, b1 = fold_linear(*job)
         m, ws, u, bs = job
@@ -165,3 +173,46 @@ def test_parse_param():
     for bad in ("dense", "diag+lowrank(0)", "lowrank(x)"):
         with pytest.raises(ValueError):
             parse_param(bad)
+
+
+@pytest.mark.parametrize("param", PARAMS)
+def test_packed_maps_read_and_write_their_bank(param):
+    # A packed map computes what it did before packing; in-place edits (scale_block,
+    # set_dense) land in the bank, and gradients reach the bank's parameters.
+    g = torch.Generator().manual_seed(3)
+    maps = torch.nn.ModuleList(FoldMap(5, [4, 6], param, "random", "merge", g).double() for _ in range(3))
+    for m in maps:
+        perturb(m)
+    before = [m.dense().clone() for m in maps]
+    n_params = sum(p.numel() for p in maps.parameters())
+    banks = pack_maps(maps)
+    assert len(banks) == 1 and sum(p.numel() for p in banks.parameters()) == n_params
+    assert not list(maps[0].parameters(recurse=False))
+    for m, d in zip(maps, before):
+        torch.testing.assert_close(m.dense(), d, atol=0, rtol=0)
+    maps[1].scale_block(1, 0.5)
+    torch.testing.assert_close(maps[1].dense()[:, 4:], 0.5 * before[1][:, 4:])
+    torch.testing.assert_close(maps[2].dense(), before[2], atol=0, rtol=0)
+    if param == "full":
+        maps[0].set_dense(torch.ones(5, 10, dtype=torch.float64))
+        assert torch.equal(banks[0].weight[0], torch.ones(5, 10, dtype=torch.float64))
+    merge_features(maps[2], [torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)]).sum().backward()
+    grads = [p.grad for p in banks[0].parameters()]
+    assert all(gr is not None for gr in grads)
+    assert all(gr[:2].abs().sum() == 0 for gr in grads)          # only map 2's slice was used
+
+
+def test_fold_sees_source_weights_changed_in_place():
+    # the stacked frozen source weights are reused between steps only while they are unchanged
+    g = torch.Generator().manual_seed(4)
+    m = FoldMap(4, [4, 4], "diag+lowrank(2)", "random", "merge", g).double()
+    u = FoldMap(3, [3, 3], "diag+lowrank(2)", "random", "unmerge", g).double()
+    perturb(m), perturb(u)
+    ws = [torch.randn(4, 3, generator=g, dtype=torch.float64) for _ in range(2)]
+    bs = [torch.randn(4, generator=g, dtype=torch.float64) for _ in range(2)]
+    fold_linear(m, ws, u, bs)
+    ws[1].mul_(2.0)
+    bs[0].add_(1.0)
+    w, b = fold_linear(m, ws, u, bs)
+    torch.testing.assert_close(w, m.dense() @ torch.block_diag(*ws) @ u.dense().T)
+    torch.testing.assert_close(b, m.dense() @ torch.cat(bs))

@@ -155,7 +155,8 @@ def test_vit_global_fs_merge_trains_and_folds():
     assert merged.meta["final_loss"] < merged.meta["initial_loss"]
     # learnable: the maps and merged norms only, never the frozen source weights
     sn = vit.SuperNet(src, param="diag+lowrank(16)")
-    maps = sum(p.numel() for m in sn.modules() if type(m).__name__ == "FoldMap" for p in m.parameters())
+    maps = sum(getattr(m, name).numel() for m in sn.modules() if type(m).__name__ == "FoldMap"
+               for name in m._param_names())
     norms = sum(p.numel() for m in sn.modules() if isinstance(m, torch.nn.LayerNorm) and
                 any(q.requires_grad for q in m.parameters()) for p in m.parameters())
     assert merged.meta["learnable_parameters"] == maps + norms

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..foldable import FoldMap, fold_linears, merge_features, unmerge_features
+from ..foldable import FoldMap, fold_linears, merge_features, pack_maps, unmerge_features
 
 FORMS = ("folded", "supernet")
 
@@ -113,6 +113,7 @@ class SuperNet(nn.Module):
                                for l in range(depth))
         self.U = nn.ModuleList(FoldMap(self.widths[l], src_widths[l], param, init, "unmerge", g, dtype)
                                for l in range(depth))
+        self.map_banks = pack_maps(self)                         # same-shaped maps share tensors (foldable.MapBank)
         self.to(sources[0].backbone.layers[0].weight.device)   # maps live where the sources do
 
     # ---------------------------------------------------------------- source weights

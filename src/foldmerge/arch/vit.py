@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..foldable import FoldMap, _fit_cols, fold_linears, merge_features, unmerge_features
+from ..foldable import FoldMap, _fit_cols, fold_linears, merge_features, pack_maps, unmerge_features
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -192,6 +192,7 @@ class SuperNet(nn.Module):
         self._template = Backbone(**self.config).to(dtype)
         for p in self._template.parameters():
             p.requires_grad_(False)
+        self.map_banks = pack_maps(self)                       # same-shaped maps share tensors (foldable.MapBank)
         self.to(bbs[0].proj.weight.device)                     # maps live where the sources do
 
     @staticmethod
@@ -273,7 +274,7 @@ class SuperNet(nn.Module):
         """A plain ViT of the merged width with one adapted head per task (head_k · U_out[k])."""
         from ..model import TaskModel
         merged = TaskModel("vit", dict(self.config), self.tasks, self.head_bias)
-        p = next(self.M_in.parameters())
+        p = self.M_in
         merged.to(dtype=p.dtype, device=p.device)
         merged.backbone.load_state_dict({k: v.detach() for k, v in self.folded_state().items()})
         for i, head in enumerate(merged.heads):

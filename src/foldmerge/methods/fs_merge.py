@@ -26,7 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from ..arch import get_arch
-from ..foldable import merge_features, unmerge_features
+from ..foldable import gather_params, merge_features, unmerge_features
 from ..train import TrainConfig, fit
 from .common import cat_with_owner, fit_reconstruction, reconstruction_loss, sources_arch, target_scales
 
@@ -182,7 +182,7 @@ def _train_local(supernet, models, x, owner, cfg, target_scale):
             supernet.U[l].scale_block(k, sk)
         tgt.append([tk * s for tk, s in zip(t, scales)])
     maps = [(supernet.M[l], supernet.U[l]) for l in range(depth)]
-    params = [p for M, U in maps for p in (*M.parameters(), *U.parameters())]
+    params = [p for p in supernet.parameters() if p.requires_grad]       # the maps' (packed) parameters
     batched = all(M.kind == U.kind == "full" for M, U in maps) and \
         len({(tuple(M.weight.shape), tuple(U.weight.shape)) for M, U in maps}) == 1
     desc = f"FS-Merge local ({depth} layer{'s' if depth > 1 else ''})"
@@ -218,8 +218,8 @@ def _batched_local_loss(maps, owner, in_dims):
     block_of = torch.cat([torch.full((d,), k) for k, d in enumerate(in_dims)])
 
     def loss_fn(zb, tb, ob=None):
-        m = torch.stack([M.weight for M, _ in maps])          # L x d* x Σd
-        u = torch.stack([U.weight for _, U in maps])          # L x d* x Σd  (U = uᵀ)
+        m = gather_params([M for M, _ in maps], "weight")      # L x d* x Σd
+        u = gather_params([U for _, U in maps], "weight")      # L x d* x Σd  (U = uᵀ)
         h = F.relu(torch.bmm(zb.transpose(0, 1), m.transpose(1, 2)))
         sq = (torch.bmm(h, u) - tb.transpose(0, 1)) ** 2       # L x N x Σd
         if ob is None:

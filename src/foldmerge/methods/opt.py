@@ -123,7 +123,7 @@ def merge(models, data, filter: str = "full", reg: float = 0.0, seed: int = 0):
     grid = bbs[0].image_size // bbs[0].patch
     tokens = _tokens_for(filter, grid * grid + 1, grid)
     sn = SuperNet(models, param="full", init="first", seed=seed)
-    dtype = next(iter(sn.M_in.parameters())).dtype
+    dtype = sn.M_in.dtype
     was = [m.training for m in models]
     for m in models:
         m.eval()
