@@ -15,8 +15,9 @@ of the whole merge. Memory: peak above the process's level just before the merge
 allocated bytes; CPU: peak resident set size sampled every millisecond). On the CPU the
 memory comes from separate runs in which glibc maps every block over 16 KiB on its own and
 returns freed memory at once, so that the resident set follows the live tensors rather than
-the allocator's caches; that slows every step, so those runs are not timed. Ratios are to
-distillation with the same n.
+the allocator's caches; that slows every step, so those runs are not timed, and they train
+one epoch (the peak is reached within the first steps of each stage; every step after
+repeats the same allocations). Ratios are to distillation with the same n.
 """
 from __future__ import annotations
 
@@ -160,7 +161,7 @@ def run_bench(ns=(2, 4, 8), per_task: int = 1024, epochs: int = 5, device: str =
         saved = {k: os.environ.get(k) for k in _MALLOC_ENV}
         os.environ.update(_MALLOC_ENV)
         try:
-            memory = _run_jobs(jobs, per_task, epochs, device, threads, precision, vit, "memory")
+            memory = _run_jobs(jobs, per_task, 1, device, threads, precision, vit, "memory")
         finally:
             for k, v in saved.items():
                 if v is None:
