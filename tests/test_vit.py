@@ -278,6 +278,8 @@ def test_vit_bench_plan_options_are_accepted_and_bad_arguments_are_clear(capsys)
     assert "fs-merge seq diag+lowrank(12)" not in [n for n, _, _ in bench_vit.method_plan()]
     seq = dict((n, o) for n, _, o in bench_vit.method_plan(group_size=4))["fs-merge seq diag+lowrank(12)"]
     assert seq["variant"] == "seq" and set(seq) <= set(inspect.signature(get_method("fs-merge")).parameters)
+    low = dict((n, o) for n, _, o in bench_vit.method_plan(group_size=4))["fs-merge diag+lowrank(12)"]
+    assert seq["last_epochs"] == low["epochs"] and seq["epochs"] == low["epochs"] // 4 and seq["lr"] == low["lr"]
 
 
 def test_vit_bench_tuning_picks_the_best_validation_trial(monkeypatch):

@@ -89,8 +89,13 @@ def vit_config(width: int = 64, patch: int = 7) -> dict:
 
 
 def measure(n: int, method: str, per_task: int, epochs: int, device: str, threads: int | None,
-            precision: str = "32-true", vit: dict | None = None) -> dict:
-    """One run, meant for a fresh process: seconds and peak bytes of one merge."""
+            precision: str = "32-true", vit: dict | None = None, memory: bool = True) -> dict:
+    """One run, meant for a fresh process: seconds and peak bytes of one merge.
+
+    memory=False on the CPU skips the RSS sampler: its thread wakes every millisecond and
+    takes the interpreter lock, which slows a run of many small kernels more than one of
+    few large kernels, so timed runs go without it (peak_bytes is then None).
+    """
     import torch
     vit = vit or VIT
     if threads:
@@ -112,7 +117,8 @@ def measure(n: int, method: str, per_task: int, epochs: int, device: str, thread
     name, opts = METHODS[method]
     autocast = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if precision == "bf16-mixed"
                 else nullcontext())
-    with PeakMemory(device) as mem, autocast:
+    track = memory or device.startswith("cuda")        # CUDA's counters cost nothing
+    with PeakMemory(device) if track else nullcontext() as mem, autocast:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -120,7 +126,7 @@ def measure(n: int, method: str, per_task: int, epochs: int, device: str, thread
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-    return {"n": n, "method": method, "seconds": seconds, "peak_bytes": mem.bytes,
+    return {"n": n, "method": method, "seconds": seconds, "peak_bytes": mem.bytes if track else None,
             "learnable_parameters": merged.meta.get("learnable_parameters")}
 
 
@@ -153,7 +159,9 @@ def run_bench(ns=(2, 4, 8), per_task: int = 1024, epochs: int = 5, device: str =
         import torch
         if not torch.cuda.is_available():
             raise ValueError("--device cuda asked for, but torch sees no CUDA device here")
-    jobs = [(n, m) for n in ns for m in methods for _ in range(repeats)]
+    # repeats interleaved (every method, then again), so that a slow spell of the machine
+    # does not fall on one method's runs only
+    jobs = [(n, m) for n in ns for _ in range(repeats) for m in methods]
     t0 = time.perf_counter()
     rows = _run_jobs(jobs, per_task, epochs, device, threads, precision, vit, "time")
     if not device.startswith("cuda"):
@@ -161,15 +169,16 @@ def run_bench(ns=(2, 4, 8), per_task: int = 1024, epochs: int = 5, device: str =
         saved = {k: os.environ.get(k) for k in _MALLOC_ENV}
         os.environ.update(_MALLOC_ENV)
         try:
-            memory = _run_jobs(jobs, per_task, 1, device, threads, precision, vit, "memory")
+            cells = list(dict.fromkeys(jobs))                  # one memory run per cell
+            memory = dict(zip(cells, _run_jobs(cells, per_task, 1, device, threads, precision, vit, "memory")))
         finally:
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-        for row, mem in zip(rows, memory):
-            row["peak_bytes"], row["timed_run_peak_bytes"] = mem["peak_bytes"], row["peak_bytes"]
+        for row in rows:
+            row["peak_bytes"] = memory[(row["n"], row["method"])]["peak_bytes"]
     return {"bench": "cost", "device": device_name(device), "precision": precision, "per_task": per_task,
             "epochs": epochs, "vit": vit, "train": TRAIN, "fs_merge": FS, "repeats": repeats,
             "rows": _medians(rows), "runs": rows, "total_seconds": time.perf_counter() - t0}
@@ -187,9 +196,11 @@ def _run_jobs(jobs, per_task, epochs, device, threads, precision, vit, what) -> 
         for n, m in jobs:
             # a fresh process per run: its peak memory and allocator state are its own
             with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-                row = pool.submit(measure, n, m, per_task, epochs, device, threads, precision, vit).result()
+                row = pool.submit(measure, n, m, per_task, epochs, device, threads, precision, vit,
+                                  what == "memory" or device.startswith("cuda")).result()
             rows.append(row)
-            status(f"  {what}: n={n} {m}: {row['seconds']:.1f} s, peak {row['peak_bytes'] / 2**20:.0f} MiB")
+            peak = f", peak {row['peak_bytes'] / 2**20:.0f} MiB" if row["peak_bytes"] is not None else ""
+            status(f"  {what}: n={n} {m}: {row['seconds']:.1f} s{peak}")
             progress.advance(1)
     return rows
 
