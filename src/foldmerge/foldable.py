@@ -336,7 +336,7 @@ def stacked_matrices(maps) -> torch.Tensor:
     rows, cols = m0._diag_index
     s = s.index_put((layer, rows.repeat(len(maps)), cols.repeat(len(maps))), diag.reshape(-1))
     if m0.kind == "diag+lowrank":
-        s = s + gather_params(maps, "A") @ gather_params(maps, "B")
+        s = s + torch.bmm(gather_params(maps, "A"), gather_params(maps, "B"))
     return s
 
 
@@ -349,14 +349,14 @@ def _fold_group(ms, ws, us, bs):
     if us[0] is not None:                                                 # W_k · U[k]
         U = stacked_matrices(us)                                          # (L, d_in*, Σ in_k)
         cols = _split_points([w.shape[2] for w in W])
-        wu = torch.cat([w @ U[:, :, a:c].transpose(1, 2) for w, (a, c) in zip(W, cols)], dim=1)
+        wu = torch.cat([torch.bmm(w, U[:, :, a:c].transpose(1, 2)) for w, (a, c) in zip(W, cols)], dim=1)
     else:
         wu = torch.cat(W, dim=1)                                          # (L, Σ out_k, in)
     if ms[0] is None:
         return list(zip(wu.unbind(0), b.unbind(0) if b is not None else [None] * len(ws)))
     M = stacked_matrices(ms)                                              # (L, d*, Σ out_k)
-    w_star = M @ wu
-    b_star = (M @ b.unsqueeze(-1)).squeeze(-1) if b is not None else None
+    w_star = torch.bmm(M, wu)
+    b_star = torch.bmm(M, b.unsqueeze(-1)).squeeze(-1) if b is not None else None
     return list(zip(w_star.unbind(0), b_star.unbind(0) if b_star is not None else [None] * len(ws)))
 
 
@@ -390,9 +390,10 @@ def _structured(m: FoldMap | None) -> bool:
 def _fold_group_structured(ms, W, us, b):
     """`_fold_group` for equal source shapes and diag / diag+low-rank maps, without dense maps.
 
-    W is (L, n, out, in), b (L, n·out) or None. A diagonal block scales rows or columns and the low-rank part
-    A·B goes through its rank r, so a layer costs O(n·r·d²) instead of the dense O(n·d³):
-    at width 64, n = 4 and r = 12 the fold is then a small part of a training step.
+    W is (L, n, out, in), b (L, n·out) or None. A diagonal block scales rows or columns and
+    the low-rank part A·B goes through its rank r, so a layer costs O(n·r·d²) instead of the
+    dense O(n·d³). At small widths the cost is the number of operations, not arithmetic, so
+    the bias rides through M as one more column of W·U (M·[W·U | b] = [W* | b*]).
     """
     L, n, o, i = W.shape
     if us[0] is not None:                                    # W_k · U[k] = W_k · S_k^T, S_k = D_k + A B_k
@@ -402,27 +403,29 @@ def _fold_group_structured(ms, W, us, b):
         wu = _fit_cols(W[..., :r_u] * du, d_in)                           # (L, n, o, d_in*)
         if u0.kind == "diag+lowrank":
             A = gather_params(us, "A")                                    # (L, d_in*, r)
-            B = gather_params(us, "B").view(L, u0.rank, n, i).permute(0, 2, 3, 1)  # (L, n, i, r)
-            wu = wu + (W @ B) @ A.transpose(1, 2).unsqueeze(1)
+            B = gather_params(us, "B").view(L, u0.rank, n, i).transpose(1, 2)     # (L, n, r, i)
+            # bmm rather than broadcasting matmul: the same products with fewer autograd nodes
+            wb = torch.bmm(W.reshape(L * n, o, i), B.reshape(L * n, u0.rank, i).transpose(1, 2))
+            wu = wu + torch.bmm(wb.view(L, n * o, -1), A.transpose(1, 2)).view(L, n, o, d_in)
     else:                                                    # shared input: U = [I; …; I]
-        wu = W
+        wu, d_in = W, i
     if b is not None:
-        b = b.view(L, n, o)
+        wu = torch.cat([wu, b.view(L, n, o, 1)], dim=-1)                  # (L, n, o, d_in* + 1)
     if ms[0] is None:
-        return list(zip(wu[:, 0].unbind(0), b[:, 0].unbind(0) if b is not None else [None] * L))
-    m0 = ms[0]
-    d_out, r_m = m0.out_dim, m0.diag_lens[0]
-    dm = gather_params(ms, "diag").view(L, n, r_m)
-    # Σ_k D_k · wu_k: scale rows, sum over sources, pad or cut the rows to d*
-    w_star = _fit_cols((dm.unsqueeze(-1) * wu[:, :, :r_m]).sum(1).transpose(1, 2), d_out).transpose(1, 2)
-    b_star = _fit_cols((dm * b[..., :r_m]).sum(1), d_out) if b is not None else None
-    if m0.kind == "diag+lowrank":
-        A = gather_params(ms, "A")                                        # (L, d*, r)
-        B = gather_params(ms, "B")                                        # (L, r, n·out)
-        w_star = w_star + A @ (B @ wu.reshape(L, n * o, -1))
-        if b is not None:
-            b_star = b_star + (A @ (B @ b.reshape(L, n * o, 1))).squeeze(-1)
-    return list(zip(w_star.unbind(0), b_star.unbind(0) if b_star is not None else [None] * L))
+        folded = wu[:, 0]
+    else:
+        m0 = ms[0]
+        d_out, r_m = m0.out_dim, m0.diag_lens[0]
+        dm = gather_params(ms, "diag").view(L, n, r_m, 1)
+        # Σ_k D_k · wu_k: scale rows, sum over sources, pad or cut the rows to d*
+        folded = _fit_cols((dm * wu[:, :, :r_m]).sum(1).transpose(1, 2), d_out).transpose(1, 2)
+        if m0.kind == "diag+lowrank":
+            folded = folded + torch.bmm(gather_params(ms, "A"),
+                                        torch.bmm(gather_params(ms, "B"), wu.reshape(L, n * o, -1)))
+    if b is None:
+        return [(w, None) for w in folded.unbind(0)]
+    w_star, b_star = folded.split([d_in, 1], dim=-1)      # contiguous again: F.linear wants it so
+    return list(zip(w_star.contiguous().unbind(0), b_star.squeeze(-1).contiguous().unbind(0)))
 
 
 def _split_points(sizes: list[int]) -> list[tuple[int, int]]:
