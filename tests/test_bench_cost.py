@@ -12,6 +12,12 @@ def test_measure_runs_each_method(method, monkeypatch):
     assert row["seconds"] > 0 and row["peak_bytes"] >= 0 and row["learnable_parameters"] > 0
 
 
+def test_seq_runs_the_vit_bench_schedule_and_timed_runs_skip_the_sampler(monkeypatch):
+    monkeypatch.setattr(cost, "VIT", {**cost.VIT, "width": 16, "depth": 1, "heads": 2, "mlp_dim": 32, "out_dim": 8})
+    row = cost.measure(3, "fs-merge seq", per_task=6, epochs=8, device="cpu", threads=None, memory=False)
+    assert row["stage_epochs"] == [2, 8] and row["peak_bytes"] is None
+
+
 def test_ratios_are_to_distillation_of_the_same_n():
     runs = [{"n": 2, "method": "distill", "seconds": 2.0, "peak_bytes": 100, "learnable_parameters": 5},
             {"n": 2, "method": "fs-merge folded", "seconds": 3.0, "peak_bytes": 150, "learnable_parameters": 4},

@@ -8,7 +8,8 @@ epochs, batch size and optimizer:
   distill             one student ViT, every weight learned (`first` init)
   fs-merge folded     global FS-Merge, diag+low-rank maps, trained in folded form (the default)
   fs-merge supernet   the same, trained in SuperNet form (all n models run every step)
-  fs-merge seq        FS-Merge seq. (n - 1 two-model stages, each `epochs` long), folded form
+  fs-merge seq        FS-Merge seq. (n - 1 two-model stages), folded form, on the ViT bench's
+                      schedule: the last stage `epochs` long, earlier ones a quarter of that
 
 Each run is a fresh process (one after another, so they never share cores). Time: wall time
 of the whole merge. Memory: peak above the process's level just before the merge (CUDA: peak
@@ -27,7 +28,7 @@ import threading
 import time
 from contextlib import nullcontext
 
-from .vit import TASKS, VIT         # the ViT bench's model and task names (heads only: data are random)
+from .vit import TASKS, VIT, seq_epochs    # the ViT bench's model, task names (heads only: data are random), seq. schedule
 
 TRAIN = {"optimizer": "adamw", "batch_size": 128, "weight_decay": 0.001, "lr": 1e-4}
 FS = {"param": "diag+lowrank(12)", "init": "first", "target_scale": "none"}
@@ -122,12 +123,14 @@ def measure(n: int, method: str, per_task: int, epochs: int, device: str, thread
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        merged = merge(models, data, method=name, seed=0, epochs=epochs, **TRAIN, **opts)
+        schedule = seq_epochs(epochs) if opts.get("variant") == "seq" else {"epochs": epochs}
+        merged = merge(models, data, method=name, seed=0, **schedule, **TRAIN, **opts)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
     return {"n": n, "method": method, "seconds": seconds, "peak_bytes": mem.bytes if track else None,
-            "learnable_parameters": merged.meta.get("learnable_parameters")}
+            "learnable_parameters": merged.meta.get("learnable_parameters"),
+            **({"stage_epochs": [st["epochs"] for st in merged.meta["stages"]]} if "stages" in merged.meta else {})}
 
 
 def device_name(device: str) -> str:
