@@ -342,10 +342,9 @@ def stacked_matrices(maps) -> torch.Tensor:
 
 def _fold_group(ms, ws, us, bs):
     """Fold L same-shaped layers; ws[l][k] is layer l's weight of source k."""
-    n = len(ws[0])
-    W, b = _stacked_sources(ws, bs)                      # n x (L, out_k, in_k); (L, Σ out_k) or None
-    if len({tuple(w.shape) for w in W}) == 1 and _structured(ms[0]) and _structured(us[0]):
-        return _fold_group_structured(ms, torch.stack(W, 1), us, b)
+    W, W_all, b = _stacked_sources(ws, bs)   # n x (L, out_k, in_k); (L, n, out, in) or None; (L, Σ out_k) or None
+    if W_all is not None and _structured(ms[0]) and _structured(us[0]):
+        return _fold_group_structured(ms, W_all, us, b)
     if us[0] is not None:                                                 # W_k · U[k]
         U = stacked_matrices(us)                                          # (L, d_in*, Σ in_k)
         cols = _split_points([w.shape[2] for w in W])
@@ -361,7 +360,8 @@ def _fold_group(ms, ws, us, bs):
 
 
 # Frozen source weights stacked for a layer group, kept while the same tensors are unchanged:
-# the stacking would otherwise be repeated (and copied) at every training step.
+# the stacking would otherwise be repeated (and copied) at every training step. Sources of
+# equal shapes are also kept as one (L, n, out, in) tensor, what the structured fold reads.
 _SOURCE_STACKS: dict[int, tuple] = {}
 
 
@@ -372,15 +372,16 @@ def _stacked_sources(ws, bs):
         hit = _SOURCE_STACKS.get(id(flat[0]))
         if hit is not None and len(hit[0]) == len(flat) and all(   # same tensors, same storage, unchanged
                 r() is t and (t.data_ptr(), t._version) == v for (r, v), t in zip(hit[0], flat)):
-            return hit[1], hit[2]
+            return hit[1]
     n = len(ws[0])
     W = [torch.stack([w[k] for w in ws]) for k in range(n)]
+    W_all = torch.stack(W, 1) if len({tuple(w.shape) for w in W}) == 1 else None
     b = torch.stack([torch.cat(list(x)) for x in bs]) if bs[0] is not None else None
     if frozen:
         for key in [k for k, v in _SOURCE_STACKS.items() if v[0][0][0]() is None]:   # owners gone
             del _SOURCE_STACKS[key]
-        _SOURCE_STACKS[id(flat[0])] = ([(weakref.ref(t), (t.data_ptr(), t._version)) for t in flat], W, b)
-    return W, b
+        _SOURCE_STACKS[id(flat[0])] = ([(weakref.ref(t), (t.data_ptr(), t._version)) for t in flat], (W, W_all, b))
+    return W, W_all, b
 
 
 def _structured(m: FoldMap | None) -> bool:

@@ -274,8 +274,7 @@ class SuperNet(nn.Module):
         """A plain ViT of the merged width with one adapted head per task (head_k · U_out[k])."""
         from ..model import TaskModel
         merged = TaskModel("vit", dict(self.config), self.tasks, self.head_bias)
-        p = self.M_in
-        merged.to(dtype=p.dtype, device=p.device)
+        merged.to(dtype=self.M_in.dtype, device=self.M_in.device)
         merged.backbone.load_state_dict({k: v.detach() for k, v in self.folded_state().items()})
         for i, head in enumerate(merged.heads):
             src = self.heads[i]

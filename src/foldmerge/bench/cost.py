@@ -118,12 +118,12 @@ def measure(n: int, method: str, per_task: int, epochs: int, device: str, thread
     name, opts = METHODS[method]
     autocast = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if precision == "bf16-mixed"
                 else nullcontext())
+    schedule = seq_epochs(epochs) if opts.get("variant") == "seq" else {"epochs": epochs}
     track = memory or device.startswith("cuda")        # CUDA's counters cost nothing
     with PeakMemory(device) if track else nullcontext() as mem, autocast:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        schedule = seq_epochs(epochs) if opts.get("variant") == "seq" else {"epochs": epochs}
         merged = merge(models, data, method=name, seed=0, **schedule, **TRAIN, **opts)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -200,7 +200,7 @@ def _run_jobs(jobs, per_task, epochs, device, threads, precision, vit, what) -> 
             # a fresh process per run: its peak memory and allocator state are its own
             with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
                 row = pool.submit(measure, n, m, per_task, epochs, device, threads, precision, vit,
-                                  what == "memory" or device.startswith("cuda")).result()
+                                  what == "memory").result()
             rows.append(row)
             peak = f", peak {row['peak_bytes'] / 2**20:.0f} MiB" if row["peak_bytes"] is not None else ""
             status(f"  {what}: n={n} {m}: {row['seconds']:.1f} s{peak}")
