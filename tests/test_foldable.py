@@ -104,14 +104,19 @@ def test_target_width_count_must_match_depth():
 @pytest.mark.parametrize("param", PARAMS)
 def test_block_ops_match_dense_matrix(param):
     g = torch.Generator().manual_seed(0)
+    # unequal widths (block by block), equal widths wider and narrower than d* = 6 (all blocks at once)
+    for dims in ([4, 7, 6], [5, 5, 5], [8, 8, 8]):
+        m = FoldMap(6, dims, param, "random", "merge", g).double()
+        perturb(m)
+        s = m.dense()
+        assert s.shape == (6, sum(dims))
+        feats = [torch.randn(2, 3, d, dtype=torch.float64) for d in dims]
+        torch.testing.assert_close(merge_features(m, feats), torch.cat(feats, -1) @ s.T)
+        y = torch.randn(2, 3, 6, dtype=torch.float64)
+        torch.testing.assert_close(torch.cat(unmerge_features(m, y), -1), y @ s)
     m = FoldMap(6, [4, 7, 6], param, "random", "merge", g).double()
     perturb(m)
     s = m.dense()
-    assert s.shape == (6, 17)
-    feats = [torch.randn(3, d, dtype=torch.float64) for d in (4, 7, 6)]
-    torch.testing.assert_close(merge_features(m, feats), torch.cat(feats, 1) @ s.T)
-    y = torch.randn(3, 6, dtype=torch.float64)
-    torch.testing.assert_close(torch.cat(unmerge_features(m, y), 1), y @ s)
     # fold_linear = M · blockdiag(W) · U with dense matrices
     u = FoldMap(5, [3, 2, 4], param, "random", "unmerge", g).double()
     perturb(u)
@@ -139,6 +144,7 @@ def test_batched_fold_equals_layer_by_layer(param, packed):
     jobs = [(fm(6, [4, 4], "merge"), [rnd(4, 4), rnd(4, 4)], u_shared, [rnd(4), rnd(4)]) for _ in range(3)]
     jobs += [(fm(6, [2, 7], "merge"), [rnd(2, 3), rnd(7, 6)], u_uneq, [rnd(2), rnd(7)]) for _ in range(2)]
     jobs += [(fm(6, [4, 4], "merge"), [rnd(4, 9), rnd(4, 9)], None, None)]
+    jobs += [(fm(6, [4, 4], "merge"), [rnd(4, 4), rnd(4, 4)], fm(5, [4, 4], "unmerge"), None)]   # U, no bias
     jobs += [(fm(3, [4, 4], "merge"), [rnd(4, 8), rnd(4, 8)], fm(5, [8, 8], "unmerge"), [rnd(4), rnd(4)])
              for _ in range(2)]                                      # d* smaller than the sources' widths
     if packed:   # maps in shared banks, read out of order and repeated (u_shared serves three layers)

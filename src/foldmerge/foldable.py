@@ -32,6 +32,7 @@ import weakref
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 PARAMS = ("full", "diag", "diag+lowrank")
 INITS = ("first", "average", "random")
@@ -244,8 +245,8 @@ class MapBank(nn.Module):
     def select(self, name: str, slots: list[int]) -> torch.Tensor:
         """(len(slots) x …): parameter `name` of those maps, one op (the whole tensor if slots = all)."""
         p = self._parameters[name]
-        if slots == list(range(self.size)):
-            return p
+        if slots == list(range(slots[0], slots[0] + len(slots))):     # a run of slots: a view, no copy
+            return p if len(slots) == self.size else p.narrow(0, slots[0], len(slots))
         key = tuple(slots)
         index = self._index_cache.get(key)
         if index is None or index.device != p.device:
@@ -253,18 +254,28 @@ class MapBank(nn.Module):
         return p.index_select(0, index)
 
 
-def pack_maps(module: nn.Module) -> nn.ModuleList:
-    """Pack every FoldMap under `module` into one MapBank per (kind, rank, shape); returns the banks.
+def pack_maps(module: nn.Module, together: list[list[FoldMap]] = ()) -> nn.ModuleList:
+    """Pack every FoldMap under `module` into MapBanks of one (kind, rank, shape); returns the banks.
 
-    Register the result on `module` (e.g. `self.map_banks = pack_maps(self)`) so that the
-    banks' parameters are the module's learnable map parameters.
+    `together`: lists of maps that one fold group reads, in its order (a map may repeat);
+    each becomes a bank of its own (its distinct maps, per shape) so that the fold reads the
+    whole bank or a run of it, a view, instead of gathering slots every step. The other maps
+    are banked by shape. Register the result on `module` (e.g. `self.map_banks =
+    pack_maps(self)`) so that the banks' parameters are the module's learnable parameters.
     """
-    groups: dict[tuple, list[FoldMap]] = {}
-    for m in module.modules():
-        if isinstance(m, FoldMap) and "_bank" not in m.__dict__:
-            key = (_map_key(m), m.dtype, m.device, m._tensor().requires_grad)
-            groups.setdefault(key, []).append(m)
-    return nn.ModuleList(MapBank(maps) for maps in groups.values())
+    def key(m):
+        return (_map_key(m), m.dtype, m.device, m._tensor().requires_grad)
+
+    banked: set[int] = set()
+    banks = []
+    for maps in list(together) + [[m for m in module.modules() if isinstance(m, FoldMap)]]:
+        groups: dict[tuple, list[FoldMap]] = {}
+        for m in maps:
+            if id(m) not in banked and "_bank" not in m.__dict__:
+                banked.add(id(m))
+                groups.setdefault(key(m), []).append(m)
+        banks += [MapBank(ms) for ms in groups.values()]
+    return nn.ModuleList(banks)
 
 
 def gather_params(maps, name: str) -> torch.Tensor:
@@ -280,14 +291,26 @@ def merge_features(m: FoldMap, feats: list[torch.Tensor]) -> torch.Tensor:
     """Merged features Σ_k feats_k · M[k]ᵀ (the SuperNet's M applied to concatenated features)."""
     if m.kind == "full":    # one matmul instead of n (the hot path of local FS-Merge)
         return torch.cat(list(feats), dim=-1) @ m.weight.T
-    return sum(m.apply(k, f) for k, f in enumerate(feats))
+    if len(set(m.in_dims)) > 1:
+        return sum(m.apply(k, f) for k, f in enumerate(feats))
+    # equal widths: all blocks at once (a few ops, not a few per source)
+    x = torch.cat(list(feats), dim=-1)                                   # (…, n·d)
+    r = m.diag_lens[0]
+    y = _fit_cols((x.unflatten(-1, (m.n, m.in_dims[0]))[..., :r] * m.diag.view(m.n, r)).sum(-2), m.out_dim)
+    return y + (x @ m.B.T) @ m.A.T if m.kind == "diag+lowrank" else y
 
 
 def unmerge_features(u: FoldMap, merged: torch.Tensor) -> list[torch.Tensor]:
     """Reconstruct every source model's features from merged ones: U · f*, split per model."""
     if u.kind == "full":
         return list((merged @ u.weight).split(u.in_dims, dim=-1))
-    return [u.apply_t(k, merged) for k in range(u.n)]
+    if len(set(u.in_dims)) > 1:
+        return [u.apply_t(k, merged) for k in range(u.n)]
+    r = u.diag_lens[0]                     # equal widths: all blocks at once
+    x = _fit_cols(merged[..., None, :r] * u.diag.view(u.n, r), u.in_dims[0]).flatten(-2)   # (…, n·d)
+    if u.kind == "diag+lowrank":
+        x = x + (merged @ u.A) @ u.B
+    return list(x.split(u.in_dims, dim=-1))
 
 
 def fold_linear(m: FoldMap | None, weights: list[torch.Tensor], u: FoldMap | None,
@@ -391,42 +414,60 @@ def _structured(m: FoldMap | None) -> bool:
 def _fold_group_structured(ms, W, us, b):
     """`_fold_group` for equal source shapes and diag / diag+low-rank maps, without dense maps.
 
-    W is (L, n, out, in), b (L, n·out) or None. A diagonal block scales rows or columns and
-    the low-rank part A·B goes through its rank r, so a layer costs O(n·r·d²) instead of the
-    dense O(n·d³). At small widths the cost is the number of operations, not arithmetic, so
-    the bias rides through M as one more column of W·U (M·[W·U | b] = [W* | b*]).
+    W is (L, n, out, in), b (L, n·out) or None. With M[k] = Dm_k + Am·Bm_k and
+    U[k] = Du_k + Bu_kᵀ·Auᵀ (diagonal blocks plus a rank-r part), W* = Σ_k M[k]·W_k·U[k] is
+
+        Σ_k Dm_k·W_k·Du_k  +  Am·Σ_k Bm_k·W_k·Du_k            (Y_k = W_k·Du_k)
+      + (Σ_k Dm_k·P_k + Am·Σ_k Bm_k·P_k)·Auᵀ                  (P_k = W_k·Bu_kᵀ, out x r)
+
+    so every source is touched twice, by r-wide products (O(2·n·r·d²) per layer, where
+    applying U and then M would be O(3·n·r·d²)), and Am, Auᵀ are applied once per layer after
+    the sum over sources. At small widths the cost is also the number of operations, so the
+    bias rides along as one more column of Y (M·[W·U | b] = [W* | b*]).
     """
     L, n, o, i = W.shape
-    if us[0] is not None:                                    # W_k · U[k] = W_k · S_k^T, S_k = D_k + A B_k
+    P = A_ut = None
+    if us[0] is not None:
         u0 = us[0]
         d_in, r_u = u0.out_dim, u0.diag_lens[0]
         du = gather_params(us, "diag").view(L, n, 1, r_u)
-        wu = _fit_cols(W[..., :r_u] * du, d_in)                           # (L, n, o, d_in*)
+        y = _fit_cols(W[..., :r_u] * du, d_in)                            # (L, n, o, d_in*)
         if u0.kind == "diag+lowrank":
-            A = gather_params(us, "A")                                    # (L, d_in*, r)
-            B = gather_params(us, "B").view(L, u0.rank, n, i).transpose(1, 2)     # (L, n, r, i)
+            Bu = gather_params(us, "B").view(L, u0.rank, n, i).transpose(1, 2)   # (L, n, r, i)
             # bmm rather than broadcasting matmul: the same products with fewer autograd nodes
-            wb = torch.bmm(W.reshape(L * n, o, i), B.reshape(L * n, u0.rank, i).transpose(1, 2))
-            wu = wu + torch.bmm(wb.view(L, n * o, -1), A.transpose(1, 2)).view(L, n, o, d_in)
+            P = torch.bmm(W.reshape(L * n, o, i), Bu.reshape(L * n, u0.rank, i).transpose(1, 2)).view(L, n, o, -1)
+            A_ut = gather_params(us, "A").transpose(1, 2)                  # (L, r, d_in*)
+            if b is not None:
+                A_ut = F.pad(A_ut, (0, 1))                 # U's low-rank part adds nothing to the bias column
     else:                                                    # shared input: U = [I; …; I]
-        wu, d_in = W, i
+        y, d_in = W, i
     if b is not None:
-        wu = torch.cat([wu, b.view(L, n, o, 1)], dim=-1)                  # (L, n, o, d_in* + 1)
-    if ms[0] is None:
-        folded = wu[:, 0]
+        y = torch.cat([y, b.view(L, n, o, 1)], dim=-1)                    # (L, n, o, d_in* + 1)
+    if ms[0] is None:                                        # n = 1, nothing merged on the output side
+        folded = y[:, 0] if P is None else y[:, 0] + torch.bmm(P[:, 0], A_ut)
     else:
         m0 = ms[0]
         d_out, r_m = m0.out_dim, m0.diag_lens[0]
         dm = gather_params(ms, "diag").view(L, n, r_m, 1)
-        # Σ_k D_k · wu_k: scale rows, sum over sources, pad or cut the rows to d*
-        folded = _fit_cols((dm * wu[:, :, :r_m]).sum(1).transpose(1, 2), d_out).transpose(1, 2)
+        folded = _fit_rows((dm * y[:, :, :r_m]).sum(1), d_out)            # Σ_k Dm_k·Y_k
+        G = None if P is None else _fit_rows((dm * P[:, :, :r_m]).sum(1), d_out)     # Σ_k Dm_k·P_k
         if m0.kind == "diag+lowrank":
-            folded = folded + torch.bmm(gather_params(ms, "A"),
-                                        torch.bmm(gather_params(ms, "B"), wu.reshape(L, n * o, -1)))
+            Bm = gather_params(ms, "B")                                   # (L, r, n·o)
+            C = torch.bmm(Bm, y.reshape(L, n * o, -1))                    # Σ_k Bm_k·Y_k
+            if P is not None:                                             # + (Σ_k Bm_k·P_k)·Auᵀ
+                C = C + torch.bmm(torch.bmm(Bm, P.reshape(L, n * o, -1)), A_ut)
+            folded = folded + torch.bmm(gather_params(ms, "A"), C)
+        if G is not None:
+            folded = folded + torch.bmm(G, A_ut)
     if b is None:
         return [(w, None) for w in folded.unbind(0)]
     w_star, b_star = folded.split([d_in, 1], dim=-1)      # contiguous again: F.linear wants it so
     return list(zip(w_star.contiguous().unbind(0), b_star.squeeze(-1).contiguous().unbind(0)))
+
+
+def _fit_rows(x: torch.Tensor, height: int) -> torch.Tensor:
+    """Truncate or zero-pad the second-to-last dimension of x to `height`."""
+    return x if x.shape[-2] == height else _fit_cols(x.transpose(-1, -2), height).transpose(-1, -2)
 
 
 def _split_points(sizes: list[int]) -> list[tuple[int, int]]:

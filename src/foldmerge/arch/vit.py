@@ -192,7 +192,12 @@ class SuperNet(nn.Module):
         self._template = Backbone(**self.config).to(dtype)
         for p in self._template.parameters():
             p.requires_grad_(False)
-        self.map_banks = pack_maps(self)                       # same-shaped maps share tensors (foldable.MapBank)
+        # same-shaped maps share tensors (foldable.MapBank); the maps of each fold group (see
+        # folded_state) get a bank of their own, in the order the fold reads them
+        blks = list(self.blocks)
+        self.map_banks = pack_maps(self, together=[
+            [m for b in blks for m in (b.M_q, b.M_k, b.M_v, b.M_o)], [m for b in blks for m in (b.U_att, b.U_o)],
+            [b.M_1 for b in blks], [b.U_1 for b in blks], [b.M_2 for b in blks], [b.U_2 for b in blks]])
         self.to(bbs[0].proj.weight.device)                     # maps live where the sources do
 
     @staticmethod
