@@ -218,7 +218,20 @@ def test_teacher_features_are_computed_once_per_model_and_sample():
     first = teacher_features(src[0], x)
     assert teacher_features(src[0], x.clone()) is first and len(calls) == 1    # same content: reused
     teacher_features(src[0], x + 1)                                          # another sample: recomputed
+    assert teacher_features(src[0], x) is first and len(calls) == 2          # ... and both kept (FS-Merge seq.)
     with torch.no_grad():
         src[0].backbone.layers[0].weight.mul_(2)                             # an edited model: recomputed
     edited = teacher_features(src[0], x)
     assert len(calls) == 3 and torch.allclose(edited, original(x))
+
+
+def test_features_in_chunks_keeps_at_most_the_last_samples(monkeypatch):
+    from foldmerge.methods import common
+    src = sources()
+    x = torch.randn(7, 20)
+    torch.testing.assert_close(common.features_in_chunks(src[0], x, chunk=3), src[0].features(x))
+    monkeypatch.setattr(common, "SAMPLES_PER_MODEL", 2)
+    a, b = common.teacher_features(src[0], x), common.teacher_features(src[0], x + 1)
+    assert common.teacher_features(src[0], x) is a                           # a is now the most recent
+    common.teacher_features(src[0], x + 2)                                   # evicts b, the least recent
+    assert common.teacher_features(src[0], x) is a and common.teacher_features(src[0], x + 1) is not b

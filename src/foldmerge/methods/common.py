@@ -38,6 +38,15 @@ def check_same_backbone(models, method: str) -> None:
 
 # The objective FS-Merge and distillation share ------------------------------------
 _TEACHER_FEATURES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+SAMPLES_PER_MODEL = 16      # merge samples whose features are kept per model (FS-Merge seq.: n - 1)
+CHUNK = 256                 # examples per forward pass: memory stays flat however large the sample
+
+
+@torch.no_grad()
+def features_in_chunks(model, x: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """model.features(x), `chunk` examples at a time (a sample of real images in one pass
+    would hold every layer's activations for all of them at once)."""
+    return torch.cat([model.features(part) for part in x.split(chunk)]) if len(x) else model.features(x)
 
 
 @torch.no_grad()
@@ -46,17 +55,22 @@ def teacher_features(model, x: torch.Tensor) -> torch.Tensor:
 
     A bench runs distillation and several FS-Merge variants on the same sources and merge
     sample; the sources' features are the same for all of them (paper E.2 saves them to disk
-    once). The key is the data's content and the model's parameter versions, so a changed
-    sample or an edited model is recomputed; entries die with the model.
+    once). FS-Merge seq. reads each source on a growing sample, one per stage, so a model
+    keeps its last SAMPLES_PER_MODEL samples (features only: N x out_dim each). The key is the
+    data's content and the model's parameter versions, so a changed sample or an edited model
+    is recomputed; entries die with the model.
     """
     data = x.detach().to("cpu").contiguous()
     key = (tuple(x.shape), str(x.dtype), str(x.device),
            hashlib.sha1(data.view(torch.uint8).numpy().tobytes()).hexdigest(),
            tuple(p._version for p in model.parameters()))
     per_model = _TEACHER_FEATURES.setdefault(model, {})
-    if key not in per_model:
-        per_model.clear()               # keep one sample per model: memory stays bounded
-        per_model[key] = model.features(x)
+    if key in per_model:
+        per_model[key] = per_model.pop(key)             # most recently used last
+    else:
+        per_model[key] = features_in_chunks(model, x)
+        while len(per_model) > SAMPLES_PER_MODEL:
+            del per_model[next(iter(per_model))]
     return per_model[key]
 
 

@@ -37,7 +37,7 @@ import torch
 
 from ..arch import get_arch
 from ..model import TaskModel
-from .common import check_same_backbone
+from .common import check_same_backbone, features_in_chunks
 
 
 def _check(models, data, alpha: float) -> None:
@@ -70,7 +70,7 @@ def input_grams(model, x: torch.Tensor) -> list[torch.Tensor]:
     try:
         model.eval()
         p = next(model.backbone.parameters())
-        model.features(x.to(device=p.device, dtype=p.dtype))
+        features_in_chunks(model, x.to(device=p.device, dtype=p.dtype))      # the hooks add up every chunk
     finally:
         for h in handles:
             h.remove()
