@@ -188,10 +188,16 @@ class SuperNet(nn.Module):
         self.heads = nn.ModuleList(heads)
         for p in self.heads.parameters():
             p.requires_grad_(False)
-        # The merged-width ViT the folded form runs (its own parameters are never used).
+        # The merged-width ViT the folded form runs, as a function of the folded weights: its
+        # own parameters are removed, and each step sets the folded tensors as plain attributes
+        # (what functional_call does, without its swap-in / swap-out of every tensor).
         self._template = Backbone(**self.config).to(dtype)
-        for p in self._template.parameters():
-            p.requires_grad_(False)
+        self._template_slots = {}
+        for name, _ in list(self._template.named_parameters()):
+            owner, _, attr = name.rpartition(".")
+            module = self._template.get_submodule(owner)
+            del module._parameters[attr]
+            self._template_slots[name] = (module, attr)
         # same-shaped maps share tensors (foldable.MapBank); the maps of each fold group (see
         # folded_state) get a bank of their own, in the order the fold reads them
         blks = list(self.blocks)
@@ -245,7 +251,16 @@ class SuperNet(nn.Module):
     def forward(self, x: torch.Tensor, form: str = "folded") -> torch.Tensor:
         """Merged features f* (B, out_dim)."""
         if form == "folded":
-            return torch.func.functional_call(self._template, self.folded_state(), (x,))
+            state = self.folded_state()
+            if state.keys() != self._template_slots.keys():     # a folded_state / Backbone mismatch
+                raise RuntimeError(f"folded state and ViT disagree: {sorted(state.keys() ^ self._template_slots.keys())}")
+            try:
+                for name, (module, attr) in self._template_slots.items():
+                    module.__dict__[attr] = state[name]
+                return self._template(x)
+            finally:                                  # the step's graph is not kept alive by the template
+                for module, attr in self._template_slots.values():
+                    module.__dict__.pop(attr, None)
         if form != "supernet":
             raise ValueError(f"form must be 'folded' or 'supernet', got {form!r}")
         return self._supernet_forward(x)
