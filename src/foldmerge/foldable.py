@@ -330,18 +330,29 @@ def fold_linears(jobs) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     are folded together with batched matmuls, so the cost per training step is a few dozen
     kernel launches for a whole network instead of several per layer.
     """
+    out: list = [None] * len(jobs)
+    for idx in fold_groups(jobs):
+        ms, ws, us, bs = zip(*(jobs[i] for i in idx))
+        for i, folded in zip(idx, _fold_group(ms, ws, us, bs)):
+            out[i] = folded
+    return out
+
+
+def fold_groups(jobs) -> list[list[int]]:
+    """The jobs `fold_linears` folds together (same map kinds and shapes, same weight shapes), in order."""
     groups: dict[tuple, list[int]] = {}
     for i, (m, weights, u, biases) in enumerate(jobs):
         if m is None and len(weights) != 1:
             raise ValueError("fold_linear without M needs exactly one weight")
         key = (_map_key(m), _map_key(u), tuple(tuple(w.shape) for w in weights), biases is None)
         groups.setdefault(key, []).append(i)
-    out: list = [None] * len(jobs)
-    for idx in groups.values():
-        ms, ws, us, bs = zip(*(jobs[i] for i in idx))
-        for i, folded in zip(idx, _fold_group(ms, ws, us, bs)):
-            out[i] = folded
-    return out
+    return list(groups.values())
+
+
+def fold_group_maps(jobs) -> list[list[FoldMap]]:
+    """The M's and the U's of every group `fold_linears` folds, in its order: `pack_maps(together=…)`."""
+    return [maps for idx in fold_groups(jobs) for side in (0, 2)
+            if (maps := [jobs[i][side] for i in idx if jobs[i][side] is not None])]
 
 
 def _map_key(m: FoldMap | None):

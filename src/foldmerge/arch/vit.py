@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..foldable import FoldMap, _fit_cols, fold_linears, merge_features, pack_maps, unmerge_features
+from ..foldable import (FoldMap, _fit_cols, fold_group_maps, fold_linears, merge_features, pack_maps,
+                        unmerge_features)
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -198,12 +199,8 @@ class SuperNet(nn.Module):
             module = self._template.get_submodule(owner)
             del module._parameters[attr]
             self._template_slots[name] = (module, attr)
-        # same-shaped maps share tensors (foldable.MapBank); the maps of each fold group (see
-        # folded_state) get a bank of their own, in the order the fold reads them
-        blks = list(self.blocks)
-        self.map_banks = pack_maps(self, together=[
-            [m for b in blks for m in (b.M_q, b.M_k, b.M_v, b.M_o)], [m for b in blks for m in (b.U_att, b.U_o)],
-            [b.M_1 for b in blks], [b.U_1 for b in blks], [b.M_2 for b in blks], [b.U_2 for b in blks]])
+        # the maps of each fold group share tensors (foldable.MapBank), in the order the fold reads them
+        self.map_banks = pack_maps(self, together=fold_group_maps(self._fold_jobs()[1]))
         self.to(bbs[0].proj.weight.device)                     # maps live where the sources do
 
     @staticmethod
@@ -217,8 +214,8 @@ class SuperNet(nn.Module):
         return ln
 
     # ------------------------------------------------------------------------ folding
-    def folded_state(self) -> dict[str, torch.Tensor]:
-        """Parameters of the merged-width ViT (differentiable in the maps and merged norms)."""
+    def _fold_jobs(self) -> tuple[list[str], list[tuple]]:
+        """The ViT's linear layers as `fold_linears` jobs (M, source weights, U, source biases), named."""
         bbs = list(self.sources)
         names, jobs = [], []
 
@@ -233,6 +230,12 @@ class SuperNet(nn.Module):
                                ("o", blk.M_o, blk.U_o), ("fc1", blk.M_1, blk.U_1), ("fc2", blk.M_2, blk.U_2)):
                 job(f"blocks.{l}.{name}", M, [getattr(s, name) for s in src], U)
         job("proj", self.M_proj, [s.proj for s in bbs], self.U_post, bias=False)
+        return names, jobs
+
+    def folded_state(self) -> dict[str, torch.Tensor]:
+        """Parameters of the merged-width ViT (differentiable in the maps and merged norms)."""
+        bbs = list(self.sources)
+        names, jobs = self._fold_jobs()
         st: dict[str, torch.Tensor] = {}
         for name, (w, b) in zip(names, fold_linears(jobs)):
             st[name + ".weight"] = w

@@ -140,7 +140,7 @@ def _warm_up() -> None:
     when the first optimizer is built, about 1.3 s here, which every method would otherwise
     add to its time, shrinking every ratio towards 1."""
     import torch
-    from .. import engine, methods       # noqa: F401  (imported for their side effect)
+    from .. import methods
     methods.registry()
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)], foreach=True)
 
