@@ -147,19 +147,34 @@ def test_batched_fold_equals_layer_by_layer(param, packed):
     jobs += [(fm(6, [4, 4], "merge"), [rnd(4, 4), rnd(4, 4)], fm(5, [4, 4], "unmerge"), None)]   # U, no bias
     jobs += [(fm(3, [4, 4], "merge"), [rnd(4, 8), rnd(4, 8)], fm(5, [8, 8], "unmerge"), [rnd(4), rnd(4)])
              for _ in range(2)]                                      # d* smaller than the sources' widths
+    jobs += [(None, [rnd(4, 4)], fm(5, [4], "unmerge"), [rnd(4)])]   # one model: nothing merged on the output side
     if packed:   # maps in shared banks, read out of order and repeated (u_shared serves three layers)
         holder = torch.nn.ModuleList(m for job in reversed(jobs) for m in (job[0], job[2]) if m is not None)
         banks = pack_maps(holder)
         assert len(banks) < len({id(m) for m in holder})
+    loss, reference = 0.0, 0.0      # a random linear function of every folded tensor, for the gradients
     for (w, b), job in zip(fold_linears(jobs), jobs):
         w1, b1 = fold_linear(*job)
         m, ws, u, bs = job
         dense_u = u.dense().T if u is not None else torch.cat([torch.eye(9, dtype=torch.float64)] * 2)
-        torch.testing.assert_close(w, m.dense() @ torch.block_diag(*ws) @ dense_u)
+        dense_m = m.dense() if m is not None else torch.eye(4, dtype=torch.float64)
+        w_ref = dense_m @ torch.block_diag(*ws) @ dense_u
+        torch.testing.assert_close(w, w_ref)
         torch.testing.assert_close(w, w1)
+        r = rnd(*w.shape)
+        loss, reference = loss + (w * r).sum(), reference + (w_ref * r).sum()
         assert (b is None) == (bs is None)
         if bs is not None:
-            torch.testing.assert_close(b, m.dense() @ torch.cat(bs))
+            b_ref = dense_m @ torch.cat(bs)
+            torch.testing.assert_close(b, b_ref)
+            r = rnd(*b.shape)
+            loss, reference = loss + (b * r).sum(), reference + (b_ref * r).sum()
+    # the gradients reaching every map (the structured fold's backward is written by hand)
+    maps = list({id(m): m for job in jobs for m in (job[0], job[2]) if m is not None}.values())
+    params = [p for m in maps for p in (m.parameters() if not packed else [])] or list(banks.parameters())
+    grads = torch.autograd.grad(loss, params)
+    for got, want in zip(grads, torch.autograd.grad(reference, params)):
+        torch.testing.assert_close(got, want)
 
 
 def test_scale_block_scales_only_that_block():

@@ -32,7 +32,7 @@ import weakref
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+from torch.autograd.function import once_differentiable
 
 PARAMS = ("full", "diag", "diag+lowrank")
 INITS = ("first", "average", "random")
@@ -377,7 +377,8 @@ def stacked_matrices(maps) -> torch.Tensor:
 def _fold_group(ms, ws, us, bs):
     """Fold L same-shaped layers; ws[l][k] is layer l's weight of source k."""
     W, W_all, b = _stacked_sources(ws, bs)   # n x (L, out_k, in_k); (L, n, out, in) or None; (L, Σ out_k) or None
-    if W_all is not None and _structured(ms[0]) and _structured(us[0]):
+    frozen = W_all is not None and not W_all.requires_grad and (b is None or not b.requires_grad)
+    if frozen and _structured(ms[0]) and _structured(us[0]):
         return _fold_group_structured(ms, W_all, us, b)
     if us[0] is not None:                                                 # W_k · U[k]
         U = stacked_matrices(us)                                          # (L, d_in*, Σ in_k)
@@ -423,57 +424,119 @@ def _structured(m: FoldMap | None) -> bool:
 
 
 def _fold_group_structured(ms, W, us, b):
-    """`_fold_group` for equal source shapes and diag / diag+low-rank maps, without dense maps.
+    """`_fold_group` for frozen sources of equal shapes and diag / diag+low-rank maps, no dense maps.
 
     W is (L, n, out, in), b (L, n·out) or None. With M[k] = Dm_k + Am·Bm_k and
     U[k] = Du_k + Bu_kᵀ·Auᵀ (diagonal blocks plus a rank-r part), W* = Σ_k M[k]·W_k·U[k] is
 
-        Σ_k Dm_k·W_k·Du_k  +  Am·Σ_k Bm_k·W_k·Du_k            (Y_k = W_k·Du_k)
-      + (Σ_k Dm_k·P_k + Am·Σ_k Bm_k·P_k)·Auᵀ                  (P_k = W_k·Bu_kᵀ, out x r)
+        T = Σ_k Dm_k·Z_k + Am·Σ_k Bm_k·Z_k,   Z_k = [W_k·Du_k | b_k | W_k·Bu_kᵀ]   (out x (in* + 1 + r))
+        W* = T[:, :in*] + T[:, in*+1:]·Auᵀ,    b* = T[:, in*]
 
-    so every source is touched twice, by r-wide products (O(2·n·r·d²) per layer, where
-    applying U and then M would be O(3·n·r·d²)), and Am, Auᵀ are applied once per layer after
-    the sum over sources. At small widths the cost is also the number of operations, so the
-    bias rides along as one more column of Y (M·[W·U | b] = [W* | b*]).
+    so every source is read twice by r-wide products (O(2·n·r·d²) per layer, where applying U
+    and then M would be O(3·n·r·d²)), and M is applied once, to the weight, the bias and U's
+    low-rank part together. `_StructuredFold` does this in about ten operations each way,
+    with the backward written out: autograd's graph of the same algebra runs about half as
+    many again, most of them passes over (L, n, out, in) tensors, which bound the fold's cost.
     """
-    L, n, o, i = W.shape
-    P = A_ut = None
-    if us[0] is not None:
-        u0 = us[0]
-        d_in, r_u = u0.out_dim, u0.diag_lens[0]
-        du = gather_params(us, "diag").view(L, n, 1, r_u)
-        y = _fit_cols(W[..., :r_u] * du, d_in)                            # (L, n, o, d_in*)
-        if u0.kind == "diag+lowrank":
-            Bu = gather_params(us, "B").view(L, u0.rank, n, i).transpose(1, 2)   # (L, n, r, i)
-            # bmm rather than broadcasting matmul: the same products with fewer autograd nodes
-            P = torch.bmm(W.reshape(L * n, o, i), Bu.reshape(L * n, u0.rank, i).transpose(1, 2)).view(L, n, o, -1)
-            A_ut = gather_params(us, "A").transpose(1, 2)                  # (L, r, d_in*)
-            if b is not None:
-                A_ut = F.pad(A_ut, (0, 1))                 # U's low-rank part adds nothing to the bias column
-    else:                                                    # shared input: U = [I; …; I]
-        y, d_in = W, i
-    if b is not None:
-        y = torch.cat([y, b.view(L, n, o, 1)], dim=-1)                    # (L, n, o, d_in* + 1)
-    if ms[0] is None:                                        # n = 1, nothing merged on the output side
-        folded = y[:, 0] if P is None else y[:, 0] + torch.bmm(P[:, 0], A_ut)
-    else:
-        m0 = ms[0]
-        d_out, r_m = m0.out_dim, m0.diag_lens[0]
-        dm = gather_params(ms, "diag").view(L, n, r_m, 1)
-        folded = _fit_rows((dm * y[:, :, :r_m]).sum(1), d_out)            # Σ_k Dm_k·Y_k
-        G = None if P is None else _fit_rows((dm * P[:, :, :r_m]).sum(1), d_out)     # Σ_k Dm_k·P_k
-        if m0.kind == "diag+lowrank":
-            Bm = gather_params(ms, "B")                                   # (L, r, n·o)
-            C = torch.bmm(Bm, y.reshape(L, n * o, -1))                    # Σ_k Bm_k·Y_k
-            if P is not None:                                             # + (Σ_k Bm_k·P_k)·Auᵀ
-                C = C + torch.bmm(torch.bmm(Bm, P.reshape(L, n * o, -1)), A_ut)
-            folded = folded + torch.bmm(gather_params(ms, "A"), C)
-        if G is not None:
-            folded = folded + torch.bmm(G, A_ut)
+    def params(maps, width):     # diagonals, low-rank factors (or None) and merged width of one side
+        m0 = maps[0]
+        if m0 is None:
+            return None, None, None, width
+        low = m0.kind == "diag+lowrank"
+        return (gather_params(maps, "diag"), gather_params(maps, "A") if low else None,
+                gather_params(maps, "B") if low else None, m0.out_dim)
+
+    dm, Am, Bm, d_out = params(ms, W.shape[2])
+    du, Au, Bu, d_in = params(us, W.shape[3])
+    folded = _StructuredFold.apply(W, b, dm, Am, Bm, du, Au, Bu, d_out, d_in)
     if b is None:
         return [(w, None) for w in folded.unbind(0)]
-    w_star, b_star = folded.split([d_in, 1], dim=-1)      # contiguous again: F.linear wants it so
-    return list(zip(w_star.contiguous().unbind(0), b_star.squeeze(-1).contiguous().unbind(0)))
+    w_star, b_star = folded
+    return list(zip(w_star.unbind(0), b_star.unbind(0)))
+
+
+class _StructuredFold(torch.autograd.Function):
+    """T and [W* | b*] of `_fold_group_structured` (shapes there), with a hand-written backward.
+
+    dm (L, n·r_m), Am (L, out*, rm), Bm (L, rm, n·out): M's diagonals and low-rank factors
+    (None: no M, n = 1; Am = Bm = None: diagonal only); du, Au, Bu the same for U (None:
+    shared input). The sources W, b are frozen: no gradient flows to them.
+    """
+
+    @staticmethod
+    def forward(ctx, W, b, dm, Am, Bm, du, Au, Bu, d_out, d_in):
+        L, n, o, i = W.shape
+        if du is None:                                           # shared input: U = [I; …; I]
+            Z = [W]
+        else:
+            r_u = du.shape[1] // n
+            Z = [_fit_cols(W[..., :r_u] * du.view(L, n, 1, r_u), d_in)]   # W_k·Du_k
+        if b is not None:
+            Z.append(b.view(L, n, o, 1))
+        if Bu is not None:                                       # W_k·Bu_kᵀ
+            Z.append(torch.matmul(W, Bu.view(L, -1, n, i).permute(0, 2, 3, 1)))
+        Z = torch.cat(Z, dim=-1) if len(Z) > 1 else Z[0]         # (L, n, out, c)
+        c = Z.shape[-1]
+        C = None
+        if dm is None:                                           # n = 1, nothing merged on the output side
+            T = Z[:, 0]
+        else:
+            r_m = dm.shape[1] // n
+            T = _fit_rows((dm.view(L, n, r_m, 1) * Z[:, :, :r_m]).sum(1), d_out)     # Σ_k Dm_k·Z_k
+            if Am is not None:
+                C = torch.bmm(Bm, Z.view(L, n * o, c))           # Σ_k Bm_k·Z_k
+                T = torch.baddbmm(T, Am, C)
+        T_p = None
+        if Au is not None:
+            T_p = T[..., c - Au.shape[2]:]
+            w_star = torch.baddbmm(T[..., :d_in], T_p, Au.transpose(1, 2))
+        else:
+            w_star = T[..., :d_in].contiguous()
+        ctx.save_for_backward(W, Z, dm, Am, Bm, du, Au, Bu, C, T_p)
+        ctx.shape = (d_in, b is not None)
+        if b is None:
+            return w_star
+        return w_star, T[..., d_in].contiguous()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_w, g_b=None):
+        W, Z, dm, Am, Bm, du, Au, Bu, C, T_p = ctx.saved_tensors
+        d_in, has_bias = ctx.shape
+        L, n, o, i = W.shape
+        c = Z.shape[-1]
+        g_T = [g_w]
+        if has_bias:
+            g_T.append(g_b.unsqueeze(-1))
+        g_Au = None
+        if Au is not None:
+            g_T.append(torch.bmm(g_w, Au))
+            g_Au = torch.bmm(g_w.transpose(1, 2), T_p)
+        g_T = torch.cat(g_T, dim=-1) if len(g_T) > 1 else g_w     # (L, out*, c)
+        g_dm = g_Am = g_Bm = None
+        if dm is None:
+            g_Z = g_T.unsqueeze(1)
+        else:
+            r_m = dm.shape[1] // n
+            g_S = g_T[:, :r_m].unsqueeze(1)                       # the rows the diagonals reach
+            if Am is not None:
+                g_Am = torch.bmm(g_T, C.transpose(1, 2))
+                g_C = torch.bmm(Am.transpose(1, 2), g_T)
+                g_Bm = torch.bmm(g_C, Z.view(L, n * o, c).transpose(1, 2))
+                g_Z = torch.bmm(Bm.transpose(1, 2), g_C).view(L, n, o, c)
+            else:
+                g_Z = Z.new_zeros(L, n, o, c)
+            g_dm = (g_S * Z[:, :, :r_m]).sum(-1).view(L, n * r_m)
+            g_Z[:, :, :r_m] += dm.view(L, n, r_m, 1) * g_S
+        g_du = g_Bu = None
+        if du is not None:
+            r_u = du.shape[1] // n
+            g_du = (g_Z[..., :r_u] * W[..., :r_u]).sum(-2).view(L, n * r_u)
+            if Bu is not None:
+                r = Bu.shape[1]
+                g_Bu = torch.matmul(g_Z[..., c - r:].transpose(-1, -2), W)       # (L, n, r, in)
+                g_Bu = g_Bu.transpose(1, 2).reshape(L, r, n * i)
+        return None, None, g_dm, g_Am, g_Bm, g_du, g_Au, g_Bu, None, None
 
 
 def _fit_rows(x: torch.Tensor, height: int) -> torch.Tensor:
