@@ -120,6 +120,26 @@ def test_vit_folded_and_supernet_forms_give_same_loss_and_gradients(param, n, wi
     assert all(not p.requires_grad for p in sn.sources.parameters())
 
 
+@pytest.mark.parametrize("param", ["diag", "diag+lowrank(3)"])
+def test_vit_folded_form_runs_under_bf16_autocast(param):
+    # the structured fold runs in float32 inside autocast (its hand-written backward mixes no
+    # dtypes); the step's other matmuls are bfloat16, so the gradients agree only roughly
+    from foldmerge.methods.common import reconstruction_loss
+    src = [s.float() for s in sources64(2, [16, 16], [32, 32])]
+    sn = vit.SuperNet(src, param=param, init="random", seed=4)
+    x = torch.randn(6, 1, 28, 28)
+    targets = [s.features(x).detach() for s in src]
+    grads = {}
+    for bf16 in (False, True):
+        sn.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = reconstruction_loss(sn.reconstruct(sn(x, form="folded")), targets, torch.arange(6) % 2)
+        loss.backward()
+        grads[bf16] = torch.cat([p.grad.flatten() for p in sn.parameters() if p.requires_grad])
+    assert grads[True].dtype == torch.float32
+    assert (grads[True] - grads[False]).norm() < 0.1 * grads[False].norm()
+
+
 def test_vit_distillation_output_map_is_fixed_by_default_and_heads_stay_shared():
     src = [model(TASKS[k], k) for k in range(2)]
     data = [torch.randn(8, 1, 28, 28) for _ in range(2)]

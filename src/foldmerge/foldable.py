@@ -460,11 +460,25 @@ class _StructuredFold(torch.autograd.Function):
 
     dm (L, n·r_m), Am (L, out*, rm), Bm (L, rm, n·out): M's diagonals and low-rank factors
     (None: no M, n = 1; Am = Bm = None: diagonal only); du, Au, Bu the same for U (None:
-    shared input). The sources W, b are frozen: no gradient flows to them.
+    shared input). The sources W, b are frozen: no gradient flows to them. Both directions
+    run in the maps' precision with autocast off: under bf16 autocast the folded weights come
+    out float32 like any weight (the layers that use them cast them), and the backward, which
+    autocast does not reach, sees the dtypes the forward saw.
     """
 
     @staticmethod
     def forward(ctx, W, b, dm, Am, Bm, du, Au, Bu, d_out, d_in):
+        with torch.autocast(W.device.type, enabled=False):
+            return _StructuredFold._forward(ctx, W, b, dm, Am, Bm, du, Au, Bu, d_out, d_in)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_w, g_b=None):
+        with torch.autocast(g_w.device.type, enabled=False):
+            return _StructuredFold._backward(ctx, g_w, g_b)
+
+    @staticmethod
+    def _forward(ctx, W, b, dm, Am, Bm, du, Au, Bu, d_out, d_in):
         L, n, o, i = W.shape
         if du is None:                                           # shared input: U = [I; …; I]
             Z = [W]
@@ -499,8 +513,7 @@ class _StructuredFold(torch.autograd.Function):
         return w_star, T[..., d_in].contiguous()
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, g_w, g_b=None):
+    def _backward(ctx, g_w, g_b):
         W, Z, dm, Am, Bm, du, Au, Bu, C, T_p = ctx.saved_tensors
         d_in, has_bias = ctx.shape
         L, n, o, i = W.shape
