@@ -171,7 +171,7 @@ def test_batched_fold_equals_layer_by_layer(param, packed):
             loss, reference = loss + (b * r).sum(), reference + (b_ref * r).sum()
     # the gradients reaching every map (the structured fold's backward is written by hand)
     maps = list({id(m): m for job in jobs for m in (job[0], job[2]) if m is not None}.values())
-    params = [p for m in maps for p in (m.parameters() if not packed else [])] or list(banks.parameters())
+    params = list(banks.parameters()) if packed else [p for m in maps for p in m.parameters()]
     grads = torch.autograd.grad(loss, params)
     for got, want in zip(grads, torch.autograd.grad(reference, params)):
         torch.testing.assert_close(got, want)

@@ -377,8 +377,7 @@ def stacked_matrices(maps) -> torch.Tensor:
 def _fold_group(ms, ws, us, bs):
     """Fold L same-shaped layers; ws[l][k] is layer l's weight of source k."""
     W, W_all, b = _stacked_sources(ws, bs)   # n x (L, out_k, in_k); (L, n, out, in) or None; (L, Σ out_k) or None
-    frozen = W_all is not None and not W_all.requires_grad and (b is None or not b.requires_grad)
-    if frozen and _structured(ms[0]) and _structured(us[0]):
+    if W_all is not None and _structured(ms[0]) and _structured(us[0]):
         return _fold_group_structured(ms, W_all, us, b)
     if us[0] is not None:                                                 # W_k · U[k]
         U = stacked_matrices(us)                                          # (L, d_in*, Σ in_k)
@@ -395,8 +394,9 @@ def _fold_group(ms, ws, us, bs):
 
 
 # Frozen source weights stacked for a layer group, kept while the same tensors are unchanged:
-# the stacking would otherwise be repeated (and copied) at every training step. Sources of
-# equal shapes are also kept as one (L, n, out, in) tensor, what the structured fold reads.
+# the stacking would otherwise be repeated (and copied) at every training step. Frozen sources
+# of equal shapes are also kept as one (L, n, out, in) tensor, what the structured fold reads
+# (its backward gives the sources no gradient): W_all is None otherwise.
 _SOURCE_STACKS: dict[int, tuple] = {}
 
 
@@ -410,7 +410,7 @@ def _stacked_sources(ws, bs):
             return hit[1]
     n = len(ws[0])
     W = [torch.stack([w[k] for w in ws]) for k in range(n)]
-    W_all = torch.stack(W, 1) if len({tuple(w.shape) for w in W}) == 1 else None
+    W_all = torch.stack(W, 1) if frozen and len({tuple(w.shape) for w in W}) == 1 else None
     b = torch.stack([torch.cat(list(x)) for x in bs]) if bs[0] is not None else None
     if frozen:
         for key in [k for k, v in _SOURCE_STACKS.items() if v[0][0][0]() is None]:   # owners gone
