@@ -97,6 +97,22 @@ def test_folded_vit_equals_supernet(param, n, widths, target):
         assert torch.allclose(out, sn.heads[i](recon[k]), atol=1e-10)
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_folded_vit_follows_its_sources_when_converted(overwrite):
+    # The fold's job list is built once per SuperNet: `.double()` changes the sources' data in
+    # place, and under torch's overwrite-on-conversion mode replaces the parameters themselves.
+    sn = vit.SuperNet([model(TASKS[k], k) for k in range(2)], param="diag+lowrank(3)", init="random", seed=3)
+    x = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(sn(x, form="folded"), sn(x, form="supernet"))      # float32, plan built
+    torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+    try:
+        sn = sn.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    x = x.double()
+    assert torch.allclose(sn(x, form="folded"), sn(x, form="supernet"), atol=1e-10)
+
+
 @pytest.mark.parametrize("param", ["full", "diag", "diag+lowrank(3)"])
 @pytest.mark.parametrize("n,widths,target", [(2, [16, 16], None), (3, [16, 24, 12], [12, 24])])
 def test_vit_folded_and_supernet_forms_give_same_loss_and_gradients(param, n, widths, target):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -323,15 +324,16 @@ def fold_linear(m: FoldMap | None, weights: list[torch.Tensor], u: FoldMap | Non
     return fold_linears([(m, weights, u, biases)])[0]
 
 
-def fold_linears(jobs) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+def fold_linears(jobs, groups: list[list[int]] | None = None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """`fold_linear` for many layers at once: jobs = [(m, weights, u, biases), …].
 
     Layers whose maps and weights have the same shapes (e.g. every block's Q, K, V and O)
     are folded together with batched matmuls, so the cost per training step is a few dozen
-    kernel launches for a whole network instead of several per layer.
+    kernel launches for a whole network instead of several per layer. `groups`: what
+    `fold_groups(jobs)` returns, for a caller that folds the same jobs every step.
     """
     out: list = [None] * len(jobs)
-    for idx in fold_groups(jobs):
+    for idx in groups if groups is not None else fold_groups(jobs):
         ms, ws, us, bs = zip(*(jobs[i] for i in idx))
         for i, folded in zip(idx, _fold_group(ms, ws, us, bs)):
             out[i] = folded
@@ -468,13 +470,13 @@ class _StructuredFold(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, W, b, dm, Am, Bm, du, Au, Bu, d_out, d_in):
-        with torch.autocast(W.device.type, enabled=False):
+        with _no_autocast(W.device.type):
             return _StructuredFold._forward(ctx, W, b, dm, Am, Bm, du, Au, Bu, d_out, d_in)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_w, g_b=None):
-        with torch.autocast(g_w.device.type, enabled=False):
+        with _no_autocast(g_w.device.type):
             return _StructuredFold._backward(ctx, g_w, g_b)
 
     @staticmethod
@@ -550,6 +552,11 @@ class _StructuredFold(torch.autograd.Function):
                 g_Bu = torch.matmul(g_Z[..., c - r:].transpose(-1, -2), W)       # (L, n, r, in)
                 g_Bu = g_Bu.transpose(1, 2).reshape(L, r, n * i)
         return None, None, g_dm, g_Am, g_Bm, g_du, g_Au, g_Bu, None, None
+
+
+def _no_autocast(device_type: str):
+    """Autocast switched off, entered only where it is on (the context costs a few µs a call)."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
 
 
 def _fit_rows(x: torch.Tensor, height: int) -> torch.Tensor:
