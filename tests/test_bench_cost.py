@@ -29,6 +29,17 @@ def test_ratios_are_to_distillation_of_the_same_n():
     assert rows[(2, "fs-merge folded")]["time_ratio"] == pytest.approx(1.1)
     assert rows[(2, "fs-merge folded")]["memory_ratio"] == pytest.approx(1.1)
     assert rows[(4, "distill")]["time_ratio"] == 1.0
+    assert rows[(2, "fs-merge folded")]["time_ratio_quartiles"] is None       # one distillation run: no pairs
+
+
+def test_run_by_run_ratio_quartiles_pair_runs_in_order():
+    d, f = [2.0, 4.0, 2.0, 2.0, 4.0], [3.0, 4.0, 2.2, 2.4, 6.0]              # ratios 1.5, 1.0, 1.1, 1.2, 1.5
+    runs = [{"n": 2, "method": m, "seconds": s, "peak_bytes": 1, "learnable_parameters": 1}
+            for a, b in zip(d, f) for m, s in (("distill", a), ("fs-merge folded", b))]
+    rows = {r["method"]: r for r in cost._medians(runs)}
+    assert rows["fs-merge folded"]["time_ratio"] == pytest.approx(3.0 / 2.0)           # of the medians
+    assert rows["fs-merge folded"]["time_ratio_quartiles"] == pytest.approx([1.1, 1.5])
+    assert rows["distill"]["time_ratio_quartiles"] is None
 
 
 def test_bad_arguments(capsys):

@@ -234,6 +234,13 @@ def _medians(rows: list[dict]) -> list[dict]:
         base = next((b for b in out if b["n"] == r["n"] and b["method"] == "distill"), None)
         r["time_ratio"] = r["seconds"] / base["seconds"] if base else None
         r["memory_ratio"] = r["peak_bytes"] / base["peak_bytes"] if base and base["peak_bytes"] > 0 else None
+        # run i of a method over run i of distillation (adjacent in time: repeats are interleaved);
+        # their quartiles show how far one bench's ratio can be trusted on a noisy machine
+        mine, theirs = ([x["seconds"] for x in rows if x["n"] == r["n"] and x["method"] == m]
+                        for m in (r["method"], "distill"))
+        pairs = [a / b for a, b in zip(mine, theirs)] if base else []
+        r["time_ratio_quartiles"] = ([q for i, q in enumerate(statistics.quantiles(pairs, n=4, method="inclusive"))
+                                      if i != 1] if len(pairs) >= 3 and r["method"] != "distill" else None)
     return out
 
 
@@ -249,12 +256,17 @@ def print_report(result: dict, command: str) -> None:
     for col in ("n", "method", "seconds", "× distill time", "peak MiB", "× distill memory", "learnable params"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in result["rows"]:
+        spread = r.get("time_ratio_quartiles")
         table.add_row(str(r["n"]), r["method"], f"{r['seconds']:.1f}",
-                      "-" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}",
+                      "-" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}"
+                      + (f" ({spread[0]:.2f}–{spread[1]:.2f})" if spread else ""),
                       f"{r['peak_bytes'] / 2**20:.1f}",
                       "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}",
                       f"{r['learnable_parameters']:,}" if r["learnable_parameters"] else "-")
     console.print(table)
+    if any(r.get("time_ratio_quartiles") for r in result["rows"]):
+        console.print("× distill time: ratio of the medians; in brackets the quartiles of the run-by-run ratios "
+                      "(run i of the method over run i of distillation, adjacent in time)")
     console.print(f"measured now ({result['total_seconds'] / 60:.1f} min, median of {result['repeats']} run(s) each); "
                   f"target: fs-merge folded ≤ 1.15× distill time and ≤ 1.25× its memory for n = 2, 4; "
                   f"command: {command}")
