@@ -237,7 +237,8 @@ class SuperNet(nn.Module):
         on it): the jobs hold the maps and the sources' parameters themselves, which `.to()`
         changes in place. Rebuilt if the sources' parameters were replaced by other tensors."""
         plan = self.__dict__.get("_plan")
-        if plan is None or plan[1][0][1][0] is not self.sources[0].patch_proj.weight:
+        first_weight = plan[1][0][1][0] if plan is not None else None      # job 0 (patch_proj), source 0
+        if first_weight is not self.sources[0].patch_proj.weight:
             names, jobs = self._fold_jobs()
             plan = self.__dict__["_plan"] = (names, jobs, fold_groups(jobs))
         return plan

@@ -238,9 +238,11 @@ def _medians(rows: list[dict]) -> list[dict]:
         # their quartiles show how far one bench's ratio can be trusted on a noisy machine
         mine, theirs = ([x["seconds"] for x in rows if x["n"] == r["n"] and x["method"] == m]
                         for m in (r["method"], "distill"))
-        pairs = [a / b for a, b in zip(mine, theirs)] if base else []
-        r["time_ratio_quartiles"] = ([q for i, q in enumerate(statistics.quantiles(pairs, n=4, method="inclusive"))
-                                      if i != 1] if len(pairs) >= 3 and r["method"] != "distill" else None)
+        pairs = [a / b for a, b in zip(mine, theirs)] if base and r["method"] != "distill" else []
+        r["time_ratio_quartiles"] = None
+        if len(pairs) >= 3:
+            q1, _, q3 = statistics.quantiles(pairs, n=4, method="inclusive")
+            r["time_ratio_quartiles"] = [q1, q3]
     return out
 
 
