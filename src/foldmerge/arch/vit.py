@@ -200,7 +200,7 @@ class SuperNet(nn.Module):
             del module._parameters[attr]
             self._template_slots[name] = (module, attr)
         # the maps of each fold group share tensors (foldable.MapBank), in the order the fold reads them
-        self.map_banks = pack_maps(self, together=fold_group_maps(self._fold_jobs()[1]))
+        self.map_banks = pack_maps(self, together=fold_group_maps(self._fold_plan()[1]))
         self.to(bbs[0].proj.weight.device)                     # maps live where the sources do
 
     @staticmethod
