@@ -489,8 +489,9 @@ class _StructuredFold(torch.autograd.Function):
             Z = [_fit_cols(W[..., :r_u] * du.view(L, n, 1, r_u), d_in)]   # W_k·Du_k
         if b is not None:
             Z.append(b.view(L, n, o, 1))
-        if Bu is not None:                                       # W_k·Bu_kᵀ
-            Z.append(torch.matmul(W, Bu.view(L, -1, n, i).permute(0, 2, 3, 1)))
+        if Bu is not None:                                       # W_k·Bu_kᵀ, one bmm over (layer, source)
+            Bu_t = Bu.view(L, -1, n, i).permute(0, 2, 3, 1).reshape(L * n, i, -1)
+            Z.append(torch.bmm(W.view(L * n, o, i), Bu_t).view(L, n, o, -1))
         Z = torch.cat(Z, dim=-1) if len(Z) > 1 else Z[0]         # (L, n, out, c)
         c = Z.shape[-1]
         C = None
@@ -542,15 +543,16 @@ class _StructuredFold(torch.autograd.Function):
             else:
                 g_Z = Z.new_zeros(L, n, o, c)
             g_dm = (g_S * Z[:, :, :r_m]).sum(-1).view(L, n * r_m)
-            g_Z[:, :, :r_m] += dm.view(L, n, r_m, 1) * g_S
+            g_Z[:, :, :r_m].addcmul_(dm.view(L, n, r_m, 1), g_S)
         g_du = g_Bu = None
         if du is not None:
             r_u = du.shape[1] // n
             g_du = (g_Z[..., :r_u] * W[..., :r_u]).sum(-2).view(L, n * r_u)
             if Bu is not None:
                 r = Bu.shape[1]
-                g_Bu = torch.matmul(g_Z[..., c - r:].transpose(-1, -2), W)       # (L, n, r, in)
-                g_Bu = g_Bu.transpose(1, 2).reshape(L, r, n * i)
+                g_P = g_Z[..., c - r:].reshape(L * n, o, r)                      # a view
+                g_Bu = torch.bmm(g_P.transpose(1, 2), W.view(L * n, o, i))       # (L·n, r, in)
+                g_Bu = g_Bu.view(L, n, r, i).transpose(1, 2).reshape(L, r, n * i)
         return None, None, g_dm, g_Am, g_Bm, g_du, g_Au, g_Bu, None, None
 
 
