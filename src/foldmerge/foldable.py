@@ -329,14 +329,16 @@ def fold_linears(jobs, groups: list[list[int]] | None = None) -> list[tuple[torc
 
     Layers whose maps and weights have the same shapes (e.g. every block's Q, K, V and O)
     are folded together with batched matmuls, so the cost per training step is a few dozen
-    kernel launches for a whole network instead of several per layer. `groups`: what
+    kernel launches for a whole network instead of several per layer. A layer without bias
+    joins its group with a zero bias, whose fold is dropped (cheaper than a group of its
+    own: each group costs a few dozen operations whatever its size). `groups`: what
     `fold_groups(jobs)` returns, for a caller that folds the same jobs every step.
     """
     out: list = [None] * len(jobs)
     for idx in groups if groups is not None else fold_groups(jobs):
         ms, ws, us, bs = zip(*(jobs[i] for i in idx))
-        for i, folded in zip(idx, _fold_group(ms, ws, us, bs)):
-            out[i] = folded
+        for i, (w, b) in zip(idx, _fold_group(ms, ws, us, bs)):
+            out[i] = (w, b if jobs[i][3] is not None else None)
     return out
 
 
@@ -346,7 +348,7 @@ def fold_groups(jobs) -> list[list[int]]:
     for i, (m, weights, u, biases) in enumerate(jobs):
         if m is None and len(weights) != 1:
             raise ValueError("fold_linear without M needs exactly one weight")
-        key = (_map_key(m), _map_key(u), tuple(tuple(w.shape) for w in weights), biases is None)
+        key = (_map_key(m), _map_key(u), tuple(tuple(w.shape) for w in weights))   # with or without bias
         groups.setdefault(key, []).append(i)
     return list(groups.values())
 
@@ -403,7 +405,7 @@ _SOURCE_STACKS: dict[int, tuple] = {}
 
 
 def _stacked_sources(ws, bs):
-    flat = [w for layer in ws for w in layer] + ([x for layer in bs for x in layer] if bs[0] is not None else [])
+    flat = [w for layer in ws for w in layer] + [x for layer in bs if layer is not None for x in layer]
     frozen = not any(t.requires_grad for t in flat)
     if frozen:
         hit = _SOURCE_STACKS.get(id(flat[0]))
@@ -413,7 +415,10 @@ def _stacked_sources(ws, bs):
     n = len(ws[0])
     W = [torch.stack([w[k] for w in ws]) for k in range(n)]
     W_all = torch.stack(W, 1) if frozen and len({tuple(w.shape) for w in W}) == 1 else None
-    b = torch.stack([torch.cat(list(x)) for x in bs]) if bs[0] is not None else None
+    b = None
+    if any(x is not None for x in bs):        # a layer without bias gets zeros (its folded bias is dropped)
+        b = torch.stack([torch.cat(list(x)) if x is not None else W[0].new_zeros(sum(w.shape[0] for w in layer))
+                         for x, layer in zip(bs, ws)])
     if frozen:
         for key in [k for k, v in _SOURCE_STACKS.items() if v[0][0][0]() is None]:   # owners gone
             del _SOURCE_STACKS[key]

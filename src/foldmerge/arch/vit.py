@@ -252,9 +252,8 @@ class SuperNet(nn.Module):
             st[name + ".weight"] = w
             if b is not None:
                 st[name + ".bias"] = b
-        m_in = self.M_in.matrix()
-        st["cls"] = torch.cat([s.cls for s in bbs]) @ m_in.T
-        st["pos"] = torch.cat([s.pos for s in bbs], dim=-1) @ m_in.T
+        tokens = merge_features(self.M_in, [torch.cat([s.cls[None], s.pos]) for s in bbs])   # M_in on cls and pos at once
+        st["cls"], st["pos"] = tokens[0], tokens[1:]
         for l, blk in enumerate(self.blocks):
             for ln in ("ln1", "ln2"):
                 norm = getattr(blk, ln)
