@@ -5,7 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from foldmerge.arch.mlp import SuperNet
-from foldmerge.foldable import (FoldMap, fold_linear, fold_linears, merge_features, pack_maps, parse_param,
+from foldmerge.foldable import (FoldMap, fold_groups, fold_linear, fold_linears, merge_features, pack_maps, parse_param,
                                unmerge_features)
 from foldmerge.model import TaskModel
 
@@ -144,7 +144,8 @@ def test_batched_fold_equals_layer_by_layer(param, packed):
     jobs = [(fm(6, [4, 4], "merge"), [rnd(4, 4), rnd(4, 4)], u_shared, [rnd(4), rnd(4)]) for _ in range(3)]
     jobs += [(fm(6, [2, 7], "merge"), [rnd(2, 3), rnd(7, 6)], u_uneq, [rnd(2), rnd(7)]) for _ in range(2)]
     jobs += [(fm(6, [4, 4], "merge"), [rnd(4, 9), rnd(4, 9)], None, None)]
-    jobs += [(fm(6, [4, 4], "merge"), [rnd(4, 4), rnd(4, 4)], fm(5, [4, 4], "unmerge"), None)]   # U, no bias
+    jobs += [(fm(6, [4, 4], "merge"), [rnd(4, 4), rnd(4, 4)], fm(5, [4, 4], "unmerge"), None)]   # U, no bias:
+    assert [0, 1, 2, 6] in fold_groups(jobs)            # folded with the first three, with a zero bias
     jobs += [(fm(3, [4, 4], "merge"), [rnd(4, 8), rnd(4, 8)], fm(5, [8, 8], "unmerge"), [rnd(4), rnd(4)])
              for _ in range(2)]                                      # d* smaller than the sources' widths
     jobs += [(None, [rnd(4, 4)], fm(5, [4], "unmerge"), [rnd(4)])]   # one model: nothing merged on the output side
