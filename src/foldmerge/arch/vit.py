@@ -223,7 +223,6 @@ class SuperNet(nn.Module):
             names.append(name)
             jobs.append((M, [x.weight for x in lins], U, [x.bias for x in lins] if bias else None))
 
-        job("patch_proj", self.M_in, [s.patch_proj for s in bbs], None)
         for l, blk in enumerate(self.blocks):
             src = [s.blocks[l] for s in bbs]
             for name, M, U in (("q", blk.M_q, blk.U_att), ("k", blk.M_k, blk.U_att), ("v", blk.M_v, blk.U_att),
@@ -237,8 +236,8 @@ class SuperNet(nn.Module):
         on it): the jobs hold the maps and the sources' parameters themselves, which `.to()`
         changes in place. Rebuilt if the sources' parameters were replaced by other tensors."""
         plan = self.__dict__.get("_plan")
-        first_weight = plan[1][0][1][0] if plan is not None else None      # job 0 (patch_proj), source 0
-        if first_weight is not self.sources[0].patch_proj.weight:
+        first_weight = plan[1][0][1][0] if plan is not None else None      # job 0 (block 0's q), source 0
+        if first_weight is not self.sources[0].blocks[0].q.weight:
             names, jobs = self._fold_jobs()
             plan = self.__dict__["_plan"] = (names, jobs, fold_groups(jobs))
         return plan
@@ -252,8 +251,14 @@ class SuperNet(nn.Module):
             st[name + ".weight"] = w
             if b is not None:
                 st[name + ".bias"] = b
-        tokens = merge_features(self.M_in, [torch.cat([s.cls[None], s.pos]) for s in bbs])   # M_in on cls and pos at once
-        st["cls"], st["pos"] = tokens[0], tokens[1:]
+        # M_in merges everything the sources write into the residual stream first, in one go: the
+        # patch embedding (no U: every model reads the same pixels, so W* = Σ_k M_in[k]·W_k, each
+        # pixel's column of W_k merged as a feature), its bias, the class token and the positions
+        p = bbs[0].patch_proj.in_features
+        rows = merge_features(self.M_in, [torch.cat([s.patch_proj.weight.T, s.patch_proj.bias[None], s.cls[None], s.pos])
+                                          for s in bbs])
+        st["patch_proj.weight"], st["patch_proj.bias"] = rows[:p].T, rows[p]
+        st["cls"], st["pos"] = rows[p + 1], rows[p + 2:]
         for l, blk in enumerate(self.blocks):
             for ln in ("ln1", "ln2"):
                 norm = getattr(blk, ln)
