@@ -254,11 +254,14 @@ class SuperNet(nn.Module):
         # M_in merges everything the sources write into the residual stream first, in one go: the
         # patch embedding (no U: every model reads the same pixels, so W* = Σ_k M_in[k]·W_k, each
         # pixel's column of W_k merged as a feature), its bias, the class token and the positions
-        p = bbs[0].patch_proj.in_features
-        rows = merge_features(self.M_in, [torch.cat([s.patch_proj.weight.T, s.patch_proj.bias[None], s.cls[None], s.pos])
-                                          for s in bbs])
-        st["patch_proj.weight"], st["patch_proj.bias"] = rows[:p].T, rows[p]
-        st["cls"], st["pos"] = rows[p + 1], rows[p + 2:]
+        p, t = bbs[0].patch_proj.in_features, bbs[0].pos.shape[0]
+        rows = torch.cat([torch.cat([s.patch_proj.weight for s in bbs]).T,           # (p + 2 + t, Σ d_k)
+                          torch.cat([s.patch_proj.bias for s in bbs])[None],
+                          torch.cat([s.cls for s in bbs])[None],
+                          torch.cat([s.pos for s in bbs], dim=-1)])
+        merged = merge_features(self.M_in, list(rows.split(self.M_in.in_dims, dim=-1)))
+        w, b, cls, pos = merged.split([p, 1, 1, t])
+        st["patch_proj.weight"], st["patch_proj.bias"], st["cls"], st["pos"] = w.T, b[0], cls[0], pos
         for l, blk in enumerate(self.blocks):
             for ln in ("ln1", "ln2"):
                 norm = getattr(blk, ln)
