@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     b.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
     b.add_argument("--repeats", type=int, default=1, help="runs per cell; the median is reported (default 1)")
+    b.add_argument("--same-process", action="store_true",
+                   help="time each n's runs in one process, methods alternating (steadier ratios on a busy machine)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     b.add_argument("--threads", type=int, default=None, help="torch threads per run (default torch's choice)")
 
@@ -286,7 +288,7 @@ def cmd_bench_cost(args) -> None:
     from .bench import cost
     result = cost.run_bench(ns=tuple(args.n), per_task=args.per_task, epochs=args.epochs, device=args.device,
                             threads=args.threads, methods=args.methods, precision=args.precision,
-                            repeats=args.repeats, width=args.width, patch=args.patch)
+                            repeats=args.repeats, width=args.width, patch=args.patch, same_process=args.same_process)
     _report_bench(result, args, cost.print_report)
 
 

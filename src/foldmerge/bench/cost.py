@@ -12,7 +12,10 @@ epochs, batch size and optimizer:
                       schedule: the last stage `epochs` long, earlier ones a quarter of that
 
 Each run is a fresh process (one after another, so they never share cores). Time: wall time
-of the whole merge. Memory: peak above the process's level just before the merge (CUDA: peak
+of the whole merge. With --same-process the timed runs of one n share one process instead,
+methods alternating after an untimed run of each (`measure_alternating`): on a shared
+machine whose speed drifts by tens of percent over minutes, run i of every method then sees
+the same machine, and the run-by-run ratios are much tighter. Memory: peak above the process's level just before the merge (CUDA: peak
 allocated bytes; CPU: peak resident set size sampled every millisecond). On the CPU the
 memory comes from separate runs in which glibc maps every block over 16 KiB on its own and
 returns freed memory at once, so that the resident set follows the live tensors rather than
@@ -97,11 +100,28 @@ def measure(n: int, method: str, per_task: int, epochs: int, device: str, thread
     takes the interpreter lock, which slows a run of many small kernels more than one of
     few large kernels, so timed runs go without it (peak_bytes is then None).
     """
+    models, data = _setup(n, per_task, device, threads, vit or VIT)
+    return _timed_merge(models, data, method, epochs, device, precision, memory)
+
+
+def measure_alternating(n: int, methods: list[str], per_task: int, epochs: int, device: str, threads: int | None,
+                        precision: str = "32-true", vit: dict | None = None, repeats: int = 1) -> list[dict]:
+    """Every method's timed runs in this one process, alternating (A, B, A, B, …), after one
+    untimed one-epoch run of each: run i of every method then meets the machine in the same
+    state, which a slow spell of a shared machine does not break as it breaks runs in
+    separate processes minutes apart. Each merge still runs whole, through `merge()`."""
+    models, data = _setup(n, per_task, device, threads, vit or VIT)
+    for m in methods:
+        _timed_merge(models, data, m, 1, device, precision, memory=False)
+    return [_timed_merge(models, data, m, epochs, device, precision, memory=False)
+            for _ in range(repeats) for m in methods]
+
+
+def _setup(n: int, per_task: int, device: str, threads: int | None, vit: dict):
+    """n random ViTs, their merge sample and cached teacher features; one-time costs paid."""
     import torch
-    vit = vit or VIT
     if threads:
         torch.set_num_threads(threads)
-    from ..api import merge
     from ..methods.common import cat_with_owner, teacher_features
     from ..model import TaskModel
     models = []
@@ -116,6 +136,12 @@ def measure(n: int, method: str, per_task: int, epochs: int, device: str, thread
         for m in models[:k]:
             teacher_features(m, x)
     _warm_up()
+    return models, data
+
+
+def _timed_merge(models, data, method: str, epochs: int, device: str, precision: str, memory: bool) -> dict:
+    import torch
+    from ..api import merge
     name, opts = METHODS[method]
     autocast = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if precision == "bf16-mixed"
                 else nullcontext())
@@ -129,7 +155,7 @@ def measure(n: int, method: str, per_task: int, epochs: int, device: str, thread
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-    return {"n": n, "method": method, "seconds": seconds, "peak_bytes": mem.bytes if track else None,
+    return {"n": len(models), "method": method, "seconds": seconds, "peak_bytes": mem.bytes if track else None,
             "learnable_parameters": merged.meta.get("learnable_parameters"),
             **({"stage_epochs": [st["epochs"] for st in merged.meta["stages"]]} if "stages" in merged.meta else {})}
 
@@ -160,7 +186,7 @@ def device_name(device: str) -> str:
 
 def run_bench(ns=(2, 4, 8), per_task: int = 1024, epochs: int = 5, device: str = "cpu",
               threads: int | None = None, methods: list[str] | None = None, precision: str = "32-true",
-              repeats: int = 1, width: int = 64, patch: int = 7) -> dict:
+              repeats: int = 1, width: int = 64, patch: int = 7, same_process: bool = False) -> dict:
     methods = methods or list(METHODS)
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -178,7 +204,10 @@ def run_bench(ns=(2, 4, 8), per_task: int = 1024, epochs: int = 5, device: str =
     # does not fall on one method's runs only
     jobs = [(n, m) for n in ns for _ in range(repeats) for m in methods]
     t0 = time.perf_counter()
-    rows = _run_jobs(jobs, per_task, epochs, device, threads, precision, vit, "time")
+    if same_process:
+        rows = _run_alternating(ns, methods, per_task, epochs, device, threads, precision, vit, repeats)
+    else:
+        rows = _run_jobs(jobs, per_task, epochs, device, threads, precision, vit, "time")
     if not device.startswith("cuda"):
         # memory runs: the children inherit these, so RSS tracks live tensors (module docstring)
         saved = {k: os.environ.get(k) for k in _MALLOC_ENV}
@@ -196,23 +225,41 @@ def run_bench(ns=(2, 4, 8), per_task: int = 1024, epochs: int = 5, device: str =
             row["peak_bytes"] = memory[(row["n"], row["method"])]["peak_bytes"]
     return {"bench": "cost", "device": device_name(device), "precision": precision, "per_task": per_task,
             "epochs": epochs, "vit": vit, "train": TRAIN, "fs_merge": FS, "repeats": repeats,
+            "timing": "one process per n, methods alternating" if same_process else "one process per run",
             "rows": _medians(rows), "runs": rows, "total_seconds": time.perf_counter() - t0}
 
 
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "16384", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-def _run_jobs(jobs, per_task, epochs, device, threads, precision, vit, what) -> list[dict]:
+def _in_fresh_process(fn, *args):
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _run_alternating(ns, methods, per_task, epochs, device, threads, precision, vit, repeats) -> list[dict]:
+    from ..progress import bar, status
+    rows = []
+    with bar(len(ns), "cost runs (time, one process per n)") as progress:
+        for n in ns:
+            got = _in_fresh_process(measure_alternating, n, methods, per_task, epochs, device, threads,
+                                    precision, vit, repeats)
+            for m in methods:
+                status(f"  time: n={n} {m}: " + ", ".join(f"{r['seconds']:.1f}" for r in got if r["method"] == m) + " s")
+            rows += got
+            progress.advance(1)
+    return rows
+
+
+def _run_jobs(jobs, per_task, epochs, device, threads, precision, vit, what) -> list[dict]:
     from ..progress import bar, status
     rows = []
     with bar(len(jobs), f"cost runs ({what})") as progress:
         for n, m in jobs:
             # a fresh process per run: its peak memory and allocator state are its own
-            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-                row = pool.submit(measure, n, m, per_task, epochs, device, threads, precision, vit,
-                                  what == "memory").result()
+            row = _in_fresh_process(measure, n, m, per_task, epochs, device, threads, precision, vit, what == "memory")
             rows.append(row)
             peak = f", peak {row['peak_bytes'] / 2**20:.0f} MiB" if row["peak_bytes"] is not None else ""
             status(f"  {what}: n={n} {m}: {row['seconds']:.1f} s{peak}")
@@ -269,6 +316,7 @@ def print_report(result: dict, command: str) -> None:
     if any(r.get("time_ratio_quartiles") for r in result["rows"]):
         console.print("× distill time: ratio of the medians; in brackets the quartiles of the run-by-run ratios "
                       "(run i of the method over run i of distillation, adjacent in time)")
-    console.print(f"measured now ({result['total_seconds'] / 60:.1f} min, median of {result['repeats']} run(s) each); "
+    console.print(f"measured now ({result['total_seconds'] / 60:.1f} min, median of {result['repeats']} run(s) each, "
+                  f"{result.get('timing', 'one process per run')}); "
                   f"target: fs-merge folded ≤ 1.15× distill time and ≤ 1.25× its memory for n = 2, 4; "
                   f"command: {command}")
