@@ -215,7 +215,8 @@ class SuperNet(nn.Module):
 
     # ------------------------------------------------------------------------ folding
     def _fold_jobs(self) -> tuple[list[str], list[tuple]]:
-        """The ViT's linear layers as `fold_linears` jobs (M, source weights, U, source biases), named."""
+        """The ViT's linear layers as `fold_linears` jobs (M, source weights, U, source biases), named;
+        all but the patch embedding, which `folded_state` merges with the class token and positions."""
         bbs = list(self.sources)
         names, jobs = [], []
 
