@@ -16,8 +16,9 @@ of the whole merge. With --same-process the timed runs of one n share one proces
 methods alternating after an untimed run of each (`measure_alternating`): on a shared
 machine whose speed drifts by tens of percent over minutes, run i of every method then meets
 it in the same state, and the run-by-run ratios scatter less. Memory: peak above the
-process's level just before the merge (CUDA: peak allocated bytes; CPU: peak resident set size sampled every millisecond). On the CPU the
-memory comes from separate runs in which glibc maps every block over 16 KiB on its own and
+process's level just before the merge (CUDA: peak allocated bytes; CPU: peak resident set
+size sampled every millisecond). On the CPU the memory comes from separate runs in which
+glibc maps every block over 16 KiB on its own and
 returns freed memory at once, so that the resident set follows the live tensors rather than
 the allocator's caches; that slows every step, so those runs are not timed, and they train
 one epoch (the peak is reached within the first steps of each stage; every step after
