@@ -399,8 +399,9 @@ def _fold_group(ms, ws, us, bs):
 
 # Frozen source weights stacked for a layer group, kept while the same tensors are unchanged:
 # the stacking would otherwise be repeated (and copied) at every training step. Frozen sources
-# of equal shapes are also kept as one (L, n, out, in) tensor, what the structured fold reads
-# (its backward gives the sources no gradient): W_all is None otherwise.
+# of equal shapes are kept as one (L, n, out, in) tensor, what the structured fold reads (its
+# backward gives the sources no gradient), and the per-source stacks W are views into it;
+# W_all is None otherwise.
 _SOURCE_STACKS: dict[int, tuple] = {}
 
 
@@ -412,9 +413,12 @@ def _stacked_sources(ws, bs):
         if hit is not None and len(hit[0]) == len(flat) and all(   # same tensors, same storage, unchanged
                 r() is t and (t.data_ptr(), t._version) == v for (r, v), t in zip(hit[0], flat)):
             return hit[1]
-    n = len(ws[0])
-    W = [torch.stack([w[k] for w in ws]) for k in range(n)]
-    W_all = torch.stack(W, 1) if frozen and len({tuple(w.shape) for w in W}) == 1 else None
+    W_all = None
+    if frozen and len({tuple(w.shape) for w in ws[0]}) == 1:       # one copy of the sources; W views into it
+        W_all = torch.stack([torch.stack(list(layer)) for layer in ws])
+        W = list(W_all.unbind(1))
+    else:
+        W = [torch.stack([w[k] for w in ws]) for k in range(len(ws[0]))]
     b = None
     if any(x is not None for x in bs):        # a layer without bias gets zeros (its folded bias is dropped)
         b = torch.stack([torch.cat(list(x)) if x is not None else W[0].new_zeros(sum(w.shape[0] for w in layer))
