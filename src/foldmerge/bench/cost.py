@@ -18,11 +18,10 @@ machine whose speed drifts by tens of percent over minutes, run i of every metho
 it in the same state, and the run-by-run ratios scatter less. Memory: peak above the
 process's level just before the merge (CUDA: peak allocated bytes; CPU: peak resident set
 size sampled every millisecond). On the CPU the memory comes from separate runs in which
-glibc maps every block over 16 KiB on its own and
-returns freed memory at once, so that the resident set follows the live tensors rather than
-the allocator's caches; that slows every step, so those runs are not timed, and they train
-one epoch (the peak is reached within the first steps of each stage; every step after
-repeats the same allocations). Ratios are to distillation with the same n.
+glibc maps every block over 16 KiB on its own and returns freed memory at once, so that the
+resident set follows the live tensors rather than the allocator's caches; that slows every
+step, so those runs are not timed, and they train one epoch (the peak is reached within the
+first steps of each stage; every step after repeats the same allocations). Ratios are to distillation with the same n.
 """
 from __future__ import annotations
 
