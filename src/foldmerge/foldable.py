@@ -401,8 +401,9 @@ def _fold_group(ms, ws, us, bs):
 # the stacking would otherwise be repeated (and copied) at every training step. Frozen sources
 # of equal shapes are kept as one (L, n, out, in) tensor, what the structured fold reads (its
 # backward gives the sources no gradient), and the per-source stacks W are views into it;
-# W_all is None otherwise.
-_SOURCE_STACKS: dict[int, tuple] = {}
+# W_all is None otherwise. An entry is [ids, versions, data pointers, stacks, weakrefs]: the
+# weakrefs drop it as soon as one of its tensors is freed, so an id that matches is the tensor.
+_SOURCE_STACKS: dict[int, list] = {}
 
 
 def _stacked_sources(ws, bs):
@@ -410,9 +411,9 @@ def _stacked_sources(ws, bs):
     frozen = not any(t.requires_grad for t in flat)
     if frozen:
         hit = _SOURCE_STACKS.get(id(flat[0]))
-        if hit is not None and len(hit[0]) == len(flat) and all(   # same tensors, same storage, unchanged
-                r() is t and (t.data_ptr(), t._version) == v for (r, v), t in zip(hit[0], flat)):
-            return hit[1]
+        if (hit is not None and hit[0] == list(map(id, flat))              # the same tensors, unchanged
+                and hit[1] == [t._version for t in flat] and hit[2] == [t.data_ptr() for t in flat]):
+            return hit[3]
     W_all = None
     if frozen and len({tuple(w.shape) for w in ws[0]}) == 1:       # one copy of the sources; W views into it
         W_all = torch.stack([torch.stack(list(layer)) for layer in ws])
@@ -424,9 +425,14 @@ def _stacked_sources(ws, bs):
         b = torch.stack([torch.cat(list(x)) if x is not None else W[0].new_zeros(sum(w.shape[0] for w in layer))
                          for x, layer in zip(bs, ws)])
     if frozen:
-        for key in [k for k, v in _SOURCE_STACKS.items() if v[0][0][0]() is None]:   # owners gone
-            del _SOURCE_STACKS[key]
-        _SOURCE_STACKS[id(flat[0])] = ([(weakref.ref(t), (t.data_ptr(), t._version)) for t in flat], (W, W_all, b))
+        key = id(flat[0])
+        entry = [list(map(id, flat)), [t._version for t in flat], [t.data_ptr() for t in flat], (W, W_all, b)]
+
+        def drop(_, key=key, entry=entry):
+            if _SOURCE_STACKS.get(key) is entry:
+                del _SOURCE_STACKS[key]
+        entry.append([weakref.ref(t, drop) for t in flat])
+        _SOURCE_STACKS[key] = entry
     return W, W_all, b
 
 
@@ -440,14 +446,17 @@ def _fold_group_structured(ms, W, us, b):
     W is (L, n, out, in), b (L, n·out) or None. With M[k] = Dm_k + Am·Bm_k and
     U[k] = Du_k + Bu_kᵀ·Auᵀ (diagonal blocks plus a rank-r part), W* = Σ_k M[k]·W_k·U[k] is
 
-        T = Σ_k Dm_k·Z_k + Am·Σ_k Bm_k·Z_k,   Z_k = [W_k·Du_k | b_k | W_k·Bu_kᵀ]   (out x (in* + 1 + r))
-        W* = T[:, :in*] + T[:, in*+1:]·Auᵀ,    b* = T[:, in*]
+        W* = Σ_k Dm_k·W_k·Du_k + Am·V + (Σ_k Dm_k·P_k + Am·R)·Auᵀ
+        b* = Σ_k Dm_k·b_k + Am·Σ_k Bm_k·b_k
+        with P_k = W_k·Bu_kᵀ (out x r), Q_k = Bm_k·W_k (r x in), V = Σ_k Q_k·Du_k, R = Σ_k Bm_k·P_k
 
-    so every source is read twice by r-wide products (O(2·n·r·d²) per layer, where applying U
-    and then M would be O(3·n·r·d²)), and M is applied once, to the weight, the bias and U's
-    low-rank part together. `_StructuredFold` does this in about ten operations each way,
-    with the backward written out: autograd's graph of the same algebra runs about half as
-    many again, most of them passes over (L, n, out, in) tensors, which bound the fold's cost.
+    Each source is read by two r-wide products (P and Q: O(2·n·r·d²) per layer), and every
+    other product is r x r or of the merged size. The backward reads each source the same
+    way (the gradients of Bm and Bu are Q's and P's), so it never forms the (out x in)
+    gradient of any one source's M[k]·W_k, and the diagonal parts cost an elementwise pass.
+    `_StructuredFold` does this with the backward written out: autograd's graph of the same
+    algebra runs about half as many operations again, most of them passes over (L, n, out,
+    in) tensors, which bound the fold's cost.
     """
     def params(maps, width):     # diagonals, low-rank factors (or None) and merged width of one side
         m0 = maps[0]
@@ -467,7 +476,7 @@ def _fold_group_structured(ms, W, us, b):
 
 
 class _StructuredFold(torch.autograd.Function):
-    """T and [W* | b*] of `_fold_group_structured` (shapes there), with a hand-written backward.
+    """[W* | b*] of `_fold_group_structured` (shapes there), with a hand-written backward.
 
     dm (L, n·r_m), Am (L, out*, rm), Bm (L, rm, n·out): M's diagonals and low-rank factors
     (None: no M, n = 1; Am = Bm = None: diagonal only); du, Au, Bu the same for U (None:
@@ -490,78 +499,113 @@ class _StructuredFold(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, W, b, dm, Am, Bm, du, Au, Bu, d_out, d_in):
+        # P is kept transposed, Pt (L, r, n·out): its product with the sources and the one in the
+        # backward then both multiply a few rows into a source, the fast shape for batched matmuls
         L, n, o, i = W.shape
-        if du is None:                                           # shared input: U = [I; …; I]
-            Z = [W]
-        else:
-            r_u = du.shape[1] // n
-            Z = [_fit_cols(W[..., :r_u] * du.view(L, n, 1, r_u), d_in)]   # W_k·Du_k
-        if b is not None:
-            Z.append(b.view(L, n, o, 1))
-        if Bu is not None:                                       # W_k·Bu_kᵀ, one bmm over (layer, source)
-            Bu_t = Bu.view(L, -1, n, i).permute(0, 2, 3, 1).reshape(L * n, i, -1)
-            Z.append(torch.bmm(W.view(L * n, o, i), Bu_t).view(L, n, o, -1))
-        Z = torch.cat(Z, dim=-1) if len(Z) > 1 else Z[0]         # (L, n, out, c)
-        c = Z.shape[-1]
-        C = None
+        Wb = W.view(L * n, o, i)
+        r_u = du.shape[1] // n if du is not None else i
+        Y = W if du is None else _fit_cols(W[..., :r_u] * du.view(L, n, 1, r_u), d_in)   # W_k·Du_k
+        Pt = Q = V = R = beta = None
+        if Bu is not None:                                       # P_kᵀ = Bu_k·W_kᵀ, one bmm over (layer, source)
+            r = Bu.shape[1]
+            Bu_k = Bu.view(L, r, n, i).transpose(1, 2).reshape(L * n, r, i)
+            Pt = torch.bmm(Bu_k, Wb.transpose(1, 2)).view(L, n, r, o).transpose(1, 2).reshape(L, r, n * o)
         if dm is None:                                           # n = 1, nothing merged on the output side
-            T = Z[:, 0]
+            A, St, bd = Y[:, 0], Pt, b
         else:
             r_m = dm.shape[1] // n
-            T = _fit_rows((dm.view(L, n, r_m, 1) * Z[:, :, :r_m]).sum(1), d_out)     # Σ_k Dm_k·Z_k
+            A = _fit_rows((dm.view(L, n, r_m, 1) * Y[:, :, :r_m]).sum(1), d_out)     # Σ_k Dm_k·W_k·Du_k
+            St = None if Pt is None else _fit_cols(
+                (Pt.view(L, -1, n, o)[..., :r_m] * dm.view(L, 1, n, r_m)).sum(2), d_out)   # (Σ_k Dm_k·P_k)ᵀ
+            bd = None if b is None else _fit_cols((dm.view(L, n, r_m) * b.view(L, n, o)[..., :r_m]).sum(1), d_out)
             if Am is not None:
-                C = torch.bmm(Bm, Z.view(L, n * o, c))           # Σ_k Bm_k·Z_k
-                T = torch.baddbmm(T, Am, C)
-        T_p = None
+                rm = Am.shape[2]
+                Bm_k = Bm.view(L, rm, n, o).transpose(1, 2).reshape(L * n, rm, o)
+                Q = torch.bmm(Bm_k, Wb).view(L, n, rm, i)                             # Bm_k·W_k
+                V = Q.sum(1) if du is None else _fit_cols((Q[..., :r_u] * du.view(L, n, 1, r_u)).sum(1), d_in)
+                A = torch.baddbmm(A, Am, V)
+                if Pt is not None:
+                    R = torch.bmm(Bm, Pt.transpose(1, 2))                                # Σ_k Bm_k·P_k
+                    St = torch.baddbmm(St, R.transpose(1, 2), Am.transpose(1, 2))
+                if b is not None:
+                    beta = torch.bmm(Bm, b.view(L, n * o, 1))                            # Σ_k Bm_k·b_k
+                    bd = torch.baddbmm(bd.unsqueeze(-1), Am, beta).squeeze(-1)
         if Au is not None:
-            T_p = T[..., c - Au.shape[2]:]
-            w_star = torch.baddbmm(T[..., :d_in], T_p, Au.transpose(1, 2))
-        else:
-            w_star = T[..., :d_in].contiguous()
-        ctx.save_for_backward(W, Z, dm, Am, Bm, du, Au, Bu, C, T_p)
-        ctx.shape = (d_in, b is not None)
+            w_star = torch.baddbmm(A, St.transpose(1, 2), Au.transpose(1, 2))
+        else:       # A may still be a view of the sources (n = 1, no U): the output is a tensor of its own
+            w_star = A.clone() if A._base is not None or A is W else A
+        ctx.save_for_backward(W, b, dm, Am, Bm, du, Au, Bu, Pt, Q, V, R, beta, St)
+        ctx.sizes = (d_in, r_u)
         if b is None:
             return w_star
-        return w_star, T[..., d_in].contiguous()
+        return w_star, (bd.clone() if bd is b else bd)
 
     @staticmethod
     def _backward(ctx, g_w, g_b):
-        W, Z, dm, Am, Bm, du, Au, Bu, C, T_p = ctx.saved_tensors
-        d_in, has_bias = ctx.shape
+        W, b, dm, Am, Bm, du, Au, Bu, Pt, Q, V, R, beta, St = ctx.saved_tensors
+        d_in, r_u = ctx.sizes
         L, n, o, i = W.shape
-        c = Z.shape[-1]
-        g_T = [g_w]
-        if has_bias:
-            g_T.append(g_b.unsqueeze(-1))
-        g_Au = None
-        if Au is not None:
-            g_T.append(torch.bmm(g_w, Au))
-            g_Au = torch.bmm(g_w.transpose(1, 2), T_p)
-        g_T = torch.cat(g_T, dim=-1) if len(g_T) > 1 else g_w     # (L, out*, c)
-        g_dm = g_Am = g_Bm = None
-        if dm is None:
-            g_Z = g_T.unsqueeze(1)
+        Wb = W.view(L * n, o, i)
+        g_dm = g_Am = g_Bm = g_du = g_Au = g_Bu = g_St = g_Pt = None
+        if Au is not None:                                       # W* = A + S·Auᵀ
+            g_Au = torch.bmm(g_w.transpose(1, 2), St.transpose(1, 2))
+            g_St = torch.bmm(Au.transpose(1, 2), g_w.transpose(1, 2))                  # (L, r, out*)
+        if dm is None:                                           # n = 1: W* = W_0·Du_0 + P_0·Auᵀ
+            if du is not None:
+                g_du = (g_w[..., :r_u] * W[:, 0, :, :r_u]).sum(-2)
+            g_Pt = g_St
         else:
             r_m = dm.shape[1] // n
-            g_S = g_T[:, :r_m].unsqueeze(1)                       # the rows the diagonals reach
-            if Am is not None:
-                g_Am = torch.bmm(g_T, C.transpose(1, 2))
-                g_C = torch.bmm(Am.transpose(1, 2), g_T)
-                g_Bm = torch.bmm(g_C, Z.view(L, n * o, c).transpose(1, 2))
-                g_Z = torch.bmm(Bm.transpose(1, 2), g_C).view(L, n, o, c)
+            g_du_q = None
+            if Am is not None:                                   # the low-rank part of M: Am·(V, R, β)
+                Am_t = Am.transpose(1, 2)
+                g_Am = torch.bmm(g_w, V.transpose(1, 2))
+                g_V = torch.bmm(Am_t, g_w)                       # (L, rm, d_in)
+                rm = g_V.shape[1]
+                # V = Σ_k Q_k·Du_k with Q_k = Bm_k·W_k: Bm's and Du's gradients through Q
+                if du is None:
+                    g_Q = g_V.unsqueeze(1).expand(L, n, rm, i)
+                else:
+                    g_Vu = g_V[:, None, :, :r_u]
+                    g_Q = _fit_cols(g_Vu * du.view(L, n, 1, r_u), i)
+                    g_du_q = (g_Vu * Q[..., :r_u]).sum(-2)                               # (L, n, r_u)
+                g_Bm = torch.bmm(g_Q.reshape(L * n, rm, i), Wb.transpose(1, 2))
+                g_Bm = g_Bm.view(L, n, rm, o).transpose(1, 2).reshape(L, rm, n * o)
+                if R is not None:                                # R = Σ_k Bm_k·P_k
+                    g_Am.baddbmm_(g_St.transpose(1, 2), R.transpose(1, 2))
+                    g_R = torch.bmm(g_St, Am)                    # g_Rᵀ (L, r, rm)
+                    g_Bm.baddbmm_(g_R.transpose(1, 2), Pt)
+                    g_Pt = torch.bmm(g_R, Bm)                    # (L, r, n·out)
+                if beta is not None:                             # β = Σ_k Bm_k·b_k
+                    g_Am.baddbmm_(g_b.unsqueeze(-1), beta.transpose(1, 2))
+                    g_Bm.baddbmm_(torch.bmm(Am_t, g_b.unsqueeze(-1)), b.view(L, 1, n * o))
+            # the diagonal part of M: Σ_k Dm_k·(W_k·Du_k, P_k, b_k), rows < r_m
+            E = g_w[:, None, :r_m, :r_u] * W[:, :, :r_m, :r_u]                   # (L, n, r_m, r_u)
+            if du is None:
+                g_dm = E.sum(-1)
             else:
-                g_Z = Z.new_zeros(L, n, o, c)
-            g_dm = (g_S * Z[:, :, :r_m]).sum(-1).view(L, n * r_m)
-            g_Z[:, :, :r_m].addcmul_(dm.view(L, n, r_m, 1), g_S)
-        g_du = g_Bu = None
-        if du is not None:
-            r_u = du.shape[1] // n
-            g_du = (g_Z[..., :r_u] * W[..., :r_u]).sum(-2).view(L, n * r_u)
-            if Bu is not None:
-                r = Bu.shape[1]
-                g_P = g_Z[..., c - r:].reshape(L * n, o, r)                      # a view
-                g_Bu = torch.bmm(g_P.transpose(1, 2), W.view(L * n, o, i))       # (L·n, r, in)
-                g_Bu = g_Bu.view(L, n, r, i).transpose(1, 2).reshape(L, r, n * i)
+                E2 = E.view(L * n, r_m, r_u)
+                g_dm = torch.bmm(du.view(L * n, 1, r_u), E2.transpose(1, 2)).view(L, n, r_m)
+                g_du = torch.bmm(dm.view(L * n, 1, r_m), E2).view(L, n, r_u)
+                if g_du_q is not None:
+                    g_du += g_du_q
+            if g_St is not None:
+                g_Sd = g_St[:, :, None, :r_m]                                          # (L, r, 1, r_m)
+                g_dm += (g_Sd * Pt.view(L, -1, n, o)[..., :r_m]).sum(1)
+                g_Pd = g_Sd * dm.view(L, 1, n, r_m)                                    # (L, r, n, r_m)
+                if g_Pt is None:
+                    g_Pt = _fit_cols(g_Pd, o).view(L, -1, n * o)
+                else:
+                    g_Pt.view(L, -1, n, o)[..., :r_m] += g_Pd
+            if b is not None:
+                g_dm += g_b[:, None, :r_m] * b.view(L, n, o)[..., :r_m]
+            g_dm = g_dm.reshape(L, n * r_m)
+        if g_du is not None:
+            g_du = g_du.reshape(L, n * r_u)
+        if Bu is not None:                                       # P_kᵀ = Bu_k·W_kᵀ
+            r = Bu.shape[1]
+            g_Pk = g_Pt.view(L, r, n, o).transpose(1, 2).reshape(L * n, r, o)
+            g_Bu = torch.bmm(g_Pk, Wb).view(L, n, r, i).transpose(1, 2).reshape(L, r, n * i)
         return None, None, g_dm, g_Am, g_Bm, g_du, g_Au, g_Bu, None, None
 
 
