@@ -111,6 +111,13 @@ def test_folded_vit_follows_its_sources_when_converted(overwrite):
         torch.__future__.set_overwrite_module_params_on_conversion(False)
     x = x.double()
     assert torch.allclose(sn(x, form="folded"), sn(x, form="supernet"), atol=1e-10)
+    # the stacked sources are cached too: an in-place edit of a source (contents, not storage) is seen
+    with torch.no_grad():
+        for s in sn.sources:
+            s.patch_proj.weight.mul_(1.5)
+            s.pos.add_(0.1)
+            s.blocks[1].fc2.bias.sub_(0.2)
+    assert torch.allclose(sn(x, form="folded"), sn(x, form="supernet"), atol=1e-10)
 
 
 @pytest.mark.parametrize("param", ["full", "diag", "diag+lowrank(3)"])

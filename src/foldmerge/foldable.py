@@ -397,43 +397,55 @@ def _fold_group(ms, ws, us, bs):
     return list(zip(w_star.unbind(0), b_star.unbind(0) if b_star is not None else [None] * len(ws)))
 
 
-# Frozen source weights stacked for a layer group, kept while the same tensors are unchanged:
-# the stacking would otherwise be repeated (and copied) at every training step. Frozen sources
-# of equal shapes are kept as one (L, n, out, in) tensor, what the structured fold reads (its
-# backward gives the sources no gradient), and the per-source stacks W are views into it;
-# W_all is None otherwise. An entry is [ids, versions, data pointers, stacks, weakrefs]: the
-# weakrefs drop it as soon as one of its tensors is freed, so an id that matches is the tensor.
-_SOURCE_STACKS: dict[int, list] = {}
+# Tensors built from frozen source weights (stacks, concatenations), kept while the same source
+# tensors are unchanged: a training step would otherwise rebuild (and copy) them every time. An
+# entry is [ids, versions, data pointers, value, weakrefs]: the weakrefs drop it as soon as one
+# of its tensors is freed, so an id that matches is the same tensor.
+_FROZEN_CACHE: dict[tuple, list] = {}
+
+
+def frozen_cached(tag: str, tensors: list[torch.Tensor], build):
+    """build(), computed once while `tensors` stay the same tensors with unchanged contents
+    (version counter) and storage (`.to()` in place moves it); rebuilt at every call if any
+    of them requires grad (the value must then carry its graph)."""
+    if any(t.requires_grad for t in tensors):
+        return build()
+    key = (tag, id(tensors[0]))
+    hit = _FROZEN_CACHE.get(key)
+    if (hit is not None and hit[0] == list(map(id, tensors))
+            and hit[1] == [t._version for t in tensors] and hit[2] == [t.data_ptr() for t in tensors]):
+        return hit[3]
+    value = build()
+    entry = [list(map(id, tensors)), [t._version for t in tensors], [t.data_ptr() for t in tensors], value]
+
+    def drop(_, key=key, entry=entry):
+        if _FROZEN_CACHE.get(key) is entry:
+            del _FROZEN_CACHE[key]
+    entry.append([weakref.ref(t, drop) for t in tensors])
+    _FROZEN_CACHE[key] = entry
+    return value
 
 
 def _stacked_sources(ws, bs):
+    """The sources of a layer group stacked: n x (L, out_k, in_k), the same as one (L, n, out, in)
+    tensor W_all when the sources are frozen and of equal shapes (what the structured fold reads;
+    W are then views into it, not a second copy) else None, and the biases (L, Σ out_k) or None."""
     flat = [w for layer in ws for w in layer] + [x for layer in bs if layer is not None for x in layer]
-    frozen = not any(t.requires_grad for t in flat)
-    if frozen:
-        hit = _SOURCE_STACKS.get(id(flat[0]))
-        if (hit is not None and hit[0] == list(map(id, flat))              # the same tensors, unchanged
-                and hit[1] == [t._version for t in flat] and hit[2] == [t.data_ptr() for t in flat]):
-            return hit[3]
-    W_all = None
-    if frozen and len({tuple(w.shape) for w in ws[0]}) == 1:       # one copy of the sources; W views into it
-        W_all = torch.stack([torch.stack(list(layer)) for layer in ws])
-        W = list(W_all.unbind(1))
-    else:
-        W = [torch.stack([w[k] for w in ws]) for k in range(len(ws[0]))]
-    b = None
-    if any(x is not None for x in bs):        # a layer without bias gets zeros (its folded bias is dropped)
-        b = torch.stack([torch.cat(list(x)) if x is not None else W[0].new_zeros(sum(w.shape[0] for w in layer))
-                         for x, layer in zip(bs, ws)])
-    if frozen:
-        key = id(flat[0])
-        entry = [list(map(id, flat)), [t._version for t in flat], [t.data_ptr() for t in flat], (W, W_all, b)]
 
-        def drop(_, key=key, entry=entry):
-            if _SOURCE_STACKS.get(key) is entry:
-                del _SOURCE_STACKS[key]
-        entry.append([weakref.ref(t, drop) for t in flat])
-        _SOURCE_STACKS[key] = entry
-    return W, W_all, b
+    def build():
+        W_all = None
+        if not any(t.requires_grad for t in flat) and len({tuple(w.shape) for w in ws[0]}) == 1:
+            W_all = torch.stack([torch.stack(list(layer)) for layer in ws])
+            W = list(W_all.unbind(1))
+        else:
+            W = [torch.stack([w[k] for w in ws]) for k in range(len(ws[0]))]
+        b = None
+        if any(x is not None for x in bs):    # a layer without bias gets zeros (its folded bias is dropped)
+            b = torch.stack([torch.cat(list(x)) if x is not None else W[0].new_zeros(sum(w.shape[0] for w in layer))
+                             for x, layer in zip(bs, ws)])
+        return W, W_all, b
+
+    return frozen_cached("fold group", flat, build)
 
 
 def _structured(m: FoldMap | None) -> bool:

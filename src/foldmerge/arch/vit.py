@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..foldable import (FoldMap, _fit_cols, fold_group_maps, fold_groups, fold_linears, merge_features, pack_maps,
-                        unmerge_features)
+from ..foldable import (FoldMap, _fit_cols, fold_group_maps, fold_groups, fold_linears, frozen_cached, merge_features,
+                        pack_maps, unmerge_features)
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -256,11 +256,10 @@ class SuperNet(nn.Module):
         # patch embedding (no U: every model reads the same pixels, so W* = Σ_k M_in[k]·W_k, each
         # pixel's column of W_k merged as a feature), its bias, the class token and the positions
         p, t = bbs[0].patch_proj.in_features, bbs[0].pos.shape[0]
-        rows = torch.cat([torch.cat([s.patch_proj.weight for s in bbs]).T,           # (p + 2 + t, Σ d_k)
-                          torch.cat([s.patch_proj.bias for s in bbs])[None],
-                          torch.cat([s.cls for s in bbs])[None],
-                          torch.cat([s.pos for s in bbs], dim=-1)])
-        merged = merge_features(self.M_in, list(rows.split(self.M_in.in_dims, dim=-1)))
+        pieces = [x for s in bbs for x in (s.patch_proj.weight, s.patch_proj.bias, s.cls, s.pos)]
+        rows = frozen_cached("vit embedding", pieces, lambda: [                        # (p + 2 + t, d_k) each
+            torch.cat([w.T, bias[None], cls[None], pos]) for w, bias, cls, pos in zip(*[iter(pieces)] * 4)])
+        merged = merge_features(self.M_in, rows)
         w, b, cls, pos = merged.split([p, 1, 1, t])
         st["patch_proj.weight"], st["patch_proj.bias"], st["cls"], st["pos"] = w.T, b[0], cls[0], pos
         for l, blk in enumerate(self.blocks):
