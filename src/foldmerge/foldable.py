@@ -466,9 +466,10 @@ def _fold_group_structured(ms, W, us, b):
     other product is r x r or of the merged size. The backward reads each source the same
     way (the gradients of Bm and Bu are Q's and P's), so it never forms the (out x in)
     gradient of any one source's M[k]·W_k, and the diagonal parts cost an elementwise pass.
-    `_StructuredFold` does this with the backward written out: autograd's graph of the same
-    algebra runs about half as many operations again, most of them passes over (L, n, out,
-    in) tensors, which bound the fold's cost.
+    `_StructuredFold` does this with the backward written out (autograd's graph of the same
+    algebra would add its own nodes, saved tensors and passes). At a tiny ViT's sizes most of
+    the fold's time is per-operation cost (~150 small operations a group, forward and backward),
+    not arithmetic: it barely grows with n.
     """
     def params(maps, width):     # diagonals, low-rank factors (or None) and merged width of one side
         m0 = maps[0]
