@@ -411,19 +411,18 @@ def frozen_cached(tag: str, tensors: list[torch.Tensor], build):
     if any(t.requires_grad for t in tensors):
         return build()
     key = (tag, id(tensors[0]))
+    state = [list(map(id, tensors)), [t._version for t in tensors], [t.data_ptr() for t in tensors]]
     hit = _FROZEN_CACHE.get(key)
-    if (hit is not None and hit[0] == list(map(id, tensors))
-            and hit[1] == [t._version for t in tensors] and hit[2] == [t.data_ptr() for t in tensors]):
+    if hit is not None and hit[:3] == state:
         return hit[3]
-    value = build()
-    entry = [list(map(id, tensors)), [t._version for t in tensors], [t.data_ptr() for t in tensors], value]
+    entry = state + [build()]
 
     def drop(_, key=key, entry=entry):
         if _FROZEN_CACHE.get(key) is entry:
             del _FROZEN_CACHE[key]
     entry.append([weakref.ref(t, drop) for t in tensors])
     _FROZEN_CACHE[key] = entry
-    return value
+    return entry[3]
 
 
 def _stacked_sources(ws, bs):
@@ -548,7 +547,7 @@ class _StructuredFold(torch.autograd.Function):
         else:       # A may still be a view of the sources (n = 1, no U): the output is a tensor of its own
             w_star = A.clone() if A._base is not None or A is W else A
         ctx.save_for_backward(W, b, dm, Am, Bm, du, Au, Bu, Pt, Q, V, R, beta, St)
-        ctx.sizes = (d_in, r_u)
+        ctx.r_u = r_u
         if b is None:
             return w_star
         return w_star, (bd.clone() if bd is b else bd)
@@ -556,7 +555,7 @@ class _StructuredFold(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, g_w, g_b):
         W, b, dm, Am, Bm, du, Au, Bu, Pt, Q, V, R, beta, St = ctx.saved_tensors
-        d_in, r_u = ctx.sizes
+        r_u = ctx.r_u
         L, n, o, i = W.shape
         Wb = W.view(L * n, o, i)
         g_dm = g_Am = g_Bm = g_du = g_Au = g_Bu = g_St = g_Pt = None
@@ -573,7 +572,7 @@ class _StructuredFold(torch.autograd.Function):
             if Am is not None:                                   # the low-rank part of M: Am·(V, R, β)
                 Am_t = Am.transpose(1, 2)
                 g_Am = torch.bmm(g_w, V.transpose(1, 2))
-                g_V = torch.bmm(Am_t, g_w)                       # (L, rm, d_in)
+                g_V = torch.bmm(Am_t, g_w)                       # (L, rm, in*)
                 rm = g_V.shape[1]
                 # V = Σ_k Q_k·Du_k with Q_k = Bm_k·W_k: Bm's and Du's gradients through Q
                 if du is None:
