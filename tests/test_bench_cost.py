@@ -60,3 +60,20 @@ def test_same_process_runs_alternate_methods_after_an_untimed_run_of_each(monkey
     assert calls == [("distill", 1), ("fs-merge folded", 1)] + [("distill", 2), ("fs-merge folded", 2)] * 2
     assert [r["method"] for r in rows] == ["distill", "fs-merge folded"] * 2
     assert all(r["n"] == 2 and r["seconds"] > 0 and r["peak_bytes"] is None for r in rows)
+
+
+def test_steps_time_each_methods_real_step_alternately(monkeypatch):
+    monkeypatch.setattr(cost, "VIT", {**cost.VIT, "width": 16, "depth": 1, "heads": 2, "mlp_dim": 32, "out_dim": 8})
+    rows = cost.measure_steps(2, ["distill", "fs-merge folded"], per_task=6, device="cpu", threads=None,
+                              rounds=3, block=2)
+    assert [r["method"] for r in rows] == ["distill", "fs-merge folded"] * 3
+    assert all(r["seconds"] > 0 and r["peak_bytes"] is None and r["learnable_parameters"] > 0 for r in rows)
+    table = {r["method"]: r for r in cost._medians(rows)}
+    assert table["fs-merge folded"]["memory_ratio"] is None and len(table["fs-merge folded"]["time_ratio_quartiles"]) == 2
+
+
+def test_steps_argument_errors(capsys):
+    assert main(["bench", "cost", "--steps", "-1"]) == 2
+    assert "--steps" in capsys.readouterr().err
+    assert main(["bench", "cost", "--steps", "5", "--same-process"]) == 2
+    assert "drop --same-process" in capsys.readouterr().err

@@ -235,3 +235,23 @@ def test_features_in_chunks_keeps_at_most_the_last_samples(monkeypatch):
     assert common.teacher_features(src[0], x) is a                           # a is now the most recent
     common.teacher_features(src[0], x + 2)                                   # evicts b, the least recent
     assert common.teacher_features(src[0], x) is a and common.teacher_features(src[0], x + 1) is not b
+
+
+def test_capture_fits_trains_nothing_and_train_step_is_fits_step():
+    from foldmerge.train import capture_fits, fit, make_optimizer, train_step
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3))
+    x = torch.randn(8, 3)
+    loss_fn = lambda xb: ((xb @ w) ** 2).mean()                                 # noqa: E731
+    cfg = TrainConfig(epochs=1, lr=0.1, batch_size=None, schedule="constant")
+    before = w.detach().clone()
+    with capture_fits() as fits:
+        assert fit([w], loss_fn, [x], cfg) == []
+    assert torch.equal(w, before) and fits[0][1] is loss_fn and fits[0][3] is cfg
+    history = fit([w], loss_fn, [x], cfg)                        # outside: trains again
+    after_fit = w.detach().clone()
+    with torch.no_grad():
+        w.copy_(before)
+    opt = make_optimizer([w], cfg)
+    assert train_step(opt, [w], loss_fn, [x]) == pytest.approx(history[0])
+    assert torch.allclose(w, after_fit)                           # one full-batch step = one epoch of fit

@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=1, help="runs per cell; the median is reported (default 1)")
     b.add_argument("--same-process", action="store_true",
                    help="time each n's runs in one process, methods alternating (steadier ratios on a busy machine)")
+    b.add_argument("--steps", type=int, default=0, metavar="ROUNDS",
+                   help="time training steps, not whole runs: each n in one process, methods alternating "
+                        "in blocks of 4 steps for ROUNDS rounds (e.g. 30; the steadiest ratio on a busy machine)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     b.add_argument("--threads", type=int, default=None, help="torch threads per run (default torch's choice)")
 
@@ -146,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command_line() -> str:
-    return "foldmerge " + " ".join(sys.argv[1:])
+    """The command as a shell would take it back (arguments with spaces quoted)."""
+    import shlex
+    return "foldmerge " + shlex.join(sys.argv[1:])
 
 
 def cmd_train_sources(args) -> None:
@@ -288,7 +293,8 @@ def cmd_bench_cost(args) -> None:
     from .bench import cost
     result = cost.run_bench(ns=tuple(args.n), per_task=args.per_task, epochs=args.epochs, device=args.device,
                             threads=args.threads, methods=args.methods, precision=args.precision,
-                            repeats=args.repeats, width=args.width, patch=args.patch, same_process=args.same_process)
+                            repeats=args.repeats, width=args.width, patch=args.patch, same_process=args.same_process,
+                            steps=args.steps)
     _report_bench(result, args, cost.print_report)
 
 

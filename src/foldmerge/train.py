@@ -7,6 +7,7 @@ and a loss function supplied by the caller.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
@@ -65,6 +66,38 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
 
 
+def train_step(opt: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tensor],
+               batch: Sequence[torch.Tensor], fabric=None) -> float:
+    """One optimizer step on `batch` (the body of `fit`'s loop); returns the batch's loss."""
+    opt.zero_grad(set_to_none=True)
+    part, weight = engine.shard(batch, fabric)
+    if len(part[0]):
+        with engine.autocast(fabric):
+            loss = loss_fn(*part)
+        loss.backward()
+    else:                           # more ranks than examples: this rank adds nothing
+        loss = torch.zeros(())
+    batch_loss = engine.average_gradients(params, loss, weight, fabric)
+    opt.step()
+    return batch_loss
+
+
+_captured: list | None = None
+
+
+@contextmanager
+def capture_fits():
+    """Within it, `fit` trains nothing: it appends what it was asked to train, (params, loss_fn,
+    data, cfg), to the list this yields and returns no history. `bench cost --steps` uses it to
+    time the real training steps of several methods side by side with `train_step`."""
+    global _captured
+    saved, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = saved
+
+
 def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tensor],
         data: Sequence[torch.Tensor], cfg: TrainConfig, desc: str = "training") -> list[float]:
     """Minimize loss_fn(*batch) over `data` (tensors sharing their first dimension).
@@ -72,6 +105,9 @@ def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tenso
     Returns the mean loss of every epoch. Under an `engine.Engine` run the batch is shared
     among the ranks and their gradients averaged (see engine.py); otherwise plain PyTorch.
     """
+    if _captured is not None:
+        _captured.append((list(params), loss_fn, list(data), cfg))
+        return []
     params = [p for p in params if p.requires_grad]
     n = len(data[0])
     bs = n if not cfg.batch_size or cfg.batch_size >= n else cfg.batch_size
@@ -91,16 +127,7 @@ def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tenso
                 batch = data if order is None else [t[order[i * bs:(i + 1) * bs]] for t in data]
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * lr_factor(cfg, step, total, steps_per_epoch)
-                opt.zero_grad(set_to_none=True)
-                part, weight = engine.shard(batch, fabric)
-                if len(part[0]):
-                    with engine.autocast(fabric):
-                        loss = loss_fn(*part)
-                    loss.backward()
-                else:                           # more ranks than examples: this rank adds nothing
-                    loss = torch.zeros(())
-                batch_loss = engine.average_gradients(params, loss, weight, fabric)
-                opt.step()
+                batch_loss = train_step(opt, params, loss_fn, batch, fabric)
                 step += 1
                 epoch_loss += batch_loss * len(batch[0])
                 if bs < n:

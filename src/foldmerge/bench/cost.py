@@ -15,7 +15,11 @@ Each run is a fresh process (one after another, so they never share cores). Time
 of the whole merge. With --same-process the timed runs of one n share one process instead,
 methods alternating after an untimed run of each (`measure_alternating`): on a shared
 machine whose speed drifts by tens of percent over minutes, run i of every method then meets
-it in the same state, and the run-by-run ratios scatter less. Memory: peak above the
+it in the same state, and the run-by-run ratios scatter less. With --steps R the time is that of
+the training steps alone (`measure_steps`): in one process per n, each method's real training step
+(its `fit` loss, backward and optimizer step, through `train.train_step`) runs in blocks of 4,
+the methods alternating block by block for R rounds, which follows a drifting machine far more
+closely than whole runs can (FS-Merge seq.: the step of its last stage). Memory: peak above the
 process's level just before the merge (CUDA: peak allocated bytes; CPU: peak resident set
 size sampled every millisecond). On the CPU the memory comes from separate runs in which
 glibc maps every block over 16 KiB on its own and returns freed memory at once, so that the
@@ -117,6 +121,55 @@ def measure_alternating(n: int, methods: list[str], per_task: int, epochs: int, 
             for _ in range(repeats) for m in methods]
 
 
+def measure_steps(n: int, methods: list[str], per_task: int, device: str, threads: int | None,
+                  precision: str = "32-true", vit: dict | None = None, rounds: int = 30, block: int = 4) -> list[dict]:
+    """Seconds per training step of every method, `rounds` rows each, measured in this process.
+
+    Each method's merge runs under `train.capture_fits`, which hands over what its `fit` would
+    train (parameters, loss, data, config) instead of training; its step is then
+    `train.train_step` on one batch of the bench's size, with the method's own optimizer. The
+    methods take turns, `block` steps at a time, after two untimed blocks each."""
+    import torch
+    from ..api import merge
+    from ..train import capture_fits, make_optimizer, train_step
+    models, data = _setup(n, per_task, device, threads, vit or VIT)
+    steps, learnable = {}, {}
+    for m in methods:
+        name, opts = METHODS[m]
+        with capture_fits() as fits:
+            merged = merge(models, data, method=name, seed=0, epochs=1, **TRAIN, **opts)
+        params, loss_fn, args, cfg = fits[-1]
+        params = [p for p in params if p.requires_grad]
+        opt = make_optimizer(params, cfg)
+        pick = torch.randperm(len(args[0]), generator=torch.Generator().manual_seed(0))[:cfg.batch_size]
+        batch = [t[pick.to(t.device)] for t in args]
+        steps[m] = lambda opt=opt, params=params, loss_fn=loss_fn, batch=batch: train_step(opt, params, loss_fn, batch)
+        learnable[m] = merged.meta.get("learnable_parameters")
+    cuda = device.startswith("cuda")
+    autocast = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if precision == "bf16-mixed"
+                else nullcontext())
+
+    def timed(m: str) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(block):
+            steps[m]()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / block
+
+    rows = []
+    with autocast:
+        for _ in range(2):
+            for m in methods:
+                timed(m)
+        for _ in range(rounds):
+            rows += [{"n": n, "method": m, "seconds": timed(m), "peak_bytes": None,
+                      "learnable_parameters": learnable[m]} for m in methods]
+    return rows
+
+
 def _setup(n: int, per_task: int, device: str, threads: int | None, vit: dict):
     """n random ViTs, their merge sample and cached teacher features; one-time costs paid."""
     import torch
@@ -186,7 +239,8 @@ def device_name(device: str) -> str:
 
 def run_bench(ns=(2, 4, 8), per_task: int = 1024, epochs: int = 5, device: str = "cpu",
               threads: int | None = None, methods: list[str] | None = None, precision: str = "32-true",
-              repeats: int = 1, width: int = 64, patch: int = 7, same_process: bool = False) -> dict:
+              repeats: int = 1, width: int = 64, patch: int = 7, same_process: bool = False,
+              steps: int = 0) -> dict:
     methods = methods or list(METHODS)
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -195,6 +249,10 @@ def run_bench(ns=(2, 4, 8), per_task: int = 1024, epochs: int = 5, device: str =
         raise ValueError(f"--n values must lie in 2…{len(TASKS)}")
     if per_task < 1 or epochs < 1 or repeats < 1:
         raise ValueError("--per-task, --epochs and --repeats must be positive")
+    if steps < 0:
+        raise ValueError(f"--steps must be a positive number of rounds, got {steps}")
+    if steps and same_process:
+        raise ValueError("--steps times steps in one process already; drop --same-process")
     vit = vit_config(width, patch)
     if device.startswith("cuda"):
         import torch
@@ -204,7 +262,9 @@ def run_bench(ns=(2, 4, 8), per_task: int = 1024, epochs: int = 5, device: str =
     # does not fall on one method's runs only
     jobs = [(n, m) for n in ns for _ in range(repeats) for m in methods]
     t0 = time.perf_counter()
-    if same_process:
+    if steps:
+        rows = _run_steps(ns, methods, per_task, device, threads, precision, vit, steps)
+    elif same_process:
         rows = _run_alternating(ns, methods, per_task, epochs, device, threads, precision, vit, repeats)
     else:
         rows = _run_jobs(jobs, per_task, epochs, device, threads, precision, vit, "time")
@@ -225,7 +285,9 @@ def run_bench(ns=(2, 4, 8), per_task: int = 1024, epochs: int = 5, device: str =
             row["peak_bytes"] = memory[(row["n"], row["method"])]["peak_bytes"]
     return {"bench": "cost", "device": device_name(device), "precision": precision, "per_task": per_task,
             "epochs": epochs, "vit": vit, "train": TRAIN, "fs_merge": FS, "repeats": repeats,
-            "timing": "one process per n, methods alternating" if same_process else "one process per run",
+            "timing": (f"training steps, one process per n, methods alternating in blocks of 4 steps, {steps} rounds"
+                       if steps else "one process per n, methods alternating" if same_process else "one process per run"),
+            "steps": steps,
             "rows": _medians(rows), "runs": rows, "total_seconds": time.perf_counter() - t0}
 
 
@@ -253,6 +315,21 @@ def _run_alternating(ns, methods, per_task, epochs, device, threads, precision, 
     return rows
 
 
+def _run_steps(ns, methods, per_task, device, threads, precision, vit, rounds) -> list[dict]:
+    import statistics
+    from ..progress import bar, status
+    rows = []
+    with bar(len(ns), "cost runs (training steps, one process per n)") as progress:
+        for n in ns:
+            got = _in_fresh_process(measure_steps, n, methods, per_task, device, threads, precision, vit, rounds)
+            for m in methods:
+                ms = statistics.median(r["seconds"] for r in got if r["method"] == m) * 1e3
+                status(f"  steps: n={n} {m}: median {ms:.2f} ms a step over {rounds} rounds")
+            rows += got
+            progress.advance(1)
+    return rows
+
+
 def _run_jobs(jobs, per_task, epochs, device, threads, precision, vit, what) -> list[dict]:
     from ..progress import bar, status
     rows = []
@@ -275,12 +352,14 @@ def _medians(rows: list[dict]) -> list[dict]:
     for n, m in keys:
         sel = [r for r in rows if r["n"] == n and r["method"] == m]
         out.append({"n": n, "method": m, "seconds": statistics.median(r["seconds"] for r in sel),
-                    "peak_bytes": statistics.median(r["peak_bytes"] for r in sel),
+                    "peak_bytes": (None if any(r["peak_bytes"] is None for r in sel)      # not measured
+                                   else statistics.median(r["peak_bytes"] for r in sel)),
                     "learnable_parameters": sel[0]["learnable_parameters"]})
     for r in out:
         base = next((b for b in out if b["n"] == r["n"] and b["method"] == "distill"), None)
         r["time_ratio"] = r["seconds"] / base["seconds"] if base else None
-        r["memory_ratio"] = r["peak_bytes"] / base["peak_bytes"] if base and base["peak_bytes"] > 0 else None
+        r["memory_ratio"] = (r["peak_bytes"] / base["peak_bytes"]
+                             if base and r["peak_bytes"] is not None and base["peak_bytes"] else None)
         # run i of a method over run i of distillation (adjacent in time: repeats are interleaved);
         # their quartiles show how far one bench's ratio can be trusted on a noisy machine
         mine, theirs = ([x["seconds"] for x in rows if x["n"] == r["n"] and x["method"] == m]
@@ -299,24 +378,29 @@ def print_report(result: dict, command: str) -> None:
     from rich.table import Table
     console = Console(file=sys.stdout, width=max(120, Console().width))
     v = result["vit"]
+    per_step = bool(result.get("steps"))
     table = Table(title=f"merge cost on {result['device']} ({result['precision']}): ViT width {v['width']}, depth "
                         f"{v['depth']}, {(28 // v['patch']) ** 2 + 1} tokens; {result['per_task']} images per model, "
-                        f"{result['epochs']} epochs, batch {result['train']['batch_size']}")
-    for col in ("n", "method", "seconds", "× distill time", "peak MiB", "× distill memory", "learnable params"):
+                        + (f"steps of batch {result['train']['batch_size']}" if per_step else
+                           f"{result['epochs']} epochs, batch {result['train']['batch_size']}"))
+    for col in ("n", "method", "ms / step" if per_step else "seconds", "× distill time", "peak MiB", "× distill memory",
+                "learnable params"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in result["rows"]:
         spread = r.get("time_ratio_quartiles")
-        table.add_row(str(r["n"]), r["method"], f"{r['seconds']:.1f}",
+        table.add_row(str(r["n"]), r["method"], f"{r['seconds'] * 1e3:.2f}" if per_step else f"{r['seconds']:.1f}",
                       "-" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}"
                       + (f" ({spread[0]:.2f}–{spread[1]:.2f})" if spread else ""),
-                      f"{r['peak_bytes'] / 2**20:.1f}",
+                      "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.1f}",
                       "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}",
                       f"{r['learnable_parameters']:,}" if r["learnable_parameters"] else "-")
     console.print(table)
     if any(r.get("time_ratio_quartiles") for r in result["rows"]):
-        console.print("× distill time: ratio of the medians; in brackets the quartiles of the run-by-run ratios "
-                      "(run i of the method over run i of distillation, adjacent in time)")
-    console.print(f"measured now ({result['total_seconds'] / 60:.1f} min, median of {result['repeats']} run(s) each, "
+        what = "round" if per_step else "run"
+        console.print(f"× distill time: ratio of the medians; in brackets the quartiles of the {what}-by-{what} ratios "
+                      f"({what} i of the method over {what} i of distillation, adjacent in time)")
+    count = f"{result['steps']} rounds" if per_step else f"{result['repeats']} run(s)"
+    console.print(f"measured now ({result['total_seconds'] / 60:.1f} min, median of {count} each, "
                   f"{result.get('timing', 'one process per run')}); "
                   f"target: fs-merge folded ≤ 1.15× distill time and ≤ 1.25× its memory for n = 2, 4; "
                   f"command: {command}")
