@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time each n's runs in one process, methods alternating (steadier ratios on a busy machine)")
     b.add_argument("--steps", type=int, default=0, metavar="ROUNDS",
                    help="time training steps, not whole runs: each n in one process, methods alternating "
-                        "in blocks of 4 steps for ROUNDS rounds (e.g. 30; the steadiest ratio on a busy machine)")
+                        "in blocks of 4 steps for ROUNDS rounds (e.g. 30; steadier ratios on a busy machine)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     b.add_argument("--threads", type=int, default=None, help="torch threads per run (default torch's choice)")
 

@@ -18,8 +18,8 @@ machine whose speed drifts by tens of percent over minutes, run i of every metho
 it in the same state, and the run-by-run ratios scatter less. With --steps R the time is that of
 the training steps alone (`measure_steps`): in one process per n, each method's real training step
 (its `fit` loss, backward and optimizer step, through `train.train_step`) runs in blocks of 4,
-the methods alternating block by block for R rounds, which follows a drifting machine far more
-closely than whole runs can (FS-Merge seq.: the step of its last stage). Memory: peak above the
+the methods alternating block by block for R rounds, which follows a drifting machine more
+closely than whole runs (FS-Merge seq.: the step of its last stage). Memory: peak above the
 process's level just before the merge (CUDA: peak allocated bytes; CPU: peak resident set
 size sampled every millisecond). On the CPU the memory comes from separate runs in which
 glibc maps every block over 16 KiB on its own and returns freed memory at once, so that the
