@@ -87,9 +87,10 @@ _captured: list | None = None
 
 @contextmanager
 def capture_fits():
-    """Within it, `fit` trains nothing: it appends what it was asked to train, (params, loss_fn,
-    data, cfg), to the list this yields and returns no history. `bench cost --steps` uses it to
-    time the real training steps of several methods side by side with `train_step`."""
+    """Within it, `fit` trains nothing: it appends what it was asked to train (the parameters
+    that require grad, loss_fn, data, cfg) to the list this yields and returns no history.
+    `bench cost --steps` uses it to time the real training steps of several methods side by
+    side with `train_step`."""
     global _captured
     saved, _captured = _captured, []
     try:
@@ -105,10 +106,10 @@ def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tenso
     Returns the mean loss of every epoch. Under an `engine.Engine` run the batch is shared
     among the ranks and their gradients averaged (see engine.py); otherwise plain PyTorch.
     """
-    if _captured is not None:
-        _captured.append((list(params), loss_fn, list(data), cfg))
-        return []
     params = [p for p in params if p.requires_grad]
+    if _captured is not None:
+        _captured.append((params, loss_fn, list(data), cfg))
+        return []
     n = len(data[0])
     bs = n if not cfg.batch_size or cfg.batch_size >= n else cfg.batch_size
     steps_per_epoch = math.ceil(n / bs)

@@ -34,11 +34,13 @@ import platform
 import threading
 import time
 from contextlib import nullcontext
+from functools import partial
 
 from .vit import TASKS, VIT, seq_epochs    # the ViT bench's model, task names (heads only: data are random), seq. schedule
 
 TRAIN = {"optimizer": "adamw", "batch_size": 128, "weight_decay": 0.001, "lr": 1e-4}
 FS = {"param": "diag+lowrank(12)", "init": "first", "target_scale": "none"}
+STEP_BLOCK = 4     # --steps: consecutive steps of one method between turns
 METHODS = {
     "distill": ("distill", {"init": "first"}),
     "fs-merge folded": ("fs-merge", {"variant": "global", "form": "folded", **FS}),
@@ -122,7 +124,8 @@ def measure_alternating(n: int, methods: list[str], per_task: int, epochs: int, 
 
 
 def measure_steps(n: int, methods: list[str], per_task: int, device: str, threads: int | None,
-                  precision: str = "32-true", vit: dict | None = None, rounds: int = 30, block: int = 4) -> list[dict]:
+                  precision: str = "32-true", vit: dict | None = None, rounds: int = 30,
+                  block: int = STEP_BLOCK) -> list[dict]:
     """Seconds per training step of every method, `rounds` rows each, measured in this process.
 
     Each method's merge runs under `train.capture_fits`, which hands over what its `fit` would
@@ -139,15 +142,12 @@ def measure_steps(n: int, methods: list[str], per_task: int, device: str, thread
         with capture_fits() as fits:
             merged = merge(models, data, method=name, seed=0, epochs=1, **TRAIN, **opts)
         params, loss_fn, args, cfg = fits[-1]
-        params = [p for p in params if p.requires_grad]
         opt = make_optimizer(params, cfg)
         pick = torch.randperm(len(args[0]), generator=torch.Generator().manual_seed(0))[:cfg.batch_size]
         batch = [t[pick.to(t.device)] for t in args]
         steps[m] = lambda opt=opt, params=params, loss_fn=loss_fn, batch=batch: train_step(opt, params, loss_fn, batch)
         learnable[m] = merged.meta.get("learnable_parameters")
     cuda = device.startswith("cuda")
-    autocast = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if precision == "bf16-mixed"
-                else nullcontext())
 
     def timed(m: str) -> float:
         if cuda:
@@ -160,7 +160,7 @@ def measure_steps(n: int, methods: list[str], per_task: int, device: str, thread
         return (time.perf_counter() - start) / block
 
     rows = []
-    with autocast:
+    with _autocast(device, precision):
         for _ in range(2):
             for m in methods:
                 timed(m)
@@ -196,8 +196,7 @@ def _timed_merge(models, data, method: str, epochs: int, device: str, precision:
     import torch
     from ..api import merge
     name, opts = METHODS[method]
-    autocast = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if precision == "bf16-mixed"
-                else nullcontext())
+    autocast = _autocast(device, precision)
     schedule = seq_epochs(epochs) if opts.get("variant") == "seq" else {"epochs": epochs}
     track = memory or device.startswith("cuda")        # CUDA's counters cost nothing
     with PeakMemory(device) if track else nullcontext() as mem, autocast:
@@ -211,6 +210,12 @@ def _timed_merge(models, data, method: str, epochs: int, device: str, precision:
     return {"n": len(models), "method": method, "seconds": seconds, "peak_bytes": mem.bytes if track else None,
             "learnable_parameters": merged.meta.get("learnable_parameters"),
             **({"stage_epochs": [st["epochs"] for st in merged.meta["stages"]]} if "stages" in merged.meta else {})}
+
+
+def _autocast(device: str, precision: str):
+    """The precision context every timed merge and step runs under (bf16-mixed: bf16 autocast)."""
+    import torch
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
 
 
 def _warm_up() -> None:
@@ -263,9 +268,9 @@ def run_bench(ns=(2, 4, 8), per_task: int = 1024, epochs: int = 5, device: str =
     jobs = [(n, m) for n in ns for _ in range(repeats) for m in methods]
     t0 = time.perf_counter()
     if steps:
-        rows = _run_steps(ns, methods, per_task, device, threads, precision, vit, steps)
+        rows = _step_runs(ns, methods, per_task, device, threads, precision, vit, steps)
     elif same_process:
-        rows = _run_alternating(ns, methods, per_task, epochs, device, threads, precision, vit, repeats)
+        rows = _alternating_runs(ns, methods, per_task, epochs, device, threads, precision, vit, repeats)
     else:
         rows = _run_jobs(jobs, per_task, epochs, device, threads, precision, vit, "time")
     if not device.startswith("cuda"):
@@ -283,10 +288,13 @@ def run_bench(ns=(2, 4, 8), per_task: int = 1024, epochs: int = 5, device: str =
                     os.environ[k] = v
         for row in rows:
             row["peak_bytes"] = memory[(row["n"], row["method"])]["peak_bytes"]
+    timing = "one process per n, methods alternating" if same_process else "one process per run"
+    if steps:
+        timing = (f"training steps, one process per n, methods alternating in blocks of {STEP_BLOCK} steps, "
+                  f"{steps} rounds")
     return {"bench": "cost", "device": device_name(device), "precision": precision, "per_task": per_task,
             "epochs": epochs, "vit": vit, "train": TRAIN, "fs_merge": FS, "repeats": repeats,
-            "timing": (f"training steps, one process per n, methods alternating in blocks of 4 steps, {steps} rounds"
-                       if steps else "one process per n, methods alternating" if same_process else "one process per run"),
+            "timing": timing,
             "steps": steps,
             "rows": _medians(rows), "runs": rows, "total_seconds": time.perf_counter() - t0}
 
@@ -301,33 +309,34 @@ def _in_fresh_process(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def _run_alternating(ns, methods, per_task, epochs, device, threads, precision, vit, repeats) -> list[dict]:
+def _run_per_n(ns, what: str, measure_n, describe) -> list[dict]:
+    """measure_n(n) in a fresh process for each n, one after another; describe(rows of one method)
+    gives that method's status line."""
     from ..progress import bar, status
     rows = []
-    with bar(len(ns), "cost runs (time, one process per n)") as progress:
+    with bar(len(ns), f"cost runs ({what}, one process per n)") as progress:
         for n in ns:
-            got = _in_fresh_process(measure_alternating, n, methods, per_task, epochs, device, threads,
-                                    precision, vit, repeats)
-            for m in methods:
-                status(f"  time: n={n} {m}: " + ", ".join(f"{r['seconds']:.1f}" for r in got if r["method"] == m) + " s")
+            got = _in_fresh_process(measure_n, n)
+            for m in dict.fromkeys(r["method"] for r in got):
+                status(f"  {what}: n={n} {m}: " + describe([r for r in got if r["method"] == m]))
             rows += got
             progress.advance(1)
     return rows
 
 
-def _run_steps(ns, methods, per_task, device, threads, precision, vit, rounds) -> list[dict]:
+def _alternating_runs(ns, methods, per_task, epochs, device, threads, precision, vit, repeats) -> list[dict]:
+    return _run_per_n(ns, "time", partial(measure_alternating, methods=methods, per_task=per_task, epochs=epochs,
+                                          device=device, threads=threads, precision=precision, vit=vit,
+                                          repeats=repeats),
+                      lambda rows: ", ".join(f"{r['seconds']:.1f}" for r in rows) + " s")
+
+
+def _step_runs(ns, methods, per_task, device, threads, precision, vit, rounds) -> list[dict]:
     import statistics
-    from ..progress import bar, status
-    rows = []
-    with bar(len(ns), "cost runs (training steps, one process per n)") as progress:
-        for n in ns:
-            got = _in_fresh_process(measure_steps, n, methods, per_task, device, threads, precision, vit, rounds)
-            for m in methods:
-                ms = statistics.median(r["seconds"] for r in got if r["method"] == m) * 1e3
-                status(f"  steps: n={n} {m}: median {ms:.2f} ms a step over {rounds} rounds")
-            rows += got
-            progress.advance(1)
-    return rows
+    return _run_per_n(ns, "steps", partial(measure_steps, methods=methods, per_task=per_task, device=device,
+                                           threads=threads, precision=precision, vit=vit, rounds=rounds),
+                      lambda rows: f"median {statistics.median(r['seconds'] for r in rows) * 1e3:.2f} ms a step "
+                                   f"over {len(rows)} rounds")
 
 
 def _run_jobs(jobs, per_task, epochs, device, threads, precision, vit, what) -> list[dict]:
