@@ -40,10 +40,11 @@ def test_cls_token_reads_every_patch():
 
 
 def test_linear_layers_in_forward_order():
-    b = model().backbone
-    layers = vit.linear_layers(b)
+    from foldmerge.methods.regmean import linear_layers
+    m = model()
+    layers = linear_layers(m)
     assert len(layers) == 1 + 6 * 2 + 1
-    assert layers[0] is b.patch_proj and layers[-1] is b.proj
+    assert layers[0] is m.backbone.patch_proj and layers[-1] is m.backbone.proj
 
 
 def test_parameter_wise_baselines_run_on_vits():
@@ -63,7 +64,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="patch size"):
         model(patch=5)
     with pytest.raises(ValueError, match="different attention head counts"):
-        vit.check_compatible([model(), model(heads=4)])
+        vit.check_compatible([model().backbone_config, model(heads=4).backbone_config])
     with pytest.raises(ValueError, match="not divisible by the 2 attention heads"):
         vit.SuperNet([model(), model("mnist:5-9", 1)], widths=[15])
 
@@ -300,7 +301,7 @@ def test_opt_bad_input():
         foldmerge.merge([a, c], data, method="opt", filter="rows")
     with pytest.raises(ValueError, match="window must hold"):
         foldmerge.merge([a, c], data, method="opt", filter="window-99")
-    with pytest.raises(ValueError, match="one shape"):
+    with pytest.raises(ValueError, match="identical hidden widths; space 'mlp0' is"):
         foldmerge.merge([a, model("mnist:5-9", 1, mlp_dim=48)], data, method="opt")
 
 

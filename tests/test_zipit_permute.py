@@ -6,7 +6,8 @@ from torch.nn import functional as F
 
 import foldmerge
 from foldmerge.methods.permute import permutation_maps
-from foldmerge.methods.zipit import correlation, hidden_features, zipit_clusters, zipit_maps
+from foldmerge.methods.align import observe
+from foldmerge.methods.zipit import correlation, zipit_clusters, zipit_maps
 from foldmerge.model import TaskModel
 
 TASKS = ["mnist:0-4", "mnist:5-9", "fmnist:0-4"]
@@ -15,6 +16,12 @@ TASKS = ["mnist:0-4", "mnist:5-9", "fmnist:0-4"]
 @pytest.fixture(autouse=True)
 def quiet(monkeypatch):
     monkeypatch.setenv("FOLDMERGE_PROGRESS", "0")
+
+
+def hidden_features(models, data):
+    """feats[l][k]: post-ReLU features of hidden layer l of model k on all merge data (the MLP spec's probes)."""
+    feats = observe(models, data)
+    return [feats[f"h{l}"] for l in range(len(models[0].backbone.hidden))]
 
 
 def model(hidden, task, seed, in_dim=20):

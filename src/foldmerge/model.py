@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import get_arch
+from .arch import arch_spec
 from .data import Task
 
 
@@ -34,6 +34,14 @@ def class_embeddings(task: Task | str, dim: int) -> torch.Tensor:
     return e / e.norm(dim=1, keepdim=True)
 
 
+def head_layout(models) -> tuple[str, bool]:
+    """(head kind, head bias) that every model shares: a merge keeps its sources' kind of head."""
+    layouts = {(m.head_kind, m.head_bias) for m in models}
+    if len(layouts) != 1:
+        raise ValueError(f"cannot merge models whose heads differ (kind, bias): {sorted(layouts)}")
+    return layouts.pop()
+
+
 class TaskModel(nn.Module):
     def __init__(self, arch: str, backbone: dict[str, Any], tasks: list[Task | str],
                  head_bias: bool = True, head: str = "linear"):
@@ -45,7 +53,7 @@ class TaskModel(nn.Module):
         self.tasks = [Task.parse(t) for t in tasks]
         self.head_kind = head
         self.head_bias = head_bias and head == "linear"
-        self.backbone = get_arch(arch).Backbone(**backbone)
+        self.backbone = self.spec.build(self.backbone_config)
         d = self.backbone.out_dim
         self.heads = nn.ModuleList(nn.Linear(d, t.num_classes, bias=self.head_bias) for t in self.tasks)
         if head == "class-embedding":      # frozen: training only moves the backbone
@@ -54,6 +62,30 @@ class TaskModel(nn.Module):
                     h.weight.copy_(class_embeddings(t, d))
                     h.weight.requires_grad_(False)
         self.meta: dict[str, Any] = {}   # how the model was made (method, options, seed, …)
+
+    @classmethod
+    def for_merge(cls, models, backbone: dict[str, Any] | None = None) -> "TaskModel":
+        """An (untrained) model to hold the merge of `models`: model 1's backbone configuration (or
+        `backbone`), every task of every model, their head kind and bias, their dtype and device."""
+        kind, bias = head_layout(models)
+        first = models[0]
+        merged = cls(first.arch, dict(first.backbone_config if backbone is None else backbone),
+                     [t for m in models for t in m.tasks], bias, head=kind)
+        p = next(first.backbone.parameters())
+        return merged.to(dtype=p.dtype, device=p.device)
+
+    @property
+    def spec(self):
+        """The backbone's merge spec (`foldmerge.spec.ArchSpec`): the architecture as data."""
+        spec = self.__dict__.get("_spec")
+        if spec is None:
+            spec = self.__dict__["_spec"] = arch_spec(self.arch, self.backbone_config)
+        return spec
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_spec", None)      # rebuilt on use: a spec may hold functions that do not pickle
+        return state
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)

@@ -1,18 +1,40 @@
 """Architecture families. Each module describes one family as data the methods work on:
 
-  Backbone(**config)     the plain model (features before the heads), `out_dim` attribute
-  SuperNet(sources, …)   its Foldable SuperNet: forward in folded or SuperNet form, fold(),
-                         reconstruct(f*), output_map (the map folded into the heads)
-  linear_layers(backbone)  the foldable linear layers in order, for layer-wise methods
+  Backbone(**config)   the plain model (the features before the task heads), `out_dim` attribute
+  spec(config)         its merge spec (`foldmerge.spec.ArchSpec`): spaces, parameters with the
+                       spaces of their axes, norms, probes, how to build and resize it
+
+A user's own architecture joins with `register_arch(name, spec)`: `spec(config)` returns its
+ArchSpec, whose `build(config)` makes the backbone.
 """
 from __future__ import annotations
 
-from types import ModuleType
+from typing import Callable
+
+_FAMILIES: dict[str, Callable] = {}
 
 
-def get_arch(name: str) -> ModuleType:
-    from . import mlp, vit
-    families = {"mlp": mlp, "vit": vit}
+def _builtin() -> dict[str, Callable]:
+    if not _FAMILIES:
+        from . import mlp, vit
+        _FAMILIES.update({"mlp": mlp.spec, "vit": vit.spec})
+    return _FAMILIES
+
+
+def register_arch(name: str, spec: Callable) -> None:
+    """Make `TaskModel(name, config, …)` build and merge models described by `spec(config)`."""
+    families = _builtin()
+    if not callable(spec):
+        raise TypeError("register_arch needs a function config -> ArchSpec")
+    families[name] = spec
+
+
+def arch_spec(name: str, config: dict):
+    """The merge spec of architecture `name` at `config`."""
+    families = _builtin()
     if name not in families:
         raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(families))}")
-    return families[name]
+    spec = families[name](dict(config))
+    if spec.name != name:
+        raise ValueError(f"the spec registered as {name!r} calls itself {spec.name!r}")
+    return spec

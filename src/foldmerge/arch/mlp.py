@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..foldable import FoldMap, fold_linears, merge_features, pack_maps, unmerge_features
+from ..spec import ArchSpec, Param, Probe, Space
 
 FORMS = ("folded", "supernet")
 
@@ -52,17 +53,41 @@ class Backbone(nn.Module):
         return zs
 
 
-def linear_layers(backbone: Backbone) -> list[nn.Linear]:
-    return list(backbone.layers)
+def spec(config: dict) -> ArchSpec:
+    """The MLP as data: the shared input, one space per hidden layer; layer l writes h_l and
+    reads h_{l-1} (the input for l = 0); h_l is observed where layer l + 1 reads it (after
+    the ReLU), the last one as the backbone's output."""
+    depth = len(config.get("hidden", DEFAULTS["hidden"]))
+    spaces = [Space("input", shared=True)] + [Space(f"h{l}") for l in range(depth)]
+    params, probes = [], []
+    for l in range(depth):
+        params += [Param(f"layers.{l}.weight", (f"h{l}", f"h{l - 1}" if l else "input")),
+                   Param(f"layers.{l}.bias", (f"h{l}",))]
+        probes.append(Probe(f"h{l}", f"layers.{l + 1}", "in") if l < depth - 1 else Probe(f"h{l}", "", "out"))
+    return ArchSpec("mlp", spaces, params, probes=probes, output=f"h{depth - 1}", build=lambda c: Backbone(**c),
+                    resize=resize, width_spaces=tuple(f"h{l}" for l in range(depth)), check=check_compatible)
 
 
-def check_compatible(sources) -> None:
+DEFAULTS = {"in_dim": 784, "hidden": (128,)}
+
+
+def resize(config: dict, widths: list[int]) -> dict:
+    """The configuration with hidden widths `widths` (one per hidden layer)."""
+    depth = len(config.get("hidden", DEFAULTS["hidden"]))
+    if len(widths) != depth:
+        raise ValueError(f"target widths {list(widths)} do not match the source depth {depth}: give one per hidden layer")
+    if any(w < 1 for w in widths):
+        raise ValueError(f"target widths must be positive, got {list(widths)}")
+    return {**config, "hidden": [int(w) for w in widths]}
+
+
+def check_compatible(configs: list[dict]) -> None:
     """Same depth and input size; otherwise a clear error (widths may differ)."""
-    depths = [len(s.backbone.hidden) for s in sources]
+    depths = [len(c.get("hidden", DEFAULTS["hidden"])) for c in configs]
     if len(set(depths)) != 1:
         raise ValueError(f"cannot merge MLPs of different depths {depths}: "
                          "FS-Merge folds layer by layer, so every model needs the same number of hidden layers")
-    ins = [s.backbone.in_dim for s in sources]
+    ins = [c.get("in_dim", DEFAULTS["in_dim"]) for c in configs]
     if len(set(ins)) != 1:
         raise ValueError(f"cannot merge MLPs with different input sizes {ins}")
 
@@ -75,7 +100,7 @@ class SuperNet(nn.Module):
         super().__init__()
         if any(s.arch != "mlp" for s in sources):
             raise ValueError("MLP SuperNet needs MLP source models")
-        check_compatible(sources)
+        check_compatible([s.backbone_config for s in sources])
         self.n = len(sources)
         depth = len(sources[0].backbone.hidden)
         src_widths = [[s.backbone.hidden[l] for s in sources] for l in range(depth)]

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from ..foldable import (FoldMap, _fit_cols, fold_group_maps, fold_groups, fold_linears, frozen_cached, merge_features,
                         pack_maps, unmerge_features)
+from ..spec import ArchSpec, Norm, Param, Probe, Space
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -98,19 +99,64 @@ class Backbone(nn.Module):
         return self.proj(self.ln_post(h[:, 0]))
 
 
-def linear_layers(backbone: Backbone) -> list[nn.Linear]:
-    """Every foldable linear layer in forward order (RegMean and other layer-wise methods)."""
-    out = [backbone.patch_proj]
-    for b in backbone.blocks:
-        out += [b.q, b.k, b.v, b.o, b.fc1, b.fc2]
-    return out + [backbone.proj]
+def spec(config: dict) -> ArchSpec:
+    """The ViT as data (DESIGN §3, paper appendix B.1).
+
+    Spaces: the shared pixels of a patch; the residual stream `res` (one space through every
+    block); per block l the attention spaces `qk{l}` (q and k together: their dot product is
+    what attention reads) and `v{l}`, both split into the heads, and the MLP hidden `mlp{l}`;
+    the features `feat`. Sites: the patch embedding, its bias, the class token and the
+    positions are summed into one tensor, so one M (`embed`) merges them; Q, K and V read
+    LN1's output through one U; every other M and U is the layer's own."""
+    c = {**DEFAULTS, **config}
+    heads = c["heads"]
+    spaces = [Space("pixels", shared=True), Space("res"), Space("feat")]
+    params = [Param("patch_proj.weight", ("res", "pixels"), merge_at="embed"),
+              Param("patch_proj.bias", ("res",), merge_at="embed"),
+              Param("cls", ("res",), merge_at="embed"), Param("pos", (None, "res"), merge_at="embed")]
+    norms, probes = [], [Probe("res", "blocks.0", "in")]
+    for l in range(c["depth"]):
+        b = f"blocks.{l}"
+        qk, v, mlp = f"qk{l}", f"v{l}", f"mlp{l}"
+        spaces += [Space(qk, heads=heads), Space(v, heads=heads), Space(mlp)]
+        for name, out, inp, reads_at in (("q", qk, "res", f"{b}.ln1"), ("k", qk, "res", f"{b}.ln1"),
+                                         ("v", v, "res", f"{b}.ln1"), ("o", "res", v, None),
+                                         ("fc1", mlp, "res", None), ("fc2", "res", mlp, None)):
+            params += [Param(f"{b}.{name}.weight", (out, inp), unmerge_at=reads_at), Param(f"{b}.{name}.bias", (out,))]
+        norms += [Norm(f"{b}.ln1", "res"), Norm(f"{b}.ln2", "res")]
+        probes += [Probe(qk, f"{b}.q"), Probe(qk, f"{b}.k"), Probe(v, f"{b}.v"), Probe(mlp, f"{b}.fc2", "in"),
+                   Probe("res", b)]
+    params.append(Param("proj.weight", ("feat", "res")))
+    norms.append(Norm("ln_post", "res"))
+    probes.append(Probe("feat", ""))
+    return ArchSpec("vit", spaces, params, norms, probes, output="feat", build=lambda cfg: Backbone(**cfg),
+                    resize=resize, width_spaces=("res", "mlp0"), check=check_compatible)
 
 
-def check_compatible(sources) -> None:
+DEFAULTS = {"image_size": 28, "channels": 1, "patch": 7, "width": 64, "depth": 4, "heads": 4, "mlp_dim": 128,
+            "out_dim": 64}
+
+
+def resize(config: dict, widths: list[int]) -> dict:
+    """The configuration at residual width widths[0] and MLP width widths[1] (default: the source's)."""
+    if not 1 <= len(widths) <= 2:
+        raise ValueError(f"a ViT takes one or two target widths (residual, MLP), got {list(widths)}")
+    if any(w < 1 for w in widths):
+        raise ValueError(f"target widths must be positive, got {list(widths)}")
+    c = {**config, "width": int(widths[0])}
+    if len(widths) == 2:
+        c["mlp_dim"] = int(widths[1])
+    heads = c.get("heads", DEFAULTS["heads"])
+    if c["width"] % heads:
+        raise ValueError(f"merged width {c['width']} is not divisible by the {heads} attention heads")
+    return c
+
+
+def check_compatible(configs: list[dict]) -> None:
     """Same depth, heads, patch and image size (widths may differ); else one clear error."""
     for attr, what in (("depth", "depths"), ("heads", "attention head counts"), ("patch", "patch sizes"),
                        ("image_size", "image sizes"), ("channels", "channel counts")):
-        vals = [getattr(s.backbone, attr) for s in sources]
+        vals = [c.get(attr, DEFAULTS[attr]) for c in configs]
         if len(set(vals)) != 1:
             raise ValueError(f"cannot merge ViTs with different {what} {vals}")
 
@@ -140,7 +186,7 @@ class SuperNet(nn.Module):
         super().__init__()
         if any(s.arch != "vit" for s in sources):
             raise ValueError("the ViT SuperNet needs ViT source models")
-        check_compatible(sources)
+        check_compatible([s.backbone_config for s in sources])
         self.n = len(sources)
         bbs = [s.backbone for s in sources]
         w = [b.width for b in bbs]

@@ -14,10 +14,7 @@ from .common import check_same_backbone
 def merge(models, data=None, weights: list[float] | None = None, seed: int = 0):
     check_same_backbone(models, "weight averaging")
     weights = weights or [1.0 / len(models)] * len(models)
-    first = models[0]
-    merged = TaskModel(first.arch, first.backbone_config, [t for m in models for t in m.tasks], first.head_bias)
-    p = next(first.backbone.parameters())
-    merged.to(dtype=p.dtype, device=p.device)   # follow the sources
+    merged = TaskModel.for_merge(models)
     with torch.no_grad():
         states = [m.backbone.state_dict() for m in models]
         avg = {k: sum(w * s[k] for w, s in zip(weights, states)) for k in states[0]}

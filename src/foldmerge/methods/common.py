@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import weakref
 
 import torch
@@ -19,6 +20,19 @@ def sources_arch(models) -> str:
     return archs.pop()
 
 
+def sources_spec(models):
+    """The merge spec every model shares (at least two models of one architecture)."""
+    sources_arch(models)
+    return models[0].spec
+
+
+def default_targets(models) -> str:
+    """'all' for chains of layers (MLPs: every input against every source, paper 2.1), 'own-task'
+    for architectures with a residual stream (transformers: an input of task k against source k
+    only, paper B.2)."""
+    return "all" if models[0].spec.is_chain() else "own-task"
+
+
 def cat_with_owner(data: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate the per-model merge samples; owner[i] = index of the model whose task x[i] is from."""
     x = torch.cat(list(data))
@@ -29,7 +43,7 @@ def cat_with_owner(data: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
 def check_same_backbone(models, method: str) -> None:
     """Parameter-wise methods (average, SLERP, RegMean) need identical backbones and head layouts."""
     sources_arch(models)
-    cfgs = {str(m.backbone_config) for m in models}
+    cfgs = {json.dumps(m.backbone_config, sort_keys=True) for m in models}     # key order is no difference
     if len(cfgs) != 1:
         raise ValueError(f"{method} needs identical backbones; got " + " vs ".join(sorted(cfgs)))
     if len({m.head_bias for m in models}) != 1:
@@ -51,24 +65,32 @@ def features_in_chunks(model, x: torch.Tensor, chunk: int = CHUNK) -> torch.Tens
 
 @torch.no_grad()
 def teacher_features(model, x: torch.Tensor) -> torch.Tensor:
-    """model.features(x), computed once per (model, data) and reused by every later method.
+    """model.features(x) in eval mode, computed once per (model, data) and reused by every later method.
 
     A bench runs distillation and several FS-Merge variants on the same sources and merge
     sample; the sources' features are the same for all of them (paper E.2 saves them to disk
     once). FS-Merge seq. reads each source on a growing sample, one per stage, so a model
     keeps its last SAMPLES_PER_MODEL samples (features only: N x out_dim each). The key is the
-    data's content and the model's parameter versions, so a changed sample or an edited model
-    is recomputed; entries die with the model.
+    data's content and the identity, storage and version of every parameter and buffer of the
+    model (a changed sample, an edited weight or BatchNorm statistic is recomputed); teachers
+    always run in eval mode (dropout off, BatchNorm on its running statistics), whatever mode
+    the caller left them in. Entries die with the model.
     """
     data = x.detach().to("cpu").contiguous()
+    tensors = list(model.parameters()) + list(model.buffers())
     key = (tuple(x.shape), str(x.dtype), str(x.device),
            hashlib.sha1(data.view(torch.uint8).numpy().tobytes()).hexdigest(),
-           tuple(p._version for p in model.parameters()))
+           tuple((id(t), t.data_ptr(), t._version) for t in tensors))
     per_model = _TEACHER_FEATURES.setdefault(model, {})
     if key in per_model:
         per_model[key] = per_model.pop(key)             # most recently used last
     else:
-        per_model[key] = features_in_chunks(model, x)
+        was_training = model.training
+        model.eval()
+        try:
+            per_model[key] = features_in_chunks(model, x)
+        finally:
+            model.train(was_training)
         while len(per_model) > SAMPLES_PER_MODEL:
             del per_model[next(iter(per_model))]
     return per_model[key]
@@ -102,17 +124,17 @@ def reconstruction_loss(recon: list[torch.Tensor], targets: list[torch.Tensor], 
 
 
 def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, owner: torch.Tensor | None,
-                       cfg: TrainConfig, target_scale, desc: str, inputs: torch.Tensor | None = None,
+                       cfg: TrainConfig, target_scale, desc: str, inputs: list[torch.Tensor] | None = None,
                        through: list | None = None) -> list[float]:
     """The objective and loop FS-Merge global and distillation share.
 
-    `features(batch)` gives the merged features f*; `output_map` (a FoldMap, unmerge role)
-    reconstructs every source's last features from them; the loss scores those against the
-    sources' own features on x (computed once), on every input or, with `owner`, only on
-    each input's own source. Targets are scaled by `target_scales`; the output map's blocks
-    are multiplied by the scales before training (so training starts exactly at the init)
-    and divided by them after (so the folded model is unaffected). `inputs` (default x) is
-    what `features` receives, e.g. cached first-layer pre-activations of x.
+    `features(*batch_inputs)` gives the merged features f*; `output_map` (a FoldMap, unmerge
+    role) reconstructs every source's last features from them; the loss scores those against the
+    sources' own features on x (computed once), on every input or, with `owner`, only on each
+    input's own source. Targets are scaled by `target_scales`; the output map's blocks are
+    multiplied by the scales before training (so training starts exactly at the init) and
+    divided by them after, also when training fails (so the folded model is unaffected).
+    `inputs` (default [x]) are what `features` receives, e.g. x and cached layer outputs on x.
 
     `through` (FS-Merge seq.): one (block, A) per source: source k is reconstructed as
     A · U[block] f* with a fixed matrix A (None: U[block] f* itself, one source per block).
@@ -124,18 +146,20 @@ def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, ow
     links = through or [(k, None) for k in range(len(models))]
     links = [(b, None if a is None else a * s) for (b, a), s in zip(links, scales)]
     own_blocks = [(b, s) for (b, a), s in zip(links, scales) if a is None]
+    inputs = [x] if inputs is None else list(inputs)
+    n, m = len(targets), len(inputs)
+    args = [*inputs, *targets] + ([owner] if owner is not None else [])
+
+    def loss_fn(*batch):
+        ob = batch[m + n] if owner is not None else None
+        blocks = unmerge_features(output_map, features(*batch[:m]))
+        recon = [blocks[b] if a is None else blocks[b] @ a.T for b, a in links]
+        return reconstruction_loss(recon, list(batch[m:m + n]), ob)
+
     for b, s in own_blocks:
         output_map.scale_block(b, s)
-    n = len(targets)
-    args = [x if inputs is None else inputs, *targets] + ([owner] if owner is not None else [])
-
-    def loss_fn(xb, *rest):
-        ob = rest[n] if owner is not None else None
-        blocks = unmerge_features(output_map, features(xb))
-        recon = [blocks[b] if a is None else blocks[b] @ a.T for b, a in links]
-        return reconstruction_loss(recon, list(rest[:n]), ob)
-
-    history = fit(params, loss_fn, args, cfg, desc=desc)
-    for b, s in own_blocks:
-        output_map.scale_block(b, 1.0 / s)
-    return history
+    try:
+        return fit(params, loss_fn, args, cfg, desc=desc)
+    finally:
+        for b, s in own_blocks:
+            output_map.scale_block(b, 1.0 / s)

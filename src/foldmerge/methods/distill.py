@@ -11,11 +11,13 @@ The student's features f_s (d wide) reconstruct each source's last features thro
 U (one block per source): loss = MSE(U[k]·f_s, f_k), scored against every source ('all', the
 MLP default) or only each input's own source ('own-task'). `output_map`:
   learned  U is trained (FS-Merge's last U) and folded into the heads (head_k · U[k]). The
-           MLP default: sources with their own learned heads have unrelated feature spaces,
-           and one student of width d cannot be scored against both without it.
+           default for chains of layers (MLPs): sources with their own learned heads have
+           unrelated feature spaces, and one student of width d cannot be scored against both
+           without it.
   fixed    U = [I; I; …] stays fixed: the student reproduces each source's features directly,
            as in the authors' ViT/BERT distillation baseline (their sources' heads live in one
-           shared label-embedding space). The default for transformers.
+           shared label-embedding space). The default for architectures with a residual stream
+           (transformers).
 The result is a plain model of the sources' architecture with every source's head.
 
 Student initializations: 'first' (model 1), 'average' (weight average), 'regmean' (RegMean
@@ -30,7 +32,7 @@ import torch
 from ..foldable import FoldMap
 from ..model import TaskModel
 from ..train import TrainConfig
-from .common import cat_with_owner, check_same_backbone, fit_reconstruction
+from .common import cat_with_owner, check_same_backbone, default_targets, fit_reconstruction
 
 INITS = ("first", "average", "regmean", "random")
 # The paper's E.1 distillation grid: 1k epochs (MNIST); the lr/momentum marks are not legible
@@ -49,16 +51,15 @@ def student_init(models, data, init: str, regmean_alpha: float = 0.9, seed: int 
         from .regmean import merge as regmean
         return regmean(models, data, alpha=regmean_alpha)
     first = models[0]
-    student = TaskModel(first.arch, first.backbone_config, [t for m in models for t in m.tasks], first.head_bias)
-    p = next(first.backbone.parameters())
-    student.to(dtype=p.dtype, device=p.device)
+    student = TaskModel.for_merge(models)
     with torch.no_grad():
         if init == "first":
             student.backbone.load_state_dict(first.backbone.state_dict())
         else:
             torch.manual_seed(seed)
-            fresh = type(first.backbone)(**first.backbone_config).to(dtype=p.dtype, device=p.device)
-            student.backbone.load_state_dict(fresh.state_dict())
+            fresh = first.spec.build(first.backbone_config)
+            p = next(first.backbone.parameters())
+            student.backbone.load_state_dict(fresh.to(dtype=p.dtype, device=p.device).state_dict())
         for dst, src in zip(student.heads, [h for m in models for h in m.heads]):
             dst.load_state_dict(src.state_dict())
     return student
@@ -70,11 +71,12 @@ def merge(models, data, init: str | None = None, epochs: int | None = None, lr: 
           optimizer: str = "sgd", output_map: str | None = None,
           regmean_alpha: float = 0.9, seed: int = 0):
     check_same_backbone(models, "distillation")
-    # as FS-Merge: every source's features for MLPs, only the own task's for transformers
-    targets = targets or ("all" if models[0].arch == "mlp" else "own-task")
+    # as FS-Merge: every source's features for chains of layers (MLPs), only the own task's for
+    # architectures with a residual stream (transformers)
+    targets = targets or default_targets(models)
     if targets not in ("all", "own-task"):
         raise ValueError(f"targets must be 'all' or 'own-task', got {targets!r}")
-    output_map = output_map or ("learned" if models[0].arch == "mlp" else "fixed")
+    output_map = output_map or ("learned" if models[0].spec.is_chain() else "fixed")
     if output_map not in ("learned", "fixed"):
         raise ValueError(f"output_map must be 'learned' or 'fixed', got {output_map!r}")
     init = init or DEFAULTS["init"]

@@ -9,9 +9,14 @@ seq    (paper B.4, "FS-Merge seq."): global FS-Merge of models 1 and 2, then of 
        source), starts from the last merge ('first' init) and reconstructs every source seen
        so far (sources merged earlier through their chain of last-U maps). `last_epochs`
        trains the last stage longer or shorter.
-init: 'first' | 'average' | 'random' | 'zipit' (M, U start as ZipIt!'s maps; MLPs, param full).
-targets: 'all'      every input is scored against every source's features (MLP default);
-         'own-task' an input of task k only against source k (transformer default, B.2).
+init: 'first' | 'average' | 'random' | 'zipit' (M, U start as ZipIt!'s maps, every site its
+         space's; param full).
+param:  default 'full' for chains of layers (MLPs, paper 2.1), 'diag+lowrank(16)' for
+         architectures with a residual stream (transformers, B.2): dense maps are quadratic in width.
+targets: 'all'      every input is scored against every source's features (the default for
+                    chains of layers: MLPs, paper 2.1);
+         'own-task' an input of task k only against source k (the default for architectures with
+                    a residual stream: transformers, B.2).
 target_scale: 'match' (scale each source's targets to the first source's mean |f|, paper E.1),
          a number (scale every source's targets to that mean |f|), or 'none'. U's blocks are
          multiplied by the scales before training (so training starts exactly at the init) and
@@ -25,20 +30,21 @@ import time
 import torch
 from torch.nn import functional as F
 
-from ..arch import get_arch
 from ..foldable import gather_params, merge_features, unmerge_features
+from ..supernet import SuperNet
 from ..train import TrainConfig, fit
-from .common import cat_with_owner, fit_reconstruction, reconstruction_loss, sources_arch, target_scales
+from .common import (cat_with_owner, default_targets, fit_reconstruction, reconstruction_loss, sources_spec,
+                     target_scales)
 
 # Appendix E.1, bold values of the MNIST grid.
 DEFAULTS = {
-    "local": dict(init="random", param="full", epochs=15000, lr=0.1, momentum=0.9, targets="all"),
-    "global": dict(init="first", param="full", epochs=1000, lr=0.1, momentum=0.9, targets="all"),
+    "local": dict(init="random", param="full", epochs=15000, lr=0.1, momentum=0.9),
+    "global": dict(init="first", param="full", epochs=1000, lr=0.1, momentum=0.9),
 }
 DEFAULTS["seq"] = DEFAULTS["global"]     # every stage of seq. is a global FS-Merge
 
-# Transformers (paper B.2, E.2): diagonal blocks plus a low-rank term, own-task targets.
-TRANSFORMER_DEFAULTS = dict(param="diag+lowrank(16)", targets="own-task")
+# Architectures with a residual stream (transformers, paper B.2, E.2): diagonal blocks plus a low-rank term.
+RESIDUAL_PARAM = "diag+lowrank(16)"
 
 
 def merge(models, data, variant: str = "global", param: str | None = None, init: str | None = None,
@@ -52,27 +58,22 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
     if last_epochs is not None and variant != "seq":
         raise ValueError("last_epochs applies to the 'seq' variant only")
     d = dict(DEFAULTS[variant])
-    if sources_arch(models) != "mlp":
-        d.update(TRANSFORMER_DEFAULTS)
-    param = param or d["param"]
+    spec = sources_spec(models)
+    param = param or (d["param"] if spec.is_chain() else RESIDUAL_PARAM)
     init = init or d["init"]
-    targets = targets or d["targets"]
+    targets = targets or default_targets(models)
     if targets not in ("all", "own-task"):
         raise ValueError(f"targets must be 'all' or 'own-task', got {targets!r}")
     cfg = TrainConfig(epochs=d["epochs"] if epochs is None else epochs, lr=d["lr"] if lr is None else lr,
                       momentum=d["momentum"] if momentum is None else momentum, schedule=schedule,
                       weight_decay=weight_decay, batch_size=batch_size, optimizer=optimizer, seed=seed)
-    arch = get_arch(sources_arch(models))
-    if not hasattr(arch, "SuperNet"):
-        raise ValueError(f"FS-Merge has no Foldable SuperNet for {sources_arch(models)!r} models yet")
     torch.manual_seed(seed)
     if variant == "seq":
-        return _merge_seq(arch, models, data, widths, param, init, targets, target_scale, form, cfg, last_epochs,
-                          seed)
+        return _merge_seq(models, data, widths, param, init, targets, target_scale, form, cfg, last_epochs, seed)
     if init == "zipit":
-        supernet = _zipit_supernet(arch, models, data, widths, param, seed, zipit_alpha, zipit_beta)
+        supernet = _zipit_supernet(models, data, widths, param, seed, zipit_alpha, zipit_beta)
     else:
-        supernet = arch.SuperNet(models, widths=widths, param=param, init=init, seed=seed)
+        supernet = SuperNet(models, widths=widths, param=param, init=init, seed=seed)
     x, owner = cat_with_owner(data)
     start = time.perf_counter()
     if variant == "local":
@@ -95,7 +96,7 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
     return merged
 
 
-def _merge_seq(arch, models, data, widths, param, init, targets, target_scale, form, cfg, last_epochs, seed):
+def _merge_seq(models, data, widths, param, init, targets, target_scale, form, cfg, last_epochs, seed):
     """FS-Merge seq. (B.4): n - 1 global stages over (last merge, next source)."""
     from dataclasses import replace
     if init != "first":
@@ -104,7 +105,7 @@ def _merge_seq(arch, models, data, widths, param, init, targets, target_scale, f
     merged, chain, stages = None, None, []
     for k in range(1, len(models)):
         pair = [models[0], models[1]] if k == 1 else [merged, models[k]]
-        supernet = arch.SuperNet(pair, widths=widths if k == 1 else None, param=param, init="first", seed=seed)
+        supernet = SuperNet(pair, widths=widths if k == 1 else None, param=param, init="first", seed=seed)
         x, owner = cat_with_owner(data[:k + 1])
         # source j < k is reconstructed through its chain into the last merge's feature space
         through = None if k == 1 else [(0, a) for a in chain] + [(1, None)]
@@ -130,33 +131,33 @@ def _merge_seq(arch, models, data, widths, param, init, targets, target_scale, f
     return merged
 
 
-def _zipit_supernet(arch, models, data, widths, param, seed, alpha, beta):
-    """A SuperNet whose M_l, U_l start as ZipIt!'s maps (paper section 3.1, "FS-M, ZipIt init")."""
-    from . import zipit
+def _zipit_supernet(models, data, widths, param, seed, alpha, beta):
+    """A SuperNet whose maps start as ZipIt!'s (paper section 3.1, "FS-M, ZipIt init"): every
+    site takes its space's ZipIt! maps, merged norms M·concat(γ_k), as `zipit.merge` folds them."""
+    from . import align, zipit
     if param != "full":
         raise ValueError(f"init 'zipit' needs param 'full' (ZipIt!'s maps are not diagonal), got {param!r}")
-    if sources_arch(models) != "mlp":
-        raise ValueError("init 'zipit' is implemented for MLPs only")
+    if widths is not None:
+        raise ValueError("init 'zipit' merges to model 1's widths; leave widths unset")
     alpha = zipit.DEFAULT_ALPHA if alpha is None else alpha
     beta = zipit.DEFAULT_BETA if beta is None else beta
-    supernet = arch.SuperNet(models, widths=widths, param="full", init="first", seed=seed)
-    feats = zipit.hidden_features(models, data)
-    for l in range(supernet.depth):
-        m, u = zipit.zipit_maps(feats[l], supernet.widths[l], alpha, beta)
-        supernet.M[l].set_dense(m)
-        supernet.U[l].set_dense(u.T)
+    align.check_sources(models, data, "init 'zipit'")
+    maps, _ = zipit.space_maps(models, data, alpha, beta)
+    supernet = align.space_supernet(models, {s: m.shape[0] for s, (m, _) in maps.items()}, seed)
+    align.load_maps(supernet, models, maps)
     return supernet
 
 
 def _train_global(supernet, models, x, owner, cfg, target_scale, form, through=None, desc="FS-Merge global"):
-    # The input is fixed: where the architecture allows, start every step from the sources'
-    # first-layer pre-activations, computed once (same function, much less work per step).
-    if hasattr(supernet, "input_preactivations"):
-        return fit_reconstruction(supernet.parameters(), lambda zb: supernet(None, form=form, pre=zb),
-                                  supernet.output_map, models, x, owner, cfg, target_scale, desc,
-                                  inputs=supernet.input_preactivations(x), through=through)
-    return fit_reconstruction(supernet.parameters(), lambda xb: supernet(xb, form=form), supernet.output_map,
-                              models, x, owner, cfg, target_scale, desc, through=through)
+    # The input is fixed: layers that read it (an MLP's first layer) start every step from the
+    # sources' outputs on it, computed once (same function, much less work per step).
+    fixed = supernet.fixed_inputs(x)
+    if fixed is None:
+        return fit_reconstruction(supernet.parameters(), lambda xb: supernet(xb, form=form), supernet.output_map,
+                                  models, x, owner, cfg, target_scale, desc, through=through)
+    return fit_reconstruction(supernet.parameters(), lambda xb, *zb: supernet(xb, form=form, fixed=list(zb)),
+                              supernet.output_map, models, x, owner, cfg, target_scale, desc,
+                              inputs=[x, *fixed], through=through)
 
 
 def _train_local(supernet, models, x, owner, cfg, target_scale):
@@ -167,11 +168,13 @@ def _train_local(supernet, models, x, owner, cfg, target_scale):
     and one optimizer step serves all layers. When every layer has full maps of one shape
     (the usual constant-width MLP) the layers run as one batched matmul.
     """
-    if not hasattr(supernet, "M") or any(m.arch != "mlp" for m in models):
+    if supernet.spec.name != "mlp":
         raise ValueError("local FS-Merge is defined for MLPs; use --variant global for other architectures")
     with torch.no_grad():
         pre = [m.backbone.preactivations(x) for m in models]   # [model][layer]
-    n, depth = len(models), supernet.depth
+    n, depth = len(models), len(pre[0])
+    # layer l's M writes h_l, its U reads h_l (layer l + 1's input; U_out for the last layer)
+    maps = [tuple(side[0] for side in supernet.maps_of(f"h{l}")) for l in range(depth)]
     z = [[p[l] for p in pre] for l in range(depth)]
     tgt, layer_scales = [], []
     for l in range(depth):
@@ -179,31 +182,32 @@ def _train_local(supernet, models, x, owner, cfg, target_scale):
         scales = target_scales(t, target_scale)
         layer_scales.append(scales)
         for k, sk in enumerate(scales):     # start from the init's function on the scaled targets
-            supernet.U[l].scale_block(k, sk)
+            maps[l][1].scale_block(k, sk)
         tgt.append([tk * s for tk, s in zip(t, scales)])
-    maps = [(supernet.M[l], supernet.U[l]) for l in range(depth)]
     params = [p for p in supernet.parameters() if p.requires_grad]       # the maps' (packed) parameters
     batched = all(M.kind == U.kind == "full" for M, U in maps) and \
         len({(tuple(M.weight.shape), tuple(U.weight.shape)) for M, U in maps}) == 1
     desc = f"FS-Merge local ({depth} layer{'s' if depth > 1 else ''})"
-    if batched:
-        history = fit(params, _batched_local_loss(maps, owner, supernet.M[0].in_dims),
-                      _batched_local_data(z, tgt, owner), cfg, desc=desc)
-    else:
-        args = [t for l in range(depth) for t in (*z[l], *tgt[l])] + ([owner] if owner is not None else [])
+    try:
+        if batched:
+            history = fit(params, _batched_local_loss(maps, owner, maps[0][0].in_dims),
+                          _batched_local_data(z, tgt, owner), cfg, desc=desc)
+        else:
+            args = [t for l in range(depth) for t in (*z[l], *tgt[l])] + ([owner] if owner is not None else [])
 
-        def loss_fn(*batch):
-            ob = batch[2 * n * depth] if owner is not None else None
-            total = 0.0
-            for l, (M, U) in enumerate(maps):
-                zb, tb = batch[2 * n * l:2 * n * l + n], list(batch[2 * n * l + n:2 * n * (l + 1)])
-                total = total + reconstruction_loss(unmerge_features(U, F.relu(merge_features(M, zb))), tb, ob)
-            return total
+            def loss_fn(*batch):
+                ob = batch[2 * n * depth] if owner is not None else None
+                total = 0.0
+                for l, (M, U) in enumerate(maps):
+                    zb, tb = batch[2 * n * l:2 * n * l + n], list(batch[2 * n * l + n:2 * n * (l + 1)])
+                    total = total + reconstruction_loss(unmerge_features(U, F.relu(merge_features(M, zb))), tb, ob)
+                return total
 
-        history = fit(params, loss_fn, args, cfg, desc=desc)
-    for l in range(depth):
-        for k, s in enumerate(layer_scales[l]):
-            supernet.U[l].scale_block(k, 1.0 / s)
+            history = fit(params, loss_fn, args, cfg, desc=desc)
+    finally:                                # the folded model never sees the target scaling
+        for l in range(depth):
+            for k, s in enumerate(layer_scales[l]):
+                maps[l][1].scale_block(k, 1.0 / s)
     return history
 
 

@@ -1,25 +1,28 @@
 """Permute: activation matching (Git Re-Basin style, the "Permute" baseline of the ZipIt! paper).
 
-Two MLPs only. For every hidden layer l, the post-ReLU features of both ORIGINAL models on
-all merge data (every task's sample, concatenated) give the cross-correlation C (d x d,
-C[i, j] = corr(f^0_i, f^1_j)); `scipy.optimize.linear_sum_assignment(C, maximize=True)` gives the
-permutation π that maps model 0's neuron i to model 1's neuron π(i). With the permutation
-matrix P (P[i, π(i)] = 1, so (P f^1)_i = f^1_{π(i)}):
+Two models of any merge spec. For every merged space (an MLP's hidden layers; a ViT's residual
+stream, q/k, v and MLP spaces, features), the activations of both ORIGINAL models at the spec's
+probes on all merge data (every task's sample, concatenated) give the cross-correlation C
+(d x d, C[i, j] = corr(f^0_i, f^1_j)); `scipy.optimize.linear_sum_assignment(C, maximize=True)`
+gives the permutation π that maps model 0's neuron i to model 1's neuron π(i) (within each
+head of a space split into attention heads). With the permutation matrix P (P[i, π(i)] = 1,
+so (P f^1)_i = f^1_{π(i)}):
 
-    M_l = [I/2, P_l/2]     (d x 2d: average neuron i of model 0 with its match in model 1)
-    U_l = [I; P_lᵀ]        (2d x d: model 0 reads f*, model 1 reads Pᵀ f*)
+    M = [I/2, P/2]     (d x 2d: average neuron i of model 0 with its match in model 1)
+    U = [I; Pᵀ]        (2d x d: model 0 reads f*, model 1 reads Pᵀ f*)
 
-and the fold W*_l = M_l·blockdiag(W_l^0, W_l^1)·U_{l-1} = ½(W_l^0 + P_l W_l^1 P_{l-1}ᵀ),
-b*_l = ½(b_l^0 + P_l b_l^1): model 1 permuted into model 0's order, then averaged. The heads
-are folded with the last U: head_0 unchanged, head_1 · P_Lᵀ. Same matching as the authors'
-`match_tensors_permute`, written as a foldable map (DESIGN §1).
+and the fold of a weight from space a to space b, W* = M_b·blockdiag(W^0, W^1)·U_a =
+½(W^0 + P_b W^1 P_aᵀ), b* = ½(b^0 + P_b b^1): model 1 permuted into model 0's order, then
+averaged. The heads are folded with the last U: head_0 unchanged, head_1 · P_outᵀ. Same
+matching as the authors' `match_tensors_permute`, written as a foldable map (DESIGN §1).
 """
 from __future__ import annotations
 
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .zipit import build_folded, check_mlp_sources, correlation, hidden_features
+from . import align
+from .zipit import correlation
 
 
 def permutation_maps(f0: torch.Tensor, f1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -40,18 +43,17 @@ def permutation_maps(f0: torch.Tensor, f1: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def merge(models, data, seed: int = 0):
-    """Permute-and-average two MLPs of identical widths; see the module docstring."""
+    """Permute-and-average two models of identical widths; see the module docstring."""
     if len(models) != 2:
         raise ValueError(f"permute merges exactly two models, got {len(models)}; use zipit for more")
-    check_mlp_sources(models, data, "permute")
-    feats = hidden_features(models, data)
-    maps, perms = [], []
-    for f0, f1 in feats:
-        m, u, perm = permutation_maps(f0, f1)
-        maps.append((m, u))
-        perms.append(perm)
-    merged = build_folded(models, maps, seed)
-    merged.meta = {"method": "permute", "widths": list(merged.backbone.hidden),
-                   "fixed_points": [int((p == torch.arange(len(p))).sum()) for p in perms],
-                   "merge_examples": [len(d) for d in data]}
+    align.check_sources(models, data, "permute")
+    spec = models[0].spec
+    feats = align.observe(models, data)
+    maps, fixed = {}, {}
+    for s in align.merged_spaces(spec):
+        m, u, perms = align.per_head(lambda f: permutation_maps(f[0], f[1]), feats[s], spec.space(s).heads)
+        maps[s] = (m, u)
+        fixed[s] = sum(int((p == torch.arange(len(p))).sum()) for (p,) in perms)
+    merged = align.merge_with_maps(models, maps, seed)
+    merged.meta = {"method": "permute", "fixed_points": fixed, "merge_examples": [len(d) for d in data]}
     return merged

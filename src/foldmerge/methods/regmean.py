@@ -1,8 +1,8 @@
 """RegMean: Regression Mean (Jin, Ren, Preotiuc-Pietro, Cheng: "Dataless Knowledge Fusion by
 Merging Weights of Language Models", ICLR 2023), as the FS-Merge authors run it.
 
-For every foldable linear layer y = W x + b of the backbone (`get_arch(arch).linear_layers`;
-for MLPs every hidden layer; heads are outside the backbone and are copied, never merged),
+For every linear layer y = W x + b of the backbone (the merge spec's `layer_weights`: an MLP's
+hidden layers, every linear map of a ViT; heads are outside the backbone and are copied, never merged),
 RegMean picks the W* that best reproduces, on each model's own inputs, what every source
 layer computes:
 
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import torch
 
-from ..arch import get_arch
 from ..model import TaskModel
 from .common import check_same_backbone, features_in_chunks
 
@@ -51,11 +50,22 @@ def _check(models, data, alpha: float) -> None:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
 
 
+def linear_layers(model) -> list[torch.nn.Linear]:
+    """The nn.Linear modules of the spec's layers y = W x + b, in spec order."""
+    out = []
+    for p in model.spec.layer_weights():
+        module = model.backbone.get_submodule(p.module)
+        if not isinstance(module, torch.nn.Linear):
+            raise ValueError(f"RegMean fits nn.Linear layers; {p.key!r} of the {model.arch} is not one")
+        out.append(module)
+    return out
+
+
 @torch.no_grad()
 def input_grams(model, x: torch.Tensor) -> list[torch.Tensor]:
     """G_l = X_lᵀ X_l (float64, unnormalized) of the inputs of every foldable linear layer
     of `model`'s backbone, when `model` itself runs on `x`."""
-    layers = get_arch(model.arch).linear_layers(model.backbone)
+    layers = linear_layers(model)
     grams = [torch.zeros(l.in_features, l.in_features, dtype=torch.float64, device=l.weight.device)
              for l in layers]
 
@@ -113,11 +123,7 @@ def regmean_weight(grams: list[torch.Tensor], weights: list[torch.Tensor]) -> tu
 def merge(models, data, alpha: float = 0.9, seed: int = 0):
     _check(models, data, alpha)
     alpha = float(alpha)
-    first = models[0]
-    arch = get_arch(first.arch)
-    p = next(first.backbone.parameters())
-    merged = TaskModel(first.arch, first.backbone_config, [t for m in models for t in m.tasks], first.head_bias)
-    merged.to(dtype=p.dtype, device=p.device)
+    merged = TaskModel.for_merge(models)
 
     # Grams of every model's own inputs, on its own task's data.
     grams = [input_grams(m, x) for m, x in zip(models, data)]          # [model][layer]
@@ -132,8 +138,8 @@ def merge(models, data, alpha: float = 0.9, seed: int = 0):
         merged.backbone.load_state_dict(avg)
 
         fallback = []
-        src_layers = [arch.linear_layers(m.backbone) for m in models]
-        for l, dst in enumerate(arch.linear_layers(merged.backbone)):
+        src_layers = [linear_layers(m) for m in models]
+        for l, dst in enumerate(linear_layers(merged)):
             g = [scale_off_diagonal(grams[k][l], alpha) for k in range(len(models))]
             w, fell_back = regmean_weight(g, [layers[l].weight for layers in src_layers])
             dst.weight.copy_(w.to(dtype=dst.weight.dtype, device=dst.weight.device))

@@ -57,10 +57,7 @@ def merge(models, data=None, t: float | None = None, seed: int = 0):
                          "(more than two are merged by a running spherical mean)")
     if t is not None and not 0.0 <= float(t) <= 1.0:
         raise ValueError(f"t must lie in [0, 1], got {t!r}")
-    first = models[0]
-    p = next(first.backbone.parameters())
-    merged = TaskModel(first.arch, first.backbone_config, [tk for m in models for tk in m.tasks], first.head_bias)
-    merged.to(dtype=p.dtype, device=p.device)
+    merged = TaskModel.for_merge(models)
     with torch.no_grad():
         states = [m.backbone.state_dict() for m in models]
         out = {}

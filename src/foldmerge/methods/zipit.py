@@ -1,9 +1,13 @@
-"""ZipIt! (Stoica, Bolya, Bjorner, Ramesh, Hearn, Hoffman, ICLR 2024) for MLPs, as a foldable map.
+"""ZipIt! (Stoica, Bolya, Bjorner, Ramesh, Hearn, Hoffman, ICLR 2024) for any merge spec, as a foldable map.
 
-For every hidden layer l, ZipIt! looks at the post-ReLU features f_l^1 … f_l^n of the
-ORIGINAL source models on all merge data (the samples of every task, concatenated), computes
-the Pearson correlation of the concatenated features [f^1 … f^n] (Σd x Σd), and greedily
-"zips" the most correlated features together until Σd features have become d* clusters:
+For every merged space of the architecture (an MLP's hidden layers; a ViT's residual stream,
+each block's q/k, v and MLP spaces and its features), ZipIt! looks at the activations
+f^1 … f^n of the ORIGINAL source models at the spec's probes (an MLP's post-ReLU features, a
+ViT's residual stream after the embedding and every block, …) on all merge data (the samples
+of every task, concatenated), computes the Pearson correlation of the concatenated features
+[f^1 … f^n] (Σd x Σd), and greedily "zips" the most correlated features together until Σd
+features have become d* clusters (d* = model 1's width; a space split into attention heads is
+zipped head by head, so features never move between heads):
 
   repeat until d* clusters remain:
       take the pair of current clusters (a, b) with the highest similarity, a before b;
@@ -23,16 +27,17 @@ their earliest feature:
   M[p, i] = 1/|cluster p| for every feature i in cluster p   (merge = average of the cluster)
   U[i, p] = 1            for every feature i in cluster p   (unmerge = copy back)
 
-so for pure pairs U = 2Mᵀ (FS-Merge paper, appendix A.2). The merged model is built as a
-Foldable SuperNet (full M/U loaded with `set_dense`) and folded: W*_l = M_l·blockdiag(W_l)·U_{l-1},
-b*_l = M_l·b_l, heads adapted as head_k·U_L[k] (DESIGN §1, §3).
+so for pure pairs U = 2Mᵀ (FS-Merge paper, appendix A.2). Every parameter of a space takes
+that space's maps (`align.merge_with_maps`): W* = M_out·blockdiag(W_k)·U_in, b* = M_out·b,
+merged norms M·concat(γ_k), heads adapted as head_k·U_out[k] (DESIGN §1, §3).
 
-Partial zipping (`stop_layer = s`): hidden layers 1…s are zipped; the later layers are left
-unzipped, i.e. they keep every model's neurons side by side: d*_l = Σ_k d_l^k with M_l = I and
-U_l = I. That is the multi-head model of the paper (the first unzipped layer reads each model's
-unmerged input U_s[k]·f*_s, the later ones are block-diagonal, head k reads model k's block),
-written as one plain, wider MLP — still a special case of the foldable map. stop_layer = 0 zips
-nothing (the exact ensemble of features); None (default) zips every hidden layer.
+Partial zipping (`stop_layer = s`, chains of layers such as an MLP's): hidden layers 1…s are
+zipped; the later layers are left unzipped, i.e. they keep every model's neurons side by side:
+d*_l = Σ_k d_l^k with M_l = I and U_l = I. That is the multi-head model of the paper (the
+first unzipped layer reads each model's unmerged input U_s[k]·f*_s, the later ones are
+block-diagonal, head k reads model k's block), written as one plain, wider MLP — still a
+special case of the foldable map. stop_layer = 0 zips nothing (the exact ensemble of
+features); None (default) zips every hidden layer.
 
 Where this differs from the authors' code (`matching_functions.match_tensors_zipit`), on purpose:
 - beta = 0 allows no within-model merge at all. The authors' loop decrements a budget and only
@@ -43,7 +48,7 @@ Where this differs from the authors' code (`matching_functions.match_tensors_zip
   columns were removed, which stops matching the intended rows after the first merge.
 - merge matrix entries are exactly 1/|cluster| (the authors divide by |cluster| + 1e-5).
 - when the bans leave no allowed pair before d* clusters remain (possible for n > 2), the merge
-  is taken on the unbanned similarities and counted in meta["layers"][…]["forced_merges"];
+  is taken on the unbanned similarities and counted in meta["spaces"][…]["forced_merges"];
   the authors' loop then takes argmax 0 of an all −inf matrix, merges cluster 0 with itself
   and so drops it from the maps.
 - the correlation is computed from centered features (same quantity, E[ffᵀ] − μμᵀ, fewer
@@ -57,10 +62,8 @@ alpha > 0 a cluster may hold more than one feature of a model even when beta = 0
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 
-from ..arch.mlp import SuperNet
-from .common import sources_arch
+from . import align
 
 DEFAULT_ALPHA = 0.3   # the authors' default `a` of match_tensors_zipit
 # Cross-model merges only (the authors' default b is 0.125). Measured on MNIST 0-4 / 5-9, one
@@ -206,82 +209,59 @@ def zipit_maps(features: list[torch.Tensor], out_dim: int, alpha: float = DEFAUL
 
 
 # ------------------------------------------------------------------------------ the method
-def check_mlp_sources(models, data, method: str) -> None:
-    """MLPs with identical hidden widths and one data tensor per model, or a one-line ValueError."""
-    arch = sources_arch(models)
-    if arch != "mlp":
-        raise ValueError(f"{method} is implemented for MLPs only, got arch {arch!r}")
-    hidden = [list(m.backbone.hidden) for m in models]
-    if any(h != hidden[0] for h in hidden):
-        raise ValueError(f"{method} needs sources with identical hidden widths, got {hidden}")
-    ins = {m.backbone.in_dim for m in models}
-    if len(ins) != 1:
-        raise ValueError(f"{method} needs sources with the same input size, got {sorted(ins)}")
-    if data is None or len(data) != len(models):
-        raise ValueError(f"{method} needs one data tensor per model; got "
-                         f"{0 if data is None else len(data)} for {len(models)} models")
-    if any(len(d) == 0 for d in data):
-        raise ValueError(f"{method} needs at least one example per model")
+def space_maps(models, data, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
+               stop_layer: int | None = None) -> tuple[dict, dict]:
+    """ZipIt!'s (M, U) of every merged space of the models' spec, and statistics per space.
 
+    Each space is zipped to model 1's width, within each head for a split space; with
+    `stop_layer` (chains of layers such as an MLP's) the spaces after the first `stop_layer`
+    are left unzipped (M = U = I, every model's features side by side)."""
+    spec = models[0].spec
+    spaces = align.merged_spaces(spec)
+    zipped = spaces
+    if stop_layer is not None:
+        if not spec.is_chain():
+            raise ValueError(f"stop_layer (partial zipping) needs a chain of layers such as an MLP's; the "
+                             f"{spec.name} has a space written at several sites (a residual stream)")
+        chain = list(spec.width_spaces)
+        if not 0 <= int(stop_layer) <= len(chain):
+            raise ValueError(f"stop_layer must lie in 0…{len(chain)} (number of zipped hidden layers), "
+                             f"got {stop_layer!r}")
+        zipped = chain[:int(stop_layer)]
+    feats = align.observe(models, data)
+    maps, stats = {}, {}
+    for s in spaces:
+        if s not in zipped:
+            maps[s] = align.identity_maps(feats[s])
+            stats[s] = {"zipped": False}
+            continue
+        heads = spec.space(s).heads
 
-@torch.no_grad()
-def hidden_features(models, data) -> list[list[torch.Tensor]]:
-    """feats[l][k]: post-ReLU features of hidden layer l of the ORIGINAL model k on all merge data."""
-    x = torch.cat([d.reshape(d.shape[0], -1) for d in data])
-    per_model = []
-    for m in models:
-        p = next(m.backbone.parameters())
-        was_training = m.training
-        m.eval()
-        try:
-            zs = m.backbone.preactivations(x.to(device=p.device, dtype=p.dtype))
-        finally:
-            m.train(was_training)
-        per_model.append([F.relu(z) for z in zs])
-    depth = len(per_model[0])
-    return [[per_model[k][l] for k in range(len(models))] for l in range(depth)]
+        def zip_head(f):
+            widths = [x.shape[1] for x in f]
+            owner = torch.cat([torch.full((d,), k, dtype=torch.long) for k, d in enumerate(widths)])
+            history: list = []
+            clusters = zipit_clusters(correlation(f), owner, widths[0], alpha, beta, history)
+            return (*maps_from_clusters(clusters, sum(widths), f[0].dtype), clusters, history)
 
-
-def build_folded(models, maps: list[tuple[torch.Tensor, torch.Tensor]], seed: int = 0):
-    """Load dense (M_l, U_l) per hidden layer into a full SuperNet and fold it."""
-    widths = [m.shape[0] for m, _ in maps]
-    supernet = SuperNet(models, widths=widths, param="full", init="first", seed=seed)
-    for l, (m, u) in enumerate(maps):
-        supernet.M[l].set_dense(m)
-        supernet.U[l].set_dense(u.T)
-    return supernet.fold()
+        m, u, extra = align.per_head(zip_head, feats[s], heads)
+        sizes = [len(c) for clusters, _ in extra for c in clusters]
+        history = [h for _, hist in extra for h in hist]
+        maps[s] = (m, u)
+        stats[s] = {"zipped": True, "max_cluster": max(sizes), "singletons": sum(1 for z in sizes if z == 1),
+                    "within_merges": sum(1 for h in history if h["within"]),
+                    "forced_merges": sum(1 for h in history if h["forced"]),
+                    "mean_merge_similarity": sum(h["similarity"] for h in history) / max(len(history), 1)}
+    return maps, stats
 
 
 def merge(models, data, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
           stop_layer: int | None = None, seed: int = 0):
-    """ZipIt! merge of MLPs; see the module docstring. seed is unused (ZipIt! is deterministic)."""
-    check_mlp_sources(models, data, "ZipIt!")
-    depth = len(models[0].backbone.hidden)
-    stop = depth if stop_layer is None else int(stop_layer)
-    if not 0 <= stop <= depth:
-        raise ValueError(f"stop_layer must lie in 0…{depth} (number of zipped hidden layers), got {stop_layer!r}")
-    feats = hidden_features(models, data)
-    maps, stats = [], []
-    for l in range(depth):
-        widths = [f.shape[1] for f in feats[l]]
-        total = sum(widths)
-        if l < stop:
-            owner = torch.cat([torch.full((d,), k, dtype=torch.long) for k, d in enumerate(widths)])
-            history: list = []
-            clusters = zipit_clusters(correlation(feats[l]), owner, widths[0], alpha, beta, history)
-            m, u = maps_from_clusters(clusters, total, feats[l][0].dtype)
-            sizes = [len(c) for c in clusters]
-            stats.append({"layer": l + 1, "zipped": True, "max_cluster": max(sizes),
-                          "singletons": sum(1 for z in sizes if z == 1),
-                          "within_merges": sum(1 for h in history if h["within"]),
-                          "forced_merges": sum(1 for h in history if h["forced"]),
-                          "mean_merge_similarity": sum(h["similarity"] for h in history) / max(len(history), 1)})
-        else:
-            m = u = torch.eye(total, dtype=feats[l][0].dtype)
-            stats.append({"layer": l + 1, "zipped": False})
-        maps.append((m, u))
-    merged = build_folded(models, maps, seed)
+    """ZipIt! merge of models of any spec; see the module docstring. seed is unused (ZipIt! is deterministic)."""
+    align.check_sources(models, data, "ZipIt!")
+    maps, stats = space_maps(models, data, alpha, beta, stop_layer)
+    merged = align.merge_with_maps(models, maps, seed)
     merged.meta = {"method": "zipit", "alpha": alpha, "beta": beta, "stop_layer": stop_layer,
-                   "widths": list(merged.backbone.hidden), "layers": stats,
+                   "widths": {s: m.shape[0] for s, (m, _) in maps.items()}, "spaces": stats,
                    "merge_examples": [len(d) for d in data]}
     return merged

@@ -1,0 +1,169 @@
+"""Alignment methods from the merge spec: observe every space, one (M, U) per space, fold.
+
+ZipIt!, permute and OT fusion differ only in how they turn the activations of one space into
+a merge map M (d* x Σ d_k) and an unmerge map U (Σ d_k x d*). Everything around that is here,
+written once for every architecture:
+
+  observe(models, data)        the activations of every space at the spec's probes, on all
+                               merge data (every task's sample, concatenated): feats[space][k]
+                               is (samples x d_k), the probes of a space stacked as samples
+  per_head(fn, feats, heads)   fn applied to each head of a split space alone (attention q/k
+                               and v: neurons are matched within a head, never across), the
+                               maps assembled block by block
+  merge_with_maps(models, maps)  the merged model: a SuperNet whose every site takes its
+                               space's maps (tied across the space's parameters, as alignment
+                               methods do), merged norms M·concat(γ_k), folded
+"""
+from __future__ import annotations
+
+import torch
+
+from ..supernet import SuperNet
+from .common import CHUNK, sources_spec
+
+
+def merged_spaces(spec) -> list[str]:
+    """The spaces a merge maps (every space that is not a shared input), in spec order."""
+    return [s.name for s in spec.spaces if not s.shared]
+
+
+def check_sources(models, data, method: str, equal_widths: bool = True) -> None:
+    """One data tensor per model, every space observed, identical widths (if asked): else a one-line ValueError."""
+    spec = sources_spec(models)
+    if data is None or len(data) != len(models):
+        raise ValueError(f"{method} needs one data tensor per model; got "
+                         f"{0 if data is None else len(data)} for {len(models)} models")
+    if any(len(d) == 0 for d in data):
+        raise ValueError(f"{method} needs at least one example per model")
+    probed = {p.space for p in spec.probes}
+    missing = [s for s in merged_spaces(spec) if s not in probed]
+    if missing:
+        raise ValueError(f"{method} needs activations of every space; the {spec.name} spec has no probe "
+                         f"for {missing[0]!r}")
+    if equal_widths:
+        widths = [spec.validate(m.backbone) for m in models]
+        for s in merged_spaces(spec):
+            ws = [w[s] for w in widths]
+            if len(set(ws)) != 1:
+                raise ValueError(f"{method} needs sources with identical hidden widths; space {s!r} is {ws} wide")
+
+
+@torch.no_grad()
+def observe(models, data, select=None, chunk: int = CHUNK) -> dict[str, list[torch.Tensor]]:
+    """feats[space][k]: model k's activations of `space` on the concatenated merge data (float64).
+
+    Every probe of a space is read on every example; a probe's tensor (examples x … x d) becomes
+    rows of d (`select(tensor)` if given, e.g. some tokens only; by default every position), and
+    the probes of a space are stacked in spec order. Models run in eval mode, `chunk` examples
+    at a time."""
+    spec = models[0].spec
+    x = torch.cat(list(data))
+    feats: dict[str, list[torch.Tensor]] = {}
+    for m in models:
+        for space, t in _observe_one(spec, m.backbone, x, select, chunk).items():
+            feats.setdefault(space, []).append(t)
+    return feats
+
+
+def _observe_one(spec, backbone, x, select, chunk) -> dict[str, torch.Tensor]:
+    seen: list[list[torch.Tensor]] = [[] for _ in spec.probes]
+
+    def keep(i):
+        def rows(t):
+            t = t.detach()
+            seen[i].append((select(t) if select is not None else t.reshape(-1, t.shape[-1])).to(torch.float64))
+        return rows
+
+    handles = []
+    for i, probe in enumerate(spec.probes):
+        try:
+            module = backbone.get_submodule(probe.module)
+        except AttributeError:
+            raise ValueError(f"{spec.name} spec: probe of {probe.space!r} names no module {probe.module!r}") from None
+        f = keep(i)
+        if probe.where == "in":
+            handles.append(module.register_forward_pre_hook(lambda _m, args, f=f: f(args[0])))
+        else:
+            handles.append(module.register_forward_hook(lambda _m, _args, out, f=f: f(out)))
+    was_training = backbone.training
+    p = next(backbone.parameters())
+    try:
+        backbone.eval()
+        for part in x.split(chunk):
+            backbone(part.to(device=p.device, dtype=p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        backbone.train(was_training)
+    out: dict[str, list[torch.Tensor]] = {}
+    for probe, parts in zip(spec.probes, seen):
+        out.setdefault(probe.space, []).append(torch.cat(parts))
+    return {space: torch.cat(parts) for space, parts in out.items()}
+
+
+def per_head(fn, feats: list[torch.Tensor], heads: int):
+    """(M, U) of a space split into `heads` contiguous heads: `fn(head_feats)` -> (M_h, U_h, …) on
+    each head's features alone, placed in head h's rows of M and columns of each model's block.
+    Extra results of fn (statistics) are returned per head as a list."""
+    if heads == 1:
+        m, u, *extra = fn(feats)
+        return m, u, [extra]
+    widths = [f.shape[1] for f in feats]
+    per = [w // heads for w in widths]
+    offsets = [sum(widths[:k]) for k in range(len(widths))]
+    parts = [fn([f[:, h * p:(h + 1) * p] for f, p in zip(feats, per)]) for h in range(heads)]
+    sizes = {m.shape[0] for m, *_ in parts}
+    if len(sizes) != 1:
+        raise ValueError(f"the heads of a space came out {sorted(sizes)} wide; attention needs equal heads")
+    d = sizes.pop()
+    m_all = feats[0].new_zeros(d * heads, sum(widths), dtype=parts[0][0].dtype)
+    u_all = m_all.new_zeros(sum(widths), d * heads)
+    for h, (m, u, *_) in enumerate(parts):
+        col = 0
+        for k, p in enumerate(per):
+            src = slice(offsets[k] + h * p, offsets[k] + (h + 1) * p)
+            m_all[h * d:(h + 1) * d, src] = m[:, col:col + p]
+            u_all[src, h * d:(h + 1) * d] = u[col:col + p]
+            col += p
+    return m_all, u_all, [extra for _, _, *extra in parts]
+
+
+def space_supernet(models, widths: dict[str, int] | None = None, seed: int = 0) -> SuperNet:
+    """A SuperNet with full maps (init 'first') at the merged widths `widths` (space -> width)."""
+    spec = models[0].spec
+    w = None
+    if widths is not None:
+        w = [widths[s] for s in spec.width_spaces]
+    sn = SuperNet(models, widths=w, param="full", init="first", seed=seed)
+    for s, d in (widths or {}).items():
+        if sn.space_widths.get(s, d) != d:
+            raise ValueError(f"the maps of space {s!r} are {d} wide, but the merged {spec.name} is "
+                             f"{sn.space_widths[s]} wide there (the architecture ties it to another width)")
+    return sn
+
+
+@torch.no_grad()
+def load_maps(sn: SuperNet, models, maps: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Every site of `sn` takes its space's (M, U); merged norms become M·concat(γ_k)."""
+    for role, _, space, fm in sn.sites():
+        m, u = maps[space]
+        fm.set_dense(m if role == "merge" else u.T)
+    states = [dict(m.backbone.named_parameters()) for m in models]
+    for key, space in sn.spec.norm_params():
+        if key in sn._norm:
+            m = maps[space][0]
+            sn.norm(key).copy_(m @ torch.cat([st[key].detach().to(m) for st in states]))
+
+
+def merge_with_maps(models, maps: dict[str, tuple[torch.Tensor, torch.Tensor]], seed: int = 0):
+    """The merged model of alignment maps (one (M, U) per merged space); see the module docstring."""
+    sn = space_supernet(models, {s: m.shape[0] for s, (m, _) in maps.items()}, seed)
+    load_maps(sn, models, maps)
+    return sn.fold()
+
+
+def identity_maps(feats: list[torch.Tensor]):
+    """Every model's features kept side by side (d* = Σ d_k): M = U = I. An unzipped layer."""
+    total = sum(f.shape[1] for f in feats)
+    eye = torch.eye(total, dtype=feats[0].dtype)
+    return eye, eye
