@@ -6,12 +6,12 @@ import torch
 from torch.nn import functional as F
 
 import foldmerge
-from foldmerge.arch.mlp import SuperNet
 from foldmerge.bench import mlp as bench
 from foldmerge.foldable import merge_features, unmerge_features
-from foldmerge.methods import distill, fs_merge, zipit
+from foldmerge.methods import distill, fs_merge
 from foldmerge.methods.common import reconstruction_loss
 from foldmerge.model import TaskModel
+from foldmerge.supernet import SuperNet
 from foldmerge.train import TrainConfig
 
 
@@ -120,10 +120,11 @@ def test_batched_local_loss_equals_the_per_layer_losses(own):
     pre = [m.backbone.preactivations(x) for m in src]
     z = [[p[l] for p in pre] for l in range(3)]
     tgt = [[F.relu(t) for t in zl] for zl in z]
-    maps = [(sn.M[l], sn.U[l]) for l in range(3)]
+    maps = [(sn.merge_map(f"layers.{l}"), sn.unmerge_map(f"layers.{l + 1}:in" if l < 2 else "output"))
+            for l in range(3)]
     expected = sum(reconstruction_loss(unmerge_features(U, F.relu(merge_features(M, z[l]))), tgt[l], owner)
                    for l, (M, U) in enumerate(maps))
-    loss_fn = fs_merge._batched_local_loss(maps, owner, sn.M[0].in_dims)
+    loss_fn = fs_merge._batched_local_loss(maps, owner, maps[0][0].in_dims)
     got = loss_fn(*fs_merge._batched_local_data(z, tgt, owner))
     assert torch.allclose(got, expected, rtol=1e-5)
 
@@ -195,17 +196,21 @@ def test_bench_rejects_bad_arguments(capsys):
 
 @pytest.mark.parametrize("form", ["folded", "supernet"])
 @pytest.mark.parametrize("param", ["full", "diag+lowrank(3)"])
-def test_starting_from_input_preactivations_is_the_same_function(form, param):
+def test_starting_from_the_cached_outputs_of_the_first_layer_is_the_same_function(form, param):
     src = sources((16, 12))
-    sn = SuperNet(src, param=param, init="random", seed=2)
-    x = torch.randn(10, 20)
+    wide = [TaskModel("mlp", {"in_dim": 40, "hidden": [16, 12]}, [m.tasks[0]]) for m in src]   # 40 > 2 x 16
+    sn = SuperNet(wide, param=param, init="random", seed=2)
+    x = torch.randn(10, 40)
+    fixed = sn.fixed_inputs(x, chunk=3)
+    assert [tuple(z.shape) for z in fixed] == [(10, 32)]
     direct = sn(x, form=form)
-    cached = sn(None, form=form, pre=sn.input_preactivations(x))
+    cached = sn(x, form=form, fixed=fixed)
     assert torch.allclose(direct, cached, atol=1e-5)
-    for w in (direct.sum(), cached.sum()):
-        w.backward()
-    # the gradient reaches M_1 through the cached path too
+    for out in (direct, cached):
+        sum(r.sum() for r in sn.reconstruct(out)).backward()
+    # the gradient reaches layer 1's M through the cached path too
     assert all(p.grad is not None for p in sn.parameters() if p.requires_grad)
+    assert SuperNet(src, param=param).fixed_inputs(torch.randn(4, 20)) is None       # 20 < 2 x 16: no gain
 
 
 def test_teacher_features_are_computed_once_per_model_and_sample():

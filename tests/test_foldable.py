@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from foldmerge.arch.mlp import SuperNet
 from foldmerge.foldable import (FoldMap, fold_groups, fold_linear, fold_linears, merge_features, pack_maps, parse_param,
                                unmerge_features)
 from foldmerge.model import TaskModel
+from foldmerge.supernet import SuperNet
 
 TASKS = ["mnist:0-4", "mnist:5-9", "fmnist:0-4"]
 PARAMS = ["full", "diag", "diag+lowrank(3)"]
@@ -29,8 +29,7 @@ def perturb(module, scale=0.1, seed=1):
 def supernet_logits(sn, x):
     """The SuperNet as drawn in the paper (wide, dense M and U), then the original heads on U_L·f*."""
     recon = sn.reconstruct(sn(x, form="supernet"))
-    return [F.linear(recon[sn.head_owner[i]], getattr(sn, f"hw{i}"), getattr(sn, f"hb{i}"))
-            for i in range(len(sn.head_owner))]
+    return [F.linear(recon[sn.head_owner[i]], *sn.head(i)) for i in range(len(sn.head_owner))]
 
 
 @pytest.mark.parametrize("param", PARAMS)

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import foldmerge
-from foldmerge.arch.mlp import SuperNet
 from foldmerge.methods.common import reconstruction_loss as _recon_loss, target_scales as _scales
 from foldmerge.model import TaskModel
+from foldmerge.supernet import SuperNet
 
 
 @pytest.fixture(autouse=True)

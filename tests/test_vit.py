@@ -6,6 +6,7 @@ from torch.nn import functional as F
 import foldmerge
 from foldmerge.arch import vit
 from foldmerge.model import TaskModel
+from foldmerge.supernet import SuperNet
 
 CFG = {"image_size": 28, "channels": 1, "patch": 7, "width": 16, "depth": 2, "heads": 2, "mlp_dim": 32,
        "out_dim": 8}
@@ -66,7 +67,9 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="different attention head counts"):
         vit.check_compatible([model().backbone_config, model(heads=4).backbone_config])
     with pytest.raises(ValueError, match="not divisible by the 2 attention heads"):
-        vit.SuperNet([model(), model("mnist:5-9", 1)], widths=[15])
+        SuperNet([model(), model("mnist:5-9", 1)], widths=[15])
+    with pytest.raises(ValueError, match="one or two target widths"):      # never silently dropped
+        SuperNet([model(), model("mnist:5-9", 1)], widths=[8, 16, 99])
 
 
 # ------------------------------------------------------------------- Foldable SuperNet
@@ -84,7 +87,7 @@ def sources64(n, widths=None, mlps=None):
                                              (2, [16, 24], [20, 40]), (3, [16, 24, 12], [12, 24])])
 def test_folded_vit_equals_supernet(param, n, widths, target):
     src = sources64(n, widths, [2 * w for w in widths])
-    sn = vit.SuperNet(src, widths=target, param=param, init="random", seed=3).double()
+    sn = SuperNet(src, widths=target, param=param, init="random", seed=3).double()
     x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
     wide = sn(x, form="supernet")
     folded = sn(x, form="folded")
@@ -95,14 +98,15 @@ def test_folded_vit_equals_supernet(param, n, widths, target):
     # heads: head_k(U_out[k] f*) == folded head k
     recon = sn.reconstruct(wide)
     for i, (k, out) in enumerate(zip(sn.head_owner, plain(x))):
-        assert torch.allclose(out, sn.heads[i](recon[k]), atol=1e-10)
+        assert torch.allclose(out, F.linear(recon[k], *sn.head(i)), atol=1e-10)
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_folded_vit_follows_its_sources_when_converted(overwrite):
-    # The fold's job list is built once per SuperNet: `.double()` changes the sources' data in
-    # place, and under torch's overwrite-on-conversion mode replaces the parameters themselves.
-    sn = vit.SuperNet([model(TASKS[k], k) for k in range(2)], param="diag+lowrank(3)", init="random", seed=3)
+    # The fold plan is built once per SuperNet from the names of its source tensors: `.double()`
+    # replaces them (its own copies; under torch's overwrite mode too), in-place edits change them.
+    src = [model(TASKS[k], k) for k in range(2)]
+    sn = SuperNet(src, param="diag+lowrank(3)", init="random", seed=3)
     x = torch.randn(4, 1, 28, 28)
     torch.testing.assert_close(sn(x, form="folded"), sn(x, form="supernet"))      # float32, plan built
     torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
@@ -112,13 +116,39 @@ def test_folded_vit_follows_its_sources_when_converted(overwrite):
         torch.__future__.set_overwrite_module_params_on_conversion(False)
     x = x.double()
     assert torch.allclose(sn(x, form="folded"), sn(x, form="supernet"), atol=1e-10)
+    assert all(p.dtype == torch.float32 for s in src for p in s.parameters())     # the callers' models stay
     # the stacked sources are cached too: an in-place edit of a source (contents, not storage) is seen
     with torch.no_grad():
-        for s in sn.sources:
-            s.patch_proj.weight.mul_(1.5)
-            s.pos.add_(0.1)
-            s.blocks[1].fc2.bias.sub_(0.2)
+        for k in range(2):
+            sn.source("patch_proj.weight", k).mul_(1.5)
+            sn.source("pos", k).add_(0.1)
+            sn.source("blocks.1.fc2.bias", k).sub_(0.2)
     assert torch.allclose(sn(x, form="folded"), sn(x, form="supernet"), atol=1e-10)
+
+
+def test_replacing_any_sources_tensor_is_folded():
+    # every step reads the current tensors: replacing model 2's (not only model 1's) is seen
+    sn = SuperNet([model(TASKS[k], k).double() for k in range(2)], param="diag+lowrank(3)", init="random", seed=3)
+    x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    before = sn(x, form="folded").detach()
+    name = sn._src["blocks.1.fc1.weight"][1]
+    setattr(sn, name, torch.randn_like(sn.source("blocks.1.fc1.weight", 1)))
+    after = sn(x, form="folded")
+    assert not torch.allclose(after, before)
+    assert torch.allclose(after, sn(x, form="supernet"), atol=1e-10)
+
+
+def test_a_supernet_never_changes_its_inputs():
+    src = [model(TASKS[k], k) for k in range(2)]
+    snapshot = [{k: (v.clone(), v.requires_grad, v.dtype) for k, v in s.named_parameters()} for s in src]
+    sn = SuperNet(src, param="diag+lowrank(3)", init="random", seed=3).double()
+    sn(torch.randn(2, 1, 28, 28, dtype=torch.float64)).sum().backward()
+    foldmerge.merge(src, [torch.randn(4, 1, 28, 28)] * 2, method="fs-merge", epochs=2, lr=1e-3)
+    for s, snap in zip(src, snapshot):
+        for k, v in s.named_parameters():
+            value, flag, dtype = snap[k]
+            assert v.requires_grad == flag and v.dtype == dtype and torch.equal(v, value), k
+            assert v.grad is None
 
 
 @pytest.mark.parametrize("param", ["full", "diag", "diag+lowrank(3)"])
@@ -127,7 +157,7 @@ def test_vit_folded_and_supernet_forms_give_same_loss_and_gradients(param, n, wi
     # training in folded form is training the SuperNet: same loss, same gradient for every map and norm
     from foldmerge.methods.common import reconstruction_loss
     src = sources64(n, widths, [2 * w for w in widths])
-    sn = vit.SuperNet(src, widths=target, param=param, init="random", seed=4).double()
+    sn = SuperNet(src, widths=target, param=param, init="random", seed=4).double()
     x = torch.randn(6, 1, 28, 28, dtype=torch.float64)
     owner = torch.arange(6) % n
     targets = [s.features(x).detach() for s in src]
@@ -141,7 +171,7 @@ def test_vit_folded_and_supernet_forms_give_same_loss_and_gradients(param, n, wi
     assert got["folded"][1].keys() == got["supernet"][1].keys() and len(got["folded"][1]) > 10
     for k, g in got["folded"][1].items():
         torch.testing.assert_close(g, got["supernet"][1][k], rtol=1e-7, atol=1e-10, msg=k)
-    assert all(not p.requires_grad for p in sn.sources.parameters())
+    assert all(not b.requires_grad for b in sn.buffers())
 
 
 @pytest.mark.parametrize("param", ["diag", "diag+lowrank(3)"])
@@ -150,7 +180,7 @@ def test_vit_folded_form_runs_under_bf16_autocast(param):
     # dtypes); the step's other matmuls are bfloat16, so the gradients agree only roughly
     from foldmerge.methods.common import reconstruction_loss
     src = [s.float() for s in sources64(2, [16, 16], [32, 32])]
-    sn = vit.SuperNet(src, param=param, init="random", seed=4)
+    sn = SuperNet(src, param=param, init="random", seed=4)
     x = torch.randn(6, 1, 28, 28)
     targets = [s.features(x).detach() for s in src]
     grads = {}
@@ -184,7 +214,7 @@ def test_vit_distillation_output_map_is_fixed_by_default_and_heads_stay_shared()
 @pytest.mark.parametrize("n", [2, 3])
 def test_vit_first_init_folds_to_model_one(param, n):
     src = sources64(n)
-    plain = vit.SuperNet(src, param=param, init="first").double().fold()
+    plain = SuperNet(src, param=param, init="first").double().fold()
     x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
     assert torch.equal(plain.features(x), src[0].features(x))
     assert torch.equal(plain(x)[0], src[0](x)[0])
@@ -198,11 +228,11 @@ def test_vit_global_fs_merge_trains_and_folds():
     assert merged.meta["param"] == "diag+lowrank(16)" and merged.meta["targets"] == "own-task"
     assert merged.meta["final_loss"] < merged.meta["initial_loss"]
     # learnable: the maps and merged norms only, never the frozen source weights
-    sn = vit.SuperNet(src, param="diag+lowrank(16)")
+    sn = SuperNet(src, param="diag+lowrank(16)")
     maps = sum(getattr(m, name).numel() for m in sn.modules() if type(m).__name__ == "FoldMap"
                for name in m._param_names())
-    norms = sum(p.numel() for m in sn.modules() if isinstance(m, torch.nn.LayerNorm) and
-                any(q.requires_grad for q in m.parameters()) for p in m.parameters())
+    norms = sum(p.numel() for p in sn.norm_params)
+    assert norms == (2 * 2 + 1) * 2 * 16        # two LayerNorms a block and the final one, weight and bias
     assert merged.meta["learnable_parameters"] == maps + norms
     assert merged.arch == "vit" and merged.backbone.width == 16
 
@@ -210,9 +240,9 @@ def test_vit_global_fs_merge_trains_and_folds():
 def test_vit_mismatch_errors_are_clear():
     a = model("mnist:0-4", 0)
     with pytest.raises(ValueError, match="different depths"):
-        vit.SuperNet([a, model("mnist:5-9", 1, depth=3)])
+        SuperNet([a, model("mnist:5-9", 1, depth=3)])
     with pytest.raises(ValueError, match="different attention head counts"):
-        vit.SuperNet([a, model("mnist:5-9", 1, heads=4)])
+        SuperNet([a, model("mnist:5-9", 1, heads=4)])
     with pytest.raises(ValueError, match="local FS-Merge is defined for MLPs"):
         foldmerge.merge([a, model("mnist:5-9", 1)], [torch.randn(4, 1, 28, 28)] * 2, method="fs-merge",
                         variant="local", epochs=1)
