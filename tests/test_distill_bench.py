@@ -170,20 +170,47 @@ def test_aggregate_mean_and_sample_std():
 
 def test_method_plan_uses_the_bold_values_and_the_tuned_ones():
     tuned = {"regmean_alpha": 0.7, "zipit_alpha": 0.5, "zipit_beta": 0.25, "distill_init": "average",
-             "distill_lr": 0.03}
+             "distill_lr": 0.03, "opt_reg": 0.02}
     plan = {name: (method, opts) for name, method, opts in bench.method_plan("mnist", tuned)}
     assert plan["fs-merge local"][1] == {"variant": "local", "init": "random", "epochs": 15000, "lr": 0.1,
                                          "momentum": 0.9}
     assert plan["fs-merge global"][1]["epochs"] == 1000 and plan["fs-merge global"][1]["init"] == "first"
     assert plan["regmean"][1] == {"alpha": 0.7}
     assert plan["fs-merge local, zipit init"][1]["zipit_beta"] == 0.25
-    assert bench.method_plan("fmnist", tuned)[6][2]["epochs"] == 20000
+    assert plan["opt"][1] == {"reg": 0.02}
+    assert dict((n, o) for n, _, o in bench.method_plan("fmnist", tuned))["fs-merge local"]["epochs"] == 20000
     # every planned option is accepted by its method
     import inspect
     from foldmerge.methods import get_method
     for name, (method, opts) in plan.items():
         accepted = set(inspect.signature(get_method(method)).parameters)
         assert set(opts) <= accepted, name
+
+
+def test_a_cached_choice_lacking_a_row_is_completed_by_searching_that_row_alone(monkeypatch, tmp_path):
+    import json
+    seen = []
+
+    def fake_merge(sources, data, method, seed, **opts):
+        seen.append(method)
+        m = TaskModel("mlp", {"in_dim": 20, "hidden": [4]}, ["mnist:0-4"])
+        m.meta = {"opts": opts}
+        return m
+
+    monkeypatch.setattr("foldmerge.api.merge", fake_merge)
+    monkeypatch.setattr("foldmerge.api.merge_sample", lambda sources, n, seed: [])
+    monkeypatch.setattr(bench, "get_sources", lambda *a: [])
+    monkeypatch.setattr("foldmerge.evaluation.evaluate",
+                        lambda m, split: {"per_task_mean": 90.0 + m.meta["opts"]["reg"]})
+    old = {k: v for k, v in bench._placeholder_tuning().items() if k != "opt_reg"}
+    (tmp_path / "tuned-mnist.json").write_text(json.dumps({**old, "trials": [{"method": "regmean"}]}))
+    tuned = bench.load_or_tune("mnist", tmp_path, retune=False)
+    assert seen == ["opt"] * len(bench.GRID["opt_reg"]) and tuned["opt_reg"] == max(bench.GRID["opt_reg"])
+    assert {k: tuned[k] for k in old} == old and len(tuned["trials"]) == 1 + len(bench.GRID["opt_reg"])
+    assert json.loads((tmp_path / "tuned-mnist.json").read_text())["opt_reg"] == tuned["opt_reg"]
+    seen.clear()
+    bench.load_or_tune("mnist", tmp_path, retune=False)            # complete now: nothing searched
+    assert seen == []
 
 
 def test_bench_rejects_bad_arguments(capsys):
@@ -260,3 +287,21 @@ def test_capture_fits_trains_nothing_and_train_step_is_fits_step():
     opt = make_optimizer([w], cfg)
     assert train_step(opt, [w], loss_fn, [x]) == pytest.approx(history[0])
     assert torch.allclose(w, after_fit)                           # one full-batch step = one epoch of fit
+
+
+def test_teacher_features_run_in_eval_mode_and_see_buffers():
+    # dropout and BatchNorm: a teacher left in train mode still gives its eval-mode features, and
+    # a changed running statistic (a buffer, not a parameter) is recomputed
+    from foldmerge.methods.common import teacher_features
+    m = sources()[0]
+    m.backbone = torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.BatchNorm1d(16), torch.nn.Dropout(0.5))
+    x = torch.randn(9, 20)
+    m.eval()
+    want = m.features(x)
+    m.train()
+    got = teacher_features(m, x)
+    assert torch.equal(got, want) and m.training                  # eval-mode features; the mode is restored
+    with torch.no_grad():
+        m.backbone[1].running_mean.add_(1.0)
+    m.eval()
+    assert torch.equal(teacher_features(m, x), m.features(x)) and not torch.equal(teacher_features(m, x), want)

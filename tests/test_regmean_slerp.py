@@ -228,3 +228,13 @@ def test_slerp_rejects_bad_input():
         get_method("slerp")(models(3), sample(3), t=0.3)
     with pytest.raises(ValueError, match="at least two"):
         get_method("slerp")([a], sample(1))
+
+
+def test_identical_backbones_are_identical_whatever_the_key_order():
+    a = TaskModel("mlp", {"in_dim": 20, "hidden": [8]}, ["mnist:0-4"])
+    b = TaskModel("mlp", {"hidden": [8], "in_dim": 20}, ["mnist:5-9"])
+    for method in ("average", "slerp"):
+        assert foldmerge.merge([a, b], [torch.randn(4, 20)] * 2, method=method).backbone.hidden == [8]
+    with pytest.raises(ValueError, match="identical backbones"):
+        foldmerge.merge([a, TaskModel("mlp", {"in_dim": 20, "hidden": [9]}, ["mnist:5-9"])],
+                        [torch.randn(4, 20)] * 2, method="average")

@@ -370,7 +370,8 @@ def test_vit_bench_tuning_picks_the_best_validation_trial(monkeypatch):
     def fake_eval(merged, split="test"):
         assert split == "val"                      # never chosen on test
         o = merged.meta["opts"]
-        key = {"regmean": ("regmean", o.get("alpha")), "opt": ("opt", None)}.get(merged.meta["method"])
+        key = {"regmean": ("regmean", o.get("alpha")), "opt": ("opt", None),
+               "zipit": ("zipit", (o.get("alpha"), o.get("beta")))}.get(merged.meta["method"])
         if key is None:
             key = ("distill" if merged.meta["method"] == "distill" else "fs-merge " + o["param"],
                    (o["epochs"], o["lr"]))
@@ -378,11 +379,35 @@ def test_vit_bench_tuning_picks_the_best_validation_trial(monkeypatch):
 
     monkeypatch.setattr("foldmerge.api.merge", fake_merge)
     monkeypatch.setattr("foldmerge.evaluation.evaluate", fake_eval)
-    grid = {"regmean_alpha": [0.9, 0.5], "opt": [("cls", 0.0)], "distill": [(1, 1e-3), (2, 1e-3)],
-            "fs-merge diag": [(1, 1e-2), (1, 1e-3)], "fs-merge diag+lowrank(12)": [(1, 1e-4)]}
+    scores[("zipit", (0.5, 1.0))] = 75.0
+    grid = {"regmean_alpha": [0.9, 0.5], "opt": [("cls", 0.0)], "zipit": [(0.3, 0.0), (0.5, 1.0)],
+            "distill": [(1, 1e-3), (2, 1e-3)], "fs-merge diag": [(1, 1e-2), (1, 1e-3)],
+            "fs-merge diag+lowrank(12)": [(1, 1e-4)]}
     tuned = bench_vit.tune([], [], grid=grid)
     assert tuned["regmean_alpha"] == 0.5 and tuned["distill"] == [2, 1e-3] and tuned["fs-merge diag"] == [1, 1e-2]
-    assert len(tuned["trials"]) == len(seen) == 8
+    assert tuned["zipit"] == [0.5, 1.0]
+    assert len(tuned["trials"]) == len(seen) == 10
+    # a cached choice without the zipit row: only zipit is searched, the rest kept
+    seen.clear()
+    again = bench_vit.tune([], [], grid=grid, have={k: v for k, v in tuned.items() if k != "zipit"})
+    assert [m for m, _ in seen] == ["zipit", "zipit"] and again["zipit"] == [0.5, 1.0]
+    assert again["distill"] == tuned["distill"] and len(again["trials"]) == 12
     plan = {name: opts for name, _, opts in bench_vit.method_plan(tuned)}
     assert plan["distill"]["epochs"] == 2 and plan["regmean"]["alpha"] == 0.5
     assert all(o["optimizer"] == "adamw" for n, o in plan.items() if "epochs" in o)
+
+
+@pytest.mark.parametrize("method,opts", [("average", {}), ("slerp", {}), ("regmean", {}), ("zipit", {}),
+                                         ("permute", {}), ("opt", {}),
+                                         ("distill", dict(epochs=1, lr=1e-3, optimizer="adamw")),
+                                         ("fs-merge", dict(epochs=1, lr=1e-3, optimizer="adamw"))])
+def test_every_merge_keeps_the_sources_frozen_class_embedding_heads(method, opts, tmp_path):
+    src = [TaskModel("vit", CFG, [TASKS[k]], head="class-embedding") for k in range(2)]
+    merged = foldmerge.merge(src, [torch.randn(6, 1, 28, 28) for _ in range(2)], method=method, **opts)
+    assert merged.head_kind == "class-embedding" and not merged.head_bias
+    assert all(not h.weight.requires_grad for h in merged.heads)
+    merged.save(tmp_path / "m")
+    back = foldmerge.load(tmp_path / "m")
+    assert back.head_kind == "class-embedding"
+    for a, b in zip(back.heads, merged.heads):          # an adapted head (head_k · U_out[k]) survives a reload
+        assert torch.equal(a.weight, b.weight)

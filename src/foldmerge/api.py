@@ -61,12 +61,12 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
         data = merge_sample(models, data, seed, augment)
     if len(data) != len(models):
         raise ValueError(f"got {len(data)} data tensors for {len(models)} models")
-    get_method(method)                  # an unknown method fails here, before any launch
+    fn = get_method(method)             # resolved once; an unknown method fails here, before any launch
     start = time.perf_counter()
     if engine is None:
-        merged = _merge_here(models, data, method, seed, options)
+        merged = _merge_here(models, data, fn, seed, options)
     else:
-        config, weights, meta = engine.run(_merge_on_device, models, data, method, seed, options)
+        config, weights, meta = engine.run(_merge_on_device, models, data, fn, seed, options)
         merged = _rebuild(config, weights, meta)
         merged.meta["engine"] = {"accelerator": engine.accelerator, "devices": engine.devices,
                                  "precision": engine.precision}
@@ -77,18 +77,18 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
     return merged
 
 
-def _merge_here(models, data, method, seed, options):
+def _merge_here(models, data, fn, seed, options):
     torch.manual_seed(seed)
-    return get_method(method)(models, data, seed=seed, **options)
+    return fn(models, data, seed=seed, **options)
 
 
-def _merge_on_device(models, data, method, seed, options):
+def _merge_on_device(models, data, fn, seed, options):
     """One rank of an engine run: sources and data on this rank's device, result on the CPU."""
     from . import engine
     device = engine.current().device
     models = [m.to(device) for m in models]
     data = [d.to(device) for d in data]
-    merged = _merge_here(models, data, method, seed, options)
+    merged = _merge_here(models, data, fn, seed, options)
     # sent back to the launching process by value (a spawned rank's shared tensors die with it),
     # as the safetensors bytes the model files use
     from safetensors.torch import save

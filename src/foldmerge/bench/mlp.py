@@ -12,7 +12,9 @@ random init, 15k epochs (20k Fashion-MNIST), lr 0.1, momentum 0.9; global: `firs
 fix legibly is chosen here, as the paper does, on the VALIDATION split of the depth-2,
 width-128 pair of seed 0, once per dataset, and then used for every depth and width:
 RegMean α, ZipIt! α and β (also the ZipIt init of FS-Merge), the distillation student's init
-and learning rate. The grid, every validation score and the choice go into --json.
+and learning rate, OT fusion's λ (the "opt" row, which the paper runs on transformers only).
+The grid, every validation score and the choice go into --json; a cached choice that lacks a
+hyperparameter (a row added since) is completed by searching that one alone.
 
 Seeds: pair s uses source seeds 2s (task 0–4) and 2s + 1 (task 5–9) and merge-sample seed s.
 Source models are cached under OUT/sources (safetensors) and reused by later runs.
@@ -34,7 +36,7 @@ VALUES = {"depth": [1, 2, 3, 4, 6], "width": [16, 64, 128, 512, 1024]}
 TASKS = {"mnist": ("mnist:0-4", "mnist:5-9"), "fmnist": ("fmnist:0-4", "fmnist:5-9")}
 PER_TASK = 64
 TUNE_HIDDEN = [128, 128]          # E.1: tuned on two hidden layers of width 128
-ROW_ORDER = ("originals", "ensemble", "average", "slerp", "regmean", "permute", "zipit", "distill",
+ROW_ORDER = ("originals", "ensemble", "average", "slerp", "regmean", "permute", "opt", "zipit", "distill",
              "fs-merge local", "fs-merge local, zipit init", "fs-merge global", "fs-merge global, zipit init")
 
 GRID = {
@@ -43,6 +45,7 @@ GRID = {
     "zipit_beta": [0.0, 0.125, 0.25, 0.5, 1.0],
     "distill_init": ["first", "average", "regmean"],
     "distill_lr": [0.1, 0.03, 0.01],
+    "opt_reg": [0.0, 0.02, 0.08],          # OT fusion's λ: 0 = exact (hard) transport, > 0 Sinkhorn
 }
 
 
@@ -68,6 +71,7 @@ def method_plan(dataset: str, tuned: dict, epochs_scale: float = 1.0) -> list[tu
         ("slerp", "slerp", {}),
         ("regmean", "regmean", {"alpha": tuned["regmean_alpha"]}),
         ("permute", "permute", {}),
+        ("opt", "opt", {"reg": tuned["opt_reg"]}),
         ("zipit", "zipit", zipit),
         ("distill", "distill", {"init": tuned["distill_init"], "lr": tuned["distill_lr"], "momentum": 0.9,
                                 "epochs": ep["distill"], "regmean_alpha": tuned["regmean_alpha"]}),
@@ -110,39 +114,60 @@ def _task(spec):
 
 
 # ------------------------------------------------------------------------------- tuning
-def tune(dataset: str, cache: Path, grid: dict | None = None) -> dict:
-    """Choose the unfixed hyperparameters on the validation split (module docstring)."""
+def tune(dataset: str, cache: Path, grid: dict | None = None, have: dict | None = None) -> dict:
+    """Choose the unfixed hyperparameters on the validation split (module docstring); those in
+    `have` (an earlier choice) are kept, only the missing ones are searched (a row added later)."""
     from ..api import merge, merge_sample
     from ..evaluation import evaluate
     from ..progress import bar
     grid = grid or GRID
+    chosen = {k: v for k, v in (have or {}).items() if k != "trials"}
+    trials: list[dict] = list((have or {}).get("trials", []))
     sources = get_sources(dataset, TUNE_HIDDEN, 0, cache)
     data = merge_sample(sources, PER_TASK, 0)
-    trials: list[dict] = []
 
     def score(method, **opts):
         merged = merge(sources, data, method=method, seed=0, **opts)
         val = evaluate(merged, split="val")
         trials.append({"method": method, "options": opts, "val_per_task": val["per_task_mean"],
                        "val_joint": val.get("joint_mean")})
+        progress.advance(1)
         return val["per_task_mean"]
 
-    n = (len(grid["regmean_alpha"]) + len(grid["zipit_alpha"]) * len(grid["zipit_beta"])
-         + len(grid["distill_init"]) * len(grid["distill_lr"]))
+    zip_pairs = [(a, b) for a in grid["zipit_alpha"] for b in grid["zipit_beta"]]
+    d_pairs = [(i, lr) for i in grid["distill_init"] for lr in grid["distill_lr"]]
+    todo = [k for k in ("regmean_alpha", "zipit_alpha", "distill_init", "opt_reg") if k not in chosen]
+    n = sum({"regmean_alpha": len(grid["regmean_alpha"]), "zipit_alpha": len(zip_pairs),
+             "distill_init": len(d_pairs), "opt_reg": len(grid["opt_reg"])}[k] for k in todo)
     with bar(n, f"tuning on {dataset} validation") as progress:
-        def step(value):
-            progress.advance(1)
-            return value
-        reg = max(grid["regmean_alpha"], key=lambda a: step(score("regmean", alpha=a)))
-        zip_pairs = [(a, b) for a in grid["zipit_alpha"] for b in grid["zipit_beta"]]
-        za, zb = max(zip_pairs, key=lambda ab: step(score("zipit", alpha=ab[0], beta=ab[1])))
-        epochs = paper_epochs(dataset)["distill"]
-        d_pairs = [(i, lr) for i in grid["distill_init"] for lr in grid["distill_lr"]]
-        di, dlr = max(d_pairs, key=lambda p: step(score("distill", init=p[0], lr=p[1], momentum=0.9,
-                                                        epochs=epochs, regmean_alpha=reg)))
-    return {"regmean_alpha": reg, "zipit_alpha": za, "zipit_beta": zb, "distill_init": di, "distill_lr": dlr,
-            "chosen_on": f"{dataset} validation split, hidden {TUNE_HIDDEN}, pair seed 0",
+        if "regmean_alpha" in todo:
+            chosen["regmean_alpha"] = max(grid["regmean_alpha"], key=lambda a: score("regmean", alpha=a))
+        if "zipit_alpha" in todo:
+            chosen["zipit_alpha"], chosen["zipit_beta"] = max(
+                zip_pairs, key=lambda ab: score("zipit", alpha=ab[0], beta=ab[1]))
+        if "distill_init" in todo:
+            epochs = paper_epochs(dataset)["distill"]
+            chosen["distill_init"], chosen["distill_lr"] = max(d_pairs, key=lambda p: score(
+                "distill", init=p[0], lr=p[1], momentum=0.9, epochs=epochs, regmean_alpha=chosen["regmean_alpha"]))
+        if "opt_reg" in todo:
+            chosen["opt_reg"] = max(grid["opt_reg"], key=lambda r: score("opt", reg=r))
+    return {**chosen, "chosen_on": f"{dataset} validation split, hidden {TUNE_HIDDEN}, pair seed 0",
             "trials": trials}
+
+
+def load_or_tune(dataset: str, cache: Path, retune: bool) -> dict:
+    """The cached choice (OUT/tuned-<dataset>.json), completed by a search of what it lacks."""
+    from ..progress import status
+    path = cache / f"tuned-{dataset}.json"
+    have = None if retune or not path.is_file() else json.loads(path.read_text())
+    if have is not None and all(k in have for k in _placeholder_tuning()):
+        status(f"hyperparameters from {path} (chosen on validation; --retune to redo)")
+        return have
+    tuned = tune(dataset, cache, have=have)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(tuned, indent=1) + "\n")
+    os.replace(tmp, path)
+    return tuned
 
 
 # ---------------------------------------------------------------------------- one unit
@@ -184,7 +209,7 @@ def _unit_cost(vary: str, value: int) -> float:
 def run_bench(dataset: str = "mnist", vary: str = "depth", seeds: int = 5, values: list[int] | None = None,
               methods: list[str] | None = None, jobs: int | None = None, out: str = "runs/bench",
               epochs_scale: float = 1.0, retune: bool = False) -> dict:
-    from ..progress import bar, status
+    from ..progress import bar
     if dataset not in TASKS:
         raise ValueError(f"--dataset must be one of {', '.join(TASKS)}, got {dataset!r}")
     if vary not in VALUES:
@@ -205,15 +230,7 @@ def run_bench(dataset: str = "mnist", vary: str = "depth", seeds: int = 5, value
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    tuned_path = cache / f"tuned-{dataset}.json"
-    if tuned_path.is_file() and not retune:
-        tuned = json.loads(tuned_path.read_text())
-        status(f"hyperparameters from {tuned_path} (chosen on validation; --retune to redo)")
-    else:
-        tuned = tune(dataset, cache)
-        tmp = tuned_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(tuned, indent=1) + "\n")
-        os.replace(tmp, tuned_path)
+    tuned = load_or_tune(dataset, cache, retune)
 
     jobs = max(1, jobs or os.cpu_count() or 1)
     units = sorted(((v, s) for v in values for s in range(seeds)), key=lambda u: -_unit_cost(vary, u[0]))
@@ -252,8 +269,9 @@ def run_bench(dataset: str = "mnist", vary: str = "depth", seeds: int = 5, value
 
 
 def _placeholder_tuning() -> dict:
+    """A value for every chosen hyperparameter (the keys a complete choice has)."""
     return {"regmean_alpha": 0.9, "zipit_alpha": 0.3, "zipit_beta": 0.0, "distill_init": "first",
-            "distill_lr": 0.1}
+            "distill_lr": 0.1, "opt_reg": 0.0}
 
 
 def _quiet_worker() -> None:
@@ -357,7 +375,7 @@ def print_report(result: dict, command: str) -> None:
     hp = result["hyperparameters"]
     console.print(f"hyperparameters (chosen on validation, {hp.get('chosen_on', '?')}): RegMean α {hp['regmean_alpha']}, "
                   f"ZipIt! α {hp['zipit_alpha']} β {hp['zipit_beta']}, distillation init {hp['distill_init']} "
-                  f"lr {hp['distill_lr']}; the rest are appendix E.1's bold values"
+                  f"lr {hp['distill_lr']}, OT λ {hp.get('opt_reg', '-')}; the rest are appendix E.1's bold values"
                   + (f"; epochs scaled by {result['epochs_scale']}" if result["epochs_scale"] != 1 else ""))
     console.print(f"measured now: seeds {result['seeds']}, {result['jobs']} process(es) x "
                   f"{result['threads_per_job']} thread(s), {result['total_seconds'] / 60:.1f} min; command: {command}")

@@ -12,9 +12,11 @@ Hyperparameters. Fixed as appendix E.2: AdamW, batch 128, weight decay 0.001, `f
 own-task targets, no target scaling for FS-Merge. Chosen, as the paper does, on the
 VALIDATION split of the first pair, once per setting, then used for every pair: epochs and
 learning rate of distillation and of both FS-Merge variants, RegMean α, Opt's filter and λ
-(GRID: a CPU-sized subset of E.2's grids, around its bold values). Every trial, its
-validation score and the choice go into --json; the choice is cached in
-OUT/tuned-vit-pairs16.json (`--retune` redoes it). The search runs on pairs16 only (the
+(GRID: a CPU-sized subset of E.2's grids, around its bold values), ZipIt!'s α and β (not in
+the paper's ViT tables: the MLP bench's grid). Every trial, its validation score and the
+choice go into --json; the choice is cached in OUT/tuned-vit-pairs16.json (`--retune` redoes
+it; a cached choice that lacks a row's hyperparameters is completed by searching those alone).
+Permute runs on pairs only (it matches two models). The search runs on pairs16 only (the
 paper's setting a); pairs100 and the group settings reuse its choice (a search per setting,
 over four or eight models at a time, does not fit a CPU session). FS-Merge seq. uses the
 low-rank FS-Merge's learning rate; its last stage trains for the low-rank FS-Merge's epochs
@@ -51,12 +53,13 @@ SMALL_VIT = {**VIT, "width": 32, "depth": 2, "heads": 2, "mlp_dim": 64, "out_dim
 GRID = {
     "regmean_alpha": [0.9, 0.7, 0.5],
     "opt": [("cls", 0.08), ("window-8", 0.08), ("full", 0.0)],
+    "zipit": [(a, b) for a in (0.3, 0.5, 1.0) for b in (0.0, 0.125, 0.25, 0.5, 1.0)],    # the MLP bench's grid
     "distill": [(e, lr) for e in (30, 100, 200) for lr in (1e-3, 1e-4)],
     "fs-merge diag": [(e, lr) for e in (100, 200) for lr in (1e-2, 1e-3)],
     "fs-merge diag+lowrank(12)": [(e, lr) for e in (100, 200) for lr in (1e-3, 1e-4)],
 }
-# E.2's bold values for setting (a): what --no-tune (and the tests) use
-PAPER_CHOICE = {"regmean_alpha": 0.9, "opt": ["window-8", 0.08], "distill": [100, 1e-4],
+# E.2's bold values for setting (a): what --no-tune (and the tests) use; ZipIt! (not in E.2) at its defaults
+PAPER_CHOICE = {"regmean_alpha": 0.9, "opt": ["window-8", 0.08], "zipit": [0.3, 0.0], "distill": [100, 1e-4],
                 "fs-merge diag": [200, 1e-3], "fs-merge diag+lowrank(12)": [200, 1e-4]}
 TRAIN = {"optimizer": "adamw", "batch_size": 128, "weight_decay": 0.001}
 FS_MERGE = {"variant": "global", "init": "first", "target_scale": "none"}
@@ -75,6 +78,8 @@ def method_plan(tuned: dict | None = None, epochs_scale: float = 1.0, group_size
         ("slerp", "slerp", {}),
         ("regmean", "regmean", {"alpha": t["regmean_alpha"]}),
         ("opt", "opt", {"filter": t["opt"][0], "reg": t["opt"][1]}),
+        ("zipit", "zipit", {"alpha": t["zipit"][0], "beta": t["zipit"][1]}),
+    ] + ([("permute", "permute", {})] if group_size == 2 else []) + [
         ("distill", "distill", {"init": "first", **trained("distill")}),
         ("fs-merge diag", "fs-merge", {**FS_MERGE, "param": "diag", **trained("fs-merge diag")}),
         ("fs-merge diag+lowrank(12)", "fs-merge",
@@ -94,14 +99,15 @@ def _seq_options(last: dict) -> dict:
     return {**FS_MERGE, "variant": "seq", "param": "diag+lowrank(12)", **last, **seq_epochs(last["epochs"])}
 
 
-def tune(sources, data, epochs_scale: float = 1.0, grid: dict | None = None) -> dict:
-    """Choose the hyperparameters of `method_plan` on the validation split (module docstring)."""
+def tune(sources, data, epochs_scale: float = 1.0, grid: dict | None = None, have: dict | None = None) -> dict:
+    """Choose the hyperparameters of `method_plan` on the validation split (module docstring);
+    those in `have` (an earlier choice) are kept, only the missing ones are searched."""
     from ..api import merge
     from ..evaluation import evaluate
     from ..progress import bar, status
     grid = grid or GRID
-    trials: list[dict] = []
-    chosen: dict = {}
+    trials: list[dict] = list((have or {}).get("trials", []))
+    chosen: dict = {k: v for k, v in (have or {}).items() if k in PAPER_CHOICE}
     plan = {name: (method, opts) for name, method, opts in method_plan(PAPER_CHOICE, epochs_scale)}
 
     def score(row, value, **opts):
@@ -118,22 +124,31 @@ def tune(sources, data, epochs_scale: float = 1.0, grid: dict | None = None) -> 
     def ep(e):
         return max(1, int(round(e * epochs_scale)))
 
-    with bar(sum(len(v) for v in grid.values()), "tuning on validation (pair 1)") as progress:
-        chosen["regmean_alpha"] = max(grid["regmean_alpha"], key=lambda a: score("regmean", a, alpha=a))
-        chosen["opt"] = list(max(grid["opt"], key=lambda fr: score("opt", list(fr), filter=fr[0], reg=fr[1])))
+    todo = [k for k in PAPER_CHOICE if k not in chosen]
+    with bar(sum(len(grid[k]) for k in todo),
+             "tuning on validation (pair 1)") as progress:
+        if "regmean_alpha" in todo:
+            chosen["regmean_alpha"] = max(grid["regmean_alpha"], key=lambda a: score("regmean", a, alpha=a))
+        if "opt" in todo:
+            chosen["opt"] = list(max(grid["opt"], key=lambda fr: score("opt", list(fr), filter=fr[0], reg=fr[1])))
+        if "zipit" in todo:
+            chosen["zipit"] = list(max(grid["zipit"], key=lambda ab: score("zipit", list(ab), alpha=ab[0], beta=ab[1])))
         for row in ("distill", "fs-merge diag", "fs-merge diag+lowrank(12)"):
-            chosen[row] = list(max(grid[row], key=lambda el: score(row, list(el), epochs=ep(el[0]), lr=el[1])))
+            if row in todo:
+                chosen[row] = list(max(grid[row], key=lambda el: score(row, list(el), epochs=ep(el[0]), lr=el[1])))
     return {**chosen, "trials": trials}
 
 
 def load_or_tune(setting: str, cache: Path, sources, data, retune: bool, epochs_scale: float) -> dict:
+    """The cached choice (OUT/tuned-vit-<setting>.json), completed by a search of what it lacks."""
     from ..progress import status
     path = cache / (f"tuned-vit-{setting}" + ("" if epochs_scale == 1 else f"-x{epochs_scale:g}") + ".json")
-    if path.is_file() and not retune:
+    have = None if retune or not path.is_file() else json.loads(path.read_text())
+    if have is not None and all(k in have for k in PAPER_CHOICE):
         status(f"hyperparameters from {path} (chosen on validation; --retune to redo)")
-        return json.loads(path.read_text())
-    tuned = {**tune(sources, data, epochs_scale), "chosen_on": f"validation split of the first group "
-                                                              f"{list(PAIRS[0])}, setting {setting}, seed 0"}
+        return have
+    tuned = {**tune(sources, data, epochs_scale, have=have), "chosen_on": f"validation split of the first group "
+                                                                         f"{list(PAIRS[0])}, setting {setting}, seed 0"}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(tuned, indent=1) + "\n")

@@ -2,14 +2,18 @@
 
 `models` are TaskModels (one or more heads each); `data` is one unlabeled tensor of
 inputs per model, drawn from that model's task(s). The result is a TaskModel with every
-head of every source, and a `meta` dict saying how it was made.
+head of every source, and a `meta` dict saying how it was made. Every method reads the
+architecture from the models' merge spec (`model.spec`), never from the family's name.
 """
 from __future__ import annotations
 
+from functools import cache
 from typing import Callable
 
 
+@cache
 def registry() -> dict[str, Callable]:
+    """name -> merge function, built once per process."""
     from . import average, distill, fs_merge, opt, permute, regmean, slerp, zipit
     return {"fs-merge": fs_merge.merge, "distill": distill.merge, "average": average.merge,
             "regmean": regmean.merge, "slerp": slerp.merge, "zipit": zipit.merge, "permute": permute.merge,
