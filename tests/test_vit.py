@@ -195,7 +195,7 @@ def test_vit_folded_form_runs_under_bf16_autocast(param):
 
 
 def test_vit_distillation_output_map_is_fixed_by_default_and_heads_stay_shared():
-    src = [model(TASKS[k], k) for k in range(2)]
+    src = [TaskModel("vit", CFG, [TASKS[k]], head="class-embedding") for k in range(2)]
     data = [torch.randn(8, 1, 28, 28) for _ in range(2)]
     opts = dict(method="distill", init="first", epochs=3, lr=1e-3, optimizer="adamw", batch_size=8)
     fixed = foldmerge.merge(src, data, **opts)

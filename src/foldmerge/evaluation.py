@@ -81,7 +81,7 @@ class Ensemble(nn.Module):
 
     def __init__(self, sources):
         super().__init__()
-        dims = {s.backbone.out_dim for s in sources}
+        dims = {s.feature_dim for s in sources}
         if len(dims) != 1:
             raise ValueError(f"an ensemble needs equal feature sizes, got {sorted(dims)}")
         self.sources = nn.ModuleList(sources)

@@ -54,7 +54,9 @@ class TaskModel(nn.Module):
         self.head_kind = head
         self.head_bias = head_bias and head == "linear"
         self.backbone = self.spec.build(self.backbone_config)
-        d = self.backbone.out_dim
+        # the spec describes the backbone (a clear error naming the parameter if not); the heads
+        # read its output space
+        d = self.feature_dim = self.spec.validate(self.backbone, f"{arch} backbone")[self.spec.output]
         self.heads = nn.ModuleList(nn.Linear(d, t.num_classes, bias=self.head_bias) for t in self.tasks)
         if head == "class-embedding":      # frozen: training only moves the backbone
             with torch.no_grad():

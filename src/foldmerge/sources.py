@@ -26,6 +26,24 @@ def source_dirname(task: Task, seed: int) -> str:
     return f"{task.name.replace('/', '-').replace(':', '_').replace(',', '.')}-s{seed}"
 
 
+def fit_classifier(model: TaskModel, task: Task | str, cfg: TrainConfig, limit: int | None = None,
+                   desc: str | None = None) -> list[float]:
+    """Train `model` (its first head) on `task`'s training split with cross-entropy; `limit` caps
+    the images. The one supervised loop every source model (MLP, ViT, a user's own) goes through."""
+    task = Task.parse(task)
+    x, y = task.split("train")
+    if limit:
+        x, y = x[:limit], y[:limit]
+
+    def loss_fn(xb, yb):
+        return F.cross_entropy(model(xb)[0], yb)
+
+    model.train()
+    history = fit(list(model.parameters()), loss_fn, (x, y), cfg, desc=desc or f"train on {task}")
+    model.eval()
+    return history
+
+
 def train_source(task: Task | str, hidden: list[int], seed: int, epochs: int | None = None,
                  lr: float | None = None, batch_size: int = 10) -> TaskModel:
     task = Task.parse(task)
@@ -34,14 +52,8 @@ def train_source(task: Task | str, hidden: list[int], seed: int, epochs: int | N
     lr = auto_lr if lr is None else lr
     torch.manual_seed(seed)
     model = TaskModel("mlp", {"in_dim": 784, "hidden": list(hidden)}, [task])
-    x, y = task.split("train")
     cfg = TrainConfig(epochs=epochs, lr=lr, momentum=0.0, schedule="constant", batch_size=batch_size, seed=seed)
-
-    def loss_fn(xb, yb):
-        return F.cross_entropy(model(xb)[0], yb)
-
-    fit(list(model.parameters()), loss_fn, (x, y), cfg, desc=f"train {task} (seed {seed})")
-    model.eval()
+    fit_classifier(model, task, cfg, desc=f"train {task} (seed {seed})")
     model.meta = {"kind": "source", "task": task.name, "seed": seed, "train": cfg.as_dict(),
                   "test_accuracy": evaluate(model, [task])["per_task_mean"],
                   "val_accuracy": evaluate(model, [task], split="val")["per_task_mean"]}
@@ -64,19 +76,10 @@ def train_vit_source(task: Task | str, config: dict, seed: int, pretrain_task: T
         model = TaskModel("vit", dict(config), [t], head="class-embedding")
         if backbone_state is not None:
             model.backbone.load_state_dict(backbone_state)
-        x, y = t.split("train")
-        if limit:
-            x, y = x[:limit], y[:limit]
         cfg = TrainConfig(epochs=n_epochs, lr=lr, optimizer="adamw", weight_decay=weight_decay,
                           schedule="cosine", warmup=0, batch_size=batch_size, seed=seed * 100 + k)
-
-        def loss_fn(xb, yb, model=model):
-            return F.cross_entropy(model(xb)[0], yb)
-
-        model.train()
-        fit(list(model.parameters()), loss_fn, (x, y), cfg,
-            desc=f"{'pre-train' if k < len(stages) - 1 else 'fine-tune'} ViT on {t} (seed {seed})")
-        model.eval()
+        fit_classifier(model, t, cfg, limit,
+                       desc=f"{'pre-train' if k < len(stages) - 1 else 'fine-tune'} ViT on {t} (seed {seed})")
         backbone_state = model.backbone.state_dict()
         accuracies[t.name] = evaluate(model, [t], split="val")["per_task_mean"]
     model.meta = {"kind": "source", "task": task.name, "seed": seed,

@@ -132,8 +132,8 @@ def space_supernet(models, widths: dict[str, int] | None = None, seed: int = 0) 
     """A SuperNet with full maps (init 'first') at the merged widths `widths` (space -> width)."""
     spec = models[0].spec
     w = None
-    if widths is not None:
-        w = [widths[s] for s in spec.width_spaces]
+    if widths is not None and any(widths[s] != d for s, d in spec.validate(models[0].backbone).items() if s in widths):
+        w = [widths[s] for s in spec.width_spaces]         # resized only when a width changes
     sn = SuperNet(models, widths=w, param="full", init="first", seed=seed)
     for s, d in (widths or {}).items():
         if sn.space_widths.get(s, d) != d:

@@ -11,13 +11,13 @@ The student's features f_s (d wide) reconstruct each source's last features thro
 U (one block per source): loss = MSE(U[k]·f_s, f_k), scored against every source ('all', the
 MLP default) or only each input's own source ('own-task'). `output_map`:
   learned  U is trained (FS-Merge's last U) and folded into the heads (head_k · U[k]). The
-           default for chains of layers (MLPs): sources with their own learned heads have
-           unrelated feature spaces, and one student of width d cannot be scored against both
-           without it.
+           default for sources with their own learned heads (our MLPs, a user's models): their
+           feature spaces are unrelated, and one student of width d cannot be scored against
+           both without it.
   fixed    U = [I; I; …] stays fixed: the student reproduces each source's features directly,
            as in the authors' ViT/BERT distillation baseline (their sources' heads live in one
-           shared label-embedding space). The default for architectures with a residual stream
-           (transformers).
+           shared label-embedding space). The default when every source's heads are frozen
+           class embeddings (our ViTs).
 The result is a plain model of the sources' architecture with every source's head.
 
 Student initializations: 'first' (model 1), 'average' (weight average), 'regmean' (RegMean
@@ -76,7 +76,7 @@ def merge(models, data, init: str | None = None, epochs: int | None = None, lr: 
     targets = targets or default_targets(models)
     if targets not in ("all", "own-task"):
         raise ValueError(f"targets must be 'all' or 'own-task', got {targets!r}")
-    output_map = output_map or ("learned" if models[0].spec.is_chain() else "fixed")
+    output_map = output_map or ("fixed" if all(m.head_kind == "class-embedding" for m in models) else "learned")
     if output_map not in ("learned", "fixed"):
         raise ValueError(f"output_map must be 'learned' or 'fixed', got {output_map!r}")
     init = init or DEFAULTS["init"]
@@ -90,7 +90,7 @@ def merge(models, data, init: str | None = None, epochs: int | None = None, lr: 
     head_weights = [h.weight.detach().clone() for h in student.heads]
     owner_of_head = [k for k, m in enumerate(models) for _ in m.heads]
     p = next(student.parameters())
-    u = FoldMap(student.backbone.out_dim, [m.backbone.out_dim for m in models], "full", "first",
+    u = FoldMap(student.feature_dim, [m.feature_dim for m in models], "full", "first",
                 "unmerge", dtype=p.dtype).to(p.device)
     u.weight.requires_grad_(output_map == "learned")
 
@@ -101,9 +101,10 @@ def merge(models, data, init: str | None = None, epochs: int | None = None, lr: 
                                  u, models, x, owner if targets == "own-task" else None, cfg, target_scale,
                                  "distillation")
     student.eval()
-    with torch.no_grad():
-        for head, w, k in zip(student.heads, head_weights, owner_of_head):
-            head.weight.copy_(u.apply(k, w))        # head_k · U[k]
+    if output_map == "learned":                     # a fixed U is [I; I; …]: the heads stay as they are
+        with torch.no_grad():
+            for head, w, k in zip(student.heads, head_weights, owner_of_head):
+                head.weight.copy_(u.apply(k, w))    # head_k · U[k]
     student.meta = {
         "method": "distill", "init": init, "targets": targets, "target_scale": target_scale,
         "output_map": output_map,
