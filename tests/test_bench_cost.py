@@ -77,3 +77,20 @@ def test_steps_argument_errors(capsys):
     assert "--steps" in capsys.readouterr().err
     assert main(["bench", "cost", "--steps", "5", "--same-process"]) == 2
     assert "drop --same-process" in capsys.readouterr().err
+
+
+def test_steps_against_another_checkout_time_its_folded_step_beside_ours(monkeypatch, tmp_path, capsys):
+    import shutil
+    from pathlib import Path
+    shutil.copytree(Path(cost.__file__).parents[1], tmp_path / "src" / "foldmerge")    # a second checkout
+    monkeypatch.setattr(cost, "VIT", {**cost.VIT, "width": 16, "depth": 1, "heads": 2, "mlp_dim": 32, "out_dim": 8})
+    rows = cost.measure_steps(2, ["distill", "fs-merge folded"], per_task=6, device="cpu", threads=None,
+                              rounds=2, block=1, against=str(tmp_path / "src"))
+    other = f"fs-merge folded @ {tmp_path / 'src'}"
+    assert [r["method"] for r in rows] == ["distill", "fs-merge folded", other] * 2
+    table = {r["method"]: r for r in cost._medians(rows)}
+    assert table[other]["learnable_parameters"] == table["fs-merge folded"]["learnable_parameters"]
+    assert main(["bench", "cost", "--against", str(tmp_path / "src")]) == 2
+    assert "give --steps" in capsys.readouterr().err
+    assert main(["bench", "cost", "--steps", "2", "--against", str(tmp_path)]) == 2
+    assert "no foldmerge package there" in capsys.readouterr().err

@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=0, metavar="ROUNDS",
                    help="time training steps, not whole runs: each n in one process, methods alternating "
                         "in blocks of 4 steps for ROUNDS rounds (e.g. 30; steadier ratios on a busy machine)")
+    b.add_argument("--against", metavar="SRC",
+                   help="with --steps: also time the folded FS-Merge step of another checkout (its src folder, "
+                        "e.g. of `git worktree add /tmp/old COMMIT`), side by side in the same processes")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     b.add_argument("--threads", type=int, default=None, help="torch threads per run (default torch's choice)")
 
@@ -294,7 +297,7 @@ def cmd_bench_cost(args) -> None:
     result = cost.run_bench(ns=tuple(args.n), per_task=args.per_task, epochs=args.epochs, device=args.device,
                             threads=args.threads, methods=args.methods, precision=args.precision,
                             repeats=args.repeats, width=args.width, patch=args.patch, same_process=args.same_process,
-                            steps=args.steps)
+                            steps=args.steps, against=args.against)
     _report_bench(result, args, cost.print_report)
 
 

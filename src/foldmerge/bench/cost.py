@@ -35,6 +35,7 @@ import threading
 import time
 from contextlib import nullcontext
 from functools import partial
+from types import SimpleNamespace
 
 from .vit import TASKS, VIT, seq_epochs    # the ViT bench's model, task names (heads only: data are random), seq. schedule
 
@@ -125,28 +126,42 @@ def measure_alternating(n: int, methods: list[str], per_task: int, epochs: int, 
 
 def measure_steps(n: int, methods: list[str], per_task: int, device: str, threads: int | None,
                   precision: str = "32-true", vit: dict | None = None, rounds: int = 30,
-                  block: int = STEP_BLOCK) -> list[dict]:
+                  block: int = STEP_BLOCK, against: str | None = None) -> list[dict]:
     """Seconds per training step of every method, `rounds` rows each, measured in this process.
 
     Each method's merge runs under `train.capture_fits`, which hands over what its `fit` would
     train (parameters, loss, data, config) instead of training; its step is then
     `train.train_step` on one batch of the bench's size, with the method's own optimizer. The
-    methods take turns, `block` steps at a time, after two untimed blocks each."""
+    methods take turns, `block` steps at a time, after two untimed blocks each. `against`: the
+    `src` folder of another checkout of foldmerge; its folded FS-Merge step joins the turns
+    (its package loaded beside this one, the same models, data and batch), as one more row."""
     import torch
-    from ..api import merge
-    from ..train import capture_fits, make_optimizer, train_step
+    from .. import api, train
     models, data = _setup(n, per_task, device, threads, vit or VIT)
     steps, learnable = {}, {}
-    for m in methods:
-        name, opts = METHODS[m]
-        with capture_fits() as fits:
-            merged = merge(models, data, method=name, seed=0, epochs=1, **TRAIN, **opts)
+
+    def capture(m, pkg, pkg_models, name, opts):
+        with pkg.train.capture_fits() as fits:
+            merged = pkg.api.merge(pkg_models, data, method=name, seed=0, epochs=1, **TRAIN, **opts)
         params, loss_fn, args, cfg = fits[-1]
-        opt = make_optimizer(params, cfg)
+        opt = pkg.train.make_optimizer(params, cfg)
         pick = torch.randperm(len(args[0]), generator=torch.Generator().manual_seed(0))[:cfg.batch_size]
         batch = [t[pick.to(t.device)] for t in args]
-        steps[m] = lambda opt=opt, params=params, loss_fn=loss_fn, batch=batch: train_step(opt, params, loss_fn, batch)
+        steps[m] = lambda: pkg.train.train_step(opt, params, loss_fn, batch)
         learnable[m] = merged.meta.get("learnable_parameters")
+
+    here = SimpleNamespace(api=api, train=train)
+    for m in methods:
+        capture(m, here, models, *METHODS[m])
+    if against is not None:
+        other, label = load_checkout(against)
+        copies = []
+        for mine in models:          # the same models, as the other checkout's TaskModels
+            c = other.model.TaskModel.from_config(mine.config())
+            c.load_state_dict(mine.state_dict())
+            copies.append(c.to(device).eval())
+        methods = list(methods) + [f"fs-merge folded @ {label}"]
+        capture(methods[-1], other, copies, *METHODS["fs-merge folded"])
     cuda = device.startswith("cuda")
 
     def timed(m: str) -> float:
@@ -168,6 +183,35 @@ def measure_steps(n: int, methods: list[str], per_task: int, device: str, thread
             rows += [{"n": n, "method": m, "seconds": timed(m), "peak_bytes": None,
                       "learnable_parameters": learnable[m]} for m in methods]
     return rows
+
+
+def load_checkout(src: str):
+    """(the foldmerge package of another checkout, loaded under a name of its own, its label):
+    `src` is that checkout's `src` folder (e.g. of `git worktree add /tmp/old b26666b`)."""
+    import hashlib
+    import importlib
+    import importlib.util
+    import subprocess
+    import sys
+    pkg_dir = os.path.join(src, "foldmerge")
+    if not os.path.isfile(os.path.join(pkg_dir, "__init__.py")):
+        raise ValueError(f"--against {src}: no foldmerge package there (give a checkout's src folder)")
+    name = "foldmerge_against_" + hashlib.sha1(os.path.abspath(src).encode()).hexdigest()[:8]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(pkg_dir, "__init__.py"),
+                                                      submodule_search_locations=[pkg_dir])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    pkg = sys.modules[name]
+    for sub in ("api", "train", "model"):
+        importlib.import_module(f"{name}.{sub}")
+    try:
+        label = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        label = os.path.abspath(src)
+    return pkg, label
 
 
 def _setup(n: int, per_task: int, device: str, threads: int | None, vit: dict):
@@ -245,7 +289,7 @@ def device_name(device: str) -> str:
 def run_bench(ns=(2, 4, 8), per_task: int = 1024, epochs: int = 5, device: str = "cpu",
               threads: int | None = None, methods: list[str] | None = None, precision: str = "32-true",
               repeats: int = 1, width: int = 64, patch: int = 7, same_process: bool = False,
-              steps: int = 0) -> dict:
+              steps: int = 0, against: str | None = None) -> dict:
     methods = methods or list(METHODS)
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -258,6 +302,10 @@ def run_bench(ns=(2, 4, 8), per_task: int = 1024, epochs: int = 5, device: str =
         raise ValueError(f"--steps must be a positive number of rounds, got {steps}")
     if steps and same_process:
         raise ValueError("--steps times steps in one process already; drop --same-process")
+    if against is not None:
+        if not steps:
+            raise ValueError("--against compares training steps side by side; give --steps ROUNDS")
+        load_checkout(against)                    # a wrong path fails here, before any run
     vit = vit_config(width, patch)
     if device.startswith("cuda"):
         import torch
@@ -268,7 +316,7 @@ def run_bench(ns=(2, 4, 8), per_task: int = 1024, epochs: int = 5, device: str =
     jobs = [(n, m) for n in ns for _ in range(repeats) for m in methods]
     t0 = time.perf_counter()
     if steps:
-        rows = _step_runs(ns, methods, per_task, device, threads, precision, vit, steps)
+        rows = _step_runs(ns, methods, per_task, device, threads, precision, vit, steps, against)
     elif same_process:
         rows = _alternating_runs(ns, methods, per_task, epochs, device, threads, precision, vit, repeats)
     else:
@@ -286,8 +334,8 @@ def run_bench(ns=(2, 4, 8), per_task: int = 1024, epochs: int = 5, device: str =
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-        for row in rows:
-            row["peak_bytes"] = memory[(row["n"], row["method"])]["peak_bytes"]
+        for row in rows:            # (another checkout's row has no memory run)
+            row["peak_bytes"] = memory.get((row["n"], row["method"]), {}).get("peak_bytes")
     timing = "one process per n, methods alternating" if same_process else "one process per run"
     if steps:
         timing = (f"training steps, one process per n, methods alternating in blocks of {STEP_BLOCK} steps, "
@@ -295,7 +343,7 @@ def run_bench(ns=(2, 4, 8), per_task: int = 1024, epochs: int = 5, device: str =
     return {"bench": "cost", "device": device_name(device), "precision": precision, "per_task": per_task,
             "epochs": epochs, "vit": vit, "train": TRAIN, "fs_merge": FS, "repeats": repeats,
             "timing": timing,
-            "steps": steps,
+            "steps": steps, "against": against,
             "rows": _medians(rows), "runs": rows, "total_seconds": time.perf_counter() - t0}
 
 
@@ -331,10 +379,11 @@ def _alternating_runs(ns, methods, per_task, epochs, device, threads, precision,
                       lambda rows: ", ".join(f"{r['seconds']:.1f}" for r in rows) + " s")
 
 
-def _step_runs(ns, methods, per_task, device, threads, precision, vit, rounds) -> list[dict]:
+def _step_runs(ns, methods, per_task, device, threads, precision, vit, rounds, against=None) -> list[dict]:
     import statistics
     return _run_per_n(ns, "steps", partial(measure_steps, methods=methods, per_task=per_task, device=device,
-                                           threads=threads, precision=precision, vit=vit, rounds=rounds),
+                                           threads=threads, precision=precision, vit=vit, rounds=rounds,
+                                           against=against),
                       lambda rows: f"median {statistics.median(r['seconds'] for r in rows) * 1e3:.2f} ms a step "
                                    f"over {len(rows)} rounds")
 
