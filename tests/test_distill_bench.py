@@ -173,7 +173,7 @@ def test_method_plan_uses_the_bold_values_and_the_tuned_ones():
              "distill_lr": 0.03, "opt_reg": 0.02}
     plan = {name: (method, opts) for name, method, opts in bench.method_plan("mnist", tuned)}
     assert plan["fs-merge local"][1] == {"variant": "local", "init": "random", "epochs": 15000, "lr": 0.1,
-                                         "momentum": 0.9}
+                                         "momentum": 0.9, "warmup": 20 / 15000}       # E.1: 20 epochs
     assert plan["fs-merge global"][1]["epochs"] == 1000 and plan["fs-merge global"][1]["init"] == "first"
     assert plan["regmean"][1] == {"alpha": 0.7}
     assert plan["fs-merge local, zipit init"][1]["zipit_beta"] == 0.25

@@ -49,11 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", choices=["first", "average", "random", "zipit", "regmean"],
                    help="FS-Merge M/U init (first|average|random|zipit) or distillation student init "
                         "(first|average|regmean|random)")
-    p.add_argument("--widths", nargs="+", type=int, help="target widths, one per hidden layer")
+    p.add_argument("--widths", nargs="+", type=int,
+                   help="target widths (default: model 1's): MLP one per hidden layer; ViT residual width "
+                        "[MLP width]; more than the architecture takes is an error")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--momentum", type=float)
     p.add_argument("--schedule", choices=["constant", "step", "cosine"])
+    p.add_argument("--warmup", type=float,
+                   help="cosine schedule: fraction of training spent warming up (default 0.02: the paper's "
+                        "20 epochs of its 1000-epoch MLP merges, appendix E.1)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--batch-size", type=int, help="default: the whole merge sample (gradient descent)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], help="FS-Merge / distillation optimizer (default sgd)")
@@ -192,7 +197,7 @@ def cmd_train_sources(args) -> None:
                                             ("test", "test acc %"), ("path", "saved to")])
 
 
-MERGE_OPTIONS = ("variant", "last_epochs", "param", "init", "widths", "epochs", "lr", "momentum", "schedule",
+MERGE_OPTIONS = ("variant", "last_epochs", "param", "init", "widths", "epochs", "lr", "momentum", "schedule", "warmup",
                  "weight_decay", "batch_size", "optimizer", "targets", "target_scale", "form", "alpha", "beta",
                  "stop_layer", "t", "filter", "reg", "zipit_alpha", "zipit_beta", "regmean_alpha", "output_map")
 

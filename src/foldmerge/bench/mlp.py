@@ -60,6 +60,12 @@ def paper_epochs(dataset: str) -> dict:
             "global_zipit": 10000, "distill": 1500 if fashion else 1000}
 
 
+def e1_warmup(epochs: int) -> dict:
+    """Appendix E.1's cosine warmup, 20 epochs whatever the run's length, as the fraction of
+    training that `warmup` takes (the whole run but its last step when it is 20 epochs or less)."""
+    return {"warmup": min(20 / epochs, 1 - 1 / (2 * epochs)) if epochs else 0.0}
+
+
 def method_plan(dataset: str, tuned: dict, epochs_scale: float = 1.0) -> list[tuple[str, str, dict]]:
     """(row name, method, options) for every merge the bench runs."""
     ep = {k: max(1, int(round(v * epochs_scale))) for k, v in paper_epochs(dataset).items()}
@@ -74,13 +80,17 @@ def method_plan(dataset: str, tuned: dict, epochs_scale: float = 1.0) -> list[tu
         ("opt", "opt", {"reg": tuned["opt_reg"]}),
         ("zipit", "zipit", zipit),
         ("distill", "distill", {"init": tuned["distill_init"], "lr": tuned["distill_lr"], "momentum": 0.9,
-                                "epochs": ep["distill"], "regmean_alpha": tuned["regmean_alpha"]}),
-        ("fs-merge local", "fs-merge", {"variant": "local", "init": "random", "epochs": ep["local"], **fs}),
+                                "epochs": ep["distill"], **e1_warmup(ep["distill"]),
+                                "regmean_alpha": tuned["regmean_alpha"]}),
+        ("fs-merge local", "fs-merge", {"variant": "local", "init": "random", "epochs": ep["local"],
+                                        **e1_warmup(ep["local"]), **fs}),
         ("fs-merge local, zipit init", "fs-merge",
-         {"variant": "local", "init": "zipit", "epochs": ep["local"], **fs, **zinit}),
-        ("fs-merge global", "fs-merge", {"variant": "global", "init": "first", "epochs": ep["global"], **fs}),
+         {"variant": "local", "init": "zipit", "epochs": ep["local"], **e1_warmup(ep["local"]), **fs, **zinit}),
+        ("fs-merge global", "fs-merge", {"variant": "global", "init": "first", "epochs": ep["global"],
+                                         **e1_warmup(ep["global"]), **fs}),
         ("fs-merge global, zipit init", "fs-merge",
-         {"variant": "global", "init": "zipit", "epochs": ep["global_zipit"], **fs, **zinit}),
+         {"variant": "global", "init": "zipit", "epochs": ep["global_zipit"], **e1_warmup(ep["global_zipit"]),
+          **fs, **zinit}),
     ]
 
 
@@ -148,7 +158,8 @@ def tune(dataset: str, cache: Path, grid: dict | None = None, have: dict | None 
         if "distill_init" in todo:
             epochs = paper_epochs(dataset)["distill"]
             chosen["distill_init"], chosen["distill_lr"] = max(d_pairs, key=lambda p: score(
-                "distill", init=p[0], lr=p[1], momentum=0.9, epochs=epochs, regmean_alpha=chosen["regmean_alpha"]))
+                "distill", init=p[0], lr=p[1], momentum=0.9, epochs=epochs, **e1_warmup(epochs),
+                regmean_alpha=chosen["regmean_alpha"]))
         if "opt_reg" in todo:
             chosen["opt_reg"] = max(grid["opt_reg"], key=lambda r: score("opt", reg=r))
     return {**chosen, "chosen_on": f"{dataset} validation split, hidden {TUNE_HIDDEN}, pair seed 0",

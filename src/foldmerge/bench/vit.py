@@ -9,7 +9,8 @@ Every method runs on the same data; the table gives per-task and joint test accu
 group and their mean, the number of learnable parameters and the wall time of each method.
 
 Hyperparameters. Fixed as appendix E.2: AdamW, batch 128, weight decay 0.001, `first` init,
-own-task targets, no target scaling for FS-Merge. Chosen, as the paper does, on the
+own-task targets, no target scaling for FS-Merge; a cosine schedule with E.1's warmup of 20
+epochs (E.2 gives none). Chosen, as the paper does, on the
 VALIDATION split of the first pair, once per setting, then used for every pair: epochs and
 learning rate of distillation and of both FS-Merge variants, RegMean α, Opt's filter and λ
 (GRID: a CPU-sized subset of E.2's grids, around its bold values), ZipIt!'s α and β (not in
@@ -29,6 +30,8 @@ import json
 import os
 import time
 from pathlib import Path
+
+from .mlp import e1_warmup
 
 # setting: (original images per task, augmented images per task, models per group)
 SETTINGS = {"pairs16": (16, 800, 2), "pairs100": (100, 1000, 2), "groups4": (100, 1000, 4),
@@ -71,7 +74,8 @@ def method_plan(tuned: dict | None = None, epochs_scale: float = 1.0, group_size
 
     def trained(row):
         epochs, lr = t[row]
-        return {"epochs": max(1, int(round(epochs * epochs_scale))), "lr": lr, **TRAIN}
+        epochs = max(1, int(round(epochs * epochs_scale)))
+        return {"epochs": epochs, "lr": lr, **e1_warmup(epochs), **TRAIN}
 
     return [
         ("average", "average", {}),
@@ -135,7 +139,8 @@ def tune(sources, data, epochs_scale: float = 1.0, grid: dict | None = None, hav
             chosen["zipit"] = list(max(grid["zipit"], key=lambda ab: score("zipit", list(ab), alpha=ab[0], beta=ab[1])))
         for row in ("distill", "fs-merge diag", "fs-merge diag+lowrank(12)"):
             if row in todo:
-                chosen[row] = list(max(grid[row], key=lambda el: score(row, list(el), epochs=ep(el[0]), lr=el[1])))
+                chosen[row] = list(max(grid[row], key=lambda el: score(row, list(el), epochs=ep(el[0]), lr=el[1],
+                                                                       **e1_warmup(ep(el[0])))))
     return {**chosen, "trials": trials}
 
 

@@ -66,7 +66,7 @@ def student_init(models, data, init: str, regmean_alpha: float = 0.9, seed: int 
 
 
 def merge(models, data, init: str | None = None, epochs: int | None = None, lr: float | None = None,
-          momentum: float | None = None, schedule: str = "cosine", weight_decay: float = 0.0,
+          momentum: float | None = None, schedule: str = "cosine", warmup: float = 0.02, weight_decay: float = 0.0,
           targets: str | None = None, target_scale="match", batch_size: int | None = None,
           optimizer: str = "sgd", output_map: str | None = None,
           regmean_alpha: float = 0.9, seed: int = 0):
@@ -83,7 +83,7 @@ def merge(models, data, init: str | None = None, epochs: int | None = None, lr: 
     cfg = TrainConfig(epochs=DEFAULTS["epochs"] if epochs is None else epochs,
                       lr=DEFAULTS["lr"] if lr is None else lr,
                       momentum=DEFAULTS["momentum"] if momentum is None else momentum,
-                      schedule=schedule, weight_decay=weight_decay, batch_size=batch_size,
+                      schedule=schedule, warmup=warmup, weight_decay=weight_decay, batch_size=batch_size,
                       optimizer=optimizer, seed=seed)
     student = student_init(models, data, init, regmean_alpha, seed)
     student.train()

@@ -49,7 +49,7 @@ RESIDUAL_PARAM = "diag+lowrank(16)"
 
 def merge(models, data, variant: str = "global", param: str | None = None, init: str | None = None,
           widths: list[int] | None = None, epochs: int | None = None, lr: float | None = None,
-          momentum: float | None = None, schedule: str = "cosine", weight_decay: float = 0.0,
+          momentum: float | None = None, schedule: str = "cosine", warmup: float = 0.02, weight_decay: float = 0.0,
           targets: str | None = None, target_scale="match", form: str = "folded", seed: int = 0,
           batch_size: int | None = None, optimizer: str = "sgd", zipit_alpha: float | None = None,
           zipit_beta: float | None = None, last_epochs: int | None = None):
@@ -65,7 +65,7 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
     if targets not in ("all", "own-task"):
         raise ValueError(f"targets must be 'all' or 'own-task', got {targets!r}")
     cfg = TrainConfig(epochs=d["epochs"] if epochs is None else epochs, lr=d["lr"] if lr is None else lr,
-                      momentum=d["momentum"] if momentum is None else momentum, schedule=schedule,
+                      momentum=d["momentum"] if momentum is None else momentum, schedule=schedule, warmup=warmup,
                       weight_decay=weight_decay, batch_size=batch_size, optimizer=optimizer, seed=seed)
     torch.manual_seed(seed)
     if variant == "seq":
