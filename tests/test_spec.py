@@ -9,6 +9,8 @@ from foldmerge.model import TaskModel
 from foldmerge.spec import ArchSpec, Norm, Param, Probe, Space, SpecError
 from foldmerge.supernet import SuperNet
 
+from test_foldable import perturb
+
 TASKS = ["mnist:0-4", "mnist:5-9", "fmnist:0-4"]
 VIT = {"image_size": 28, "channels": 1, "patch": 7, "width": 16, "depth": 2, "heads": 2, "mlp_dim": 32, "out_dim": 8}
 
@@ -26,13 +28,6 @@ def vits(n, widths=None):
         out.append(TaskModel("vit", {**VIT, "width": widths[k], "mlp_dim": 2 * widths[k]}, [TASKS[k]],
                              head="class-embedding").double())
     return out
-
-
-def perturb(module, scale=0.1, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
 # The paper's SuperNets written out by hand with dense maps (the MLP of section 2.1, the ViT of

@@ -411,3 +411,18 @@ def test_every_merge_keeps_the_sources_frozen_class_embedding_heads(method, opts
     assert back.head_kind == "class-embedding"
     for a, b in zip(back.heads, merged.heads):          # an adapted head (head_k · U_out[k]) survives a reload
         assert torch.equal(a.weight, b.weight)
+
+
+def test_fs_merge_zipit_init_on_vits_folds_to_zipits_merge_and_trains():
+    src = [TaskModel("vit", CFG, [TASKS[k]], head="class-embedding") for k in range(2)]
+    data = [torch.randn(8, 1, 28, 28) for _ in range(2)]
+    z = foldmerge.merge(src, data, method="zipit", alpha=0.5, beta=0.5)
+    fs = foldmerge.merge(src, data, method="fs-merge", init="zipit", param="full", epochs=0,
+                         zipit_alpha=0.5, zipit_beta=0.5)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        for a, b in zip(z(x), fs(x)):
+            assert torch.allclose(a, b, atol=1e-5)
+    trained = foldmerge.merge(src, data, method="fs-merge", init="zipit", param="full", epochs=20, lr=1e-3,
+                              optimizer="adamw", zipit_alpha=0.5, zipit_beta=0.5)
+    assert trained.meta["final_loss"] < trained.meta["initial_loss"]

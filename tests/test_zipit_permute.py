@@ -168,7 +168,7 @@ def test_correlation_guards_dead_features():
 
 # ------------------------------------------------------------------- permuted-copy recovery
 @pytest.mark.parametrize("method,opts", [("zipit", {"beta": 0.0}), ("zipit", {"beta": 0.0, "alpha": 0.0}),
-                                         ("permute", {})])
+                                         ("permute", {}), ("opt", {"reg": 0.0})])
 def test_permuted_copy_is_recovered_exactly(method, opts):
     a = model([16, 12], TASKS[0], 0)
     b, _ = permuted_copy(a, TASKS[1], seed=3)
@@ -261,3 +261,11 @@ def test_errors():
         foldmerge.merge(srcs[:2], sample(2), method="zipit", stop_layer=3)
     with pytest.raises(ValueError, match="beta"):
         foldmerge.merge(srcs[:2], sample(2), method="zipit", beta=2.0)
+
+
+def test_opt_on_mlps_has_no_tokens_to_filter():
+    srcs = [model([16, 12], TASKS[k], k) for k in range(2)]
+    soft = foldmerge.merge(srcs, sample(2), method="opt", reg=0.05)
+    assert soft.backbone.hidden == [16, 12] and torch.isfinite(soft(sample(1, 3)[0])[0]).all()
+    with pytest.raises(ValueError, match="no token axis"):
+        foldmerge.merge(srcs, sample(2), method="opt", filter="cls")
