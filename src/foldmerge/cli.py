@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float)
     p.add_argument("--schedule", choices=["constant", "step", "cosine"])
     p.add_argument("--warmup", type=float,
-                   help="cosine schedule: fraction of training spent warming up (default 0.02: the paper's "
-                        "20 epochs of its 1000-epoch MLP merges, appendix E.1)")
+                   help="cosine schedule: fraction of training spent warming up (default: the paper's 20 epochs "
+                        "of its default run, appendix E.1: 0.02 of FS-Merge global's and distillation's 1000 "
+                        "epochs, 20/15000 of FS-Merge local's)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--batch-size", type=int, help="default: the whole merge sample (gradient descent)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], help="FS-Merge / distillation optimizer (default sgd)")
