@@ -202,16 +202,14 @@ class SuperNet(nn.Module):
             tensors = [buf[self._src[key][k]] for k in range(self.n) for key, _ in entries]
 
             def rows(tensors=tensors, entries=entries, per=per):
-                return [torch.cat([t.movedim(a, -1).reshape(-1, t.shape[a])
-                                   for t, (_, a) in zip(tensors[k * per:(k + 1) * per], entries)])
+                return [torch.cat([_as_rows(t, a) for t, (_, a) in zip(tensors[k * per:(k + 1) * per], entries)])
                         for k in range(self.n)]
 
             merged = merge_features(self._map["merge", site], frozen_cached(("rows", site, per), tensors, rows))
             src0 = tensors[:per]
             counts = [t.numel() // t.shape[a] for t, (_, a) in zip(src0, entries)]
             for (key, a), t, part in zip(entries, src0, merged.split(counts)):
-                shape = list(t.movedim(a, -1).shape[:-1]) + [part.shape[-1]]
-                st[key] = part.reshape(shape).movedim(-1, a)
+                st[key] = _from_rows(part, t, a)
         for key, i in self._norm.items():
             st[key] = self.norm_params[i]
         return st
@@ -330,6 +328,26 @@ class SuperNet(nn.Module):
             if head.bias is not None:
                 head.bias.copy_(b)
         return merged
+
+
+def _as_rows(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """t with its merged axis last, as rows (… x d): one feature vector per row."""
+    if t.dim() == 1:
+        return t[None]
+    if t.dim() == 2:
+        return t if axis == 1 else t.T
+    return t.movedim(axis, -1).reshape(-1, t.shape[axis])
+
+
+def _from_rows(part: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
+    """`_as_rows` undone for merged rows `part` (… x d*) of a tensor shaped like `like` (few ops:
+    it runs every training step)."""
+    if like.dim() == 1:
+        return part[0]
+    if like.dim() == 2:
+        return part if axis == 1 else part.T
+    shape = list(like.movedim(axis, -1).shape[:-1]) + [part.shape[-1]]
+    return part.reshape(shape).movedim(-1, axis)
 
 
 def _merged_outputs(m: FoldMap, z: torch.Tensor, widths: list[int]):

@@ -132,7 +132,8 @@ def measure_steps(n: int, methods: list[str], per_task: int, device: str, thread
     Each method's merge runs under `train.capture_fits`, which hands over what its `fit` would
     train (parameters, loss, data, config) instead of training; its step is then
     `train.train_step` on one batch of the bench's size, with the method's own optimizer. The
-    methods take turns, `block` steps at a time, after two untimed blocks each. `against`: the
+    methods take turns, `block` steps at a time, after two untimed blocks each, in the order
+    of `methods` and the reverse by turns. `against`: the
     `src` folder of another checkout of foldmerge; its folded FS-Merge step joins the turns
     (its package loaded beside this one, the same models, data and batch), as one more row."""
     import torch
@@ -179,8 +180,11 @@ def measure_steps(n: int, methods: list[str], per_task: int, device: str, thread
         for _ in range(2):
             for m in methods:
                 timed(m)
-        for _ in range(rounds):
-            rows += [{"n": n, "method": m, "seconds": timed(m), "peak_bytes": None,
+        for r in range(rounds):
+            # A B C, then C B A: no method always runs right after the same one (a step leaves the
+            # caches to the next; a fixed order biased side-by-side rows by a few percent)
+            got = {m: timed(m) for m in (methods if r % 2 == 0 else methods[::-1])}
+            rows += [{"n": n, "method": m, "seconds": got[m], "peak_bytes": None,
                       "learnable_parameters": learnable[m]} for m in methods]
     return rows
 
@@ -457,6 +461,16 @@ def print_report(result: dict, command: str) -> None:
         what = "round" if per_step else "run"
         console.print(f"× distill time: ratio of the medians; in brackets the quartiles of the {what}-by-{what} ratios "
                       f"({what} i of the method over {what} i of distillation, adjacent in time)")
+    for n in dict.fromkeys(r["n"] for r in result["runs"]):
+        other = [r for r in result["runs"] if r["n"] == n and r["method"].startswith("fs-merge folded @")]
+        theirs = [r["seconds"] for r in other]
+        if theirs:
+            import statistics
+            ours = [r["seconds"] for r in result["runs"] if r["n"] == n and r["method"] == "fs-merge folded"]
+            ratios = [a / b for a, b in zip(ours, theirs)]
+            q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+            console.print(f"n = {n}: fs-merge folded here / at {other[0]['method'].split('@ ', 1)[1]}: {med:.3f} "
+                          f"(quartiles {q1:.3f}–{q3:.3f}, round by round)")
     count = f"{result['steps']} rounds" if per_step else f"{result['repeats']} run(s)"
     console.print(f"measured now ({result['total_seconds'] / 60:.1f} min, median of {count} each, "
                   f"{result.get('timing', 'one process per run')}); "
