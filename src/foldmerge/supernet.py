@@ -123,7 +123,13 @@ class SuperNet(nn.Module):
             module = template.get_submodule(owner)
             del module._parameters[attr]
             self._slots[name] = (module, attr)
-        self.map_banks = pack_maps(self, together=fold_group_maps(self._jobs()))   # a fold group reads a view
+        # maps of one shape share tensors (foldable.MapBank): with a residual stream each fold group
+        # gets its own bank, in its order, so that the fold reads it whole; in a chain of layers
+        # (an MLP) the groups are runs of the shape banks already, and the layer-by-layer
+        # objective of local FS-Merge reads those banks whole
+        self._layer_module = {name: template.get_submodule(name) for name in self._layers}
+        self._fixed = self._fixed_layers()
+        self.map_banks = pack_maps(self, together=() if spec.is_chain() else fold_group_maps(self._jobs()))
         self._groups = fold_groups(self._jobs())
 
     # ----------------------------------------------------------------------- the fold plan
@@ -182,7 +188,7 @@ class SuperNet(nn.Module):
         """Every parameter of the merged backbone (differentiable in the maps and merged norms)."""
         return self._state(weights=True, skip=set())
 
-    def _state(self, weights: bool, skip: set) -> dict[str, torch.Tensor]:
+    def _state(self, weights: bool, skip) -> dict[str, torch.Tensor]:
         """The merged tensors: the M·W·U folds if `weights`, the rows and norms but those in `skip`."""
         st: dict[str, torch.Tensor] = {}
         if weights:
@@ -195,7 +201,8 @@ class SuperNet(nn.Module):
         # reads a shared input), all of one site merged in one `merge_features` call: each tensor
         # with its merged axis last, flattened into rows of one feature vector each
         for site, entries in self._rows.items():
-            entries = [e for e in entries if e[0] not in skip]
+            if skip:
+                entries = [e for e in entries if e[0] not in skip]
             if not entries:
                 continue
             per = len(entries)
@@ -224,9 +231,9 @@ class SuperNet(nn.Module):
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         overrides = self._supernet_layers() if form == "supernet" else {}
         if fixed is not None:
-            for (name, widths), z in zip(self._fixed_layers(), fixed):
+            for (name, widths), z in zip(self._fixed, fixed):
                 overrides[name] = _merged_outputs(self._map["merge", self._layers[name][2]], z, widths)
-        skip = {key for name in overrides for key in self._layers[name][:2] if key is not None}
+        skip = {key for name in overrides for key in self._layers[name][:2] if key is not None} if overrides else ()
         state = self._state(weights=form == "folded", skip=skip)
         return self._run(x, state, overrides)
 
@@ -236,7 +243,7 @@ class SuperNet(nn.Module):
         for name, (module, attr) in self._slots.items():
             if name in state:
                 module.__dict__[attr] = state[name]
-        modules = [self._template.get_submodule(name) for name in overrides]
+        modules = [self._layer_module[name] for name in overrides]
         for module, fn in zip(modules, overrides.values()):
             module.__dict__["forward"] = fn
         try:
@@ -251,7 +258,7 @@ class SuperNet(nn.Module):
         """module name -> its forward in the SuperNet form: x* -> U -> [W_k x_k + b_k]_k -> M."""
         out = {}
         for name, (w_key, b_key, m_site, u_site) in self._layers.items():
-            if not isinstance(self._template.get_submodule(name), nn.Linear):
+            if not isinstance(self._layer_module[name], nn.Linear):
                 raise SpecError(f"{self.spec.name} spec: {w_key!r} is not an nn.Linear's weight; "
                                 "the SuperNet form widens nn.Linear layers only (use the folded form)")
             out[name] = _wide_linear(self, w_key, b_key, self._map["merge", m_site],
@@ -267,10 +274,10 @@ class SuperNet(nn.Module):
         """(module name, source output widths) of the nn.Linear layers that read a shared input and
         whose merged output is cheaper to take from cached source outputs: M·[W_k x + b_k]_k is
         what the folded layer computes, and with 784 pixels against 2 x 128 features the cached
-        outputs are the smaller product."""
+        outputs are the smaller product. (Shapes only: found once, `self._fixed`.)"""
         out = []
         for name, (w_key, _, _, u_site) in self._layers.items():
-            module = self._template.get_submodule(name)
+            module = self._layer_module[name]
             widths = [self.source(w_key, k).shape[0] for k in range(self.n)]
             if u_site is None and isinstance(module, nn.Linear) and module.in_features > sum(widths):
                 out.append((name, widths))
@@ -280,7 +287,7 @@ class SuperNet(nn.Module):
     def fixed_inputs(self, x: torch.Tensor, chunk: int = 256) -> list[torch.Tensor] | None:
         """For `forward(…, fixed=)`: every source's outputs of each `_fixed_layers` layer on x,
         concatenated (examples x … x Σ out_k); None when no layer gains from it."""
-        layers = self._fixed_layers()
+        layers = self._fixed
         if not layers:
             return None
         outs: list[list[torch.Tensor]] = [[] for _ in layers]
