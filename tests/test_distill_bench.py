@@ -211,6 +211,14 @@ def test_a_cached_choice_lacking_a_row_is_completed_by_searching_that_row_alone(
     seen.clear()
     bench.load_or_tune("mnist", tmp_path, retune=False)            # complete now: nothing searched
     assert seen == []
+    # `--methods opt permute` reads only OT's λ: a fresh cache searches that alone
+    assert bench.searches_for("mnist", ["opt", "permute"]) == ["opt_reg"]
+    assert bench.searches_for("mnist", ["fs-merge"]) == ["zipit_alpha"]
+    assert bench.searches_for("mnist", ["distill"]) == ["regmean_alpha", "distill_init"]
+    assert bench.searches_for("mnist", None) == list(bench.SEARCHES)
+    fresh = tmp_path / "fresh"
+    only = bench.load_or_tune("mnist", fresh, retune=False, searches=["opt_reg"])
+    assert seen == ["opt"] * len(bench.GRID["opt_reg"]) and "regmean_alpha" not in only
 
 
 def test_bench_rejects_bad_arguments(capsys):

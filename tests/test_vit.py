@@ -392,6 +392,13 @@ def test_vit_bench_tuning_picks_the_best_validation_trial(monkeypatch):
     again = bench_vit.tune([], [], grid=grid, have={k: v for k, v in tuned.items() if k != "zipit"})
     assert [m for m, _ in seen] == ["zipit", "zipit"] and again["zipit"] == [0.5, 1.0]
     assert again["distill"] == tuned["distill"] and len(again["trials"]) == 12
+    # --methods zipit permute: only zipit's values are searched
+    seen.clear()
+    assert bench_vit.choice_keys(["zipit", "permute"]) == ["zipit"]
+    assert bench_vit.choice_keys(["fs-merge"], 4) == ["fs-merge diag", "fs-merge diag+lowrank(12)"]
+    assert bench_vit.choice_keys(["fs-merge seq diag+lowrank(12)"], 4) == ["fs-merge diag+lowrank(12)"]
+    only = bench_vit.tune([], [], grid=grid, keys=bench_vit.choice_keys(["zipit", "permute"]))
+    assert [m for m, _ in seen] == ["zipit", "zipit"] and set(only) == {"zipit", "trials"}
     plan = {name: opts for name, _, opts in bench_vit.method_plan(tuned)}
     assert plan["distill"]["epochs"] == 2 and plan["regmean"]["alpha"] == 0.5
     assert all(o["optimizer"] == "adamw" for n, o in plan.items() if "epochs" in o)

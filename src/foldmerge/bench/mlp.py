@@ -124,9 +124,26 @@ def _task(spec):
 
 
 # ------------------------------------------------------------------------------- tuning
-def tune(dataset: str, cache: Path, grid: dict | None = None, have: dict | None = None) -> dict:
+# each search of `tune` (named by its first key), the keys it chooses, and the rows that read them
+SEARCHES = {"regmean_alpha": (("regmean_alpha",), ("regmean", "distill")),
+            "zipit_alpha": (("zipit_alpha", "zipit_beta"),
+                            ("zipit", "fs-merge local, zipit init", "fs-merge global, zipit init")),
+            "distill_init": (("distill_init", "distill_lr"), ("distill",)),
+            "opt_reg": (("opt_reg",), ("opt",))}
+
+
+def searches_for(dataset: str, methods: list[str] | None) -> list[str]:
+    """The searches whose values the rows selected by `methods` (None: all) read."""
+    rows = {name for name, method, _ in method_plan(dataset, _placeholder_tuning())
+            if not methods or name in methods or method in methods}
+    return [k for k, (_, readers) in SEARCHES.items() if rows & set(readers)]
+
+
+def tune(dataset: str, cache: Path, grid: dict | None = None, have: dict | None = None,
+         searches: list[str] | None = None) -> dict:
     """Choose the unfixed hyperparameters on the validation split (module docstring); those in
-    `have` (an earlier choice) are kept, only the missing ones are searched (a row added later)."""
+    `have` (an earlier choice) are kept, only the missing ones among `searches` (default all)
+    are searched (a row added later, or only the rows a `--methods` run reads)."""
     from ..api import merge, merge_sample
     from ..evaluation import evaluate
     from ..progress import bar
@@ -146,7 +163,7 @@ def tune(dataset: str, cache: Path, grid: dict | None = None, have: dict | None 
 
     zip_pairs = [(a, b) for a in grid["zipit_alpha"] for b in grid["zipit_beta"]]
     d_pairs = [(i, lr) for i in grid["distill_init"] for lr in grid["distill_lr"]]
-    todo = [k for k in ("regmean_alpha", "zipit_alpha", "distill_init", "opt_reg") if k not in chosen]
+    todo = [k for k in (searches or SEARCHES) if k not in chosen]
     n = sum({"regmean_alpha": len(grid["regmean_alpha"]), "zipit_alpha": len(zip_pairs),
              "distill_init": len(d_pairs), "opt_reg": len(grid["opt_reg"])}[k] for k in todo)
     with bar(n, f"tuning on {dataset} validation") as progress:
@@ -166,15 +183,18 @@ def tune(dataset: str, cache: Path, grid: dict | None = None, have: dict | None 
             "trials": trials}
 
 
-def load_or_tune(dataset: str, cache: Path, retune: bool) -> dict:
-    """The cached choice (OUT/tuned-<dataset>.json), completed by a search of what it lacks."""
+def load_or_tune(dataset: str, cache: Path, retune: bool, searches: list[str] | None = None) -> dict:
+    """The cached choice (OUT/tuned-<dataset>.json), completed by a search of what it lacks
+    among `searches` (default all)."""
     from ..progress import status
+    searches = list(searches or SEARCHES)
     path = cache / f"tuned-{dataset}.json"
     have = None if retune or not path.is_file() else json.loads(path.read_text())
-    if have is not None and all(k in have for k in _placeholder_tuning()):
+    if have is not None and all(k in have for s in searches for k in SEARCHES[s][0]):
         status(f"hyperparameters from {path} (chosen on validation; --retune to redo)")
         return have
-    tuned = tune(dataset, cache, have=have)
+    tuned = tune(dataset, cache, have=have, searches=searches)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(tuned, indent=1) + "\n")
     os.replace(tmp, path)
@@ -241,7 +261,12 @@ def run_bench(dataset: str = "mnist", vary: str = "depth", seeds: int = 5, value
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    tuned = load_or_tune(dataset, cache, retune)
+    searches = searches_for(dataset, methods)
+    chosen = load_or_tune(dataset, cache, retune, searches)
+    chosen = {k: v for k, v in chosen.items()
+              if k in ("trials", "chosen_on") or any(k in SEARCHES[s][0] for s in searches)}
+    # rows not run may lack a choice; they are skipped, so a placeholder only fills the plan
+    tuned = {**_placeholder_tuning(), **chosen}
 
     jobs = max(1, jobs or os.cpu_count() or 1)
     units = sorted(((v, s) for v in values for s in range(seeds)), key=lambda u: -_unit_cost(vary, u[0]))
@@ -269,9 +294,10 @@ def run_bench(dataset: str = "mnist", vary: str = "depth", seeds: int = 5, value
     return {
         "bench": "mlp", "dataset": dataset, "vary": vary, "values": values, "seeds": list(range(seeds)),
         "tasks": list(TASKS[dataset]), "per_task_images": PER_TASK, "epochs_scale": epochs_scale,
-        "hyperparameters": {k: v for k, v in tuned.items() if k != "trials"},
-        "tuning_trials": tuned.get("trials", []),
-        "plan": [{"row": n, "method": m, "options": o} for n, m, o in method_plan(dataset, tuned, epochs_scale)],
+        "hyperparameters": {k: v for k, v in chosen.items() if k != "trials"},
+        "tuning_trials": chosen.get("trials", []),
+        "plan": [{"row": n, "method": m, "options": o} for n, m, o in method_plan(dataset, tuned, epochs_scale)
+                 if not methods or n in methods or m in methods],
         "table": aggregate(rows, values),
         "paper": paper_reference(dataset, vary),
         "runs": sorted(rows, key=lambda r: (r["value"], r["seed"], r["method"])),
@@ -384,9 +410,12 @@ def print_report(result: dict, command: str) -> None:
             table.add_row(*out)
         console.print(table)
     hp = result["hyperparameters"]
-    console.print(f"hyperparameters (chosen on validation, {hp.get('chosen_on', '?')}): RegMean α {hp['regmean_alpha']}, "
-                  f"ZipIt! α {hp['zipit_alpha']} β {hp['zipit_beta']}, distillation init {hp['distill_init']} "
-                  f"lr {hp['distill_lr']}, OT λ {hp.get('opt_reg', '-')}; the rest are appendix E.1's bold values"
+    said = [text.format(**hp) for keys, text in (
+        (("regmean_alpha",), "RegMean α {regmean_alpha}"), (("zipit_alpha",), "ZipIt! α {zipit_alpha} β {zipit_beta}"),
+        (("distill_init",), "distillation init {distill_init} lr {distill_lr}"), (("opt_reg",), "OT λ {opt_reg}"))
+        if all(k in hp for k in keys)]
+    console.print(f"hyperparameters (chosen on validation, {hp.get('chosen_on', '?')}): {', '.join(said) or 'none'}; "
+                  f"the rest are appendix E.1's bold values"
                   + (f"; epochs scaled by {result['epochs_scale']}" if result["epochs_scale"] != 1 else ""))
     console.print(f"measured now: seeds {result['seeds']}, {result['jobs']} process(es) x "
                   f"{result['threads_per_job']} thread(s), {result['total_seconds'] / 60:.1f} min; command: {command}")

@@ -16,7 +16,8 @@ learning rate of distillation and of both FS-Merge variants, RegMean α, Opt's f
 (GRID: a CPU-sized subset of E.2's grids, around its bold values), ZipIt!'s α and β (not in
 the paper's ViT tables: the MLP bench's grid). Every trial, its validation score and the
 choice go into --json; the choice is cached in OUT/tuned-vit-pairs16.json (`--retune` redoes
-it; a cached choice that lacks a row's hyperparameters is completed by searching those alone).
+it; a cached choice that lacks a row's hyperparameters is completed by searching those alone, and
+`--methods` searches only what its rows read).
 Permute runs on pairs only (it matches two models). The search runs on pairs16 only (the
 paper's setting a); pairs100 and the group settings reuse its choice (a search per setting,
 over four or eight models at a time, does not fit a CPU session). FS-Merge seq. uses the
@@ -103,9 +104,19 @@ def _seq_options(last: dict) -> dict:
     return {**FS_MERGE, "variant": "seq", "param": "diag+lowrank(12)", **last, **seq_epochs(last["epochs"])}
 
 
-def tune(sources, data, epochs_scale: float = 1.0, grid: dict | None = None, have: dict | None = None) -> dict:
+def choice_keys(methods: list[str] | None, group_size: int = 2) -> list[str]:
+    """The keys of PAPER_CHOICE that the rows selected by `methods` (None: all) read."""
+    reads = {"regmean": "regmean_alpha", "fs-merge seq diag+lowrank(12)": "fs-merge diag+lowrank(12)"}
+    keys = [reads.get(name, name) for name, method, _ in method_plan(group_size=group_size)
+            if not methods or name in methods or method in methods]
+    return [k for k in PAPER_CHOICE if k in keys]
+
+
+def tune(sources, data, epochs_scale: float = 1.0, grid: dict | None = None, have: dict | None = None,
+         keys: list[str] | None = None) -> dict:
     """Choose the hyperparameters of `method_plan` on the validation split (module docstring);
-    those in `have` (an earlier choice) are kept, only the missing ones are searched."""
+    those in `have` (an earlier choice) are kept, only the missing ones among `keys` (default
+    all) are searched."""
     from ..api import merge
     from ..evaluation import evaluate
     from ..progress import bar, status
@@ -128,7 +139,7 @@ def tune(sources, data, epochs_scale: float = 1.0, grid: dict | None = None, hav
     def ep(e):
         return max(1, int(round(e * epochs_scale)))
 
-    todo = [k for k in PAPER_CHOICE if k not in chosen]
+    todo = [k for k in (keys or PAPER_CHOICE) if k not in chosen]
     with bar(sum(len(grid[k]) for k in todo),
              "tuning on validation (pair 1)") as progress:
         if "regmean_alpha" in todo:
@@ -144,16 +155,19 @@ def tune(sources, data, epochs_scale: float = 1.0, grid: dict | None = None, hav
     return {**chosen, "trials": trials}
 
 
-def load_or_tune(setting: str, cache: Path, sources, data, retune: bool, epochs_scale: float) -> dict:
-    """The cached choice (OUT/tuned-vit-<setting>.json), completed by a search of what it lacks."""
+def load_or_tune(setting: str, cache: Path, sources, data, retune: bool, epochs_scale: float,
+                 keys: list[str] | None = None) -> dict:
+    """The cached choice (OUT/tuned-vit-<setting>.json), completed by a search of what it lacks
+    among `keys` (default all: the rows a bench runs; what other rows need is searched when they run)."""
     from ..progress import status
+    keys = keys or list(PAPER_CHOICE)
     path = cache / (f"tuned-vit-{setting}" + ("" if epochs_scale == 1 else f"-x{epochs_scale:g}") + ".json")
     have = None if retune or not path.is_file() else json.loads(path.read_text())
-    if have is not None and all(k in have for k in PAPER_CHOICE):
+    if have is not None and all(k in have for k in keys):
         status(f"hyperparameters from {path} (chosen on validation; --retune to redo)")
         return have
-    tuned = {**tune(sources, data, epochs_scale, have=have), "chosen_on": f"validation split of the first group "
-                                                                         f"{list(PAIRS[0])}, setting {setting}, seed 0"}
+    tuned = {**tune(sources, data, epochs_scale, have=have, keys=keys),
+             "chosen_on": f"validation split of the first group {list(PAIRS[0])}, setting {setting}, seed 0"}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(tuned, indent=1) + "\n")
@@ -210,8 +224,10 @@ def run_bench(setting: str = "pairs16", pairs: int | None = None, out: str = "ru
         t_orig, t_aug, _ = SETTINGS[tune_setting]
         first = get_sources(groups(tune_setting)[0], config, cache, limit, source_epochs)
         tuned = load_or_tune(tune_setting + ("-small" if small else "") + (f"-limit{limit}" if limit else ""), cache,
-                             first, merge_sample(first, t_orig, seed, augment=t_aug), retune, epochs_scale)
-    plan = method_plan(tuned, epochs_scale, size)
+                             first, merge_sample(first, t_orig, seed, augment=t_aug), retune, epochs_scale,
+                             keys=choice_keys(methods, size))
+    # rows not run may lack a choice; they are skipped below, so E.2's value only fills the plan
+    plan = method_plan(None if tuned is None else {**PAPER_CHOICE, **tuned}, epochs_scale, size)
     rows = []
     for g, indices in enumerate(all_groups[:count]):
         status(f"group {g + 1}/{count}: {' + '.join(TASKS[i] for i in indices)}")
@@ -234,7 +250,8 @@ def run_bench(setting: str = "pairs16", pairs: int | None = None, out: str = "ru
             "vit": config, "pretrain_task": PRETRAIN_TASK,
             "pairs": [[TASKS[i] for i in indices] for indices in all_groups[:count]],
             "seed": seed, "epochs_scale": epochs_scale, "limit": limit, "rows": rows,
-            "hyperparameters": {k: v for k, v in (tuned or PAPER_CHOICE).items() if k != "trials"},
+            "hyperparameters": {k: v for k, v in (tuned or PAPER_CHOICE).items()
+                                if k != "trials" and (k not in PAPER_CHOICE or k in choice_keys(methods, size))},
             "chosen_on": (tuned or {}).get("chosen_on", "appendix E.2 bold values (no tuning)"),
             "tuning_trials": (tuned or {}).get("trials", []),
             "total_seconds": time.perf_counter() - t0}
