@@ -235,6 +235,22 @@ def test_merge_then_eval_end_to_end(trained_sources, tmp_path, capsys):
     assert merged.backbone.hidden == [16] and len(merged.heads) == 2
 
 
+def test_eval_of_sources_gives_their_heads_side_by_side_and_the_ensemble(trained_sources, capsys):
+    from foldmerge.evaluation import Ensemble, evaluate
+    root, _ = trained_sources
+    srcs = [root / "mnist_0-4-s0", root / "mnist_5-9-s1"]
+    code, stdout, err = run_cli(["eval", *srcs, "--ensemble", "--json"], capsys)
+    assert code == 0, err
+    a, b, side, ens = json.loads(stdout)["results"]
+    assert side["model"] == "heads side by side" and ens["model"] == "ensemble"
+    # side by side, each task is scored by its own source: per-task is the sources' own
+    assert side["per_task"] == {**a["per_task"], **b["per_task"]}
+    assert set(side["joint"]) == {"mnist:0-4", "mnist:5-9"} and "joint" not in a
+    assert ens["joint_mean"] == pytest.approx(evaluate(Ensemble([foldmerge.load(p) for p in srcs]))["joint_mean"])
+    code, stdout, err = run_cli(["eval", srcs[0], "--ensemble"], capsys)
+    assert code != 0 and "--ensemble needs two or more models" in err
+
+
 def test_merge_average_end_to_end(trained_sources, tmp_path, capsys):
     root, _ = trained_sources
     out = tmp_path / "merged-average"

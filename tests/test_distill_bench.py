@@ -15,6 +15,11 @@ from foldmerge.supernet import SuperNet
 from foldmerge.train import TrainConfig
 
 
+def merge_as_made(*args, **kwargs):
+    """foldmerge.merge without the routing calibration: the heads as the method made them."""
+    return foldmerge.merge(*args, calibrate="none", **kwargs)
+
+
 def sources(hidden=(16, 12), n=2):
     torch.manual_seed(0)
     tasks = ["mnist:0-4", "mnist:5-9", "fmnist:0-4"]
@@ -35,14 +40,14 @@ def logits(model, x):
 @pytest.mark.parametrize("init", ["first", "average", "regmean"])
 def test_distill_zero_epochs_is_its_student_init(init):
     src, data = sources(), sample(2)
-    merged = foldmerge.merge(src, data, method="distill", init=init, epochs=0)
+    merged = merge_as_made(src, data, method="distill", init=init, epochs=0)
     x = torch.randn(7, 20)
     if init == "first":
         ref_features = src[0].features(x)
     elif init == "average":
-        ref_features = foldmerge.merge(src, data, method="average").features(x)
+        ref_features = merge_as_made(src, data, method="average").features(x)
     else:
-        ref_features = foldmerge.merge(src, data, method="regmean", alpha=0.9).features(x)
+        ref_features = merge_as_made(src, data, method="regmean", alpha=0.9).features(x)
     assert torch.allclose(merged.features(x), ref_features, atol=1e-6)
     # U starts as [I; I]: every head reads the student's features unchanged.
     for out, head in zip(logits(merged, x), [h for m in src for h in m.heads]):
@@ -106,6 +111,8 @@ def test_fs_merge_zipit_init_improves_its_objective_and_needs_full_maps():
     merged = foldmerge.merge(src, data, method="fs-merge", variant="local", init="zipit", epochs=200,
                              lr=0.05, schedule="constant")
     assert merged.meta["final_loss"] < merged.meta["initial_loss"]
+    from foldmerge.methods import zipit                     # meta records the values used, not None
+    assert (merged.meta["zipit_alpha"], merged.meta["zipit_beta"]) == (zipit.DEFAULT_ALPHA, zipit.DEFAULT_BETA)
     with pytest.raises(ValueError, match="needs param 'full'"):
         foldmerge.merge(src, data, method="fs-merge", init="zipit", param="diag", epochs=0)
 

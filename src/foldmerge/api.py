@@ -39,16 +39,23 @@ def merge_sample(models, per_task: int, seed: int = 0, augment: int = 0) -> list
     return out
 
 
+CALIBRATE = ("routing", "none")
+
+
 def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge", seed: int = 0,
-          augment: int = 0, engine=None, **options):
+          augment: int = 0, engine=None, calibrate: str = "routing", **options):
     """Merge `models` (TaskModels or paths) into one TaskModel with every source's heads.
 
     data: per-model unlabeled input tensors, or an int N to draw N training images per task
     (plus `augment` augmented images per task made from them).
     engine: a `foldmerge.engine.Engine` (device, devices for DDP, precision) to train under
     Lightning Fabric; the merged model comes back on the CPU. None: this process, as is.
+    calibrate: 'routing' (default) makes the heads comparable for joint accuracy without
+    changing any per-task prediction (`foldmerge.calibrate`); 'none' leaves them as the method made them.
     options: passed to the method (see `foldmerge.methods`), e.g. variant, param, init, epochs.
     """
+    if calibrate not in CALIBRATE:
+        raise ValueError(f"calibrate must be one of {', '.join(CALIBRATE)}, got {calibrate!r}")
     models = [load(m) if isinstance(m, (str, os.PathLike)) else m for m in models]
     names = [t.name for m in models for t in m.tasks]
     if len(set(names)) != len(names):
@@ -71,10 +78,20 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
         merged.meta["engine"] = {"accelerator": engine.accelerator, "devices": engine.devices,
                                  "precision": engine.precision}
     merged.meta.setdefault("method", method)
+    merged.meta["calibration"] = calibrate_heads(merged, models, data) if calibrate == "routing" else {"calibrate": "none"}
     merged.meta["seed"] = seed
     merged.meta["wall_seconds"] = time.perf_counter() - start
     merged.meta["sources"] = [m.meta.get("path", "") for m in models]
     return merged
+
+
+def calibrate_heads(merged, models, data: list[torch.Tensor]) -> dict:
+    """The routing calibration of `merged`'s heads (in place), each head grouped with the source
+    model it came from; see `foldmerge.calibrate`."""
+    from .calibrate import calibrate_routing
+    groups = [k for k, m in enumerate(models) for _ in m.tasks]
+    device = next(merged.parameters()).device
+    return calibrate_routing(merged, [d.to(device) for d in data], groups)
 
 
 def _merge_here(models, data, fn, seed, options):

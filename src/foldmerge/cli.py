@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-task", type=int, default=64, help="unlabeled training images per task (default 64)")
     p.add_argument("--augment", type=int, default=0,
                    help="augmented images per task made from them (crop, flip, solarize/blur, MixUp)")
+    p.add_argument("--calibrate", choices=["routing", "none"], default="routing",
+                   help="routing (default): fit each head's offset and scale on the merge sample so that joint "
+                        "accuracy holds up; no per-task prediction changes (README, 'Joint accuracy'); none: the "
+                        "heads as the method made them")
     p.add_argument("--accelerator", choices=["cpu", "cuda", "auto"],
                    help="train under Lightning Fabric on this device (default: plain PyTorch on the CPU)")
     p.add_argument("--devices", type=int, default=1, help="with --accelerator: processes/devices for DDP (default 1)")
@@ -93,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="per-task and joint accuracy of saved models")
     p.add_argument("models", nargs="+", help="model directories")
     p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--ensemble", action="store_true",
+                   help="also the ensemble reference of the models (features scaled to unit mean |f|, averaged, "
+                        "every head applied: the FS-Merge paper's ensemble row)")
     p.add_argument("--allow-pickle", action="store_true")
     _common(p)
 
@@ -225,7 +232,7 @@ def cmd_merge(args) -> None:
         engine = Engine(args.accelerator or "cpu", args.devices, args.precision or "32-true")
     models = [load(p, allow_pickle=args.allow_pickle) for p in args.models]
     merged = merge(models, args.per_task, method=args.method, seed=args.seed, augment=args.augment,
-                   engine=engine, **options)
+                   engine=engine, calibrate=args.calibrate, **options)
     merged.meta["command"] = _command_line()
     merged.save(args.out)
     result = evaluate(merged)
@@ -241,11 +248,22 @@ def cmd_eval(args) -> None:
     from .api import load
     from .evaluation import evaluate
     from .report import print_json, print_table
-    out = []
+    from .evaluation import Ensemble, SourceHeads
+    out, models = [], []
     for p in args.models:
         model = load(p, allow_pickle=args.allow_pickle)
+        models.append(model)
         out.append({"model": p, "method": model.meta.get("method", model.meta.get("kind", "?")),
                     **evaluate(model, split=args.split)})
+    names = [t.name for m in models for t in m.tasks]
+    together = len(models) > 1 and len(set(names)) == len(names)
+    if args.ensemble and not together:
+        raise ValueError("--ensemble needs two or more models whose tasks all differ")
+    if together:     # the models as sources: their heads side by side, and the ensemble if asked
+        out.append({"model": "heads side by side", "method": "sources",
+                    **evaluate(SourceHeads(models), split=args.split)})
+        if args.ensemble:
+            out.append({"model": "ensemble", "method": "ensemble", **evaluate(Ensemble(models), split=args.split)})
     if args.json:
         print_json({"results": out})
         return

@@ -63,11 +63,31 @@ def random_guess(tasks: list[Task | str]) -> dict:
 
 
 def originals(sources) -> dict:
-    """Each source model on its own task(s) with its own head: the level merging aims for."""
+    """Each source model on its own task(s) with its own head: the level merging aims for. With
+    several tasks, also the joint accuracy of the sources' heads side by side (`SourceHeads`)."""
+    tasks = [t.name for s in sources for t in s.tasks]
+    if len(tasks) > 1 and len(set(tasks)) == len(tasks):
+        return evaluate(SourceHeads(sources))
     per = {}
     for s in sources:
         per.update(evaluate(s)["per_task"])
     return {"per_task": per, "per_task_mean": sum(per.values()) / len(per)}
+
+
+class SourceHeads(nn.Module):
+    """Reference, not a merge: every source runs on the input with its own backbone, and their
+    heads' logits stand side by side (ZipIt!'s "ensemble" row). Per-task accuracy is each
+    source's own; joint accuracy is what the sources themselves reach when every head answers
+    at once: heads trained on their own task only are often confident on another task's inputs,
+    and a merge that reproduces its sources faithfully inherits this (`foldmerge.calibrate`)."""
+
+    def __init__(self, sources):
+        super().__init__()
+        self.sources = nn.ModuleList(sources)
+        self.tasks = [t for s in sources for t in s.tasks]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [out for s in self.sources for out in s(x)]
 
 
 def _abs_mean(f: torch.Tensor) -> torch.Tensor:

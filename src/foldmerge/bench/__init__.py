@@ -3,3 +3,19 @@
 Every number a benchmark prints is measured by the run that prints it; published values
 appear only beside ours, read from a data file that names its table and labelled "paper".
 """
+
+
+def merge_scored(sources, data, method: str, seed: int, opts: dict):
+    """One bench merge, scored on the test split twice: with the heads as the method made them
+    and after the routing calibration that every merge gets by default (`foldmerge.calibrate`;
+    per-task is the same, joint is what it changes). Returns (merged, calibrated scores,
+    uncalibrated scores, seconds of merge and calibration)."""
+    import time
+    from ..api import calibrate_heads, merge
+    from ..evaluation import evaluate
+    merged = merge(sources, data, method=method, seed=seed, calibrate="none", **opts)
+    raw = evaluate(merged)
+    start = time.perf_counter()
+    merged.meta["calibration"] = calibrate_heads(merged, sources, data)
+    seconds = merged.meta["wall_seconds"] + time.perf_counter() - start
+    return merged, evaluate(merged), raw, seconds

@@ -207,8 +207,9 @@ def run_unit(dataset: str, vary: str, value: int, seed: int, tuned: dict, cache:
     """Every method on one (setting, seed): the rows of that cell, measured on the test split."""
     import torch
     torch.set_num_threads(threads)
-    from ..api import merge, merge_sample
+    from ..api import merge_sample
     from ..evaluation import Ensemble, evaluate, originals
+    from . import merge_scored
     hidden = hidden_for(vary, value)
     sources = get_sources(dataset, hidden, seed, Path(cache))
     rows = []
@@ -225,9 +226,10 @@ def run_unit(dataset: str, vary: str, value: int, seed: int, tuned: dict, cache:
     for name, method, opts in method_plan(dataset, tuned, epochs_scale):
         if methods and name not in methods and method not in methods:
             continue
-        merged = merge(sources, data, method=method, seed=seed, **opts)
+        merged, scores, raw, seconds = merge_scored(sources, data, method, seed, opts)
         extra = {k: merged.meta[k] for k in ("final_loss", "initial_loss") if merged.meta.get(k) is not None}
-        add(name, evaluate(merged), merged.meta["wall_seconds"], options=opts, **extra)
+        add(name, scores, seconds, options=opts, joint_uncalibrated=raw.get("joint_mean"),
+            calibration=merged.meta["calibration"], **extra)
     return rows
 
 
@@ -338,7 +340,7 @@ def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
 
 def aggregate(rows: list[dict], values: list[int]) -> dict:
     """{metric: {row: {value: {mean, std, n, seconds}}}}."""
-    table: dict = {"per_task": {}, "joint": {}}
+    table: dict = {"per_task": {}, "joint": {}, "joint_uncalibrated": {}}
     names = sorted({r["method"] for r in rows},
                    key=lambda n: (ROW_ORDER.index(n) if n in ROW_ORDER else len(ROW_ORDER), n))
     for metric in table:
@@ -348,7 +350,7 @@ def aggregate(rows: list[dict], values: list[int]) -> dict:
                 sel = [r for r in rows if r["method"] == name and r["value"] == v]
                 if not sel:
                     continue
-                m, sd = _mean_std([r[metric] for r in sel])
+                m, sd = _mean_std([r.get(metric) for r in sel])
                 if m is None:
                     continue
                 secs = [r["seconds"] for r in sel if r["seconds"] is not None]
@@ -383,12 +385,14 @@ def print_report(result: dict, command: str) -> None:
     from rich.table import Table
     console = Console(file=sys.stdout, width=max(120, Console().width))
     paper = result["paper"]
-    names = {"per_task": "per-task", "joint": "joint"}
-    for metric, label in names.items():
-        rows = result["table"][metric]
+    # the paper's joint values sit beside our uncalibrated joint: the paper's heads are not calibrated
+    names = {"per_task": ("per-task", "per_task"), "joint": ("joint", None),
+             "joint_uncalibrated": ("joint, heads as the method made them (no routing calibration)", "joint")}
+    for metric, (label, paper_metric) in names.items():
+        rows = result["table"].get(metric)
         if not rows:
             continue
-        ref = paper.get(metric, {}).get("table")
+        ref = paper.get(paper_metric, {}).get("table")
         table = Table(title=f"{result['dataset'].upper()} 0-4 / 5-9, vary {result['vary']}: {label} accuracy % "
                             f"(test), ours mean ± std over {len(result['seeds'])} seed(s)"
                             + (f"; [dim](paper {ref})[/dim] = published value" if ref else ""))
@@ -403,7 +407,7 @@ def print_report(result: dict, command: str) -> None:
                     out.append("-")
                     continue
                 text = f"{c['mean']:.2f} ± {c['std']:.2f}"
-                p = paper_value(paper, metric, name, v)
+                p = paper_value(paper, paper_metric, name, v) if paper_metric else None
                 if p is not None:
                     text += f" [dim](paper {p:.2f})[/dim]"
                 out.append(text)

@@ -201,9 +201,10 @@ def run_bench(setting: str = "pairs16", pairs: int | None = None, out: str = "ru
               source_epochs: tuple[int, int] = (3, 2), seed: int = 0, tune_: bool = True,
               retune: bool = False) -> dict:
     """`pairs`: how many of the setting's groups to run (default all)."""
-    from ..api import merge, merge_sample
+    from ..api import merge_sample
     from ..evaluation import Ensemble, evaluate, originals, random_guess
     from ..progress import status
+    from . import merge_scored
     if setting not in SETTINGS:
         raise ValueError(f"--setting must be one of {', '.join(SETTINGS)}")
     all_groups = groups(setting)
@@ -241,10 +242,11 @@ def run_bench(setting: str = "pairs16", pairs: int | None = None, out: str = "ru
         for name, method, opts in plan:
             if methods and name not in methods and method not in methods:
                 continue
-            merged = merge(sources, data, method=method, seed=seed, **opts)
-            scores = _scores(evaluate(merged))
-            status(f"  {name}: test per-task {scores['per_task']:.2f} ({merged.meta['wall_seconds']:.0f} s)")
-            rows.append({**base, "method": name, **scores, "seconds": merged.meta["wall_seconds"],
+            merged, calibrated, raw, seconds = merge_scored(sources, data, method, seed, opts)
+            scores = _scores(calibrated)
+            status(f"  {name}: test per-task {scores['per_task']:.2f} ({seconds:.0f} s)")
+            rows.append({**base, "method": name, **scores, "joint_uncalibrated": raw.get("joint_mean"),
+                         "calibration": merged.meta["calibration"], "seconds": seconds,
                          "learnable_parameters": merged.meta.get("learnable_parameters"), "options": opts})
     return {"bench": "vit", "setting": setting, "originals_per_task": n_orig, "augmented_per_task": n_aug,
             "vit": config, "pretrain_task": PRETRAIN_TASK,
@@ -274,7 +276,7 @@ def print_report(result: dict, command: str) -> None:
     for p in range(pairs):
         table.add_column(" + ".join(result["pairs"][p]) if len(result["pairs"][p]) <= 2
                          else f"group {p + 1} ({len(result['pairs'][p])} tasks)", justify="right")
-    for col in ("mean", "% of ensemble", "learnable params", "seconds (mean)"):
+    for col in ("mean", "joint, uncalibrated (mean)", "% of ensemble", "learnable params", "seconds (mean)"):
         table.add_column(col, justify="right")
     ens = [r["per_task"] for r in result["rows"] if r["method"] == "ensemble"]
     ens_mean = sum(ens) / len(ens) if ens else None
@@ -287,10 +289,12 @@ def print_report(result: dict, command: str) -> None:
         pt = sum(r["per_task"] for r in sel) / len(sel)
         js = [r["joint"] for r in sel if r["joint"] is not None]
         mean = f"{pt:.1f} / " + (f"{sum(js) / len(js):.1f}" if js else "-")
+        raw = [r["joint_uncalibrated"] for r in sel if r.get("joint_uncalibrated") is not None]
+        raw_mean = f"{sum(raw) / len(raw):.1f}" if raw else "-"
         lp = sel[0].get("learnable_parameters")
         secs = [r["seconds"] for r in sel if r.get("seconds") is not None]
         of_ens = "-" if not ens_mean or name in ("random guess", "originals") else f"{100 * pt / ens_mean:.1f}"
-        table.add_row(name, *cells, mean, of_ens, "-" if lp is None else f"{lp:,}",
+        table.add_row(name, *cells, mean, raw_mean, of_ens, "-" if lp is None else f"{lp:,}",
                       "-" if not secs else f"{sum(secs) / len(secs):.0f}")
     console.print(table)
     console.print(f"measured now: seed {result['seed']}, ViT {result['vit']}, pre-trained on {result['pretrain_task']}; "

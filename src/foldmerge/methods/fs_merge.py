@@ -69,6 +69,10 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
                       momentum=d["momentum"] if momentum is None else momentum, schedule=schedule,
                       warmup=d["warmup"] if warmup is None else warmup, weight_decay=weight_decay,
                       batch_size=batch_size, optimizer=optimizer, seed=seed)
+    if init == "zipit":                 # meta records the values used, never None
+        from . import zipit
+        zipit_alpha = zipit.DEFAULT_ALPHA if zipit_alpha is None else zipit_alpha
+        zipit_beta = zipit.DEFAULT_BETA if zipit_beta is None else zipit_beta
     torch.manual_seed(seed)
     if variant == "seq":
         return _merge_seq(models, data, widths, param, init, targets, target_scale, form, cfg, last_epochs, seed)
@@ -141,8 +145,6 @@ def _zipit_supernet(models, data, widths, param, seed, alpha, beta):
         raise ValueError(f"init 'zipit' needs param 'full' (ZipIt!'s maps are not diagonal), got {param!r}")
     if widths is not None:
         raise ValueError("init 'zipit' merges to model 1's widths; leave widths unset")
-    alpha = zipit.DEFAULT_ALPHA if alpha is None else alpha
-    beta = zipit.DEFAULT_BETA if beta is None else beta
     align.check_sources(models, data, "init 'zipit'")
     maps, _ = zipit.space_maps(models, data, alpha, beta)
     supernet = align.space_supernet(models, {s: m.shape[0] for s, (m, _) in maps.items()}, seed)
