@@ -112,7 +112,7 @@ def test_fs_merge_zipit_init_improves_its_objective_and_needs_full_maps():
                              lr=0.05, schedule="constant")
     assert merged.meta["final_loss"] < merged.meta["initial_loss"]
     from foldmerge.methods import zipit                     # meta records the values used, not None
-    assert (merged.meta["zipit_alpha"], merged.meta["zipit_beta"]) == (zipit.DEFAULT_ALPHA, zipit.DEFAULT_BETA)
+    assert (merged.meta["zipit_alpha"], merged.meta["zipit_beta"]) == zipit.CHAIN_DEFAULTS == (0.5, 1.0)
     with pytest.raises(ValueError, match="needs param 'full'"):
         foldmerge.merge(src, data, method="fs-merge", init="zipit", param="diag", epochs=0)
 
@@ -320,3 +320,27 @@ def test_teacher_features_run_in_eval_mode_and_see_buffers():
         m.backbone[1].running_mean.add_(1.0)
     m.eval()
     assert torch.equal(teacher_features(m, x), m.features(x)) and not torch.equal(teacher_features(m, x), want)
+
+
+def test_defaults_bench_runs_every_method_with_no_option(monkeypatch, tmp_path):
+    from foldmerge.bench import defaults
+    seen = []
+
+    def tiny_sources(dataset, hidden, seed, cache, tasks=None):
+        torch.manual_seed(seed)
+        seen.append((dataset, tuple(hidden), tuple(tasks)))
+        return [TaskModel("mlp", {"in_dim": 784, "hidden": [8] * len(hidden)}, [t]) for t in tasks]
+
+    monkeypatch.setattr("foldmerge.bench.mlp.get_sources", tiny_sources)
+    result = defaults.run_bench(datasets=("mnist",), depths=(1,), methods=["average", "zipit"], out=str(tmp_path))
+    assert seen == [("mnist", (128,), ("mnist:0-4", "mnist:5-9")),
+                    ("mnist", (128,), ("mnist:0,2,4,6,8", "mnist:1,3,5,7,9"))]
+    rows = {(r["setting"], r["method"]): r for r in result["rows"]}
+    assert len(rows) == 2 * 4                       # originals, ensemble, average, zipit per split
+    z = rows[("mnist:0-4 / mnist:5-9, depth 1", "zipit")]
+    assert (z["options"]["alpha"], z["options"]["beta"]) == (0.5, 1.0)     # resolved defaults, recorded
+    assert z["joint_uncalibrated"] is not None and 0 <= z["joint"] <= 100
+    cells = defaults.table(result)
+    assert set(cells["zipit"]) == set(result["settings"]) | {"mean"}
+    with pytest.raises(ValueError, match="unknown bench method"):
+        defaults.run_bench(datasets=("mnist",), methods=["nonsense"], out=str(tmp_path))

@@ -69,14 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-map", choices=["learned", "fixed"],
                    help="distillation: learn the map from student to source features (MLP default) or keep "
                         "it the identity (transformer default)")
-    p.add_argument("--alpha", type=float, help="RegMean: off-diagonal scale; ZipIt!: repeated-match factor")
-    p.add_argument("--beta", type=float, help="ZipIt!: within-model merge budget in [0, 1]")
+    p.add_argument("--alpha", type=float, help="RegMean: off-diagonal scale (default 0.9); ZipIt!: repeated-match "
+                                                "factor (default 0.5 for MLPs, 0.3 for ViTs: validation's choices)")
+    p.add_argument("--beta", type=float, help="ZipIt!: within-model merge budget in [0, 1] (default 1.0 for MLPs, "
+                                              "0.125 for ViTs: validation's choices, README 'Defaults')")
     p.add_argument("--stop-layer", type=int, help="ZipIt!: zip hidden layers 1..N only (partial zipping)")
     p.add_argument("--t", type=float, help="SLERP: interpolation point for two models (default 0.5)")
     p.add_argument("--filter", help="opt: tokens that define a neuron: cls | full | window-K")
     p.add_argument("--reg", type=float, help="opt: Sinkhorn regularization λ (0 = exact, hard alignment)")
-    p.add_argument("--zipit-alpha", type=float, help="FS-Merge with --init zipit: ZipIt!'s alpha")
-    p.add_argument("--zipit-beta", type=float, help="FS-Merge with --init zipit: ZipIt!'s beta")
+    p.add_argument("--zipit-alpha", type=float, help="FS-Merge with --init zipit: ZipIt!'s alpha (default: ZipIt!'s)")
+    p.add_argument("--zipit-beta", type=float, help="FS-Merge with --init zipit: ZipIt!'s beta (default: ZipIt!'s)")
     p.add_argument("--regmean-alpha", type=float, help="distillation with --init regmean: RegMean's alpha")
     p.add_argument("--per-task", type=int, default=64, help="unlabeled training images per task (default 64)")
     p.add_argument("--augment", type=int, default=0,
@@ -118,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="runs/bench", help="cache for source models and tuning (default runs/bench)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     b.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    b = bench.add_parser("defaults", help="every method with its CLI defaults on MNIST / Fashion-MNIST class splits")
+    b.add_argument("--datasets", nargs="+", default=["mnist", "fmnist"], help="mnist and/or fmnist (default both)")
+    b.add_argument("--depths", nargs="+", type=int, default=[2, 4], help="MLP depths, width 128 (default 2 4)")
+    b.add_argument("--seeds", type=int, default=1, help="seed pairs per setting (default 1)")
+    b.add_argument("--methods", nargs="+", help="only these rows or methods (default: all)")
+    b.add_argument("--out", default="runs/bench", help="cache for source models (default runs/bench)")
+    b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     b = bench.add_parser("vit", help="FS-Merge paper 3.2: ViT pairs from different inits and tasks")
     b.add_argument("--setting", choices=["pairs16", "pairs100", "groups4", "groups8"], default="pairs16")
     b.add_argument("--pairs", "--groups", dest="pairs", type=int, default=None,
@@ -299,6 +308,11 @@ def cmd_bench(args) -> None:
         return cmd_bench_vit(args)
     if args.bench == "cost":
         return cmd_bench_cost(args)
+    if args.bench == "defaults":
+        from .bench import defaults
+        result = defaults.run_bench(datasets=tuple(args.datasets), depths=tuple(args.depths), seeds=args.seeds,
+                                    methods=args.methods, out=args.out)
+        return _report_bench(result, args, defaults.print_report)
     from .bench import mlp
     result = mlp.run_bench(dataset=args.dataset, vary=args.vary, seeds=args.seeds, values=args.values,
                            methods=args.methods, jobs=args.jobs, out=args.out,

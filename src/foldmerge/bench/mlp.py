@@ -95,13 +95,15 @@ def method_plan(dataset: str, tuned: dict, epochs_scale: float = 1.0) -> list[tu
 
 
 # ------------------------------------------------------------------------------ sources
-def get_sources(dataset: str, hidden: list[int], pair_seed: int, cache: Path) -> list:
-    """The two source models of a pair: loaded from the cache, or trained (E.1) and cached."""
+def get_sources(dataset: str, hidden: list[int], pair_seed: int, cache: Path,
+                tasks: tuple[str, ...] | None = None) -> list:
+    """The two source models of a pair (on `tasks`, default the dataset's halves): loaded from
+    the cache, or trained (E.1) and cached."""
     from ..api import load
     from ..sources import source_dirname, train_source
     folder = cache / "sources" / dataset / ("h" + "x".join(map(str, hidden)))
     models = []
-    for k, task in enumerate(TASKS[dataset]):
+    for k, task in enumerate(tasks or TASKS[dataset]):
         seed = 2 * pair_seed + k
         path = folder / source_dirname(_task(task), seed)
         model = None

@@ -71,8 +71,7 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
                       batch_size=batch_size, optimizer=optimizer, seed=seed)
     if init == "zipit":                 # meta records the values used, never None
         from . import zipit
-        zipit_alpha = zipit.DEFAULT_ALPHA if zipit_alpha is None else zipit_alpha
-        zipit_beta = zipit.DEFAULT_BETA if zipit_beta is None else zipit_beta
+        zipit_alpha, zipit_beta = zipit.resolve(spec, zipit_alpha, zipit_beta)
     torch.manual_seed(seed)
     if variant == "seq":
         return _merge_seq(models, data, widths, param, init, targets, target_scale, form, cfg, last_epochs, seed)

@@ -65,11 +65,22 @@ import torch
 
 from . import align
 
-DEFAULT_ALPHA = 0.3   # the authors' default `a` of match_tensors_zipit
-# Cross-model merges only (the authors' default b is 0.125). Measured on MNIST 0-4 / 5-9, one
-# hidden layer of 128, 64 images per task: beta 0 → 94.2 per-task mean, 0.125 → 95.2,
-# 0.5 → 96.4, 1 → 96.7 (FS-Merge paper Table 2 reports 96.35 for ZipIt!).
+# The matching's own defaults (zipit_clusters, zipit_maps): the authors' `a` of
+# match_tensors_zipit, and cross-model merges only.
+DEFAULT_ALPHA = 0.3
 DEFAULT_BETA = 0.0
+# What `merge` (and FS-Merge's zipit init) use when alpha / beta are not given, by the spec's
+# shape, as validation chose them (README, "Defaults"): chains of layers (MLPs) zip within models
+# as the paper does (MNIST and Fashion-MNIST benches: α 0.5, β 1.0); architectures with a
+# residual stream (ViT pairs16: α 0.3, β 0.125, the authors' own defaults).
+CHAIN_DEFAULTS = (0.5, 1.0)
+RESIDUAL_DEFAULTS = (0.3, 0.125)
+
+
+def resolve(spec, alpha: float | None, beta: float | None) -> tuple[float, float]:
+    """(alpha, beta) with the spec's defaults filled in."""
+    a, b = CHAIN_DEFAULTS if spec.is_chain() else RESIDUAL_DEFAULTS
+    return (a if alpha is None else float(alpha)), (b if beta is None else float(beta))
 
 
 # ----------------------------------------------------------------------------- correlation
@@ -255,10 +266,12 @@ def space_maps(models, data, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT
     return maps, stats
 
 
-def merge(models, data, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
+def merge(models, data, alpha: float | None = None, beta: float | None = None,
           stop_layer: int | None = None, seed: int = 0):
-    """ZipIt! merge of models of any spec; see the module docstring. seed is unused (ZipIt! is deterministic)."""
+    """ZipIt! merge of models of any spec; see the module docstring. alpha / beta default by the
+    spec's shape (`resolve`). seed is unused (ZipIt! is deterministic)."""
     align.check_sources(models, data, "ZipIt!")
+    alpha, beta = resolve(models[0].spec, alpha, beta)
     maps, stats = space_maps(models, data, alpha, beta, stop_layer)
     merged = align.merge_with_maps(models, maps, seed)
     merged.meta = {"method": "zipit", "alpha": alpha, "beta": beta, "stop_layer": stop_layer,
