@@ -251,6 +251,20 @@ def test_eval_of_sources_gives_their_heads_side_by_side_and_the_ensemble(trained
     assert code != 0 and "--ensemble needs two or more models" in err
 
 
+def test_merge_with_label_free_selection(trained_sources, tmp_path, capsys):
+    root, _ = trained_sources
+    out = tmp_path / "merged-select"
+    code, stdout, err = run_cli(["merge", root / "mnist_0-4-s0", root / "mnist_5-9-s1", "--method", "regmean",
+                                 "--select", "alpha=0.1,0.9", "--per-task", "16", "--out", out, "--json"], capsys)
+    assert code == 0, err
+    meta = json.loads(stdout)["meta"]
+    assert [t["options"]["alpha"] for t in meta["select"]["trials"]] == [0.1, 0.9]
+    assert meta["alpha"] == meta["select"]["chosen"]["alpha"]
+    code, _, err = run_cli(["merge", root / "mnist_0-4-s0", root / "mnist_5-9-s1", "--method", "regmean",
+                            "--select", "alpha", "--out", tmp_path / "bad"], capsys)
+    assert code == 2 and "ARG=V1,V2" in err and not (tmp_path / "bad").exists()
+
+
 def test_merge_average_end_to_end(trained_sources, tmp_path, capsys):
     root, _ = trained_sources
     out = tmp_path / "merged-average"

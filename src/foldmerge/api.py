@@ -43,7 +43,7 @@ CALIBRATE = ("routing", "none")
 
 
 def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge", seed: int = 0,
-          augment: int = 0, engine=None, calibrate: str = "routing", **options):
+          augment: int = 0, engine=None, calibrate: str = "routing", select: dict | None = None, **options):
     """Merge `models` (TaskModels or paths) into one TaskModel with every source's heads.
 
     data: per-model unlabeled input tensors, or an int N to draw N training images per task
@@ -52,6 +52,9 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
     Lightning Fabric; the merged model comes back on the CPU. None: this process, as is.
     calibrate: 'routing' (default) makes the heads comparable for joint accuracy without
     changing any per-task prediction (`foldmerge.calibrate`); 'none' leaves them as the method made them.
+    select: {option: [values]} to choose among without labels: each candidate merges from half of
+    every model's sample and is scored by its agreement with the sources on the other half
+    (`foldmerge.selection`); the best one is merged from the whole sample.
     options: passed to the method (see `foldmerge.methods`), e.g. variant, param, init, epochs.
     """
     if calibrate not in CALIBRATE:
@@ -70,14 +73,23 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
         raise ValueError(f"got {len(data)} data tensors for {len(models)} models")
     fn = get_method(method)             # resolved once; an unknown method fails here, before any launch
     start = time.perf_counter()
-    if engine is None:
-        merged = _merge_here(models, data, fn, seed, options)
-    else:
-        config, weights, meta = engine.run(_merge_on_device, models, data, fn, seed, options)
-        merged = _rebuild(config, weights, meta)
-        merged.meta["engine"] = {"accelerator": engine.accelerator, "devices": engine.devices,
-                                 "precision": engine.precision}
+    chosen = None
+    if select:
+        import inspect
+        from .selection import choose
+        accepted = set(inspect.signature(fn).parameters)
+        for name in select:
+            if name not in accepted or name == "seed":
+                raise ValueError(f"--select {name}: not an option of method {method!r}")
+            if name in options:
+                raise ValueError(f"--select {name}: also given as an option; give one or the other")
+        picked, chosen = choose(lambda d, c: _run(models, d, fn, seed, {**options, **c}, engine), models, data,
+                                dict(select))
+        options = {**options, **picked}
+    merged = _run(models, data, fn, seed, options, engine)
     merged.meta.setdefault("method", method)
+    if chosen is not None:
+        merged.meta["select"] = chosen
     merged.meta["calibration"] = calibrate_heads(merged, models, data) if calibrate == "routing" else {"calibrate": "none"}
     merged.meta["seed"] = seed
     merged.meta["wall_seconds"] = time.perf_counter() - start
@@ -92,6 +104,17 @@ def calibrate_heads(merged, models, data: list[torch.Tensor]) -> dict:
     groups = [k for k, m in enumerate(models) for _ in m.tasks]
     device = next(merged.parameters()).device
     return calibrate_routing(merged, [d.to(device) for d in data], groups)
+
+
+def _run(models, data, fn, seed, options, engine):
+    """One merge by the method, in this process or under `engine`."""
+    if engine is None:
+        return _merge_here(models, data, fn, seed, options)
+    config, weights, meta = engine.run(_merge_on_device, models, data, fn, seed, options)
+    merged = _rebuild(config, weights, meta)
+    merged.meta["engine"] = {"accelerator": engine.accelerator, "devices": engine.devices,
+                             "precision": engine.precision}
+    return merged
 
 
 def _merge_here(models, data, fn, seed, options):

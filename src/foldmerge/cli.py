@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-task", type=int, default=64, help="unlabeled training images per task (default 64)")
     p.add_argument("--augment", type=int, default=0,
                    help="augmented images per task made from them (crop, flip, solarize/blur, MixUp)")
+    p.add_argument("--select", action="append", metavar="ARG=V1,V2,…",
+                   help="choose this option's value without labels: each value merges from half of every model's "
+                        "sample and is scored by agreement with the sources on the other half; the best is merged "
+                        "from the whole sample (repeat for a grid; README 'Choosing hyperparameters without labels')")
     p.add_argument("--calibrate", choices=["routing", "none"], default="routing",
                    help="routing (default): fit each head's offset and scale on the merge sample so that joint "
                         "accuracy holds up; no per-task prediction changes (README, 'Joint accuracy'); none: the "
@@ -125,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--depths", nargs="+", type=int, default=[2, 4], help="MLP depths, width 128 (default 2 4)")
     b.add_argument("--seeds", type=int, default=1, help="seed pairs per setting (default 1)")
     b.add_argument("--methods", nargs="+", help="only these rows or methods (default: all)")
+    b.add_argument("--out", default="runs/bench", help="cache for source models (default runs/bench)")
+    b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
+    b = bench.add_parser("select", help="label-free selection (--select) against labelled validation")
+    b.add_argument("--settings", nargs="+", help="of: 'mnist d2' 'mnist d4' 'fmnist d2' 'fmnist d4' 'vit pairs16' "
+                                                  "(default all)")
+    b.add_argument("--methods", nargs="+", help="of: regmean zipit opt (default all)")
     b.add_argument("--out", default="runs/bench", help="cache for source models (default runs/bench)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     b = bench.add_parser("vit", help="FS-Merge paper 3.2: ViT pairs from different inits and tasks")
@@ -220,6 +230,7 @@ MERGE_OPTIONS = ("variant", "last_epochs", "param", "init", "widths", "epochs", 
 
 
 def cmd_merge(args) -> None:
+    from . import selection
     from .api import load, merge
     from .evaluation import evaluate
     from .methods import get_method
@@ -241,7 +252,7 @@ def cmd_merge(args) -> None:
         engine = Engine(args.accelerator or "cpu", args.devices, args.precision or "32-true")
     models = [load(p, allow_pickle=args.allow_pickle) for p in args.models]
     merged = merge(models, args.per_task, method=args.method, seed=args.seed, augment=args.augment,
-                   engine=engine, calibrate=args.calibrate, **options)
+                   engine=engine, calibrate=args.calibrate, select=selection.parse(args.select), **options)
     merged.meta["command"] = _command_line()
     merged.save(args.out)
     result = evaluate(merged)
@@ -308,6 +319,10 @@ def cmd_bench(args) -> None:
         return cmd_bench_vit(args)
     if args.bench == "cost":
         return cmd_bench_cost(args)
+    if args.bench == "select":
+        from .bench import selection
+        result = selection.run_bench(settings=args.settings, methods=args.methods, out=args.out)
+        return _report_bench(result, args, selection.print_report)
     if args.bench == "defaults":
         from .bench import defaults
         result = defaults.run_bench(datasets=tuple(args.datasets), depths=tuple(args.depths), seeds=args.seeds,

@@ -1,0 +1,114 @@
+"""Label-free selection of a method's hyperparameters (`--select ARG=V1,V2,…`).
+
+A user who merges from unlabeled data has no validation labels. What every merge does have:
+the sources, and which model's sample each input came from. So a candidate value is scored by
+how well the merge reproduces its sources on inputs it was not merged from:
+
+  1. every model's merge sample is split in two folds (every other input);
+  2. for each candidate, the method merges from one fold and is scored on the other, and the
+     reverse (the mean of the two);
+  3. the score is the agreement with the sources: the share of held-out inputs of model k on
+     which each of model k's heads in the merge predicts the class that model k itself predicts
+     (mean over models); ties go to the lower mean KL divergence from the source's softmax to the
+     merge's;
+  4. the best candidate is merged again from the whole sample.
+
+Several `--select` arguments search their product. Agreement stands in for per-task accuracy
+(a source that is right 97 % of the time is a good teacher of which class is which); how often
+it picks what labelled validation picks, and what that costs, is measured by `foldmerge bench
+select` (README, "Choosing hyperparameters without labels").
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch.nn import functional as F
+
+from .methods.common import features_in_chunks
+
+
+def parse(items: list[str] | None) -> dict[str, list]:
+    """["alpha=0.1,0.5", "beta=1"] -> {"alpha": [0.1, 0.5], "beta": [1]}; values are numbers where
+    they parse as numbers, strings otherwise."""
+    grid: dict[str, list] = {}
+    for item in items or []:
+        name, sep, values = item.partition("=")
+        name = name.strip().replace("-", "_")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not name or not vals:
+            raise ValueError(f"--select takes ARG=V1,V2,…, got {item!r}")
+        if name in grid:
+            raise ValueError(f"--select names {name!r} twice")
+        grid[name] = [_value(v) for v in vals]
+    return grid
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"none": None, "None": None}.get(text, text)
+
+
+def candidates(grid: dict[str, list]) -> list[dict]:
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def folds(data: list[torch.Tensor]) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """(merge from, score on) twice: every other input of each model's sample, then the reverse."""
+    if any(len(d) < 4 for d in data):
+        raise ValueError("--select needs at least 4 merge inputs per model (two folds of two)")
+    return [([d[0::2] for d in data], [d[1::2] for d in data]), ([d[1::2] for d in data], [d[0::2] for d in data])]
+
+
+@torch.no_grad()
+def agreement(merged, sources, held: list[torch.Tensor]) -> tuple[float, float]:
+    """(agreement %, mean KL) of the merge's heads with the sources' on held-out inputs."""
+    was = merged.training
+    merged.eval()
+    try:
+        agree, kl, count = 0.0, 0.0, 0
+        first = 0
+        for k, (source, x) in enumerate(zip(sources, held)):
+            heads = list(range(first, first + len(source.heads)))
+            first += len(source.heads)
+            teacher = features_in_chunks(source, x)
+            student = features_in_chunks(merged, x)
+            for j, h in zip(heads, source.heads):
+                p = h(teacher)
+                q = merged.heads[j](student)
+                agree += 100.0 * (p.argmax(1) == q.argmax(1)).float().mean().item()
+                kl += F.kl_div(F.log_softmax(q, 1), F.log_softmax(p, 1), log_target=True,
+                               reduction="batchmean").item()
+                count += 1
+        return agree / count, kl / count
+    finally:
+        merged.train(was)
+
+
+def choose(run, sources, data: list[torch.Tensor], grid: dict[str, list]) -> tuple[dict, dict]:
+    """The candidate of `grid` whose merges agree best with the sources on held-out inputs.
+
+    run(data, options) -> merged model. Returns (chosen options, report for meta)."""
+    from .progress import bar
+    empty = [k for k, v in grid.items() if not list(v)]
+    if empty:
+        raise ValueError(f"--select {empty[0]}: no values to choose from")
+    trials = []
+    cands = candidates(grid)
+    splits = folds(data)
+    with bar(len(cands) * len(splits), "label-free selection") as progress:
+        for c in cands:
+            scores = []
+            for fit_on, held in splits:
+                scores.append(agreement(run(fit_on, c), sources, held))
+                progress.advance(1)
+            trials.append({"options": c, "agreement": sum(s[0] for s in scores) / len(scores),
+                           "kl": sum(s[1] for s in scores) / len(scores)})
+    best = max(trials, key=lambda t: (t["agreement"], -t["kl"]))
+    return best["options"], {"grid": grid, "criterion": "held-out agreement with the sources (2 folds)",
+                             "trials": trials, "chosen": best["options"]}
