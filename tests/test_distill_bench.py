@@ -112,7 +112,7 @@ def test_fs_merge_zipit_init_improves_its_objective_and_needs_full_maps():
                              lr=0.05, schedule="constant")
     assert merged.meta["final_loss"] < merged.meta["initial_loss"]
     from foldmerge.methods import zipit                     # meta records the values used, not None
-    assert (merged.meta["zipit_alpha"], merged.meta["zipit_beta"]) == zipit.CHAIN_DEFAULTS == (0.5, 1.0)
+    assert (merged.meta["zipit_alpha"], merged.meta["zipit_beta"]) == zipit.CHAIN_DEFAULTS == (0.3, 0.5)
     with pytest.raises(ValueError, match="needs param 'full'"):
         foldmerge.merge(src, data, method="fs-merge", init="zipit", param="diag", epochs=0)
 
@@ -338,7 +338,7 @@ def test_defaults_bench_runs_every_method_with_no_option(monkeypatch, tmp_path):
     rows = {(r["setting"], r["method"]): r for r in result["rows"]}
     assert len(rows) == 2 * 4                       # originals, ensemble, average, zipit per split
     z = rows[("mnist:0-4 / mnist:5-9, depth 1", "zipit")]
-    assert (z["options"]["alpha"], z["options"]["beta"]) == (0.5, 1.0)     # resolved defaults, recorded
+    assert (z["options"]["alpha"], z["options"]["beta"]) == (0.3, 0.5)     # resolved defaults, recorded
     assert z["joint_uncalibrated"] is not None and 0 <= z["joint"] <= 100
     cells = defaults.table(result)
     assert set(cells["zipit"]) == set(result["settings"]) | {"mean"}

@@ -258,7 +258,7 @@ def test_zipit_defaults_follow_the_spec_shape_and_are_recorded():
     from foldmerge.methods import zipit
     srcs = [model([16, 12], TASKS[k], k) for k in range(2)]
     merged = foldmerge.merge(srcs, sample(2), method="zipit")
-    assert (merged.meta["alpha"], merged.meta["beta"]) == zipit.CHAIN_DEFAULTS == (0.5, 1.0)
+    assert (merged.meta["alpha"], merged.meta["beta"]) == zipit.CHAIN_DEFAULTS == (0.3, 0.5)
     vit = TaskModel("vit", {"image_size": 28, "channels": 1, "patch": 7, "width": 8, "depth": 1, "heads": 2,
                             "mlp_dim": 8, "out_dim": 8}, ["mnist:0-4"])
     assert zipit.resolve(vit.spec, None, None) == zipit.RESIDUAL_DEFAULTS == (0.3, 0.125)

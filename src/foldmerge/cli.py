@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distillation: learn the map from student to source features (MLP default) or keep "
                         "it the identity (transformer default)")
     p.add_argument("--alpha", type=float, help="RegMean: off-diagonal scale (default 0.9); ZipIt!: repeated-match "
-                                                "factor (default 0.5 for MLPs, 0.3 for ViTs: validation's choices)")
-    p.add_argument("--beta", type=float, help="ZipIt!: within-model merge budget in [0, 1] (default 1.0 for MLPs, "
+                                                "factor (default 0.3)")
+    p.add_argument("--beta", type=float, help="ZipIt!: within-model merge budget in [0, 1] (default 0.5 for MLPs, "
                                               "0.125 for ViTs: validation's choices, README 'Defaults')")
     p.add_argument("--stop-layer", type=int, help="ZipIt!: zip hidden layers 1..N only (partial zipping)")
     p.add_argument("--t", type=float, help="SLERP: interpolation point for two models (default 0.5)")
