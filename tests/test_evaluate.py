@@ -58,9 +58,14 @@ def test_ensemble_averages_scaled_features():
     x = torch.randn(7, 1, 28, 28)
     fa, fb = a.features(x), b.features(x)
     avg = (fa / fa.abs().mean() + fb / fb.abs().mean()) / 2
-    out = Ensemble([a, b])(x)
+    out = Ensemble([a, b], normalize=True)(x)
     torch.testing.assert_close(out[0], a.heads[0](avg))
     torch.testing.assert_close(out[1], b.heads[0](avg))
+    plain = Ensemble([a, b])(x)                      # MLPs (chains of layers): the plain average by default
+    torch.testing.assert_close(plain[0], a.heads[0]((fa + fb) / 2))
+    vit = {"image_size": 28, "channels": 1, "patch": 7, "width": 8, "depth": 1, "heads": 2, "mlp_dim": 8,
+           "out_dim": 8}
+    assert Ensemble([TaskModel("vit", vit, ["mnist:0-4"]), TaskModel("vit", vit, ["mnist:5-9"])]).normalize
     c = TaskModel("mlp", {"in_dim": 784, "hidden": [9]}, ["fmnist:0-4"])
     with pytest.raises(ValueError, match="equal feature sizes"):
         Ensemble([a, c])

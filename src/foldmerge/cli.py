@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", help="model directories")
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--ensemble", action="store_true",
-                   help="also the ensemble reference of the models (features scaled to unit mean |f|, averaged, "
-                        "every head applied: the FS-Merge paper's ensemble row)")
+                   help="also the ensemble reference of the models (features averaged, for ViTs each scaled to "
+                        "unit mean |f| first; every head applied: the FS-Merge paper's ensemble row)")
     p.add_argument("--allow-pickle", action="store_true")
     _common(p)
 
