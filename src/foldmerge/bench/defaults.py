@@ -82,19 +82,22 @@ def _resolved(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if k not in drop}
 
 
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
 def table(result: dict) -> dict:
-    """{row: {setting: (per-task mean, joint mean)}} over the seeds, plus "mean" over settings."""
+    """{row: {setting: (per-task, joint, joint before calibration)}}, means over the seeds, plus
+    "mean" over the settings."""
     out: dict = {}
     for r in result["rows"]:
-        out.setdefault(r["method"], {}).setdefault(r["setting"], []).append((r["per_task"], r["joint"]))
-    for name, cells in out.items():
+        out.setdefault(r["method"], {}).setdefault(r["setting"], []).append(
+            (r["per_task"], r["joint"], r.get("joint_uncalibrated")))
+    for cells in out.values():
         for s, vals in cells.items():
-            pt = sum(v[0] for v in vals) / len(vals)
-            js = [v[1] for v in vals if v[1] is not None]
-            cells[s] = (pt, sum(js) / len(js) if js else None)
-        pts = [c[0] for c in cells.values()]
-        js = [c[1] for c in cells.values() if c[1] is not None]
-        cells["mean"] = (sum(pts) / len(pts), sum(js) / len(js) if js else None)
+            cells[s] = tuple(_mean([v[i] for v in vals]) for i in range(3))
+        cells["mean"] = tuple(_mean([c[i] for c in cells.values()]) for i in range(3))
     return out
 
 
@@ -104,13 +107,20 @@ def print_report(result: dict, command: str) -> None:
     from rich.table import Table
     console = Console(file=sys.stdout, width=max(140, Console().width))
     cells = table(result)
-    t = Table(title=f"every option at its default: per-task / joint accuracy % (test), MLPs of width 128, "
-                    f"{result['per_task_images']} unlabeled images per task, mean over {len(result['seeds'])} pair(s)")
+    t = Table(title=f"every option at its default: per-task / joint (joint with the heads uncalibrated) accuracy % "
+                    f"(test), MLPs of width 128, {result['per_task_images']} unlabeled images per task, mean over "
+                    f"{len(result['seeds'])} pair(s)")
     t.add_column("method")
     for s in result["settings"] + ["mean"]:
         t.add_column(s, justify="right")
+
+    def cell(c):
+        if c is None:
+            return "-"
+        text = f"{c[0]:.1f} / " + ("-" if c[1] is None else f"{c[1]:.1f}")
+        return text + ("" if c[2] is None else f" ({c[2]:.1f})")
+
     for name, row in cells.items():
-        t.add_row(name, *[("-" if s not in row else f"{row[s][0]:.1f} / " +
-                           ("-" if row[s][1] is None else f"{row[s][1]:.1f}")) for s in result["settings"] + ["mean"]])
+        t.add_row(name, *[cell(row.get(s)) for s in result["settings"] + ["mean"]])
     console.print(t)
     console.print(f"measured now: seeds {result['seeds']}; {result['total_seconds'] / 60:.1f} min; command: {command}")
