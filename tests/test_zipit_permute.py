@@ -181,7 +181,7 @@ def test_permuted_copy_is_recovered_exactly(method, opts):
     data = sample(2, 128)
     x = torch.cat(data)
     torch.testing.assert_close(b(x)[0], a(x)[0], rtol=0, atol=1e-12)     # b is a functional copy
-    merged = foldmerge.merge([a, b], data, method=method, **opts)
+    merged = merge_as_made([a, b], data, method=method, **opts)
     assert merged.backbone.hidden == [16, 12]
     for lm, la in zip(merged.backbone.layers, a.backbone.layers):
         torch.testing.assert_close(lm.weight, la.weight, rtol=0, atol=1e-6)
@@ -194,7 +194,7 @@ def test_permuted_copy_is_recovered_exactly(method, opts):
 def test_permute_fold_orientation_is_average_of_permuted_weights():
     a, b = model([10, 8], TASKS[0], 0), model([10, 8], TASKS[1], 1)
     data = sample(2, 128)
-    merged = foldmerge.merge([a, b], data, method="permute")
+    merged = merge_as_made([a, b], data, method="permute")
     feats = hidden_features([a, b], data)
     perms = [permutation_maps(f0, f1)[2] for f0, f1 in feats]
     eye = [torch.eye(10, dtype=torch.float64), torch.eye(8, dtype=torch.float64)]

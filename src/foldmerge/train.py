@@ -45,8 +45,12 @@ class TrainConfig:
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup is a fraction of training in [0, 1), got {self.warmup!r}")
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def as_dict(self, examples: int | None = None) -> dict:
+        """The fields; with `examples`, a full-batch run records the batch it used (never None)."""
+        d = asdict(self)
+        if examples is not None and d["batch_size"] is None:
+            d["batch_size"] = examples
+        return d
 
 
 def lr_factor(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> float:

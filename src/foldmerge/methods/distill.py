@@ -108,7 +108,7 @@ def merge(models, data, init: str | None = None, epochs: int | None = None, lr: 
     student.meta = {
         "method": "distill", "init": init, "targets": targets, "target_scale": target_scale,
         "output_map": output_map,
-        "train": cfg.as_dict(), "train_seconds": time.perf_counter() - start,
+        "train": cfg.as_dict(len(x)), "train_seconds": time.perf_counter() - start,
         "learnable_parameters": sum(q.numel() for q in learned),
         "initial_loss": history[0] if history else None, "final_loss": history[-1] if history else None,
         "merge_examples": [len(d) for d in data],

@@ -92,7 +92,7 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
         "method": "fs-merge", "variant": variant, "param": param, "init": init, "targets": targets,
         "target_scale": target_scale, "form": form,
         **({"zipit_alpha": zipit_alpha, "zipit_beta": zipit_beta} if init == "zipit" else {}), "widths": supernet.widths,
-        "train": cfg.as_dict(), "train_seconds": time.perf_counter() - start,
+        "train": cfg.as_dict(len(x)), "train_seconds": time.perf_counter() - start,
         "learnable_parameters": sum(p.numel() for p in supernet.parameters() if p.requires_grad),
         "final_loss": history[-1] if history else None,
         "initial_loss": history[0] if history else None,
@@ -126,7 +126,8 @@ def _merge_seq(models, data, widths, param, init, targets, target_scale, form, c
                        "final_loss": history[-1] if history else None})
     merged.meta = {
         "method": "fs-merge", "variant": "seq", "param": param, "init": init, "targets": targets,
-        "target_scale": target_scale, "form": form, "widths": supernet.widths, "train": cfg.as_dict(),
+        "target_scale": target_scale, "form": form, "widths": supernet.widths,
+        "train": cfg.as_dict(sum(len(d) for d in data)),
         "last_epochs": last_epochs, "train_seconds": time.perf_counter() - start, "stages": stages,
         # what one stage optimizes (the stages run one after another)
         "learnable_parameters": max(s["learnable_parameters"] for s in stages),

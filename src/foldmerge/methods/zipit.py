@@ -275,7 +275,8 @@ def merge(models, data, alpha: float | None = None, beta: float | None = None,
     alpha, beta = resolve(models[0].spec, alpha, beta)
     maps, stats = space_maps(models, data, alpha, beta, stop_layer)
     merged = align.merge_with_maps(models, maps, seed)
-    merged.meta = {"method": "zipit", "alpha": alpha, "beta": beta, "stop_layer": stop_layer,
+    merged.meta = {"method": "zipit", "alpha": alpha, "beta": beta,
+                   "stop_layer": "all" if stop_layer is None else stop_layer,
                    "widths": {s: m.shape[0] for s, (m, _) in maps.items()}, "spaces": stats,
                    "merge_examples": [len(d) for d in data]}
     return merged
