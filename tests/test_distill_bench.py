@@ -230,6 +230,10 @@ def test_a_cached_choice_lacking_a_row_is_completed_by_searching_that_row_alone(
 
 def test_bench_rejects_bad_arguments(capsys):
     from foldmerge.cli import main
+    assert main(["bench", "defaults", "--datasets", "cifar", "--threads", "1"]) == 2
+    assert "unknown 'cifar'" in capsys.readouterr().err
+    assert main(["bench", "select", "--settings", "cifar d2", "--threads", "1"]) == 2
+    assert "unknown 'cifar d2'" in capsys.readouterr().err
     assert main(["bench", "mlp", "--seeds", "0"]) == 2
     assert "at least 1" in capsys.readouterr().err
     assert main(["bench", "mlp", "--methods", "nonsense", "--out", "/tmp/unused-bench"]) == 2

@@ -131,12 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", nargs="+", help="only these rows or methods (default: all)")
     b.add_argument("--out", default="runs/bench", help="cache for source models (default runs/bench)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     b = bench.add_parser("select", help="label-free selection (--select) against labelled validation")
     b.add_argument("--settings", nargs="+", help="of: 'mnist d2' 'mnist d4' 'fmnist d2' 'fmnist d4' 'vit pairs16' "
                                                   "(default all)")
     b.add_argument("--methods", nargs="+", help="of: regmean zipit opt (default all)")
     b.add_argument("--out", default="runs/bench", help="cache for source models (default runs/bench)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     b = bench.add_parser("vit", help="FS-Merge paper 3.2: ViT pairs from different inits and tasks")
     b.add_argument("--setting", choices=["pairs16", "pairs100", "groups4", "groups8"], default="pairs16")
     b.add_argument("--pairs", "--groups", dest="pairs", type=int, default=None,
