@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-map", choices=["learned", "fixed"],
                    help="distillation: learn the map from student to source features (MLP default) or keep "
                         "it the identity (transformer default)")
-    p.add_argument("--alpha", type=float, help="RegMean: off-diagonal scale (default 0.9); ZipIt!: repeated-match "
+    p.add_argument("--alpha", type=float, help="RegMean: off-diagonal scale (default 0.5 for MLPs, 0.9 for ViTs); ZipIt!: repeated-match "
                                                 "factor (default 0.3)")
     p.add_argument("--beta", type=float, help="ZipIt!: within-model merge budget in [0, 1] (default 0.5 for MLPs, "
                                               "0.125 for ViTs: validation's choices, README 'Defaults')")
@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reg", type=float, help="opt: Sinkhorn regularization λ (0 = exact, hard alignment)")
     p.add_argument("--zipit-alpha", type=float, help="FS-Merge with --init zipit: ZipIt!'s alpha (default: ZipIt!'s)")
     p.add_argument("--zipit-beta", type=float, help="FS-Merge with --init zipit: ZipIt!'s beta (default: ZipIt!'s)")
-    p.add_argument("--regmean-alpha", type=float, help="distillation with --init regmean: RegMean's alpha")
+    p.add_argument("--regmean-alpha", type=float, help="distillation with --init regmean: RegMean's alpha (default: "
+                                                       "RegMean's)")
     p.add_argument("--per-task", type=int, default=64, help="unlabeled training images per task (default 64)")
     p.add_argument("--augment", type=int, default=0,
                    help="augmented images per task made from them (crop, flip, solarize/blur, MixUp)")

@@ -40,7 +40,7 @@ INITS = ("first", "average", "regmean", "random")
 DEFAULTS = dict(init="first", epochs=1000, lr=0.1, momentum=0.9)
 
 
-def student_init(models, data, init: str, regmean_alpha: float = 0.9, seed: int = 0) -> TaskModel:
+def student_init(models, data, init: str, regmean_alpha: float | None = None, seed: int = 0) -> TaskModel:
     """The student before training: a TaskModel with every source's head (heads unchanged)."""
     if init not in INITS:
         raise ValueError(f"unknown distillation init {init!r}; use one of {', '.join(INITS)}")
@@ -69,7 +69,7 @@ def merge(models, data, init: str | None = None, epochs: int | None = None, lr: 
           momentum: float | None = None, schedule: str = "cosine", warmup: float = 0.02, weight_decay: float = 0.0,
           targets: str | None = None, target_scale="match", batch_size: int | None = None,
           optimizer: str = "sgd", output_map: str | None = None,
-          regmean_alpha: float = 0.9, seed: int = 0):
+          regmean_alpha: float | None = None, seed: int = 0):
     check_same_backbone(models, "distillation")
     # as FS-Merge: every source's features for chains of layers (MLPs), only the own task's for
     # architectures with a residual stream (transformers)
@@ -85,6 +85,9 @@ def merge(models, data, init: str | None = None, epochs: int | None = None, lr: 
                       momentum=DEFAULTS["momentum"] if momentum is None else momentum,
                       schedule=schedule, warmup=warmup, weight_decay=weight_decay, batch_size=batch_size,
                       optimizer=optimizer, seed=seed)
+    if init == "regmean" and regmean_alpha is None:      # meta records the value used
+        from .regmean import default_alpha
+        regmean_alpha = default_alpha(models[0].spec)
     student = student_init(models, data, init, regmean_alpha, seed)
     student.train()
     head_weights = [h.weight.detach().clone() for h in student.heads]
