@@ -50,12 +50,17 @@ def _routing_loss(feats, logits, groups, sizes, v, c, log_a):
     return loss
 
 
-def _fit(feats, logits, groups, sizes, bias: bool, weight_decay: float):
+# what each kind of calibration fits: the input-dependent offset v, the constant c, the scale a
+KINDS = {"routing": ("v", "c", "a"), "affine": ("c", "a"), "temperature": ("a",)}
+
+
+def _fit(feats, logits, groups, sizes, bias: bool, weight_decay: float, kind: str = "routing"):
     n, d = len(groups), feats[0].shape[1]
-    v = torch.zeros(n, d, dtype=torch.float64, requires_grad=True)
-    c = torch.zeros(n, dtype=torch.float64, requires_grad=bias)
+    terms = KINDS[kind]
+    v = torch.zeros(n, d, dtype=torch.float64, requires_grad="v" in terms)
+    c = torch.zeros(n, dtype=torch.float64, requires_grad=bias and "c" in terms)
     log_a = torch.zeros(n, dtype=torch.float64, requires_grad=True)
-    params = [v, log_a] + ([c] if bias else [])
+    params = [t for t in (v, c, log_a) if t.requires_grad]
     opt = torch.optim.LBFGS(params, max_iter=MAX_ITER, line_search_fn="strong_wolfe")
 
     def closure():
@@ -93,10 +98,14 @@ def _features_and_logits(model, data):
 
 
 def calibrate_routing(model, data: list[torch.Tensor], groups: list[int],
-                      weight_decay: float = WEIGHT_DECAY) -> dict:
+                      weight_decay: float = WEIGHT_DECAY, kind: str = "routing") -> dict:
     """Fit and fold the routing calibration into `model`'s heads (in place) from `data` (one
     unlabeled tensor per source model); `groups[j]` is the source model whose sample head j
-    belongs to. Returns what was done, for the merged model's meta."""
+    belongs to. Returns what was done, for the merged model's meta. `kind` 'affine' (a_j, c_j
+    only) and 'temperature' (a_j only) are the weaker calibrations the diagnosis compares with
+    (`examples/joint_diagnosis.py`); merges use 'routing'."""
+    if kind not in KINDS:
+        raise ValueError(f"calibration kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if len(groups) != len(model.heads):
         raise ValueError(f"{len(groups)} head groups for {len(model.heads)} heads")
     if weight_decay < 0:
@@ -117,7 +126,7 @@ def calibrate_routing(model, data: list[torch.Tensor], groups: list[int],
         test_on = [(f[1 - fold::2], [l[1 - fold::2] for l in ls]) for f, ls in zip(feats, logits)]
         if any(len(f) == 0 for f, _ in fit_on + test_on):
             return {"calibrate": "routing", "kept": False, "reason": "fewer than two inputs per model"}
-        params = _fit([f for f, _ in fit_on], [ls for _, ls in fit_on], groups, sizes, bias, weight_decay)
+        params = _fit([f for f, _ in fit_on], [ls for _, ls in fit_on], groups, sizes, bias, weight_decay, kind)
         tf, tl = [f for f, _ in test_on], [ls for _, ls in test_on]
         held_raw.append(_routing_accuracy(tf, tl, groups, sizes, *none))
         held_cal.append(_routing_accuracy(tf, tl, groups, sizes, *params))
@@ -125,11 +134,11 @@ def calibrate_routing(model, data: list[torch.Tensor], groups: list[int],
     # a drop within two standard errors of the held-out count is noise (64 images a task: ±3 points)
     count = sum(len(f) for f in feats)
     margin = max(2 * 100 * math.sqrt(max(raw / 100 * (1 - raw / 100), 0.0) / count), 100 / count)
-    meta = {"calibrate": "routing", "weight_decay": weight_decay,
+    meta = {"calibrate": kind, "weight_decay": weight_decay,
             "held_out_routing": {"before": raw, "after": cal, "noise_margin": margin}}
     if cal < raw - margin:
         return {**meta, "kept": False, "reason": "held-out routing got worse"}
-    v, c, log_a = _fit(feats, logits, groups, sizes, bias, weight_decay)
+    v, c, log_a = _fit(feats, logits, groups, sizes, bias, weight_decay, kind)
     if not all(torch.isfinite(t).all() for t in (v, c, log_a)):
         return {**meta, "kept": False, "reason": "the fit did not converge to finite values"}
     v = v / scale                                   # back to the model's feature scale
