@@ -69,7 +69,7 @@ def run_bench(datasets=("mnist", "fmnist"), depths=DEPTHS, seeds: int = 1, metho
             for name, method, opts in plan:
                 merged, scores, raw, seconds = merge_scored(sources, data, method, seed, opts)
                 add(name, scores, joint_uncalibrated=raw.get("joint_mean"), seconds=seconds,
-                    options=_resolved(merged.meta))
+                    options=_resolved(merged.meta), calibration=merged.meta["calibration"])
     return {"bench": "defaults", "datasets": list(datasets), "depths": list(depths), "seeds": list(range(seeds)),
             "per_task_images": PER_TASK, "settings": list(dict.fromkeys(r["setting"] for r in rows)),
             "rows": rows, "total_seconds": time.perf_counter() - t0}
