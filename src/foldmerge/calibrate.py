@@ -41,14 +41,23 @@ WEIGHT_DECAY = 0.1
 MAX_ITER = 300
 
 
+def _calibrated(f, per_head, v, c, log_a) -> torch.Tensor:
+    """Every head's logits a_j (l_j + v_j·f + c_j), side by side (examples x all classes)."""
+    return torch.cat([log_a[j].exp() * (l + (f @ v[j] + c[j]).unsqueeze(1)) for j, l in enumerate(per_head)], 1)
+
+
+def _owners(groups, sizes) -> torch.Tensor:
+    """For every class column of the side-by-side logits, the source model its head belongs to."""
+    return torch.cat([torch.full((n,), g) for g, n in zip(groups, sizes)])
+
+
 def _routing_loss(feats, logits, groups, sizes, v, c, log_a):
     """Mean over models k of −log P(an input of model k's sample lands in model k's heads)."""
+    owner = _owners(groups, sizes)
     loss = 0.0
     for k, (f, per_head) in enumerate(zip(feats, logits)):
-        z = torch.cat([log_a[j].exp() * (l + (f @ v[j] + c[j]).unsqueeze(1)) for j, l in enumerate(per_head)], 1)
-        own = torch.cat([torch.full((sizes[j],), g == k) for j, g in enumerate(groups)])
-        lp = torch.log_softmax(z, 1)
-        loss = loss - torch.logsumexp(lp[:, own], 1).mean() / len(feats)
+        lp = torch.log_softmax(_calibrated(f, per_head, v, c, log_a), 1)
+        loss = loss - torch.logsumexp(lp[:, owner == k], 1).mean() / len(feats)
     return loss
 
 
@@ -77,11 +86,10 @@ def _fit(feats, logits, groups, sizes, bias: bool, weight_decay: float, kind: st
 
 
 def _routing_accuracy(feats, logits, groups, sizes, v, c, log_a) -> float:
+    owner = _owners(groups, sizes)
     hits, total = 0, 0
     for k, (f, per_head) in enumerate(zip(feats, logits)):
-        z = torch.cat([log_a[j].exp() * (l + (f @ v[j] + c[j]).unsqueeze(1)) for j, l in enumerate(per_head)], 1)
-        owner = torch.cat([torch.full((sizes[j],), g) for j, g in enumerate(groups)])
-        hits += int((owner[z.argmax(1)] == k).sum())
+        hits += int((owner[_calibrated(f, per_head, v, c, log_a).argmax(1)] == k).sum())
         total += len(f)
     return 100.0 * hits / max(total, 1)
 
@@ -127,7 +135,7 @@ def calibrate_routing(model, data: list[torch.Tensor], groups: list[int],
         fit_on = [(f[fold::2], [l[fold::2] for l in ls]) for f, ls in zip(feats, logits)]
         test_on = [(f[1 - fold::2], [l[1 - fold::2] for l in ls]) for f, ls in zip(feats, logits)]
         if any(len(f) == 0 for f, _ in fit_on + test_on):
-            return {"calibrate": "routing", "kept": False, "reason": "fewer than two inputs per model"}
+            return {"calibrate": kind, "kept": False, "reason": "fewer than two inputs per model"}
         params = _fit([f for f, _ in fit_on], [ls for _, ls in fit_on], groups, sizes, bias, weight_decay, kind)
         tf, tl = [f for f, _ in test_on], [ls for _, ls in test_on]
         held_raw.append(_routing_accuracy(tf, tl, groups, sizes, *none))

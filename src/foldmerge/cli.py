@@ -269,9 +269,8 @@ def cmd_merge(args) -> None:
 
 def cmd_eval(args) -> None:
     from .api import load
-    from .evaluation import evaluate
+    from .evaluation import Ensemble, SourceHeads, evaluate
     from .report import print_json, print_table
-    from .evaluation import Ensemble, SourceHeads
     out, models = [], []
     for p in args.models:
         model = load(p, allow_pickle=args.allow_pickle)

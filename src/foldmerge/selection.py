@@ -25,7 +25,7 @@ import itertools
 import torch
 from torch.nn import functional as F
 
-from .methods.common import features_in_chunks
+from .methods.common import features_in_chunks, teacher_features
 
 
 def parse(items: list[str] | None) -> dict[str, list]:
@@ -76,7 +76,7 @@ def agreement(merged, sources, held: list[torch.Tensor]) -> tuple[float, float]:
         for k, (source, x) in enumerate(zip(sources, held)):
             heads = list(range(first, first + len(source.heads)))
             first += len(source.heads)
-            teacher = features_in_chunks(source, x)
+            teacher = teacher_features(source, x)       # once per held-out fold, for every candidate
             student = features_in_chunks(merged, x)
             for j, h in zip(heads, source.heads):
                 p = h(teacher)

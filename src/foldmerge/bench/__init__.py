@@ -5,6 +5,11 @@ appear only beside ours, read from a data file that names its table and labelled
 """
 
 
+def selected(row: str, method: str, methods: list[str] | None) -> bool:
+    """Whether `--methods` (None: all) asks for this row, by its name or its method's."""
+    return not methods or row in methods or method in methods
+
+
 def merge_scored(sources, data, method: str, seed: int, opts: dict):
     """One bench merge, scored on the test split twice: with the heads as the method made them
     and after the routing calibration that every merge gets by default (`foldmerge.calibrate`;

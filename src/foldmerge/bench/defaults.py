@@ -35,7 +35,7 @@ def run_bench(datasets=("mnist", "fmnist"), depths=DEPTHS, seeds: int = 1, metho
     from ..api import merge_sample
     from ..evaluation import Ensemble, evaluate, originals
     from ..progress import bar, status
-    from . import merge_scored
+    from . import merge_scored, selected
     from .mlp import get_sources
     bad = [d for d in datasets if d not in SPLITS]
     if bad:
@@ -46,7 +46,7 @@ def run_bench(datasets=("mnist", "fmnist"), depths=DEPTHS, seeds: int = 1, metho
     unknown = [m for m in (methods or []) if m not in known]
     if unknown:
         raise ValueError(f"unknown bench method {unknown[0]!r}; choose from {', '.join(sorted(known))}")
-    plan = [(n, m, o) for n, m, o in PLAN if not methods or n in methods or m in methods]
+    plan = [(n, m, o) for n, m, o in PLAN if selected(n, m, methods)]
     cache = Path(out)
     t0 = time.perf_counter()
     rows = []

@@ -32,6 +32,8 @@ from importlib import resources
 from multiprocessing import get_context
 from pathlib import Path
 
+from . import selected
+
 VALUES = {"depth": [1, 2, 3, 4, 6], "width": [16, 64, 128, 512, 1024]}
 TASKS = {"mnist": ("mnist:0-4", "mnist:5-9"), "fmnist": ("fmnist:0-4", "fmnist:5-9")}
 PER_TASK = 64
@@ -137,7 +139,7 @@ SEARCHES = {"regmean_alpha": (("regmean_alpha",), ("regmean", "distill")),
 def searches_for(dataset: str, methods: list[str] | None) -> list[str]:
     """The searches whose values the rows selected by `methods` (None: all) read."""
     rows = {name for name, method, _ in method_plan(dataset, _placeholder_tuning())
-            if not methods or name in methods or method in methods}
+            if selected(name, method, methods)}
     return [k for k, (_, readers) in SEARCHES.items() if rows & set(readers)]
 
 
@@ -226,7 +228,7 @@ def run_unit(dataset: str, vary: str, value: int, seed: int, tuned: dict, cache:
     add("ensemble", evaluate(Ensemble(sources)), time.perf_counter() - t)
     data = merge_sample(sources, PER_TASK, seed)
     for name, method, opts in method_plan(dataset, tuned, epochs_scale):
-        if methods and name not in methods and method not in methods:
+        if not selected(name, method, methods):
             continue
         merged, scores, raw, seconds = merge_scored(sources, data, method, seed, opts)
         extra = {k: merged.meta[k] for k in ("final_loss", "initial_loss") if merged.meta.get(k) is not None}
@@ -301,7 +303,7 @@ def run_bench(dataset: str = "mnist", vary: str = "depth", seeds: int = 5, value
         "hyperparameters": {k: v for k, v in chosen.items() if k != "trials"},
         "tuning_trials": chosen.get("trials", []),
         "plan": [{"row": n, "method": m, "options": o} for n, m, o in method_plan(dataset, tuned, epochs_scale)
-                 if not methods or n in methods or m in methods],
+                 if selected(n, m, methods)],
         "table": aggregate(rows, values),
         "paper": paper_reference(dataset, vary),
         "runs": sorted(rows, key=lambda r: (r["value"], r["seed"], r["method"])),

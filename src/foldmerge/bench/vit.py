@@ -32,6 +32,7 @@ import os
 import time
 from pathlib import Path
 
+from . import selected
 from .mlp import e1_warmup
 
 # setting: (original images per task, augmented images per task, models per group)
@@ -109,7 +110,7 @@ def choice_keys(methods: list[str] | None, group_size: int = 2) -> list[str]:
     """The keys of PAPER_CHOICE that the rows selected by `methods` (None: all) read."""
     reads = {"regmean": "regmean_alpha", "fs-merge seq diag+lowrank(12)": "fs-merge diag+lowrank(12)"}
     keys = [reads.get(name, name) for name, method, _ in method_plan(group_size=group_size)
-            if not methods or name in methods or method in methods]
+            if selected(name, method, methods)]
     return [k for k in PAPER_CHOICE if k in keys]
 
 
@@ -241,7 +242,7 @@ def run_bench(setting: str = "pairs16", pairs: int | None = None, out: str = "ru
         rows.append({**base, "method": "ensemble", **_scores(evaluate(Ensemble(sources)))})
         data = merge_sample(sources, n_orig, seed, augment=n_aug)
         for name, method, opts in plan:
-            if methods and name not in methods and method not in methods:
+            if not selected(name, method, methods):
                 continue
             merged, calibrated, raw, seconds = merge_scored(sources, data, method, seed, opts)
             scores = _scores(calibrated)
