@@ -176,13 +176,13 @@ def test_aggregate_mean_and_sample_std():
 
 
 def test_method_plan_uses_the_bold_values_and_the_tuned_ones():
-    tuned = {"regmean_alpha": 0.7, "zipit_alpha": 0.5, "zipit_beta": 0.25, "distill_init": "average",
+    tuned = {"regmean_alpha": 0.7, "regmean_augment": 512, "zipit_alpha": 0.5, "zipit_beta": 0.25, "distill_init": "average",
              "distill_lr": 0.03, "opt_reg": 0.02}
     plan = {name: (method, opts) for name, method, opts in bench.method_plan("mnist", tuned)}
     assert plan["fs-merge local"][1] == {"variant": "local", "init": "random", "epochs": 15000, "lr": 0.1,
                                          "momentum": 0.9, "warmup": 20 / 15000}       # E.1: 20 epochs
     assert plan["fs-merge global"][1]["epochs"] == 1000 and plan["fs-merge global"][1]["init"] == "first"
-    assert plan["regmean"][1] == {"alpha": 0.7}
+    assert plan["regmean"][1] == {"alpha": 0.7, "augment": 512}
     assert plan["fs-merge local, zipit init"][1]["zipit_beta"] == 0.25
     assert plan["opt"][1] == {"reg": 0.02}
     assert dict((n, o) for n, _, o in bench.method_plan("fmnist", tuned))["fs-merge local"]["epochs"] == 20000
@@ -191,7 +191,7 @@ def test_method_plan_uses_the_bold_values_and_the_tuned_ones():
     from foldmerge.methods import get_method
     for name, (method, opts) in plan.items():
         accepted = set(inspect.signature(get_method(method)).parameters)
-        assert set(opts) <= accepted, name
+        assert set(opts) - {"augment"} <= accepted, name        # augment: the merge sample's option
 
 
 def test_a_cached_choice_lacking_a_row_is_completed_by_searching_that_row_alone(monkeypatch, tmp_path):
@@ -205,18 +205,19 @@ def test_a_cached_choice_lacking_a_row_is_completed_by_searching_that_row_alone(
         return m
 
     monkeypatch.setattr("foldmerge.api.merge", fake_merge)
-    monkeypatch.setattr("foldmerge.api.merge_sample", lambda sources, n, seed: [])
+    monkeypatch.setattr("foldmerge.api.merge_sample", lambda sources, n, seed, augment=0: [])
     monkeypatch.setattr(bench, "get_sources", lambda *a: [])
     monkeypatch.setattr("foldmerge.evaluation.evaluate",
                         lambda m, split: {"per_task_mean": 90.0 + m.meta["opts"]["reg"]})
     old = {k: v for k, v in bench._placeholder_tuning().items() if k != "opt_reg"}
-    (tmp_path / "tuned-mnist.json").write_text(json.dumps({**old, "trials": [{"method": "regmean"}]}))
-    tuned = bench.load_or_tune("mnist", tmp_path, retune=False)
+    path = bench.tuned_path("mnist", [128, 128], tmp_path)
+    path.write_text(json.dumps({**old, "trials": [{"method": "regmean"}]}))
+    tuned = bench.load_or_tune("mnist", [128, 128], tmp_path, retune=False)
     assert seen == ["opt"] * len(bench.GRID["opt_reg"]) and tuned["opt_reg"] == max(bench.GRID["opt_reg"])
     assert {k: tuned[k] for k in old} == old and len(tuned["trials"]) == 1 + len(bench.GRID["opt_reg"])
-    assert json.loads((tmp_path / "tuned-mnist.json").read_text())["opt_reg"] == tuned["opt_reg"]
+    assert json.loads(path.read_text())["opt_reg"] == tuned["opt_reg"]
     seen.clear()
-    bench.load_or_tune("mnist", tmp_path, retune=False)            # complete now: nothing searched
+    bench.load_or_tune("mnist", [128, 128], tmp_path, retune=False)            # complete now: nothing searched
     assert seen == []
     # `--methods opt permute` reads only OT's λ: a fresh cache searches that alone
     assert bench.searches_for("mnist", ["opt", "permute"]) == ["opt_reg"]
@@ -224,8 +225,12 @@ def test_a_cached_choice_lacking_a_row_is_completed_by_searching_that_row_alone(
     assert bench.searches_for("mnist", ["distill"]) == ["regmean_alpha", "distill_init"]
     assert bench.searches_for("mnist", None) == list(bench.SEARCHES)
     fresh = tmp_path / "fresh"
-    only = bench.load_or_tune("mnist", fresh, retune=False, searches=["opt_reg"])
+    only = bench.load_or_tune("mnist", [128, 128], fresh, retune=False, searches=["opt_reg"])
     assert seen == ["opt"] * len(bench.GRID["opt_reg"]) and "regmean_alpha" not in only
+    # every setting has its own choice: another depth searches afresh
+    seen.clear()
+    bench.load_or_tune("mnist", [128] * 4, fresh, retune=False, searches=["opt_reg"])
+    assert seen == ["opt"] * len(bench.GRID["opt_reg"])
 
 
 def test_bench_rejects_bad_arguments(capsys):
@@ -336,15 +341,40 @@ def test_defaults_bench_runs_every_method_with_no_option(monkeypatch, tmp_path):
         return [TaskModel("mlp", {"in_dim": 784, "hidden": [8] * len(hidden)}, [t]) for t in tasks]
 
     monkeypatch.setattr("foldmerge.bench.mlp.get_sources", tiny_sources)
-    result = defaults.run_bench(datasets=("mnist",), depths=(1,), methods=["average", "zipit"], out=str(tmp_path))
+    result = defaults.run_bench(datasets=("mnist",), depths=(1,), methods=["average", "zipit", "regmean"],
+                                out=str(tmp_path))
     assert seen == [("mnist", (128,), ("mnist:0-4", "mnist:5-9")),
                     ("mnist", (128,), ("mnist:0,2,4,6,8", "mnist:1,3,5,7,9"))]
     rows = {(r["setting"], r["method"]): r for r in result["rows"]}
-    assert len(rows) == 2 * 4                       # originals, ensemble, average, zipit per split
+    assert len(rows) == 2 * 5                       # originals, ensemble, average, zipit, regmean per split
     z = rows[("mnist:0-4 / mnist:5-9, depth 1", "zipit")]
     assert (z["options"]["alpha"], z["options"]["beta"]) == (0.3, 0.5)     # resolved defaults, recorded
+    assert z["options"]["augment"] == 0
+    r = rows[("mnist:0-4 / mnist:5-9, depth 1", "regmean")]
+    assert r["options"]["augment"] == 1024
     assert z["joint_uncalibrated"] is not None and 0 <= z["joint"] <= 100
     cells = defaults.table(result)
     assert set(cells["zipit"]) == set(result["settings"]) | {"mean"}
     with pytest.raises(ValueError, match="unknown bench method"):
         defaults.run_bench(datasets=("mnist",), methods=["nonsense"], out=str(tmp_path))
+
+
+def test_every_setting_of_the_mlp_bench_uses_the_choice_made_on_its_own_validation(monkeypatch, tmp_path):
+    asked, ran = [], []
+
+    def fake_tune(dataset, hidden, cache, retune, searches, threads):
+        asked.append(list(hidden))
+        return {**bench._placeholder_tuning(), "regmean_alpha": len(hidden) / 10, "chosen_on": f"h{hidden}"}
+
+    def fake_unit(dataset, vary, value, seed, tuned, *rest):
+        ran.append((value, tuned["regmean_alpha"]))
+        return [{"method": "regmean", "value": value, "seed": seed, "per_task": 90.0, "joint": 80.0,
+                 "seconds": 1.0}]
+
+    monkeypatch.setattr(bench, "load_or_tune", fake_tune)
+    monkeypatch.setattr(bench, "run_unit", fake_unit)
+    result = bench.run_bench(values=[1, 3], seeds=2, methods=["regmean"], jobs=1, out=str(tmp_path))
+    assert sorted(asked) == [[128], [128] * 3]
+    assert sorted(ran) == [(1, 0.1), (1, 0.1), (3, 0.3), (3, 0.3)]
+    assert result["hyperparameters"]["3"]["regmean_alpha"] == 0.3
+    assert result["plan"]["1"][0]["options"]["alpha"] == 0.1

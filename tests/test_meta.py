@@ -31,3 +31,21 @@ def test_meta_has_no_unresolved_value(method, opts, monkeypatch):
     assert nones(merged.meta) == []
     if "epochs" in opts:
         assert merged.meta["train"]["batch_size"] == 32          # full batch: the whole sample
+
+
+def test_a_drawn_sample_is_recorded_and_regmean_gets_its_augmented_images_by_default(monkeypatch):
+    monkeypatch.setenv("FOLDMERGE_PROGRESS", "0")
+    srcs = []
+    for k, t in enumerate(["mnist:0-4", "mnist:5-9"]):
+        torch.manual_seed(k)
+        srcs.append(TaskModel("mlp", {"in_dim": 784, "hidden": [8]}, [t]))
+    merged = foldmerge.merge(srcs, 4, method="regmean")
+    assert merged.meta["merge_sample"] == {"per_task": 4, "augment": 1024, "seed": 0}
+    assert merged.meta["merge_examples"] == [4 + 1024] * 2
+    plain = foldmerge.merge(srcs, 4, method="regmean", augment=0)
+    assert plain.meta["merge_examples"] == [4, 4]
+    assert foldmerge.merge(srcs, 4, method="average").meta["merge_sample"]["augment"] == 0
+    given = foldmerge.merge(srcs, [torch.zeros(3, 784)] * 2, method="average")
+    assert given.meta["merge_sample"] == {"given": "tensors"}
+    with pytest.raises(ValueError, match="drawn sample"):
+        foldmerge.merge(srcs, [torch.zeros(3, 784)] * 2, method="average", augment=8)

@@ -4,7 +4,8 @@ The paper benches (`bench mlp`, `bench vit`) choose some hyperparameters on vali
 with unlabeled data has no validation labels and runs the defaults. This bench shows what that
 user gets: MLPs of width 128 at two depths, trained from different seeds on two class splits of
 each dataset (the halves 0–4 / 5–9 and the even / odd classes), merged from 64 unlabeled
-training images per task with no option given (`foldmerge merge A B --method M`). Cells are
+training images per task (plus the augmented images a method gets by default: RegMean's 1,024)
+with no option given (`foldmerge merge A B --method M`). Cells are
 per-task / joint test accuracy %, joint after the routing calibration every merge gets (the
 uncalibrated joint is in --json). Sources are trained as in `bench mlp` (appendix E.1) and
 cached beside its own; pair s uses source seeds 2s and 2s + 1 and merge-sample seed s.
@@ -32,7 +33,7 @@ def settings(datasets, depths) -> list[tuple[str, tuple[str, str], int]]:
 
 def run_bench(datasets=("mnist", "fmnist"), depths=DEPTHS, seeds: int = 1, methods: list[str] | None = None,
               out: str = "runs/bench") -> dict:
-    from ..api import merge_sample
+    from ..api import default_augment, merge_sample
     from ..evaluation import Ensemble, evaluate, originals
     from ..progress import bar, status
     from . import merge_scored, selected
@@ -65,11 +66,14 @@ def run_bench(datasets=("mnist", "fmnist"), depths=DEPTHS, seeds: int = 1, metho
 
             add("originals", originals(sources))
             add("ensemble", evaluate(Ensemble(sources)))
-            data = merge_sample(sources, PER_TASK, seed)
+            samples: dict[int, list] = {}
             for name, method, opts in plan:
-                merged, scores, raw, seconds = merge_scored(sources, data, method, seed, opts)
+                augment = default_augment(method)      # what `merge` draws for this method by default
+                if augment not in samples:
+                    samples[augment] = merge_sample(sources, PER_TASK, seed, augment)
+                merged, scores, raw, seconds = merge_scored(sources, samples[augment], method, seed, opts)
                 add(name, scores, joint_uncalibrated=raw.get("joint_mean"), seconds=seconds,
-                    options=_resolved(merged.meta), calibration=merged.meta["calibration"])
+                    options={**_resolved(merged.meta), "augment": augment}, calibration=merged.meta["calibration"])
     return {"bench": "defaults", "datasets": list(datasets), "depths": list(depths), "seeds": list(range(seeds)),
             "per_task_images": PER_TASK, "settings": list(dict.fromkeys(r["setting"] for r in rows)),
             "rows": rows, "total_seconds": time.perf_counter() - t0}
@@ -78,7 +82,7 @@ def run_bench(datasets=("mnist", "fmnist"), depths=DEPTHS, seeds: int = 1, metho
 def _resolved(meta: dict) -> dict:
     """The values a merge used (its meta without timings, losses and per-space statistics)."""
     drop = {"spaces", "train_seconds", "wall_seconds", "final_loss", "initial_loss", "merge_examples",
-            "calibration", "sources", "seed", "stages", "fixed_points", "fallback_layers"}
+            "calibration", "sources", "seed", "merge_sample", "stages", "fixed_points", "fallback_layers"}
     return {k: v for k, v in meta.items() if k not in drop}
 
 

@@ -9,12 +9,15 @@ each cell is the mean ± sample std over the seeds of the test accuracy.
 Hyperparameters. Where appendix E.1 marks a value in bold it is used as is (FS-Merge local:
 random init, 15k epochs (20k Fashion-MNIST), lr 0.1, momentum 0.9; global: `first` init,
 1k epochs (1.5k), lr 0.1; global ZipIt init: 10k epochs, lr 0.1). What the paper does not
-fix legibly is chosen here, as the paper does, on the VALIDATION split of the depth-2,
-width-128 pair of seed 0, once per dataset, and then used for every depth and width:
-RegMean α, ZipIt! α and β (also the ZipIt init of FS-Merge), the distillation student's init
-and learning rate, OT fusion's λ (the "opt" row, which the paper runs on transformers only).
-The grid, every validation score and the choice go into --json; a cached choice that lacks a
-hyperparameter (a row added since) is completed by searching that one alone.
+fix legibly is chosen here on the VALIDATION split of the pair of seed 0, for every depth and
+width on its own (the paper chose once, at depth 2, and used that for every depth: RegMean's
+best α moves from 0.1 at depth 1 to 0.5 or more at depth 4, so one choice for all is the wrong
+protocol): RegMean α and whether its Grams see 1,024 augmented images per task besides the 64
+originals (the authors' code builds them from augmented samples), ZipIt! α and β (also the
+ZipIt init of FS-Merge), the distillation student's init and learning rate, OT fusion's λ (the
+"opt" row, which the paper runs on transformers only). The grid, every validation score and
+the choice go into --json; a cached choice that lacks a hyperparameter (a row added since) is
+completed by searching that one alone.
 
 Seeds: pair s uses source seeds 2s (task 0–4) and 2s + 1 (task 5–9) and merge-sample seed s.
 Source models are cached under OUT/sources (safetensors) and reused by later runs.
@@ -37,12 +40,12 @@ from . import selected
 VALUES = {"depth": [1, 2, 3, 4, 6], "width": [16, 64, 128, 512, 1024]}
 TASKS = {"mnist": ("mnist:0-4", "mnist:5-9"), "fmnist": ("fmnist:0-4", "fmnist:5-9")}
 PER_TASK = 64
-TUNE_HIDDEN = [128, 128]          # E.1: tuned on two hidden layers of width 128
 ROW_ORDER = ("originals", "ensemble", "average", "slerp", "regmean", "permute", "opt", "zipit", "distill",
              "fs-merge local", "fs-merge local, zipit init", "fs-merge global", "fs-merge global, zipit init")
 
 GRID = {
     "regmean_alpha": [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1],
+    "regmean_augment": [0, 1024],          # augmented images per task for RegMean's Grams
     "zipit_alpha": [0.3, 0.5, 1.0],
     "zipit_beta": [0.0, 0.125, 0.25, 0.5, 1.0],
     "distill_init": ["first", "average", "regmean"],
@@ -77,7 +80,7 @@ def method_plan(dataset: str, tuned: dict, epochs_scale: float = 1.0) -> list[tu
     return [
         ("average", "average", {}),
         ("slerp", "slerp", {}),
-        ("regmean", "regmean", {"alpha": tuned["regmean_alpha"]}),
+        ("regmean", "regmean", {"alpha": tuned["regmean_alpha"], "augment": tuned["regmean_augment"]}),
         ("permute", "permute", {}),
         ("opt", "opt", {"reg": tuned["opt_reg"]}),
         ("zipit", "zipit", zipit),
@@ -129,7 +132,7 @@ def _task(spec):
 
 # ------------------------------------------------------------------------------- tuning
 # each search of `tune` (named by its first key), the keys it chooses, and the rows that read them
-SEARCHES = {"regmean_alpha": (("regmean_alpha",), ("regmean", "distill")),
+SEARCHES = {"regmean_alpha": (("regmean_alpha", "regmean_augment"), ("regmean", "distill")),
             "zipit_alpha": (("zipit_alpha", "zipit_beta"),
                             ("zipit", "fs-merge local, zipit init", "fs-merge global, zipit init")),
             "distill_init": (("distill_init", "distill_lr"), ("distill",)),
@@ -143,36 +146,40 @@ def searches_for(dataset: str, methods: list[str] | None) -> list[str]:
     return [k for k, (_, readers) in SEARCHES.items() if rows & set(readers)]
 
 
-def tune(dataset: str, cache: Path, grid: dict | None = None, have: dict | None = None,
+def tune(dataset: str, hidden: list[int], cache: Path, grid: dict | None = None, have: dict | None = None,
          searches: list[str] | None = None) -> dict:
-    """Choose the unfixed hyperparameters on the validation split (module docstring); those in
-    `have` (an earlier choice) are kept, only the missing ones among `searches` (default all)
-    are searched (a row added later, or only the rows a `--methods` run reads)."""
+    """Choose the unfixed hyperparameters on the validation split of the `hidden` pair of seed 0
+    (module docstring); those in `have` (an earlier choice) are kept, only the missing ones among
+    `searches` (default all) are searched (a row added later, or only the rows a `--methods` run reads)."""
     from ..api import merge, merge_sample
     from ..evaluation import evaluate
     from ..progress import bar
     grid = grid or GRID
     chosen = {k: v for k, v in (have or {}).items() if k != "trials"}
     trials: list[dict] = list((have or {}).get("trials", []))
-    sources = get_sources(dataset, TUNE_HIDDEN, 0, cache)
-    data = merge_sample(sources, PER_TASK, 0)
+    sources = get_sources(dataset, hidden, 0, cache)
+    samples = {0: merge_sample(sources, PER_TASK, 0)}
 
-    def score(method, **opts):
-        merged = merge(sources, data, method=method, seed=0, **opts)
+    def score(method, augment=0, **opts):
+        if augment not in samples:
+            samples[augment] = merge_sample(sources, PER_TASK, 0, augment)
+        merged = merge(sources, samples[augment], method=method, seed=0, **opts)
         val = evaluate(merged, split="val")
-        trials.append({"method": method, "options": opts, "val_per_task": val["per_task_mean"],
+        trials.append({"method": method, "options": {**opts, "augment": augment}, "val_per_task": val["per_task_mean"],
                        "val_joint": val.get("joint_mean")})
         progress.advance(1)
         return val["per_task_mean"]
 
+    reg_pairs = [(a, n) for n in grid["regmean_augment"] for a in grid["regmean_alpha"]]
     zip_pairs = [(a, b) for a in grid["zipit_alpha"] for b in grid["zipit_beta"]]
     d_pairs = [(i, lr) for i in grid["distill_init"] for lr in grid["distill_lr"]]
     todo = [k for k in (searches or SEARCHES) if k not in chosen]
-    n = sum({"regmean_alpha": len(grid["regmean_alpha"]), "zipit_alpha": len(zip_pairs),
+    n = sum({"regmean_alpha": len(reg_pairs), "zipit_alpha": len(zip_pairs),
              "distill_init": len(d_pairs), "opt_reg": len(grid["opt_reg"])}[k] for k in todo)
-    with bar(n, f"tuning on {dataset} validation") as progress:
+    with bar(n, f"tuning on {dataset} validation, hidden {hidden}") as progress:
         if "regmean_alpha" in todo:
-            chosen["regmean_alpha"] = max(grid["regmean_alpha"], key=lambda a: score("regmean", alpha=a))
+            chosen["regmean_alpha"], chosen["regmean_augment"] = max(
+                reg_pairs, key=lambda an: score("regmean", alpha=an[0], augment=an[1]))
         if "zipit_alpha" in todo:
             chosen["zipit_alpha"], chosen["zipit_beta"] = max(
                 zip_pairs, key=lambda ab: score("zipit", alpha=ab[0], beta=ab[1]))
@@ -183,21 +190,29 @@ def tune(dataset: str, cache: Path, grid: dict | None = None, have: dict | None 
                 regmean_alpha=chosen["regmean_alpha"]))
         if "opt_reg" in todo:
             chosen["opt_reg"] = max(grid["opt_reg"], key=lambda r: score("opt", reg=r))
-    return {**chosen, "chosen_on": f"{dataset} validation split, hidden {TUNE_HIDDEN}, pair seed 0",
+    return {**chosen, "chosen_on": f"{dataset} validation split, hidden {hidden}, pair seed 0",
             "trials": trials}
 
 
-def load_or_tune(dataset: str, cache: Path, retune: bool, searches: list[str] | None = None) -> dict:
-    """The cached choice (OUT/tuned-<dataset>.json), completed by a search of what it lacks
-    among `searches` (default all)."""
+def tuned_path(dataset: str, hidden: list[int], cache: Path) -> Path:
+    return cache / f"tuned-{dataset}-h{'x'.join(map(str, hidden))}.json"
+
+
+def load_or_tune(dataset: str, hidden: list[int], cache: Path, retune: bool, searches: list[str] | None = None,
+                 threads: int | None = None) -> dict:
+    """The cached choice for this setting (OUT/tuned-<dataset>-h<hidden>.json), completed by a
+    search of what it lacks among `searches` (default all)."""
     from ..progress import status
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
     searches = list(searches or SEARCHES)
-    path = cache / f"tuned-{dataset}.json"
+    path = tuned_path(dataset, hidden, cache)
     have = None if retune or not path.is_file() else json.loads(path.read_text())
     if have is not None and all(k in have for s in searches for k in SEARCHES[s][0]):
         status(f"hyperparameters from {path} (chosen on validation; --retune to redo)")
         return have
-    tuned = tune(dataset, cache, have=have, searches=searches)
+    tuned = tune(dataset, hidden, cache, have=have, searches=searches)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(tuned, indent=1) + "\n")
@@ -226,11 +241,15 @@ def run_unit(dataset: str, vary: str, value: int, seed: int, tuned: dict, cache:
     add("originals", originals(sources), None)
     t = time.perf_counter()
     add("ensemble", evaluate(Ensemble(sources)), time.perf_counter() - t)
-    data = merge_sample(sources, PER_TASK, seed)
+    samples = {0: merge_sample(sources, PER_TASK, seed)}
     for name, method, opts in method_plan(dataset, tuned, epochs_scale):
         if not selected(name, method, methods):
             continue
-        merged, scores, raw, seconds = merge_scored(sources, data, method, seed, opts)
+        augment = opts.get("augment", 0)      # a merge-sample option, not the method's
+        if augment not in samples:
+            samples[augment] = merge_sample(sources, PER_TASK, seed, augment)
+        merged, scores, raw, seconds = merge_scored(sources, samples[augment], method, seed,
+                                                    {k: v for k, v in opts.items() if k != "augment"})
         extra = {k: merged.meta[k] for k in ("final_loss", "initial_loss") if merged.meta.get(k) is not None}
         add(name, scores, seconds, options=opts, joint_uncalibrated=raw.get("joint_mean"),
             calibration=merged.meta["calibration"], **extra)
@@ -268,42 +287,49 @@ def run_bench(dataset: str = "mnist", vary: str = "depth", seeds: int = 5, value
     t0 = time.perf_counter()
 
     searches = searches_for(dataset, methods)
-    chosen = load_or_tune(dataset, cache, retune, searches)
-    chosen = {k: v for k, v in chosen.items()
-              if k in ("trials", "chosen_on") or any(k in SEARCHES[s][0] for s in searches)}
-    # rows not run may lack a choice; they are skipped, so a placeholder only fills the plan
-    tuned = {**_placeholder_tuning(), **chosen}
-
     jobs = max(1, jobs or os.cpu_count() or 1)
     units = sorted(((v, s) for v in values for s in range(seeds)), key=lambda u: -_unit_cost(vary, u[0]))
     jobs = min(jobs, len(units))
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    choices: dict[int, dict] = {}          # value -> the validation choice for that setting
     rows: list[dict] = []
-    with bar(len(units), f"bench mlp {dataset}, vary {vary}") as progress:
-        if jobs == 1:
-            for v, s in units:
-                rows += run_unit(dataset, vary, v, s, tuned, str(cache), methods, epochs_scale, threads)
-                progress.advance(1, info=f"{vary} {v}, seed {s} done")
-        else:
-            ctx = get_context("spawn")
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_quiet_worker) as pool:
-                futures = {pool.submit(run_unit, dataset, vary, v, s, tuned, str(cache), methods,
-                                       epochs_scale, threads): (v, s) for v, s in units}
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_quiet_worker) as pool:
+        def each(calls, label, done):
+            """Run calls {key: (fn, args)} here (one job) or in the pool, `done(key, result)` as each ends."""
+            with bar(len(calls), label) as progress:
+                if jobs == 1:
+                    for key, (fn, args) in calls.items():
+                        done(key, fn(*args))
+                        progress.advance(1, info=f"{key} done")
+                    return
+                futures = {pool.submit(fn, *args): key for key, (fn, args) in calls.items()}
                 try:
                     for fut in as_completed(futures):
-                        rows += fut.result()
-                        v, s = futures[fut]
-                        progress.advance(1, info=f"{vary} {v}, seed {s} done")
+                        done(futures[fut], fut.result())
+                        progress.advance(1, info=f"{futures[fut]} done")
                 except BaseException:
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise
+
+        # the validation choice of every setting first (cached ones are read, not searched)
+        each({v: (load_or_tune, (dataset, hidden_for(vary, v), cache, retune, searches, threads))
+              for v in sorted(values, key=lambda v: -_unit_cost(vary, v))},
+             f"validation choices, {dataset}, vary {vary}", lambda v, c: choices.__setitem__(v, c))
+        # rows not run may lack a choice; they are skipped, so a placeholder only fills the plan
+        tuned = {v: {**_placeholder_tuning(), **_read_by(c, searches)} for v, c in choices.items()}
+        each({(v, s): (run_unit, (dataset, vary, v, s, tuned[v], str(cache), methods, epochs_scale, threads))
+              for v, s in units},
+             f"bench mlp {dataset}, vary {vary}", lambda key, r: rows.extend(r))
     return {
         "bench": "mlp", "dataset": dataset, "vary": vary, "values": values, "seeds": list(range(seeds)),
         "tasks": list(TASKS[dataset]), "per_task_images": PER_TASK, "epochs_scale": epochs_scale,
-        "hyperparameters": {k: v for k, v in chosen.items() if k != "trials"},
-        "tuning_trials": chosen.get("trials", []),
-        "plan": [{"row": n, "method": m, "options": o} for n, m, o in method_plan(dataset, tuned, epochs_scale)
-                 if selected(n, m, methods)],
+        "hyperparameters": {str(v): {k: x for k, x in _read_by(choices[v], searches).items() if k != "trials"}
+                            for v in values},
+        "tuning_trials": {str(v): choices[v].get("trials", []) for v in values},
+        "plan": {str(v): [{"row": n, "method": m, "options": o}
+                          for n, m, o in method_plan(dataset, tuned[v], epochs_scale) if selected(n, m, methods)]
+                 for v in values},
         "table": aggregate(rows, values),
         "paper": paper_reference(dataset, vary),
         "runs": sorted(rows, key=lambda r: (r["value"], r["seed"], r["method"])),
@@ -311,9 +337,15 @@ def run_bench(dataset: str = "mnist", vary: str = "depth", seeds: int = 5, value
     }
 
 
+def _read_by(choice: dict, searches: list[str]) -> dict:
+    """The part of a cached choice that the searches of this run made (and its provenance)."""
+    return {k: v for k, v in choice.items()
+            if k in ("trials", "chosen_on") or any(k in SEARCHES[s][0] for s in searches)}
+
+
 def _placeholder_tuning() -> dict:
     """A value for every chosen hyperparameter (the keys a complete choice has)."""
-    return {"regmean_alpha": 0.9, "zipit_alpha": 0.3, "zipit_beta": 0.0, "distill_init": "first",
+    return {"regmean_alpha": 0.9, "regmean_augment": 0, "zipit_alpha": 0.3, "zipit_beta": 0.0, "distill_init": "first",
             "distill_lr": 0.1, "opt_reg": 0.0}
 
 
@@ -417,13 +449,15 @@ def print_report(result: dict, command: str) -> None:
                 out.append(text)
             table.add_row(*out)
         console.print(table)
-    hp = result["hyperparameters"]
-    said = [text.format(**hp) for keys, text in (
-        (("regmean_alpha",), "RegMean α {regmean_alpha}"), (("zipit_alpha",), "ZipIt! α {zipit_alpha} β {zipit_beta}"),
-        (("distill_init",), "distillation init {distill_init} lr {distill_lr}"), (("opt_reg",), "OT λ {opt_reg}"))
-        if all(k in hp for k in keys)]
-    console.print(f"hyperparameters (chosen on validation, {hp.get('chosen_on', '?')}): {', '.join(said) or 'none'}; "
-                  f"the rest are appendix E.1's bold values"
+    for v, hp in result["hyperparameters"].items():
+        said = [text.format(**hp) for keys, text in (
+            (("regmean_alpha",), "RegMean α {regmean_alpha} with {regmean_augment} augmented images per task"),
+            (("zipit_alpha",), "ZipIt! α {zipit_alpha} β {zipit_beta}"),
+            (("distill_init",), "distillation init {distill_init} lr {distill_lr}"), (("opt_reg",), "OT λ {opt_reg}"))
+            if all(k in hp for k in keys)]
+        console.print(f"{result['vary']} {v}: chosen on validation ({hp.get('chosen_on', '?')}): "
+                      f"{', '.join(said) or 'nothing'}")
+    console.print("the rest are appendix E.1's bold values"
                   + (f"; epochs scaled by {result['epochs_scale']}" if result["epochs_scale"] != 1 else ""))
     console.print(f"measured now: seeds {result['seeds']}, {result['jobs']} process(es) x "
                   f"{result['threads_per_job']} thread(s), {result['total_seconds'] / 60:.1f} min; command: {command}")
