@@ -240,7 +240,7 @@ def test_bench_rejects_bad_arguments(capsys):
     assert main(["bench", "select", "--settings", "cifar d2", "--threads", "1"]) == 2
     assert "unknown 'cifar d2'" in capsys.readouterr().err
     assert main(["bench", "mlp", "--seeds", "0"]) == 2
-    assert "at least 1" in capsys.readouterr().err
+    assert "must be positive" in capsys.readouterr().err
     assert main(["bench", "mlp", "--methods", "nonsense", "--out", "/tmp/unused-bench"]) == 2
     assert "unknown bench method" in capsys.readouterr().err
 

@@ -67,25 +67,36 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
     (`foldmerge.selection`); the best one is merged from the whole sample.
     options: passed to the method (see `foldmerge.methods`), e.g. variant, param, init, epochs.
     """
+    from .provenance import describe
+    # the call as made (arguments left at their defaults are not named; meta holds what they resolved to)
+    call = {k: v for k, v in {"function": "foldmerge.merge", "data": describe(data), "method": method, "seed": seed,
+                              "augment": augment, "calibrate": calibrate, "select": describe(select),
+                              "options": describe(options)}.items() if v is not None}
     if calibrate not in CALIBRATE:
         raise ValueError(f"calibrate must be one of {', '.join(CALIBRATE)}, got {calibrate!r}")
+    if isinstance(models, (str, os.PathLike)) or not isinstance(models, (list, tuple)) or len(models) < 2:
+        raise ValueError("merge needs a list of two or more models (TaskModels or model directories)")
     models = [load(m) if isinstance(m, (str, os.PathLike)) else m for m in models]
+    _check_sources(models)
     names = [t.name for m in models for t in m.tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"two models share a task ({', '.join(names)}); heads would collide")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     sample = {"given": "tensors"}
+    if isinstance(data, bool):
+        raise ValueError("data must be per-model tensors or a number of images per task")
     if isinstance(data, int):
         augment = default_augment(method) if augment is None else augment
         if data < 1:
             raise ValueError("the merge sample needs at least one image per task")
-        if augment < 0:
-            raise ValueError("augment must be >= 0")
+        if isinstance(augment, bool) or not isinstance(augment, int) or augment < 0:
+            raise ValueError(f"augment must be an integer >= 0, got {augment!r}")
         sample = {"per_task": data, "augment": augment, "seed": seed}
         data = merge_sample(models, data, seed, augment)
     elif augment:
         raise ValueError("augment applies to a drawn sample (data as an int), not to given tensors")
-    if len(data) != len(models):
-        raise ValueError(f"got {len(data)} data tensors for {len(models)} models")
+    _check_data(models, data)
     fn = get_method(method)             # resolved once; an unknown method fails here, before any launch
     start = time.perf_counter()
     chosen = None
@@ -109,8 +120,53 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
     merged.meta["seed"] = seed
     merged.meta["merge_sample"] = sample
     merged.meta["wall_seconds"] = time.perf_counter() - start
-    merged.meta["sources"] = [m.meta.get("path", "") for m in models]
+    from .io import nonfinite
+    bad = nonfinite(merged.state_dict())
+    if bad:
+        raise ValueError(f"the {method} merge produced non-finite weights ({bad}); nothing was saved. "
+                         "A lower learning rate or rank usually avoids it")
+    from .provenance import environment, source_record
+    merged.meta["sources"] = [source_record(m) for m in models]
+    merged.meta["provenance"] = environment()
+    merged.meta["call"] = call
     return merged
+
+
+def _check_sources(models) -> None:
+    from .io import nonfinite
+    from .model import TaskModel
+    for k, m in enumerate(models):
+        if not isinstance(m, TaskModel):
+            raise ValueError(f"model {k + 1} is a {type(m).__name__}, not a TaskModel or a model directory")
+        bad = nonfinite(m.state_dict())
+        if bad:
+            raise ValueError(f"model {k + 1} ({m.meta.get('path', 'in memory')}): {bad}")
+
+
+@torch.no_grad()
+def _check_data(models, data) -> None:
+    """Each model's data: a non-empty, finite, floating tensor that the model takes."""
+    if not isinstance(data, (list, tuple)) or not all(torch.is_tensor(d) for d in data):
+        raise ValueError("data must be a list of tensors, one per model, or a number of images per task")
+    if len(data) != len(models):
+        raise ValueError(f"got {len(data)} data tensors for {len(models)} models")
+    for k, (m, d) in enumerate(zip(models, data)):
+        if d.ndim == 0 or len(d) == 0:
+            raise ValueError(f"data tensor {k + 1} is empty (shape {tuple(d.shape)})")
+        if not d.is_floating_point():
+            raise ValueError(f"data tensor {k + 1} has dtype {d.dtype}; expected floating-point inputs")
+        if not bool(torch.isfinite(d).all()):
+            raise ValueError(f"data tensor {k + 1} holds NaN or Inf")
+        was = m.training
+        m.eval()
+        try:
+            m.features(d[:1].to(next(m.parameters()).device, next(m.parameters()).dtype))
+        except (RuntimeError, ValueError, IndexError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"data tensor {k + 1} has shape {tuple(d.shape)}, which model {k + 1} does not take "
+                             f"({first[:120]})") from None
+        finally:
+            m.train(was)
 
 
 def calibrate_heads(merged, models, data: list[torch.Tensor]) -> dict:

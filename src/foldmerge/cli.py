@@ -12,30 +12,70 @@ from pathlib import Path
 import torch
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors in the one-line form of every other error."""
+
+    def error(self, message: str):
+        print(f"foldmerge: error: {message.splitlines()[0]}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def count(least: int):
+    """An integer option that must be >= `least`."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < least:
+            raise argparse.ArgumentTypeError(f"must be {'positive' if least == 1 else f'>= {least}'}, got {v}")
+        return v
+    parse.__name__ = "integer"
+    return parse
+
+
+def real(positive: bool = False):
+    """A finite number (NaN and Inf refused), positive if asked."""
+    def parse(text: str) -> float:
+        import math
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(v) or (positive and v <= 0):
+            raise argparse.ArgumentTypeError(f"must be a finite{' positive' if positive else ''} number, got {text}")
+        return v
+    parse.__name__ = "number"
+    return parse
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=count(1), default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="foldmerge", description=__doc__.splitlines()[0])
+    from . import __version__
+    ap = Parser(prog="foldmerge", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"foldmerge {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train-sources", help="train one source model (MLP or ViT) per task, each from its own seed")
     p.add_argument("--tasks", nargs="+", required=True, help="task specs, e.g. mnist:0-4 mnist:5-9")
     p.add_argument("--arch", choices=["mlp", "vit"], default="mlp")
-    p.add_argument("--hidden", nargs="+", type=int, default=[128], help="MLP: hidden widths (one per layer)")
-    p.add_argument("--width", type=int, default=64, help="ViT: residual width (default 64)")
-    p.add_argument("--mlp-dim", type=int, default=None, help="ViT: MLP hidden width (default 2 x width)")
-    p.add_argument("--depth", type=int, default=4, help="ViT: blocks (default 4)")
-    p.add_argument("--heads", type=int, default=4, help="ViT: attention heads (default 4)")
+    p.add_argument("--hidden", nargs="+", type=count(1), default=[128], help="MLP: hidden widths (one per layer)")
+    p.add_argument("--width", type=count(1), default=64, help="ViT: residual width (default 64)")
+    p.add_argument("--mlp-dim", type=count(1), default=None, help="ViT: MLP hidden width (default 2 x width)")
+    p.add_argument("--depth", type=count(1), default=4, help="ViT: blocks (default 4)")
+    p.add_argument("--heads", type=count(1), default=4, help="ViT: attention heads (default 4)")
     p.add_argument("--pretrain-task", default="mnist/transpose",
                    help="ViT: task of the 'pre-training' stage before fine-tuning (default mnist/transpose)")
-    p.add_argument("--limit", type=int, default=None, help="ViT: cap the training images per stage")
-    p.add_argument("--seeds", nargs="+", type=int, default=None, help="one seed per task (default 0, 1, …)")
-    p.add_argument("--epochs", type=int, default=None, help="default: paper E.1 (1 or 2; 10 for fmnist)")
-    p.add_argument("--lr", type=float, default=None, help="default: paper E.1 (0.01; 0.001 for fmnist)")
+    p.add_argument("--limit", type=count(1), default=None, help="ViT: cap the training images per stage")
+    p.add_argument("--seeds", nargs="+", type=count(0), default=None, help="one seed per task (default 0, 1, …)")
+    p.add_argument("--epochs", type=count(0), default=None, help="default: paper E.1 (1 or 2; 10 for fmnist)")
+    p.add_argument("--lr", type=real(positive=True), default=None, help="default: paper E.1 (0.01; 0.001 for fmnist)")
     p.add_argument("--out", required=True, help="directory; each model goes to OUT/<task>-s<seed>")
+    p.add_argument("--force", action="store_true", help="replace models already at those paths (atomically)")
     _common(p)
 
     p = sub.add_parser("merge", help="merge source models into one model with every task's head")
@@ -44,24 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fs-merge | distill | average | slerp | regmean | zipit | permute | opt")
     p.add_argument("--variant", choices=["local", "global", "seq"],
                    help="FS-Merge objective (default global; seq = merge the models one after another)")
-    p.add_argument("--last-epochs", type=int, help="FS-Merge seq.: epochs of the last stage (default --epochs)")
+    p.add_argument("--last-epochs", type=count(0), help="FS-Merge seq.: epochs of the last stage (default --epochs)")
     p.add_argument("--param", help="M/U parameterization: full | diag | diag+lowrank(R)")
     p.add_argument("--init", choices=["first", "average", "random", "zipit", "regmean"],
                    help="FS-Merge M/U init (first|average|random|zipit) or distillation student init "
                         "(first|average|regmean|random)")
-    p.add_argument("--widths", nargs="+", type=int,
+    p.add_argument("--widths", nargs="+", type=count(1),
                    help="target widths (default: model 1's): MLP one per hidden layer; ViT residual width "
                         "[MLP width]; more than the architecture takes is an error")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--momentum", type=float)
+    p.add_argument("--epochs", type=count(0))
+    p.add_argument("--lr", type=real(positive=True))
+    p.add_argument("--momentum", type=real())
     p.add_argument("--schedule", choices=["constant", "step", "cosine"])
-    p.add_argument("--warmup", type=float,
+    p.add_argument("--warmup", type=real(),
                    help="cosine schedule: fraction of training spent warming up (default: the paper's 20 epochs "
                         "of its default run, appendix E.1: 0.02 of FS-Merge global's and distillation's 1000 "
                         "epochs, 20/15000 of FS-Merge local's)")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--batch-size", type=int, help="default: the whole merge sample (gradient descent)")
+    p.add_argument("--weight-decay", type=real())
+    p.add_argument("--batch-size", type=count(1), help="default: the whole merge sample (gradient descent)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], help="FS-Merge / distillation optimizer (default sgd)")
     p.add_argument("--targets", choices=["all", "own-task"])
     p.add_argument("--target-scale", help="match | none | a number")
@@ -69,20 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-map", choices=["learned", "fixed"],
                    help="distillation: learn the map from student to source features (MLP default) or keep "
                         "it the identity (transformer default)")
-    p.add_argument("--alpha", type=float, help="RegMean: off-diagonal scale (default 0.5 for MLPs, 0.9 for ViTs); ZipIt!: repeated-match "
+    p.add_argument("--alpha", type=real(), help="RegMean: off-diagonal scale (default 0.5 for MLPs, 0.9 for ViTs); ZipIt!: repeated-match "
                                                 "factor (default 0.3)")
-    p.add_argument("--beta", type=float, help="ZipIt!: within-model merge budget in [0, 1] (default 0.5 for MLPs, "
+    p.add_argument("--beta", type=real(), help="ZipIt!: within-model merge budget in [0, 1] (default 0.5 for MLPs, "
                                               "0.125 for ViTs: validation's choices, README 'Defaults')")
-    p.add_argument("--stop-layer", type=int, help="ZipIt!: zip hidden layers 1..N only (partial zipping)")
-    p.add_argument("--t", type=float, help="SLERP: interpolation point for two models (default 0.5)")
+    p.add_argument("--stop-layer", type=count(1), help="ZipIt!: zip hidden layers 1..N only (partial zipping)")
+    p.add_argument("--t", type=real(), help="SLERP: interpolation point for two models (default 0.5)")
     p.add_argument("--filter", help="opt: tokens that define a neuron: cls | full | window-K")
-    p.add_argument("--reg", type=float, help="opt: Sinkhorn regularization λ (0 = exact, hard alignment)")
-    p.add_argument("--zipit-alpha", type=float, help="FS-Merge with --init zipit: ZipIt!'s alpha (default: ZipIt!'s)")
-    p.add_argument("--zipit-beta", type=float, help="FS-Merge with --init zipit: ZipIt!'s beta (default: ZipIt!'s)")
-    p.add_argument("--regmean-alpha", type=float, help="distillation with --init regmean: RegMean's alpha (default: "
+    p.add_argument("--reg", type=real(), help="opt: Sinkhorn regularization λ (0 = exact, hard alignment)")
+    p.add_argument("--zipit-alpha", type=real(), help="FS-Merge with --init zipit: ZipIt!'s alpha (default: ZipIt!'s)")
+    p.add_argument("--zipit-beta", type=real(), help="FS-Merge with --init zipit: ZipIt!'s beta (default: ZipIt!'s)")
+    p.add_argument("--regmean-alpha", type=real(), help="distillation with --init regmean: RegMean's alpha (default: "
                                                        "RegMean's)")
-    p.add_argument("--per-task", type=int, default=64, help="unlabeled training images per task (default 64)")
-    p.add_argument("--augment", type=int,
+    p.add_argument("--per-task", type=count(1), default=64, help="unlabeled training images per task (default 64)")
+    p.add_argument("--augment", type=count(0),
                    help="augmented images per task made from them (crop, flip, solarize/blur, MixUp; default 1024 "
                         "for RegMean, whose Grams gained from them in 7 of 8 settings of bench defaults, 0 for "
                         "the other methods: README 'Defaults')")
@@ -96,10 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "heads as the method made them")
     p.add_argument("--accelerator", choices=["cpu", "cuda", "auto"],
                    help="train under Lightning Fabric on this device (default: plain PyTorch on the CPU)")
-    p.add_argument("--devices", type=int, default=1, help="with --accelerator: processes/devices for DDP (default 1)")
+    p.add_argument("--devices", type=count(1), default=1, help="with --accelerator: processes/devices for DDP (default 1)")
     p.add_argument("--precision", choices=["32-true", "bf16-mixed"], help="with --accelerator (default 32-true)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--seed", type=count(0), default=0)
+    p.add_argument("--out", required=True, help="output model directory (never an input, nor inside one)")
+    p.add_argument("--force", action="store_true", help="replace a model already at --out (atomically; other "
+                                                        "files there are kept)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints")
     _common(p)
 
@@ -117,72 +159,72 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("mlp", help="FS-Merge paper Table 2 and Tables 9-14: MLP pairs on MNIST/Fashion-MNIST halves")
     b.add_argument("--dataset", choices=["mnist", "fmnist"], default="mnist")
     b.add_argument("--vary", choices=["depth", "width"], default="depth")
-    b.add_argument("--seeds", type=int, default=5, help="number of seeds (pairs 0..N-1; default 5)")
-    b.add_argument("--values", nargs="+", type=int, help="depths or widths to run (default: the paper's)")
+    b.add_argument("--seeds", type=count(1), default=5, help="number of seeds (pairs 0..N-1; default 5)")
+    b.add_argument("--values", nargs="+", type=count(1), help="depths or widths to run (default: the paper's)")
     b.add_argument("--methods", nargs="+", help="only these rows or methods (default: all)")
-    b.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per core)")
-    b.add_argument("--epochs-scale", type=float, default=1.0,
+    b.add_argument("--jobs", type=count(1), default=None, help="worker processes (default: one per core)")
+    b.add_argument("--epochs-scale", type=real(positive=True), default=1.0,
                    help="multiply every training epoch count (1 = the paper's; <1 for a quick look)")
     b.add_argument("--retune", action="store_true", help="choose the hyperparameters on validation again")
     b.add_argument("--out", default="runs/bench", help="cache for source models and tuning (default runs/bench)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
-    b.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    b.add_argument("--threads", type=count(1), default=None, help=argparse.SUPPRESS)
     b = bench.add_parser("defaults", help="every method with its CLI defaults on MNIST / Fashion-MNIST class splits")
     b.add_argument("--datasets", nargs="+", default=["mnist", "fmnist"], help="mnist and/or fmnist (default both)")
-    b.add_argument("--depths", nargs="+", type=int, default=[2, 4], help="MLP depths, width 128 (default 2 4)")
-    b.add_argument("--seeds", type=int, default=1, help="seed pairs per setting (default 1)")
+    b.add_argument("--depths", nargs="+", type=count(1), default=[2, 4], help="MLP depths, width 128 (default 2 4)")
+    b.add_argument("--seeds", type=count(1), default=1, help="seed pairs per setting (default 1)")
     b.add_argument("--methods", nargs="+", help="only these rows or methods (default: all)")
     b.add_argument("--out", default="runs/bench", help="cache for source models (default runs/bench)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
-    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--threads", type=count(1), default=None, help="torch CPU threads (default: torch's choice)")
     b = bench.add_parser("select", help="label-free selection (--select) against labelled validation")
     b.add_argument("--settings", nargs="+", help="of: 'mnist d2' 'mnist d4' 'fmnist d2' 'fmnist d4' 'vit pairs16' "
                                                   "(default all)")
     b.add_argument("--methods", nargs="+", help="of: regmean zipit opt (default all)")
     b.add_argument("--out", default="runs/bench", help="cache for source models (default runs/bench)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
-    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--threads", type=count(1), default=None, help="torch CPU threads (default: torch's choice)")
     b = bench.add_parser("vit", help="FS-Merge paper 3.2: ViT pairs from different inits and tasks")
     b.add_argument("--setting", choices=["pairs16", "pairs100", "groups4", "groups8"], default="pairs16")
-    b.add_argument("--pairs", "--groups", dest="pairs", type=int, default=None,
+    b.add_argument("--pairs", "--groups", dest="pairs", type=count(1), default=None,
                    help="run only the first N pairs or groups (default all: 3 pairs, 2 groups of 4, 1 of 8)")
     b.add_argument("--methods", nargs="+", help="only these rows or methods (default: all)")
     b.add_argument("--small", action="store_true", help="a smaller ViT (depth 2, width 32) for a quick look")
-    b.add_argument("--limit", type=int, help="cap the training images per source stage (quick look)")
-    b.add_argument("--source-epochs", type=int, nargs=2, default=[3, 2], metavar=("PRE", "FINE"),
+    b.add_argument("--limit", type=count(1), help="cap the training images per source stage (quick look)")
+    b.add_argument("--source-epochs", type=count(1), nargs=2, default=[3, 2], metavar=("PRE", "FINE"),
                    help="pre-training and fine-tuning epochs of the sources (default 3 2)")
-    b.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every merge's epochs")
+    b.add_argument("--epochs-scale", type=real(positive=True), default=1.0, help="multiply every merge's epochs")
     b.add_argument("--retune", action="store_true", help="choose the hyperparameters on validation again")
     b.add_argument("--no-tune", action="store_true",
                    help="skip the validation search and use appendix E.2's bold values")
     b.add_argument("--out", default="runs/bench", help="cache for source models and tuning (default runs/bench)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
-    b.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    b.add_argument("--threads", type=count(1), default=None, help=argparse.SUPPRESS)
 
     b = bench.add_parser("cost", help="time and peak memory of FS-Merge (folded, SuperNet, seq.) vs distillation")
-    b.add_argument("--n", nargs="+", type=int, default=[2, 4, 8], help="numbers of models (default 2 4 8)")
-    b.add_argument("--per-task", type=int, default=1024, help="merge images per model (default 1024)")
-    b.add_argument("--width", type=int, default=64, help="ViT width, heads of 16 (default 64)")
-    b.add_argument("--patch", type=int, default=7, help="ViT patch size; 4 gives 50 tokens (default 7: 17)")
-    b.add_argument("--epochs", type=int, default=5, help="epochs of every run (default 5)")
+    b.add_argument("--n", nargs="+", type=count(1), default=[2, 4, 8], help="numbers of models (default 2 4 8)")
+    b.add_argument("--per-task", type=count(1), default=1024, help="merge images per model (default 1024)")
+    b.add_argument("--width", type=count(1), default=64, help="ViT width, heads of 16 (default 64)")
+    b.add_argument("--patch", type=count(1), default=7, help="ViT patch size; 4 gives 50 tokens (default 7: 17)")
+    b.add_argument("--epochs", type=count(0), default=5, help="epochs of every run (default 5)")
     b.add_argument("--methods", nargs="+", help="only these rows (default all)")
     b.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     b.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
-    b.add_argument("--repeats", type=int, default=1, help="runs per cell; the median is reported (default 1)")
+    b.add_argument("--repeats", type=count(1), default=1, help="runs per cell; the median is reported (default 1)")
     b.add_argument("--same-process", action="store_true",
                    help="time each n's runs in one process, methods alternating (steadier ratios on a busy machine)")
-    b.add_argument("--steps", type=int, default=0, metavar="ROUNDS",
+    b.add_argument("--steps", type=count(0), default=0, metavar="ROUNDS",
                    help="time training steps, not whole runs: each n in one process, methods alternating "
                         "in blocks of 4 steps for ROUNDS rounds (e.g. 30; steadier ratios on a busy machine)")
     b.add_argument("--against", metavar="SRC",
                    help="with --steps: also time the folded FS-Merge step of another checkout (its src folder, "
                         "e.g. of `git worktree add /tmp/old COMMIT`), side by side in the same processes")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
-    b.add_argument("--threads", type=int, default=None, help="torch threads per run (default torch's choice)")
+    b.add_argument("--threads", type=count(1), default=None, help="torch threads per run (default torch's choice)")
 
     p = sub.add_parser("demo", help="MNIST 0-4 vs 5-9: train two MLPs, merge, print the table")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--per-task", type=int, default=64)
+    p.add_argument("--seed", type=count(0), default=0)
+    p.add_argument("--per-task", type=count(1), default=64)
     p.add_argument("--out", default=None, help="also save the sources and merged models here")
     _common(p)
     return ap
@@ -206,18 +248,23 @@ def cmd_train_sources(args) -> None:
         raise ValueError("widths, depth and heads must be positive")
     if args.arch == "vit" and args.width % args.heads:
         raise ValueError(f"--width {args.width} is not divisible by --heads {args.heads}")
+    from .io import check_target
+    paths = [Path(args.out) / source_dirname(task, seed) for task, seed in zip(tasks, seeds)]
+    if len(set(paths)) != len(paths):
+        raise ValueError("two of --tasks / --seeds give the same model path")
+    for path in paths:                 # every target checked before any training
+        check_target(path, args.force)
     from .bench.vit import VIT
     vit = {**VIT, "width": args.width, "depth": args.depth, "heads": args.heads,
            "mlp_dim": args.mlp_dim or 2 * args.width}
     rows = []
-    for task, seed in zip(tasks, seeds):
+    for task, seed, path in zip(tasks, seeds, paths):
         if args.arch == "vit":
             stage = {} if args.epochs is None else {"epochs": args.epochs}
             model = train_vit_source(task, vit, seed, pretrain_task=args.pretrain_task, limit=args.limit,
                                      **stage, **({"lr": args.lr} if args.lr else {}))
         else:
             model = train_source(task, args.hidden, seed, epochs=args.epochs, lr=args.lr)
-        path = Path(args.out) / source_dirname(task, seed)
         model.meta["command"] = _command_line()
         model.save(path)
         rows.append({"task": task.name, "seed": seed, "path": str(path),
@@ -238,6 +285,7 @@ def cmd_merge(args) -> None:
     from . import selection
     from .api import load, merge
     from .evaluation import evaluate
+    from .io import check_target
     from .methods import get_method
     from .report import print_json, print_table, result_row
     fn = get_method(args.method)
@@ -255,6 +303,7 @@ def cmd_merge(args) -> None:
     if args.accelerator or args.devices != 1 or args.precision:
         from .engine import Engine
         engine = Engine(args.accelerator or "cpu", args.devices, args.precision or "32-true")
+    check_target(args.out, args.force, inputs=args.models)       # before any work
     models = [load(p, allow_pickle=args.allow_pickle) for p in args.models]
     merged = merge(models, args.per_task, method=args.method, seed=args.seed, augment=args.augment,
                    engine=engine, calibrate=args.calibrate, select=selection.parse(args.select), **options)
@@ -383,9 +432,17 @@ COMMANDS = {"train-sources": cmd_train_sources, "merge": cmd_merge, "eval": cmd_
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:            # a bad argument (one line said), --help or --version
+        return e.code if isinstance(e.code, int) else 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    import signal
+
+    def terminated(signum, frame):     # SIGTERM unwinds like ^C, so temporaries are removed on the way out
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, terminated)
     from .data import DataMissing
     from .io import ModelFileError
     try:
@@ -397,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("foldmerge: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -28,6 +28,10 @@ def evaluate(model, tasks: list[Task | str] | None = None, split: str = "test",
     """Per-task and joint accuracy (in %) of `model` on `tasks` (default: all of its tasks)."""
     if isinstance(model, nn.Module):
         model.eval()
+        from .io import nonfinite
+        bad = nonfinite(model.state_dict())
+        if bad:
+            raise ValueError(f"cannot evaluate: the model's {bad}")
     own = [t.name for t in model.tasks]
     tasks = [Task.parse(t) for t in (tasks or model.tasks)]
     missing = [t.name for t in tasks if t.name not in own]
@@ -42,6 +46,8 @@ def evaluate(model, tasks: list[Task | str] | None = None, split: str = "test",
         j = own.index(t.name)
         x, y = t.split(split)
         logits = _logits(model, x, batch_size)
+        if not all(bool(torch.isfinite(z).all()) for z in logits):
+            raise ValueError(f"cannot evaluate: the model's outputs on {t.name} are not finite")
         per_task[t.name] = 100.0 * (logits[j].argmax(1) == y).float().mean().item()
         if len(own) > 1:
             joint_pred = torch.cat(logits, dim=1).argmax(1)

@@ -2,8 +2,9 @@
 
 A model directory holds `model.safetensors` and `config.json`. Writes go to a temporary
 directory that is renamed into place, so an interrupted save leaves nothing half-written.
-Pickle checkpoints (.pt/.pth/.bin/.ckpt) are refused unless the caller opts in, because
-loading a pickle runs arbitrary code.
+Pickle checkpoints (.pt/.pth/.bin/.ckpt) are refused unless the caller opts in, and even then
+they are read with torch's weights-only unpickler (a checkpoint that needs more is refused),
+because loading a pickle can run arbitrary code. No tensor holding NaN or Inf is read or written.
 """
 from __future__ import annotations
 
@@ -26,20 +27,102 @@ class ModelFileError(RuntimeError):
     """A model path is missing, malformed or unsafe; the message says which and why."""
 
 
+def nonfinite(state: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with the first tensor of `state` that holds NaN or Inf (None: all finite)."""
+    for name, t in state.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"tensor {name!r} holds {int((~torch.isfinite(t)).sum())} NaN/Inf value(s) of {t.numel()}"
+    return None
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    """A one-line error naming the first tensor of `state` that holds NaN or Inf."""
+    bad = nonfinite(state)
+    if bad:
+        raise ModelFileError(f"{where}: {bad}")
+
+
+TMP_TAG = ".foldmerge-tmp-"      # hidden siblings a save writes and then renames in or removes
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / CONFIG).is_file()
+
+
+def check_target(out: str | os.PathLike, force: bool = False, inputs=()) -> Path:
+    """Refuse, before any work, an output directory that a save would not be allowed to write:
+    one that is or lies inside an input, an existing model without `force`, a file, a folder
+    that holds other things and no model, or a place this process cannot write."""
+    target = Path(out).resolve()
+    for i in inputs:
+        src = Path(i).resolve()
+        if target == src or src in target.parents:
+            raise ModelFileError(f"--out {out} is {'an input model' if target == src else 'inside the input ' + str(i)}; "
+                                 "a merge never writes over its sources")
+    if target.exists():
+        if not target.is_dir():
+            raise ModelFileError(f"{target} exists and is not a directory")
+        if _is_model_dir(target):
+            if not force:
+                raise ModelFileError(f"{target} already holds a model; pass --force to replace it")
+        elif any(target.iterdir()):
+            raise ModelFileError(f"{target} exists and is not a foldmerge model directory; refusing to write into it")
+    parent = next(p for p in [target, *target.parents] if p.exists()) if not target.exists() else target.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ModelFileError(f"cannot write to {parent}: permission denied")
+    return target
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where
+    the system cannot."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _clear_stale(out: Path) -> None:
+    """Remove what an earlier save to `out` that was killed left beside it (its process gone)."""
+    for p in out.parent.glob(f".{out.name}{TMP_TAG}*"):
+        if "-old-" in p.name and not out.exists():
+            continue                  # the only copy of a model whose replace was cut short: keep it
+        try:
+            pid = int(p.name[len(f".{out.name}{TMP_TAG}"):].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
+
+
+_between_renames = None          # tests: called between the steps of a replace
+
+
 def save_model(model, out_dir: str | os.PathLike, meta: dict[str, Any] | None = None,
                overwrite: bool = True) -> Path:
+    """Write `model` to `out_dir`. Nothing non-finite is written. An existing model there is
+    replaced atomically: the new directory is written beside it and swapped in with one
+    rename (at every instant a complete model is at `out_dir`); any other files the old
+    directory held are carried into the new one, never deleted."""
     out = Path(out_dir).resolve()
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    check_finite(state, f"refusing to save {out}")
     if out.exists() and not overwrite:
         raise ModelFileError(f"{out} already exists")
     if out.exists() and not out.is_dir():
         raise ModelFileError(f"{out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not (out / CONFIG).is_file():
+    if out.exists() and any(out.iterdir()) and not _is_model_dir(out):
         # Only ever replace an earlier model directory, never an unrelated folder.
         raise ModelFileError(f"{out} exists and is not a foldmerge model directory; refusing to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    _clear_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_TAG}{os.getpid()}-", dir=out.parent))
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
         cfg = model.config()
         cfg["meta"] = meta or {}
@@ -50,9 +133,25 @@ def save_model(model, out_dir: str | os.PathLike, meta: dict[str, Any] | None = 
         os.chmod(tmp, 0o777 & ~umask)
         for f in (WEIGHTS, CONFIG):
             os.chmod(tmp / f, 0o666 & ~umask)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if not out.exists():
+            os.replace(tmp, out)
+            return out
+        for extra in out.iterdir():             # the user's other files come along
+            if extra.name not in (WEIGHTS, CONFIG):
+                (shutil.copytree if extra.is_dir() and not extra.is_symlink() else shutil.copy2)(
+                    extra, tmp / extra.name, **({"symlinks": True} if extra.is_dir() else {"follow_symlinks": False}))
+        if _exchange(tmp, out):                  # tmp now holds the old model
+            if _between_renames:
+                _between_renames()
+        else:                                    # no atomic swap here: old aside, new in
+            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_TAG}{os.getpid()}-old-", dir=out.parent))
+            os.rmdir(aside)
+            os.replace(out, aside)
+            if _between_renames:
+                _between_renames()
+            os.replace(tmp, out)
+            tmp = aside
+        shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -82,6 +181,10 @@ def load_model(path: str | os.PathLike, allow_pickle: bool = False):
     from .model import TaskModel
     path = Path(path)
     if not path.exists():
+        aside = sorted(path.resolve().parent.glob(f".{path.name}{TMP_TAG}*-old-*/{CONFIG}"))
+        if aside:        # a replace without an atomic swap (not Linux) was killed between its renames
+            raise ModelFileError(f"{path} does not exist; an interrupted replace left the previous model at "
+                                 f"{aside[0].parent} (rename it back)")
         raise ModelFileError(f"{path} does not exist")
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
@@ -95,10 +198,9 @@ def load_model(path: str | os.PathLike, allow_pickle: bool = False):
         if pickles and not allow_pickle:
             raise ModelFileError(f"{path} holds a pickle checkpoint ({pickles[0].name}), not {WEIGHTS}; "
                                  "refusing to load it. Pass --allow-pickle if you trust it")
-        if pickles:
-            state = torch.load(pickles[0], map_location="cpu", weights_only=False)
-        else:
+        if not pickles:
             raise ModelFileError(f"{path} has no {WEIGHTS}")
+        state = _load_pickle(pickles[0])
     else:
         try:
             state = load_file(str(weights))
@@ -106,13 +208,34 @@ def load_model(path: str | os.PathLike, allow_pickle: bool = False):
             raise ModelFileError(f"{weights} is not a valid safetensors file: {e}") from None
     try:
         model = TaskModel.from_config(cfg)
-    except (TypeError, ValueError) as e:
-        raise ModelFileError(f"{path / CONFIG} describes no valid model: {e}") from None
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelFileError(f"{path / CONFIG} describes no valid model: {first}") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).splitlines()[0] if str(e) else "shape or key mismatch"
         raise ModelFileError(f"{weights} does not match {CONFIG}: {first}") from None
+    check_finite(state, f"{path}")
     model.meta = dict(cfg.get("meta") or {})
+    if not weights.is_file():
+        model.meta["loaded_from_pickle"] = str(pickles[0].resolve())
     model.eval()
     return model
+
+
+def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    """A pickle checkpoint read with torch's weights-only unpickler: tensors and plain
+    containers only, so loading it cannot run code; anything more is refused."""
+    import pickle
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelFileError(f"{file} needs more than tensors to load and was refused (weights_only=True: "
+                             f"{first[:160]}); convert it to safetensors") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ModelFileError(f"{file} holds no mapping of names to tensors")
+    return state

@@ -17,6 +17,13 @@ from . import engine
 from .progress import bar
 
 SCHEDULES = ("constant", "step", "cosine")
+# training stops as diverged when an epoch's loss is not finite or exceeds this many times the
+# first epoch's (itself floored at 1e-3, so a start at ~0 does not make every rise a divergence)
+DIVERGED_FACTOR = 100.0
+
+
+class TrainingDiverged(ValueError):
+    """Training's loss became non-finite or grew far past its start; the message says when."""
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -40,8 +47,14 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not all(math.isfinite(float(v)) for v in (self.lr, self.momentum, self.weight_decay, self.warmup)):
+            raise ValueError("lr, momentum, weight decay and warmup must be finite numbers")
         if self.epochs < 0 or self.lr <= 0:
             raise ValueError("epochs must be >= 0 and lr > 0")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch size must be positive, got {self.batch_size}")
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise ValueError("momentum and weight decay must be >= 0")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup is a fraction of training in [0, 1), got {self.warmup!r}")
 
@@ -142,7 +155,19 @@ def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tenso
                 if bs < n:
                     progress.advance(1)
             history.append(epoch_loss / n)
+            _check_diverged(history, cfg, desc)
             if bs == n:
                 info = {"info": f"loss {history[-1]:.4g}"} if len(history) % show_every == 0 else {}
                 progress.advance(1, **info)
     return history
+
+
+def _check_diverged(history: list[float], cfg: TrainConfig, desc: str) -> None:
+    loss, start = history[-1], history[0]
+    if math.isfinite(loss) and (len(history) == 1 or loss <= DIVERGED_FACTOR * max(start, 1e-3)):
+        return
+    what = f"became {loss}" if not math.isfinite(loss) else f"grew from {start:.4g} to {loss:.4g}"
+    raise TrainingDiverged(
+        f"{desc} diverged: the loss {what} by epoch {len(history)} of {cfg.epochs} (lr {cfg.lr:g}, "
+        f"{cfg.optimizer}); the learning rate is likely too high (for FS-Merge also a large low-rank rank): "
+        "lower --lr; nothing was saved")

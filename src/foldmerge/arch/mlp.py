@@ -25,6 +25,8 @@ class Backbone(nn.Module):
         super().__init__()
         if not hidden:
             raise ValueError("an MLP needs at least one hidden layer")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in [in_dim, *hidden]):
+            raise ValueError(f"MLP sizes must be positive integers, got in_dim {in_dim!r}, hidden {list(hidden)!r}")
         self.in_dim = int(in_dim)
         self.hidden = [int(h) for h in hidden]
         dims = [self.in_dim] + self.hidden

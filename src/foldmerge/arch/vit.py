@@ -67,6 +67,11 @@ class Backbone(nn.Module):
     def __init__(self, image_size: int = 28, channels: int = 1, patch: int = 7, width: int = 64,
                  depth: int = 4, heads: int = 4, mlp_dim: int = 128, out_dim: int = 64):
         super().__init__()
+        sizes = {"image_size": image_size, "channels": channels, "patch": patch, "width": width, "depth": depth,
+                 "heads": heads, "mlp_dim": mlp_dim, "out_dim": out_dim}
+        bad = [k for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+        if bad:
+            raise ValueError(f"ViT {bad[0]} must be a positive integer, got {sizes[bad[0]]!r}")
         if width % heads:
             raise ValueError(f"ViT width {width} is not divisible by its {heads} attention heads")
         if image_size % patch:

@@ -1,0 +1,83 @@
+"""What a saved model records about how it was made: the software, the machine, the inputs.
+
+Every merge's `meta` gets `provenance` (package, torch and Python versions, the git commit when
+run from a checkout, threads, platform) and, for each source, its absolute path and the SHA-256
+of its weights file, so that a merged model names exactly what it came from.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from (with '+dirty' if it has changes), or None."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict:
+    from . import __version__
+    return {"foldmerge": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "git_commit": git_commit() or "not a git checkout",
+            "threads": torch.get_num_threads(), "argv": list(sys.argv)}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def source_record(model) -> dict:
+    """A source as its merge records it: the absolute path and the weights' hash, if it came
+    from a file; otherwise that it was given in memory."""
+    from .io import WEIGHTS
+    path = model.meta.get("path")
+    if not path:
+        return {"path": "in memory", "tasks": [t.name for t in model.tasks]}
+    path = Path(path).resolve()
+    weights = path / WEIGHTS
+    record = {"path": str(path), "tasks": [t.name for t in model.tasks]}
+    if weights.is_file():
+        record["sha256"] = file_sha256(weights)
+    elif model.meta.get("loaded_from_pickle"):
+        record["sha256"] = file_sha256(Path(model.meta["loaded_from_pickle"]))
+        record["loaded_from_pickle"] = True
+    return record
+
+
+def describe(value):
+    """A JSON-friendly stand-in for an API argument (tensors by shape, models by their tasks)."""
+    if torch.is_tensor(value):
+        return {"tensor": list(value.shape), "dtype": str(value.dtype).replace("torch.", "")}
+    if isinstance(value, (list, tuple)):
+        return [describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): describe(v) for k, v in value.items()}
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, os.PathLike):
+        return str(Path(value).resolve())
+    if hasattr(value, "tasks"):
+        return {"model": [t.name for t in value.tasks]}
+    return type(value).__name__
