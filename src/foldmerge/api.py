@@ -52,7 +52,9 @@ def default_augment(method: str) -> int:
 
 
 def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge", seed: int = 0,
-          augment: int | None = None, engine=None, calibrate: str = "routing", select: dict | None = None, **options):
+          augment: int | None = None, engine=None, calibrate: str = "routing", select: dict | None = None,
+          checkpoint_every: int = 0, checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
+          keep_checkpoint: bool = False, **options):
     """Merge `models` (TaskModels or paths) into one TaskModel with every source's heads.
 
     data: per-model unlabeled input tensors, or an int N to draw N training images per task
@@ -65,6 +67,10 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
     select: {option: [values]} to choose among without labels: each candidate merges from half of
     every model's sample and is scored by its agreement with the sources on the other half
     (`foldmerge.selection`); the best one is merged from the whole sample.
+    checkpoint_every / checkpoint_dir / resume: save the training state to `checkpoint_dir` every
+    N epochs, and with `resume` continue a run that was stopped from it (`foldmerge.checkpoint`;
+    the result is bit-identical to an uninterrupted run). The checkpoint is removed when the
+    merge returns, unless `keep_checkpoint` (the CLI removes it once the model is saved).
     options: passed to the method (see `foldmerge.methods`), e.g. variant, param, init, epochs.
     """
     from .provenance import describe
@@ -98,6 +104,43 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
         raise ValueError("augment applies to a drawn sample (data as an int), not to given tensors")
     _check_data(models, data)
     fn = get_method(method)             # resolved once; an unknown method fails here, before any launch
+    ck = _checkpoint(models, data, method, seed, sample, calibrate, select, options, engine,
+                     checkpoint_every, checkpoint_dir, resume)
+    from .checkpoint import checkpointing
+    with checkpointing(ck):
+        merged = _merge_checked(models, data, fn, method, seed, sample, engine, calibrate, select, options)
+    merged.meta["call"] = call
+    if ck is not None:
+        merged.meta["checkpoint"] = {"every": ck.every, "resumed": resume}
+        if not keep_checkpoint:
+            ck.remove()
+    return merged
+
+
+def _checkpoint(models, data, method, seed, sample, calibrate, select, options, engine, every, where, resume):
+    """The run's Checkpoint (None: none asked for), fingerprinted by everything that fixes the run."""
+    if not every and not resume:
+        return None
+    if where is None:
+        raise ValueError("checkpoints need a checkpoint directory")
+    if engine is not None:
+        raise ValueError("checkpoints and --resume run in this process only, not under --accelerator")
+    import hashlib
+    from .checkpoint import Checkpoint
+    from .provenance import describe
+
+    def digest(tensors):
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+    fingerprint = {"method": method, "seed": seed, "sample": sample, "calibrate": calibrate,
+                   "select": describe(select), "options": describe(options),
+                   "sources": [digest(m.state_dict().values()) for m in models], "data": digest(data)}
+    return Checkpoint(where, every or None, fingerprint, resume=resume)
+
+
+def _merge_checked(models, data, fn, method, seed, sample, engine, calibrate, select, options):
     start = time.perf_counter()
     chosen = None
     if select:
@@ -128,7 +171,6 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
     from .provenance import environment, source_record
     merged.meta["sources"] = [source_record(m) for m in models]
     merged.meta["provenance"] = environment()
-    merged.meta["call"] = call
     return merged
 
 

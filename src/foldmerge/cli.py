@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=real(positive=True), default=None, help="default: paper E.1 (0.01; 0.001 for fmnist)")
     p.add_argument("--out", required=True, help="directory; each model goes to OUT/<task>-s<seed>")
     p.add_argument("--force", action="store_true", help="replace models already at those paths (atomically)")
+    p.add_argument("--checkpoint-every", type=count(1), metavar="N",
+                   help="save each model's training state every N epochs to <model>.resume/")
+    p.add_argument("--resume", action="store_true", help="continue stopped training from <model>.resume/ "
+                                                         "(same command; models already saved are kept)")
     _common(p)
 
     p = sub.add_parser("merge", help="merge source models into one model with every task's head")
@@ -142,7 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model directory (never an input, nor inside one)")
     p.add_argument("--force", action="store_true", help="replace a model already at --out (atomically; other "
                                                         "files there are kept)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints")
+    p.add_argument("--checkpoint-every", type=count(1), metavar="N",
+                   help="save the training state every N epochs to OUT.resume/ (removed once the model is saved)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a stopped merge from OUT.resume/ (same command; bit-identical result on CPU)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading pickle checkpoints (read with torch's weights-only unpickler)")
     _common(p)
 
     p = sub.add_parser("eval", help="per-task and joint accuracy of saved models")
@@ -253,20 +262,37 @@ def cmd_train_sources(args) -> None:
     if len(set(paths)) != len(paths):
         raise ValueError("two of --tasks / --seeds give the same model path")
     for path in paths:                 # every target checked before any training
-        check_target(path, args.force)
+        if not (args.resume and (path / "config.json").is_file()):
+            check_target(path, args.force)
     from .bench.vit import VIT
     vit = {**VIT, "width": args.width, "depth": args.depth, "heads": args.heads,
            "mlp_dim": args.mlp_dim or 2 * args.width}
     rows = []
+    from .checkpoint import Checkpoint, checkpoint_dir, checkpointing
     for task, seed, path in zip(tasks, seeds, paths):
-        if args.arch == "vit":
-            stage = {} if args.epochs is None else {"epochs": args.epochs}
-            model = train_vit_source(task, vit, seed, pretrain_task=args.pretrain_task, limit=args.limit,
-                                     **stage, **({"lr": args.lr} if args.lr else {}))
+        resume_dir = checkpoint_dir(path)
+        if args.resume and (path / "config.json").is_file() and not resume_dir.exists():
+            from .api import load
+            model = load(path)              # trained and saved before the run stopped
         else:
-            model = train_source(task, args.hidden, seed, epochs=args.epochs, lr=args.lr)
-        model.meta["command"] = _command_line()
-        model.save(path)
+            ck = None
+            resuming = args.resume and resume_dir.exists()
+            if args.checkpoint_every or resuming:
+                fingerprint = {"task": task.name, "seed": seed, "arch": args.arch, "hidden": args.hidden,
+                               "vit": vit if args.arch == "vit" else None, "epochs": args.epochs, "lr": args.lr,
+                               "limit": args.limit, "pretrain_task": args.pretrain_task}
+                ck = Checkpoint(resume_dir, args.checkpoint_every, fingerprint, resume=resuming)
+            with checkpointing(ck):
+                if args.arch == "vit":
+                    stage = {} if args.epochs is None else {"epochs": args.epochs}
+                    model = train_vit_source(task, vit, seed, pretrain_task=args.pretrain_task, limit=args.limit,
+                                             **stage, **({"lr": args.lr} if args.lr else {}))
+                else:
+                    model = train_source(task, args.hidden, seed, epochs=args.epochs, lr=args.lr)
+            model.meta["command"] = _command_line()
+            model.save(path)
+            if ck is not None:
+                ck.remove()
         rows.append({"task": task.name, "seed": seed, "path": str(path),
                      "val": model.meta["val_accuracy"], "test": model.meta["test_accuracy"]})
     if args.json:
@@ -304,11 +330,18 @@ def cmd_merge(args) -> None:
         from .engine import Engine
         engine = Engine(args.accelerator or "cpu", args.devices, args.precision or "32-true")
     check_target(args.out, args.force, inputs=args.models)       # before any work
+    from .checkpoint import checkpoint_dir
+    resume_dir = checkpoint_dir(args.out)
     models = [load(p, allow_pickle=args.allow_pickle) for p in args.models]
     merged = merge(models, args.per_task, method=args.method, seed=args.seed, augment=args.augment,
-                   engine=engine, calibrate=args.calibrate, select=selection.parse(args.select), **options)
+                   engine=engine, calibrate=args.calibrate, select=selection.parse(args.select),
+                   checkpoint_every=args.checkpoint_every or 0, checkpoint_dir=resume_dir, resume=args.resume,
+                   keep_checkpoint=True, **options)
     merged.meta["command"] = _command_line()
     merged.save(args.out)
+    if args.checkpoint_every or args.resume:
+        from .checkpoint import Checkpoint
+        Checkpoint.remove_dir(resume_dir)
     result = evaluate(merged)
     if args.json:
         print_json({"out": args.out, "meta": merged.meta, "test": result})

@@ -103,6 +103,26 @@ def _clear_stale(out: Path) -> None:
 _between_renames = None          # tests: called between the steps of a replace
 
 
+def swap_in(tmp: Path, out: Path) -> None:
+    """Put the directory `tmp` at `out` (a sibling), replacing what is there atomically (one
+    exchange where the system has it; elsewhere old aside, then new in), and remove the old."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    if _exchange(tmp, out):                  # tmp now holds the old directory
+        if _between_renames:
+            _between_renames()
+        old = tmp
+    else:
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_TAG}{os.getpid()}-old-", dir=out.parent))
+        os.rmdir(old)
+        os.replace(out, old)
+        if _between_renames:
+            _between_renames()
+        os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_model(model, out_dir: str | os.PathLike, meta: dict[str, Any] | None = None,
                overwrite: bool = True) -> Path:
     """Write `model` to `out_dir`. Nothing non-finite is written. An existing model there is
@@ -133,25 +153,11 @@ def save_model(model, out_dir: str | os.PathLike, meta: dict[str, Any] | None = 
         os.chmod(tmp, 0o777 & ~umask)
         for f in (WEIGHTS, CONFIG):
             os.chmod(tmp / f, 0o666 & ~umask)
-        if not out.exists():
-            os.replace(tmp, out)
-            return out
-        for extra in out.iterdir():             # the user's other files come along
+        for extra in (out.iterdir() if out.exists() else ()):             # the user's other files come along
             if extra.name not in (WEIGHTS, CONFIG):
                 (shutil.copytree if extra.is_dir() and not extra.is_symlink() else shutil.copy2)(
                     extra, tmp / extra.name, **({"symlinks": True} if extra.is_dir() else {"follow_symlinks": False}))
-        if _exchange(tmp, out):                  # tmp now holds the old model
-            if _between_renames:
-                _between_renames()
-        else:                                    # no atomic swap here: old aside, new in
-            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_TAG}{os.getpid()}-old-", dir=out.parent))
-            os.rmdir(aside)
-            os.replace(out, aside)
-            if _between_renames:
-                _between_renames()
-            os.replace(tmp, out)
-            tmp = aside
-        shutil.rmtree(tmp, ignore_errors=True)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -131,18 +131,26 @@ def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tenso
     if _captured is not None:
         _captured.append((params, loss_fn, list(data), cfg))
         return []
+    from . import checkpoint
+    ck = checkpoint.active()
+    idx = ck.begin() if ck else None
+    if ck:
+        done = ck.restore_finished(idx, params)
+        if done is not None:            # finished before the run was stopped: as it ended
+            return done
     n = len(data[0])
     bs = n if not cfg.batch_size or cfg.batch_size >= n else cfg.batch_size
     steps_per_epoch = math.ceil(n / bs)
     total = cfg.epochs * steps_per_epoch
     opt = make_optimizer(params, cfg)
     g = torch.Generator().manual_seed(cfg.seed)
-    history: list[float] = []
-    step = 0
+    start, step, history = ck.restore(idx, params, opt, g) if ck else (0, 0, [])
     show_every = max(1, cfg.epochs // 200) if bs == n else 1
     fabric = engine.current()
     with bar(cfg.epochs if bs == n else total, desc) as progress:
-        for _ in range(cfg.epochs):
+        if start:
+            progress.advance(start if bs == n else start * steps_per_epoch, info=f"resumed at epoch {start}")
+        for epoch in range(start, cfg.epochs):
             order = torch.randperm(n, generator=g) if bs < n else None
             epoch_loss = 0.0
             for i in range(steps_per_epoch):
@@ -159,6 +167,10 @@ def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tenso
             if bs == n:
                 info = {"info": f"loss {history[-1]:.4g}"} if len(history) % show_every == 0 else {}
                 progress.advance(1, **info)
+            if ck and ck.due(epoch + 1, cfg.epochs):
+                ck.save(idx, epoch + 1, step, params, opt, g, history)
+    if ck:
+        ck.finish(idx, params, history)
     return history
 
 

@@ -1,0 +1,193 @@
+"""Resumable training: the state of one run's training loops, written atomically every N epochs.
+
+A run (one merge, or one source model) may train several times: FS-Merge seq. trains a stage
+per source, a ViT source pre-trains then fine-tunes. The loops of a run are numbered in the
+order they start, which the code fixes, so a resumed run meets them in the same order. A
+loop that had finished is not trained again: its parameters are set to the saved final values
+and its loss history returned. The loop that was running continues from its last saved epoch
+with its parameters, optimizer state (momentum / Adam moments), schedule step, shuffling
+generator and torch's global RNG restored, so the resumed run ends bit-identical to one that
+was never stopped (same machine, same threads).
+
+The checkpoint directory (`<out>.resume/`) holds `state.safetensors` (every tensor) and
+`state.json` (the rest, and a fingerprint of the run: a resume of a different run is refused).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TENSORS, STATE = "state.safetensors", "state.json"
+# tests: SIGKILL this process right after its N-th checkpoint is written
+KILL_AFTER = "FOLDMERGE_TEST_KILL_AFTER_CHECKPOINT"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or of another run."""
+
+
+def checkpoint_dir(out: str | os.PathLike) -> Path:
+    out = Path(out).resolve()
+    return out.with_name(out.name + ".resume")
+
+
+class Checkpoint:
+    def __init__(self, path: str | os.PathLike, every: int | None, fingerprint: dict, resume: bool = False):
+        """`every`: epochs between saves (None on a resume: the interval the run was started with)."""
+        if every is not None and every < 1:
+            raise ValueError(f"checkpoint interval must be a positive number of epochs, got {every}")
+        if every is None and not resume:
+            raise ValueError("a checkpoint needs an interval (epochs between saves)")
+        self.path, self.every = Path(path), every
+        self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
+        self.index = -1                      # the loops started so far in this process
+        self.finished: dict[int, dict] = {}  # loop -> {"params": [...], "history": [...]}
+        self.current: dict | None = None     # the loop that was running when the state was saved
+        self.saves = 0
+        if resume:
+            self._load()
+        elif (self.path / STATE).is_file():
+            raise CheckpointError(f"{self.path} holds the checkpoint of an unfinished run; pass --resume to "
+                                  "continue it, or remove it")
+
+    # ----------------------------------------------------------------- reading
+    def _load(self) -> None:
+        if not (self.path / STATE).is_file():
+            raise CheckpointError(f"nothing to resume: no checkpoint at {self.path}")
+        try:
+            meta = json.loads((self.path / STATE).read_text())
+            tensors = load_file(str(self.path / TENSORS))
+        except Exception as e:   # json or safetensors errors of several types
+            raise CheckpointError(f"{self.path} is not a readable checkpoint: {str(e).splitlines()[0]}") from None
+        if meta.get("fingerprint") != self.fingerprint:
+            diff = sorted(k for k in set(meta.get("fingerprint", {})) | set(self.fingerprint)
+                          if meta.get("fingerprint", {}).get(k) != self.fingerprint.get(k))
+            raise CheckpointError(f"{self.path} was written by a different run (it differs in "
+                                  f"{', '.join(diff) or 'its fingerprint'}); resume with the same command")
+        self.every = self.every or meta["every"]
+        for j, history in meta["finished"].items():
+            j = int(j)
+            self.finished[j] = {"history": history, "params": _list(tensors, f"done{j}.p")}
+        cur = meta.get("current")
+        if cur is not None:
+            cur["params"] = _list(tensors, "cur.p")
+            cur["opt_tensors"] = {k[len("cur.opt."):]: v for k, v in tensors.items() if k.startswith("cur.opt.")}
+            cur["generator"], cur["rng"] = tensors["cur.generator"], tensors["cur.rng"]
+        self.current = cur
+
+    # ------------------------------------------------------------ in `fit`
+    def begin(self) -> int:
+        self.index += 1
+        return self.index
+
+    def restore_finished(self, idx: int, params) -> list[float] | None:
+        """A loop that had finished: its final parameters set, its history returned (None: it had not)."""
+        done = self.finished.get(idx)
+        if done is None:
+            return None
+        _set(params, done["params"])
+        return list(done["history"])
+
+    def restore(self, idx: int, params, opt, generator) -> tuple[int, int, list[float]]:
+        """(epoch, step, history) to continue loop `idx` from; (0, 0, []) if it had not started."""
+        cur = self.current
+        if cur is None or cur["fit"] != idx:
+            return 0, 0, []
+        _set(params, cur["params"])
+        state = {int(i): {k: cur["opt_tensors"].get(f"{i}.{k}", v) for k, v in entries.items()}
+                 for i, entries in cur["opt_state"].items()}
+        opt.load_state_dict({"state": state, "param_groups": cur["param_groups"]})
+        generator.set_state(cur["generator"])
+        torch.set_rng_state(cur["rng"])
+        return cur["epoch"], cur["step"], list(cur["history"])
+
+    def due(self, epoch: int, epochs: int) -> bool:
+        return epoch % self.every == 0 and epoch < epochs
+
+    def save(self, idx: int, epoch: int, step: int, params, opt, generator, history: list[float]) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for j, done in self.finished.items():
+            tensors.update({f"done{j}.p{i}": p for i, p in enumerate(done["params"])})
+        tensors.update({f"cur.p{i}": p.detach() for i, p in enumerate(params)})
+        sd = opt.state_dict()
+        opt_state = {}
+        for i, entries in sd["state"].items():
+            opt_state[str(i)] = {}
+            for k, v in entries.items():
+                if torch.is_tensor(v):
+                    tensors[f"cur.opt.{i}.{k}"] = v
+                    opt_state[str(i)][k] = None          # read from the tensor file
+                else:
+                    opt_state[str(i)][k] = v
+        tensors["cur.generator"], tensors["cur.rng"] = generator.get_state(), torch.get_rng_state()
+        meta = {"fingerprint": self.fingerprint, "every": self.every, "finished": {str(j): d["history"] for j, d in self.finished.items()},
+                "current": {"fit": idx, "epoch": epoch, "step": step, "history": history, "opt_state": opt_state,
+                            "param_groups": sd["param_groups"]}}
+        self._write({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta)
+        self.saves += 1
+        if os.environ.get(KILL_AFTER) == str(self.saves):
+            import signal
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def finish(self, idx: int, params, history: list[float]) -> None:
+        self.finished[idx] = {"params": [p.detach().clone() for p in params], "history": list(history)}
+
+    def _write(self, tensors: dict, meta: dict) -> None:
+        from .io import TMP_TAG, _clear_stale, swap_in
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.saves == 0:
+            _clear_stale(self.path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}{TMP_TAG}{os.getpid()}-", dir=self.path.parent))
+        try:
+            save_file(tensors, str(tmp / TENSORS))
+            (tmp / STATE).write_text(json.dumps(meta, default=float) + "\n")
+            swap_in(tmp, self.path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def remove(self) -> None:
+        """The run finished and its result is saved: the checkpoint is no longer needed."""
+        self.remove_dir(self.path)
+
+    @staticmethod
+    def remove_dir(path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _list(tensors: dict, prefix: str) -> list[torch.Tensor]:
+    n = sum(1 for k in tensors if k.startswith(prefix) and k[len(prefix):].isdigit())
+    return [tensors[f"{prefix}{i}"] for i in range(n)]
+
+
+@torch.no_grad()
+def _set(params, values) -> None:
+    if len(params) != len(values) or any(p.shape != v.shape for p, v in zip(params, values)):
+        raise CheckpointError("the checkpoint's parameters do not fit this run's (was it made by another version?)")
+    for p, v in zip(params, values):
+        p.copy_(v)
+
+
+_active: Checkpoint | None = None
+
+
+def active() -> Checkpoint | None:
+    return _active
+
+
+@contextmanager
+def checkpointing(ck: Checkpoint | None):
+    """Within it, every `fit` saves to and resumes from `ck` (None: no checkpoints)."""
+    global _active
+    saved, _active = _active, ck
+    try:
+        yield ck
+    finally:
+        _active = saved

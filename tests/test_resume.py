@@ -1,0 +1,81 @@
+"""Resume (issue 19): a merge or a source training killed mid-training (SIGKILL) and resumed
+from its checkpoint ends bit-identical to a run that was never stopped (CPU, one thread)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from foldmerge.checkpoint import KILL_AFTER, Checkpoint, CheckpointError, checkpoint_dir
+from foldmerge.model import TaskModel
+
+
+def run(args, kill_after=None):
+    env = {**os.environ, "FOLDMERGE_PROGRESS": "0"}
+    env.pop(KILL_AFTER, None)
+    if kill_after:
+        env[KILL_AFTER] = str(kill_after)
+    return subprocess.run([sys.executable, "-m", "foldmerge", *map(str, args), "--threads", "1"],
+                          capture_output=True, text=True, env=env)
+
+
+def weights(path):
+    return (path / "model.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("src")
+    paths = []
+    for k, task in enumerate(["mnist:0-4", "mnist:5-9", "fmnist:0-4"]):
+        torch.manual_seed(k)
+        m = TaskModel("mlp", {"in_dim": 784, "hidden": [12, 12]}, [task])
+        m.save(root / f"m{k}")
+        paths.append(root / f"m{k}")
+    return paths
+
+
+@pytest.mark.parametrize("name,models,options,kill_after,stage", [
+    ("global", 2, ["--epochs", "12"], 2, 0),
+    ("distill-minibatch-adamw", 2, ["--method", "distill", "--epochs", "6", "--batch-size", "5",
+                                    "--optimizer", "adamw", "--lr", "0.01"], 2, 0),
+    ("seq", 3, ["--variant", "seq", "--epochs", "6", "--last-epochs", "10"], 4, 1),   # killed in stage 2
+])
+def test_a_killed_merge_resumes_to_the_same_weights(sources, tmp_path, name, models, options, kill_after, stage):
+    base = ["merge", *sources[:models], "--per-task", "8", *options, "--checkpoint-every", "2"]
+    whole = tmp_path / "whole"
+    assert run(["merge", *sources[:models], "--per-task", "8", *options, "--out", whole]).returncode == 0
+    out = tmp_path / "killed"
+    killed = run([*base, "--out", out], kill_after=kill_after)
+    assert killed.returncode == -9, killed.stderr
+    assert not out.exists()
+    state = json.loads((checkpoint_dir(out) / "state.json").read_text())
+    assert state["current"]["fit"] == stage and len(state["finished"]) == stage
+    if name == "global":
+        refused = run([*base, "--out", out])               # a fresh start over a checkpoint is refused
+        assert refused.returncode == 2 and "--resume" in refused.stderr
+        other = run([*base[:-2], "--seed", "1", "--out", out, "--resume"])   # so is a resume of another run
+        assert other.returncode == 2 and "different run" in other.stderr and "seed" in other.stderr
+    resumed = run([*base, "--out", out, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert weights(out) == weights(whole)
+    assert not checkpoint_dir(out).exists()                # removed once the model is saved
+
+
+def test_killed_source_training_resumes_to_the_same_weights(tmp_path):
+    args = ["train-sources", "--tasks", "mnist:0-4", "--hidden", "8", "--epochs", "2"]
+    assert run([*args, "--out", tmp_path / "whole"]).returncode == 0
+    killed = run([*args, "--out", tmp_path / "k", "--checkpoint-every", "1"], kill_after=1)
+    assert killed.returncode == -9, killed.stderr
+    resumed = run([*args, "--out", tmp_path / "k", "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    name = "mnist_0-4-s0"
+    assert weights(tmp_path / "k" / name) == weights(tmp_path / "whole" / name)
+    assert not checkpoint_dir(tmp_path / "k" / name).exists()
+
+
+def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        Checkpoint(tmp_path / "none", None, {}, resume=True)
