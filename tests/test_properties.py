@@ -1,0 +1,164 @@
+"""Property-based checks (hypothesis, bounded): random malformed input gets a one-line error or a
+valid result, never a traceback and never a file written on error; random small MLPs and ViTs
+with random maps fold to the function their SuperNet computes."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from torch.nn import functional as F
+
+import foldmerge
+from foldmerge import cli
+from foldmerge.io import ModelFileError, load_model
+from foldmerge.model import TaskModel
+from foldmerge.supernet import SuperNet
+
+FAST = settings(max_examples=25, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("props")
+    for k, task in enumerate(["mnist:0-4", "mnist:5-9"]):
+        torch.manual_seed(k)
+        TaskModel("mlp", {"in_dim": 784, "hidden": [8, 8]}, [task]).save(root / f"m{k}")
+    return root
+
+
+def one_line_or_result(code, err, out: Path):
+    assert code in (0, 2), err
+    if code == 2:
+        assert len(err.splitlines()) == 1 and err.startswith("foldmerge: error:"), err
+        assert not out.exists(), "a file was written on error"
+    else:
+        model = load_model(out)                     # a valid, finite model
+        assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+
+
+WORDS = st.sampled_from(["0", "-1", "-4", "1", "2", "3", "0.5", "nan", "inf", "-inf", "1e9", "x", "", "full",
+                         "diag", "diag+lowrank(2)", "diag+lowrank(-1)", "lowrank", "first", "zipit", "none",
+                         "match", "global", "local", "seq", "cosine", "adamw", "1,2", "alpha=0.5"])
+FLAGS = ["--variant", "--param", "--init", "--widths", "--lr", "--momentum", "--schedule", "--warmup",
+         "--weight-decay", "--batch-size", "--optimizer", "--targets", "--target-scale", "--form", "--alpha",
+         "--beta", "--stop-layer", "--t", "--filter", "--reg", "--per-task", "--augment", "--seed", "--select",
+         "--calibrate", "--output-map", "--zipit-alpha", "--zipit-beta", "--regmean-alpha", "--last-epochs"]
+
+
+@FAST
+@given(method=st.sampled_from(["average", "slerp", "regmean", "zipit", "permute", "opt", "fs-merge", "distill",
+                               "nonsense"]),
+       options=st.lists(st.tuples(st.sampled_from(FLAGS), WORDS), max_size=4),
+       epochs=st.integers(-1, 3))
+def test_random_merge_command_lines_end_in_one_line_or_a_model(saved, tmp_path_factory, capsys, monkeypatch,
+                                                               method, options, epochs):
+    monkeypatch.setenv("FOLDMERGE_PROGRESS", "0")
+    out = tmp_path_factory.mktemp("o") / "merged"
+    argv = ["merge", str(saved / "m0"), str(saved / "m1"), "--method", method, "--out", str(out),
+            "--threads", "1"]
+    opts = dict(options)
+    opts.setdefault("--per-task", "4")
+    if "--augment" in opts and opts["--augment"] not in ("0", "1", "2", "3"):
+        opts["--augment"] = opts["--augment"]      # malformed stays malformed; a valid count stays small
+    if method in ("fs-merge", "distill"):
+        argv += ["--epochs", str(epochs)]          # bounded: the property is about input, not training time
+    for flag, value in opts.items():
+        argv += [flag, value] if not value.startswith("-") else [f"{flag}={value}"]
+    code = cli.main(argv)
+    one_line_or_result(code, capsys.readouterr().err, out)
+
+
+BACKBONES = st.fixed_dictionaries({}, optional={
+    "in_dim": st.one_of(st.integers(-3, 900), st.text(max_size=3), st.none(), st.floats(allow_nan=True)),
+    "hidden": st.one_of(st.lists(st.integers(-3, 20), max_size=3), st.integers(-2, 5), st.text(max_size=3)),
+    "bogus": st.integers()})
+
+
+@FAST
+@given(arch=st.sampled_from(["mlp", "vit", "cnn", 3]), backbone=BACKBONES,
+       tasks=st.one_of(st.just(["mnist:0-4"]), st.lists(st.sampled_from(["mnist:0-4", "x", "mnist:11", ""]),
+                                                       max_size=2)),
+       head=st.sampled_from(["linear", "class-embedding", "other", None]))
+def test_random_configs_load_or_get_one_clear_error(tmp_path_factory, arch, backbone, tasks, head):
+    d = tmp_path_factory.mktemp("cfg")
+    cfg = {"arch": arch, "backbone": backbone, "tasks": tasks, **({"head": head} if head else {})}
+    (d / "config.json").write_text(json.dumps(cfg))
+    try:
+        model = TaskModel.from_config(cfg)
+    except Exception:
+        model = None
+    if model is not None:
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+    else:
+        (d / "model.safetensors").write_bytes(b"")
+    try:
+        loaded = load_model(d)
+    except ModelFileError as e:
+        assert len(str(e).splitlines()) == 1
+        return
+    assert model is not None and loaded.config() == model.config()
+
+
+@FAST
+@given(shape=st.lists(st.integers(0, 30), min_size=0, max_size=4),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.int64, torch.bool]),
+       fill=st.sampled_from([0.0, 1.0, float("nan"), float("inf")]), count=st.integers(0, 3),
+       method=st.sampled_from(["average", "regmean", "zipit"]))
+def test_random_api_data_gets_a_clear_error_or_a_merge(saved, shape, dtype, fill, count, method):
+    models = [load_model(saved / "m0"), load_model(saved / "m1")]
+    data = [torch.full(shape, fill).to(dtype) for _ in range(count)]
+    try:
+        merged = foldmerge.merge(models, data, method=method)
+    except ValueError as e:
+        assert len(str(e).splitlines()) == 1
+        return
+    assert all(torch.isfinite(t).all() for t in merged.state_dict().values())
+
+
+# ----------------------------------------------------------------------- folding
+def _perturb(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(n=st.integers(2, 3), depth=st.integers(1, 3), widths=st.lists(st.integers(2, 12), min_size=3, max_size=3),
+       param=st.sampled_from(["full", "diag", "diag+lowrank(2)"]), init=st.sampled_from(["first", "average", "random"]),
+       target=st.booleans(), seed=st.integers(0, 10_000))
+def test_random_mlps_and_maps_fold_to_the_supernet(n, depth, widths, param, init, target, seed):
+    torch.manual_seed(seed)
+    tasks = ["mnist:0-4", "mnist:5-9", "fmnist:0-4"]
+    hidden = widths[:depth]
+    sources = [TaskModel("mlp", {"in_dim": 7, "hidden": hidden}, [tasks[k]]).double() for k in range(n)]
+    tw = [max(1, w - 1) for w in hidden] if target else None
+    sn = SuperNet(sources, widths=tw, param=param, init=init, seed=seed).double()
+    _perturb(sn, seed)
+    x = torch.randn(5, 7, dtype=torch.float64)
+    wide = sn(x, form="supernet")
+    torch.testing.assert_close(sn(x, form="folded"), wide, rtol=0, atol=1e-9)
+    recon = sn.reconstruct(wide)
+    for i, out in enumerate(sn.fold()(x)):
+        torch.testing.assert_close(out, F.linear(recon[sn.head_owner[i]], *sn.head(i)), rtol=0, atol=1e-9)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(n=st.integers(2, 3), heads=st.sampled_from([1, 2]), per_head=st.integers(2, 4), depth=st.integers(1, 2),
+       param=st.sampled_from(["full", "diag", "diag+lowrank(2)"]), seed=st.integers(0, 10_000))
+def test_random_vits_and_maps_fold_to_the_supernet(n, heads, per_head, depth, param, seed):
+    torch.manual_seed(seed)
+    width = heads * per_head
+    cfg = {"image_size": 8, "channels": 1, "patch": 4, "width": width, "depth": depth, "heads": heads,
+           "mlp_dim": 2 * width, "out_dim": width}
+    tasks = ["mnist:0-4", "mnist:5-9", "fmnist:0-4"]
+    sources = [TaskModel("vit", cfg, [tasks[k]]).double() for k in range(n)]
+    sn = SuperNet(sources, param=param, init="random", seed=seed).double()
+    _perturb(sn, seed)
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    wide = sn(x, form="supernet")
+    torch.testing.assert_close(sn(x, form="folded"), wide, rtol=0, atol=1e-9)
+    torch.testing.assert_close(sn.fold().features(x), wide, rtol=0, atol=1e-9)
