@@ -272,6 +272,7 @@ def test_a_merge_names_its_sources_software_and_call(two, tmp_path, capsys, monk
     prov = meta["provenance"]
     assert prov["torch"] == torch.__version__ and prov["foldmerge"] == foldmerge.__version__
     assert prov["python"].count(".") == 2 and prov["threads"] >= 1 and prov["git_commit"]
+    assert (prov["device"], prov["precision"]) == ("cpu", "32-true")
     assert meta["command"].startswith("foldmerge ")
     api = foldmerge.merge([load_model(a), load_model(b)], 4, method="regmean", alpha=0.5)
     assert api.meta["call"] == {"function": "foldmerge.merge", "data": 4, "method": "regmean", "seed": 0,

@@ -170,7 +170,8 @@ def _merge_checked(models, data, fn, method, seed, sample, engine, calibrate, se
                          "A lower learning rate or rank usually avoids it")
     from .provenance import environment, source_record
     merged.meta["sources"] = [source_record(m) for m in models]
-    merged.meta["provenance"] = environment()
+    merged.meta["provenance"] = {**environment(), "device": engine.accelerator if engine else "cpu",
+                                 "precision": engine.precision if engine else "32-true"}
     return merged
 
 
