@@ -246,7 +246,7 @@ def test_bad_configs_and_api_arguments_get_clear_errors(tmp_path, two, capsys):
         cli_error(["eval", broken], capsys)
     ma, mb = load_model(a), load_model(b)
     for data, match in [([torch.randn(4, 3)] * 2, "does not take"), ([torch.zeros(0, 784)] * 2, "empty"),
-                        ([torch.ones(4, 784, dtype=torch.long)] * 2, "floating"),
+                        ([torch.ones(4, 784, dtype=torch.bool)] * 2, "floating"),
                         ([torch.full((4, 784), float("nan"))] * 2, "NaN"), ([torch.randn(4, 784)], "1 data tensors"),
                         ("x", "data must be"), (True, "data must be")]:
         with pytest.raises(ValueError, match=match):

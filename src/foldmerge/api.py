@@ -196,14 +196,16 @@ def _check_data(models, data) -> None:
     for k, (m, d) in enumerate(zip(models, data)):
         if d.ndim == 0 or len(d) == 0:
             raise ValueError(f"data tensor {k + 1} is empty (shape {tuple(d.shape)})")
-        if not d.is_floating_point():
-            raise ValueError(f"data tensor {k + 1} has dtype {d.dtype}; expected floating-point inputs")
-        if not bool(torch.isfinite(d).all()):
+        if d.dtype == torch.bool or d.is_complex():
+            raise ValueError(f"data tensor {k + 1} has dtype {d.dtype}; expected floating-point inputs "
+                             "(or integer token ids)")
+        if d.is_floating_point() and not bool(torch.isfinite(d).all()):
             raise ValueError(f"data tensor {k + 1} holds NaN or Inf")
         was = m.training
         m.eval()
         try:
-            m.features(d[:1].to(next(m.parameters()).device, next(m.parameters()).dtype))
+            p = next(m.parameters())
+            m.features(d[:1].to(p.device, p.dtype if d.is_floating_point() else d.dtype))
         except (RuntimeError, ValueError, IndexError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ValueError(f"data tensor {k + 1} has shape {tuple(d.shape)}, which model {k + 1} does not take "
