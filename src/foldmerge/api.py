@@ -188,7 +188,8 @@ def _check_sources(models) -> None:
 
 @torch.no_grad()
 def _check_data(models, data) -> None:
-    """Each model's data: a non-empty, finite, floating tensor that the model takes."""
+    """Each model's data: a non-empty, finite tensor (images, or token ids) that the model takes."""
+    from .model import as_input
     if not isinstance(data, (list, tuple)) or not all(torch.is_tensor(d) for d in data):
         raise ValueError("data must be a list of tensors, one per model, or a number of images per task")
     if len(data) != len(models):
@@ -205,7 +206,7 @@ def _check_data(models, data) -> None:
         m.eval()
         try:
             p = next(m.parameters())
-            m.features(d[:1].to(p.device, p.dtype if d.is_floating_point() else d.dtype))
+            m.features(as_input(d[:1], p))
         except (RuntimeError, ValueError, IndexError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ValueError(f"data tensor {k + 1} has shape {tuple(d.shape)}, which model {k + 1} does not take "

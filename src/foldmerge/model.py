@@ -20,6 +20,12 @@ from .data import Task
 HEADS = ("linear", "class-embedding")
 
 
+def as_input(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`x` on the device of the parameter `like`, and in its dtype if `x` is floating point
+    (images); integer inputs (token ids) keep their dtype."""
+    return x.to(device=like.device, dtype=like.dtype if x.is_floating_point() else x.dtype)
+
+
 def class_embeddings(task: Task | str, dim: int) -> torch.Tensor:
     """A fixed (classes x dim) matrix of unit rows for `task`: the same for every model and
     every run (seeded by the task and class names), distinct for distinct tasks. It stands

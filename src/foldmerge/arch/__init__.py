@@ -16,8 +16,8 @@ _FAMILIES: dict[str, Callable] = {}
 
 def _builtin() -> dict[str, Callable]:
     if not _FAMILIES:
-        from . import mlp, vit
-        _FAMILIES.update({"mlp": mlp.spec, "vit": vit.spec})
+        from . import bert, mlp, vit
+        _FAMILIES.update({"mlp": mlp.spec, "vit": vit.spec, "bert": bert.spec})
     return _FAMILIES
 
 

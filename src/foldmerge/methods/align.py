@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..model import as_input
 from ..supernet import SuperNet
 from .common import CHUNK, sources_spec
 
@@ -90,7 +91,7 @@ def _observe_one(spec, backbone, x, select, chunk) -> dict[str, torch.Tensor]:
     try:
         backbone.eval()
         for part in x.split(chunk):
-            backbone(part.to(device=p.device, dtype=p.dtype))
+            backbone(as_input(part, p))
     finally:
         for h in handles:
             h.remove()

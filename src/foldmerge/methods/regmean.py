@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model import TaskModel
+from ..model import TaskModel, as_input
 from .common import check_same_backbone, features_in_chunks
 
 
@@ -80,7 +80,7 @@ def input_grams(model, x: torch.Tensor) -> list[torch.Tensor]:
     try:
         model.eval()
         p = next(model.backbone.parameters())
-        features_in_chunks(model, x.to(device=p.device, dtype=p.dtype))      # the hooks add up every chunk
+        features_in_chunks(model, as_input(x, p))      # the hooks add up every chunk
     finally:
         for h in handles:
             h.remove()

@@ -1,0 +1,86 @@
+"""The BERT family (Hugging Face `BertModel`, post-LN) as a merge spec: folding is exact, the
+structured inits fold to what they claim, every method that applies merges it."""
+import pytest
+import torch
+from torch.nn import functional as F
+
+import foldmerge
+from foldmerge.model import TaskModel
+from foldmerge.supernet import SuperNet
+
+CFG = {"vocab_size": 40, "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
+       "intermediate_size": 16, "max_position_embeddings": 12}
+TASKS = ["mnist:0-4", "mnist:5-9", "fmnist:0-4"]
+
+
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch):
+    monkeypatch.setenv("FOLDMERGE_PROGRESS", "0")
+
+
+def berts(n, dtype=torch.float64, over=None):
+    out = []
+    for k in range(n):
+        torch.manual_seed(k)
+        out.append(TaskModel("bert", {**CFG, **(over or {}).get(k, {})}, [TASKS[k]]).to(dtype))
+    return out
+
+
+def ids(n=3, length=10, seed=0):
+    x = torch.randint(1, CFG["vocab_size"], (n, length), generator=torch.Generator().manual_seed(seed))
+    x[0, 6:] = 0                                  # padding: masked out of attention
+    return x
+
+
+def test_parameters_keep_their_hugging_face_names():
+    from transformers import BertModel
+    from foldmerge.arch.bert import hf_config
+    m = berts(1)[0]
+    hf = BertModel(hf_config(CFG))
+    assert sorted(m.backbone.state_dict()) == sorted(f"bert.{k}" for k in hf.state_dict())
+
+
+@pytest.mark.parametrize("param", ["full", "diag", "diag+lowrank(3)"])
+@pytest.mark.parametrize("n,widths", [(2, None), (3, None), (2, [6, 12])])
+def test_folded_bert_equals_supernet(param, n, widths):
+    sn = SuperNet(berts(n), widths=widths, param=param, init="random", seed=3).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in sn.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    x = ids()
+    wide = sn(x, form="supernet")
+    torch.testing.assert_close(sn(x, form="folded"), wide, rtol=0, atol=1e-10)
+    plain = sn.fold()
+    assert plain.backbone_config["hidden_size"] == (widths[0] if widths else CFG["hidden_size"])
+    recon = sn.reconstruct(wide)
+    for i, (k, out) in enumerate(zip(sn.head_owner, plain(x))):
+        torch.testing.assert_close(out, F.linear(recon[k], *sn.head(i)), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("param", ["full", "diag"])
+def test_first_init_folds_to_model_one(param):
+    src = berts(2)
+    folded = SuperNet(src, param=param, init="first").fold()
+    x = ids()
+    assert torch.equal(folded.features(x), src[0].features(x))
+
+
+@pytest.mark.parametrize("method,opts", [("average", {}), ("slerp", {}), ("regmean", {}), ("zipit", {}),
+                                         ("permute", {}), ("opt", {}), ("distill", {"epochs": 2}),
+                                         ("fs-merge", {"epochs": 2}), ("fs-merge", {"epochs": 2, "variant": "seq"})])
+def test_every_method_merges_berts(method, opts):
+    src = berts(2, dtype=torch.float32)
+    data = [ids(12, seed=k) for k in range(2)]
+    merged = foldmerge.merge(src, data, method=method, **opts)
+    assert merged.arch == "bert" and [t.name for t in merged.tasks] == TASKS[:2]
+    outs = merged(ids())
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_berts_that_cannot_merge_get_one_clear_error():
+    for over, what in [({1: {"num_hidden_layers": 3}}, "layer counts"), ({1: {"vocab_size": 41}}, "vocabulary")]:
+        with pytest.raises(ValueError, match=what):
+            foldmerge.merge(berts(2, over=over), [ids(4)] * 2, method="fs-merge", epochs=1)
+    with pytest.raises(ValueError, match="token ids"):
+        foldmerge.merge(berts(2), [torch.randn(4, 10)] * 2, method="average")
