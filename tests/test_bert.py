@@ -84,3 +84,22 @@ def test_berts_that_cannot_merge_get_one_clear_error():
             foldmerge.merge(berts(2, over=over), [ids(4)] * 2, method="fs-merge", epochs=1)
     with pytest.raises(ValueError, match="token ids"):
         foldmerge.merge(berts(2), [torch.randn(4, 10)] * 2, method="average")
+
+
+def test_berts_merge_on_bbc_news_text_tasks():
+    """Text tasks from real data: token ids drawn from BBC News, no augmentation by default,
+    per-task and joint accuracy on the fixed test split."""
+    from foldmerge.data import Task
+    tasks = ["bbc:0-2", "bbc:3-4"]
+    src = []
+    for k, t in enumerate(tasks):
+        torch.manual_seed(k)
+        src.append(TaskModel("bert", {**CFG, "vocab_size": 30522, "max_position_embeddings": 128}, [t]))
+    x, y = Task.parse("bbc:3,4").split("test")
+    assert x.dtype == torch.int64 and x.shape[1] == 128 and set(y.tolist()) == {0, 1}
+    merged = foldmerge.merge(src, 4, method="regmean")
+    assert merged.meta["merge_sample"] == {"per_task": 4, "augment": 0, "seed": 0}
+    result = foldmerge.evaluate(merged)
+    assert set(result["per_task"]) == set(tasks) and 0 <= result["joint_mean"] <= 100
+    with pytest.raises(ValueError, match="text task"):
+        foldmerge.merge(src, 4, method="regmean", augment=8)

@@ -47,7 +47,10 @@ CALIBRATE = ("routing", "none")
 DEFAULT_AUGMENT = {"regmean": 1024}
 
 
-def default_augment(method: str) -> int:
+def default_augment(method: str, models=()) -> int:
+    """Augmented images per task `method` gets by default (0 where any task is text)."""
+    if any(t.is_text for m in models for t in m.tasks):
+        return 0
     return DEFAULT_AUGMENT.get(method, 0)
 
 
@@ -93,7 +96,7 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
     if isinstance(data, bool):
         raise ValueError("data must be per-model tensors or a number of images per task")
     if isinstance(data, int):
-        augment = default_augment(method) if augment is None else augment
+        augment = default_augment(method, models) if augment is None else augment
         if data < 1:
             raise ValueError("the merge sample needs at least one image per task")
         if isinstance(augment, bool) or not isinstance(augment, int) or augment < 0:

@@ -68,7 +68,7 @@ def run_bench(datasets=("mnist", "fmnist"), depths=DEPTHS, seeds: int = 1, metho
             add("ensemble", evaluate(Ensemble(sources)))
             samples: dict[int, list] = {}
             for name, method, opts in plan:
-                augment = default_augment(method)      # what `merge` draws for this method by default
+                augment = default_augment(method, sources)      # what `merge` draws by default
                 if augment not in samples:
                     samples[augment] = merge_sample(sources, PER_TASK, seed, augment)
                 merged, scores, raw, seconds = merge_scored(sources, samples[augment], method, seed, opts)

@@ -32,6 +32,8 @@ def expand(task: Task | str, originals: torch.Tensor, count: int, seed: int = 0,
            mixup_p: float = 0.5, mixup_alpha: float = 0.4) -> torch.Tensor:
     """`count` augmented images made from `originals` (normalized, N x C x H x W)."""
     task = Task.parse(task)
+    if count and task.is_text:
+        raise ValueError(f"augmentation makes images; {task} is a text task (use augment 0)")
     if count < 0:
         raise ValueError("the number of augmented images must be >= 0")
     if count == 0:

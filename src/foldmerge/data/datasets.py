@@ -46,11 +46,31 @@ def _read_idx(path: Path) -> np.ndarray:
     return arr.reshape(dims)
 
 
+TEXT_NAMES = {"bbc": 5}       # text data sets (foldmerge.data.texts) and their class counts
+ALIASES.update({"bbcnews": "bbc", "bbc-news": "bbc"})
+
+
 def canonical_name(name: str) -> str:
     name = ALIASES.get(name.lower(), name.lower())
-    if name not in SOURCES:
-        raise ValueError(f"unknown data set {name!r}; known: {', '.join(sorted(SOURCES))}")
+    if name not in SOURCES and name not in TEXT_NAMES:
+        raise ValueError(f"unknown data set {name!r}; known: {', '.join(sorted([*SOURCES, *TEXT_NAMES]))}")
     return name
+
+
+def is_text(name: str) -> bool:
+    return canonical_name(name) in TEXT_NAMES
+
+
+def num_classes(name: str) -> int:
+    return TEXT_NAMES.get(canonical_name(name), 10)
+
+
+def load_data(name: str) -> dict[str, np.ndarray]:
+    """The arrays of an image or a text data set (`load_images` / `texts.load_texts`)."""
+    if is_text(name):
+        from .texts import load_texts
+        return load_texts(canonical_name(name))
+    return load_images(name)
 
 
 @lru_cache(maxsize=None)

@@ -16,7 +16,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .datasets import canonical_name, load_images
+from .datasets import canonical_name, is_text, load_data, load_images, num_classes
 
 VAL_FRACTION = 0.10
 SPLIT_SEED = 0
@@ -63,12 +63,15 @@ class Task:
         if view and view not in VIEWS:
             raise ValueError(f"bad task spec {spec!r}: unknown view {view!r}; use one of {', '.join(VIEWS)}")
         dataset = canonical_name(name.strip())
+        if view and is_text(dataset):
+            raise ValueError(f"bad task spec {spec!r}: views are image transforms; {dataset} is a text data set")
+        total = num_classes(dataset)
         try:
-            classes = _parse_classes(cls_text) if cls_text else tuple(range(10))
+            classes = _parse_classes(cls_text) if cls_text else tuple(range(total))
         except ValueError as e:
             raise ValueError(f"bad task spec {spec!r}: {e}") from None
-        if any(c < 0 or c > 9 for c in classes):
-            raise ValueError(f"bad task spec {spec!r}: classes must be in 0..9")
+        if any(c < 0 or c >= total for c in classes):
+            raise ValueError(f"bad task spec {spec!r}: classes must be in 0..{total - 1}")
         return cls(dataset, classes, view)
 
     @property
@@ -84,12 +87,18 @@ class Task:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def is_text(self) -> bool:
+        """Whether the task's inputs are token ids (text) rather than images."""
+        return is_text(self.dataset)
+
     def __str__(self) -> str:
         return self.name
 
     # ----------------------------------------------------------------------- splits
     def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images float32 (N,1,28,28) normalized, labels int64 in 0..C-1)."""
+        """(images float32 (N,1,28,28) normalized, or token ids int64 (N, length) for a text
+        task; labels int64 in 0..C-1)."""
         if which not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {which!r}")
         return _split(self, which)
@@ -113,7 +122,7 @@ def _normalizer(dataset: str) -> tuple[float, float]:
 
 @lru_cache(maxsize=32)
 def _split(task: Task, which: str) -> tuple[torch.Tensor, torch.Tensor]:
-    data = load_images(task.dataset)
+    data = load_data(task.dataset)
     part = "test" if which == "test" else "train"
     xs, ys = data[f"{part}_x"], data[f"{part}_y"]
     keep = np.flatnonzero(np.isin(ys, task.classes))
@@ -122,13 +131,15 @@ def _split(task: Task, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         keep = keep[rng.permutation(len(keep))]
         n_val = int(round(VAL_FRACTION * len(keep)))
         keep = np.sort(keep[:n_val] if which == "val" else keep[n_val:])
+    remap = np.full(num_classes(task.dataset), -1, dtype=np.int64)
+    remap[list(task.classes)] = np.arange(len(task.classes))
+    y = torch.from_numpy(remap[ys[keep]])
+    if task.is_text:
+        return torch.from_numpy(np.ascontiguousarray(xs[keep])), y
     mean, std = _normalizer(task.dataset)
     images = VIEWS[task.view](xs[keep]) if task.view else xs[keep]
     x = torch.from_numpy(np.ascontiguousarray(images).astype(np.float32) / 255.0)
     x = ((x - mean) / std).unsqueeze(1)
-    remap = np.full(10, -1, dtype=np.int64)
-    remap[list(task.classes)] = np.arange(len(task.classes))
-    y = torch.from_numpy(remap[ys[keep]])
     return x, y
 
 
