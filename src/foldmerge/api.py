@@ -212,6 +212,9 @@ def _check_data(models, data) -> None:
             m.features(as_input(d[:1], p))
         except (RuntimeError, ValueError, IndexError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if not d.is_floating_point() and "index out of range" in first:
+                raise ValueError(f"data tensor {k + 1} holds token ids up to {int(d.max())}, past model {k + 1}'s "
+                                 "vocabulary (a different tokenizer?)") from None
             raise ValueError(f"data tensor {k + 1} has shape {tuple(d.shape)}, which model {k + 1} does not take "
                              f"({first[:120]})") from None
         finally:

@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regmean-alpha", type=real(), help="distillation with --init regmean: RegMean's alpha (default: "
                                                        "RegMean's)")
     p.add_argument("--per-task", type=count(1), default=64, help="unlabeled training images per task (default 64)")
+    p.add_argument("--tasks", nargs="+", metavar="TASK",
+                   help="Hugging Face sources: the task of each model (e.g. bbc:0-2 bbc:3-4), where its config "
+                        "does not record one; the merge sample is drawn from it")
     p.add_argument("--augment", type=count(0),
                    help="augmented images per task made from them (crop, flip, solarize/blur, MixUp; default 1024 "
                         "for RegMean, whose Grams gained from them in 7 of 8 settings of bench defaults, 0 for "
@@ -332,13 +335,22 @@ def cmd_merge(args) -> None:
     check_target(args.out, args.force, inputs=args.models)       # before any work
     from .checkpoint import checkpoint_dir
     resume_dir = checkpoint_dir(args.out)
-    models = [load(p, allow_pickle=args.allow_pickle) for p in args.models]
+    from .hf import check_tokenizers, is_hf_dir, load_hf, save_hf
+    hf = [is_hf_dir(p) for p in args.models]
+    if args.tasks is not None and len(args.tasks) != len(args.models):
+        raise ValueError(f"--tasks needs one task per model ({len(args.models)}), got {len(args.tasks)}")
+    if any(hf):
+        check_tokenizers([p for p, h in zip(args.models, hf) if h])
+    models = [load_hf(p, args.tasks[k] if args.tasks else None) if hf[k] else load(p, allow_pickle=args.allow_pickle)
+              for k, p in enumerate(args.models)]
     merged = merge(models, args.per_task, method=args.method, seed=args.seed, augment=args.augment,
                    engine=engine, calibrate=args.calibrate, select=selection.parse(args.select),
                    checkpoint_every=args.checkpoint_every or 0, checkpoint_dir=resume_dir, resume=args.resume,
                    keep_checkpoint=True, **options)
     merged.meta["command"] = _command_line()
     merged.save(args.out)
+    if any(hf):            # also what transformers loads: OUT/hf/backbone and OUT/hf/<task>
+        save_hf(merged, Path(args.out) / "hf", models)
     if args.checkpoint_every or args.resume:
         from .checkpoint import Checkpoint
         Checkpoint.remove_dir(resume_dir)

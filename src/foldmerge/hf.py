@@ -1,0 +1,162 @@
+"""Hugging Face directories in and out (BERT): merge the models users keep as `save_pretrained` folders.
+
+In: `load_hf(dir, task)` reads a `BertForSequenceClassification` directory (its `config.json`
+names the class; weights through `from_pretrained(dir, local_files_only=True)`, safetensors,
+never remote code) as a one-head TaskModel of the `bert` family: the backbone is its `bert`,
+the head its `classifier`. The task (the data its unlabeled merge sample is drawn from, e.g.
+`bbc:0-2`) is given, or read from the `foldmerge_task` key a directory written here carries.
+
+Out: `save_hf(merged, out, sources)` writes what standard code loads:
+  OUT/backbone/        the merged `BertModel` (`save_pretrained`, safetensors)
+  OUT/<task>/          per task a `BertForSequenceClassification` whose classifier is that task's
+                       merged head (the folded U inside it), `id2label` kept from its source,
+                       so `AutoModelForSequenceClassification.from_pretrained(OUT/<task>)` gives
+                       the merged model's predictions for that task
+and copies the tokenizer files of the first source into each.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .io import ModelFileError
+
+CLASSES = {"BertForSequenceClassification"}
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+BACKBONE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id", "hidden_act")
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+    """A Hugging Face model directory: a config.json with `model_type` (ours has `arch`)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        data = json.loads(cfg.read_text())
+    except json.JSONDecodeError:
+        return False
+    return isinstance(data, dict) and "model_type" in data and "arch" not in data
+
+
+def _hf_config(path: Path) -> dict:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{path / 'config.json'} is not valid JSON: {e.msg}") from None
+    if cfg.get("auto_map"):
+        raise ModelFileError(f"{path} needs trust_remote_code (its config has auto_map); foldmerge never runs "
+                             "a model's own code")
+    arch = (cfg.get("architectures") or ["?"])[0]
+    if arch not in CLASSES:
+        raise ModelFileError(f"{path}: Hugging Face class {arch} (model_type {cfg.get('model_type')!r}) has no merge "
+                             f"spec here; supported: {', '.join(sorted(CLASSES))}")
+    return cfg
+
+
+def load_hf(path: str | os.PathLike, task=None):
+    """A `BertForSequenceClassification` directory as a one-head TaskModel of the bert family."""
+    from transformers import BertForSequenceClassification
+    from .data import Task
+    from .io import check_finite
+    from .model import TaskModel
+    path = Path(path)
+    cfg = _hf_config(path)
+    task = task or cfg.get("foldmerge_task")
+    if task is None:
+        raise ModelFileError(f"{path}: say which task it was trained on (e.g. bbc:0-2); its config does not")
+    task = Task.parse(task)
+    labels = cfg.get("id2label") or {}
+    if labels and len(labels) != task.num_classes:
+        raise ModelFileError(f"{path} has {len(labels)} labels but task {task} has {task.num_classes} classes")
+    try:
+        hf = BertForSequenceClassification.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelFileError(f"{path}: cannot load it: {str(e).strip().splitlines()[0][:200]}") from None
+    backbone = {k: cfg[k] for k in BACKBONE_KEYS if k in cfg}
+    model = TaskModel("bert", backbone, [task])
+    state = {f"bert.{k}": v for k, v in hf.bert.state_dict().items() if "position_ids" not in k}
+    check_finite({**state, "classifier.weight": hf.classifier.weight}, str(path))
+    try:
+        _load_exact(model.backbone, state)
+    except ValueError as e:
+        raise ModelFileError(f"{path}: {e}") from None
+    with torch.no_grad():
+        model.heads[0].weight.copy_(hf.classifier.weight)
+        model.heads[0].bias.copy_(hf.classifier.bias)
+    model.meta = {"path": str(path.resolve()), "hf_class": cfg["architectures"][0],
+                  "id2label": {int(k): v for k, v in labels.items()}, "source_format": "huggingface"}
+    model.eval()
+    return model
+
+
+def check_tokenizers(paths) -> None:
+    """Sources whose vocabularies differ cannot share an embedding table: one clear error."""
+    seen = {}
+    for p in paths:
+        vocab = Path(p) / "vocab.txt"
+        seen[str(p)] = vocab.read_bytes() if vocab.is_file() else None
+    kinds = {v for v in seen.values() if v is not None}
+    if len(kinds) > 1:
+        raise ModelFileError(f"the sources' tokenizers differ ({', '.join(seen)}): their vocab.txt files are not "
+                             "the same, so token ids mean different words")
+
+
+def save_hf(merged, out: str | os.PathLike, sources=()) -> Path:
+    """The merged backbone and one classifier directory per task (module docstring), written beside
+    and renamed into place."""
+    from transformers import BertForSequenceClassification, BertModel
+    from .arch.bert import hf_config
+    from .io import check_finite
+    from .sources import source_dirname
+    if merged.arch != "bert":
+        raise ValueError(f"Hugging Face output is for BERTs; this model is a {merged.arch}")
+    out = Path(out).resolve()
+    check_finite(merged.state_dict(), f"refusing to save {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.foldmerge-tmp-{os.getpid()}-", dir=out.parent))
+    try:
+        config = hf_config(merged.backbone_config)
+        bert_state = {k[len("bert."):]: v for k, v in merged.backbone.state_dict().items()}
+        base = BertModel(config)
+        _load_exact(base, bert_state)
+        base.save_pretrained(tmp / "backbone", safe_serialization=True)
+        first = next((Path(s.meta["path"]) for s in sources if s.meta.get("path")), None)
+        for i, task in enumerate(merged.tasks):
+            owner = next((s for s in sources if task.name in [t.name for t in s.tasks]), None)
+            labels = (owner.meta.get("id2label") if owner else None) or {c: str(c) for c in range(task.num_classes)}
+            cfg = hf_config(merged.backbone_config)
+            cfg.num_labels = task.num_classes
+            cfg.id2label = {int(k): v for k, v in labels.items()}
+            cfg.label2id = {v: int(k) for k, v in cfg.id2label.items()}
+            cfg.foldmerge_task = task.name
+            hf = BertForSequenceClassification(cfg)
+            _load_exact(hf.bert, bert_state)
+            with torch.no_grad():
+                hf.classifier.weight.copy_(merged.heads[i].weight)
+                hf.classifier.bias.copy_(merged.heads[i].bias)
+            where = tmp / source_dirname(task, 0).rsplit("-s0", 1)[0]
+            hf.save_pretrained(where, safe_serialization=True)
+            if first is not None:
+                for f in TOKENIZER_FILES:
+                    if (first / f).is_file():
+                        shutil.copy2(first / f, where / f)
+        from .io import swap_in
+        swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _load_exact(module, state) -> None:
+    """load_state_dict that tolerates only the position-ids buffer (HF does not save it)."""
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if "position_ids" not in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"weights do not match the BERT layout ({(missing or result.unexpected_keys)[0]})")
