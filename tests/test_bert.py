@@ -103,3 +103,12 @@ def test_berts_merge_on_bbc_news_text_tasks():
     assert set(result["per_task"]) == set(tasks) and 0 <= result["joint_mean"] <= 100
     with pytest.raises(ValueError, match="text task"):
         foldmerge.merge(src, 4, method="regmean", augment=8)
+
+
+def test_train_sources_trains_a_bert_on_a_text_task(tmp_path):
+    from foldmerge import cli
+    assert cli.main(["train-sources", "--arch", "bert", "--tasks", "bbc:3-4", "--width", "8", "--depth", "1",
+                     "--heads", "2", "--epochs", "1", "--limit", "32", "--out", str(tmp_path), "--threads", "1"]) == 0
+    m = foldmerge.load(tmp_path / "bbc_3-4-s0")
+    assert m.arch == "bert" and m.backbone_config["vocab_size"] == 30522 and 0 <= m.meta["test_accuracy"] <= 100
+    assert cli.main(["train-sources", "--arch", "bert", "--tasks", "mnist:0-4", "--out", str(tmp_path)]) == 2

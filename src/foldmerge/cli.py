@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-sources", help="train one source model (MLP or ViT) per task, each from its own seed")
     p.add_argument("--tasks", nargs="+", required=True, help="task specs, e.g. mnist:0-4 mnist:5-9")
-    p.add_argument("--arch", choices=["mlp", "vit"], default="mlp")
+    p.add_argument("--arch", choices=["mlp", "vit", "bert"], default="mlp",
+                   help="bert: Hugging Face BertModel from a config (--width hidden, --depth layers, --heads; "
+                        "WordPiece vocabulary of all-MiniLM-L6-v2, 128 positions) for text tasks (bbc:…)")
     p.add_argument("--hidden", nargs="+", type=count(1), default=[128], help="MLP: hidden widths (one per layer)")
     p.add_argument("--width", type=count(1), default=64, help="ViT: residual width (default 64)")
     p.add_argument("--mlp-dim", type=count(1), default=None, help="ViT: MLP hidden width (default 2 x width)")
@@ -258,7 +260,7 @@ def cmd_train_sources(args) -> None:
         raise ValueError(f"--seeds needs one seed per task ({len(tasks)}), got {len(seeds)}")
     if any(h < 1 for h in args.hidden) or min(args.width, args.depth, args.heads) < 1:
         raise ValueError("widths, depth and heads must be positive")
-    if args.arch == "vit" and args.width % args.heads:
+    if args.arch in ("vit", "bert") and args.width % args.heads:
         raise ValueError(f"--width {args.width} is not divisible by --heads {args.heads}")
     from .io import check_target
     paths = [Path(args.out) / source_dirname(task, seed) for task, seed in zip(tasks, seeds)]
@@ -267,6 +269,8 @@ def cmd_train_sources(args) -> None:
     for path in paths:                 # every target checked before any training
         if not (args.resume and (path / "config.json").is_file()):
             check_target(path, args.force)
+    if (args.arch == "bert") != all(t.is_text for t in tasks) or len({t.is_text for t in tasks}) > 1:
+        raise ValueError("--arch bert trains on text tasks (bbc:…), mlp and vit on image tasks")
     from .bench.vit import VIT
     vit = {**VIT, "width": args.width, "depth": args.depth, "heads": args.heads,
            "mlp_dim": args.mlp_dim or 2 * args.width}
@@ -286,7 +290,15 @@ def cmd_train_sources(args) -> None:
                                "limit": args.limit, "pretrain_task": args.pretrain_task}
                 ck = Checkpoint(resume_dir, args.checkpoint_every, fingerprint, resume=resuming)
             with checkpointing(ck):
-                if args.arch == "vit":
+                if args.arch == "bert":
+                    from .sources import train_bert_source
+                    bert = {"vocab_size": 30522, "hidden_size": args.width, "num_hidden_layers": args.depth,
+                            "num_attention_heads": args.heads, "intermediate_size": args.mlp_dim or 4 * args.width,
+                            "max_position_embeddings": 128}
+                    model = train_bert_source(task, bert, seed, limit=args.limit,
+                                              **({} if args.epochs is None else {"epochs": args.epochs}),
+                                              **({"lr": args.lr} if args.lr else {}))
+                elif args.arch == "vit":
                     stage = {} if args.epochs is None else {"epochs": args.epochs}
                     model = train_vit_source(task, vit, seed, pretrain_task=args.pretrain_task, limit=args.limit,
                                              **stage, **({"lr": args.lr} if args.lr else {}))

@@ -67,19 +67,37 @@ def train_vit_source(task: Task | str, config: dict, seed: int, pretrain_task: T
     `pretrain_task`, then fine-tuning on `task`; heads are frozen class embeddings
     (`class_embeddings`), so every model's features live in one shared output space.
     AdamW, cosine schedule; `limit` caps the training images per stage (quick runs, tests)."""
+    return train_staged_source("vit", task, config, seed, pretrain_task, pretrain_epochs, epochs, lr, batch_size,
+                               weight_decay, limit, head="class-embedding")
+
+
+def train_bert_source(task: Task | str, config: dict, seed: int, pretrain_task: Task | str | None = None,
+                      pretrain_epochs: int = 3, epochs: int = 3, lr: float = 1e-3, batch_size: int = 32,
+                      weight_decay: float = 0.01, limit: int | None = None) -> TaskModel:
+    """A BERT source (Hugging Face `BertModel` from a config) from `seed`, optionally "pre-trained"
+    on a first task, fine-tuned on `task` with a linear head, as `BertForSequenceClassification`."""
+    return train_staged_source("bert", task, config, seed, pretrain_task, pretrain_epochs, epochs, lr, batch_size,
+                               weight_decay, limit, head="linear")
+
+
+def train_staged_source(arch: str, task: Task | str, config: dict, seed: int, pretrain_task, pretrain_epochs: int,
+                        epochs: int, lr: float, batch_size: int, weight_decay: float, limit: int | None,
+                        head: str) -> TaskModel:
+    """A transformer source in one or two stages from `seed`: the backbone trained on
+    `pretrain_task` (if any), then on `task` with a new head. AdamW, cosine schedule."""
     task = Task.parse(task)
     stages = ([(Task.parse(pretrain_task), pretrain_epochs)] if pretrain_task is not None else []) + [(task, epochs)]
     torch.manual_seed(seed)
     backbone_state = None
     accuracies = {}
     for k, (t, n_epochs) in enumerate(stages):
-        model = TaskModel("vit", dict(config), [t], head="class-embedding")
+        model = TaskModel(arch, dict(config), [t], head=head)
         if backbone_state is not None:
             model.backbone.load_state_dict(backbone_state)
         cfg = TrainConfig(epochs=n_epochs, lr=lr, optimizer="adamw", weight_decay=weight_decay,
                           schedule="cosine", warmup=0, batch_size=batch_size, seed=seed * 100 + k)
         fit_classifier(model, t, cfg, limit,
-                       desc=f"{'pre-train' if k < len(stages) - 1 else 'fine-tune'} ViT on {t} (seed {seed})")
+                       desc=f"{'pre-train' if k < len(stages) - 1 else 'fine-tune'} {arch} on {t} (seed {seed})")
         backbone_state = model.backbone.state_dict()
         accuracies[t.name] = evaluate(model, [t], split="val")["per_task_mean"]
     model.meta = {"kind": "source", "task": task.name, "seed": seed,
