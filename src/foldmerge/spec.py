@@ -268,3 +268,17 @@ def check_mergeable(specs: list[ArchSpec], configs: list[dict]) -> None:
             diff = sorted(set(ours) ^ set(theirs)) or [k_ for k_ in ours if ours[k_] != theirs[k_]] or ["(spaces)"]
             raise ValueError(f"cannot merge these {specs[0].name} models: model {k} differs from model 1 "
                              f"at {diff[0]!r}")
+
+
+def resize_transformer(config: dict, widths: list[int], family: str, keys: tuple[str, str], heads: int) -> dict:
+    """A transformer's configuration at residual width widths[0] and MLP width widths[1] (default:
+    the source's), `keys` naming those two entries of its config; the residual width must divide
+    into the `heads` attention heads."""
+    if not 1 <= len(widths) <= 2:
+        raise ValueError(f"a {family} takes one or two target widths (residual, MLP), got {list(widths)}")
+    if any(w < 1 for w in widths):
+        raise ValueError(f"target widths must be positive, got {list(widths)}")
+    c = {**config, **{k: int(w) for k, w in zip(keys, widths)}}
+    if c[keys[0]] % heads:
+        raise ValueError(f"merged width {c[keys[0]]} is not divisible by the {heads} attention heads")
+    return c

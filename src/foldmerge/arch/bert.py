@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..spec import ArchSpec, Norm, Param, Probe, Space
+from ..spec import ArchSpec, Norm, Param, Probe, Space, resize_transformer
 
 DEFAULTS = {"vocab_size": 30522, "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
             "intermediate_size": 512, "max_position_embeddings": 512, "type_vocab_size": 2,
@@ -92,17 +92,8 @@ def spec(config: dict) -> ArchSpec:
 
 def resize(config: dict, widths: list[int]) -> dict:
     """The configuration at hidden size widths[0] and intermediate size widths[1] (default: the source's)."""
-    if not 1 <= len(widths) <= 2:
-        raise ValueError(f"a BERT takes one or two target widths (hidden, intermediate), got {list(widths)}")
-    if any(w < 1 for w in widths):
-        raise ValueError(f"target widths must be positive, got {list(widths)}")
-    c = {**config, "hidden_size": int(widths[0])}
-    if len(widths) == 2:
-        c["intermediate_size"] = int(widths[1])
-    heads = c.get("num_attention_heads", DEFAULTS["num_attention_heads"])
-    if c["hidden_size"] % heads:
-        raise ValueError(f"merged hidden size {c['hidden_size']} is not divisible by the {heads} attention heads")
-    return c
+    return resize_transformer(config, widths, "BERT", ("hidden_size", "intermediate_size"),
+                              config.get("num_attention_heads", DEFAULTS["num_attention_heads"]))
 
 
 def check_compatible(configs: list[dict]) -> None:

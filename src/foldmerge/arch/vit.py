@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..spec import ArchSpec, Norm, Param, Probe, Space
+from ..spec import ArchSpec, Norm, Param, Probe, Space, resize_transformer
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -142,17 +142,7 @@ DEFAULTS = {"image_size": 28, "channels": 1, "patch": 7, "width": 64, "depth": 4
 
 def resize(config: dict, widths: list[int]) -> dict:
     """The configuration at residual width widths[0] and MLP width widths[1] (default: the source's)."""
-    if not 1 <= len(widths) <= 2:
-        raise ValueError(f"a ViT takes one or two target widths (residual, MLP), got {list(widths)}")
-    if any(w < 1 for w in widths):
-        raise ValueError(f"target widths must be positive, got {list(widths)}")
-    c = {**config, "width": int(widths[0])}
-    if len(widths) == 2:
-        c["mlp_dim"] = int(widths[1])
-    heads = c.get("heads", DEFAULTS["heads"])
-    if c["width"] % heads:
-        raise ValueError(f"merged width {c['width']} is not divisible by the {heads} attention heads")
-    return c
+    return resize_transformer(config, widths, "ViT", ("width", "mlp_dim"), config.get("heads", DEFAULTS["heads"]))
 
 
 def check_compatible(configs: list[dict]) -> None:
