@@ -49,3 +49,23 @@ def test_a_drawn_sample_is_recorded_and_regmean_gets_its_augmented_images_by_def
     assert given.meta["merge_sample"] == {"given": "tensors"}
     with pytest.raises(ValueError, match="drawn sample"):
         foldmerge.merge(srcs, [torch.zeros(3, 784)] * 2, method="average", augment=8)
+
+
+@pytest.mark.parametrize("method", ["fs-merge", "distill"])
+def test_transformers_get_the_vit_benchs_validated_training_defaults(method, monkeypatch):
+    monkeypatch.setenv("FOLDMERGE_PROGRESS", "0")
+    cfg = {"image_size": 8, "channels": 1, "patch": 4, "width": 8, "depth": 1, "heads": 2, "mlp_dim": 16,
+           "out_dim": 8}
+    srcs = []
+    for k, t in enumerate(["mnist:0-4", "mnist:5-9"]):
+        torch.manual_seed(k)
+        srcs.append(TaskModel("vit", cfg, [t]))
+    data = [torch.randn(6, 1, 8, 8) for _ in range(2)]
+    merged = foldmerge.merge(srcs, data, method=method, epochs=1)
+    train = merged.meta["train"]
+    assert (train["optimizer"], train["batch_size"], train["lr"], train["weight_decay"]) == ("adamw", 128, 1e-3, 0.001)
+    assert merged.meta["target_scale"] == "none"
+    mlps = [TaskModel("mlp", {"in_dim": 20, "hidden": [4]}, [t]) for t in ["mnist:0-4", "mnist:5-9"]]
+    plain = foldmerge.merge(mlps, [torch.randn(6, 20)] * 2, method=method, epochs=1)
+    assert (plain.meta["train"]["optimizer"], plain.meta["train"]["lr"]) == ("sgd", 0.1)
+    assert plain.meta["target_scale"] == "match"

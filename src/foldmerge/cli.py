@@ -98,19 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--widths", nargs="+", type=count(1),
                    help="target widths (default: model 1's): MLP one per hidden layer; ViT residual width "
                         "[MLP width]; more than the architecture takes is an error")
-    p.add_argument("--epochs", type=count(0))
-    p.add_argument("--lr", type=real(positive=True))
+    p.add_argument("--epochs", type=count(0), help="default: appendix E.1 for MLPs (FS-Merge global and distillation "
+                                                   "1000, local 15000)" + _TRANSFORMER_DEFAULT.format("100"))
+    p.add_argument("--lr", type=real(positive=True), help="default: 0.1 for MLPs (E.1)" + _TRANSFORMER_DEFAULT.format("1e-3"))
     p.add_argument("--momentum", type=real())
     p.add_argument("--schedule", choices=["constant", "step", "cosine"])
     p.add_argument("--warmup", type=real(),
                    help="cosine schedule: fraction of training spent warming up (default: the paper's 20 epochs "
                         "of its default run, appendix E.1: 0.02 of FS-Merge global's and distillation's 1000 "
                         "epochs, 20/15000 of FS-Merge local's)")
-    p.add_argument("--weight-decay", type=real())
-    p.add_argument("--batch-size", type=count(1), help="default: the whole merge sample (gradient descent)")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], help="FS-Merge / distillation optimizer (default sgd)")
+    p.add_argument("--weight-decay", type=real(), help="default 0 for MLPs" + _TRANSFORMER_DEFAULT.format("0.001"))
+    p.add_argument("--batch-size", type=count(1), help="default: the whole merge sample (gradient descent) for MLPs"
+                                                       + _TRANSFORMER_DEFAULT.format("128"))
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], help="FS-Merge / distillation optimizer (default sgd for "
+                                                                 "MLPs" + _TRANSFORMER_DEFAULT.format("adamw")[1:])
     p.add_argument("--targets", choices=["all", "own-task"])
-    p.add_argument("--target-scale", help="match | none | a number")
+    p.add_argument("--target-scale", help="match | none | a number (default match for MLPs, E.1; none for ViTs and "
+                                          "BERTs, E.2)")
     p.add_argument("--form", choices=["folded", "supernet"], help="how the SuperNet is run in training")
     p.add_argument("--output-map", choices=["learned", "fixed"],
                    help="distillation: learn the map from student to source features (MLP default) or keep "
@@ -242,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also save the sources and merged models here")
     _common(p)
     return ap
+
+
+_TRANSFORMER_DEFAULT = " (ViTs and BERTs: {}, the ViT bench's validated choice, README 'Defaults')"
 
 
 def _command_line() -> str:

@@ -163,3 +163,26 @@ def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, ow
     finally:
         for b, s in own_blocks:
             output_map.scale_block(b, 1.0 / s)
+
+
+# Training defaults for architectures with a residual stream (ViTs, BERTs): the ViT bench's
+# validated choice on pairs16 (appendix E.2's optimizer, batch and weight decay; epochs and lr
+# from its grid, README "ViTs": distillation and low-rank FS-Merge both chose 100 epochs at
+# lr 1e-3) with E.1's 20 warmup epochs and unscaled targets (E.2). Chains of layers (MLPs)
+# keep each method's E.1 values.
+RESIDUAL_TRAINING = dict(optimizer="adamw", batch_size=128, weight_decay=0.001, epochs=100, lr=1e-3, momentum=0.9,
+                         warmup=0.2, target_scale="none")
+
+
+def training_defaults(models, chain_defaults: dict) -> dict:
+    """The training defaults of a method for these models: its own (E.1) for MLPs, RESIDUAL_TRAINING
+    for architectures with a residual stream."""
+    if models[0].spec.is_chain():
+        return {"optimizer": "sgd", "batch_size": None, "weight_decay": 0.0, "target_scale": "match",
+                **chain_defaults}
+    return dict(RESIDUAL_TRAINING)
+
+
+def resolve(given: dict, defaults: dict) -> dict:
+    """`given` with every None replaced by its default."""
+    return {k: defaults[k] if v is None else v for k, v in given.items()}

@@ -32,7 +32,7 @@ import torch
 from ..foldable import FoldMap
 from ..model import TaskModel
 from ..train import TrainConfig
-from .common import cat_with_owner, check_same_backbone, default_targets, fit_reconstruction
+from .common import cat_with_owner, check_same_backbone, default_targets, fit_reconstruction, resolve, training_defaults
 
 INITS = ("first", "average", "regmean", "random")
 # The paper's E.1 distillation grid: 1k epochs (MNIST); the lr/momentum marks are not legible
@@ -66,9 +66,9 @@ def student_init(models, data, init: str, regmean_alpha: float | None = None, se
 
 
 def merge(models, data, init: str | None = None, epochs: int | None = None, lr: float | None = None,
-          momentum: float | None = None, schedule: str = "cosine", warmup: float = 0.02, weight_decay: float = 0.0,
-          targets: str | None = None, target_scale="match", batch_size: int | None = None,
-          optimizer: str = "sgd", output_map: str | None = None,
+          momentum: float | None = None, schedule: str = "cosine", warmup: float | None = None,
+          weight_decay: float | None = None, targets: str | None = None, target_scale=None,
+          batch_size: int | None = None, optimizer: str | None = None, output_map: str | None = None,
           regmean_alpha: float | None = None, seed: int = 0):
     check_same_backbone(models, "distillation")
     # as FS-Merge: every source's features for chains of layers (MLPs), only the own task's for
@@ -80,11 +80,11 @@ def merge(models, data, init: str | None = None, epochs: int | None = None, lr: 
     if output_map not in ("learned", "fixed"):
         raise ValueError(f"output_map must be 'learned' or 'fixed', got {output_map!r}")
     init = init or DEFAULTS["init"]
-    cfg = TrainConfig(epochs=DEFAULTS["epochs"] if epochs is None else epochs,
-                      lr=DEFAULTS["lr"] if lr is None else lr,
-                      momentum=DEFAULTS["momentum"] if momentum is None else momentum,
-                      schedule=schedule, warmup=warmup, weight_decay=weight_decay, batch_size=batch_size,
-                      optimizer=optimizer, seed=seed)
+    t = resolve({"epochs": epochs, "lr": lr, "momentum": momentum, "warmup": warmup, "weight_decay": weight_decay,
+                 "batch_size": batch_size, "optimizer": optimizer, "target_scale": target_scale},
+                training_defaults(models, {**DEFAULTS, "warmup": 0.02}))
+    target_scale = t.pop("target_scale")
+    cfg = TrainConfig(schedule=schedule, seed=seed, **t)
     if init == "regmean" and regmean_alpha is None:      # meta records the value used
         from .regmean import default_alpha
         regmean_alpha = default_alpha(models[0].spec)

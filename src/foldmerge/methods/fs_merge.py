@@ -33,8 +33,8 @@ from torch.nn import functional as F
 from ..foldable import gather_params, merge_features, unmerge_features
 from ..supernet import SuperNet
 from ..train import TrainConfig, fit
-from .common import (cat_with_owner, default_targets, fit_reconstruction, reconstruction_loss, sources_spec,
-                     target_scales)
+from .common import (cat_with_owner, default_targets, fit_reconstruction, reconstruction_loss, resolve, sources_spec,
+                     target_scales, training_defaults)
 
 # Appendix E.1, bold values of the MNIST grid.
 DEFAULTS = {
@@ -51,24 +51,28 @@ RESIDUAL_PARAM = "diag+lowrank(16)"
 def merge(models, data, variant: str = "global", param: str | None = None, init: str | None = None,
           widths: list[int] | None = None, epochs: int | None = None, lr: float | None = None,
           momentum: float | None = None, schedule: str = "cosine", warmup: float | None = None,
-          weight_decay: float = 0.0, targets: str | None = None, target_scale="match", form: str = "folded", seed: int = 0,
-          batch_size: int | None = None, optimizer: str = "sgd", zipit_alpha: float | None = None,
+          weight_decay: float | None = None, targets: str | None = None, target_scale=None, form: str = "folded",
+          seed: int = 0, batch_size: int | None = None, optimizer: str | None = None, zipit_alpha: float | None = None,
           zipit_beta: float | None = None, last_epochs: int | None = None):
     if variant not in DEFAULTS:
         raise ValueError(f"FS-Merge variant must be 'local', 'global' or 'seq', got {variant!r}")
     if last_epochs is not None and variant != "seq":
         raise ValueError("last_epochs applies to the 'seq' variant only")
-    d = dict(DEFAULTS[variant])
     spec = sources_spec(models)
+    d = training_defaults(models, DEFAULTS[variant])
+    if not spec.is_chain():
+        d["init"] = DEFAULTS[variant]["init"]
+    t = resolve({"epochs": epochs, "lr": lr, "momentum": momentum, "warmup": warmup, "weight_decay": weight_decay,
+                 "batch_size": batch_size, "optimizer": optimizer, "target_scale": target_scale}, d)
+    epochs, lr, momentum, warmup, weight_decay = t["epochs"], t["lr"], t["momentum"], t["warmup"], t["weight_decay"]
+    batch_size, optimizer, target_scale = t["batch_size"], t["optimizer"], t["target_scale"]
     param = param or (d["param"] if spec.is_chain() else RESIDUAL_PARAM)
     init = init or d["init"]
     targets = targets or default_targets(models)
     if targets not in ("all", "own-task"):
         raise ValueError(f"targets must be 'all' or 'own-task', got {targets!r}")
-    cfg = TrainConfig(epochs=d["epochs"] if epochs is None else epochs, lr=d["lr"] if lr is None else lr,
-                      momentum=d["momentum"] if momentum is None else momentum, schedule=schedule,
-                      warmup=d["warmup"] if warmup is None else warmup, weight_decay=weight_decay,
-                      batch_size=batch_size, optimizer=optimizer, seed=seed)
+    cfg = TrainConfig(epochs=epochs, lr=lr, momentum=momentum, schedule=schedule, warmup=warmup,
+                      weight_decay=weight_decay, batch_size=batch_size, optimizer=optimizer, seed=seed)
     if init == "zipit":                 # meta records the values used, never None
         from . import zipit
         zipit_alpha, zipit_beta = zipit.resolve(spec, zipit_alpha, zipit_beta)
