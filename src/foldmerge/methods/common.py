@@ -174,13 +174,21 @@ RESIDUAL_TRAINING = dict(optimizer="adamw", batch_size=128, weight_decay=0.001, 
                          warmup=0.2, target_scale="none")
 
 
-def training_defaults(models, chain_defaults: dict) -> dict:
-    """The training defaults of a method for these models: its own (E.1) for MLPs, RESIDUAL_TRAINING
-    for architectures with a residual stream."""
+def training_defaults(models, own: dict) -> dict:
+    """A method's defaults for these models: its own (E.1) with plain SGD on the whole sample and
+    scaled targets for MLPs; for architectures with a residual stream its training values
+    replaced by RESIDUAL_TRAINING (its other keys, e.g. the init, kept)."""
     if models[0].spec.is_chain():
-        return {"optimizer": "sgd", "batch_size": None, "weight_decay": 0.0, "target_scale": "match",
-                **chain_defaults}
-    return dict(RESIDUAL_TRAINING)
+        return {"optimizer": "sgd", "batch_size": None, "weight_decay": 0.0, "target_scale": "match", **own}
+    return {**own, **RESIDUAL_TRAINING}
+
+
+def training_config(given: dict, defaults: dict, schedule: str, seed: int):
+    """(TrainConfig, target scale) from the training options `given` (None: `defaults`'s)."""
+    from ..train import TrainConfig
+    t = resolve(given, defaults)
+    target_scale = t.pop("target_scale")
+    return TrainConfig(schedule=schedule, seed=seed, **t), target_scale
 
 
 def resolve(given: dict, defaults: dict) -> dict:

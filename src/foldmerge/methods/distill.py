@@ -31,8 +31,8 @@ import torch
 
 from ..foldable import FoldMap
 from ..model import TaskModel
-from ..train import TrainConfig
-from .common import cat_with_owner, check_same_backbone, default_targets, fit_reconstruction, resolve, training_defaults
+from .common import (cat_with_owner, check_same_backbone, default_targets, fit_reconstruction, training_config,
+                     training_defaults)
 
 INITS = ("first", "average", "regmean", "random")
 # The paper's E.1 distillation grid: 1k epochs (MNIST); the lr/momentum marks are not legible
@@ -80,11 +80,10 @@ def merge(models, data, init: str | None = None, epochs: int | None = None, lr: 
     if output_map not in ("learned", "fixed"):
         raise ValueError(f"output_map must be 'learned' or 'fixed', got {output_map!r}")
     init = init or DEFAULTS["init"]
-    t = resolve({"epochs": epochs, "lr": lr, "momentum": momentum, "warmup": warmup, "weight_decay": weight_decay,
-                 "batch_size": batch_size, "optimizer": optimizer, "target_scale": target_scale},
-                training_defaults(models, {**DEFAULTS, "warmup": 0.02}))
-    target_scale = t.pop("target_scale")
-    cfg = TrainConfig(schedule=schedule, seed=seed, **t)
+    d = training_defaults(models, {**DEFAULTS, "warmup": 0.02})
+    cfg, target_scale = training_config({"epochs": epochs, "lr": lr, "momentum": momentum, "warmup": warmup,
+                                         "weight_decay": weight_decay, "batch_size": batch_size,
+                                         "optimizer": optimizer, "target_scale": target_scale}, d, schedule, seed)
     if init == "regmean" and regmean_alpha is None:      # meta records the value used
         from .regmean import default_alpha
         regmean_alpha = default_alpha(models[0].spec)

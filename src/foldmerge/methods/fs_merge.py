@@ -32,9 +32,9 @@ from torch.nn import functional as F
 
 from ..foldable import gather_params, merge_features, unmerge_features
 from ..supernet import SuperNet
-from ..train import TrainConfig, fit
-from .common import (cat_with_owner, default_targets, fit_reconstruction, reconstruction_loss, resolve, sources_spec,
-                     target_scales, training_defaults)
+from ..train import fit
+from .common import (cat_with_owner, default_targets, fit_reconstruction, reconstruction_loss, sources_spec,
+                     target_scales, training_config, training_defaults)
 
 # Appendix E.1, bold values of the MNIST grid.
 DEFAULTS = {
@@ -60,19 +60,14 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
         raise ValueError("last_epochs applies to the 'seq' variant only")
     spec = sources_spec(models)
     d = training_defaults(models, DEFAULTS[variant])
-    if not spec.is_chain():
-        d["init"] = DEFAULTS[variant]["init"]
-    t = resolve({"epochs": epochs, "lr": lr, "momentum": momentum, "warmup": warmup, "weight_decay": weight_decay,
-                 "batch_size": batch_size, "optimizer": optimizer, "target_scale": target_scale}, d)
-    epochs, lr, momentum, warmup, weight_decay = t["epochs"], t["lr"], t["momentum"], t["warmup"], t["weight_decay"]
-    batch_size, optimizer, target_scale = t["batch_size"], t["optimizer"], t["target_scale"]
+    cfg, target_scale = training_config({"epochs": epochs, "lr": lr, "momentum": momentum, "warmup": warmup,
+                                         "weight_decay": weight_decay, "batch_size": batch_size,
+                                         "optimizer": optimizer, "target_scale": target_scale}, d, schedule, seed)
     param = param or (d["param"] if spec.is_chain() else RESIDUAL_PARAM)
     init = init or d["init"]
     targets = targets or default_targets(models)
     if targets not in ("all", "own-task"):
         raise ValueError(f"targets must be 'all' or 'own-task', got {targets!r}")
-    cfg = TrainConfig(epochs=epochs, lr=lr, momentum=momentum, schedule=schedule, warmup=warmup,
-                      weight_decay=weight_decay, batch_size=batch_size, optimizer=optimizer, seed=seed)
     if init == "zipit":                 # meta records the values used, never None
         from . import zipit
         zipit_alpha, zipit_beta = zipit.resolve(spec, zipit_alpha, zipit_beta)
