@@ -10,6 +10,19 @@ def selected(row: str, method: str, methods: list[str] | None) -> bool:
     return not methods or row in methods or method in methods
 
 
+def sample_drawer(sources, per_task: int, seed: int):
+    """`draw(augment)`: the merge sample of `sources` with that many augmented images per task
+    (`api.merge_sample`), drawn once per count and reused by every merge of the bench cell."""
+    from ..api import merge_sample
+    drawn: dict[int, list] = {}
+
+    def draw(augment: int = 0) -> list:
+        if augment not in drawn:
+            drawn[augment] = merge_sample(sources, per_task, seed, augment)
+        return drawn[augment]
+    return draw
+
+
 def merge_scored(sources, data, method: str, seed: int, opts: dict):
     """One bench merge, scored on the test split twice: with the heads as the method made them
     and after the routing calibration that every merge gets by default (`foldmerge.calibrate`;

@@ -33,10 +33,10 @@ def settings(datasets, depths) -> list[tuple[str, tuple[str, str], int]]:
 
 def run_bench(datasets=("mnist", "fmnist"), depths=DEPTHS, seeds: int = 1, methods: list[str] | None = None,
               out: str = "runs/bench") -> dict:
-    from ..api import default_augment, merge_sample
+    from ..api import default_augment
     from ..evaluation import Ensemble, evaluate, originals
     from ..progress import bar, status
-    from . import merge_scored, selected
+    from . import merge_scored, sample_drawer, selected
     from .mlp import get_sources
     bad = [d for d in datasets if d not in SPLITS]
     if bad:
@@ -66,12 +66,10 @@ def run_bench(datasets=("mnist", "fmnist"), depths=DEPTHS, seeds: int = 1, metho
 
             add("originals", originals(sources))
             add("ensemble", evaluate(Ensemble(sources)))
-            samples: dict[int, list] = {}
+            draw = sample_drawer(sources, PER_TASK, seed)
             for name, method, opts in plan:
                 augment = default_augment(method, sources)      # what `merge` draws by default
-                if augment not in samples:
-                    samples[augment] = merge_sample(sources, PER_TASK, seed, augment)
-                merged, scores, raw, seconds = merge_scored(sources, samples[augment], method, seed, opts)
+                merged, scores, raw, seconds = merge_scored(sources, draw(augment), method, seed, opts)
                 add(name, scores, joint_uncalibrated=raw.get("joint_mean"), seconds=seconds,
                     options={**_resolved(merged.meta), "augment": augment}, calibration=merged.meta["calibration"])
     return {"bench": "defaults", "datasets": list(datasets), "depths": list(depths), "seeds": list(range(seeds)),

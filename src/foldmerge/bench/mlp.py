@@ -35,7 +35,7 @@ from importlib import resources
 from multiprocessing import get_context
 from pathlib import Path
 
-from . import selected
+from . import sample_drawer, selected
 
 VALUES = {"depth": [1, 2, 3, 4, 6], "width": [16, 64, 128, 512, 1024]}
 TASKS = {"mnist": ("mnist:0-4", "mnist:5-9"), "fmnist": ("fmnist:0-4", "fmnist:5-9")}
@@ -151,19 +151,17 @@ def tune(dataset: str, hidden: list[int], cache: Path, grid: dict | None = None,
     """Choose the unfixed hyperparameters on the validation split of the `hidden` pair of seed 0
     (module docstring); those in `have` (an earlier choice) are kept, only the missing ones among
     `searches` (default all) are searched (a row added later, or only the rows a `--methods` run reads)."""
-    from ..api import merge, merge_sample
+    from ..api import merge
     from ..evaluation import evaluate
     from ..progress import bar
     grid = grid or GRID
     chosen = {k: v for k, v in (have or {}).items() if k != "trials"}
     trials: list[dict] = list((have or {}).get("trials", []))
     sources = get_sources(dataset, hidden, 0, cache)
-    samples = {0: merge_sample(sources, PER_TASK, 0)}
+    draw = sample_drawer(sources, PER_TASK, 0)
 
     def score(method, augment=0, **opts):
-        if augment not in samples:
-            samples[augment] = merge_sample(sources, PER_TASK, 0, augment)
-        merged = merge(sources, samples[augment], method=method, seed=0, **opts)
+        merged = merge(sources, draw(augment), method=method, seed=0, **opts)
         val = evaluate(merged, split="val")
         trials.append({"method": method, "options": {**opts, "augment": augment}, "val_per_task": val["per_task_mean"],
                        "val_joint": val.get("joint_mean")})
@@ -226,7 +224,6 @@ def run_unit(dataset: str, vary: str, value: int, seed: int, tuned: dict, cache:
     """Every method on one (setting, seed): the rows of that cell, measured on the test split."""
     import torch
     torch.set_num_threads(threads)
-    from ..api import merge_sample
     from ..evaluation import Ensemble, evaluate, originals
     from . import merge_scored
     hidden = hidden_for(vary, value)
@@ -241,14 +238,12 @@ def run_unit(dataset: str, vary: str, value: int, seed: int, tuned: dict, cache:
     add("originals", originals(sources), None)
     t = time.perf_counter()
     add("ensemble", evaluate(Ensemble(sources)), time.perf_counter() - t)
-    samples = {0: merge_sample(sources, PER_TASK, seed)}
+    draw = sample_drawer(sources, PER_TASK, seed)
     for name, method, opts in method_plan(dataset, tuned, epochs_scale):
         if not selected(name, method, methods):
             continue
-        augment = opts.get("augment", 0)      # a merge-sample option, not the method's
-        if augment not in samples:
-            samples[augment] = merge_sample(sources, PER_TASK, seed, augment)
-        merged, scores, raw, seconds = merge_scored(sources, samples[augment], method, seed,
+        # augment is the merge sample's option, not the method's
+        merged, scores, raw, seconds = merge_scored(sources, draw(opts.get("augment", 0)), method, seed,
                                                     {k: v for k, v in opts.items() if k != "augment"})
         extra = {k: merged.meta[k] for k in ("final_loss", "initial_loss") if merged.meta.get(k) is not None}
         add(name, scores, seconds, options=opts, joint_uncalibrated=raw.get("joint_mean"),
