@@ -265,8 +265,6 @@ def cmd_train_sources(args) -> None:
     seeds = args.seeds if args.seeds is not None else list(range(len(tasks)))
     if len(seeds) != len(tasks):
         raise ValueError(f"--seeds needs one seed per task ({len(tasks)}), got {len(seeds)}")
-    if any(h < 1 for h in args.hidden) or min(args.width, args.depth, args.heads) < 1:
-        raise ValueError("widths, depth and heads must be positive")
     if args.arch in ("vit", "bert") and args.width % args.heads:
         raise ValueError(f"--width {args.width} is not divisible by --heads {args.heads}")
     from .io import check_target
@@ -278,9 +276,17 @@ def cmd_train_sources(args) -> None:
             check_target(path, args.force)
     if (args.arch == "bert") != all(t.is_text for t in tasks) or len({t.is_text for t in tasks}) > 1:
         raise ValueError("--arch bert trains on text tasks (bbc:…), mlp and vit on image tasks")
-    from .bench.vit import VIT
-    vit = {**VIT, "width": args.width, "depth": args.depth, "heads": args.heads,
-           "mlp_dim": args.mlp_dim or 2 * args.width}
+    if args.arch == "vit":
+        from .bench.vit import VIT
+        config = {**VIT, "width": args.width, "depth": args.depth, "heads": args.heads,
+                  "mlp_dim": args.mlp_dim or 2 * args.width}
+    elif args.arch == "bert":             # the vocabulary and length of the text tasks' tokens
+        from .data.texts import MAX_TOKENS, tokenizer
+        config = {"vocab_size": tokenizer().get_vocab_size(), "hidden_size": args.width,
+                  "num_hidden_layers": args.depth, "num_attention_heads": args.heads,
+                  "intermediate_size": args.mlp_dim or 4 * args.width, "max_position_embeddings": MAX_TOKENS}
+    else:
+        config = {"hidden": args.hidden}
     rows = []
     from .checkpoint import Checkpoint, checkpoint_dir, checkpointing
     for task, seed, path in zip(tasks, seeds, paths):
@@ -292,22 +298,19 @@ def cmd_train_sources(args) -> None:
             ck = None
             resuming = args.resume and resume_dir.exists()
             if args.checkpoint_every or resuming:
-                fingerprint = {"task": task.name, "seed": seed, "arch": args.arch, "hidden": args.hidden,
-                               "vit": vit if args.arch == "vit" else None, "epochs": args.epochs, "lr": args.lr,
-                               "limit": args.limit, "pretrain_task": args.pretrain_task}
+                fingerprint = {"task": task.name, "seed": seed, "arch": args.arch, "config": config,
+                               "epochs": args.epochs, "lr": args.lr, "limit": args.limit,
+                               "pretrain_task": args.pretrain_task}
                 ck = Checkpoint(resume_dir, args.checkpoint_every, fingerprint, resume=resuming)
             with checkpointing(ck):
                 if args.arch == "bert":
                     from .sources import train_bert_source
-                    bert = {"vocab_size": 30522, "hidden_size": args.width, "num_hidden_layers": args.depth,
-                            "num_attention_heads": args.heads, "intermediate_size": args.mlp_dim or 4 * args.width,
-                            "max_position_embeddings": 128}
-                    model = train_bert_source(task, bert, seed, limit=args.limit,
+                    model = train_bert_source(task, config, seed, limit=args.limit,
                                               **({} if args.epochs is None else {"epochs": args.epochs}),
                                               **({"lr": args.lr} if args.lr else {}))
                 elif args.arch == "vit":
                     stage = {} if args.epochs is None else {"epochs": args.epochs}
-                    model = train_vit_source(task, vit, seed, pretrain_task=args.pretrain_task, limit=args.limit,
+                    model = train_vit_source(task, config, seed, pretrain_task=args.pretrain_task, limit=args.limit,
                                              **stage, **({"lr": args.lr} if args.lr else {}))
                 else:
                     model = train_source(task, args.hidden, seed, epochs=args.epochs, lr=args.lr)
