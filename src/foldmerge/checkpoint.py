@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -140,11 +139,8 @@ class Checkpoint:
         self.finished[idx] = {"params": [p.detach().clone() for p in params], "history": list(history)}
 
     def _write(self, tensors: dict, meta: dict) -> None:
-        from .io import TMP_TAG, _clear_stale, swap_in
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.saves == 0:
-            _clear_stale(self.path)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}{TMP_TAG}{os.getpid()}-", dir=self.path.parent))
+        from .io import swap_in, tmp_beside
+        tmp = tmp_beside(self.path)
         try:
             save_file(tensors, str(tmp / TENSORS))
             (tmp / STATE).write_text(json.dumps(meta, default=float) + "\n")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -112,14 +111,13 @@ def save_hf(merged, out: str | os.PathLike, sources=()) -> Path:
     and renamed into place."""
     from transformers import BertForSequenceClassification, BertModel
     from .arch.bert import hf_config
-    from .io import check_finite
+    from .io import check_finite, swap_in, tmp_beside
     from .sources import source_dirname
     if merged.arch != "bert":
         raise ValueError(f"Hugging Face output is for BERTs; this model is a {merged.arch}")
     out = Path(out).resolve()
     check_finite(merged.state_dict(), f"refusing to save {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.foldmerge-tmp-{os.getpid()}-", dir=out.parent))
+    tmp = tmp_beside(out)
     try:
         config = hf_config(merged.backbone_config)
         bert_state = {k[len("bert."):]: v for k, v in merged.backbone.state_dict().items()}
@@ -146,7 +144,6 @@ def save_hf(merged, out: str | os.PathLike, sources=()) -> Path:
                 for f in TOKENIZER_FILES:
                     if (first / f).is_file():
                         shutil.copy2(first / f, where / f)
-        from .io import swap_in
         swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

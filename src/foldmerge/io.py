@@ -86,6 +86,14 @@ def _exchange(a: Path, b: Path) -> bool:
     return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
+def tmp_beside(out: Path) -> Path:
+    """A new hidden directory beside `out` to write into before `swap_in`, once what killed
+    earlier writes to `out` left there is removed; its name carries this process's id."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale(out)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_TAG}{os.getpid()}-", dir=out.parent))
+
+
 def _clear_stale(out: Path) -> None:
     """Remove what an earlier save to `out` that was killed left beside it (its process gone)."""
     for p in out.parent.glob(f".{out.name}{TMP_TAG}*"):
@@ -139,9 +147,7 @@ def save_model(model, out_dir: str | os.PathLike, meta: dict[str, Any] | None = 
     if out.exists() and any(out.iterdir()) and not _is_model_dir(out):
         # Only ever replace an earlier model directory, never an unrelated folder.
         raise ModelFileError(f"{out} exists and is not a foldmerge model directory; refusing to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _clear_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_TAG}{os.getpid()}-", dir=out.parent))
+    tmp = tmp_beside(out)
     try:
         save_file(state, str(tmp / WEIGHTS))
         cfg = model.config()
