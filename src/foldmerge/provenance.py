@@ -41,6 +41,14 @@ def environment() -> dict:
 
 
 def file_sha256(path: Path) -> str:
+    """The file's SHA-256; a file seen before with the same size and modification time is not
+    read again (a bench merges the same sources many times)."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
