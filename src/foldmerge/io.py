@@ -67,7 +67,7 @@ def check_target(out: str | os.PathLike, force: bool = False, inputs=()) -> Path
                 raise ModelFileError(f"{target} already holds a model; pass --force to replace it")
         elif any(target.iterdir()):
             raise ModelFileError(f"{target} exists and is not a foldmerge model directory; refusing to write into it")
-    parent = next(p for p in [target, *target.parents] if p.exists()) if not target.exists() else target.parent
+    parent = next(p for p in target.parents if p.exists())      # where the new directory will be made
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ModelFileError(f"cannot write to {parent}: permission denied")
     return target
