@@ -39,6 +39,16 @@ def merge_sample(models, per_task: int, seed: int = 0, augment: int = 0) -> list
     return out
 
 
+def held_out_sample(models, per_task: int, held_out: int, seed: int = 0) -> list[torch.Tensor]:
+    """For each model, `held_out` further training examples of each task, disjoint from the
+    `merge_sample(models, per_task, seed)` drawn with the same seed (the next ones of its draw)."""
+    out = []
+    for k, m in enumerate(models):
+        out.append(torch.cat([t.sample(per_task + held_out, seed=seed * 1000 + 17 * k + i)[per_task:]
+                              for i, t in enumerate(m.tasks)]))
+    return out
+
+
 CALIBRATE = ("routing", "none")
 # augmented images per task a method's drawn sample gets when none is asked for: validation's
 # evidence (README "Defaults"): RegMean's Grams from 64 originals + 1,024 augmented images per task
@@ -57,7 +67,7 @@ def default_augment(method: str, models=()) -> int:
 def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge", seed: int = 0,
           augment: int | None = None, engine=None, calibrate: str = "routing", select: dict | None = None,
           checkpoint_every: int = 0, checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
-          keep_checkpoint: bool = False, **options):
+          keep_checkpoint: bool = False, held_out: int = 0, **options):
     """Merge `models` (TaskModels or paths) into one TaskModel with every source's heads.
 
     data: per-model unlabeled input tensors, or an int N to draw N training images per task
@@ -74,12 +84,16 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
     N epochs, and with `resume` continue a run that was stopped from it (`foldmerge.checkpoint`;
     the result is bit-identical to an uninterrupted run). The checkpoint is removed when the
     merge returns, unless `keep_checkpoint` (the CLI removes it once the model is saved).
+    held_out: with data as an int, draw that many further unlabeled examples per task (disjoint
+    from the sample) on which FS-Merge global and distillation stop early (paper F.8: the epoch with
+    the lowest held-out loss is kept; `patience` option, default 20 epochs).
     options: passed to the method (see `foldmerge.methods`), e.g. variant, param, init, epochs.
     """
     from .provenance import describe
     # the call as made (arguments left at their defaults are not named; meta holds what they resolved to)
     call = {k: v for k, v in {"function": "foldmerge.merge", "data": describe(data), "method": method, "seed": seed,
                               "augment": augment, "calibrate": calibrate, "select": describe(select),
+                              "held_out": held_out or None,
                               "options": describe(options)}.items() if v is not None}
     if calibrate not in CALIBRATE:
         raise ValueError(f"calibrate must be one of {', '.join(CALIBRATE)}, got {calibrate!r}")
@@ -107,6 +121,16 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
         raise ValueError("augment applies to a drawn sample (data as an int), not to given tensors")
     _check_data(models, data)
     fn = get_method(method)             # resolved once; an unknown method fails here, before any launch
+    if isinstance(held_out, bool) or not isinstance(held_out, int) or held_out < 0:
+        raise ValueError(f"held_out must be an integer >= 0, got {held_out!r}")
+    if held_out:
+        import inspect
+        if "held_out" not in inspect.signature(fn).parameters:
+            raise ValueError(f"held-out early stopping applies to fs-merge and distill, not to {method!r}")
+        if "per_task" not in sample:
+            raise ValueError("held_out applies to a drawn sample (data as an int), not to given tensors")
+        options = {**options, "held_out": held_out_sample(models, sample["per_task"], held_out, seed)}
+        sample["held_out"] = held_out
     ck = _checkpoint(models, data, method, seed, sample, calibrate, select, options, engine,
                      checkpoint_every, checkpoint_dir, resume)
     from .checkpoint import checkpointing
@@ -252,6 +276,8 @@ def _merge_on_device(models, data, fn, seed, options):
     device = engine.current().device
     models = [m.to(device) for m in models]
     data = [d.to(device) for d in data]
+    if options.get("held_out") is not None:
+        options = {**options, "held_out": [h.to(device) for h in options["held_out"]]}
     merged = _merge_here(models, data, fn, seed, options)
     # sent back to the launching process by value (a spawned rank's shared tensors die with it),
     # as the safetensors bytes the model files use

@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regmean-alpha", type=real(), help="distillation with --init regmean: RegMean's alpha (default: "
                                                        "RegMean's)")
     p.add_argument("--per-task", type=count(1), default=64, help="unlabeled training images per task (default 64)")
+    p.add_argument("--held-out", type=count(0), default=0, metavar="N",
+                   help="fs-merge (global) and distill: stop early on N further unlabeled examples per task, "
+                        "keeping the epoch with the lowest held-out loss (paper F.8 uses 200; default 0: off)")
+    p.add_argument("--patience", type=count(1), help="with --held-out: epochs without improvement before stopping "
+                                                     "(default 20)")
     p.add_argument("--tasks", nargs="+", metavar="TASK",
                    help="Hugging Face sources: the task of each model (e.g. bbc:0-2 bbc:3-4), where its config "
                         "does not record one; the merge sample is drawn from it")
@@ -329,7 +334,8 @@ def cmd_train_sources(args) -> None:
 
 MERGE_OPTIONS = ("variant", "last_epochs", "param", "init", "widths", "epochs", "lr", "momentum", "schedule", "warmup",
                  "weight_decay", "batch_size", "optimizer", "targets", "target_scale", "form", "alpha", "beta",
-                 "stop_layer", "t", "filter", "reg", "zipit_alpha", "zipit_beta", "regmean_alpha", "output_map")
+                 "stop_layer", "t", "filter", "reg", "zipit_alpha", "zipit_beta", "regmean_alpha", "output_map",
+                 "patience")
 
 
 def cmd_merge(args) -> None:
@@ -368,7 +374,7 @@ def cmd_merge(args) -> None:
     merged = merge(models, args.per_task, method=args.method, seed=args.seed, augment=args.augment,
                    engine=engine, calibrate=args.calibrate, select=selection.parse(args.select),
                    checkpoint_every=args.checkpoint_every or 0, checkpoint_dir=resume_dir, resume=args.resume,
-                   keep_checkpoint=True, **options)
+                   keep_checkpoint=True, held_out=args.held_out, **options)
     merged.meta["command"] = _command_line()
     merged.save(args.out)
     if any(hf):            # also what transformers loads: OUT/hf/backbone and OUT/hf/<task>

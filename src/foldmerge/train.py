@@ -24,6 +24,25 @@ DIVERGED_FACTOR = 100.0
 
 class TrainingDiverged(ValueError):
     """Training's loss became non-finite or grew far past its start; the message says when."""
+
+
+@dataclass
+class EarlyStop:
+    """Early stopping on held-out data (FS-Merge paper F.8): `loss()` (no gradients needed) is
+    scored after every epoch; training stops once it has not improved for `patience` epochs (None:
+    runs every epoch), and the parameters of the best epoch are put back. `fit` fills in
+    `best_epoch` (1-based; 0: the start was best), `best_loss` and `epochs_run`."""
+    loss: Callable[[], float]
+    patience: int | None = 20
+    best_epoch: int = 0
+    best_loss: float = math.inf
+    epochs_run: int = 0
+
+    def as_dict(self) -> dict:
+        return {"patience": self.patience, "best_epoch": self.best_epoch, "best_loss": self.best_loss,
+                "epochs_run": self.epochs_run}
+
+
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -121,11 +140,13 @@ def capture_fits():
 
 
 def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tensor],
-        data: Sequence[torch.Tensor], cfg: TrainConfig, desc: str = "training") -> list[float]:
+        data: Sequence[torch.Tensor], cfg: TrainConfig, desc: str = "training",
+        early_stop: EarlyStop | None = None) -> list[float]:
     """Minimize loss_fn(*batch) over `data` (tensors sharing their first dimension).
 
     Returns the mean loss of every epoch. Under an `engine.Engine` run the batch is shared
     among the ranks and their gradients averaged (see engine.py); otherwise plain PyTorch.
+    `early_stop`: stop on a held-out loss and keep the best epoch's parameters (`EarlyStop`).
     """
     params = [p for p in params if p.requires_grad]
     if _captured is not None:
@@ -133,6 +154,10 @@ def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tenso
         return []
     from . import checkpoint
     ck = checkpoint.active()
+    if ck and early_stop is not None:
+        raise ValueError("early stopping on held-out data does not combine with checkpoints / --resume")
+    if early_stop is not None:
+        best = _held_out(early_stop, params, 0, None)
     idx = ck.begin() if ck else None
     if ck:
         done = ck.restore_finished(idx, params)
@@ -169,9 +194,28 @@ def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tenso
                 progress.advance(1, **info)
             if ck and ck.due(epoch + 1, cfg.epochs):
                 ck.save(idx, epoch + 1, step, params, opt, g, history)
+            if early_stop is not None:
+                best = _held_out(early_stop, params, epoch + 1, best)
+                if early_stop.patience is not None and epoch + 1 - early_stop.best_epoch >= early_stop.patience:
+                    break
+    if early_stop is not None:
+        with torch.no_grad():               # the best epoch's parameters
+            for p, b in zip(params, best):
+                p.copy_(b)
     if ck:
         ck.finish(idx, params, history)
     return history
+
+
+def _held_out(stop: EarlyStop, params, epoch: int, best):
+    """Score the held-out loss after `epoch`; a copy of the parameters if it is the best so far."""
+    with torch.no_grad():
+        loss = float(stop.loss())
+    stop.epochs_run = epoch
+    if best is None or loss < stop.best_loss:
+        stop.best_loss, stop.best_epoch = loss, epoch
+        return [p.detach().clone() for p in params]
+    return best
 
 
 def _check_diverged(history: list[float], cfg: TrainConfig, desc: str) -> None:

@@ -125,7 +125,7 @@ def reconstruction_loss(recon: list[torch.Tensor], targets: list[torch.Tensor], 
 
 def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, owner: torch.Tensor | None,
                        cfg: TrainConfig, target_scale, desc: str, inputs: list[torch.Tensor] | None = None,
-                       through: list | None = None) -> list[float]:
+                       through: list | None = None, held_out=None, early_stop=None) -> list[float]:
     """The objective and loop FS-Merge global and distillation share.
 
     `features(*batch_inputs)` gives the merged features f*; `output_map` (a FoldMap, unmerge
@@ -139,6 +139,9 @@ def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, ow
     `through` (FS-Merge seq.): one (block, A) per source: source k is reconstructed as
     A · U[block] f* with a fixed matrix A (None: U[block] f* itself, one source per block).
     A source reached through A is scaled by scaling A, so several may share a block.
+
+    `held_out` (x, owner) with `early_stop` (a `train.EarlyStop`): the same loss on held-out
+    inputs, f* computed by `features` on them alone, scored after every epoch (paper F.8).
     """
     targets = [teacher_features(m, x) for m in models]
     scales = target_scales(targets, target_scale)
@@ -156,10 +159,21 @@ def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, ow
         recon = [blocks[b] if a is None else blocks[b] @ a.T for b, a in links]
         return reconstruction_loss(recon, list(batch[m:m + n]), ob)
 
+    if early_stop is not None:
+        xh, oh = held_out
+        held_targets = [teacher_features(m, xh) * s for m, s in zip(models, scales)]
+
+        def held_loss():
+            merged = torch.cat([features(part) for part in xh.split(CHUNK)])
+            blocks = unmerge_features(output_map, merged)
+            recon = [blocks[b] if a is None else blocks[b] @ a.T for b, a in links]
+            return reconstruction_loss(recon, held_targets, oh)
+        early_stop.loss = held_loss
+
     for b, s in own_blocks:
         output_map.scale_block(b, s)
     try:
-        return fit(params, loss_fn, args, cfg, desc=desc)
+        return fit(params, loss_fn, args, cfg, desc=desc, early_stop=early_stop)
     finally:
         for b, s in own_blocks:
             output_map.scale_block(b, 1.0 / s)
@@ -194,3 +208,22 @@ def training_config(given: dict, defaults: dict, schedule: str, seed: int):
 def resolve(given: dict, defaults: dict) -> dict:
     """`given` with every None replaced by its default."""
     return {k: defaults[k] if v is None else v for k, v in given.items()}
+
+
+# held-out epochs without improvement before training stops (with held-out data, paper F.8)
+PATIENCE = 20
+
+
+def early_stopping(models, held_out, own_task: bool, patience: int | None):
+    """((x, owner), EarlyStop) for per-model held-out inputs (None: (None, None), no early stopping)."""
+    from ..train import EarlyStop
+    if held_out is None:
+        if patience is not None:
+            raise ValueError("patience applies only with held-out data (held_out / --held-out)")
+        return None, None
+    if len(held_out) != len(models) or any(len(h) == 0 for h in held_out):
+        raise ValueError(f"held-out data needs a non-empty tensor per model ({len(models)})")
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise ValueError(f"patience must be a positive number of epochs, got {patience!r}")
+    x, owner = cat_with_owner(list(held_out))
+    return (x, owner if own_task else None), EarlyStop(loss=None, patience=PATIENCE if patience is None else patience)

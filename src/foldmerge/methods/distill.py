@@ -31,7 +31,8 @@ import torch
 
 from ..foldable import FoldMap
 from ..model import TaskModel
-from .common import (cat_with_owner, check_same_backbone, default_targets, fit_reconstruction, training_config,
+from .common import (cat_with_owner, check_same_backbone, default_targets, early_stopping, fit_reconstruction,
+                     training_config,
                      training_defaults)
 
 INITS = ("first", "average", "regmean", "random")
@@ -69,7 +70,7 @@ def merge(models, data, init: str | None = None, epochs: int | None = None, lr: 
           momentum: float | None = None, schedule: str = "cosine", warmup: float | None = None,
           weight_decay: float | None = None, targets: str | None = None, target_scale=None,
           batch_size: int | None = None, optimizer: str | None = None, output_map: str | None = None,
-          regmean_alpha: float | None = None, seed: int = 0):
+          regmean_alpha: float | None = None, seed: int = 0, held_out=None, patience: int | None = None):
     check_same_backbone(models, "distillation")
     # as FS-Merge: every source's features for chains of layers (MLPs), only the own task's for
     # architectures with a residual stream (transformers)
@@ -97,11 +98,12 @@ def merge(models, data, init: str | None = None, epochs: int | None = None, lr: 
     u.weight.requires_grad_(output_map == "learned")
 
     x, owner = cat_with_owner(data)
+    held, stop = early_stopping(models, held_out, targets == "own-task", patience)
     start = time.perf_counter()
     learned = list(student.backbone.parameters()) + [q for q in u.parameters() if q.requires_grad]
     history = fit_reconstruction(learned, student.features,
                                  u, models, x, owner if targets == "own-task" else None, cfg, target_scale,
-                                 "distillation")
+                                 "distillation", held_out=held, early_stop=stop)
     student.eval()
     if output_map == "learned":                     # a fixed U is [I; I; …]: the heads stay as they are
         with torch.no_grad():
@@ -115,5 +117,6 @@ def merge(models, data, init: str | None = None, epochs: int | None = None, lr: 
         "initial_loss": history[0] if history else None, "final_loss": history[-1] if history else None,
         "merge_examples": [len(d) for d in data],
         **({"regmean_alpha": regmean_alpha} if init == "regmean" else {}),
+        **({"early_stop": {**stop.as_dict(), "held_out_examples": [len(t) for t in held_out]}} if stop else {}),
     }
     return student

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from ..foldable import gather_params, merge_features, unmerge_features
 from ..supernet import SuperNet
 from ..train import fit
-from .common import (cat_with_owner, default_targets, fit_reconstruction, reconstruction_loss, sources_spec,
+from .common import (cat_with_owner, default_targets, early_stopping, fit_reconstruction, reconstruction_loss, sources_spec,
                      target_scales, training_config, training_defaults)
 
 # Appendix E.1, bold values of the MNIST grid.
@@ -53,7 +53,7 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
           momentum: float | None = None, schedule: str = "cosine", warmup: float | None = None,
           weight_decay: float | None = None, targets: str | None = None, target_scale=None, form: str = "folded",
           seed: int = 0, batch_size: int | None = None, optimizer: str | None = None, zipit_alpha: float | None = None,
-          zipit_beta: float | None = None, last_epochs: int | None = None):
+          zipit_beta: float | None = None, last_epochs: int | None = None, held_out=None, patience: int | None = None):
     if variant not in DEFAULTS:
         raise ValueError(f"FS-Merge variant must be 'local', 'global' or 'seq', got {variant!r}")
     if last_epochs is not None and variant != "seq":
@@ -72,6 +72,8 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
         from . import zipit
         zipit_alpha, zipit_beta = zipit.resolve(spec, zipit_alpha, zipit_beta)
     torch.manual_seed(seed)
+    if variant == "seq" and held_out is not None:
+        raise ValueError("early stopping on held-out data applies to FS-Merge global, not seq.")
     if variant == "seq":
         return _merge_seq(models, data, widths, param, init, targets, target_scale, form, cfg, last_epochs, seed)
     if init == "zipit":
@@ -80,12 +82,15 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
         supernet = SuperNet(models, widths=widths, param=param, init=init, seed=seed)
     x, owner = cat_with_owner(data)
     start = time.perf_counter()
+    held, stop = early_stopping(models, held_out, targets == "own-task", patience)
     if variant == "local":
+        if stop is not None:
+            raise ValueError("early stopping on held-out data applies to FS-Merge global, not local")
         history = _train_local(supernet, models, x, owner if targets == "own-task" else None,
                                cfg, target_scale)
     else:
         history = _train_global(supernet, models, x, owner if targets == "own-task" else None,
-                                cfg, target_scale, form)
+                                cfg, target_scale, form, held_out=held, early_stop=stop)
     merged = supernet.fold()
     merged.meta = {
         "method": "fs-merge", "variant": variant, "param": param, "init": init, "targets": targets,
@@ -96,6 +101,7 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
         "final_loss": history[-1] if history else None,
         "initial_loss": history[0] if history else None,
         "merge_examples": [len(t) for t in data],
+        **({"early_stop": {**stop.as_dict(), "held_out_examples": [len(t) for t in held_out]}} if stop else {}),
     }
     return merged
 
@@ -151,13 +157,15 @@ def _zipit_supernet(models, data, widths, param, seed, alpha, beta):
     return supernet
 
 
-def _train_global(supernet, models, x, owner, cfg, target_scale, form, through=None, desc="FS-Merge global"):
+def _train_global(supernet, models, x, owner, cfg, target_scale, form, through=None, desc="FS-Merge global",
+                  held_out=None, early_stop=None):
     # The input is fixed: layers that read it (an MLP's first layer) start every step from the
     # sources' outputs on it, computed once (same function, much less work per step).
     fixed = supernet.fixed_inputs(x)
-    if fixed is None:
+    stop = {"held_out": held_out, "early_stop": early_stop}
+    if fixed is None or early_stop is not None:     # held-out f* is computed from its inputs alone
         return fit_reconstruction(supernet.parameters(), lambda xb: supernet(xb, form=form), supernet.output_map,
-                                  models, x, owner, cfg, target_scale, desc, through=through)
+                                  models, x, owner, cfg, target_scale, desc, through=through, **stop)
     return fit_reconstruction(supernet.parameters(), lambda xb, *zb: supernet(xb, form=form, fixed=list(zb)),
                               supernet.output_map, models, x, owner, cfg, target_scale, desc,
                               inputs=[x, *fixed], through=through)
