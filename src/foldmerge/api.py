@@ -93,7 +93,7 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
     # the call as made (arguments left at their defaults are not named; meta holds what they resolved to)
     call = {k: v for k, v in {"function": "foldmerge.merge", "data": describe(data), "method": method, "seed": seed,
                               "augment": augment, "calibrate": calibrate, "select": describe(select),
-                              "held_out": held_out or None,
+                              "held_out": describe(held_out) if held_out else None,
                               "options": describe(options)}.items() if v is not None}
     if calibrate not in CALIBRATE:
         raise ValueError(f"calibrate must be one of {', '.join(CALIBRATE)}, got {calibrate!r}")
@@ -121,16 +121,22 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
         raise ValueError("augment applies to a drawn sample (data as an int), not to given tensors")
     _check_data(models, data)
     fn = get_method(method)             # resolved once; an unknown method fails here, before any launch
-    if isinstance(held_out, bool) or not isinstance(held_out, int) or held_out < 0:
-        raise ValueError(f"held_out must be an integer >= 0, got {held_out!r}")
-    if held_out:
+    given = isinstance(held_out, (list, tuple))
+    if not given and (isinstance(held_out, bool) or not isinstance(held_out, int) or held_out < 0):
+        raise ValueError(f"held_out must be an integer >= 0 or per-model tensors, got {held_out!r}")
+    if given or held_out:
         import inspect
         if "held_out" not in inspect.signature(fn).parameters:
             raise ValueError(f"held-out early stopping applies to fs-merge and distill, not to {method!r}")
-        if "per_task" not in sample:
-            raise ValueError("held_out applies to a drawn sample (data as an int), not to given tensors")
-        options = {**options, "held_out": held_out_sample(models, sample["per_task"], held_out, seed)}
-        sample["held_out"] = held_out
+        if given:
+            _check_data(models, list(held_out))
+            sample["held_out"] = [len(h) for h in held_out]
+        elif "per_task" not in sample:
+            raise ValueError("held_out as a count applies to a drawn sample (data as an int); give tensors instead")
+        else:
+            sample["held_out"] = held_out
+            held_out = held_out_sample(models, sample["per_task"], held_out, seed)
+        options = {**options, "held_out": list(held_out)}
     ck = _checkpoint(models, data, method, seed, sample, calibrate, select, options, engine,
                      checkpoint_every, checkpoint_dir, resume)
     from .checkpoint import checkpointing

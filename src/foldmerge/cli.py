@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-task", default="mnist/transpose",
                    help="ViT: task of the 'pre-training' stage before fine-tuning (default mnist/transpose)")
     p.add_argument("--limit", type=count(1), default=None, help="ViT: cap the training images per stage")
+    p.add_argument("--from", dest="start", metavar="HF_DIR",
+                   help="BERT: fine-tune from this Hugging Face BertModel directory (a pre-trained start, e.g. "
+                        "all-MiniLM-L6-v2); its sizes replace --width/--depth/--heads")
     p.add_argument("--seeds", nargs="+", type=count(0), default=None, help="one seed per task (default 0, 1, …)")
     p.add_argument("--epochs", type=count(0), default=None, help="default: paper E.1 (1 or 2; 10 for fmnist)")
     p.add_argument("--lr", type=real(positive=True), default=None, help="default: paper E.1 (0.01; 0.001 for fmnist)")
@@ -207,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="runs/bench", help="cache for source models (default runs/bench)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     b.add_argument("--threads", type=count(1), default=None, help="torch CPU threads (default: torch's choice)")
+    b = bench.add_parser("text", help="FS-Merge paper F.6/F.8/F.4: BERT pairs (from scratch, or one MiniLM start)")
+    b.add_argument("--setting", choices=["scratch", "minilm"], default="scratch",
+                   help="scratch: small BERTs from distinct seeds; minilm: all-MiniLM-L6-v2 fine-tuned per task")
+    b.add_argument("--pairs", type=count(1), default=None, help="how many of the task pairs (default all: 2)")
+    b.add_argument("--methods", nargs="+", help="only these rows or methods (default: all)")
+    b.add_argument("--sweep", action="store_true", help="also F.8's data-count sweep on the first pair")
+    b.add_argument("--out", default="runs/bench", help="cache for source models (default runs/bench)")
+    b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
+    b.add_argument("--threads", type=count(1), default=None, help=argparse.SUPPRESS)
     b = bench.add_parser("vit", help="FS-Merge paper 3.2: ViT pairs from different inits and tasks")
     b.add_argument("--setting", choices=["pairs16", "pairs100", "groups4", "groups8"], default="pairs16")
     b.add_argument("--pairs", "--groups", dest="pairs", type=count(1), default=None,
@@ -285,6 +297,9 @@ def cmd_train_sources(args) -> None:
         from .bench.vit import VIT
         config = {**VIT, "width": args.width, "depth": args.depth, "heads": args.heads,
                   "mlp_dim": args.mlp_dim or 2 * args.width}
+    elif args.arch == "bert" and args.start:
+        from .hf import load_backbone
+        config = load_backbone(args.start)[0]
     elif args.arch == "bert":             # the vocabulary and length of the text tasks' tokens
         from .data.texts import MAX_TOKENS, tokenizer
         config = {"vocab_size": tokenizer().get_vocab_size(), "hidden_size": args.width,
@@ -292,6 +307,8 @@ def cmd_train_sources(args) -> None:
                   "intermediate_size": args.mlp_dim or 4 * args.width, "max_position_embeddings": MAX_TOKENS}
     else:
         config = {"hidden": args.hidden}
+    if args.start and args.arch != "bert":
+        raise ValueError("--from (a Hugging Face start) applies to --arch bert")
     rows = []
     from .checkpoint import Checkpoint, checkpoint_dir, checkpointing
     for task, seed, path in zip(tasks, seeds, paths):
@@ -305,12 +322,12 @@ def cmd_train_sources(args) -> None:
             if args.checkpoint_every or resuming:
                 fingerprint = {"task": task.name, "seed": seed, "arch": args.arch, "config": config,
                                "epochs": args.epochs, "lr": args.lr, "limit": args.limit,
-                               "pretrain_task": args.pretrain_task}
+                               "pretrain_task": args.pretrain_task, "start": args.start}
                 ck = Checkpoint(resume_dir, args.checkpoint_every, fingerprint, resume=resuming)
             with checkpointing(ck):
                 if args.arch == "bert":
                     from .sources import train_bert_source
-                    model = train_bert_source(task, config, seed, limit=args.limit,
+                    model = train_bert_source(task, config, seed, limit=args.limit, start=args.start,
                                               **({} if args.epochs is None else {"epochs": args.epochs}),
                                               **({"lr": args.lr} if args.lr else {}))
                 elif args.arch == "vit":
@@ -445,6 +462,11 @@ def cmd_bench(args) -> None:
         return cmd_bench_vit(args)
     if args.bench == "cost":
         return cmd_bench_cost(args)
+    if args.bench == "text":
+        from .bench import text
+        result = text.run_bench(setting=args.setting, pairs=args.pairs, methods=args.methods, sweep=args.sweep,
+                                out=args.out)
+        return _report_bench(result, args, text.print_report)
     if args.bench == "select":
         from .bench import selection
         result = selection.run_bench(settings=args.settings, methods=args.methods, out=args.out)

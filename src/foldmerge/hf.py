@@ -25,7 +25,8 @@ import torch
 
 from .io import ModelFileError
 
-CLASSES = {"BertForSequenceClassification"}
+CLASSES = {"BertForSequenceClassification", "BertModel"}
+HEADLESS = {"BertModel"}            # a backbone alone: a pre-trained start to fine-tune, not a merge input
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 BACKBONE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                  "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id", "hidden_act")
@@ -58,6 +59,31 @@ def _hf_config(path: Path) -> dict:
     return cfg
 
 
+def load_backbone(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(backbone config, state dict in the bert family's names) of a `BertModel` or
+    `BertForSequenceClassification` directory: a pre-trained start (e.g. all-MiniLM-L6-v2) to
+    fine-tune from (`train-sources --from DIR`)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from .io import check_finite
+    path = Path(path)
+    cfg = _hf_config(path)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise ModelFileError(f"{path} has no model.safetensors (foldmerge reads Hugging Face weights as safetensors)")
+    try:
+        raw = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise ModelFileError(f"{weights}: cannot read it: {str(e).splitlines()[0][:200]}") from None
+    state = {}
+    for k, v in raw.items():
+        name = k[len("bert."):] if k.startswith("bert.") else k
+        if name.startswith(("embeddings.", "encoder.", "pooler.")) and "position_ids" not in name:
+            state[f"bert.{name}"] = v
+    check_finite(state, str(path))
+    return {k: cfg[k] for k in BACKBONE_KEYS if k in cfg}, state
+
+
 def load_hf(path: str | os.PathLike, task=None):
     """A `BertForSequenceClassification` directory as a one-head TaskModel of the bert family."""
     from transformers import BertForSequenceClassification
@@ -66,6 +92,10 @@ def load_hf(path: str | os.PathLike, task=None):
     from .model import TaskModel
     path = Path(path)
     cfg = _hf_config(path)
+    if cfg["architectures"][0] in HEADLESS:
+        raise ModelFileError(f"{path} is a {cfg['architectures'][0]} without a classification head: a merge input "
+                             f"needs one; fine-tune it first (foldmerge train-sources --arch bert --from {path} "
+                             "--tasks …)")
     task = task or cfg.get("foldmerge_task")
     if task is None:
         raise ModelFileError(f"{path}: say which task it was trained on (e.g. bbc:0-2); its config does not")

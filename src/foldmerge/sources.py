@@ -5,6 +5,8 @@ Fashion-MNIST: 10 epochs at lr 0.001. Each model starts from its own seed.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch.nn import functional as F
 
@@ -73,22 +75,28 @@ def train_vit_source(task: Task | str, config: dict, seed: int, pretrain_task: T
 
 def train_bert_source(task: Task | str, config: dict, seed: int, pretrain_task: Task | str | None = None,
                       pretrain_epochs: int = 3, epochs: int = 3, lr: float = 1e-3, batch_size: int = 32,
-                      weight_decay: float = 0.01, limit: int | None = None) -> TaskModel:
+                      weight_decay: float = 0.01, limit: int | None = None, start: str | None = None) -> TaskModel:
     """A BERT source (Hugging Face `BertModel` from a config) from `seed`, optionally "pre-trained"
-    on a first task, fine-tuned on `task` with a linear head, as `BertForSequenceClassification`."""
+    on a first task, fine-tuned on `task` with a linear head, as `BertForSequenceClassification`.
+    `start`: a Hugging Face BERT directory (e.g. all-MiniLM-L6-v2) whose weights and sizes the
+    backbone starts from instead (`config` is then ignored; the head is new, from `seed`)."""
+    init_state = None
+    if start is not None:
+        from .hf import load_backbone
+        config, init_state = load_backbone(start)
     return train_staged_source("bert", task, config, seed, pretrain_task, pretrain_epochs, epochs, lr, batch_size,
-                               weight_decay, limit, head="linear")
+                               weight_decay, limit, head="linear", init_state=init_state, start=start)
 
 
 def train_staged_source(arch: str, task: Task | str, config: dict, seed: int, pretrain_task, pretrain_epochs: int,
                         epochs: int, lr: float, batch_size: int, weight_decay: float, limit: int | None,
-                        head: str) -> TaskModel:
+                        head: str, init_state: dict | None = None, start: str | None = None) -> TaskModel:
     """A transformer source in one or two stages from `seed`: the backbone trained on
     `pretrain_task` (if any), then on `task` with a new head. AdamW, cosine schedule."""
     task = Task.parse(task)
     stages = ([(Task.parse(pretrain_task), pretrain_epochs)] if pretrain_task is not None else []) + [(task, epochs)]
     torch.manual_seed(seed)
-    backbone_state = None
+    backbone_state = init_state
     accuracies = {}
     for k, (t, n_epochs) in enumerate(stages):
         model = TaskModel(arch, dict(config), [t], head=head)
@@ -101,6 +109,7 @@ def train_staged_source(arch: str, task: Task | str, config: dict, seed: int, pr
         backbone_state = model.backbone.state_dict()
         accuracies[t.name] = evaluate(model, [t], split="val")["per_task_mean"]
     model.meta = {"kind": "source", "task": task.name, "seed": seed,
+                  **({"start": str(Path(start).resolve())} if start else {}),
                   "pretrain_task": stages[0][0].name if len(stages) > 1 else None,
                   "val_accuracy": accuracies[task.name], "pretrain_val_accuracy": accuracies.get(stages[0][0].name)
                   if len(stages) > 1 else None,
