@@ -88,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("merge", help="merge source models into one model with every task's head")
-    p.add_argument("models", nargs="+", help="model directories (from train-sources or merge)")
+    p.add_argument("models", nargs="+", help="model directories (from train-sources or merge, or Hugging Face "
+                                              "directories)")
+    p.add_argument("--config", metavar="FILE", help="a YAML file naming models, method, options and out "
+                                                    "(foldmerge.config); flags given after it override it")
     p.add_argument("--method", default="fs-merge",
                    help="fs-merge | distill | average | slerp | regmean | zipit | permute | opt")
     p.add_argument("--variant", choices=["local", "global", "seq"],
@@ -526,9 +529,30 @@ COMMANDS = {"train-sources": cmd_train_sources, "merge": cmd_merge, "eval": cmd_
             "bench": cmd_bench}
 
 
+def _expand_config(argv: list[str], parser) -> list[str]:
+    """`merge --config FILE [flags]` -> the merge command line FILE stands for, then those flags."""
+    if argv[:1] != ["merge"]:
+        return argv
+    for i, a in enumerate(argv):
+        if a == "--config" or a.startswith("--config="):
+            value = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else None)
+            if value is None:
+                raise ValueError("--config needs a file")
+            rest = argv[1:i] + argv[i + (1 if "=" in a else 2):]
+            from .config import config_argv
+            return config_argv(value, parser) + rest
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        argv = _expand_config(list(sys.argv[1:] if argv is None else argv), parser)
+    except ValueError as e:
+        print(f"foldmerge: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        args = parser.parse_args(argv)
     except SystemExit as e:            # a bad argument (one line said), --help or --version
         return e.code if isinstance(e.code, int) else 2
     if args.threads:
