@@ -1,18 +1,20 @@
-"""Hugging Face directories in and out (BERT): merge the models users keep as `save_pretrained` folders.
+"""Hugging Face directories in and out (BERT, ViT): merge the models users keep as `save_pretrained` folders.
 
-In: `load_hf(dir, task)` reads a `BertForSequenceClassification` directory (its `config.json`
-names the class; weights through `from_pretrained(dir, local_files_only=True)`, safetensors,
-never remote code) as a one-head TaskModel of the `bert` family: the backbone is its `bert`,
-the head its `classifier`. The task (the data its unlabeled merge sample is drawn from, e.g.
+In: `load_hf(dir, task)` reads a `BertForSequenceClassification` or `ViTForImageClassification`
+directory (its `config.json` names the class; weights through `from_pretrained(dir,
+local_files_only=True)`, safetensors, never remote code) as a one-head TaskModel of the `bert` /
+`hf-vit` family: the backbone is its `bert` / `vit`, the head its `classifier`. A `BertModel`
+directory (no head, e.g. all-MiniLM-L6-v2) is a start to fine-tune from (`load_backbone`,
+`train-sources --from`); a `ViTModel` one is refused as a merge input with the reason. The task (the data its unlabeled merge sample is drawn from, e.g.
 `bbc:0-2`) is given, or read from the `foldmerge_task` key a directory written here carries.
 
 Out: `save_hf(merged, out, sources)` writes what standard code loads:
-  OUT/backbone/        the merged `BertModel` (`save_pretrained`, safetensors)
-  OUT/<task>/          per task a `BertForSequenceClassification` whose classifier is that task's
+  OUT/backbone/        the merged `BertModel` / `ViTModel` (`save_pretrained`, safetensors)
+  OUT/<task>/          per task a `…ForSequenceClassification` / `…ForImageClassification` whose classifier is that task's
                        merged head (the folded U inside it), `id2label` kept from its source,
-                       so `AutoModelForSequenceClassification.from_pretrained(OUT/<task>)` gives
+                       so `AutoModelFor…Classification.from_pretrained(OUT/<task>)` gives
                        the merged model's predictions for that task
-and copies the tokenizer files of the first source into each.
+and copies the tokenizer (or image processor) files of the first source into each.
 """
 from __future__ import annotations
 
@@ -25,11 +27,18 @@ import torch
 
 from .io import ModelFileError
 
-CLASSES = {"BertForSequenceClassification", "BertModel"}
-HEADLESS = {"BertModel"}            # a backbone alone: a pre-trained start to fine-tune, not a merge input
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Hugging Face class -> (our family, the attribute holding its backbone, the backbone's own class);
+# a backbone class alone (no head) is a pre-trained start to fine-tune, not a merge input
+CLASSES = {"BertForSequenceClassification": ("bert", "bert", "BertModel"),
+           "ViTForImageClassification": ("hf-vit", "vit", "ViTModel")}
+HEADLESS = {"BertModel", "ViTModel"}
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "preprocessor_config.json")          # the last: an image processor's
 BACKBONE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                  "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id", "hidden_act")
+CONFIG_KEYS = {"bert": BACKBONE_KEYS,
+               "hf-vit": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
+                          "patch_size", "num_channels", "layer_norm_eps", "hidden_act", "qkv_bias")}
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
@@ -53,9 +62,9 @@ def _hf_config(path: Path) -> dict:
         raise ModelFileError(f"{path} needs trust_remote_code (its config has auto_map); foldmerge never runs "
                              "a model's own code")
     arch = (cfg.get("architectures") or ["?"])[0]
-    if arch not in CLASSES:
+    if arch not in CLASSES and arch not in HEADLESS:
         raise ModelFileError(f"{path}: Hugging Face class {arch} (model_type {cfg.get('model_type')!r}) has no merge "
-                             f"spec here; supported: {', '.join(sorted(CLASSES))}")
+                             f"spec here; supported: {', '.join(sorted(set(CLASSES) | HEADLESS))}")
     return cfg
 
 
@@ -68,6 +77,8 @@ def load_backbone(path: str | os.PathLike) -> tuple[dict, dict]:
     from .io import check_finite
     path = Path(path)
     cfg = _hf_config(path)
+    if cfg["architectures"][0] not in ("BertModel", "BertForSequenceClassification"):
+        raise ModelFileError(f"{path}: a pre-trained start must be a BERT (BertModel), not a {cfg['architectures'][0]}")
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise ModelFileError(f"{path} has no model.safetensors (foldmerge reads Hugging Face weights as safetensors)")
@@ -85,17 +96,19 @@ def load_backbone(path: str | os.PathLike) -> tuple[dict, dict]:
 
 
 def load_hf(path: str | os.PathLike, task=None):
-    """A `BertForSequenceClassification` directory as a one-head TaskModel of the bert family."""
-    from transformers import BertForSequenceClassification
+    """A `BertForSequenceClassification` / `ViTForImageClassification` directory as a one-head
+    TaskModel of the bert / hf-vit family."""
+    import transformers
     from .data import Task
     from .io import check_finite
     from .model import TaskModel
     path = Path(path)
     cfg = _hf_config(path)
     if cfg["architectures"][0] in HEADLESS:
+        how = (f"foldmerge train-sources --arch bert --from {path} --tasks …" if cfg["architectures"][0] == "BertModel"
+               else "as a ViTForImageClassification")
         raise ModelFileError(f"{path} is a {cfg['architectures'][0]} without a classification head: a merge input "
-                             f"needs one; fine-tune it first (foldmerge train-sources --arch bert --from {path} "
-                             "--tasks …)")
+                             f"needs one; fine-tune it first ({how})")
     task = task or cfg.get("foldmerge_task")
     if task is None:
         raise ModelFileError(f"{path}: say which task it was trained on (e.g. bbc:0-2); its config does not")
@@ -103,13 +116,21 @@ def load_hf(path: str | os.PathLike, task=None):
     labels = cfg.get("id2label") or {}
     if labels and len(labels) != task.num_classes:
         raise ModelFileError(f"{path} has {len(labels)} labels but task {task} has {task.num_classes} classes")
+    family, attr, _ = CLASSES[cfg["architectures"][0]]
+    if task.is_text != (family == "bert"):
+        raise ModelFileError(f"{path} is a {cfg['architectures'][0]}, but task {task} is "
+                             f"{'text' if task.is_text else 'images'}")
+    cls = getattr(transformers, cfg["architectures"][0])
     try:
-        hf = BertForSequenceClassification.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        hf = cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelFileError(f"{path}: cannot load it: {str(e).strip().splitlines()[0][:200]}") from None
-    backbone = {k: cfg[k] for k in BACKBONE_KEYS if k in cfg}
-    model = TaskModel("bert", backbone, [task])
-    state = {f"bert.{k}": v for k, v in hf.bert.state_dict().items() if "position_ids" not in k}
+    backbone = {k: cfg[k] for k in CONFIG_KEYS[family] if k in cfg}
+    try:
+        model = TaskModel(family, backbone, [task])
+    except ValueError as e:
+        raise ModelFileError(f"{path}: {str(e).splitlines()[0]}") from None
+    state = {f"{attr}.{k}": v for k, v in getattr(hf, attr).state_dict().items() if "position_ids" not in k}
     check_finite({**state, "classifier.weight": hf.classifier.weight}, str(path))
     try:
         _load_exact(model.backbone, state)
@@ -139,19 +160,25 @@ def check_tokenizers(paths) -> None:
 def save_hf(merged, out: str | os.PathLike, sources=()) -> Path:
     """The merged backbone and one classifier directory per task (module docstring), written beside
     and renamed into place."""
-    from transformers import BertForSequenceClassification, BertModel
-    from .arch.bert import hf_config
+    import transformers
     from .io import check_finite, swap_in, tmp_beside
     from .sources import source_dirname
-    if merged.arch != "bert":
-        raise ValueError(f"Hugging Face output is for BERTs; this model is a {merged.arch}")
+    kinds = {family: (name, attr, base) for name, (family, attr, base) in CLASSES.items()}
+    if merged.arch not in kinds:
+        raise ValueError(f"Hugging Face output is for the bert and hf-vit families; this model is a {merged.arch}")
+    name, attr, base_name = kinds[merged.arch]
+    if merged.arch == "bert":
+        from .arch.bert import hf_config
+    else:
+        from .arch.hf_vit import hf_config
+    cls, base_cls = getattr(transformers, name), getattr(transformers, base_name)
     out = Path(out).resolve()
     check_finite(merged.state_dict(), f"refusing to save {out}")
     tmp = tmp_beside(out)
     try:
         config = hf_config(merged.backbone_config)
-        bert_state = {k[len("bert."):]: v for k, v in merged.backbone.state_dict().items()}
-        base = BertModel(config)
+        bert_state = {k[len(attr) + 1:]: v for k, v in merged.backbone.state_dict().items()}
+        base = base_cls(config, add_pooling_layer=False) if merged.arch == "hf-vit" else base_cls(config)
         _load_exact(base, bert_state)
         base.save_pretrained(tmp / "backbone", safe_serialization=True)
         first = next((Path(s.meta["path"]) for s in sources if s.meta.get("path")), None)
@@ -163,8 +190,8 @@ def save_hf(merged, out: str | os.PathLike, sources=()) -> Path:
             cfg.id2label = {int(k): v for k, v in labels.items()}
             cfg.label2id = {v: int(k) for k, v in cfg.id2label.items()}
             cfg.foldmerge_task = task.name
-            hf = BertForSequenceClassification(cfg)
-            _load_exact(hf.bert, bert_state)
+            hf = cls(cfg)
+            _load_exact(getattr(hf, attr), bert_state)
             with torch.no_grad():
                 hf.classifier.weight.copy_(merged.heads[i].weight)
                 hf.classifier.bias.copy_(merged.heads[i].bias)
@@ -186,4 +213,4 @@ def _load_exact(module, state) -> None:
     result = module.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if "position_ids" not in k]
     if missing or result.unexpected_keys:
-        raise ValueError(f"weights do not match the BERT layout ({(missing or result.unexpected_keys)[0]})")
+        raise ValueError(f"weights do not match the model's layout ({(missing or result.unexpected_keys)[0]})")

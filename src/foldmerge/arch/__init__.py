@@ -16,8 +16,8 @@ _FAMILIES: dict[str, Callable] = {}
 
 def _builtin() -> dict[str, Callable]:
     if not _FAMILIES:
-        from . import bert, mlp, vit
-        _FAMILIES.update({"mlp": mlp.spec, "vit": vit.spec, "bert": bert.spec})
+        from . import bert, hf_vit, mlp, vit
+        _FAMILIES.update({"mlp": mlp.spec, "vit": vit.spec, "bert": bert.spec, "hf-vit": hf_vit.spec})
     return _FAMILIES
 
 

@@ -43,9 +43,15 @@ def cat_with_owner(data: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
 def check_same_backbone(models, method: str) -> None:
     """Parameter-wise methods (average, SLERP, RegMean) need identical backbones and head layouts."""
     sources_arch(models)
-    cfgs = {json.dumps(m.backbone_config, sort_keys=True) for m in models}     # key order is no difference
-    if len(cfgs) != 1:
-        raise ValueError(f"{method} needs identical backbones; got " + " vs ".join(sorted(cfgs)))
+    from ..spec import check_mergeable
+    check_mergeable([m.spec for m in models], [m.backbone_config for m in models])    # the family's own reason first
+    cfgs = [json.dumps(m.backbone_config, sort_keys=True) for m in models]     # key order is no difference
+    if len(set(cfgs)) != 1:
+        a, b = (json.loads(c) for c in cfgs[:1] + [c for c in cfgs if c != cfgs[0]][:1])
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise ValueError(f"{method} needs identical backbones; they differ in {diff[0]} "
+                         f"({a.get(diff[0])} vs {b.get(diff[0])}); FS-Merge and the alignment methods merge "
+                         "different widths")
     if len({m.head_bias for m in models}) != 1:
         raise ValueError(f"{method} needs sources whose heads all have, or all lack, a bias")
 
