@@ -82,6 +82,10 @@ def test_hf_directories_that_cannot_merge_get_one_clear_error(tmp_path):
     (b / "vocab.txt").write_text("different")
     with pytest.raises(ModelFileError, match="tokenizers differ"):
         check_tokenizers([a, b])
+    from transformers import BertConfig, BertModel
+    BertModel(BertConfig(**CFG)).save_pretrained(tmp_path / "headless")
+    with pytest.raises(ModelFileError, match="without a classification head.*--from"):
+        load_hf(tmp_path / "headless", "bbc:3-4")
     deep = hf_dir(tmp_path, "d", 2, ["s", "t"], num_hidden_layers=3)
     with pytest.raises(ValueError, match="layer counts"):
         foldmerge.merge([load_hf(a, "bbc:0-2"), load_hf(deep, "bbc:3-4")], [ids(4)] * 2, method="fs-merge", epochs=1)
