@@ -282,3 +282,14 @@ def resize_transformer(config: dict, widths: list[int], family: str, keys: tuple
     if c[keys[0]] % heads:
         raise ValueError(f"merged width {c[keys[0]]} is not divisible by the {heads} attention heads")
     return c
+
+
+def check_sizes(family: str, sizes: dict, width: str, heads: str) -> None:
+    """A transformer configuration's sizes: positive integers, and `sizes[width]` divisible by
+    `sizes[heads]` attention heads; else one clear error."""
+    bad = [k for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+    if bad:
+        raise ValueError(f"{family} {bad[0]} must be a positive integer, got {sizes[bad[0]]!r}")
+    if sizes[width] % sizes[heads]:
+        raise ValueError(f"{family} {width.replace('_', ' ')} {sizes[width]} is not divisible by its "
+                         f"{sizes[heads]} attention heads")

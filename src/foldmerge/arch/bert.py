@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..spec import ArchSpec, Norm, Param, Probe, Space, resize_transformer
+from ..spec import ArchSpec, Norm, Param, Probe, Space, check_sizes, resize_transformer
 
 DEFAULTS = {"vocab_size": 30522, "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
             "intermediate_size": 512, "max_position_embeddings": 512, "type_vocab_size": 2,
@@ -40,12 +40,7 @@ class Backbone(nn.Module):
         c = {**DEFAULTS, **config}
         sizes = {k: c[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                    "intermediate_size", "max_position_embeddings", "type_vocab_size")}
-        bad = [k for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
-        if bad:
-            raise ValueError(f"BERT {bad[0]} must be a positive integer, got {sizes[bad[0]]!r}")
-        if c["hidden_size"] % c["num_attention_heads"]:
-            raise ValueError(f"BERT hidden size {c['hidden_size']} is not divisible by its "
-                             f"{c['num_attention_heads']} attention heads")
+        check_sizes("BERT", sizes, "hidden_size", "num_attention_heads")
         self.pad_token_id = c["pad_token_id"]
         self.bert = BertModel(hf_config(c), add_pooling_layer=True)
         self.out_dim = c["hidden_size"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..spec import ArchSpec, Norm, Param, Probe, Space, resize_transformer
+from ..spec import ArchSpec, Norm, Param, Probe, Space, check_sizes, resize_transformer
 
 DEFAULTS = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 128,
             "image_size": 28, "patch_size": 7, "num_channels": 1, "layer_norm_eps": 1e-12, "hidden_act": "gelu",
@@ -38,12 +38,7 @@ class Backbone(nn.Module):
         c = {**DEFAULTS, **config}
         sizes = {k: c[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                                    "image_size", "patch_size", "num_channels")}
-        bad = [k for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
-        if bad:
-            raise ValueError(f"ViT {bad[0]} must be a positive integer, got {sizes[bad[0]]!r}")
-        if c["hidden_size"] % c["num_attention_heads"]:
-            raise ValueError(f"ViT hidden size {c['hidden_size']} is not divisible by its "
-                             f"{c['num_attention_heads']} attention heads")
+        check_sizes("ViT", sizes, "hidden_size", "num_attention_heads")
         if not c["qkv_bias"]:
             raise ValueError("the hf-vit spec covers ViTs with query/key/value biases (qkv_bias true)")
         self.vit = ViTModel(hf_config(c), add_pooling_layer=False)

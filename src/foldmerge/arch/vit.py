@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..spec import ArchSpec, Norm, Param, Probe, Space, resize_transformer
+from ..spec import ArchSpec, Norm, Param, Probe, Space, check_sizes, resize_transformer
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -69,11 +69,7 @@ class Backbone(nn.Module):
         super().__init__()
         sizes = {"image_size": image_size, "channels": channels, "patch": patch, "width": width, "depth": depth,
                  "heads": heads, "mlp_dim": mlp_dim, "out_dim": out_dim}
-        bad = [k for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
-        if bad:
-            raise ValueError(f"ViT {bad[0]} must be a positive integer, got {sizes[bad[0]]!r}")
-        if width % heads:
-            raise ValueError(f"ViT width {width} is not divisible by its {heads} attention heads")
+        check_sizes("ViT", sizes, "width", "heads")
         if image_size % patch:
             raise ValueError(f"image size {image_size} is not divisible by the patch size {patch}")
         if depth < 1:
