@@ -32,11 +32,16 @@ def merge_sample(models, per_task: int, seed: int = 0, augment: int = 0) -> list
     for k, m in enumerate(models):
         parts = []
         for i, t in enumerate(m.tasks):
-            s = seed * 1000 + 17 * k + i
+            s = _task_seed(seed, k, i)
             originals = t.sample(per_task, seed=s)
             parts += [originals] + ([expand(t, originals, augment, seed=s)] if augment else [])
         out.append(torch.cat(parts))
     return out
+
+
+def _task_seed(seed: int, model: int, task: int) -> int:
+    """The draw of task `task` of model `model` in a merge seeded `seed` (sample and held-out alike)."""
+    return seed * 1000 + 17 * model + task
 
 
 def held_out_sample(models, per_task: int, held_out: int, seed: int = 0) -> list[torch.Tensor]:
@@ -44,7 +49,7 @@ def held_out_sample(models, per_task: int, held_out: int, seed: int = 0) -> list
     `merge_sample(models, per_task, seed)` drawn with the same seed (the next ones of its draw)."""
     out = []
     for k, m in enumerate(models):
-        out.append(torch.cat([t.sample(per_task + held_out, seed=seed * 1000 + 17 * k + i)[per_task:]
+        out.append(torch.cat([t.sample(per_task + held_out, seed=_task_seed(seed, k, i))[per_task:]
                               for i, t in enumerate(m.tasks)]))
     return out
 

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TOP = ("models", "method", "options", "out")
-
-
 def config_argv(path: str, parser) -> list[str]:
     """The `merge` argument list that the YAML file at `path` stands for."""
     import yaml
@@ -72,13 +69,14 @@ def _merge_parser(parser):
 
 
 def _flag(action, value) -> list[str]:
+    import argparse
     flag = action.option_strings[-1]
     if action.nargs == 0:                      # store_true
         return [flag] if value else []
     if isinstance(value, list):
         if action.nargs in ("+", "*"):
             return [flag, *map(str, value)]
-        if getattr(action, "default", None) == [] or type(action).__name__ == "_AppendAction":
+        if isinstance(action, argparse._AppendAction):
             return [x for v in value for x in (flag, str(v))]
         raise ValueError(f"{flag} takes one value, not a list")
     if value is None:

@@ -159,11 +159,13 @@ def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, ow
     n, m = len(targets), len(inputs)
     args = [*inputs, *targets] + ([owner] if owner is not None else [])
 
+    def reconstruct(merged):
+        blocks = unmerge_features(output_map, merged)
+        return [blocks[b] if a is None else blocks[b] @ a.T for b, a in links]
+
     def loss_fn(*batch):
         ob = batch[m + n] if owner is not None else None
-        blocks = unmerge_features(output_map, features(*batch[:m]))
-        recon = [blocks[b] if a is None else blocks[b] @ a.T for b, a in links]
-        return reconstruction_loss(recon, list(batch[m:m + n]), ob)
+        return reconstruction_loss(reconstruct(features(*batch[:m])), list(batch[m:m + n]), ob)
 
     if early_stop is not None:
         xh, oh = held_out
@@ -171,9 +173,7 @@ def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, ow
 
         def held_loss():
             merged = torch.cat([features(part) for part in xh.split(CHUNK)])
-            blocks = unmerge_features(output_map, merged)
-            recon = [blocks[b] if a is None else blocks[b] @ a.T for b, a in links]
-            return reconstruction_loss(recon, held_targets, oh)
+            return reconstruction_loss(reconstruct(merged), held_targets, oh)
         early_stop.loss = held_loss
 
     for b, s in own_blocks:
@@ -216,10 +216,6 @@ def resolve(given: dict, defaults: dict) -> dict:
     return {k: defaults[k] if v is None else v for k, v in given.items()}
 
 
-# held-out epochs without improvement before training stops (with held-out data, paper F.8)
-PATIENCE = 20
-
-
 def early_stopping(models, held_out, own_task: bool, patience: int | None):
     """((x, owner), EarlyStop) for per-model held-out inputs (None: (None, None), no early stopping)."""
     from ..train import EarlyStop
@@ -232,4 +228,10 @@ def early_stopping(models, held_out, own_task: bool, patience: int | None):
     if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
         raise ValueError(f"patience must be a positive number of epochs, got {patience!r}")
     x, owner = cat_with_owner(list(held_out))
-    return (x, owner if own_task else None), EarlyStop(loss=None, patience=PATIENCE if patience is None else patience)
+    stop = EarlyStop(loss=None) if patience is None else EarlyStop(loss=None, patience=patience)
+    return (x, owner if own_task else None), stop
+
+
+def early_stop_record(stop, held_out) -> dict:
+    """The meta entry of a run that stopped early ({} if it did not use held-out data)."""
+    return {"early_stop": {**stop.as_dict(), "held_out_examples": [len(t) for t in held_out]}} if stop else {}

@@ -31,7 +31,7 @@ import torch
 
 from ..foldable import FoldMap
 from ..model import TaskModel
-from .common import (cat_with_owner, check_same_backbone, default_targets, early_stopping, fit_reconstruction,
+from .common import (cat_with_owner, check_same_backbone, default_targets, early_stop_record, early_stopping, fit_reconstruction,
                      training_config,
                      training_defaults)
 
@@ -117,6 +117,6 @@ def merge(models, data, init: str | None = None, epochs: int | None = None, lr: 
         "initial_loss": history[0] if history else None, "final_loss": history[-1] if history else None,
         "merge_examples": [len(d) for d in data],
         **({"regmean_alpha": regmean_alpha} if init == "regmean" else {}),
-        **({"early_stop": {**stop.as_dict(), "held_out_examples": [len(t) for t in held_out]}} if stop else {}),
+        **early_stop_record(stop, held_out),
     }
     return student

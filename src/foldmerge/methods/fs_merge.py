@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from ..foldable import gather_params, merge_features, unmerge_features
 from ..supernet import SuperNet
 from ..train import fit
-from .common import (cat_with_owner, default_targets, early_stopping, fit_reconstruction, reconstruction_loss, sources_spec,
+from .common import (cat_with_owner, default_targets, early_stop_record, early_stopping, fit_reconstruction, reconstruction_loss, sources_spec,
                      target_scales, training_config, training_defaults)
 
 # Appendix E.1, bold values of the MNIST grid.
@@ -72,8 +72,8 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
         from . import zipit
         zipit_alpha, zipit_beta = zipit.resolve(spec, zipit_alpha, zipit_beta)
     torch.manual_seed(seed)
-    if variant == "seq" and held_out is not None:
-        raise ValueError("early stopping on held-out data applies to FS-Merge global, not seq.")
+    if held_out is not None and variant != "global":       # before any work
+        raise ValueError(f"early stopping on held-out data applies to FS-Merge global, not {variant}")
     if variant == "seq":
         return _merge_seq(models, data, widths, param, init, targets, target_scale, form, cfg, last_epochs, seed)
     if init == "zipit":
@@ -84,8 +84,6 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
     start = time.perf_counter()
     held, stop = early_stopping(models, held_out, targets == "own-task", patience)
     if variant == "local":
-        if stop is not None:
-            raise ValueError("early stopping on held-out data applies to FS-Merge global, not local")
         history = _train_local(supernet, models, x, owner if targets == "own-task" else None,
                                cfg, target_scale)
     else:
@@ -101,7 +99,7 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
         "final_loss": history[-1] if history else None,
         "initial_loss": history[0] if history else None,
         "merge_examples": [len(t) for t in data],
-        **({"early_stop": {**stop.as_dict(), "held_out_examples": [len(t) for t in held_out]}} if stop else {}),
+        **early_stop_record(stop, held_out),
     }
     return merged
 
@@ -161,9 +159,10 @@ def _train_global(supernet, models, x, owner, cfg, target_scale, form, through=N
                   held_out=None, early_stop=None):
     # The input is fixed: layers that read it (an MLP's first layer) start every step from the
     # sources' outputs on it, computed once (same function, much less work per step).
-    fixed = supernet.fixed_inputs(x)
+    # (not with early stopping: held-out f* is computed from its inputs alone)
+    fixed = supernet.fixed_inputs(x) if early_stop is None else None
     stop = {"held_out": held_out, "early_stop": early_stop}
-    if fixed is None or early_stop is not None:     # held-out f* is computed from its inputs alone
+    if fixed is None:
         return fit_reconstruction(supernet.parameters(), lambda xb: supernet(xb, form=form), supernet.output_map,
                                   models, x, owner, cfg, target_scale, desc, through=through, **stop)
     return fit_reconstruction(supernet.parameters(), lambda xb, *zb: supernet(xb, form=form, fixed=list(zb)),
