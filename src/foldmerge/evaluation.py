@@ -4,6 +4,9 @@ per-task accuracy: each task's test set scored with that task's head only; mean 
 joint accuracy:    each task's test set scored by argmax over the concatenated scores of all
                    heads (a prediction counts only if it lands in the right task's head and
                    class); mean over tasks.
+routed accuracy:   for a model that picks the head itself (`route(x)`, the gating merge): a
+                   prediction counts only if the chosen head is the task's and its class is
+                   right; mean over tasks. The gating paper's per-task accuracy.
 
 A "model" here is anything that maps images to a list of logits, one per task, in the
 order of its `tasks` attribute: a TaskModel, an `Ensemble`, or a merged model.
@@ -41,7 +44,7 @@ def evaluate(model, tasks: list[Task | str] | None = None, split: str = "test",
     for t in model.tasks:
         offsets.append(o)
         o += t.num_classes
-    per_task, joint = {}, {}
+    per_task, joint, routed = {}, {}, {}
     for t in tasks:
         j = own.index(t.name)
         x, y = t.split(split)
@@ -52,11 +55,15 @@ def evaluate(model, tasks: list[Task | str] | None = None, split: str = "test",
         if len(own) > 1:
             joint_pred = torch.cat(logits, dim=1).argmax(1)
             joint[t.name] = 100.0 * (joint_pred == y + offsets[j]).float().mean().item()
+        if hasattr(model, "route"):
+            chosen = torch.cat([model.route(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+            routed[t.name] = 100.0 * ((chosen == j) & (logits[j].argmax(1) == y)).float().mean().item()
     result = {"split": split, "per_task": per_task,
               "per_task_mean": sum(per_task.values()) / len(per_task)}
-    if joint:
-        result["joint"] = joint
-        result["joint_mean"] = sum(joint.values()) / len(joint)
+    for name, values in (("joint", joint), ("routed", routed)):
+        if values:
+            result[name] = values
+            result[f"{name}_mean"] = sum(values.values()) / len(values)
     return result
 
 

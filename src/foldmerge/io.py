@@ -218,8 +218,9 @@ def load_model(path: str | os.PathLike, allow_pickle: bool = False):
             state = load_file(str(weights))
         except Exception as e:  # safetensors raises several types for corrupt files
             raise ModelFileError(f"{weights} is not a valid safetensors file: {e}") from None
+    from .gated import GatedModel
     try:
-        model = TaskModel.from_config(cfg)
+        model = (GatedModel if cfg.get("kind") == "gated" else TaskModel).from_config(cfg)
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelFileError(f"{path / CONFIG} describes no valid model: {first}") from None

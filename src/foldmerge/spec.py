@@ -29,7 +29,12 @@ lives in. That is all a method needs to know about an architecture:
       where `space` is observed on a forward pass ("in": the module's input, "out": its
       output; module "" is the backbone itself). Activation methods (ZipIt!, permute, OT)
       collect every probe of a space on the merge data, samples stacked.
-  ArchSpec(name, spaces, params, norms, probes, output, build, resize, width_spaces, check)
+  Unit(name, kind, keys)
+      a module of the network as the gating merge (Ye et al.) sees it: kind "embedding",
+      "norm", "attention", "mlp" or "output" (the map to the features the heads read), and
+      the parameter keys it holds. Units are optional; methods that gate or compare whole
+      modules (`foldmerge.methods.gating`, `foldmerge.similarity`) need them.
+  ArchSpec(name, spaces, params, norms, probes, output, build, resize, width_spaces, check, units)
       output:  the space of the backbone's features, which the task heads read.
       build(config) -> nn.Module:  the plain backbone at that configuration.
       resize(config, widths) -> config:  the configuration at new widths, one per
@@ -87,6 +92,16 @@ class Probe:
     where: str = "out"
 
 
+UNIT_KINDS = ("embedding", "norm", "attention", "mlp", "output")
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str
+    kind: str
+    keys: tuple[str, ...]
+
+
 @dataclass
 class ArchSpec:
     name: str
@@ -99,6 +114,7 @@ class ArchSpec:
     resize: Callable[[dict, list[int]], dict] | None = None
     width_spaces: tuple[str, ...] = ()
     check: Callable[[list[dict]], None] | None = None
+    units: list[Unit] = field(default_factory=list)
 
     def __post_init__(self):
         self.spaces, self.params = list(self.spaces), [p if isinstance(p, Param) else Param(*p) for p in self.params]
@@ -150,6 +166,17 @@ class ArchSpec:
             if w is not None and self.merged_axes(w) and self.merge_site(w) != self.merge_site(p):
                 raise SpecError(f"{self.name} spec: bias {p.key!r} is merged at {self.merge_site(p)!r} "
                                 f"but its weight at {self.merge_site(w)!r}")
+        self.units = list(self.units)
+        known, owner = {p.key for p in self.params} | {k for k, _ in self.norm_params()}, {}
+        for u in self.units:
+            if u.kind not in UNIT_KINDS:
+                raise SpecError(f"{self.name} spec: unit {u.name!r} has kind {u.kind!r}; use one of {', '.join(UNIT_KINDS)}")
+            for k in u.keys:
+                if k not in known:
+                    raise SpecError(f"{self.name} spec: unit {u.name!r} names {k!r}, which is not a parameter of the spec")
+                if k in owner:
+                    raise SpecError(f"{self.name} spec: {k!r} is in units {owner[k]!r} and {u.name!r}")
+                owner[k] = u.name
         read = {p.axes[1] for p in self.weights()} | {self.output} | {nm.space for nm in self.norms}
         written = {p.axes[i] for p in self.params for i in self.merged_axes(p)[:1]}
         for s in sorted(read - written):
@@ -190,6 +217,9 @@ class ArchSpec:
     def norm_params(self) -> list[tuple[str, str]]:
         """(key, space) of every norm's weight and bias."""
         return [(f"{nm.module}.{attr}", nm.space) for nm in self.norms for attr in ("weight", "bias")]
+
+    def units_of(self, kind: str) -> list[Unit]:
+        return [u for u in self.units if u.kind == kind]
 
     def structure(self) -> tuple:
         """What two models must share to merge: spaces, parameters with their axes and sites, norms, output."""

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..spec import ArchSpec, Param, Probe, Space
+from ..spec import ArchSpec, Param, Probe, Space, Unit
 
 class Backbone(nn.Module):
     def __init__(self, in_dim: int = 784, hidden: list[int] | tuple[int, ...] = (128,)):
@@ -60,8 +60,10 @@ def spec(config: dict) -> ArchSpec:
         params += [Param(f"layers.{l}.weight", (f"h{l}", f"h{l - 1}" if l else "input")),
                    Param(f"layers.{l}.bias", (f"h{l}",))]
         probes.append(Probe(f"h{l}", f"layers.{l + 1}", "in") if l < depth - 1 else Probe(f"h{l}", "", "out"))
+    units = [Unit(f"layers.{l}", "mlp", (f"layers.{l}.weight", f"layers.{l}.bias")) for l in range(depth)]
     return ArchSpec("mlp", spaces, params, probes=probes, output=f"h{depth - 1}", build=lambda c: Backbone(**c),
-                    resize=resize, width_spaces=tuple(f"h{l}" for l in range(depth)), check=check_compatible)
+                    resize=resize, width_spaces=tuple(f"h{l}" for l in range(depth)), check=check_compatible,
+                    units=units)
 
 
 DEFAULTS = {"in_dim": 784, "hidden": (128,)}

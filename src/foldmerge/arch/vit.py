@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..spec import ArchSpec, Norm, Param, Probe, Space, check_sizes, resize_transformer
+from ..spec import ArchSpec, Norm, Param, Probe, Space, Unit, check_sizes, resize_transformer
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -88,7 +88,9 @@ class Backbone(nn.Module):
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """h_0: the CLS token and the embedded patches, with position embeddings (B, 1 + N, width)."""
         p = self.patch_proj(patchify(x, self.patch))
-        cls = self.cls.expand(p.shape[0], 1, -1)
+        # cls (width) and pos (tokens, width) may carry a leading batch axis: the gating merge
+        # gives every input its own mixture of them
+        cls = self.cls.reshape(-1, 1, self.width).expand(p.shape[0], 1, -1)
         return torch.cat([cls, p], dim=1) + self.pos
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,6 +116,7 @@ def spec(config: dict) -> ArchSpec:
               Param("patch_proj.bias", ("res",), merge_at="embed"),
               Param("cls", ("res",), merge_at="embed"), Param("pos", (None, "res"), merge_at="embed")]
     norms, probes = [], [Probe("res", "blocks.0", "in")]
+    units = [Unit("embedding", "embedding", ("patch_proj.weight", "patch_proj.bias", "cls", "pos"))]
     for l in range(c["depth"]):
         b = f"blocks.{l}"
         qk, v, mlp = f"qk{l}", f"v{l}", f"mlp{l}"
@@ -123,13 +126,18 @@ def spec(config: dict) -> ArchSpec:
                                          ("fc1", mlp, "res", None), ("fc2", "res", mlp, None)):
             params += [Param(f"{b}.{name}.weight", (out, inp), unmerge_at=reads_at), Param(f"{b}.{name}.bias", (out,))]
         norms += [Norm(f"{b}.ln1", "res"), Norm(f"{b}.ln2", "res")]
+        units += [Unit(f"{b}.ln1", "norm", (f"{b}.ln1.weight", f"{b}.ln1.bias")),
+                  Unit(f"{b}.attn", "attention", tuple(f"{b}.{n}.{a}" for n in "qkvo" for a in ("weight", "bias"))),
+                  Unit(f"{b}.ln2", "norm", (f"{b}.ln2.weight", f"{b}.ln2.bias")),
+                  Unit(f"{b}.mlp", "mlp", tuple(f"{b}.{n}.{a}" for n in ("fc1", "fc2") for a in ("weight", "bias")))]
         probes += [Probe(qk, f"{b}.q"), Probe(qk, f"{b}.k"), Probe(v, f"{b}.v"), Probe(mlp, f"{b}.fc2", "in"),
                    Probe("res", b)]
     params.append(Param("proj.weight", ("feat", "res")))
     norms.append(Norm("ln_post", "res"))
     probes.append(Probe("feat", ""))
+    units += [Unit("ln_post", "norm", ("ln_post.weight", "ln_post.bias")), Unit("proj", "output", ("proj.weight",))]
     return ArchSpec("vit", spaces, params, norms, probes, output="feat", build=lambda cfg: Backbone(**cfg),
-                    resize=resize, width_spaces=("res", "mlp0"), check=check_compatible)
+                    resize=resize, width_spaces=("res", "mlp0"), check=check_compatible, units=units)
 
 
 DEFAULTS = {"image_size": 28, "channels": 1, "patch": 7, "width": 64, "depth": 4, "heads": 4, "mlp_dim": 128,

@@ -14,10 +14,10 @@ from typing import Callable
 @cache
 def registry() -> dict[str, Callable]:
     """name -> merge function, built once per process."""
-    from . import average, distill, fs_merge, opt, permute, regmean, slerp, zipit
+    from . import average, distill, fs_merge, gating, opt, permute, regmean, slerp, task_arithmetic, ties, zipit
     return {"fs-merge": fs_merge.merge, "distill": distill.merge, "average": average.merge,
             "regmean": regmean.merge, "slerp": slerp.merge, "zipit": zipit.merge, "permute": permute.merge,
-            "opt": opt.merge}
+            "opt": opt.merge, "task-arithmetic": task_arithmetic.merge, "ties": ties.merge, "gating": gating.merge}
 
 
 def get_method(name: str) -> Callable:

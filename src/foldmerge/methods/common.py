@@ -56,6 +56,42 @@ def check_same_backbone(models, method: str) -> None:
         raise ValueError(f"{method} needs sources whose heads all have, or all lack, a bias")
 
 
+def copy_heads(merged, models) -> None:
+    """Every source's heads into the merge, in order: heads are never merged (FS-Merge paper, section 2)."""
+    with torch.no_grad():
+        for dst, src in zip(merged.heads, [h for m in models for h in m.heads]):
+            dst.load_state_dict(src.state_dict())
+
+
+# Task vectors: merging models fine-tuned from one pre-trained start ------------------
+def check_base(models, base, method: str) -> None:
+    """`base` is the pre-trained model every source was fine-tuned from: same backbone."""
+    if base is None:
+        raise ValueError(f"{method} needs the pre-trained model the sources were fine-tuned from (--base DIR)")
+    check_same_backbone(list(models) + [base], method)
+
+
+@torch.no_grad()
+def task_vectors(models, base) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """(the base's floating-point backbone tensors, τ_k = θ_k − θ_base for every source), float64
+    (Ilharco et al. 2023); integer buffers are no parameters and stay the base's."""
+    b = {k: v.to(torch.float64) for k, v in base.backbone.state_dict().items() if v.is_floating_point()}
+    return b, [{k: v.to(torch.float64) - b[k] for k, v in m.backbone.state_dict().items() if k in b} for m in models]
+
+
+def merged_from_state(models, state: dict[str, torch.Tensor], meta: dict):
+    """A merge of `models` whose backbone is `state` (cast to the sources' dtype) and whose heads are theirs."""
+    from ..model import TaskModel
+    merged = TaskModel.for_merge(models)
+    p = next(merged.backbone.parameters())
+    full = merged.backbone.state_dict()
+    full.update({k: v.to(p.dtype) for k, v in state.items()})
+    merged.backbone.load_state_dict(full)
+    copy_heads(merged, models)
+    merged.meta = meta
+    return merged
+
+
 # The objective FS-Merge and distillation share ------------------------------------
 _TEACHER_FEATURES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 SAMPLES_PER_MODEL = 16      # merge samples whose features are kept per model (FS-Merge seq.: n - 1)
