@@ -135,7 +135,7 @@ def test_gated_mixture_equals_the_materialised_weights_per_input():
 def test_m0_without_gated_norms_is_avgmean_with_gate_chosen_heads():
     _, models = same_start()
     data = [images(16, seed=k) + k for k in range(3)]
-    g = gating.merge(models, data, m=0, base="average", gate_norms=False, gate_epochs=2)
+    g = gating.merge(models, data, m=0, rest="average", gate_norms=False, gate_epochs=2)
     assert g.gated == [] and g.meta["parameters"] == g.num_parameters()
     avg = average.merge(models)
     x = images()
@@ -148,7 +148,7 @@ def test_m0_without_gated_norms_is_avgmean_with_gate_chosen_heads():
 def test_gating_merge_saves_and_loads_with_the_same_predictions(tmp_path):
     _, models = same_start()
     data = [images(16, seed=k) + k for k in range(3)]
-    g = gating.merge(models, data, m=1, base="regmean", gate_epochs=2)
+    g = gating.merge(models, data, m=1, rest="regmean", gate_epochs=2)
     assert set(g.meta["gated_modules"]) == {"attention", "mlp"}
     assert len(g.meta["gated_modules"]["attention"]) == 1 and "cls" in g.gated
     n_single = models[0].backbone.num_parameters() if hasattr(models[0].backbone, "num_parameters") else \
@@ -167,9 +167,42 @@ def test_gating_merge_saves_and_loads_with_the_same_predictions(tmp_path):
 def test_gating_refuses_what_it_cannot_do():
     _, models = same_start()
     data = [images(4, seed=k) for k in range(3)]
-    with pytest.raises(ValueError, match="base must be"):
-        gating.merge(models, data, base="ties")
+    with pytest.raises(ValueError, match="must be one of"):
+        gating.merge(models, data, rest="ties")
     with pytest.raises(ValueError, match="unknown similarity strategy"):
         gating.merge(models, data, strategy="x")
     with pytest.raises(ValueError, match="reads images"):
         gating.merge(models, [d.flatten(1) for d in data], gate_epochs=1)
+
+
+def test_same_start_from_the_command_line(tmp_path, capsys):
+    """A newcomer's path: a pre-trained ViT, sources fine-tuned from it with train-sources --from, then
+    task arithmetic (with --base), TIES and the gating merge; the gated model loads in `foldmerge eval`."""
+    import json
+
+    from foldmerge import cli
+    base = TaskModel("vit", VIT, ["mnist/transpose"], head="class-embedding")
+    base.save(tmp_path / "base")
+
+    def run(*argv):
+        code = cli.main([str(a) for a in argv])
+        out = capsys.readouterr().out
+        assert code in (0, None), out
+        return out
+    run("train-sources", "--arch", "vit", "--from", tmp_path / "base", "--tasks", "mnist:0-4", "fmnist:5-9",
+        "--limit", "64", "--out", tmp_path / "src", "--json")
+    a, b = tmp_path / "src" / "mnist_0-4-s0", tmp_path / "src" / "fmnist_5-9-s1"
+    assert load_model(a).meta["start"] == str((tmp_path / "base").resolve())
+    ta = json.loads(run("merge", a, b, "--method", "task-arithmetic", "--base", tmp_path / "base", "--lam", "0.5",
+                        "--per-task", "8", "--out", tmp_path / "ta", "--json"))
+    assert ta["meta"]["lam"] == 0.5
+    run("merge", a, b, "--method", "ties", "--base", tmp_path / "base", "--density", "0.5", "--per-task", "8",
+        "--out", tmp_path / "ties")
+    g = json.loads(run("merge", a, b, "--method", "gating", "--m", "1", "--rest", "average", "--gate-epochs", "1",
+                       "--per-task", "8", "--out", tmp_path / "g", "--json"))
+    assert g["meta"]["rest"] == "average" and "routed_mean" in g["test"]
+    out = run("eval", tmp_path / "g")
+    assert "routed acc %" in out
+    assert cli.main(["merge", str(a), str(b), "--method", "ties", "--per-task", "8", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--base DIR" in err[0] and not (tmp_path / "x").exists()

@@ -197,7 +197,11 @@ def _merge_checked(models, data, fn, method, seed, sample, engine, calibrate, se
     merged.meta.setdefault("method", method)
     if chosen is not None:
         merged.meta["select"] = chosen
-    merged.meta["calibration"] = calibrate_heads(merged, models, data) if calibrate == "routing" else {"calibrate": "none"}
+    if hasattr(merged, "route"):      # a gated model picks its head itself: nothing to calibrate
+        merged.meta["calibration"] = {"calibrate": "none", "why": "the gate chooses the head"}
+    else:
+        merged.meta["calibration"] = (calibrate_heads(merged, models, data) if calibrate == "routing"
+                                      else {"calibrate": "none"})
     merged.meta["seed"] = seed
     merged.meta["merge_sample"] = sample
     merged.meta["wall_seconds"] = time.perf_counter() - start

@@ -73,9 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-task", default="mnist/transpose",
                    help="ViT: task of the 'pre-training' stage before fine-tuning (default mnist/transpose)")
     p.add_argument("--limit", type=count(1), default=None, help="ViT: cap the training images per stage")
-    p.add_argument("--from", dest="start", metavar="HF_DIR",
+    p.add_argument("--from", dest="start", metavar="DIR",
                    help="BERT: fine-tune from this Hugging Face BertModel directory (a pre-trained start, e.g. "
-                        "all-MiniLM-L6-v2); its sizes replace --width/--depth/--heads")
+                        "all-MiniLM-L6-v2); its sizes replace --width/--depth/--heads. ViT: fine-tune from this "
+                        "foldmerge ViT model (1 epoch, AdamW lr 3e-4 unless --epochs/--lr): same-start sources for "
+                        "task-arithmetic, TIES and gating")
     p.add_argument("--seeds", nargs="+", type=count(0), default=None, help="one seed per task (default 0, 1, …)")
     p.add_argument("--epochs", type=count(0), default=None, help="default: paper E.1 (1 or 2; 10 for fmnist)")
     p.add_argument("--lr", type=real(positive=True), default=None, help="default: paper E.1 (0.01; 0.001 for fmnist)")
@@ -93,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="a YAML file naming models, method, options and out "
                                                     "(foldmerge.config); flags given after it override it")
     p.add_argument("--method", default="fs-merge",
-                   help="fs-merge | distill | average | slerp | regmean | zipit | permute | opt")
+                   help="fs-merge | distill | average | slerp | regmean | zipit | permute | opt | task-arithmetic | "
+                        "ties | gating (the last three for sources fine-tuned from one pre-trained model)")
     p.add_argument("--variant", choices=["local", "global", "seq"],
                    help="FS-Merge objective (default global; seq = merge the models one after another)")
     p.add_argument("--last-epochs", type=count(0), help="FS-Merge seq.: epochs of the last stage (default --epochs)")
@@ -133,6 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t", type=real(), help="SLERP: interpolation point for two models (default 0.5)")
     p.add_argument("--filter", help="opt: tokens that define a neuron: cls | full | window-K")
     p.add_argument("--reg", type=real(), help="opt: Sinkhorn regularization λ (0 = exact, hard alignment)")
+    p.add_argument("--base", metavar="DIR", help="task-arithmetic / TIES: the pre-trained model the sources were "
+                                                 "fine-tuned from (a model directory)")
+    p.add_argument("--lam", type=real(positive=True), help="task arithmetic: λ, the task vectors' scale (default 0.5, "
+                   "see README 'Merging models from one start'); TIES: λ (default 1, the TIES paper's)")
+    p.add_argument("--density", type=real(positive=True), help="TIES: share of each task vector kept (default 0.2, "
+                   "the TIES paper's)")
+    p.add_argument("--m", type=count(0), help="gating: attention and MLP modules of lowest weight similarity to gate "
+                   "(default 1)")
+    p.add_argument("--rest", choices=["average", "regmean"], help="gating: how the ungated modules merge "
+                   "(default regmean, the gating paper's better one)")
+    p.add_argument("--gate-norms", choices=["yes", "no"], help="gating: gate the embedding, norm and output modules "
+                   "too (default yes, the paper's)")
+    p.add_argument("--strategy", choices=["concat-combined", "concat-separate", "separate-combined",
+                                          "separate-separate"],
+                   help="gating: how weight similarity is computed (default concat-combined, the paper's Table 9)")
+    p.add_argument("--gate-width", type=count(1), help="gating: channels of the gate CNN's first layer (default 16)")
+    p.add_argument("--gate-epochs", type=count(1), help="gating: epochs of gate training (default 30)")
     p.add_argument("--zipit-alpha", type=real(), help="FS-Merge with --init zipit: ZipIt!'s alpha (default: ZipIt!'s)")
     p.add_argument("--zipit-beta", type=real(), help="FS-Merge with --init zipit: ZipIt!'s beta (default: ZipIt!'s)")
     p.add_argument("--regmean-alpha", type=real(), help="distillation with --init regmean: RegMean's alpha (default: "
@@ -219,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pairs", type=count(1), default=None, help="how many of the task pairs (default all: 2)")
     b.add_argument("--methods", nargs="+", help="only these rows or methods (default: all)")
     b.add_argument("--sweep", action="store_true", help="also F.8's data-count sweep on the first pair")
+    b.add_argument("--out", default="runs/bench", help="cache for source models (default runs/bench)")
+    b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
+    b.add_argument("--threads", type=count(1), default=None, help=argparse.SUPPRESS)
+    b = bench.add_parser("gating", help="the gating-merge paper: ViTs fine-tuned from one start, 3/6/12 tasks, domains")
+    b.add_argument("--tables", nargs="+", default=None, metavar="TABLE",
+                   help="of: main similarity strategies gate domain scratch (default all)")
+    b.add_argument("--sizes", nargs="+", type=count(1), default=None, help="merge sizes of the main table (default 3 6 12)")
     b.add_argument("--out", default="runs/bench", help="cache for source models (default runs/bench)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     b.add_argument("--threads", type=count(1), default=None, help=argparse.SUPPRESS)
@@ -310,8 +337,14 @@ def cmd_train_sources(args) -> None:
                   "intermediate_size": args.mlp_dim or 4 * args.width, "max_position_embeddings": MAX_TOKENS}
     else:
         config = {"hidden": args.hidden}
-    if args.start and args.arch != "bert":
-        raise ValueError("--from (a Hugging Face start) applies to --arch bert")
+    start_model = None
+    if args.start and args.arch == "vit":
+        from .api import load
+        start_model = load(args.start)
+        if start_model.arch != "vit":
+            raise ValueError(f"--from {args.start} is a {start_model.arch} model; --arch vit fine-tunes a ViT")
+    elif args.start and args.arch != "bert":
+        raise ValueError("--from (a pre-trained start) applies to --arch bert and vit")
     rows = []
     from .checkpoint import Checkpoint, checkpoint_dir, checkpointing
     for task, seed, path in zip(tasks, seeds, paths):
@@ -333,6 +366,11 @@ def cmd_train_sources(args) -> None:
                     model = train_bert_source(task, config, seed, limit=args.limit, start=args.start,
                                               **({} if args.epochs is None else {"epochs": args.epochs}),
                                               **({"lr": args.lr} if args.lr else {}))
+                elif start_model is not None:
+                    from .sources import fine_tune
+                    model = fine_tune(start_model, task, seed, limit=args.limit,
+                                      **({} if args.epochs is None else {"epochs": args.epochs}),
+                                      **({"lr": args.lr} if args.lr else {}))
                 elif args.arch == "vit":
                     stage = {} if args.epochs is None else {"epochs": args.epochs}
                     model = train_vit_source(task, config, seed, pretrain_task=args.pretrain_task, limit=args.limit,
@@ -355,7 +393,8 @@ def cmd_train_sources(args) -> None:
 MERGE_OPTIONS = ("variant", "last_epochs", "param", "init", "widths", "epochs", "lr", "momentum", "schedule", "warmup",
                  "weight_decay", "batch_size", "optimizer", "targets", "target_scale", "form", "alpha", "beta",
                  "stop_layer", "t", "filter", "reg", "zipit_alpha", "zipit_beta", "regmean_alpha", "output_map",
-                 "patience")
+                 "patience", "base", "lam", "density", "m", "rest", "gate_norms", "strategy", "gate_width",
+                 "gate_epochs")
 
 
 def cmd_merge(args) -> None:
@@ -371,6 +410,8 @@ def cmd_merge(args) -> None:
     bad = [k for k in options if k not in accepted]
     if bad:
         raise ValueError(f"--{bad[0].replace('_', '-')} does not apply to method {args.method!r}")
+    if "gate_norms" in options:
+        options["gate_norms"] = options["gate_norms"] == "yes"
     if "target_scale" in options and options["target_scale"] not in ("match", "none"):
         try:
             options["target_scale"] = float(options["target_scale"])
@@ -380,7 +421,7 @@ def cmd_merge(args) -> None:
     if args.accelerator or args.devices != 1 or args.precision:
         from .engine import Engine
         engine = Engine(args.accelerator or "cpu", args.devices, args.precision or "32-true")
-    check_target(args.out, args.force, inputs=args.models)       # before any work
+    check_target(args.out, args.force, inputs=args.models + ([args.base] if args.base else []))   # before any work
     from .checkpoint import checkpoint_dir
     resume_dir = checkpoint_dir(args.out)
     from .hf import check_tokenizers, is_hf_dir, load_hf, save_hf
@@ -391,6 +432,8 @@ def cmd_merge(args) -> None:
         check_tokenizers([p for p, h in zip(args.models, hf) if h])
     models = [load_hf(p, args.tasks[k] if args.tasks else None) if hf[k] else load(p, allow_pickle=args.allow_pickle)
               for k, p in enumerate(args.models)]
+    if "base" in options:
+        options["base"] = load(options["base"], allow_pickle=args.allow_pickle)
     merged = merge(models, args.per_task, method=args.method, seed=args.seed, augment=args.augment,
                    engine=engine, calibrate=args.calibrate, select=selection.parse(args.select),
                    checkpoint_every=args.checkpoint_every or 0, checkpoint_dir=resume_dir, resume=args.resume,
@@ -436,12 +479,15 @@ def cmd_eval(args) -> None:
     rows = []
     for r in out:
         for t, acc in r["per_task"].items():
-            rows.append({"model": r["model"], "task": t, "per_task": acc, "joint": r.get("joint", {}).get(t)})
+            rows.append({"model": r["model"], "task": t, "per_task": acc, "joint": r.get("joint", {}).get(t),
+                         "routed": r.get("routed", {}).get(t)})
         if len(r["per_task"]) > 1:
             rows.append({"model": r["model"], "task": "mean", "per_task": r["per_task_mean"],
-                         "joint": r.get("joint_mean")})
-    print_table(rows, f"{args.split} accuracy", [("model", "model"), ("task", "task"),
-                                                  ("per_task", "per-task acc %"), ("joint", "joint acc %")])
+                         "joint": r.get("joint_mean"), "routed": r.get("routed_mean")})
+    columns = [("model", "model"), ("task", "task"), ("per_task", "per-task acc %"), ("joint", "joint acc %")]
+    if any(r["routed"] is not None for r in rows):      # a gated model: the head its gate picks
+        columns.append(("routed", "routed acc %"))
+    print_table(rows, f"{args.split} accuracy", columns)
 
 
 def cmd_demo(args) -> None:
@@ -465,6 +511,11 @@ def cmd_bench(args) -> None:
         return cmd_bench_vit(args)
     if args.bench == "cost":
         return cmd_bench_cost(args)
+    if args.bench == "gating":
+        from .bench import gating
+        result = gating.run_bench(tables=tuple(args.tables or gating.TABLES), sizes=tuple(args.sizes or gating.SIZES),
+                                  out=args.out)
+        return _report_bench(result, args, gating.print_report)
     if args.bench == "text":
         from .bench import text
         result = text.run_bench(setting=args.setting, pairs=args.pairs, methods=args.methods, sweep=args.sweep,

@@ -115,3 +115,47 @@ def train_staged_source(arch: str, task: Task | str, config: dict, seed: int, pr
                   if len(stages) > 1 else None,
                   "test_accuracy": evaluate(model, [task])["per_task_mean"]}
     return model
+
+
+def pretrain_union(arch: str, config: dict, tasks, seed: int, epochs: int = 3, lr: float = 1e-3,
+                   batch_size: int = 64, weight_decay: float = 0.01) -> TaskModel:
+    """The one pre-trained start of the same-start setting (the gating-merge paper's ViT-B from
+    ImageNet-21K, scaled down): a backbone trained from `seed` on the union of `tasks`, their
+    classes kept apart (one linear head over all of them, dropped afterwards). Returned as a
+    TaskModel with the first task's frozen class-embedding head, the base of task vectors."""
+    tasks = [Task.parse(t) for t in tasks]
+    torch.manual_seed(seed)
+    model = TaskModel(arch, dict(config), [tasks[0]], head="class-embedding")
+    head = torch.nn.Linear(model.feature_dim, sum(t.num_classes for t in tasks))
+    xs, ys, offset = [], [], 0
+    for t in tasks:
+        x, y = t.split("train")
+        xs.append(x)
+        ys.append(y + offset)
+        offset += t.num_classes
+    cfg = TrainConfig(epochs=epochs, lr=lr, optimizer="adamw", weight_decay=weight_decay, schedule="cosine",
+                      warmup=0, batch_size=batch_size, seed=seed)
+    model.train()
+    fit(list(model.backbone.parameters()) + list(head.parameters()),
+        lambda xb, yb: F.cross_entropy(head(model.features(xb)), yb), (torch.cat(xs), torch.cat(ys)), cfg,
+        desc=f"pre-train {arch} on {' + '.join(t.name for t in tasks)} (seed {seed})")
+    model.eval()
+    model.meta = {"kind": "pretrained", "tasks": [t.name for t in tasks], "seed": seed, "train": cfg.as_dict()}
+    return model
+
+
+def fine_tune(base: TaskModel, task: Task | str, seed: int, epochs: int = 1, lr: float = 3e-4,
+              batch_size: int = 64, weight_decay: float = 0.01, limit: int | None = None) -> TaskModel:
+    """A source fine-tuned from `base`'s backbone on `task` (frozen class-embedding head, AdamW,
+    cosine): the models the gating merge, task arithmetic and TIES combine."""
+    task = Task.parse(task)
+    torch.manual_seed(seed)
+    model = TaskModel(base.arch, dict(base.backbone_config), [task], head="class-embedding")
+    model.backbone.load_state_dict(base.backbone.state_dict())
+    cfg = TrainConfig(epochs=epochs, lr=lr, optimizer="adamw", weight_decay=weight_decay, schedule="cosine",
+                      warmup=0, batch_size=batch_size, seed=seed)
+    fit_classifier(model, task, cfg, limit, desc=f"fine-tune on {task} (seed {seed})")
+    model.meta = {"kind": "source", "task": task.name, "seed": seed, "start": str(Path(base.meta["path"]).resolve()) if "path" in base.meta else base.meta.get("tasks"),
+                  "train": cfg.as_dict(), "val_accuracy": evaluate(model, [task], split="val")["per_task_mean"],
+                  "test_accuracy": evaluate(model, [task])["per_task_mean"]}
+    return model

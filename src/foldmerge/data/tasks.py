@@ -3,7 +3,8 @@
 A task spec is `DATASET[/VIEW][:CLASSES]`, e.g. `mnist:0-4`, `fmnist:5-9`, `mnist:0,2,4`,
 `mnist` (all ten classes) or `mnist/rot90:0-4`. A VIEW is a fixed transform of every image of
 the task, which makes a distinct task from the same data: rot90, rot180, rot270, flip
-(left-right), transpose, invert (255 − pixel). Labels are re-indexed 0..C-1 in the order the classes are listed, so
+(left-right), transpose, invert (255 − pixel), noise (Gaussian, σ 64 grey levels, one fixed
+draw per split). Labels are re-indexed 0..C-1 in the order the classes are listed, so
 each task has its own head. The validation split is a fixed 10% of the task's training
 images (split seed 0, independent of any experiment seed); the test split is the data
 set's own test set.
@@ -27,6 +28,8 @@ VIEWS = {
     "flip": lambda x: x[:, :, ::-1],
     "transpose": lambda x: np.swapaxes(x, 1, 2),
     "invert": lambda x: 255 - x,
+    # Gaussian pixel noise, σ = 64 grey levels, clipped; one fixed draw (seed 0) per split
+    "noise": lambda x: np.clip(x + np.random.default_rng(0).normal(0.0, 64.0, x.shape), 0, 255).astype(np.uint8),
 }
 
 

@@ -3,15 +3,15 @@ sections 3.2-3.3, Algorithm 1), for sources fine-tuned from one pre-trained mode
 
   1. a gating network (`foldmerge.gated.GateNet`) learns, from the unlabeled merge samples,
      which source's task an input comes from (label: the sample's owner);
-  2. the base merge (AvgMean or RegMean) of every module;
+  2. the merge of every module by `rest` (AvgMean or RegMean: the paper's "Ours + AvgMean / RegMean");
   3. the Embedding and Norm modules (our ViT also has `proj`, the map to the features the
      frozen heads read: an "output" unit, gated with them), and the m attention and m MLP
      modules of lowest weight similarity (`foldmerge.similarity`, eq. 4), are gated: per input
      a mixture of the sources' weights with the gate's probabilities (eq. 2);
   4. the head is the gate's argmax (eq. 3).
 
-`gate_norms=False` leaves Embedding, Norm and output to the base merge (the paper's Table 2
-ablations). The result is a `GatedModel`. Costs beyond the base merge: N copies of each gated
+`gate_norms=False` leaves Embedding, Norm and output to the `rest` merge (the paper's Table 2
+ablations). The result is a `GatedModel`. Costs beyond the `rest` merge: N copies of each gated
 module and the gate (`meta["parameters"]`).
 """
 from __future__ import annotations
@@ -25,10 +25,10 @@ from ..train import TrainConfig, fit
 from .common import cat_with_owner, check_same_backbone
 
 # Defaults: a gate of width 16 trained 30 epochs with AdamW at 3e-3 (batch 64) separates our
-# tasks on their merge samples; m = 1 and RegMean as the base (the paper's best base).
-DEFAULTS = {"m": 1, "base": "regmean", "gate_width": GATE_DEFAULTS["width"], "gate_epochs": 30, "gate_lr": 3e-3,
+# tasks on their merge samples; m = 1 and RegMean for the ungated rest (the paper's better one).
+DEFAULTS = {"m": 1, "rest": "regmean", "gate_width": GATE_DEFAULTS["width"], "gate_epochs": 30, "gate_lr": 3e-3,
             "gate_batch_size": 64}
-BASES = ("average", "regmean")
+RESTS = ("average", "regmean")
 
 
 def train_gate(data: list[torch.Tensor], width: int = DEFAULTS["gate_width"], epochs: int = DEFAULTS["gate_epochs"],
@@ -67,12 +67,12 @@ def gated_keys(models, m: int, gate_norms: bool, strategy: str) -> tuple[list[st
     return keys, chosen
 
 
-def merge(models, data, m: int | None = None, base: str | None = None, gate_norms: bool = True,
+def merge(models, data, m: int | None = None, rest: str | None = None, gate_norms: bool = True,
           strategy: str = DEFAULT_STRATEGY, alpha: float | None = None, gate_width: int | None = None,
           gate_epochs: int | None = None, gate_lr: float | None = None, gate_batch_size: int | None = None,
           gate_start: dict | None = None, seed: int = 0):
     o = {k: v if v is not None else DEFAULTS[k] for k, v in
-         {"m": m, "base": base, "gate_width": gate_width, "gate_epochs": gate_epochs, "gate_lr": gate_lr,
+         {"m": m, "rest": rest, "gate_width": gate_width, "gate_epochs": gate_epochs, "gate_lr": gate_lr,
           "gate_batch_size": gate_batch_size}.items()}
     check_same_backbone(models, "the gating merge")
     if not models[0].spec.units:
@@ -83,14 +83,15 @@ def merge(models, data, m: int | None = None, base: str | None = None, gate_norm
         raise ValueError("the gating merge needs a non-empty data tensor per model (to train the gate)")
     if any(d.dim() != 4 for d in data):
         raise ValueError(f"the gating merge reads images (B, C, H, W); the merge data have shape {tuple(data[0].shape[1:])}")
-    if o["base"] not in BASES:
-        raise ValueError(f"gating base must be one of {', '.join(BASES)}, got {o['base']!r}")
+    if o["rest"] not in RESTS:
+        raise ValueError(f"gating --rest (how the ungated modules merge) must be one of {', '.join(RESTS)}, "
+                         f"got {o['rest']!r}")
     if int(o["m"]) < 0:
         raise ValueError(f"m must be >= 0, got {o['m']}")
     keys, chosen = gated_keys(models, int(o["m"]), bool(gate_norms), strategy)   # refuses an unknown strategy
 
     from . import average, regmean
-    merged = (regmean.merge(models, data, alpha=alpha) if o["base"] == "regmean" else average.merge(models))
+    merged = (regmean.merge(models, data, alpha=alpha) if o["rest"] == "regmean" else average.merge(models))
     gate, gate_acc = train_gate(data, o["gate_width"], o["gate_epochs"], o["gate_lr"], o["gate_batch_size"],
                                 seed, start=gate_start)
 
@@ -109,7 +110,7 @@ def merge(models, data, m: int | None = None, base: str | None = None, gate_norm
         for dst, src in zip(out.heads, merged.heads):
             dst.load_state_dict(src.state_dict())
     out.eval()
-    out.meta = {"method": "gating", "base": o["base"], "base_meta": merged.meta, "m": int(o["m"]),
+    out.meta = {"method": "gating", "rest": o["rest"], "rest_meta": merged.meta, "m": int(o["m"]),
                 "gate_norms": bool(gate_norms), "strategy": strategy, "gated_modules": chosen,
                 "gate": {"width": o["gate_width"], "epochs": o["gate_epochs"], "lr": o["gate_lr"],
                          "batch_size": o["gate_batch_size"], "pretrained": gate_start is not None,
