@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..model import TaskModel
-from .common import check_same_backbone
+from .common import check_same_backbone, copy_heads
 
 
 def merge(models, data=None, weights: list[float] | None = None, seed: int = 0):
@@ -19,8 +19,6 @@ def merge(models, data=None, weights: list[float] | None = None, seed: int = 0):
         states = [m.backbone.state_dict() for m in models]
         avg = {k: sum(w * s[k] for w, s in zip(weights, states)) for k in states[0]}
         merged.backbone.load_state_dict(avg)
-        heads = [h for m in models for h in m.heads]
-        for dst, src in zip(merged.heads, heads):
-            dst.load_state_dict(src.state_dict())
+        copy_heads(merged, models)
     merged.meta = {"method": "average", "weights": weights}
     return merged

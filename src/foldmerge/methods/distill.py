@@ -31,9 +31,8 @@ import torch
 
 from ..foldable import FoldMap
 from ..model import TaskModel
-from .common import (cat_with_owner, check_same_backbone, default_targets, early_stop_record, early_stopping, fit_reconstruction,
-                     training_config,
-                     training_defaults)
+from .common import (cat_with_owner, check_same_backbone, copy_heads, default_targets, early_stop_record,
+                     early_stopping, fit_reconstruction, training_config, training_defaults)
 
 INITS = ("first", "average", "regmean", "random")
 # The paper's E.1 distillation grid: 1k epochs (MNIST); the lr/momentum marks are not legible
@@ -61,8 +60,7 @@ def student_init(models, data, init: str, regmean_alpha: float | None = None, se
             fresh = first.spec.build(first.backbone_config)
             p = next(first.backbone.parameters())
             student.backbone.load_state_dict(fresh.to(dtype=p.dtype, device=p.device).state_dict())
-        for dst, src in zip(student.heads, [h for m in models for h in m.heads]):
-            dst.load_state_dict(src.state_dict())
+        copy_heads(student, models)
     return student
 
 

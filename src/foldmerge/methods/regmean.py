@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from ..model import TaskModel, as_input
-from .common import check_same_backbone, features_in_chunks
+from .common import check_same_backbone, copy_heads, features_in_chunks
 
 
 def _check(models, data, alpha: float) -> None:
@@ -160,9 +160,7 @@ def merge(models, data, alpha: float | None = None, seed: int = 0):
             if fell_back:
                 fallback.append(l)
 
-        heads = [h for m in models for h in m.heads]
-        for dst, src in zip(merged.heads, heads):
-            dst.load_state_dict(src.state_dict())
+        copy_heads(merged, models)
     merged.meta = {"method": "regmean", "alpha": alpha, "merge_examples": [len(d) for d in data],
                    "fallback_layers": fallback}
     return merged

@@ -25,7 +25,7 @@ import math
 import torch
 
 from ..model import TaskModel
-from .common import check_same_backbone
+from .common import check_same_backbone, copy_heads
 
 PARALLEL_EPS = 1e-6
 
@@ -73,9 +73,7 @@ def merge(models, data=None, t: float | None = None, seed: int = 0):
                     m = slerp(m, s[key], 1.0 / i)
                 out[key] = m.to(v.dtype)
         merged.backbone.load_state_dict(out)
-        heads = [h for m in models for h in m.heads]
-        for dst, src in zip(merged.heads, heads):
-            dst.load_state_dict(src.state_dict())
+        copy_heads(merged, models)
     merged.meta = {"method": "slerp", "t": (0.5 if t is None else float(t)) if len(models) == 2 else None,
                    "combine": "pair" if len(models) == 2 else "running spherical mean, t_i = 1/i"}
     return merged
