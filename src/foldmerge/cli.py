@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=["concat-combined", "concat-separate", "separate-combined",
                                           "separate-separate"],
                    help="gating: how weight similarity is computed (default concat-combined, the paper's Table 9)")
-    p.add_argument("--gate-width", type=count(1), help="gating: channels of the gate CNN's first layer (default 16)")
+    p.add_argument("--gate-width", type=count(1),
+                   help="gating: channels of the gate CNN's first layer (default 32: bench gating, Table 8)")
     p.add_argument("--gate-epochs", type=count(1), help="gating: epochs of gate training (default 30)")
     p.add_argument("--zipit-alpha", type=real(), help="FS-Merge with --init zipit: ZipIt!'s alpha (default: ZipIt!'s)")
     p.add_argument("--zipit-beta", type=real(), help="FS-Merge with --init zipit: ZipIt!'s beta (default: ZipIt!'s)")

@@ -28,14 +28,14 @@ from torch.nn import functional as F
 
 from .model import TaskModel
 
-GATE_DEFAULTS = {"channels": 1, "width": 16}
+GATE_DEFAULTS = {"channels": 1, "width": 32}
 
 
 class GateNet(nn.Module):
     """A three-layer CNN over images: (B, C, H, W) -> (B, n) logits. `trunk` is what a gate
     pre-trained on another task hands on; `head` is the task-number classifier."""
 
-    def __init__(self, n: int, channels: int = 1, width: int = 16):
+    def __init__(self, n: int, channels: int = 1, width: int = 32):
         super().__init__()
         w = int(width)
         self.trunk = nn.Sequential(
