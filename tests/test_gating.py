@@ -206,3 +206,27 @@ def test_same_start_from_the_command_line(tmp_path, capsys):
     assert cli.main(["merge", str(a), str(b), "--method", "ties", "--per-task", "8", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--base DIR" in err[0] and not (tmp_path / "x").exists()
+
+
+def test_bench_gating_rows_on_a_toy_scale(monkeypatch, capsys):
+    """The bench's main and strategy rows, on three perturbed tiny sources and 16 images per task."""
+    from foldmerge.bench import gating as bench
+    from foldmerge.data import Task
+    split = Task.split
+    monkeypatch.setattr(Task, "split", lambda self, which: tuple(t[:300] for t in split(self, which)))
+    base, models = same_start()
+    data = [images(16, seed=k) + k for k in range(3)]
+    monkeypatch.setattr(bench, "MS", (0, 1))
+    monkeypatch.setattr(bench, "TA_GRID", (0.5,))
+    monkeypatch.setattr(bench, "TIES_GRID", (1.0,))
+    rows = bench.main_rows(3, models, base, data, lambda *_: None)
+    names = [r["method"] for r in rows]
+    assert names[:5] == ["individual", "AvgMean", "RegMean", "task arithmetic", "TIES"]
+    assert "ours + RegMean m=1" in names and all(0 <= r["mean"] <= 100 for r in rows)
+    gated = next(r for r in rows if r["method"] == "ours + AvgMean m=1")
+    assert gated["params_m"] > rows[1]["params_m"] and gated["mflops"] > rows[1]["mflops"]
+    sims = bench.similarity_rows(3, models)
+    assert set(sims) == {"attention", "mlp"} and all(0 < v <= 1 for v in sims["mlp"].values())
+    bench.print_report({"main": rows, "similarity": {"3": sims}, "strategies": [], "gate": [], "domain": [],
+                        "scratch": [], "total_seconds": 1.0}, "foldmerge bench gating (toy)")
+    assert "3 models fine-tuned from one start" in capsys.readouterr().out

@@ -67,6 +67,15 @@ def evaluate(model, tasks: list[Task | str] | None = None, split: str = "test",
     return result
 
 
+def forward_mflops(model, example: torch.Tensor) -> float:
+    """Millions of floating-point operations of one forward of `example` (one input, batch axis
+    included), as the model computes it (`torch.utils.flop_counter`: matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example)
+    return counter.get_total_flops() / 1e6
+
+
 def random_guess(tasks: list[Task | str]) -> dict:
     tasks = [Task.parse(t) for t in tasks]
     total = sum(t.num_classes for t in tasks)

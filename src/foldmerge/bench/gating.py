@@ -83,11 +83,8 @@ def get_scratch_sources(tasks, cache: Path, config: dict = VIT) -> list:
 # ----------------------------------------------------------------------------- scoring
 def mflops(model) -> float:
     """Millions of floating-point operations of one forward of one 28x28 image."""
-    from torch.utils.flop_counter import FlopCounterMode
-    x = torch.zeros(1, 1, 28, 28)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops() / 1e6
+    from ..evaluation import forward_mflops
+    return forward_mflops(model, torch.zeros(1, 1, 28, 28))
 
 
 def scores(model, routed: bool, split: str = "test") -> dict:

@@ -12,14 +12,15 @@ sections 3.2-3.3, Algorithm 1), for sources fine-tuned from one pre-trained mode
 
 `gate_norms=False` leaves Embedding, Norm and output to the `rest` merge (the paper's Table 2
 ablations). The result is a `GatedModel`. Costs beyond the `rest` merge: N copies of each gated
-module and the gate (`meta["parameters"]`).
+module and the gate (`meta["parameters"]`, `meta["mflops_per_input"]`).
 """
 from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
 
-from ..gated import GATE_DEFAULTS, GateNet, GatedModel
+from ..evaluation import forward_mflops
+from ..gated import GateNet, GatedModel
 from ..similarity import DEFAULT_STRATEGY, lowest
 from ..train import TrainConfig, fit
 from .common import cat_with_owner, check_same_backbone
@@ -117,5 +118,5 @@ def merge(models, data, m: int | None = None, rest: str | None = None, gate_norm
                 "gate": {"width": o["gate_width"], "epochs": o["gate_epochs"], "lr": o["gate_lr"],
                          "batch_size": o["gate_batch_size"], "pretrained": gate_start is not None,
                          "train_accuracy": round(gate_acc, 2)},
-                "parameters": out.num_parameters()}
+                "parameters": out.num_parameters(), "mflops_per_input": forward_mflops(out, data[0][:1])}
     return out
