@@ -151,8 +151,7 @@ def test_gating_merge_saves_and_loads_with_the_same_predictions(tmp_path):
     g = gating.merge(models, data, m=1, rest="regmean", gate_epochs=2)
     assert set(g.meta["gated_modules"]) == {"attention", "mlp"}
     assert len(g.meta["gated_modules"]["attention"]) == 1 and "cls" in g.gated
-    n_single = models[0].backbone.num_parameters() if hasattr(models[0].backbone, "num_parameters") else \
-        sum(p.numel() for p in models[0].backbone.parameters())
+    n_single = sum(p.numel() for p in models[0].backbone.parameters())
     assert g.num_parameters() > n_single
     g.save(tmp_path / "gated")
     back = load_model(tmp_path / "gated")

@@ -197,11 +197,7 @@ def _merge_checked(models, data, fn, method, seed, sample, engine, calibrate, se
     merged.meta.setdefault("method", method)
     if chosen is not None:
         merged.meta["select"] = chosen
-    if hasattr(merged, "route"):      # a gated model picks its head itself: nothing to calibrate
-        merged.meta["calibration"] = {"calibrate": "none", "why": "the gate chooses the head"}
-    else:
-        merged.meta["calibration"] = (calibrate_heads(merged, models, data) if calibrate == "routing"
-                                      else {"calibrate": "none"})
+    merged.meta["calibration"] = calibrate_heads(merged, models, data) if calibrate == "routing" else {"calibrate": "none"}
     merged.meta["seed"] = seed
     merged.meta["merge_sample"] = sample
     merged.meta["wall_seconds"] = time.perf_counter() - start
@@ -262,7 +258,10 @@ def _check_data(models, data) -> None:
 
 def calibrate_heads(merged, models, data: list[torch.Tensor]) -> dict:
     """The routing calibration of `merged`'s heads (in place), each head grouped with the source
-    model it came from; see `foldmerge.calibrate`."""
+    model it came from; see `foldmerge.calibrate`. A model that picks its head itself (a gated
+    model's `route`) is left as it is."""
+    if hasattr(merged, "route"):
+        return {"calibrate": "none", "why": "the gate chooses the head"}
     from .calibrate import calibrate_routing
     groups = [k for k, m in enumerate(models) for _ in m.tasks]
     device = next(merged.parameters()).device

@@ -35,7 +35,7 @@ class GateNet(nn.Module):
     """A three-layer CNN over images: (B, C, H, W) -> (B, n) logits. `trunk` is what a gate
     pre-trained on another task hands on; `head` is the task-number classifier."""
 
-    def __init__(self, n: int, channels: int = 1, width: int = 32):
+    def __init__(self, n: int, channels: int = GATE_DEFAULTS["channels"], width: int = GATE_DEFAULTS["width"]):
         super().__init__()
         w = int(width)
         self.trunk = nn.Sequential(
@@ -50,10 +50,9 @@ class GateNet(nn.Module):
         return self.head(self.trunk(x))
 
 
-def _mix(p: torch.Tensor, stack: torch.Tensor, like_dims: int) -> torch.Tensor:
-    """Σ_k p[b, k] stack[k] -> (B, *stack.shape[1:]) viewed to broadcast over `like_dims` - 1 middle axes."""
-    mixed = torch.einsum("bk,k...->b...", p.to(stack.dtype), stack)
-    return mixed.reshape(mixed.shape[0], *([1] * (like_dims - 2)), *mixed.shape[1:]) if like_dims > 2 else mixed
+def _mix(p: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
+    """Σ_k p[b, k] stack[k]: one mixture per input, (B, *stack.shape[1:])."""
+    return torch.einsum("bk,k...->b...", p.to(stack.dtype), stack)
 
 
 class GatedLinear(nn.Module):
@@ -65,8 +64,9 @@ class GatedLinear(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         p, lead = self.p, (h.shape[0],) + (1,) * (h.dim() - 1)
-        return sum(p[:, k].reshape(lead).to(h.dtype) * F.linear(h, self.weight[k], None if self.bias is None else self.bias[k])
-                   for k in range(self.weight.shape[0]))
+        bias = [None] * len(self.weight) if self.bias is None else self.bias
+        return sum(p[:, k].reshape(lead).to(h.dtype) * F.linear(h, w, b)
+                   for k, (w, b) in enumerate(zip(self.weight, bias)))
 
 
 class GatedLayerNorm(nn.Module):
@@ -77,7 +77,8 @@ class GatedLayerNorm(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         z = F.layer_norm(h, h.shape[-1:], eps=self.eps)
-        return z * _mix(self.p, self.weight, h.dim()) + _mix(self.p, self.bias, h.dim())
+        per_input = (h.shape[0],) + (1,) * (h.dim() - 2) + (-1,)      # (B, 1…, width) over h's middle axes
+        return z * _mix(self.p, self.weight).reshape(per_input) + _mix(self.p, self.bias).reshape(per_input)
 
 
 class GatedModel(TaskModel):
@@ -96,23 +97,23 @@ class GatedModel(TaskModel):
         if unknown:
             raise ValueError(f"cannot gate {unknown[0]!r}: the {arch} backbone has no such parameter")
         self._modules_gated, self._raw = [], []
-        by_module: dict[str, list[str]] = {}
+        by_module: dict[str, dict[str, str]] = {}          # module path -> {attribute: state key}
         for k in self.gated:
-            by_module.setdefault(k.rpartition(".")[0], []).append(k.rpartition(".")[2])
-        for path, names in by_module.items():
-            module = self.backbone.get_submodule(path)
+            path, _, name = k.rpartition(".")
+            by_module.setdefault(path, {})[name] = k
+        for path, keys in by_module.items():
+            module, names = self.backbone.get_submodule(path), set(keys)
             # N copies of the merged value until `load_stacks` puts each source's own there
-            stacked = {name: torch.stack([params[f"{path}.{name}" if path else name].detach()] * n) for name in names}
+            stacked = {name: torch.stack([params[key].detach()] * n) for name, key in keys.items()}
             own = {name for name, _ in module.named_parameters(recurse=False)}
-            if isinstance(module, nn.Linear) and set(names) == own:
+            if isinstance(module, nn.Linear) and names == own:
                 self._replace(path, GatedLinear(stacked["weight"], stacked.get("bias")))
-            elif isinstance(module, nn.LayerNorm) and set(names) == own == {"weight", "bias"}:
+            elif isinstance(module, nn.LayerNorm) and names == own == {"weight", "bias"}:
                 self._replace(path, GatedLayerNorm(stacked["weight"], stacked["bias"], module.eps))
             elif isinstance(module, (nn.Linear, nn.LayerNorm)):
                 raise ValueError(f"cannot gate part of {path!r}: a gated layer gates all its parameters")
             else:        # a tensor the family's forward uses as it is: one stack, one mixture per input
-                for name in names:
-                    key = f"{path}.{name}" if path else name
+                for name, key in keys.items():
                     del module._parameters[name]
                     setattr(module, name, None)
                     stack = nn.Parameter(stacked[name])
@@ -143,7 +144,7 @@ class GatedModel(TaskModel):
             m.p = p
         try:
             for module, name, stack in self._raw:      # plain attributes for this pass only
-                setattr(module, name, torch.einsum("bk,k...->b...", p.to(stack.dtype), stack))
+                setattr(module, name, _mix(p, stack))
             return self.backbone(x)
         finally:
             for m in self._modules_gated:
@@ -170,7 +171,6 @@ class GatedModel(TaskModel):
         mine = dict(self.named_parameters())
         with torch.no_grad():
             for key in self.gated:
-                path, _, name = key.rpartition(".")
                 own = mine.get("raw__" + key.replace(".", "__"))
                 if own is None:
                     own = mine[f"backbone.{key}"]

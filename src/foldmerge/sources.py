@@ -102,8 +102,7 @@ def train_staged_source(arch: str, task: Task | str, config: dict, seed: int, pr
         model = TaskModel(arch, dict(config), [t], head=head)
         if backbone_state is not None:
             model.backbone.load_state_dict(backbone_state)
-        cfg = TrainConfig(epochs=n_epochs, lr=lr, optimizer="adamw", weight_decay=weight_decay,
-                          schedule="cosine", warmup=0, batch_size=batch_size, seed=seed * 100 + k)
+        cfg = TrainConfig.adamw(n_epochs, lr, batch_size, seed * 100 + k, weight_decay)
         fit_classifier(model, t, cfg, limit,
                        desc=f"{'pre-train' if k < len(stages) - 1 else 'fine-tune'} {arch} on {t} (seed {seed})")
         backbone_state = model.backbone.state_dict()
@@ -133,8 +132,7 @@ def pretrain_union(arch: str, config: dict, tasks, seed: int, epochs: int = 3, l
         xs.append(x)
         ys.append(y + offset)
         offset += t.num_classes
-    cfg = TrainConfig(epochs=epochs, lr=lr, optimizer="adamw", weight_decay=weight_decay, schedule="cosine",
-                      warmup=0, batch_size=batch_size, seed=seed)
+    cfg = TrainConfig.adamw(epochs, lr, batch_size, seed, weight_decay)
     model.train()
     fit(list(model.backbone.parameters()) + list(head.parameters()),
         lambda xb, yb: F.cross_entropy(head(model.features(xb)), yb), (torch.cat(xs), torch.cat(ys)), cfg,
@@ -152,10 +150,10 @@ def fine_tune(base: TaskModel, task: Task | str, seed: int, epochs: int = 1, lr:
     torch.manual_seed(seed)
     model = TaskModel(base.arch, dict(base.backbone_config), [task], head="class-embedding")
     model.backbone.load_state_dict(base.backbone.state_dict())
-    cfg = TrainConfig(epochs=epochs, lr=lr, optimizer="adamw", weight_decay=weight_decay, schedule="cosine",
-                      warmup=0, batch_size=batch_size, seed=seed)
+    cfg = TrainConfig.adamw(epochs, lr, batch_size, seed, weight_decay)
     fit_classifier(model, task, cfg, limit, desc=f"fine-tune on {task} (seed {seed})")
-    model.meta = {"kind": "source", "task": task.name, "seed": seed, "start": str(Path(base.meta["path"]).resolve()) if "path" in base.meta else base.meta.get("tasks"),
-                  "train": cfg.as_dict(), "val_accuracy": evaluate(model, [task], split="val")["per_task_mean"],
+    start = str(Path(base.meta["path"]).resolve()) if "path" in base.meta else base.meta.get("tasks")
+    model.meta = {"kind": "source", "task": task.name, "seed": seed, "start": start, "train": cfg.as_dict(),
+                  "val_accuracy": evaluate(model, [task], split="val")["per_task_mean"],
                   "test_accuracy": evaluate(model, [task])["per_task_mean"]}
     return model

@@ -77,6 +77,12 @@ class TrainConfig:
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup is a fraction of training in [0, 1), got {self.warmup!r}")
 
+    @classmethod
+    def adamw(cls, epochs: int, lr: float, batch_size: int, seed: int = 0, weight_decay: float = 0.01) -> "TrainConfig":
+        """AdamW over one cosine cycle without warmup: how transformer sources, the gate and its trunk train."""
+        return cls(epochs=epochs, lr=lr, optimizer="adamw", weight_decay=weight_decay, schedule="cosine", warmup=0,
+                   batch_size=batch_size, seed=seed)
+
     def as_dict(self, examples: int | None = None) -> dict:
         """The fields; with `examples`, a full-batch run records the batch it used (never None)."""
         d = asdict(self)

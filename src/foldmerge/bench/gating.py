@@ -97,7 +97,8 @@ def scores(model, routed: bool, split: str = "test") -> dict:
 def _row(name: str, n: int, per_task: dict, model, seconds: float | None, **extra) -> dict:
     return {"set": n, "method": name, "per_task": per_task, "mean": sum(per_task.values()) / len(per_task),
             "params_m": model.num_parameters() / 1e6 if model is not None else None,
-            "mflops": mflops(model) if model is not None else None, "seconds": seconds, **extra}
+            "mflops": None if model is None else model.meta.get("mflops_per_input") or mflops(model),
+            "seconds": seconds, **extra}
 
 
 def _timed(fn, *args, **kwargs):
@@ -106,7 +107,7 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
-def _on_validation(make, grid, key: str):
+def _on_validation(make, grid):
     """(best merge, its value, validation means) for `make(value)` over `grid`."""
     best, best_v, means = None, None, {}
     for v in grid:
@@ -129,9 +130,9 @@ def main_rows(n: int, sources, base, data, status) -> list[dict]:
     rows.append(_row("AvgMean", n, scores(avg, False), avg, s))
     reg, s = _timed(regmean.merge, sources, data)
     rows.append(_row("RegMean", n, scores(reg, False), reg, s))
-    (ta, lam, means), s = _timed(_on_validation, lambda v: task_arithmetic.merge(sources, base=base, lam=v), TA_GRID, "lam")
+    (ta, lam, means), s = _timed(_on_validation, lambda v: task_arithmetic.merge(sources, base=base, lam=v), TA_GRID)
     rows.append(_row("task arithmetic", n, scores(ta, False), ta, s, lam=lam, validation=means))
-    (ti, lam, means), s = _timed(_on_validation, lambda v: ties.merge(sources, base=base, lam=v), TIES_GRID, "lam")
+    (ti, lam, means), s = _timed(_on_validation, lambda v: ties.merge(sources, base=base, lam=v), TIES_GRID)
     rows.append(_row("TIES", n, scores(ti, False), ti, s, lam=lam, density=ti.meta["density"], validation=means))
     for b in ("average", "regmean"):
         for m in MS:
@@ -215,8 +216,7 @@ def pretrained_trunk(width: int, cache: Path) -> dict:
     torch.manual_seed(0)
     net = GateNet(task.num_classes, width=width)
     fit(list(net.parameters()), lambda xb, yb: F.cross_entropy(net(xb), yb), (x, y),
-        TrainConfig(epochs=1, lr=3e-3, optimizer="adamw", weight_decay=0.01, schedule="cosine", warmup=0,
-                    batch_size=64), desc=f"pre-train a gate trunk (width {width}) on {task}")
+        TrainConfig.adamw(1, 3e-3, 64), desc=f"pre-train a gate trunk (width {width}) on {task}")
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in net.trunk.state_dict().items()}
     save_file(state, str(path))

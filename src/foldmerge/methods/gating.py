@@ -20,16 +20,16 @@ import torch
 from torch.nn import functional as F
 
 from ..evaluation import forward_mflops
-from ..gated import GateNet, GatedModel
+from ..gated import GATE_DEFAULTS, GateNet, GatedModel
 from ..similarity import DEFAULT_STRATEGY, lowest
 from ..train import TrainConfig, fit
-from .common import cat_with_owner, check_same_backbone
+from .common import cat_with_owner, check_same_backbone, copy_heads
 
 # Defaults: a gate of width 32 trained 30 epochs with AdamW at 3e-3 (batch 64): on `bench gating`'s
 # 12 tasks (Table 8) width 32 tells the merge samples apart 95.5 % of the time against width 16's
 # 88.8 % and width 8's 81.0 %, and the merge gains 7 points (69.7 against 62.6 per task) for 0.04M
 # parameters; m = 1 and RegMean for the ungated rest (the paper's better one, ours too at every m).
-DEFAULTS = {"m": 1, "rest": "regmean", "gate_width": 32, "gate_epochs": 30, "gate_lr": 3e-3,
+DEFAULTS = {"m": 1, "rest": "regmean", "gate_width": GATE_DEFAULTS["width"], "gate_epochs": 30, "gate_lr": 3e-3,
             "gate_batch_size": 64}
 RESTS = ("average", "regmean")
 
@@ -44,8 +44,7 @@ def train_gate(data: list[torch.Tensor], width: int = DEFAULTS["gate_width"], ep
     gate = GateNet(len(data), channels=x.shape[1], width=width)
     if start is not None:
         gate.trunk.load_state_dict(start)
-    cfg = TrainConfig(epochs=epochs, lr=lr, optimizer="adamw", weight_decay=0.01, schedule="cosine", warmup=0,
-                      batch_size=batch_size, seed=seed)
+    cfg = TrainConfig.adamw(epochs, lr, batch_size, seed)
     gate.train()
     fit(list(gate.parameters()), lambda xb, yb: F.cross_entropy(gate(xb), yb), (x, owner), cfg, desc="train the gate")
     gate.eval()
@@ -110,8 +109,7 @@ def merge(models, data, m: int | None = None, rest: str | None = None, gate_norm
                 t.copy_(base_state[name])
         out.load_stacks(models)
         out.gate.load_state_dict(gate.state_dict())
-        for dst, src in zip(out.heads, merged.heads):
-            dst.load_state_dict(src.state_dict())
+    copy_heads(out, [merged])
     out.eval()
     out.meta = {"method": "gating", "rest": o["rest"], "rest_meta": merged.meta, "m": int(o["m"]),
                 "gate_norms": bool(gate_norms), "strategy": strategy, "gated_modules": chosen,
