@@ -24,6 +24,13 @@ def load(path: str | os.PathLike, allow_pickle: bool = False):
     return model
 
 
+def merge_form(model):
+    """The equivalent model a merge reads: the family's `merge_form` (a ResNet's BatchNorm folded
+    into its convs), or the model itself. A new model; the given one is left as it is."""
+    form = getattr(model.spec, "merge_form", None)
+    return model if form is None else form(model)
+
+
 def merge_sample(models, per_task: int, seed: int = 0, augment: int = 0) -> list[torch.Tensor]:
     """For each model, `per_task` unlabeled training images of each of its tasks (seeded),
     plus `augment` augmented images made from them (`foldmerge.data.augment.expand`)."""
@@ -106,6 +113,7 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
         raise ValueError("merge needs a list of two or more models (TaskModels or model directories)")
     models = [load(m) if isinstance(m, (str, os.PathLike)) else m for m in models]
     _check_sources(models)
+    models = [merge_form(m) for m in models]
     names = [t.name for m in models for t in m.tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"two models share a task ({', '.join(names)}); heads would collide")

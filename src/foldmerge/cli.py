@@ -62,9 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-sources", help="train one source model (MLP or ViT) per task, each from its own seed")
     p.add_argument("--tasks", nargs="+", required=True, help="task specs, e.g. mnist:0-4 mnist:5-9")
-    p.add_argument("--arch", choices=["mlp", "vit", "bert"], default="mlp",
+    p.add_argument("--arch", choices=["mlp", "vit", "bert", "resnet"], default="mlp",
                    help="bert: Hugging Face BertModel from a config (--width hidden, --depth layers, --heads; "
-                        "WordPiece vocabulary of all-MiniLM-L6-v2, 128 positions) for text tasks (bbc:…)")
+                        "WordPiece vocabulary of all-MiniLM-L6-v2, 128 positions) for text tasks (bbc:…); "
+                        "resnet: a ResNet with BatchNorm (--multiplier, --base, --blocks; 4 epochs on --limit "
+                        "images, default 6000: bench cnn's sources)")
+    p.add_argument("--multiplier", type=count(1), default=1, help="ResNet: width multiplier (default 1)")
+    p.add_argument("--base", type=count(1), default=8,
+                   help="ResNet: channels of the first stage at multiplier 1 (default 8: bench cnn's ResNet-8)")
+    p.add_argument("--blocks", type=count(1), default=1,
+                   help="ResNet: basic blocks per stage (default 1: ResNet-8; 3 is ResNet-20)")
     p.add_argument("--hidden", nargs="+", type=count(1), default=[128], help="MLP: hidden widths (one per layer)")
     p.add_argument("--width", type=count(1), default=64, help="ViT: residual width (default 64)")
     p.add_argument("--mlp-dim", type=count(1), default=None, help="ViT: MLP hidden width (default 2 x width)")
@@ -95,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="a YAML file naming models, method, options and out "
                                                     "(foldmerge.config); flags given after it override it")
     p.add_argument("--method", default="fs-merge",
-                   help="fs-merge | distill | average | slerp | regmean | zipit | permute | opt | task-arithmetic | "
-                        "ties | gating (the last three for sources fine-tuned from one pre-trained model)")
+                   help="fs-merge | distill | average | slerp | regmean | zipit | permute | weight-matching | cca | "
+                        "pleas | opt | task-arithmetic | ties | gating (the last three for sources fine-tuned from "
+                        "one pre-trained model)")
     p.add_argument("--variant", choices=["local", "global", "seq"],
                    help="FS-Merge objective (default global; seq = merge the models one after another)")
     p.add_argument("--last-epochs", type=count(0), help="FS-Merge seq.: epochs of the last stage (default --epochs)")
@@ -132,10 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "factor (default 0.3)")
     p.add_argument("--beta", type=real(), help="ZipIt!: within-model merge budget in [0, 1] (default 0.5 for MLPs, "
                                               "0.125 for ViTs: validation's choices, README 'Defaults')")
-    p.add_argument("--stop-layer", type=count(1), help="ZipIt!: zip hidden layers 1..N only (partial zipping)")
+    p.add_argument("--stop-layer", type=count(1), help="ZipIt!: zip hidden layers (a ResNet's stages) 1..N only "
+                                                       "(partial zipping)")
+    p.add_argument("--reset-bn", action="store_const", const=True, default=None,
+                   help="average / permute / weight-matching / zipit: reset every layer's channel statistics on the "
+                        "merge sample after merging (ZipIt!'s BatchNorm reset, REPAIR; bench cnn uses it)")
+    p.add_argument("--budget", type=real(), help="PLeaS: extra merged width per space, in [0, 1] (default 0: one "
+                                                "model's size; 1 keeps every neuron)")
+    p.add_argument("--ridge", type=real(), help="PLeaS: ridge of the layer-wise least squares (default 1e-4, relative)")
     p.add_argument("--t", type=real(), help="SLERP: interpolation point for two models (default 0.5)")
     p.add_argument("--filter", help="opt: tokens that define a neuron: cls | full | window-K")
-    p.add_argument("--reg", type=real(), help="opt: Sinkhorn regularization λ (0 = exact, hard alignment)")
+    p.add_argument("--reg", type=real(), help="opt: Sinkhorn regularization λ (0 = exact, hard alignment); cca: "
+                                             "covariance regularization (default 1e-4 of the mean eigenvalue)")
     p.add_argument("--base", metavar="DIR", help="task-arithmetic / TIES: the pre-trained model the sources were "
                                                  "fine-tuned from (a model directory)")
     p.add_argument("--lam", type=real(positive=True), help="task arithmetic: λ, the task vectors' scale (default 0.5, "
@@ -250,6 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="runs/bench", help="cache for source models (default runs/bench)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     b.add_argument("--threads", type=count(1), default=None, help=argparse.SUPPRESS)
+    b = bench.add_parser("cnn", help="ZipIt! Table 1: ResNets with BatchNorm from different seeds, two tasks each")
+    b.add_argument("--pairs", nargs="+", default=None, metavar="PAIR",
+                   help="of: mnist fmnist cross (default all: MNIST 0-4/5-9, Fashion-MNIST 0-4/5-9, MNIST 0-4 + "
+                        "Fashion-MNIST 0-4)")
+    b.add_argument("--widths", nargs="+", type=count(1), default=None, help="width multipliers (default 1 4)")
+    b.add_argument("--seeds", type=count(1), default=None, help="seed pairs per cell (default 3)")
+    b.add_argument("--methods", nargs="+", default=None, help="only these rows or methods (default all)")
+    b.add_argument("--out", default="runs/bench", help="cache for source models and measured cells (default runs/bench)")
+    b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
+    b.add_argument("--threads", type=count(1), default=None, help=argparse.SUPPRESS)
     b = bench.add_parser("vit", help="FS-Merge paper 3.2: ViT pairs from different inits and tasks")
     b.add_argument("--setting", choices=["pairs16", "pairs100", "groups4", "groups8"], default="pairs16")
     b.add_argument("--pairs", "--groups", dest="pairs", type=count(1), default=None,
@@ -323,7 +349,7 @@ def cmd_train_sources(args) -> None:
         if not (args.resume and (path / "config.json").is_file()):
             check_target(path, args.force)
     if (args.arch == "bert") != all(t.is_text for t in tasks) or len({t.is_text for t in tasks}) > 1:
-        raise ValueError("--arch bert trains on text tasks (bbc:…), mlp and vit on image tasks")
+        raise ValueError("--arch bert trains on text tasks (bbc:…), mlp, vit and resnet on image tasks")
     if args.arch == "vit":
         from .bench.vit import VIT
         config = {**VIT, "width": args.width, "depth": args.depth, "heads": args.heads,
@@ -331,6 +357,9 @@ def cmd_train_sources(args) -> None:
     elif args.arch == "bert" and args.start:
         from .hf import load_backbone
         config = load_backbone(args.start)[0]
+    elif args.arch == "resnet":
+        from .bench.cnn import RESNET
+        config = {**RESNET, "width": args.multiplier, "base": args.base, "blocks": args.blocks}
     elif args.arch == "bert":             # the vocabulary and length of the text tasks' tokens
         from .data.texts import MAX_TOKENS, tokenizer
         config = {"vocab_size": tokenizer().get_vocab_size(), "hidden_size": args.width,
@@ -372,6 +401,12 @@ def cmd_train_sources(args) -> None:
                     model = fine_tune(start_model, task, seed, limit=args.limit,
                                       **({} if args.epochs is None else {"epochs": args.epochs}),
                                       **({"lr": args.lr} if args.lr else {}))
+                elif args.arch == "resnet":
+                    from .bench.cnn import SOURCE_TRAINING
+                    from .sources import train_resnet_source
+                    model = train_resnet_source(task, config, seed, limit=args.limit or SOURCE_TRAINING["limit"],
+                                                epochs=SOURCE_TRAINING["epochs"] if args.epochs is None else args.epochs,
+                                                **({"lr": args.lr} if args.lr else {}))
                 elif args.arch == "vit":
                     stage = {} if args.epochs is None else {"epochs": args.epochs}
                     model = train_vit_source(task, config, seed, pretrain_task=args.pretrain_task, limit=args.limit,
@@ -393,7 +428,7 @@ def cmd_train_sources(args) -> None:
 
 MERGE_OPTIONS = ("variant", "last_epochs", "param", "init", "widths", "epochs", "lr", "momentum", "schedule", "warmup",
                  "weight_decay", "batch_size", "optimizer", "targets", "target_scale", "form", "alpha", "beta",
-                 "stop_layer", "t", "filter", "reg", "zipit_alpha", "zipit_beta", "regmean_alpha", "output_map",
+                 "stop_layer", "reset_bn", "budget", "ridge", "t", "filter", "reg", "zipit_alpha", "zipit_beta", "regmean_alpha", "output_map",
                  "patience", "base", "lam", "density", "m", "rest", "gate_norms", "strategy", "gate_width",
                  "gate_epochs")
 
@@ -512,6 +547,11 @@ def cmd_bench(args) -> None:
         return cmd_bench_vit(args)
     if args.bench == "cost":
         return cmd_bench_cost(args)
+    if args.bench == "cnn":
+        from .bench import cnn
+        result = cnn.run_bench(pairs=tuple(args.pairs or cnn.PAIRS), widths=tuple(args.widths or cnn.WIDTHS),
+                               seeds=args.seeds or cnn.SEEDS, methods=args.methods, out=args.out)
+        return _report_bench(result, args, cnn.print_report)
     if args.bench == "gating":
         from .bench import gating
         result = gating.run_bench(tables=tuple(args.tables or gating.TABLES), sizes=tuple(args.sizes or gating.SIZES),

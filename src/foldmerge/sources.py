@@ -88,6 +88,15 @@ def train_bert_source(task: Task | str, config: dict, seed: int, pretrain_task: 
                                weight_decay, limit, head="linear", init_state=init_state, start=start)
 
 
+def train_resnet_source(task: Task | str, config: dict, seed: int, epochs: int = 3, lr: float = 2e-3,
+                        batch_size: int = 128, weight_decay: float = 5e-4, limit: int | None = None) -> TaskModel:
+    """A ResNet source with BatchNorm (ZipIt!'s setting) from `seed`, trained on `task` with a frozen
+    class-embedding head (ZipIt! heads are fixed CLIP text embeddings). AdamW, cosine schedule;
+    `limit` caps the training images. Saved with its BatchNorm; merging reads the fused form."""
+    return train_staged_source("resnet", task, config, seed, None, 0, epochs, lr, batch_size, weight_decay, limit,
+                               head="class-embedding")
+
+
 def train_staged_source(arch: str, task: Task | str, config: dict, seed: int, pretrain_task, pretrain_epochs: int,
                         epochs: int, lr: float, batch_size: int, weight_decay: float, limit: int | None,
                         head: str, init_state: dict | None = None, start: str | None = None) -> TaskModel:

@@ -25,22 +25,30 @@ lives in. That is all a method needs to know about an architecture:
   Norm(module, space)
       a LayerNorm over `space`: its weight and bias are learned in merged width by FS-Merge
       and merged by M by alignment methods.
-  Probe(space, module, where)
+  Probe(space, module, where, axis=-1)
       where `space` is observed on a forward pass ("in": the module's input, "out": its
-      output; module "" is the backbone itself). Activation methods (ZipIt!, permute, OT)
-      collect every probe of a space on the merge data, samples stacked.
+      output; module "" is the backbone itself); `axis` is the tensor's axis that holds the
+      space (1 for a conv's channels). Activation methods (ZipIt!, permute, OT, CCA, PLeaS)
+      collect every probe of a space on the merge data, samples (and positions) stacked.
   Unit(name, kind, keys)
       a module of the network as the gating merge (Ye et al.) sees it: kind "embedding",
       "norm", "attention", "mlp" or "output" (the map to the features the heads read), and
       the parameter keys it holds. Units are optional; methods that gate or compare whole
       modules (`foldmerge.methods.gating`, `foldmerge.similarity`) need them.
-  ArchSpec(name, spaces, params, norms, probes, output, build, resize, width_spaces, check, units)
+  ArchSpec(name, spaces, params, norms, probes, output, build, resize, width_spaces, check, units,
+           stages, merge_form, resize_spaces)
       output:  the space of the backbone's features, which the task heads read.
       build(config) -> nn.Module:  the plain backbone at that configuration.
       resize(config, widths) -> config:  the configuration at new widths, one per
                `width_spaces` entry (what `--widths` sets).
       check(configs):  an optional family test of whether models can merge at all
                (e.g. equal depths), with the family's own message.
+      stages:  the groups of spaces partial zipping may stop after, in order (default: an MLP's
+               layers one by one; none for a single residual stream). A ResNet's stages.
+      merge_form(model) -> model:  the equivalent model a merge reads, if the family trains in a
+               form that does not merge (a ResNet's BatchNorm folded into its convs).
+      resize_spaces(config, {space: width}) -> config:  the configuration at given widths of any
+               spaces (where merged widths differ per space: PLeaS's budgets, partial zips).
 
 `validate(backbone)` checks a spec against a model and returns every space's width: each
 parameter of the model is covered exactly once, every axis names a space of the spec and
@@ -90,6 +98,7 @@ class Probe:
     space: str
     module: str
     where: str = "out"
+    axis: int = -1
 
 
 UNIT_KINDS = ("embedding", "norm", "attention", "mlp", "output")
@@ -115,6 +124,9 @@ class ArchSpec:
     width_spaces: tuple[str, ...] = ()
     check: Callable[[list[dict]], None] | None = None
     units: list[Unit] = field(default_factory=list)
+    stages: list[tuple[str, ...]] | None = None
+    merge_form: Callable | None = None
+    resize_spaces: Callable[[dict, dict], dict] | None = None
 
     def __post_init__(self):
         self.spaces, self.params = list(self.spaces), [p if isinstance(p, Param) else Param(*p) for p in self.params]
@@ -152,8 +164,9 @@ class ArchSpec:
                 raise SpecError(f"{self.name} spec: width space {s!r} is not a space of the spec")
         for p in self.weights():
             written, read = p.axes[0], p.axes[1]
-            if len(p.axes) != 2:
-                raise SpecError(f"{self.name} spec: weight {p.key!r} must be 2-d (out, in); got axes {p.axes}")
+            if len(p.axes) < 2 or self.merged_axes(p) != [0, 1]:
+                raise SpecError(f"{self.name} spec: weight {p.key!r} must be (out, in) or a conv's (out, in, None, "
+                                f"None); got axes {p.axes}")
             if self._space[written].shared:
                 raise SpecError(f"{self.name} spec: parameter {p.key!r} writes the shared space {written!r}")
         for p in self.params:        # (out, in) with both axes in spaces: axis 0 is written
@@ -199,10 +212,20 @@ class ArchSpec:
         return [p for p in self.params if self.is_weight(p)]
 
     def layer_weights(self) -> list[Param]:
-        """The weights of layers y = W x + b: 2-d, first axis merged (the reads may be shared);
-        a layer's bias is `<module>.bias`. What RegMean fits and the SuperNet form widens."""
+        """The weights of layers y = W x + b: (out, in) or a conv's (out, in, None, None), first axis
+        merged (the reads may be shared); a layer's bias is `<module>.bias`. What RegMean fits and
+        the SuperNet form widens."""
         return [p for p in self.params
-                if p.key.endswith(".weight") and len(p.axes) == 2 and self.merged_axes(p)[:1] == [0]]
+                if p.key.endswith(".weight") and len(p.axes) >= 2 and all(a is None for a in p.axes[2:])
+                and self.merged_axes(p)[:1] == [0]]
+
+    def chain_stages(self) -> list[tuple[str, ...]]:
+        """The cuts partial zipping may stop at, in order: groups of spaces such that the spaces of
+        the later groups are read only by the parameters of later groups (an MLP's layers one by
+        one, a ResNet's stages); [] where the architecture gives none (a single residual stream)."""
+        if self.stages is not None:
+            return list(self.stages)
+        return [(s,) for s in self.width_spaces] if self.is_chain() else []
 
     def written_space(self, p: Param) -> str | None:
         axes = self.merged_axes(p)

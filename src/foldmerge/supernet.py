@@ -38,7 +38,7 @@ FORMS = ("folded", "supernet")
 
 class SuperNet(nn.Module):
     def __init__(self, sources, widths: list[int] | None = None, param: str = "full", init: str = "first",
-                 seed: int = 0):
+                 seed: int = 0, space_widths: dict[str, int] | None = None):
         super().__init__()
         if not sources:
             raise ValueError("a SuperNet needs at least one source model")
@@ -49,6 +49,11 @@ class SuperNet(nn.Module):
         config = dict(sources[0].backbone_config)
         if widths is not None:
             config = spec.resize(config, [int(w) for w in widths])
+        if space_widths is not None:        # widths of any spaces (the family's resize_spaces)
+            if spec.resize_spaces is None:
+                raise ValueError(f"the {spec.name} family sets merged widths per {', '.join(spec.width_spaces)} "
+                                 "only (its spec has no resize_spaces)")
+            config = spec.resize_spaces(config, {s: int(w) for s, w in space_widths.items()})
         first = next(sources[0].backbone.parameters())
         dtype, device = first.dtype, first.device
         template = spec.build(config).to(dtype=dtype, device=device)
@@ -128,6 +133,7 @@ class SuperNet(nn.Module):
         # (an MLP) the groups are runs of the shape banks already, and the layer-by-layer
         # objective of local FS-Merge reads those banks whole
         self._layer_module = {name: template.get_submodule(name) for name in self._layers}
+        self._views: dict[str, tuple] = {}
         self._fixed = self._fixed_layers()
         self.map_banks = pack_maps(self, together=() if spec.is_chain() else fold_group_maps(self._jobs()))
         self._groups = fold_groups(self._jobs())
@@ -155,10 +161,32 @@ class SuperNet(nn.Module):
                         for p in spec.layer_weights()}
 
     def _jobs(self):
+        """The (M, sources, U, biases) fold jobs: one per weight, one per kernel location of a conv
+        weight (a conv is a linear map of channels at every location; its bias rides on location 0)."""
         buf = self._buffers
-        return [(self._map["merge", m], [buf[b] for b in self._src[w]], self._map["unmerge", u],
-                 None if bias is None else [buf[b] for b in self._src[bias]])
-                for w, bias, m, u in self._weight_jobs]
+        jobs, self._job_of = [], []
+        for i, (w, bias, m, u) in enumerate(self._weight_jobs):
+            ws = [buf[b] for b in self._src[w]]
+            bs = None if bias is None else [buf[b] for b in self._src[bias]]
+            fm, fu = self._map["merge", m], self._map["unmerge", u]
+            if ws[0].dim() == 2:
+                jobs.append((fm, ws, fu, bs))
+                self._job_of.append((i, None))
+                continue
+            for loc, views in enumerate(self._locations(w, ws)):
+                jobs.append((fm, views, fu, bs if loc == 0 else None))
+                self._job_of.append((i, loc))
+        return jobs
+
+    def _locations(self, key: str, ws: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """views[loc][k]: source k's conv weight at kernel location loc, (out, in); the same view
+        objects while the buffers are the same (the fold caches what it stacks from them)."""
+        state = tuple((id(w), w.data_ptr()) for w in ws)
+        hit = self._views.get(key)
+        if hit is None or hit[0] != state:
+            per = [w.flatten(2).unbind(2) for w in ws]
+            hit = self._views[key] = (state, [list(v) for v in zip(*per)])
+        return hit[1]
 
     def source(self, key: str, k: int) -> torch.Tensor:
         """Source k's (frozen) tensor of parameter `key`, as this SuperNet holds it."""
@@ -192,10 +220,19 @@ class SuperNet(nn.Module):
         """The merged tensors: the M·W·U folds if `weights`, the rows and norms but those in `skip`."""
         st: dict[str, torch.Tensor] = {}
         if weights:
-            for (w_key, b_key, _, _), (w, b) in zip(self._weight_jobs, fold_linears(self._jobs(), self._groups)):
-                st[w_key] = w
-                if b_key is not None:
+            conv: dict[str, list] = {}
+            jobs = self._jobs()
+            for (i, loc), (w, b) in zip(self._job_of, fold_linears(jobs, self._groups)):
+                w_key, b_key = self._weight_jobs[i][:2]
+                if loc is None:
+                    st[w_key] = w
+                else:
+                    conv.setdefault(w_key, []).append(w)
+                if b_key is not None and loc in (None, 0):
                     st[b_key] = b
+            for w_key, per_loc in conv.items():     # (out*, in*) per location -> (out*, in*, kh, kw)
+                kernel = self.source(w_key, 0).shape[2:]
+                st[w_key] = torch.stack(per_loc, dim=-1).unflatten(-1, kernel)
         buf = self._buffers
         # tensors written into a space by an M alone (no U: class token, positions, a weight that
         # reads a shared input), all of one site merged in one `merge_features` call: each tensor
@@ -258,15 +295,16 @@ class SuperNet(nn.Module):
         """module name -> its forward in the SuperNet form: x* -> U -> [W_k x_k + b_k]_k -> M."""
         out = {}
         for name, (w_key, b_key, m_site, u_site) in self._layers.items():
-            if not isinstance(self._layer_module[name], nn.Linear):
-                raise SpecError(f"{self.spec.name} spec: {w_key!r} is not an nn.Linear's weight; "
-                                "the SuperNet form widens nn.Linear layers only (use the folded form)")
-            out[name] = _wide_linear(self, w_key, b_key, self._map["merge", m_site],
-                                     None if u_site is None else self._map["unmerge", u_site])
+            module = self._layer_module[name]
+            if not isinstance(module, (nn.Linear, nn.Conv2d)):
+                raise SpecError(f"{self.spec.name} spec: {w_key!r} is not an nn.Linear's or nn.Conv2d's weight; "
+                                "the SuperNet form widens those layers only (use the folded form)")
+            out[name] = _wide_layer(self, module, w_key, b_key, self._map["merge", m_site],
+                                    None if u_site is None else self._map["unmerge", u_site])
         for w_key, *_ in self._weight_jobs:
             if w_key.rpartition(".")[0] not in out:
-                raise SpecError(f"{self.spec.name} spec: weight {w_key!r} is not an nn.Linear's; "
-                                "the SuperNet form widens nn.Linear layers only (use the folded form)")
+                raise SpecError(f"{self.spec.name} spec: weight {w_key!r} is not an nn.Linear's or nn.Conv2d's; "
+                                "the SuperNet form widens those layers only (use the folded form)")
         return out
 
     # ---------------------------------------------------------------- fixed inputs (speed)
@@ -363,9 +401,21 @@ def _merged_outputs(m: FoldMap, z: torch.Tensor, widths: list[int]):
     return lambda _inp: merge_features(m, parts)
 
 
-def _wide_linear(sn: SuperNet, w_key: str, b_key: str | None, m: FoldMap, u: FoldMap | None):
+def _wide_layer(sn: SuperNet, module: nn.Module, w_key: str, b_key: str | None, m: FoldMap, u: FoldMap | None):
+    """x* -> U -> [layer_k(x_k)]_k -> M, for an nn.Linear (features last) or an nn.Conv2d (channels
+    on axis 1: the maps act on the channels at every position)."""
+    conv = isinstance(module, nn.Conv2d)
+
+    def layer(x, k):
+        b = None if b_key is None else sn.source(b_key, k)
+        if conv:
+            return F.conv2d(x, sn.source(w_key, k), b, module.stride, module.padding, module.dilation, module.groups)
+        return F.linear(x, sn.source(w_key, k), b)
+
     def forward(inp):
+        if conv:
+            xs = [x.movedim(-1, 1) for x in unmerge_features(u, inp.movedim(1, -1))] if u is not None else [inp] * sn.n
+            return merge_features(m, [layer(x, k).movedim(1, -1) for k, x in enumerate(xs)]).movedim(-1, 1)
         xs = unmerge_features(u, inp) if u is not None else [inp] * sn.n
-        return merge_features(m, [F.linear(xk, sn.source(w_key, k), None if b_key is None else sn.source(b_key, k))
-                                  for k, xk in enumerate(xs)])
+        return merge_features(m, [layer(x, k) for k, x in enumerate(xs)])
     return forward

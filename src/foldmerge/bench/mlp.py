@@ -40,7 +40,7 @@ from . import sample_drawer, selected
 VALUES = {"depth": [1, 2, 3, 4, 6], "width": [16, 64, 128, 512, 1024]}
 TASKS = {"mnist": ("mnist:0-4", "mnist:5-9"), "fmnist": ("fmnist:0-4", "fmnist:5-9")}
 PER_TASK = 64
-ROW_ORDER = ("originals", "ensemble", "average", "slerp", "regmean", "permute", "opt", "zipit", "distill",
+ROW_ORDER = ("originals", "ensemble", "average", "slerp", "regmean", "permute", "opt", "zipit", "cca", "pleas", "distill",
              "fs-merge local", "fs-merge local, zipit init", "fs-merge global", "fs-merge global, zipit init")
 
 GRID = {
@@ -84,6 +84,8 @@ def method_plan(dataset: str, tuned: dict, epochs_scale: float = 1.0) -> list[tu
         ("permute", "permute", {}),
         ("opt", "opt", {"reg": tuned["opt_reg"]}),
         ("zipit", "zipit", zipit),
+        ("cca", "cca", {}),
+        ("pleas", "pleas", {}),
         ("distill", "distill", {"init": tuned["distill_init"], "lr": tuned["distill_lr"], "momentum": 0.9,
                                 "epochs": ep["distill"], **e1_warmup(ep["distill"]),
                                 "regmean_alpha": tuned["regmean_alpha"]}),

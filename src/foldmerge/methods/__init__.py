@@ -14,9 +14,11 @@ from typing import Callable
 @cache
 def registry() -> dict[str, Callable]:
     """name -> merge function, built once per process."""
-    from . import average, distill, fs_merge, gating, opt, permute, regmean, slerp, task_arithmetic, ties, zipit
+    from . import (average, cca, distill, fs_merge, gating, opt, permute, pleas, regmean, slerp, task_arithmetic, ties,
+                   weight_matching, zipit)
     return {"fs-merge": fs_merge.merge, "distill": distill.merge, "average": average.merge,
             "regmean": regmean.merge, "slerp": slerp.merge, "zipit": zipit.merge, "permute": permute.merge,
+            "weight-matching": weight_matching.merge, "cca": cca.merge, "pleas": pleas.merge,
             "opt": opt.merge, "task-arithmetic": task_arithmetic.merge, "ties": ties.merge, "gating": gating.merge}
 
 

@@ -28,9 +28,13 @@ def merged_spaces(spec) -> list[str]:
     return [s.name for s in spec.spaces if not s.shared]
 
 
-def check_sources(models, data, method: str, equal_widths: bool = True) -> None:
-    """One data tensor per model, every space observed, identical widths (if asked): else a one-line ValueError."""
+def check_sources(models, data, method: str, equal_widths: bool = True, data_needed: bool = True) -> None:
+    """One data tensor per model, every space observed, identical widths (if asked): else a one-line
+    ValueError. `data_needed` False (a data-free method): the widths only."""
     spec = sources_spec(models)
+    if not data_needed:
+        _check_widths(spec, models, method)
+        return
     if data is None or len(data) != len(models):
         raise ValueError(f"{method} needs one data tensor per model; got "
                          f"{0 if data is None else len(data)} for {len(models)} models")
@@ -42,11 +46,15 @@ def check_sources(models, data, method: str, equal_widths: bool = True) -> None:
         raise ValueError(f"{method} needs activations of every space; the {spec.name} spec has no probe "
                          f"for {missing[0]!r}")
     if equal_widths:
-        widths = [spec.validate(m.backbone) for m in models]
-        for s in merged_spaces(spec):
-            ws = [w[s] for w in widths]
-            if len(set(ws)) != 1:
-                raise ValueError(f"{method} needs sources with identical hidden widths; space {s!r} is {ws} wide")
+        _check_widths(spec, models, method)
+
+
+def _check_widths(spec, models, method: str) -> None:
+    widths = [spec.validate(m.backbone) for m in models]
+    for s in merged_spaces(spec):
+        ws = [w[s] for w in widths]
+        if len(set(ws)) != 1:
+            raise ValueError(f"{method} needs sources with identical hidden widths; space {s!r} is {ws} wide")
 
 
 @torch.no_grad()
@@ -70,8 +78,12 @@ def _observe_one(spec, backbone, x, select, chunk) -> dict[str, torch.Tensor]:
     seen: list[list[torch.Tensor]] = [[] for _ in spec.probes]
 
     def keep(i):
+        axis = spec.probes[i].axis
+
         def rows(t):
             t = t.detach()
+            if axis not in (-1, t.dim() - 1):      # the space's axis last (a conv's channels)
+                t = t.movedim(axis, -1)
             seen[i].append((select(t) if select is not None else t.reshape(-1, t.shape[-1])).to(torch.float64))
         return rows
 
@@ -132,10 +144,13 @@ def per_head(fn, feats: list[torch.Tensor], heads: int):
 def space_supernet(models, widths: dict[str, int] | None = None, seed: int = 0) -> SuperNet:
     """A SuperNet with full maps (init 'first') at the merged widths `widths` (space -> width)."""
     spec = models[0].spec
-    w = None
+    w = per_space = None
     if widths is not None and any(widths[s] != d for s, d in spec.validate(models[0].backbone).items() if s in widths):
-        w = [widths[s] for s in spec.width_spaces]         # resized only when a width changes
-    sn = SuperNet(models, widths=w, param="full", init="first", seed=seed)
+        if spec.resize_spaces is not None:                  # resized only when a width changes
+            per_space = widths
+        else:
+            w = [widths[s] for s in spec.width_spaces]
+    sn = SuperNet(models, widths=w, param="full", init="first", seed=seed, space_widths=per_space)
     for s, d in (widths or {}).items():
         if sn.space_widths.get(s, d) != d:
             raise ValueError(f"the maps of space {s!r} are {d} wide, but the merged {spec.name} is "

@@ -11,7 +11,9 @@ from ..model import TaskModel
 from .common import check_same_backbone, copy_heads
 
 
-def merge(models, data=None, weights: list[float] | None = None, seed: int = 0):
+def merge(models, data=None, weights: list[float] | None = None, reset_bn: bool = False, seed: int = 0):
+    """The weighted mean of the backbones; `reset_bn` then resets every layer's statistics on
+    `data` (`foldmerge.methods.repair`, the maps being the averaging M = [w_1 I, …, w_n I])."""
     check_same_backbone(models, "weight averaging")
     weights = weights or [1.0 / len(models)] * len(models)
     merged = TaskModel.for_merge(models)
@@ -20,5 +22,15 @@ def merge(models, data=None, weights: list[float] | None = None, seed: int = 0):
         avg = {k: sum(w * s[k] for w, s in zip(weights, states)) for k in states[0]}
         merged.backbone.load_state_dict(avg)
         copy_heads(merged, models)
-    merged.meta = {"method": "average", "weights": weights}
+    if reset_bn:
+        from . import align
+        from .repair import reset_statistics
+        align.check_sources(models, data, "weight averaging with reset_bn")
+        widths = models[0].spec.validate(models[0].backbone)
+        maps = {}
+        for s in align.merged_spaces(models[0].spec):
+            eye = torch.eye(widths[s], dtype=torch.float64)
+            maps[s] = (torch.cat([w * eye for w in weights], dim=1), torch.cat([eye] * len(models)))
+        reset_statistics(merged, models, data, maps)
+    merged.meta = {"method": "average", "weights": weights, "reset_bn": bool(reset_bn)}
     return merged

@@ -56,6 +56,24 @@ def check_same_backbone(models, method: str) -> None:
         raise ValueError(f"{method} needs sources whose heads all have, or all lack, a bias")
 
 
+def layer_rows(module, inp: torch.Tensor) -> torch.Tensor:
+    """The rows a layer multiplies by its (flattened) weight: an nn.Linear's inputs (… x in), an
+    nn.Conv2d's input patches (one row of in·kh·kw per output position, `F.unfold`)."""
+    if isinstance(module, torch.nn.Conv2d):
+        if module.groups != 1:
+            raise ValueError("grouped convolutions are not supported")
+        cols = torch.nn.functional.unfold(inp, module.kernel_size, module.dilation, module.padding, module.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return inp.reshape(-1, inp.shape[-1])
+
+
+def layer_outputs(module, out: torch.Tensor) -> torch.Tensor:
+    """A layer's outputs as rows of its output features (a conv's channels at every position)."""
+    if isinstance(module, torch.nn.Conv2d):
+        return out.movedim(1, -1).reshape(-1, out.shape[1])
+    return out.reshape(-1, out.shape[-1])
+
+
 def copy_heads(merged, models) -> None:
     """Every source's heads into the merge, in order: heads are never merged (FS-Merge paper, section 2)."""
     with torch.no_grad():

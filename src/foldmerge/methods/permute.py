@@ -22,6 +22,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from . import align
+from .repair import reset_statistics
 from .zipit import correlation
 
 
@@ -42,8 +43,9 @@ def permutation_maps(f0: torch.Tensor, f1: torch.Tensor) -> tuple[torch.Tensor, 
     return m, u, perm
 
 
-def merge(models, data, seed: int = 0):
-    """Permute-and-average two models of identical widths; see the module docstring."""
+def merge(models, data, reset_bn: bool = False, seed: int = 0):
+    """Permute-and-average two models of identical widths; see the module docstring. `reset_bn`:
+    the BatchNorm reset on the merge data (`foldmerge.methods.repair`)."""
     if len(models) != 2:
         raise ValueError(f"permute merges exactly two models, got {len(models)}; use zipit for more")
     align.check_sources(models, data, "permute")
@@ -55,5 +57,8 @@ def merge(models, data, seed: int = 0):
         maps[s] = (m, u)
         fixed[s] = sum(int((p == torch.arange(len(p))).sum()) for (p,) in perms)
     merged = align.merge_with_maps(models, maps, seed)
-    merged.meta = {"method": "permute", "fixed_points": fixed, "merge_examples": [len(d) for d in data]}
+    if reset_bn:
+        reset_statistics(merged, models, data, maps)
+    merged.meta = {"method": "permute", "fixed_points": fixed, "reset_bn": bool(reset_bn),
+                   "merge_examples": [len(d) for d in data]}
     return merged

@@ -2,7 +2,9 @@
 Merging Weights of Language Models", ICLR 2023), as the FS-Merge authors run it.
 
 For every linear layer y = W x + b of the backbone (the merge spec's `layer_weights`: an MLP's
-hidden layers, every linear map of a ViT; heads are outside the backbone and are copied, never merged),
+hidden layers, every linear map of a ViT, every conv of a ResNet, whose input rows are its
+patches and whose weight is flattened to (out x in·kh·kw); heads are outside the backbone and
+are copied, never merged),
 RegMean picks the W* that best reproduces, on each model's own inputs, what every source
 layer computes:
 
@@ -36,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from ..model import TaskModel, as_input
-from .common import check_same_backbone, copy_heads, features_in_chunks
+from .common import check_same_backbone, copy_heads, features_in_chunks, layer_rows
 
 
 def _check(models, data, alpha: float) -> None:
@@ -50,28 +52,29 @@ def _check(models, data, alpha: float) -> None:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
 
 
-def linear_layers(model) -> list[torch.nn.Linear]:
-    """The nn.Linear modules of the spec's layers y = W x + b, in spec order."""
+def linear_layers(model) -> list[torch.nn.Module]:
+    """The nn.Linear / nn.Conv2d modules of the spec's layers y = W x + b, in spec order."""
     out = []
     for p in model.spec.layer_weights():
         module = model.backbone.get_submodule(p.module)
-        if not isinstance(module, torch.nn.Linear):
-            raise ValueError(f"RegMean fits nn.Linear layers; {p.key!r} of the {model.arch} is not one")
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            raise ValueError(f"RegMean fits nn.Linear and nn.Conv2d layers; {p.key!r} of the {model.arch} is neither")
         out.append(module)
     return out
 
 
 @torch.no_grad()
 def input_grams(model, x: torch.Tensor) -> list[torch.Tensor]:
-    """G_l = X_lᵀ X_l (float64, unnormalized) of the inputs of every foldable linear layer
-    of `model`'s backbone, when `model` itself runs on `x`."""
+    """G_l = X_lᵀ X_l (float64, unnormalized) of the inputs of every foldable layer of `model`'s
+    backbone, when `model` itself runs on `x`; a conv's rows are its input patches (`layer_rows`),
+    one per output position, so that its flattened weight (out x in·kh·kw) is a linear layer's."""
     layers = linear_layers(model)
-    grams = [torch.zeros(l.in_features, l.in_features, dtype=torch.float64, device=l.weight.device)
-             for l in layers]
+    sizes = [l.weight[0].numel() for l in layers]
+    grams = [torch.zeros(d, d, dtype=torch.float64, device=l.weight.device) for d, l in zip(sizes, layers)]
 
     def hook_for(i):
         def hook(module, args):
-            inp = args[0].reshape(-1, module.in_features).to(torch.float64)
+            inp = layer_rows(module, args[0]).to(torch.float64)
             grams[i].add_(inp.T @ inp)
         return hook
 
@@ -155,8 +158,8 @@ def merge(models, data, alpha: float | None = None, seed: int = 0):
         src_layers = [linear_layers(m) for m in models]
         for l, dst in enumerate(linear_layers(merged)):
             g = [scale_off_diagonal(grams[k][l], alpha) for k in range(len(models))]
-            w, fell_back = regmean_weight(g, [layers[l].weight for layers in src_layers])
-            dst.weight.copy_(w.to(dtype=dst.weight.dtype, device=dst.weight.device))
+            w, fell_back = regmean_weight(g, [layers[l].weight.flatten(1) for layers in src_layers])
+            dst.weight.copy_(w.reshape(dst.weight.shape).to(dtype=dst.weight.dtype, device=dst.weight.device))
             if fell_back:
                 fallback.append(l)
 

@@ -31,8 +31,8 @@ so for pure pairs U = 2Mᵀ (FS-Merge paper, appendix A.2). Every parameter of a
 that space's maps (`align.merge_with_maps`): W* = M_out·blockdiag(W_k)·U_in, b* = M_out·b,
 merged norms M·concat(γ_k), heads adapted as head_k·U_out[k] (DESIGN §1, §3).
 
-Partial zipping (`stop_layer = s`, chains of layers such as an MLP's): hidden layers 1…s are
-zipped; the later layers are left unzipped, i.e. they keep every model's neurons side by side:
+Partial zipping (`stop_layer = s`, chains of layers such as an MLP's, or of stages such as a
+ResNet's: the spec's `chain_stages`): hidden layers (stages) 1…s are zipped; the later layers are left unzipped, i.e. they keep every model's neurons side by side:
 d*_l = Σ_k d_l^k with M_l = I and U_l = I. That is the multi-head model of the paper (the
 first unzipped layer reads each model's unmerged input U_s[k]·f*_s, the later ones are
 block-diagonal, head k reads model k's block), written as one plain, wider MLP — still a
@@ -64,6 +64,7 @@ from __future__ import annotations
 import torch
 
 from . import align
+from .repair import reset_statistics
 
 # The matching's own defaults (zipit_clusters, zipit_maps): the authors' `a` of
 # match_tensors_zipit, and cross-model merges only.
@@ -232,14 +233,14 @@ def space_maps(models, data, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT
     spaces = align.merged_spaces(spec)
     zipped = spaces
     if stop_layer is not None:
-        if not spec.is_chain():
-            raise ValueError(f"stop_layer (partial zipping) needs a chain of layers such as an MLP's; the "
-                             f"{spec.name} has a space written at several sites (a residual stream)")
-        chain = list(spec.width_spaces)
+        chain = spec.chain_stages()
+        if not chain:
+            raise ValueError(f"stop_layer (partial zipping) needs a chain of layers or stages (an MLP, a ResNet); "
+                             f"the {spec.name} is one residual stream")
         if not 0 <= int(stop_layer) <= len(chain):
-            raise ValueError(f"stop_layer must lie in 0…{len(chain)} (number of zipped hidden layers), "
-                             f"got {stop_layer!r}")
-        zipped = chain[:int(stop_layer)]
+            raise ValueError(f"stop_layer must lie in 0…{len(chain)} (number of zipped "
+                             f"{'hidden layers' if spec.stages is None else 'stages'}), got {stop_layer!r}")
+        zipped = [s for group in chain[:int(stop_layer)] for s in group]
     feats = align.observe(models, data)
     maps, stats = {}, {}
     for s in spaces:
@@ -268,15 +269,18 @@ def space_maps(models, data, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT
 
 
 def merge(models, data, alpha: float | None = None, beta: float | None = None,
-          stop_layer: int | None = None, seed: int = 0):
+          stop_layer: int | None = None, reset_bn: bool = False, seed: int = 0):
     """ZipIt! merge of models of any spec; see the module docstring. alpha / beta default by the
-    spec's shape (`resolve`). seed is unused (ZipIt! is deterministic)."""
+    spec's shape (`resolve`); `reset_bn`: the BatchNorm reset on the merge data
+    (`foldmerge.methods.repair`). seed is unused (ZipIt! is deterministic)."""
     align.check_sources(models, data, "ZipIt!")
     alpha, beta = resolve(models[0].spec, alpha, beta)
     maps, stats = space_maps(models, data, alpha, beta, stop_layer)
     merged = align.merge_with_maps(models, maps, seed)
+    if reset_bn:
+        reset_statistics(merged, models, data, maps)
     merged.meta = {"method": "zipit", "alpha": alpha, "beta": beta,
-                   "stop_layer": "all" if stop_layer is None else stop_layer,
+                   "stop_layer": "all" if stop_layer is None else stop_layer, "reset_bn": bool(reset_bn),
                    "widths": {s: m.shape[0] for s, (m, _) in maps.items()}, "spaces": stats,
                    "merge_examples": [len(d) for d in data]}
     return merged

@@ -1,0 +1,192 @@
+"""`foldmerge bench cnn`: ZipIt!'s Table 1 setting on our data: two ResNets with BatchNorm, trained
+from different seeds on disjoint tasks, merged into one.
+
+Sources: a ResNet-8 (`RESNET`: 3 stages of one basic block, 8·w / 16·w / 32·w channels, BatchNorm,
+projection shortcuts between stages; ResNet-20 is blocks = 3, too slow to train here many times)
+at width multipliers w = 1 and 4, frozen class-embedding heads (ZipIt!'s CLIP text heads, our
+stand-in), trained 4 epochs (AdamW lr 2e-3, cosine) on 6,000 training images of their task.
+No colour image set installs from the package registries here (CIFAR-10 is on PyPI only as
+loaders that download it at run time), so the pairs are MNIST 0-4 / 5-9, Fashion-MNIST 0-4 / 5-9
+and the cross-data-set pair MNIST 0-4 / Fashion-MNIST 0-4. `SEEDS` pairs of seeds each.
+
+Every merge reads the same 256 unlabeled training images per task (`PER_TASK`). Rows, in the
+layout of ZipIt!'s Table 1 (joint, task A, task B, average per task, MFLOPs of one 28x28 image):
+the originals, the ensemble (both models, heads side by side), W.Avg, Git Re-Basin (weight
+matching), Permute, ZipIt! full and partial (stopped after 2 and after 1 of the 3 stages, the
+rest kept per model), all with the BatchNorm reset (`foldmerge.methods.repair`, ZipIt!'s
+`reset_bn_stats`; rows "no reset" show its effect), CCA Merge, PLeaS (budget 0: one model's
+size; budget 0.5: 1.5x the width), RegMean (conv Grams), distillation and FS-Merge (global: diag and
+diag+low-rank(16) maps from `first`, full maps from `zipit`, which needs them), the trained ones for `TRAINED_EPOCHS` epochs with
+the residual-architecture defaults otherwise. Joint accuracy after the routing calibration
+every `foldmerge merge` applies (the uncalibrated value is kept in the JSON).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+RESNET = {"channels": 1, "base": 8, "blocks": 1, "stages": 3, "batchnorm": True}
+PAIRS = {"mnist": ("mnist:0-4", "mnist:5-9"), "fmnist": ("fmnist:0-4", "fmnist:5-9"),
+         "cross": ("mnist:0-4", "fmnist:0-4")}
+WIDTHS = (1, 4)
+SEEDS = 3
+PER_TASK = 256
+SOURCE_TRAINING = {"epochs": 4, "limit": 6000}
+TRAINED_EPOCHS = 50
+
+
+def plan() -> list[tuple[str, str, dict]]:
+    """(row, method, options) of every merge of a cell."""
+    e = {"epochs": TRAINED_EPOCHS}
+    return [("W.Avg", "average", {"reset_bn": True}),
+            ("Git Re-Basin", "weight-matching", {"reset_bn": True}),
+            ("Permute (no reset)", "permute", {}),
+            ("Permute", "permute", {"reset_bn": True}),
+            ("ZipIt! 3/3 (no reset)", "zipit", {}),
+            ("ZipIt! 3/3", "zipit", {"reset_bn": True}),
+            ("ZipIt! 2/3", "zipit", {"reset_bn": True, "stop_layer": 2}),
+            ("ZipIt! 1/3", "zipit", {"reset_bn": True, "stop_layer": 1}),
+            ("CCA Merge", "cca", {}),
+            ("PLeaS", "pleas", {}),
+            ("PLeaS (budget 0.5)", "pleas", {"budget": 0.5}),
+            ("RegMean", "regmean", {}),
+            ("Distillation", "distill", e),
+            ("FS-Merge diag (first)", "fs-merge", {"param": "diag", "init": "first", **e}),
+            ("FS-Merge diag+lowrank (first)", "fs-merge", {"param": "diag+lowrank(16)", "init": "first", **e}),
+            ("FS-Merge full (zipit)", "fs-merge", {"param": "full", "init": "zipit", **e})]
+
+
+def get_source(task: str, width: int, seed: int, cache: Path):
+    from ..api import load
+    from ..data import Task
+    from ..sources import source_dirname, train_resnet_source
+    path = cache / "cnn" / f"w{width}" / source_dirname(Task.parse(task), seed)
+    if (path / "config.json").is_file():
+        return load(path)
+    m = train_resnet_source(task, {**RESNET, "width": width}, seed, **SOURCE_TRAINING)
+    m.meta["command"] = "foldmerge bench cnn (source)"
+    m.save(path)
+    return m
+
+
+def mflops(model) -> float:
+    from ..evaluation import forward_mflops
+    p = next(model.parameters())
+    return forward_mflops(model, torch.zeros(1, 1, 28, 28, dtype=p.dtype))
+
+
+def _scores(result: dict, tasks: list[str]) -> dict:
+    per = result["per_task"]
+    return {"task_a": per[tasks[0]], "task_b": per[tasks[1]], "avg": sum(per.values()) / len(per),
+            "joint": result.get("joint_mean")}
+
+
+def run_cell(pair: str, width: int, seed: int, cache: Path, methods: list[str] | None = None) -> list[dict]:
+    """Every row of one (pair, width, seed), read from the cell's file if it was measured before."""
+    from ..api import merge_form, merge_sample
+    from ..evaluation import SourceHeads, evaluate
+    from ..progress import status
+    from . import merge_scored, selected
+    cell = cache / "cnn" / "cells" / f"{pair}-w{width}-s{seed}.json"
+    done = json.loads(cell.read_text()) if cell.is_file() else []
+    have = {r["method"] for r in done}
+    tasks = list(PAIRS[pair])
+    sources = [get_source(t, width, 2 * seed + k, cache) for k, t in enumerate(tasks)]
+    data = merge_sample(sources, PER_TASK, seed)
+    rows = list(done)
+    base = {"pair": pair, "width": width, "seed": seed}
+
+    def keep(row):
+        rows.append({**base, **row})
+        cell.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cell.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        tmp.replace(cell)
+
+    if "Originals" not in have:
+        per = {t: s.meta["test_accuracy"] for t, s in zip(tasks, sources)}
+        keep({"method": "Originals", "task_a": per[tasks[0]], "task_b": per[tasks[1]],
+              "avg": sum(per.values()) / 2, "joint": None, "mflops": mflops(sources[0]), "seconds": 0.0})
+    if "Ensemble" not in have:
+        ens = SourceHeads([merge_form(s) for s in sources])
+        keep({"method": "Ensemble", **_scores(evaluate(ens), tasks),
+              "mflops": sum(mflops(s) for s in sources), "seconds": 0.0})
+    for name, method, opts in plan():
+        if name in have or not selected(name, method, methods):
+            continue
+        status(f"cnn {pair} x{width} seed {seed}: {name}")
+        merged, calibrated, raw, seconds = merge_scored(sources, data, method, seed, dict(opts))
+        keep({"method": name, **_scores(calibrated, tasks), "joint_uncalibrated": raw.get("joint_mean"),
+              "mflops": mflops(merged), "params": merged.num_parameters(), "seconds": seconds,
+              "widths": merged.backbone_config.get("widths")})
+    return rows
+
+
+def _mean_std(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    t = torch.tensor(xs, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(xs) > 1 else 0.0
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    out = []
+    keys = list(dict.fromkeys((r["pair"], r["width"], r["method"]) for r in rows))
+    for pair, width, method in keys:
+        sel = [r for r in rows if (r["pair"], r["width"], r["method"]) == (pair, width, method)]
+        agg = {"pair": pair, "width": width, "method": method, "seeds": len(sel)}
+        for k in ("joint", "task_a", "task_b", "avg", "mflops", "seconds"):
+            agg[k], agg[k + "_std"] = _mean_std([r.get(k) for r in sel])
+        out.append(agg)
+    return out
+
+
+def run_bench(pairs=tuple(PAIRS), widths=WIDTHS, seeds: int = SEEDS, methods: list[str] | None = None,
+              out: str = "runs/bench") -> dict:
+    bad = [p for p in pairs if p not in PAIRS]
+    if bad:
+        raise ValueError(f"unknown pair {bad[0]!r}; choose from {', '.join(PAIRS)}")
+    if any(w < 1 for w in widths) or seeds < 1:
+        raise ValueError("--widths and --seeds must be positive")
+    cache, t0 = Path(out), time.perf_counter()
+    rows = []
+    for width in widths:
+        for pair in pairs:
+            for seed in range(seeds):
+                rows += run_cell(pair, width, seed, cache, methods)
+    return {"bench": "cnn", "resnet": RESNET, "pairs": {p: list(PAIRS[p]) for p in pairs}, "widths": list(widths),
+            "seeds": seeds, "per_task_images": PER_TASK, "source_training": SOURCE_TRAINING,
+            "trained_epochs": TRAINED_EPOCHS, "rows": rows, "table": aggregate(rows),
+            "total_seconds": time.perf_counter() - t0}
+
+
+def print_report(result: dict, command: str) -> None:
+    import sys
+    from rich.console import Console
+    from rich.table import Table
+    console = Console(file=sys.stdout, width=max(120, Console().width))
+
+    def pm(r, k, digits=1):
+        if r.get(k) is None:
+            return "-"
+        return f"{r[k]:.{digits}f} ± {r[k + '_std']:.{digits}f}"
+
+    for width in result["widths"]:
+        for pair, tasks in result["pairs"].items():
+            sel = [r for r in result["table"] if r["pair"] == pair and r["width"] == width]
+            if not sel:
+                continue
+            t = Table(title=f"ResNet-8 x{width}, {tasks[0]} + {tasks[1]}: accuracy % (test), mean ± std over "
+                            f"{sel[0]['seeds']} seed pairs")
+            for c in ("method", "joint", f"task A ({tasks[0]})", f"task B ({tasks[1]})", "avg", "MFLOPs", "seconds"):
+                t.add_column(c, justify="left" if c == "method" else "right")
+            for r in sel:
+                t.add_row(r["method"], pm(r, "joint"), pm(r, "task_a"), pm(r, "task_b"), pm(r, "avg"),
+                          f"{r['mflops']:.1f}", f"{r['seconds']:.1f}")
+            console.print(t)
+    console.print(f"measured now: seeds 0…{result['seeds'] - 1} (source seeds 2s, 2s+1); "
+                  f"{result['total_seconds'] / 60:.1f} min; command: {command}")

@@ -1,0 +1,78 @@
+"""BatchNorm reset after an alignment merge (ZipIt!'s `reset_bn_stats`; REPAIR, Jordan et al. 2023).
+
+A merged network whose neurons average several models' neurons has channels whose statistics
+have collapsed (averaging decorrelated neurons shrinks their variance), which is why ZipIt!
+and Git Re-Basin recompute BatchNorm statistics on data after merging. Our ResNets merge in
+fused form (every BatchNorm folded into its conv), so the reset is written on the convs
+themselves, which makes it apply to any family (an MLP's linears too):
+
+    for every layer y = W x + b of the spec, in order, on the merge sample:
+        target   mean t_μ = M·concat(μ_k), std t_σ = M·concat(σ_k)    (μ_k, σ_k: source k's
+                 outputs of that layer per channel; M: the merge map of the layer's space)
+        measured mean μ*, std σ* of the merged layer's outputs (the earlier layers already reset)
+        W ← (t_σ/σ*)·W,  b ← (b − μ*)·t_σ/σ* + t_μ
+
+A source channel's statistics are what its BatchNorm produced (β, |γ|, on this sample), so this
+is ZipIt!'s reset (merged γ, β, recomputed normalization) up to how a merged channel weighs its
+sources, and REPAIR's rescaling with the averaged statistics as the target.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..model import as_input
+from .common import CHUNK, layer_outputs
+
+
+@torch.no_grad()
+def _channel_stats(model, module_name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) per output channel of one layer of `model`'s backbone on x (float64, eval mode)."""
+    module = model.backbone.get_submodule(module_name)
+    s1 = s2 = None
+    count = 0
+
+    def hook(_m, _args, out):
+        nonlocal s1, s2, count
+        rows = layer_outputs(module, out).to(torch.float64)
+        s1 = rows.sum(0) if s1 is None else s1 + rows.sum(0)
+        s2 = (rows ** 2).sum(0) if s2 is None else s2 + (rows ** 2).sum(0)
+        count += rows.shape[0]
+
+    handle = module.register_forward_hook(hook)
+    was = model.training
+    try:
+        model.eval()
+        p = next(model.backbone.parameters())
+        for part in x.split(CHUNK):
+            model.backbone(as_input(part, p))
+    finally:
+        handle.remove()
+        model.train(was)
+    mean = s1 / count
+    return mean, (s2 / count - mean ** 2).clamp_min(0).sqrt()
+
+
+@torch.no_grad()
+def reset_statistics(merged, models, data, maps: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                     eps: float = 1e-5) -> int:
+    """Reset every layer of `merged` (in place) as the module docstring says; returns how many."""
+    spec = merged.spec
+    keys = {p.key for p in spec.params}
+    x = torch.cat(list(data))
+    count = 0
+    for p in spec.layer_weights():
+        if p.module + ".bias" not in keys:
+            continue
+        space = spec.written_space(p)
+        m = maps[space][0]
+        src = [_channel_stats(s, p.module, x) for s in models]
+        t_mean = m @ torch.cat([mu for mu, _ in src]).to(m)
+        t_std = m @ torch.cat([sd for _, sd in src]).to(m)
+        mean, std = _channel_stats(merged, p.module, x)
+        a = t_std / (std + eps)
+        layer = merged.backbone.get_submodule(p.module)
+        shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+        layer.weight.mul_(a.reshape(shape).to(layer.weight))
+        layer.bias.copy_(((layer.bias.to(a) - mean) * a + t_mean).to(layer.bias))
+        count += 1
+    return count
