@@ -8,7 +8,7 @@ from foldmerge import merge, merge_form
 from foldmerge.arch.resnet import fuse_batchnorm
 from foldmerge.evaluation import SourceHeads
 from foldmerge.methods import align, cca, get_method, pleas, regmean, weight_matching, zipit
-from foldmerge.methods.repair import _channel_stats, reset_statistics
+from foldmerge.methods.repair import channel_stats, reset_statistics
 from foldmerge.model import TaskModel
 from foldmerge.supernet import SuperNet
 
@@ -133,8 +133,8 @@ def test_reset_brings_every_layer_to_its_target_statistics():
     x = torch.cat(d)
     for p in models[0].spec.layer_weights():          # after every reset, each layer sits at its target
         m = maps[models[0].spec.written_space(p)][0]
-        src = [_channel_stats(s, p.module, x) for s in models]
-        mean, std = _channel_stats(merged, p.module, x)
+        src = [channel_stats(s, [p.module], x)[p.module] for s in models]
+        mean, std = channel_stats(merged, [p.module], x)[p.module]
         assert torch.allclose(mean, m @ torch.cat([a for a, _ in src]), atol=1e-6)
         assert torch.allclose(std, m @ torch.cat([b for _, b in src]), atol=1e-4)
 
@@ -235,3 +235,45 @@ def test_every_method_merges_resnets_through_the_api():
         merged = merge(models, d, method=method, **opts)
         out = merged(d[0])
         assert len(out) == 2 and all(torch.isfinite(o).all() for o in out), method
+
+
+def test_bench_cnn_cell_on_a_toy_scale(monkeypatch, tmp_path, capsys):
+    """One bench cell end to end on tiny ResNets and 300 images per split: rows, resumable cells, report."""
+    from foldmerge.bench import cnn as bench
+    from foldmerge.data import Task
+    split = Task.split
+    monkeypatch.setattr(Task, "split", lambda self, which: tuple(t[:300] for t in split(self, which)))
+    monkeypatch.setattr(bench, "RESNET", {**bench.RESNET, "base": 2})
+    monkeypatch.setattr(bench, "SOURCE_TRAINING", {"epochs": 1, "limit": 200})
+    monkeypatch.setattr(bench, "PER_TASK", 16)
+    monkeypatch.setattr(bench, "TRAINED_EPOCHS", 1)
+    methods = ["W.Avg", "ZipIt! 2/3", "PLeaS", "FS-Merge diag (first)"]
+    result = bench.run_bench(pairs=("mnist",), widths=(1,), seeds=1, methods=methods, out=str(tmp_path))
+    names = [r["method"] for r in result["table"]]
+    assert names == ["Originals", "Ensemble"] + methods
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["ZipIt! 2/3"]["mflops"] > rows["W.Avg"]["mflops"] and rows["Ensemble"]["joint"] is not None
+    assert all(0 <= r["avg"] <= 100 for r in result["rows"])
+    again = bench.run_cell("mnist", 1, 0, tmp_path, methods)          # measured cells are read back, not rerun
+    assert [r["seconds"] for r in again] == [r["seconds"] for r in result["rows"]]
+    bench.print_report(result, "foldmerge bench cnn (toy)")
+    assert "ResNet-8 x1, mnist:0-4 + mnist:5-9" in capsys.readouterr().out
+
+
+def test_cli_trains_resnet_sources_and_merges_them(tmp_path, monkeypatch, capsys):
+    from foldmerge import cli
+    from foldmerge.data import Task
+    split = Task.split
+    monkeypatch.setattr(Task, "split", lambda self, which: tuple(t[:200] for t in split(self, which)))
+    out = tmp_path / "src"
+    assert cli.main(["train-sources", "--arch", "resnet", "--base", "2", "--tasks", "mnist:0-4", "mnist:5-9",
+                     "--epochs", "1", "--limit", "100", "--out", str(out)]) == 0
+    a, b = out / "mnist_0-4-s0", out / "mnist_5-9-s1"
+    assert cli.main(["merge", str(a), str(b), "--method", "zipit", "--reset-bn", "--stop-layer", "2",
+                     "--per-task", "8", "--out", str(tmp_path / "z")]) == 0
+    assert cli.main(["merge", str(a), str(b), "--method", "pleas", "--budget", "0.5", "--per-task", "8",
+                     "--out", str(tmp_path / "p")]) == 0
+    assert cli.main(["eval", str(tmp_path / "p")]) == 0
+    assert cli.main(["merge", str(a), str(b), "--method", "cca", "--budget", "0.5", "--per-task", "8",
+                     "--out", str(tmp_path / "c")]) == 2
+    assert "--budget does not apply" in capsys.readouterr().err and not (tmp_path / "c").exists()

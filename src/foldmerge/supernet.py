@@ -267,10 +267,13 @@ class SuperNet(nn.Module):
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         overrides = self._supernet_layers() if form == "supernet" else {}
+        skip = set()
         if fixed is not None:
             for (name, widths), z in zip(self._fixed, fixed):
                 overrides[name] = _merged_outputs(self._map["merge", self._layers[name][2]], z, widths)
-        skip = {key for name in overrides for key in self._layers[name][:2] if key is not None} if overrides else ()
+                skip.update(key for key in self._layers[name][:2] if key is not None)
+        # the tensors of a layer the SuperNet form widens are still set: a module may read them
+        # (Hugging Face's patch embedding reads its weight's dtype); only cached layers skip the fold
         state = self._state(weights=form == "folded", skip=skip)
         return self._run(x, state, overrides)
 

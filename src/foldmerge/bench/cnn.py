@@ -153,15 +153,16 @@ def run_bench(pairs=tuple(PAIRS), widths=WIDTHS, seeds: int = SEEDS, methods: li
     if any(w < 1 for w in widths) or seeds < 1:
         raise ValueError("--widths and --seeds must be positive")
     cache, t0 = Path(out), time.perf_counter()
-    rows = []
+    rows, cached = [], 0
     for width in widths:
         for pair in pairs:
             for seed in range(seeds):
+                cached += (cache / "cnn" / "cells" / f"{pair}-w{width}-s{seed}.json").is_file()
                 rows += run_cell(pair, width, seed, cache, methods)
     return {"bench": "cnn", "resnet": RESNET, "pairs": {p: list(PAIRS[p]) for p in pairs}, "widths": list(widths),
             "seeds": seeds, "per_task_images": PER_TASK, "source_training": SOURCE_TRAINING,
             "trained_epochs": TRAINED_EPOCHS, "rows": rows, "table": aggregate(rows),
-            "total_seconds": time.perf_counter() - t0}
+            "cells_from_cache": cached, "total_seconds": time.perf_counter() - t0}
 
 
 def print_report(result: dict, command: str) -> None:
@@ -188,5 +189,7 @@ def print_report(result: dict, command: str) -> None:
                 t.add_row(r["method"], pm(r, "joint"), pm(r, "task_a"), pm(r, "task_b"), pm(r, "avg"),
                           f"{r['mflops']:.1f}", f"{r['seconds']:.1f}")
             console.print(t)
-    console.print(f"measured now: seeds 0…{result['seeds'] - 1} (source seeds 2s, 2s+1); "
-                  f"{result['total_seconds'] / 60:.1f} min; command: {command}")
+    cached = result.get("cells_from_cache", 0)
+    console.print(f"measured: seeds 0…{result['seeds'] - 1} (source seeds 2s, 2s+1); {result['total_seconds'] / 60:.1f} "
+                  f"min this run{f', {cached} cells read from their cache files (measured before)' if cached else ''}; "
+                  f"command: {command}")

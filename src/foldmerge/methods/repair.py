@@ -25,20 +25,22 @@ from .common import CHUNK, layer_outputs
 
 
 @torch.no_grad()
-def _channel_stats(model, module_name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) per output channel of one layer of `model`'s backbone on x (float64, eval mode)."""
-    module = model.backbone.get_submodule(module_name)
-    s1 = s2 = None
-    count = 0
+def channel_stats(model, module_names: list[str], x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (mean, std) per output channel} of layers of `model`'s backbone on x (float64, eval
+    mode), all in one pass."""
+    modules = {name: model.backbone.get_submodule(name) for name in module_names}
+    sums: dict[str, list] = {name: [0.0, 0.0, 0] for name in module_names}
 
-    def hook(_m, _args, out):
-        nonlocal s1, s2, count
-        rows = layer_outputs(module, out).to(torch.float64)
-        s1 = rows.sum(0) if s1 is None else s1 + rows.sum(0)
-        s2 = (rows ** 2).sum(0) if s2 is None else s2 + (rows ** 2).sum(0)
-        count += rows.shape[0]
+    def hook_for(name):
+        def hook(module, _args, out):
+            rows = layer_outputs(module, out).to(torch.float64)
+            acc = sums[name]
+            acc[0] = acc[0] + rows.sum(0)
+            acc[1] = acc[1] + (rows ** 2).sum(0)
+            acc[2] += rows.shape[0]
+        return hook
 
-    handle = module.register_forward_hook(hook)
+    handles = [m.register_forward_hook(hook_for(name)) for name, m in modules.items()]
     was = model.training
     try:
         model.eval()
@@ -46,10 +48,14 @@ def _channel_stats(model, module_name: str, x: torch.Tensor) -> tuple[torch.Tens
         for part in x.split(CHUNK):
             model.backbone(as_input(part, p))
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
         model.train(was)
-    mean = s1 / count
-    return mean, (s2 / count - mean ** 2).clamp_min(0).sqrt()
+    out = {}
+    for name, (s1, s2, count) in sums.items():
+        mean = s1 / count
+        out[name] = (mean, (s2 / count - mean ** 2).clamp_min(0).sqrt())
+    return out
 
 
 @torch.no_grad()
@@ -59,20 +65,17 @@ def reset_statistics(merged, models, data, maps: dict[str, tuple[torch.Tensor, t
     spec = merged.spec
     keys = {p.key for p in spec.params}
     x = torch.cat(list(data))
-    count = 0
-    for p in spec.layer_weights():
-        if p.module + ".bias" not in keys:
-            continue
-        space = spec.written_space(p)
-        m = maps[space][0]
-        src = [_channel_stats(s, p.module, x) for s in models]
-        t_mean = m @ torch.cat([mu for mu, _ in src]).to(m)
-        t_std = m @ torch.cat([sd for _, sd in src]).to(m)
-        mean, std = _channel_stats(merged, p.module, x)
+    layers = [p for p in spec.layer_weights() if p.module + ".bias" in keys]
+    names = [p.module for p in layers]
+    src = [channel_stats(s, names, x) for s in models]
+    for p in layers:
+        m = maps[spec.written_space(p)][0]
+        t_mean = m @ torch.cat([st[p.module][0] for st in src]).to(m)
+        t_std = m @ torch.cat([st[p.module][1] for st in src]).to(m)
+        mean, std = channel_stats(merged, [p.module], x)[p.module]     # after the earlier layers' resets
         a = t_std / (std + eps)
         layer = merged.backbone.get_submodule(p.module)
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)
         layer.weight.mul_(a.reshape(shape).to(layer.weight))
         layer.bias.copy_(((layer.bias.to(a) - mean) * a + t_mean).to(layer.bias))
-        count += 1
-    return count
+    return len(layers)
