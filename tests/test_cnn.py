@@ -277,3 +277,14 @@ def test_cli_trains_resnet_sources_and_merges_them(tmp_path, monkeypatch, capsys
     assert cli.main(["merge", str(a), str(b), "--method", "cca", "--budget", "0.5", "--per-task", "8",
                      "--out", str(tmp_path / "c")]) == 2
     assert "--budget does not apply" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_cca_and_pleas_run_on_vits_where_the_spec_allows():
+    torch.manual_seed(0)
+    models = [TaskModel("vit", {"width": 16, "depth": 1, "heads": 2, "mlp_dim": 16, "out_dim": 8}, [t],
+                        head="class-embedding") for t in ("mnist:0-4", "mnist:5-9")]
+    d = [torch.randn(10, 1, 28, 28) for _ in models]
+    assert set(cca.merge(models, d).meta["spaces"]) == {"res", "feat", "qk0", "v0", "mlp0"}
+    assert pleas.merge(models, d).meta["solved_layers"] == 8     # patch embedding, q, k, v, o, fc1, fc2, proj (no bias)
+    with pytest.raises(ValueError, match="ties to another"):
+        pleas.merge(models, d, budget=0.5)

@@ -126,6 +126,12 @@ def merge(models, data, budget: float | dict = DEFAULT_BUDGET, ridge: float = DE
     if not float(ridge) >= 0:
         raise ValueError(f"ridge must be >= 0, got {ridge!r}")
     spec = models[0].spec
+    widened = [s for s in align.merged_spaces(spec)
+               if float(budget.get(s, DEFAULT_BUDGET) if isinstance(budget, dict) else budget) > 0]
+    tied = [s for s in widened if spec.resize_spaces is None and s not in spec.width_spaces]
+    if tied:
+        raise ValueError(f"a PLeaS budget > 0 widens space {tied[0]!r}, whose width the {spec.name} ties to "
+                         f"another's; give it budget 0 (families whose spaces resize apart: MLPs, ResNets)")
     maps = partial_maps(models, data, budget)
     merged = align.merge_with_maps(models, maps, seed)
     x = torch.cat(list(data))
