@@ -206,9 +206,11 @@ def load_or_tune(dataset: str, hidden: list[int], cache: Path, retune: bool, sea
     if threads:
         import torch
         torch.set_num_threads(threads)
-    searches = list(searches or SEARCHES)
+    searches = list(SEARCHES) if searches is None else list(searches)      # [] (rows that read no tuned value): none
     path = tuned_path(dataset, hidden, cache)
     have = None if retune or not path.is_file() else json.loads(path.read_text())
+    if not searches:        # the rows asked for read no chosen value: nothing to search (no file written)
+        return {**_placeholder_tuning(), **(have or {})}
     if have is not None and all(k in have for s in searches for k in SEARCHES[s][0]):
         status(f"hyperparameters from {path} (chosen on validation; --retune to redo)")
         return have
