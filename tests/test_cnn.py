@@ -110,9 +110,9 @@ def test_first_init_folds_to_model_one_and_a_folded_conv_is_a_plain_conv():
 def test_partial_zip_of_stages_widths_flops_and_the_ensemble_at_zero():
     models, d = pair(), data()
     x = d[0]
-    full = zipit.merge(models, d)
-    part = zipit.merge(models, d, stop_layer=1)
-    none = zipit.merge(models, d, stop_layer=0)
+    full = zipit.merge(models, d, reset_bn=False)
+    part = zipit.merge(models, d, stop_layer=1, reset_bn=False)
+    none = zipit.merge(models, d, stop_layer=0, reset_bn=False)
     assert "widths" not in full.backbone_config or full.backbone_config["widths"] == [4, 8]
     assert part.backbone_config["widths"] == [4, 16] and part.backbone_config["hidden"] == [[4, 4], [16, 16]]
     ens = SourceHeads(models)
@@ -150,7 +150,7 @@ def test_a_permuted_copy_is_recovered_and_the_merge_is_the_model(method):
                                                  dict(b.backbone.named_parameters()))
         inv = {s: torch.argsort(p) for s, p in perms.items()}       # b[i] = a[perm[i]]: a = b[argsort]
         assert all(torch.equal(found[s], inv[s]) for s in perms)
-    opts = {"reg": 1e-9} if method == "cca" else {}
+    opts = {"reg": 1e-9} if method == "cca" else {"reset_bn": False}
     merged = get_method(method)([a, b], data(20), **opts)
     tol = 1e-6 if method == "cca" else 1e-10
     assert torch.allclose(merged(x)[0], a(x)[0], atol=tol)
@@ -161,6 +161,7 @@ def test_weight_matching_needs_no_data_and_reset_needs_it():
     models = pair()
     merged = weight_matching.merge(models)
     assert merged.meta["method"] == "weight-matching" and merged.meta["passes"][0] >= 1
+    assert merged.meta["reset_bn"] is False             # no data: no reset, even for BatchNorm sources
     with pytest.raises(ValueError, match="one data tensor per model"):
         weight_matching.merge(models, reset_bn=True)
 
@@ -225,6 +226,16 @@ def test_regmean_on_convs_is_its_closed_form_over_patches():
     assert torch.allclose(merged.backbone.stem.weight.flatten(1), want, atol=1e-8)
 
 
+def test_the_reset_is_the_default_for_batchnorm_sources_only():
+    bn = [resnet("mnist:0-4", 0), resnet("mnist:5-9", 1)]           # fused: meta["fused_batchnorm"]
+    assert all(m.meta.get("fused_batchnorm") for m in bn)
+    d = data()
+    assert zipit.merge(bn, d).meta["reset_bn"] is True
+    assert zipit.merge(bn, d, reset_bn=False).meta["reset_bn"] is False
+    mlps = [TaskModel("mlp", {"in_dim": 144, "hidden": [8]}, [t]).double() for t in ("mnist:0-4", "mnist:5-9")]
+    assert zipit.merge(mlps, [x.flatten(1) for x in d]).meta["reset_bn"] is False
+
+
 def test_every_method_merges_resnets_through_the_api():
     models = [resnet("mnist:0-4", 0, torch.float32, fused=False), resnet("mnist:5-9", 1, torch.float32, fused=False)]
     d = data(8, torch.float32)
@@ -269,7 +280,7 @@ def test_cli_trains_resnet_sources_and_merges_them(tmp_path, monkeypatch, capsys
     assert cli.main(["train-sources", "--arch", "resnet", "--base", "2", "--tasks", "mnist:0-4", "mnist:5-9",
                      "--epochs", "1", "--limit", "100", "--out", str(out)]) == 0
     a, b = out / "mnist_0-4-s0", out / "mnist_5-9-s1"
-    assert cli.main(["merge", str(a), str(b), "--method", "zipit", "--reset-bn", "--stop-layer", "2",
+    assert cli.main(["merge", str(a), str(b), "--method", "zipit", "--reset-bn", "yes", "--stop-layer", "2",
                      "--per-task", "8", "--out", str(tmp_path / "z")]) == 0
     assert cli.main(["merge", str(a), str(b), "--method", "pleas", "--budget", "0.5", "--per-task", "8",
                      "--out", str(tmp_path / "p")]) == 0

@@ -43,9 +43,9 @@ def plan() -> list[tuple[str, str, dict]]:
     e = {"epochs": TRAINED_EPOCHS}
     return [("W.Avg", "average", {"reset_bn": True}),
             ("Git Re-Basin", "weight-matching", {"reset_bn": True}),
-            ("Permute (no reset)", "permute", {}),
+            ("Permute (no reset)", "permute", {"reset_bn": False}),
             ("Permute", "permute", {"reset_bn": True}),
-            ("ZipIt! 3/3 (no reset)", "zipit", {}),
+            ("ZipIt! 3/3 (no reset)", "zipit", {"reset_bn": False}),
             ("ZipIt! 3/3", "zipit", {"reset_bn": True}),
             ("ZipIt! 2/3", "zipit", {"reset_bn": True, "stop_layer": 2}),
             ("ZipIt! 1/3", "zipit", {"reset_bn": True, "stop_layer": 1}),

@@ -11,10 +11,13 @@ from ..model import TaskModel
 from .common import check_same_backbone, copy_heads
 
 
-def merge(models, data=None, weights: list[float] | None = None, reset_bn: bool = False, seed: int = 0):
+def merge(models, data=None, weights: list[float] | None = None, reset_bn: bool | None = None, seed: int = 0):
     """The weighted mean of the backbones; `reset_bn` then resets every layer's statistics on
-    `data` (`foldmerge.methods.repair`, the maps being the averaging M = [w_1 I, …, w_n I])."""
+    `data` (`foldmerge.methods.repair`, the maps being the averaging M = [w_1 I, …, w_n I]);
+    default: for BatchNorm sources (`repair.wants_reset`)."""
     check_same_backbone(models, "weight averaging")
+    from .repair import wants_reset
+    reset_bn = wants_reset(models, reset_bn, data)
     weights = weights or [1.0 / len(models)] * len(models)
     merged = TaskModel.for_merge(models)
     with torch.no_grad():

@@ -22,7 +22,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from . import align
-from .repair import reset_statistics
+from .repair import reset_statistics, wants_reset
 from .zipit import correlation
 
 
@@ -43,12 +43,13 @@ def permutation_maps(f0: torch.Tensor, f1: torch.Tensor) -> tuple[torch.Tensor, 
     return m, u, perm
 
 
-def merge(models, data, reset_bn: bool = False, seed: int = 0):
+def merge(models, data, reset_bn: bool | None = None, seed: int = 0):
     """Permute-and-average two models of identical widths; see the module docstring. `reset_bn`:
-    the BatchNorm reset on the merge data (`foldmerge.methods.repair`)."""
+    the BatchNorm reset on the merge data (`foldmerge.methods.repair`; default: for BatchNorm sources)."""
     if len(models) != 2:
         raise ValueError(f"permute merges exactly two models, got {len(models)}; use zipit for more")
     align.check_sources(models, data, "permute")
+    reset_bn = wants_reset(models, reset_bn, data)
     spec = models[0].spec
     feats = align.observe(models, data)
     maps, fixed = {}, {}

@@ -24,6 +24,16 @@ from ..model import as_input
 from .common import CHUNK, layer_outputs
 
 
+def wants_reset(models, reset_bn: bool | None, data) -> bool:
+    """Whether to reset: as asked, or by default (None) exactly when the sources were BatchNorm
+    nets (fused before merging, `meta["fused_batchnorm"]`) and there is data to reset on. The
+    default is `bench cnn`'s evidence: on ResNets the reset takes Permute from 43 to 92 % and
+    ZipIt! from 41 to 93 % per task (x4, README)."""
+    if reset_bn is None:
+        return data is not None and any(m.meta.get("fused_batchnorm") for m in models)
+    return bool(reset_bn)
+
+
 @torch.no_grad()
 def channel_stats(model, module_names: list[str], x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{layer: (mean, std) per output channel} of layers of `model`'s backbone on x (float64, eval

@@ -23,7 +23,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from . import align
-from .repair import reset_statistics
+from .repair import reset_statistics, wants_reset
 
 MAX_ITER = 100
 
@@ -85,10 +85,11 @@ def match_weights(spec, ref: dict[str, torch.Tensor], other: dict[str, torch.Ten
     return perms, passes
 
 
-def merge(models, data=None, reset_bn: bool = False, max_iter: int = MAX_ITER, seed: int = 0):
+def merge(models, data=None, reset_bn: bool | None = None, max_iter: int = MAX_ITER, seed: int = 0):
     """Weight matching of every model to model 1, then the average; see the module docstring.
-    data is needed only for `reset_bn`."""
+    data is needed only for `reset_bn` (default: for BatchNorm sources given data)."""
     spec = align.sources_spec(models)
+    reset_bn = wants_reset(models, reset_bn, data)
     if reset_bn:
         align.check_sources(models, data, "weight matching with reset_bn")
     else:

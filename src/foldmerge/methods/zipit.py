@@ -64,7 +64,7 @@ from __future__ import annotations
 import torch
 
 from . import align
-from .repair import reset_statistics
+from .repair import reset_statistics, wants_reset
 
 # The matching's own defaults (zipit_clusters, zipit_maps): the authors' `a` of
 # match_tensors_zipit, and cross-model merges only.
@@ -269,11 +269,12 @@ def space_maps(models, data, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT
 
 
 def merge(models, data, alpha: float | None = None, beta: float | None = None,
-          stop_layer: int | None = None, reset_bn: bool = False, seed: int = 0):
+          stop_layer: int | None = None, reset_bn: bool | None = None, seed: int = 0):
     """ZipIt! merge of models of any spec; see the module docstring. alpha / beta default by the
     spec's shape (`resolve`); `reset_bn`: the BatchNorm reset on the merge data
-    (`foldmerge.methods.repair`). seed is unused (ZipIt! is deterministic)."""
+    (`foldmerge.methods.repair`; default: for BatchNorm sources). seed is unused (ZipIt! is deterministic)."""
     align.check_sources(models, data, "ZipIt!")
+    reset_bn = wants_reset(models, reset_bn, data)
     alpha, beta = resolve(models[0].spec, alpha, beta)
     maps, stats = space_maps(models, data, alpha, beta, stop_layer)
     merged = align.merge_with_maps(models, maps, seed)
