@@ -118,8 +118,8 @@ def test_partial_zip_of_stages_widths_flops_and_the_ensemble_at_zero():
     ens = SourceHeads(models)
     for got, want in zip(none(x), ens(x)):
         assert torch.allclose(got, want, atol=1e-10)
-    from foldmerge.bench.cnn import mflops
-    assert mflops(full) < mflops(part) < mflops(none)
+    from foldmerge.bench import image_mflops
+    assert image_mflops(full) < image_mflops(part) < image_mflops(none)
     with pytest.raises(ValueError, match="stop_layer must lie in 0…2"):
         zipit.merge(models, d, stop_layer=3)
 

@@ -37,3 +37,33 @@ def merge_scored(sources, data, method: str, seed: int, opts: dict):
     merged.meta["calibration"] = calibrate_heads(merged, sources, data)
     seconds = merged.meta["wall_seconds"] + time.perf_counter() - start
     return merged, evaluate(merged), raw, seconds
+
+
+def cached_model(path, make, command: str):
+    """The model saved at `path`, or `make()` saved there first (its meta naming `command`):
+    a bench's sources are trained once and reused by every later run."""
+    from ..api import load
+    if (path / "config.json").is_file():
+        return load(path)
+    m = make()
+    m.meta["command"] = command
+    m.save(path)
+    return m
+
+
+def image_mflops(model) -> float:
+    """Millions of floating-point operations of one forward of one 28x28 image, in the model's dtype."""
+    import torch
+    from ..evaluation import forward_mflops
+    p = next(model.parameters())
+    return forward_mflops(model, torch.zeros(1, 1, 28, 28, dtype=p.dtype))
+
+
+def mean_std(xs) -> tuple[float | None, float | None]:
+    """(mean, sample standard deviation; 0 for one value) of the values that are not None."""
+    import math
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0

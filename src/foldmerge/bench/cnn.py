@@ -26,7 +26,7 @@ import json
 import time
 from pathlib import Path
 
-import torch
+from . import cached_model, image_mflops, mean_std, merge_scored, selected
 
 RESNET = {"channels": 1, "base": 8, "blocks": 1, "stages": 3, "batchnorm": True}
 PAIRS = {"mnist": ("mnist:0-4", "mnist:5-9"), "fmnist": ("fmnist:0-4", "fmnist:5-9"),
@@ -60,22 +60,11 @@ def plan() -> list[tuple[str, str, dict]]:
 
 
 def get_source(task: str, width: int, seed: int, cache: Path):
-    from ..api import load
     from ..data import Task
     from ..sources import source_dirname, train_resnet_source
-    path = cache / "cnn" / f"w{width}" / source_dirname(Task.parse(task), seed)
-    if (path / "config.json").is_file():
-        return load(path)
-    m = train_resnet_source(task, {**RESNET, "width": width}, seed, **SOURCE_TRAINING)
-    m.meta["command"] = "foldmerge bench cnn (source)"
-    m.save(path)
-    return m
-
-
-def mflops(model) -> float:
-    from ..evaluation import forward_mflops
-    p = next(model.parameters())
-    return forward_mflops(model, torch.zeros(1, 1, 28, 28, dtype=p.dtype))
+    return cached_model(cache / "cnn" / f"w{width}" / source_dirname(Task.parse(task), seed),
+                        lambda: train_resnet_source(task, {**RESNET, "width": width}, seed, **SOURCE_TRAINING),
+                        "foldmerge bench cnn (source)")
 
 
 def _scores(result: dict, tasks: list[str]) -> dict:
@@ -89,7 +78,6 @@ def run_cell(pair: str, width: int, seed: int, cache: Path, methods: list[str] |
     from ..api import merge_form, merge_sample
     from ..evaluation import SourceHeads, evaluate
     from ..progress import status
-    from . import merge_scored, selected
     cell = cache / "cnn" / "cells" / f"{pair}-w{width}-s{seed}.json"
     done = json.loads(cell.read_text()) if cell.is_file() else []
     have = {r["method"] for r in done}
@@ -109,28 +97,20 @@ def run_cell(pair: str, width: int, seed: int, cache: Path, methods: list[str] |
     if "Originals" not in have:
         per = {t: s.meta["test_accuracy"] for t, s in zip(tasks, sources)}
         keep({"method": "Originals", "task_a": per[tasks[0]], "task_b": per[tasks[1]],
-              "avg": sum(per.values()) / 2, "joint": None, "mflops": mflops(sources[0]), "seconds": 0.0})
+              "avg": sum(per.values()) / 2, "joint": None, "mflops": image_mflops(sources[0]), "seconds": 0.0})
     if "Ensemble" not in have:
         ens = SourceHeads([merge_form(s) for s in sources])
         keep({"method": "Ensemble", **_scores(evaluate(ens), tasks),
-              "mflops": sum(mflops(s) for s in sources), "seconds": 0.0})
+              "mflops": sum(image_mflops(s) for s in sources), "seconds": 0.0})
     for name, method, opts in plan():
         if name in have or not selected(name, method, methods):
             continue
         status(f"cnn {pair} x{width} seed {seed}: {name}")
         merged, calibrated, raw, seconds = merge_scored(sources, data, method, seed, dict(opts))
         keep({"method": name, **_scores(calibrated, tasks), "joint_uncalibrated": raw.get("joint_mean"),
-              "mflops": mflops(merged), "params": merged.num_parameters(), "seconds": seconds,
+              "mflops": image_mflops(merged), "params": merged.num_parameters(), "seconds": seconds,
               "widths": merged.backbone_config.get("widths")})
     return rows
-
-
-def _mean_std(xs):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None, None
-    t = torch.tensor(xs, dtype=torch.float64)
-    return float(t.mean()), float(t.std()) if len(xs) > 1 else 0.0
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -140,7 +120,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
         sel = [r for r in rows if (r["pair"], r["width"], r["method"]) == (pair, width, method)]
         agg = {"pair": pair, "width": width, "method": method, "seeds": len(sel)}
         for k in ("joint", "task_a", "task_b", "avg", "mflops", "seconds"):
-            agg[k], agg[k + "_std"] = _mean_std([r.get(k) for r in sel])
+            agg[k], agg[k + "_std"] = mean_std([r.get(k) for r in sel])
         out.append(agg)
     return out
 

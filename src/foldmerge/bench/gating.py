@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from . import cached_model, image_mflops
+
 VIT = {"image_size": 28, "channels": 1, "patch": 7, "width": 64, "depth": 6, "heads": 4, "mlp_dim": 128,
        "out_dim": 64}
 PRETRAIN = ("mnist/transpose", "fmnist/transpose")
@@ -49,13 +51,7 @@ TABLES = ("main", "similarity", "strategies", "gate", "domain", "scratch")
 
 # ----------------------------------------------------------------------------- sources
 def _cached(path: Path, make):
-    from ..api import load
-    if (path / "config.json").is_file():
-        return load(path)
-    m = make()
-    m.meta["command"] = "foldmerge bench gating (source)"
-    m.save(path)
-    return m
+    return cached_model(path, make, "foldmerge bench gating (source)")
 
 
 def get_base(cache: Path, config: dict = VIT):
@@ -81,12 +77,6 @@ def get_scratch_sources(tasks, cache: Path, config: dict = VIT) -> list:
 
 
 # ----------------------------------------------------------------------------- scoring
-def mflops(model) -> float:
-    """Millions of floating-point operations of one forward of one 28x28 image."""
-    from ..evaluation import forward_mflops
-    return forward_mflops(model, torch.zeros(1, 1, 28, 28))
-
-
 def scores(model, routed: bool, split: str = "test") -> dict:
     """Per-task accuracy: with the task's own head, or (routed) with the head the model picks."""
     from ..evaluation import evaluate
@@ -97,7 +87,7 @@ def scores(model, routed: bool, split: str = "test") -> dict:
 def _row(name: str, n: int, per_task: dict, model, seconds: float | None, **extra) -> dict:
     return {"set": n, "method": name, "per_task": per_task, "mean": sum(per_task.values()) / len(per_task),
             "params_m": model.num_parameters() / 1e6 if model is not None else None,
-            "mflops": None if model is None else model.meta.get("mflops_per_input") or mflops(model),
+            "mflops": None if model is None else model.meta.get("mflops_per_input") or image_mflops(model),
             "seconds": seconds, **extra}
 
 
@@ -125,7 +115,7 @@ def main_rows(n: int, sources, base, data, status) -> list[dict]:
     per = originals(sources)["per_task"]
     single = sources[0].num_parameters() / 1e6
     rows.append({"set": n, "method": "individual", "per_task": per, "mean": sum(per.values()) / len(per),
-                 "params_m": single * n, "mflops": mflops(sources[0]), "seconds": None})
+                 "params_m": single * n, "mflops": image_mflops(sources[0]), "seconds": None})
     avg, s = _timed(average.merge, sources)
     rows.append(_row("AvgMean", n, scores(avg, False), avg, s))
     reg, s = _timed(regmean.merge, sources, data)

@@ -26,7 +26,6 @@ Work is spread over processes (one per core by default), each single-threaded.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -35,7 +34,7 @@ from importlib import resources
 from multiprocessing import get_context
 from pathlib import Path
 
-from . import sample_drawer, selected
+from . import mean_std, sample_drawer, selected
 
 VALUES = {"depth": [1, 2, 3, 4, 6], "width": [16, 64, 128, 512, 1024]}
 TASKS = {"mnist": ("mnist:0-4", "mnist:5-9"), "fmnist": ("fmnist:0-4", "fmnist:5-9")}
@@ -364,15 +363,6 @@ def _quiet_worker() -> None:
 
 
 # --------------------------------------------------------------------------- reporting
-def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None, None
-    m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return m, sd
-
-
 def aggregate(rows: list[dict], values: list[int]) -> dict:
     """{metric: {row: {value: {mean, std, n, seconds}}}}."""
     table: dict = {"per_task": {}, "joint": {}, "joint_uncalibrated": {}}
@@ -385,7 +375,7 @@ def aggregate(rows: list[dict], values: list[int]) -> dict:
                 sel = [r for r in rows if r["method"] == name and r["value"] == v]
                 if not sel:
                     continue
-                m, sd = _mean_std([r.get(metric) for r in sel])
+                m, sd = mean_std([r.get(metric) for r in sel])
                 if m is None:
                     continue
                 secs = [r["seconds"] for r in sel if r["seconds"] is not None]
