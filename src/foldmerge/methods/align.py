@@ -28,13 +28,9 @@ def merged_spaces(spec) -> list[str]:
     return [s.name for s in spec.spaces if not s.shared]
 
 
-def check_sources(models, data, method: str, equal_widths: bool = True, data_needed: bool = True) -> None:
-    """One data tensor per model, every space observed, identical widths (if asked): else a one-line
-    ValueError. `data_needed` False (a data-free method): the widths only."""
+def check_sources(models, data, method: str, equal_widths: bool = True) -> None:
+    """One data tensor per model, every space observed, identical widths (if asked): else a one-line ValueError."""
     spec = sources_spec(models)
-    if not data_needed:
-        _check_widths(spec, models, method)
-        return
     if data is None or len(data) != len(models):
         raise ValueError(f"{method} needs one data tensor per model; got "
                          f"{0 if data is None else len(data)} for {len(models)} models")
@@ -46,10 +42,12 @@ def check_sources(models, data, method: str, equal_widths: bool = True, data_nee
         raise ValueError(f"{method} needs activations of every space; the {spec.name} spec has no probe "
                          f"for {missing[0]!r}")
     if equal_widths:
-        _check_widths(spec, models, method)
+        check_widths(models, method)
 
 
-def _check_widths(spec, models, method: str) -> None:
+def check_widths(models, method: str) -> None:
+    """Every merged space equally wide in every model (what a data-free alignment checks), else one line."""
+    spec = sources_spec(models)
     widths = [spec.validate(m.backbone) for m in models]
     for s in merged_spaces(spec):
         ws = [w[s] for w in widths]
@@ -176,6 +174,14 @@ def merge_with_maps(models, maps: dict[str, tuple[torch.Tensor, torch.Tensor]], 
     sn = space_supernet(models, {s: m.shape[0] for s, (m, _) in maps.items()}, seed)
     load_maps(sn, models, maps)
     return sn.fold()
+
+
+def averaging_maps(width: int, weights: list[float], perms: list[torch.Tensor | None]):
+    """(M, U) of one space that averages the models with `weights` after permuting model k by
+    perms[k] (None: as it is): M = [w_1 P_1, …, w_n P_n], U = [P_1ᵀ; …; P_nᵀ], P[i, perm[i]] = 1."""
+    eye = torch.eye(width, dtype=torch.float64)
+    ps = [eye if p is None else eye[p] for p in perms]
+    return torch.cat([w * p for w, p in zip(weights, ps)], dim=1), torch.cat([p.T for p in ps], dim=0)
 
 
 def identity_maps(feats: list[torch.Tensor]):

@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 
 from ..model import TaskModel
+from . import align
 from .common import check_same_backbone, copy_heads
+from .repair import reset_statistics, wants_reset
 
 
 def merge(models, data=None, weights: list[float] | None = None, reset_bn: bool | None = None, seed: int = 0):
@@ -16,7 +18,6 @@ def merge(models, data=None, weights: list[float] | None = None, reset_bn: bool 
     `data` (`foldmerge.methods.repair`, the maps being the averaging M = [w_1 I, …, w_n I]);
     default: for BatchNorm sources (`repair.wants_reset`)."""
     check_same_backbone(models, "weight averaging")
-    from .repair import wants_reset
     reset_bn = wants_reset(models, reset_bn, data)
     weights = weights or [1.0 / len(models)] * len(models)
     merged = TaskModel.for_merge(models)
@@ -26,14 +27,10 @@ def merge(models, data=None, weights: list[float] | None = None, reset_bn: bool 
         merged.backbone.load_state_dict(avg)
         copy_heads(merged, models)
     if reset_bn:
-        from . import align
-        from .repair import reset_statistics
         align.check_sources(models, data, "weight averaging with reset_bn")
         widths = models[0].spec.validate(models[0].backbone)
-        maps = {}
-        for s in align.merged_spaces(models[0].spec):
-            eye = torch.eye(widths[s], dtype=torch.float64)
-            maps[s] = (torch.cat([w * eye for w in weights], dim=1), torch.cat([eye] * len(models)))
+        maps = {s: align.averaging_maps(widths[s], weights, [None] * len(models))
+                for s in align.merged_spaces(models[0].spec)}
         reset_statistics(merged, models, data, maps)
     merged.meta = {"method": "average", "weights": weights, "reset_bn": bool(reset_bn)}
     return merged

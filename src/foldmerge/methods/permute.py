@@ -36,11 +36,8 @@ def permutation_maps(f0: torch.Tensor, f1: torch.Tensor) -> tuple[torch.Tensor, 
     perm = torch.empty(d0, dtype=torch.long)
     perm[torch.as_tensor(rows, dtype=torch.long)] = torch.as_tensor(cols, dtype=torch.long)
     dtype = f0.dtype if f0.is_floating_point() else torch.float32
-    eye = torch.eye(d0, dtype=dtype)
-    p = eye[perm]                                   # P[i, π(i)] = 1
-    m = torch.cat([eye / 2, p / 2], dim=1)
-    u = torch.cat([eye, p.T], dim=0)
-    return m, u, perm
+    m, u = align.averaging_maps(d0, [0.5, 0.5], [None, perm])     # P[i, π(i)] = 1
+    return m.to(dtype), u.to(dtype), perm
 
 
 def merge(models, data, reset_bn: bool | None = None, seed: int = 0):

@@ -93,7 +93,7 @@ def merge(models, data=None, reset_bn: bool | None = None, max_iter: int = MAX_I
     if reset_bn:
         align.check_sources(models, data, "weight matching with reset_bn")
     else:
-        align.check_sources(models, data, "weight matching", data_needed=False)
+        align.check_widths(models, "weight matching")
     states = [dict(m.backbone.named_parameters()) for m in models]
     n = len(models)
     perms_k, passes = [None], []
@@ -101,12 +101,9 @@ def merge(models, data=None, reset_bn: bool | None = None, max_iter: int = MAX_I
         perms, count = match_weights(spec, states[0], st, seed, max_iter)
         perms_k.append(perms)
         passes.append(count)
-    maps = {}
     widths = spec.validate(models[0].backbone)
-    for s in align.merged_spaces(spec):
-        eye = torch.eye(widths[s], dtype=torch.float64)
-        ps = [eye] + [eye[p[s]] if s in p else eye for p in perms_k[1:]]    # P[i, perm[i]] = 1
-        maps[s] = (torch.cat([p / n for p in ps], dim=1), torch.cat([p.T for p in ps], dim=0))
+    maps = {s: align.averaging_maps(widths[s], [1.0 / n] * n, [None] + [p.get(s) for p in perms_k[1:]])
+            for s in align.merged_spaces(spec)}
     merged = align.merge_with_maps(models, maps, seed)
     resets = reset_statistics(merged, models, data, maps) if reset_bn else 0
     merged.meta = {"method": "weight-matching", "passes": passes, "reset_bn": bool(reset_bn), "reset_layers": resets,
