@@ -151,6 +151,11 @@ class SuperNet(nn.Module):
             if bias:
                 paired.add(bias)
             self._weight_jobs.append((p.key, bias, spec.merge_site(p), spec.unmerge_site(p)))
+        # (weight job, kernel location or None): a conv weight folds location by location
+        self._job_of = []
+        for i, (w, *_) in enumerate(self._weight_jobs):
+            t = self.source(w, 0)
+            self._job_of += [(i, None)] if t.dim() == 2 else [(i, loc) for loc in range(t[0, 0].numel())]
         for p in spec.params:
             if not spec.is_weight(p) and p.key not in paired:
                 self._rows.setdefault(spec.merge_site(p), []).append((p.key, spec.merged_axes(p)[0]))
@@ -161,21 +166,17 @@ class SuperNet(nn.Module):
                         for p in spec.layer_weights()}
 
     def _jobs(self):
-        """The (M, sources, U, biases) fold jobs: one per weight, one per kernel location of a conv
-        weight (a conv is a linear map of channels at every location; its bias rides on location 0)."""
+        """The (M, sources, U, biases) fold jobs, one per entry of `_job_of`: a weight, or one kernel
+        location of a conv weight (a conv is a linear map of channels at every location; its bias
+        rides on location 0)."""
         buf = self._buffers
-        jobs, self._job_of = [], []
-        for i, (w, bias, m, u) in enumerate(self._weight_jobs):
+        jobs = []
+        for i, loc in self._job_of:
+            w, bias, m, u = self._weight_jobs[i]
             ws = [buf[b] for b in self._src[w]]
-            bs = None if bias is None else [buf[b] for b in self._src[bias]]
-            fm, fu = self._map["merge", m], self._map["unmerge", u]
-            if ws[0].dim() == 2:
-                jobs.append((fm, ws, fu, bs))
-                self._job_of.append((i, None))
-                continue
-            for loc, views in enumerate(self._locations(w, ws)):
-                jobs.append((fm, views, fu, bs if loc == 0 else None))
-                self._job_of.append((i, loc))
+            bs = None if bias is None or loc not in (None, 0) else [buf[b] for b in self._src[bias]]
+            jobs.append((self._map["merge", m], ws if loc is None else self._locations(w, ws)[loc],
+                         self._map["unmerge", u], bs))
         return jobs
 
     def _locations(self, key: str, ws: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -221,8 +222,7 @@ class SuperNet(nn.Module):
         st: dict[str, torch.Tensor] = {}
         if weights:
             conv: dict[str, list] = {}
-            jobs = self._jobs()
-            for (i, loc), (w, b) in zip(self._job_of, fold_linears(jobs, self._groups)):
+            for (i, loc), (w, b) in zip(self._job_of, fold_linears(self._jobs(), self._groups)):
                 w_key, b_key = self._weight_jobs[i][:2]
                 if loc is None:
                     st[w_key] = w
