@@ -295,6 +295,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     b.add_argument("--threads", type=count(1), default=None, help=argparse.SUPPRESS)
 
+    b = bench.add_parser("data-efficiency", help="FS-Merge paper Figures 4-7: accuracy against 16-1024 originals per task")
+    b.add_argument("--arch", choices=["mlp", "vit", "bert"], default="mlp",
+                   help="mlp: bench mlp's MNIST pair; vit: bench vit's first pair; bert: bench text's first pair "
+                        "(default mlp)")
+    b.add_argument("--counts", nargs="+", type=count(1), default=None,
+                   help="original examples per task (default 16 32 64 128 256 512 1024; images augmented to 1024)")
+    b.add_argument("--seeds", type=count(1), default=None, help="seed pairs (default mlp 3, vit 1, bert 1)")
+    b.add_argument("--out", default="runs/bench", help="cache for source models and measured cells (default runs/bench)")
+    b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
+    b.add_argument("--threads", type=count(1), default=None, help="torch CPU threads (default: torch's choice)")
+    b = bench.add_parser("scale", help="FS-Merge minus distillation as the ViT grows (width 64-192, depth 4-6)")
+    b.add_argument("--configs", nargs="+", default=None, metavar="WxD",
+                   help="ViT sizes WIDTHxDEPTH (default 64x4 128x4 64x6 192x4 128x6 192x6, cheapest first)")
+    b.add_argument("--originals", nargs="+", type=count(1), default=None,
+                   help="original images per task, of 16 (+800 augmented) and 100 (+1000) (default both)")
+    b.add_argument("--seeds", type=count(1), default=1, help="merge seeds per cell (default 1)")
+    b.add_argument("--out", default="runs/bench", help="cache for source models and measured cells (default runs/bench)")
+    b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
+    b.add_argument("--threads", type=count(1), default=None, help="torch CPU threads (default: torch's choice)")
     b = bench.add_parser("cost", help="time and peak memory of FS-Merge (folded, SuperNet, seq.) vs distillation")
     b.add_argument("--n", nargs="+", type=count(1), default=[2, 4, 8], help="numbers of models (default 2 4 8)")
     b.add_argument("--per-task", type=count(1), default=1024, help="merge images per model (default 1024)")
@@ -555,6 +574,17 @@ def cmd_bench(args) -> None:
         result = cnn.run_bench(pairs=tuple(args.pairs or cnn.PAIRS), widths=tuple(args.widths or cnn.WIDTHS),
                                seeds=args.seeds or cnn.SEEDS, methods=args.methods, out=args.out)
         return _report_bench(result, args, cnn.print_report)
+    if args.bench == "data-efficiency":
+        from .bench import efficiency
+        result = efficiency.run_bench(arch=args.arch, counts=tuple(args.counts or efficiency.COUNTS), seeds=args.seeds,
+                                      out=args.out)
+        return _report_bench(result, args, efficiency.print_report)
+    if args.bench == "scale":
+        from .bench import scale
+        configs = tuple(scale.parse_config(c) for c in args.configs) if args.configs else scale.CONFIGS
+        result = scale.run_bench(configs=configs, originals=tuple(args.originals or scale.SAMPLES), seeds=args.seeds,
+                                 out=args.out)
+        return _report_bench(result, args, scale.print_report)
     if args.bench == "gating":
         from .bench import gating
         result = gating.run_bench(tables=tuple(args.tables or gating.TABLES), sizes=tuple(args.sizes or gating.SIZES),

@@ -67,3 +67,17 @@ def mean_std(xs) -> tuple[float | None, float | None]:
         return None, None
     m = sum(xs) / len(xs)
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+
+
+def measured_cell(path, measure) -> list[dict]:
+    """The rows saved at `path`, or `measure()`'s, saved there first (atomically): a bench's cell
+    is measured once, and an interrupted run resumes at the first cell it lacks."""
+    import json
+    if path.is_file():
+        return json.loads(path.read_text())
+    rows = measure()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=1))
+    tmp.replace(path)
+    return rows
