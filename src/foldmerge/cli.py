@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 from pathlib import Path
 
@@ -54,10 +55,23 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=count(1), default=None, help="torch CPU threads (default: torch's choice)")
 
 
+QUIET_HELP = "no progress bars or status lines (tables and --json output stay)"
+
+
+def _add_quiet(parser: argparse.ArgumentParser) -> None:
+    """--quiet after any subcommand too; SUPPRESS so that a subcommand left without it keeps the top level's."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                child.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
+                _add_quiet(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     ap = Parser(prog="foldmerge", description=__doc__.splitlines()[0])
     ap.add_argument("--version", action="version", version=f"foldmerge {__version__}")
+    ap.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train-sources", help="train one source model (MLP or ViT) per task, each from its own seed")
@@ -222,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true")
     _common(p)
 
+    p = sub.add_parser("report", help="a Markdown + self-contained HTML report with figures from bench --json files")
+    p.add_argument("results", nargs="+", metavar="RESULTS.json", help="--json files of any foldmerge bench")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="report directory (report.md, report.html, *.png); an earlier report there is replaced")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
     p = sub.add_parser("bench", help="benchmarks that reproduce the papers' tables (measured now)")
     bench = p.add_subparsers(dest="bench", required=True)
     b = bench.add_parser("mlp", help="FS-Merge paper Table 2 and Tables 9-14: MLP pairs on MNIST/Fashion-MNIST halves")
@@ -340,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-task", type=count(1), default=64)
     p.add_argument("--out", default=None, help="also save the sources and merged models here")
     _common(p)
+    _add_quiet(ap)
     return ap
 
 
@@ -631,8 +651,13 @@ def cmd_bench_cost(args) -> None:
 
 
 def _report_bench(result: dict, args, print_report) -> None:
-    """Every bench ends alike: the command that made it, --json written, the table printed."""
+    """Every bench ends alike: the command, machine, date and commit that made it, --json written,
+    the table printed."""
+    import datetime
+    from .provenance import environment
     result["command"] = _command_line()
+    result["environment"] = environment()
+    result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     if args.json:
         _write_json_atomic(args.json, result)
     print_report(result, result["command"])
@@ -650,8 +675,18 @@ def _write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, target)
 
 
+def cmd_report(args) -> None:
+    from .figures import build_report
+    from .report import print_json
+    done = build_report(args.results, args.out, _command_line())
+    if args.json:
+        print_json(done)
+        return
+    print(f"report of {len(done['results'])} result(s) written to {done['out']}: {', '.join(done['files'])}")
+
+
 COMMANDS = {"train-sources": cmd_train_sources, "merge": cmd_merge, "eval": cmd_eval, "demo": cmd_demo,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "report": cmd_report}
 
 
 def _expand_config(argv: list[str], parser) -> list[str]:
@@ -680,8 +715,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:            # a bad argument (one line said), --help or --version
         return e.code if isinstance(e.code, int) else 2
-    if args.threads:
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    if getattr(args, "quiet", False):
+        os.environ["FOLDMERGE_PROGRESS"] = "0"
     import signal
 
     def terminated(signum, frame):     # SIGTERM unwinds like ^C, so temporaries are removed on the way out

@@ -37,7 +37,23 @@ def environment() -> dict:
     from . import __version__
     return {"foldmerge": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "git_commit": git_commit() or "not a git checkout",
-            "threads": torch.get_num_threads(), "argv": list(sys.argv)}
+            "threads": torch.get_num_threads(), "argv": list(sys.argv), "machine": machine()}
+
+
+def machine() -> str:
+    """The CPU model and core count (and the GPU, if torch sees one), in words."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    words = f"{cpu}, {os.cpu_count()} cores"
+    if torch.cuda.is_available():
+        words += f", {torch.cuda.get_device_name(0)}"
+    return words
 
 
 def file_sha256(path: Path) -> str:
