@@ -8,7 +8,7 @@ STAMP := $(VENV)/.foldmerge-installed
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test fashion-mnist clean
+.PHONY: setup demo test report fashion-mnist clean
 
 setup: $(STAMP) fashion-mnist
 
@@ -32,6 +32,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# README "Results": the report of the committed bench results (docs/results), drawn again
+report: setup
+	$(PY) -m foldmerge report docs/results/*.json --out docs/report
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -7,6 +7,7 @@ and a loss function supplied by the caller.
 from __future__ import annotations
 
 import math
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
@@ -14,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import engine
-from .progress import bar
+from .progress import bar, status
 
 SCHEDULES = ("constant", "step", "cosine")
 # training stops as diverged when an epoch's loss is not finite or exceeds this many times the
@@ -178,6 +179,7 @@ def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tenso
     start, step, history = ck.restore(idx, params, opt, g) if ck else (0, 0, [])
     show_every = max(1, cfg.epochs // 200) if bs == n else 1
     fabric = engine.current()
+    began = time.perf_counter()
     with bar(cfg.epochs if bs == n else total, desc) as progress:
         if start:
             progress.advance(start if bs == n else start * steps_per_epoch, info=f"resumed at epoch {start}")
@@ -210,6 +212,8 @@ def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tenso
                 p.copy_(b)
     if ck:
         ck.finish(idx, params, history)
+    if history:     # the bar is gone when it ends (transient): one line says how it went
+        status(f"{desc}: {len(history)} epochs, last loss {history[-1]:.4g}, {time.perf_counter() - began:.0f} s")
     return history
 
 
