@@ -187,7 +187,7 @@ def _special_table(result: dict) -> tuple[list[str], list[list[str]]] | None:
     if bench == "scale":
         return (["ViT", "source params", "originals", "distill", "fs-merge", "gap per task", "gap joint", "seeds"],
                 [[f"w{g['width']} d{g['depth']}", f"{g['source_parameters']:,}", str(g["originals"]),
-                  _fmt(g.get("distill")), _fmt(g.get("fs-merge diag+lowrank(12)")),
+                  _fmt(g["per_task_of"].get("distill")), _fmt(g["per_task_of"].get("fs-merge diag+lowrank(12)")),
                   _signed(g["gap_per_task"], g["gap_per_task_std"]), _signed(g["gap_joint"], g["gap_joint_std"]),
                   str(g["seeds"])] for g in result["gaps"]])
     return None

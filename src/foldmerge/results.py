@@ -75,15 +75,14 @@ def points(result: dict) -> list[dict]:
     return [p for p in out if p["per_task"] is not None]
 
 
-def summary(pts: list[dict]) -> list[dict]:
-    """Mean and sample std over replicates per (panel, method), in the order first seen."""
+def summary(pts: list[dict], keys: tuple[str, ...] = ("panel", "method")) -> list[dict]:
+    """Mean and sample std over replicates per value of `keys`, in the order first seen."""
     from .bench import mean_std
     out = []
-    for panel, method in dict.fromkeys((p["panel"], p["method"]) for p in pts):
-        sel = [p for p in pts if (p["panel"], p["method"]) == (panel, method)]
+    for key in dict.fromkeys(tuple(p[k] for k in keys) for p in pts):
+        sel = [p for p in pts if tuple(p[k] for k in keys) == key]
         pt, pt_sd = mean_std(p["per_task"] for p in sel)
-        j, j_sd = mean_std(p["joint"] for p in sel)
-        out.append({"panel": panel, "method": method, "per_task": pt, "per_task_std": pt_sd, "joint": j,
-                    "joint_std": j_sd, "n": len(sel), "seconds": mean_std(p["seconds"] for p in sel)[0],
-                    "params": sel[0]["params"]})
+        j, j_sd = mean_std(p.get("joint") for p in sel)
+        out.append({**dict(zip(keys, key)), "per_task": pt, "per_task_std": pt_sd, "joint": j, "joint_std": j_sd,
+                    "n": len(sel), "seconds": mean_std(p.get("seconds") for p in sel)[0], "params": sel[0].get("params")})
     return out

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import mean_std, measured_cell, merge_scored
+from . import measured_cell, merge_scored
 
 COUNTS = (16, 32, 64, 128, 256, 512, 1024)
 TOTAL = 1024                       # originals + augmented per task (images)
@@ -106,14 +106,8 @@ def room(arch: str, seed: int, cache: Path) -> int | None:
 
 def curves(rows: list[dict]) -> list[dict]:
     """Mean ± std over seeds per (method, count): the points of the figure."""
-    out = []
-    for method, n in dict.fromkeys((r["method"], r["originals"]) for r in rows):
-        sel = [r for r in rows if (r["method"], r["originals"]) == (method, n)]
-        pt, pt_sd = mean_std(r["per_task"] for r in sel)
-        j, j_sd = mean_std(r["joint"] for r in sel)
-        out.append({"method": method, "originals": n, "per_task": pt, "per_task_std": pt_sd, "joint": j,
-                    "joint_std": j_sd, "seeds": len(sel), "seconds": mean_std(r.get("seconds") for r in sel)[0]})
-    return out
+    from ..results import summary
+    return summary(rows, ("method", "originals"))
 
 
 def run_bench(arch: str = "mlp", counts: tuple = COUNTS, seeds: int | None = None, out: str = "runs/bench") -> dict:

@@ -96,8 +96,8 @@ def gaps(rows: list[dict]) -> list[dict]:
                 d_j.append(fs["joint"] - di["joint"])
         row = {"width": key[0], "depth": key[1], "originals": key[2], "seeds": len(d_pt),
                "source_parameters": sel[0]["source_parameters"]}
-        for name in dict.fromkeys(r["method"] for r in sel):
-            row[name] = mean_std(r["per_task"] for r in sel if r["method"] == name)[0]
+        row["per_task_of"] = {name: mean_std(r["per_task"] for r in sel if r["method"] == name)[0]
+                              for name in dict.fromkeys(r["method"] for r in sel)}
         row["gap_per_task"], row["gap_per_task_std"] = mean_std(d_pt)
         row["gap_joint"], row["gap_joint_std"] = mean_std(d_j)
         row["seconds"] = {name: mean_std(r.get("seconds") for r in sel if r["method"] == name)[0]
@@ -124,6 +124,10 @@ def run_bench(configs: tuple = CONFIGS, originals: tuple = tuple(SAMPLES), seeds
             "rows": rows, "gaps": gaps(rows), "total_seconds": time.perf_counter() - t0}
 
 
+def _acc(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
 def print_report(result: dict, command: str) -> None:
     import sys
     from rich.console import Console
@@ -141,7 +145,7 @@ def print_report(result: dict, command: str) -> None:
         secs = g["seconds"]
         table.add_row(f"w{g['width']} d{g['depth']}", f"{g['source_parameters']:,}",
                       f"{g['originals']} + {result['samples'][str(g['originals'])]}",
-                      *[f"{g.get(m, 0):.1f}" for m in ("ensemble", "distill", "fs-merge diag+lowrank(12)")],
+                      *[_acc(g["per_task_of"].get(m)) for m in ("ensemble", "distill", "fs-merge diag+lowrank(12)")],
                       pm(g["gap_per_task"], g["gap_per_task_std"]), pm(g["gap_joint"], g["gap_joint_std"]),
                       " / ".join("-" if secs[k] is None else f"{secs[k]:.0f}" for k in secs))
     console.print(table)
