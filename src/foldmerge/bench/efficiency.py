@@ -38,10 +38,8 @@ def plan(arch: str) -> list[tuple[str, str, dict]]:
                 ("fs-merge diag+lowrank(16)", "fs-merge", {"param": "diag+lowrank(16)"}),
                 ("fs-merge full", "fs-merge", {})]
     if arch == "vit":
-        from .vit import PAPER_CHOICE, method_plan
-        chosen = {**PAPER_CHOICE, "distill": [100, 1e-3], "fs-merge diag": [200, 1e-2],
-                  "fs-merge diag+lowrank(12)": [100, 1e-3]}
-        return [row for row in method_plan(chosen) if row[1] in ("distill", "fs-merge")]
+        from .vit import VALIDATED, method_plan
+        return [row for row in method_plan(VALIDATED) if row[1] in ("distill", "fs-merge")]
     from .text import method_plan
     trained = dict(next(o for _, m, o in method_plan("scratch") if m == "fs-merge"))
     return [row for row in method_plan("scratch") if row[1] == "distill"] + [
@@ -118,7 +116,7 @@ def run_bench(arch: str = "mlp", counts: tuple = COUNTS, seeds: int | None = Non
     if bad:
         raise ValueError(f"original examples per task must lie in 1…{TOTAL}, got {bad[0]}")
     seeds = seeds or SEEDS[arch]
-    cache, t0, rows, skipped = Path(out), time.perf_counter(), [], []
+    cache, t0, rows = Path(out), time.perf_counter(), []
     for s in range(seeds):
         rows += _reference(arch, s, cache)
     limit = room(arch, 0, cache)

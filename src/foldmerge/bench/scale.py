@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 
 from . import mean_std, measured_cell, merge_scored
-from .mlp import e1_warmup
-from .vit import FS_MERGE, PAIRS, TASKS, TRAIN, VIT, get_sources
+from .vit import PAIRS, TASKS, VALIDATED, VIT, get_sources, method_plan
 
 # cheapest first, so an interrupted run has the small end of the curve
 CONFIGS = ((64, 4), (128, 4), (64, 6), (192, 4), (128, 6), (192, 6))
 SAMPLES = {16: 800, 100: 1000}        # originals per task: augmented per task (bench vit pairs16, pairs100)
-EPOCHS, LR = 100, 1e-3                # bench vit's validated pairs16 choice for both methods (README)
+ROWS = ("distill", "fs-merge diag+lowrank(12)")
+EPOCHS, LR = VALIDATED["distill"]     # bench vit's validated pairs16 choice, the same for both rows
 SOURCE_EPOCHS = (3, 2)                # bench vit's: pre-training, fine-tuning
 
 
@@ -35,9 +35,7 @@ def vit_config(width: int, depth: int) -> dict:
 
 
 def plan() -> list[tuple[str, str, dict]]:
-    trained = {"epochs": EPOCHS, "lr": LR, **e1_warmup(EPOCHS), **TRAIN}
-    return [("distill", "distill", {"init": "first", **trained}),
-            ("fs-merge diag+lowrank(12)", "fs-merge", {**FS_MERGE, "param": "diag+lowrank(12)", **trained})]
+    return [row for row in method_plan(VALIDATED) if row[0] in ROWS]
 
 
 def parse_config(text: str) -> tuple[int, int]:

@@ -67,6 +67,8 @@ GRID = {
 # defaults (methods.zipit.RESIDUAL_DEFAULTS)
 PAPER_CHOICE = {"regmean_alpha": 0.9, "opt": ["window-8", 0.08], "zipit": [0.3, 0.125], "distill": [100, 1e-4],
                 "fs-merge diag": [200, 1e-3], "fs-merge diag+lowrank(12)": [200, 1e-4]}
+# what validation chose on pairs16 (README "ViTs"), for the benches that reuse it at other sizes and counts
+VALIDATED = {**PAPER_CHOICE, "distill": [100, 1e-3], "fs-merge diag": [200, 1e-2], "fs-merge diag+lowrank(12)": [100, 1e-3]}
 TRAIN = {"optimizer": "adamw", "batch_size": 128, "weight_decay": 0.001}
 FS_MERGE = {"variant": "global", "init": "first", "target_scale": "none"}
 
