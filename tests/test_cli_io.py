@@ -311,3 +311,9 @@ def test_merge_out_onto_the_sources_folder_is_refused(trained_sources, capsys):
     assert_one_line_error(["merge", root / "mnist_0-4-s0", root / "mnist_5-9-s1", "--method", "average",
                            "--out", root], capsys)
     assert sorted(p.name for p in root.iterdir()) == before
+
+
+@pytest.mark.parametrize("argv,expected", [(["bench", "scale"], False), (["--quiet", "bench", "scale"], True),
+                                           (["bench", "scale", "--quiet"], True), (["report", "x.json", "--out", "r", "--quiet"], True)])
+def test_quiet_before_or_after_the_subcommand(argv, expected):
+    assert cli.build_parser().parse_args(argv).quiet is expected

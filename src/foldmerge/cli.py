@@ -13,8 +13,17 @@ from pathlib import Path
 import torch
 
 
+QUIET_HELP = "no progress bars or status lines (tables and --json output stay)"
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, with its errors in the one-line form of every other error."""
+    """argparse, with its errors in the one-line form of every other error, and --quiet on every
+    (sub)command: subparsers are made of this class too, and theirs defaults to SUPPRESS so that a
+    subcommand given without it keeps the top level's value."""
+
+    def __init__(self, *args, quiet_default=argparse.SUPPRESS, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--quiet", action="store_true", default=quiet_default, help=QUIET_HELP)
 
     def error(self, message: str):
         print(f"foldmerge: error: {message.splitlines()[0]}", file=sys.stderr)
@@ -55,23 +64,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=count(1), default=None, help="torch CPU threads (default: torch's choice)")
 
 
-QUIET_HELP = "no progress bars or status lines (tables and --json output stay)"
-
-
-def _add_quiet(parser: argparse.ArgumentParser) -> None:
-    """--quiet after any subcommand too; SUPPRESS so that a subcommand left without it keeps the top level's."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for child in action.choices.values():
-                child.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
-                _add_quiet(child)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    ap = Parser(prog="foldmerge", description=__doc__.splitlines()[0])
+    ap = Parser(prog="foldmerge", description=__doc__.splitlines()[0], quiet_default=False)
     ap.add_argument("--version", action="version", version=f"foldmerge {__version__}")
-    ap.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train-sources", help="train one source model (MLP or ViT) per task, each from its own seed")
@@ -359,7 +357,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-task", type=count(1), default=64)
     p.add_argument("--out", default=None, help="also save the sources and merged models here")
     _common(p)
-    _add_quiet(ap)
     return ap
 
 

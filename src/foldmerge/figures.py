@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .results import load_result, points, summary
+from .results import load_result, points, signed, summary
 
 MARK = "report.md"      # a directory holding this is a report, and may be replaced by a new one
 
@@ -188,17 +188,13 @@ def _special_table(result: dict) -> tuple[list[str], list[list[str]]] | None:
         return (["ViT", "source params", "originals", "distill", "fs-merge", "gap per task", "gap joint", "seeds"],
                 [[f"w{g['width']} d{g['depth']}", f"{g['source_parameters']:,}", str(g["originals"]),
                   _fmt(g["per_task_of"].get("distill")), _fmt(g["per_task_of"].get("fs-merge diag+lowrank(12)")),
-                  _signed(g["gap_per_task"], g["gap_per_task_std"]), _signed(g["gap_joint"], g["gap_joint_std"]),
+                  signed(g["gap_per_task"], g["gap_per_task_std"]), signed(g["gap_joint"], g["gap_joint_std"]),
                   str(g["seeds"])] for g in result["gaps"]])
     return None
 
 
 def _ratio(v):
     return "–" if v is None else f"{v:.2f}"
-
-
-def _signed(m, s):
-    return "–" if m is None else f"{m:+.1f}" + (f" ± {s:.1f}" if s else "")
 
 
 def _section(result: dict, name: str, folder: Path) -> list[tuple]:

@@ -86,3 +86,8 @@ def summary(pts: list[dict], keys: tuple[str, ...] = ("panel", "method")) -> lis
         out.append({**dict(zip(keys, key)), "per_task": pt, "per_task_std": pt_sd, "joint": j, "joint_std": j_sd,
                     "n": len(sel), "seconds": mean_std(p.get("seconds") for p in sel)[0], "params": sel[0].get("params")})
     return out
+
+
+def signed(mean, std, missing: str = "–") -> str:
+    """A difference as its tables print it: '+1.2 ± 0.3' (no ± for one seed), `missing` for None."""
+    return missing if mean is None else f"{mean:+.1f}" + (f" ± {std:.1f}" if std else "")

@@ -10,6 +10,11 @@ def selected(row: str, method: str, methods: list[str] | None) -> bool:
     return not methods or row in methods or method in methods
 
 
+def accuracy(scores: dict) -> dict:
+    """A bench row's accuracy fields from `evaluation.evaluate`'s scores: per-task and joint means (%)."""
+    return {"per_task": scores["per_task_mean"], "joint": scores.get("joint_mean")}
+
+
 def sample_drawer(sources, per_task: int, seed: int):
     """`draw(augment)`: the merge sample of `sources` with that many augmented images per task
     (`api.merge_sample`), drawn once per count and reused by every merge of the bench cell."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import measured_cell, merge_scored
+from . import accuracy, measured_cell, merge_scored
 
 COUNTS = (16, 32, 64, 128, 256, 512, 1024)
 TOTAL = 1024                       # originals + augmented per task (images)
@@ -58,10 +58,6 @@ def get_sources(arch: str, seed: int, cache: Path) -> list:
     return get_sources("scratch", seed, cache)
 
 
-def _scores(result: dict) -> dict:
-    return {"per_task": result["per_task_mean"], "joint": result.get("joint_mean")}
-
-
 def _measure(arch: str, n: int, seed: int, cache: Path) -> list[dict]:
     from ..api import held_out_sample, merge_sample
     from ..progress import status
@@ -79,7 +75,7 @@ def _measure(arch: str, n: int, seed: int, cache: Path) -> list[dict]:
     for name, method, opts in plan(arch):
         status(f"data-efficiency {arch}, {n} originals, seed {seed}: {name}")
         merged, calibrated, raw, seconds = merge_scored(sources, data, method, seed, {**opts, **extra})
-        rows.append({**base, "method": name, **_scores(calibrated), "joint_uncalibrated": raw.get("joint_mean"),
+        rows.append({**base, "method": name, **accuracy(calibrated), "joint_uncalibrated": raw.get("joint_mean"),
                      "seconds": seconds, "learnable_parameters": merged.meta.get("learnable_parameters")})
     return rows
 
@@ -90,16 +86,15 @@ def _reference(arch: str, seed: int, cache: Path) -> list[dict]:
     sources = get_sources(arch, seed, cache)
     base = {"arch": arch, "originals": None, "seed": seed}
     return [{**base, "method": "originals", "per_task": originals(sources)["per_task_mean"], "joint": None},
-            {**base, "method": "ensemble", **_scores(evaluate(Ensemble(sources)))}]
+            {**base, "method": "ensemble", **accuracy(evaluate(Ensemble(sources)))}]
 
 
 def room(arch: str, seed: int, cache: Path) -> int | None:
     """The most originals per task a text pair leaves beside its held-out texts (None: images, no limit)."""
     if arch != "bert":
         return None
-    from .text import SETTINGS
-    tasks = [t for s in get_sources(arch, seed, cache) for t in s.tasks]
-    return min(len(t.split("train")[0]) for t in tasks) - SETTINGS["scratch"]["held_out"]
+    from .text import SETTINGS, texts_room
+    return texts_room([t for s in get_sources(arch, seed, cache) for t in s.tasks], SETTINGS["scratch"]["held_out"])
 
 
 def curves(rows: list[dict]) -> list[dict]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import mean_std, measured_cell, merge_scored
+from . import accuracy, mean_std, measured_cell, merge_scored
 from .vit import PAIRS, TASKS, VALIDATED, VIT, get_sources, method_plan
 
 # cheapest first, so an interrupted run has the small end of the curve
@@ -63,19 +63,15 @@ def _measure(width: int, depth: int, originals: int, seed: int, cache: Path) -> 
     base = {"width": width, "depth": depth, "originals": originals, "augmented": SAMPLES[originals], "seed": seed,
             "source_parameters": sources[0].num_parameters()}
     rows = [{**base, "method": "originals", "per_task": originals_of(sources)["per_task_mean"], "joint": None},
-            {**base, "method": "ensemble", **_scores(evaluate(Ensemble(sources)))}]
+            {**base, "method": "ensemble", **accuracy(evaluate(Ensemble(sources)))}]
     data = merge_sample(sources, originals, seed, augment=SAMPLES[originals])
     for name, method, opts in plan():
         status(f"scale w{width} d{depth}, {originals} originals: {name}")
         merged, calibrated, raw, seconds = merge_scored(sources, data, method, seed, dict(opts))
-        rows.append({**base, "method": name, **_scores(calibrated), "joint_uncalibrated": raw.get("joint_mean"),
+        rows.append({**base, "method": name, **accuracy(calibrated), "joint_uncalibrated": raw.get("joint_mean"),
                      "seconds": seconds, "learnable_parameters": merged.meta.get("learnable_parameters")})
         status(f"  {name}: test per-task {rows[-1]['per_task']:.2f} ({seconds:.0f} s)")
     return rows
-
-
-def _scores(result: dict) -> dict:
-    return {"per_task": result["per_task_mean"], "joint": result.get("joint_mean")}
 
 
 def gaps(rows: list[dict]) -> list[dict]:
@@ -130,21 +126,19 @@ def print_report(result: dict, command: str) -> None:
     import sys
     from rich.console import Console
     from rich.table import Table
+    from ..results import signed
     console = Console(file=sys.stdout, width=max(120, Console().width))
     table = Table(title=f"FS-Merge diag+low-rank(12) minus distillation, pair {' + '.join(result['pair'])}: "
                         "per-task accuracy % (test)")
     for col in ("ViT", "source params", "originals + augmented", "ensemble", "distill", "fs-merge",
                 "gap per task", "gap joint", "seconds (distill / fs-merge)"):
         table.add_column(col, justify="left" if col == "ViT" else "right")
-
-    def pm(m, s):
-        return "-" if m is None else f"{m:+.1f}" + (f" ± {s:.1f}" if s else "")
     for g in result["gaps"]:
         secs = g["seconds"]
         table.add_row(f"w{g['width']} d{g['depth']}", f"{g['source_parameters']:,}",
                       f"{g['originals']} + {result['samples'][str(g['originals'])]}",
                       *[_acc(g["per_task_of"].get(m)) for m in ("ensemble", "distill", "fs-merge diag+lowrank(12)")],
-                      pm(g["gap_per_task"], g["gap_per_task_std"]), pm(g["gap_joint"], g["gap_joint_std"]),
+                      signed(g["gap_per_task"], g["gap_per_task_std"], "-"), signed(g["gap_joint"], g["gap_joint_std"], "-"),
                       " / ".join("-" if secs[k] is None else f"{secs[k]:.0f}" for k in secs))
     console.print(table)
     console.print(f"measured now: {result['seeds']} seed(s), {result['epochs']} epochs at lr {result['lr']:g} for both "

@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import merge_scored, selected
+from . import accuracy, merge_scored, selected
 
 PAIRS = [("bbc:0-2", "bbc:3-4"), ("bbc:0,2,4", "bbc:1,3")]
 SCRATCH = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 512}
@@ -78,8 +78,13 @@ def get_sources(setting: str, pair: int, cache: Path) -> list:
     return models
 
 
+def texts_room(tasks, held_out: int) -> int:
+    """The most merge texts per task the tasks' training splits leave beside `held_out` early-stopping texts."""
+    return min(len(t.split("train")[0]) for t in tasks) - held_out
+
+
 def _row(base, name, scores, **extra):
-    return {**base, "method": name, "per_task": scores["per_task_mean"], "joint": scores.get("joint_mean"), **extra}
+    return {**base, "method": name, **accuracy(scores), **extra}
 
 
 def run_bench(setting: str = "scratch", pairs: int | None = None, methods: list[str] | None = None,
@@ -120,7 +125,7 @@ def run_bench(setting: str = "scratch", pairs: int | None = None, methods: list[
             status(f"  {name}: test per-task {rows[-1]['per_task']:.2f} / joint {rows[-1]['joint']:.2f} "
                    f"({seconds:.0f} s)")
         if sweep and p == 0:
-            room = min(len(t.split("train")[0]) for t in tasks) - s["held_out"]
+            room = texts_room(tasks, s["held_out"])
             for n in SWEEP:
                 if n > room:
                     skipped.append(n)

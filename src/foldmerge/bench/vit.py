@@ -32,7 +32,7 @@ import os
 import time
 from pathlib import Path
 
-from . import selected
+from . import accuracy, selected
 from .mlp import e1_warmup
 
 # setting: (original images per task, augmented images per task, models per group)
@@ -239,15 +239,15 @@ def run_bench(setting: str = "pairs16", pairs: int | None = None, out: str = "ru
         sources = get_sources(indices, config, cache, limit, source_epochs)
         tasks = [t for s in sources for t in s.tasks]
         base = {"pair": g, "tasks": [t.name for t in tasks]}
-        rows.append({**base, "method": "random guess", **_scores(random_guess(tasks))})
-        rows.append({**base, "method": "originals", **_scores(originals(sources))})
-        rows.append({**base, "method": "ensemble", **_scores(evaluate(Ensemble(sources)))})
+        rows.append({**base, "method": "random guess", **accuracy(random_guess(tasks))})
+        rows.append({**base, "method": "originals", **accuracy(originals(sources))})
+        rows.append({**base, "method": "ensemble", **accuracy(evaluate(Ensemble(sources)))})
         data = merge_sample(sources, n_orig, seed, augment=n_aug)
         for name, method, opts in plan:
             if not selected(name, method, methods):
                 continue
             merged, calibrated, raw, seconds = merge_scored(sources, data, method, seed, opts)
-            scores = _scores(calibrated)
+            scores = accuracy(calibrated)
             status(f"  {name}: test per-task {scores['per_task']:.2f} ({seconds:.0f} s)")
             rows.append({**base, "method": name, **scores, "joint_uncalibrated": raw.get("joint_mean"),
                          "calibration": merged.meta["calibration"], "seconds": seconds,
@@ -261,10 +261,6 @@ def run_bench(setting: str = "pairs16", pairs: int | None = None, out: str = "ru
             "chosen_on": (tuned or {}).get("chosen_on", "appendix E.2 bold values (no tuning)"),
             "tuning_trials": (tuned or {}).get("trials", []),
             "total_seconds": time.perf_counter() - t0}
-
-
-def _scores(result: dict) -> dict:
-    return {"per_task": result["per_task_mean"], "joint": result.get("joint_mean")}
 
 
 def print_report(result: dict, command: str) -> None:
