@@ -108,3 +108,11 @@ def test_bench_arguments_fail_with_one_line(capsys):
     assert "1…1024" in capsys.readouterr().err
     assert main(["bench", "scale", "--configs", "100x4"]) == 2
     assert "multiple of 16" in capsys.readouterr().err
+
+
+def test_pareto_front_names_each_cost_level_best():
+    from foldmerge.figures import pareto_front
+    rows = [{"method": m, "seconds": s, "per_task": a}
+            for m, s, a in [("cheap", 1, 50), ("dominated", 2, 40), ("better", 3, 70), ("tie-slower", 4, 70),
+                            ("best", 9, 90)]]
+    assert [r["method"] for r in pareto_front(rows, "seconds")] == ["cheap", "better", "best"]

@@ -72,16 +72,30 @@ def accuracy_against(rows: list[dict], key: str, label: str, path: Path, title: 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for panel in dict.fromkeys(r["panel"] for r in rows):
         sel = [r for r in rows if r["panel"] == panel and r[key]]
-        ax.scatter([r[key] for r in sel], [r["per_task"] for r in sel], label=panel, s=18)
-        for r in sel:
+        front = pareto_front(sel, key)
+        dots = ax.scatter([r[key] for r in front], [r["per_task"] for r in front], label=panel, s=20)
+        rest = [r for r in sel if r not in front]
+        ax.scatter([r[key] for r in rest], [r["per_task"] for r in rest], s=12, alpha=0.35,
+                   color=dots.get_facecolor()[0])
+        for r in front:
             ax.annotate(r["method"], (r[key], r["per_task"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel(label)
     ax.set_ylabel("per-task test accuracy %")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title + "\nnamed: each panel's best for its cost (the rest faint; all in the table)", fontsize=9)
     return _save(fig, path)
+
+
+def pareto_front(rows: list[dict], key: str) -> list[dict]:
+    """The rows no other row beats on both accuracy and `key` (cost): more accurate than every cheaper one."""
+    front, best = [], float("-inf")
+    for r in sorted(rows, key=lambda r: (r[key], -r["per_task"])):
+        if r["per_task"] > best:
+            front.append(r)
+            best = r["per_task"]
+    return front
 
 
 def efficiency_curves(result: dict, path: Path) -> Path:
