@@ -27,7 +27,7 @@ def load(path: str | os.PathLike, allow_pickle: bool = False):
 def merge_form(model):
     """The equivalent model a merge reads: the family's `merge_form` (a ResNet's BatchNorm folded
     into its convs), or the model itself. A new model; the given one is left as it is."""
-    form = getattr(model.spec, "merge_form", None)
+    form = model.spec.merge_form
     return model if form is None else form(model)
 
 
