@@ -130,12 +130,14 @@ def scale_gap(result: dict, path: Path) -> Path:
             ax.errorbar([g["source_parameters"] for g in sel], [g[key] for g in sel],
                         yerr=[g[key + "_std"] or 0 for g in sel], marker="o", ms=3, capsize=2,
                         label=f"{n} originals per task")
-            for g in sel:
-                ax.annotate(f"w{g['width']} d{g['depth']}", (g["source_parameters"], g[key]), fontsize=6,
-                            xytext=(3, 2), textcoords="offset points")
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xscale("log")
-        ax.set_xlabel("parameters of one source ViT")
+        # each size named once, on the axis: labels beside points overlapped where both counts met
+        sizes = sorted({(g["source_parameters"], g["width"], g["depth"]) for g in result["gaps"]})
+        ax.xaxis.set_minor_locator(_plt().NullLocator())
+        ax.set_xticks([p for p, _, _ in sizes],
+                      [f"w{w} d{d}\n{p / 1e6:.2f}M" for p, w, d in sizes], fontsize=6)
+        ax.set_xlabel("one source ViT: width, depth, parameters")
         ax.set_ylabel(("per-task" if key == "gap_per_task" else "joint") + " accuracy: FS-Merge − distill (points)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
