@@ -37,7 +37,8 @@ def _scale():
     rows = [{"width": w, "depth": 4, "originals": 16, "augmented": 800, "seed": 0, "source_parameters": 1000 * w,
              "method": m, "per_task": pt + w / 64, "joint": 80.0, "seconds": 10.0, "learnable_parameters": 5}
             for w in (64, 128) for m, pt in (("distill", 90.0), ("fs-merge diag+lowrank(12)", 89.0))]
-    return {"bench": "scale", "rows": rows, "gaps": gaps(rows), "command": "foldmerge bench scale", "total_seconds": 1}
+    return {"bench": "scale", "rows": rows, "gaps": gaps(rows), "command": "foldmerge bench scale", "total_seconds": 1,
+            "cells": 2, "cells_from_cache": 1}
 
 
 def test_report_from_fixtures(tmp_path, capsys):
@@ -59,6 +60,8 @@ def test_report_from_fixtures(tmp_path, capsys):
     assert "test CPU, 2 cores" in md and "2026-12-03" in md and "foldmerge bench vit" in md
     assert "86.5 ± 0.7 / 84.0" in md                   # distill per-task mean ± std over the two pairs
     assert "not recorded" in md                        # the cost fixture has no machine or date
+    # a resumed run's own minutes leave out cells measured before: the report says so, with their merge time
+    assert "read 1 of 2 cells back from earlier runs; the merges in it took 0.7 min" in md
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(figures)    # self-contained
     assert sorted(done["files"]) == sorted(p.name for p in out.iterdir())

@@ -170,8 +170,19 @@ def _run_facts(result: dict) -> list[str]:
             f"machine: {env.get('machine') or missing}" + (f"; {env['threads']} torch threads" if env.get("threads") else ""),
             f"date: {result.get('date') or missing}",
             f"commit: {env.get('git_commit') or missing}",
-            f"wall time: {result['total_seconds'] / 60:.1f} min" if result.get("total_seconds") is not None
-            else "wall time: not recorded"]
+            _wall_time(result)]
+
+
+def _wall_time(result: dict) -> str:
+    if result.get("total_seconds") is None:
+        return "wall time: not recorded"
+    line = f"wall time: {result['total_seconds'] / 60:.1f} min"
+    if result.get("cells_from_cache"):
+        # a resumed or re-assembled run: its own time leaves out the cells measured before
+        merged = sum(r["seconds"] for r in result.get("rows", []) if isinstance(r.get("seconds"), (int, float)))
+        line += (f" for this invocation, which read {result['cells_from_cache']} of {result.get('cells', '?')} "
+                 f"cells back from earlier runs; the merges in it took {merged / 60:.1f} min when measured")
+    return line
 
 
 def _fmt(m, s=None):

@@ -74,6 +74,12 @@ def mean_std(xs) -> tuple[float | None, float | None]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
 
 
+def read_back(result: dict) -> str:
+    """What a resumable bench's summary line says of the cells it did not measure this time."""
+    n = result.get("cells_from_cache", 0)
+    return f" ({n} of {result.get('cells', '?')} cells read back from earlier runs)" if n else ""
+
+
 def measured_cell(path, measure) -> list[dict]:
     """The rows saved at `path`, or `measure()`'s, saved there first (atomically): a bench's cell
     is measured once, and an interrupted run resumes at the first cell it lacks."""

@@ -26,7 +26,7 @@ import json
 import time
 from pathlib import Path
 
-from . import cached_model, image_mflops, mean_std, merge_scored, selected
+from . import cached_model, image_mflops, mean_std, merge_scored, read_back, selected
 
 RESNET = {"channels": 1, "base": 8, "blocks": 1, "stages": 3, "batchnorm": True}
 PAIRS = {"mnist": ("mnist:0-4", "mnist:5-9"), "fmnist": ("fmnist:0-4", "fmnist:5-9"),
@@ -142,7 +142,8 @@ def run_bench(pairs=tuple(PAIRS), widths=WIDTHS, seeds: int = SEEDS, methods: li
     return {"bench": "cnn", "resnet": RESNET, "pairs": {p: list(PAIRS[p]) for p in pairs}, "widths": list(widths),
             "seeds": seeds, "per_task_images": PER_TASK, "source_training": SOURCE_TRAINING,
             "trained_epochs": TRAINED_EPOCHS, "rows": rows, "table": aggregate(rows),
-            "cells_from_cache": cached, "total_seconds": time.perf_counter() - t0}
+            "cells": len(widths) * len(pairs) * seeds, "cells_from_cache": cached,
+            "total_seconds": time.perf_counter() - t0}
 
 
 def print_report(result: dict, command: str) -> None:
@@ -169,7 +170,5 @@ def print_report(result: dict, command: str) -> None:
                 t.add_row(r["method"], pm(r, "joint"), pm(r, "task_a"), pm(r, "task_b"), pm(r, "avg"),
                           f"{r['mflops']:.1f}", f"{r['seconds']:.1f}")
             console.print(t)
-    cached = result.get("cells_from_cache", 0)
-    console.print(f"measured: seeds 0…{result['seeds'] - 1} (source seeds 2s, 2s+1); {result['total_seconds'] / 60:.1f} "
-                  f"min this run{f', {cached} cells read from their cache files (measured before)' if cached else ''}; "
-                  f"command: {command}")
+    console.print(f"measured: seeds 0…{result['seeds'] - 1} (source seeds 2s, 2s+1); "
+                  f"{result['total_seconds'] / 60:.1f} min this run{read_back(result)}; command: {command}")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import accuracy, measured_cell, merge_scored
+from . import accuracy, measured_cell, merge_scored, read_back
 
 COUNTS = (16, 32, 64, 128, 256, 512, 1024)
 TOTAL = 1024                       # originals + augmented per task (images)
@@ -119,14 +119,16 @@ def run_bench(arch: str = "mlp", counts: tuple = COUNTS, seeds: int | None = Non
     skipped = sorted({n for n in counts if limit is not None and n > limit})
     if skipped:
         status(f"skipped (a task's training split leaves only {limit} texts beside the held-out ones): {skipped}")
+    files = [cache / "efficiency" / "cells" / f"{arch}-n{n}-s{s}.json" for n, s in cells]
+    cached = sum(f.is_file() for f in files)
     with bar(len(cells), f"data-efficiency cells ({arch})") as progress:
-        for n, s in cells:
-            rows += measured_cell(cache / "efficiency" / "cells" / f"{arch}-n{n}-s{s}.json",
-                                  lambda: _measure(arch, n, s, cache))
+        for (n, s), file in zip(cells, files):
+            rows += measured_cell(file, lambda: _measure(arch, n, s, cache))
             progress.advance(1, info=f"{n} originals, seed {s}")
     return {"bench": "data-efficiency", "arch": arch, "counts": [n for n in counts if n not in skipped],
             "skipped": skipped, "total_per_task": None if arch == "bert" else TOTAL, "seeds": seeds,
-            "rows": rows, "curves": curves(rows), "total_seconds": time.perf_counter() - t0}
+            "rows": rows, "curves": curves(rows), "cells": len(cells), "cells_from_cache": cached,
+            "total_seconds": time.perf_counter() - t0}
 
 
 def print_report(result: dict, command: str) -> None:
@@ -152,5 +154,5 @@ def print_report(result: dict, command: str) -> None:
     console.print(table)
     if result["skipped"]:
         console.print(f"skipped (too few training texts beside the held-out ones): {result['skipped']}")
-    console.print(f"measured now: seeds 0…{result['seeds'] - 1}; {result['total_seconds'] / 60:.1f} min (cells "
-                  f"measured before are read back); command: {command}")
+    console.print(f"measured now: seeds 0…{result['seeds'] - 1}; {result['total_seconds'] / 60:.1f} min"
+                  f"{read_back(result)}; command: {command}")
