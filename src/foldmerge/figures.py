@@ -180,8 +180,9 @@ def _wall_time(result: dict) -> str:
     if result.get("cells_from_cache"):
         # a resumed or re-assembled run: its own time leaves out the cells measured before
         merged = sum(r["seconds"] for r in result.get("rows", []) if isinstance(r.get("seconds"), (int, float)))
-        line += (f" for this invocation, which read {result['cells_from_cache']} of {result.get('cells', '?')} "
-                 f"cells back from earlier runs; the merges in it took {merged / 60:.1f} min when measured")
+        of = f" of {result['cells']}" if result.get("cells") else ""     # files written before benches counted them
+        line += (f" for this invocation, which read {result['cells_from_cache']}{of} cells back from earlier runs; "
+                 f"the merges in it took {merged / 60:.1f} min when measured")
     return line
 
 

@@ -77,7 +77,7 @@ def mean_std(xs) -> tuple[float | None, float | None]:
 def read_back(result: dict) -> str:
     """What a resumable bench's summary line says of the cells it did not measure this time."""
     n = result.get("cells_from_cache", 0)
-    return f" ({n} of {result.get('cells', '?')} cells read back from earlier runs)" if n else ""
+    return f" ({n} of {result['cells']} cells read back from earlier runs)" if n else ""
 
 
 def measured_cell(path, measure) -> list[dict]:
