@@ -263,7 +263,7 @@ def _unit_cost(vary: str, value: int) -> float:
 def run_bench(dataset: str = "mnist", vary: str = "depth", seeds: int = 5, values: list[int] | None = None,
               methods: list[str] | None = None, jobs: int | None = None, out: str = "runs/bench",
               epochs_scale: float = 1.0, retune: bool = False) -> dict:
-    from ..progress import bar
+    from ..progress import bar, status
     if dataset not in TASKS:
         raise ValueError(f"--dataset must be one of {', '.join(TASKS)}, got {dataset!r}")
     if vary not in VALUES:
@@ -296,16 +296,18 @@ def run_bench(dataset: str = "mnist", vary: str = "depth", seeds: int = 5, value
         def each(calls, label, done):
             """Run calls {key: (fn, args)} here (one job) or in the pool, `done(key, result)` as each ends."""
             with bar(len(calls), label) as progress:
+                def finished(key, result, i):
+                    done(key, result)
+                    progress.advance(1, info=f"{key} done")
+                    status(f"{label}: {key} done ({i}/{len(calls)})")   # the workers are quiet: a log sees this
                 if jobs == 1:
-                    for key, (fn, args) in calls.items():
-                        done(key, fn(*args))
-                        progress.advance(1, info=f"{key} done")
+                    for i, (key, (fn, args)) in enumerate(calls.items(), 1):
+                        finished(key, fn(*args), i)
                     return
                 futures = {pool.submit(fn, *args): key for key, (fn, args) in calls.items()}
                 try:
-                    for fut in as_completed(futures):
-                        done(futures[fut], fut.result())
-                        progress.advance(1, info=f"{futures[fut]} done")
+                    for i, fut in enumerate(as_completed(futures), 1):
+                        finished(futures[fut], fut.result(), i)
                 except BaseException:
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise
