@@ -79,3 +79,21 @@ def test_killed_source_training_resumes_to_the_same_weights(tmp_path):
 def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="nothing to resume"):
         Checkpoint(tmp_path / "none", None, {}, resume=True)
+
+
+def test_bench_cells_are_measured_once_and_counted_when_read_back(tmp_path):
+    from foldmerge.bench import Cells
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return [{"method": "distill", "per_task": 90.0}]
+
+    first, again = Cells(), Cells()
+    path = tmp_path / "cells" / "a.json"
+    assert first.rows(path, measure) == [{"method": "distill", "per_task": 90.0}]
+    assert again.rows(path, measure) == first.rows(path, measure) and len(calls) == 1
+    assert again.rows(tmp_path / "cells" / "b.json", measure) and len(calls) == 2
+    assert first.facts() == {"cells": 2, "cells_from_cache": 1}
+    assert again.facts() == {"cells": 2, "cells_from_cache": 1}
+    assert not list(tmp_path.rglob("*.tmp"))                # written atomically: no half file left

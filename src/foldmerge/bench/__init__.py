@@ -80,15 +80,27 @@ def read_back(result: dict) -> str:
     return f" ({n} of {result['cells']} cells read back from earlier runs)" if n else ""
 
 
-def measured_cell(path, measure) -> list[dict]:
-    """The rows saved at `path`, or `measure()`'s, saved there first (atomically): a bench's cell
-    is measured once, and an interrupted run resumes at the first cell it lacks."""
-    import json
-    if path.is_file():
-        return json.loads(path.read_text())
-    rows = measure()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    tmp.replace(path)
-    return rows
+class Cells:
+    """Where a resumable bench keeps its cells: each measured once and saved at its path
+    (atomically), so an interrupted run resumes at the first cell it lacks. Counts the cells it
+    read back instead of measuring, for the bench's summary and the report's wall time."""
+
+    def __init__(self):
+        self.count = self.read_back = 0
+
+    def rows(self, path, measure) -> list[dict]:
+        """The rows saved at `path`, or `measure()`'s, saved there first."""
+        import json
+        self.count += 1
+        if path.is_file():
+            self.read_back += 1
+            return json.loads(path.read_text())
+        rows = measure()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        tmp.replace(path)
+        return rows
+
+    def facts(self) -> dict:
+        return {"cells": self.count, "cells_from_cache": self.read_back}

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import accuracy, measured_cell, merge_scored, read_back
+from . import Cells, accuracy, merge_scored, read_back
 
 COUNTS = (16, 32, 64, 128, 256, 512, 1024)
 TOTAL = 1024                       # originals + augmented per task (images)
@@ -119,15 +119,15 @@ def run_bench(arch: str = "mlp", counts: tuple = COUNTS, seeds: int | None = Non
     skipped = sorted({n for n in counts if limit is not None and n > limit})
     if skipped:
         status(f"skipped (a task's training split leaves only {limit} texts beside the held-out ones): {skipped}")
-    files = [cache / "efficiency" / "cells" / f"{arch}-n{n}-s{s}.json" for n, s in cells]
-    cached = sum(f.is_file() for f in files)
+    store = Cells()
     with bar(len(cells), f"data-efficiency cells ({arch})") as progress:
-        for (n, s), file in zip(cells, files):
-            rows += measured_cell(file, lambda: _measure(arch, n, s, cache))
+        for n, s in cells:
+            rows += store.rows(cache / "efficiency" / "cells" / f"{arch}-n{n}-s{s}.json",
+                               lambda: _measure(arch, n, s, cache))
             progress.advance(1, info=f"{n} originals, seed {s}")
     return {"bench": "data-efficiency", "arch": arch, "counts": [n for n in counts if n not in skipped],
             "skipped": skipped, "total_per_task": None if arch == "bert" else TOTAL, "seeds": seeds,
-            "rows": rows, "curves": curves(rows), "cells": len(cells), "cells_from_cache": cached,
+            "rows": rows, "curves": curves(rows), **store.facts(),
             "total_seconds": time.perf_counter() - t0}
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import accuracy, mean_std, measured_cell, merge_scored, read_back
+from . import Cells, accuracy, mean_std, merge_scored, read_back
 from .vit import PAIRS, TASKS, VALIDATED, VIT, get_sources, method_plan
 
 # cheapest first, so an interrupted run has the small end of the curve
@@ -49,14 +49,10 @@ def parse_config(text: str) -> tuple[int, int]:
     return width, depth
 
 
-def cell_file(width: int, depth: int, originals: int, seed: int, cache: Path) -> Path:
-    return cache / "scale" / "cells" / f"w{width}d{depth}-n{originals}-s{seed}.json"
-
-
-def run_cell(width: int, depth: int, originals: int, seed: int, cache: Path) -> list[dict]:
+def run_cell(width: int, depth: int, originals: int, seed: int, cache: Path, store: Cells) -> list[dict]:
     """Every row of one cell, read from its file if it was measured before."""
-    return measured_cell(cell_file(width, depth, originals, seed, cache),
-                         lambda: _measure(width, depth, originals, seed, cache))
+    return store.rows(cache / "scale" / "cells" / f"w{width}d{depth}-n{originals}-s{seed}.json",
+                      lambda: _measure(width, depth, originals, seed, cache))
 
 
 def _measure(width: int, depth: int, originals: int, seed: int, cache: Path) -> list[dict]:
@@ -112,15 +108,15 @@ def run_bench(configs: tuple = CONFIGS, originals: tuple = tuple(SAMPLES), seeds
         raise ValueError(f"--originals must be among {', '.join(map(str, SAMPLES))}, got {bad[0]}")
     cache, t0, rows = Path(out), time.perf_counter(), []
     cells = [(w, d, n, s) for w, d in configs for n in originals for s in range(seeds)]
-    cached = sum(cell_file(*c, cache).is_file() for c in cells)
+    store = Cells()
     with bar(len(cells), "scale cells") as progress:
         for w, d, n, s in cells:
-            rows += run_cell(w, d, n, s, cache)
+            rows += run_cell(w, d, n, s, cache, store)
             progress.advance(1, info=f"w{w} d{d} n{n} s{s}")
     return {"bench": "scale", "pair": list(PAIRS[0]), "pretrain_task": "mnist/transpose", "tasks": TASKS[:2],
             "configs": [list(c) for c in configs], "samples": {str(n): SAMPLES[n] for n in originals},
             "seeds": seeds, "epochs": EPOCHS, "lr": LR, "source_epochs": list(SOURCE_EPOCHS),
-            "rows": rows, "gaps": gaps(rows), "cells": len(cells), "cells_from_cache": cached,
+            "rows": rows, "gaps": gaps(rows), **store.facts(),
             "total_seconds": time.perf_counter() - t0}
 
 
