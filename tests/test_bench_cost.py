@@ -53,8 +53,8 @@ def test_same_process_runs_alternate_methods_after_an_untimed_run_of_each(monkey
     monkeypatch.setattr(cost, "VIT", {**cost.VIT, "width": 16, "depth": 1, "heads": 2, "mlp_dim": 32, "out_dim": 8})
     calls = []
     timed = cost._timed_merge
-    monkeypatch.setattr(cost, "_timed_merge", lambda models, data, m, epochs, *a, **k:
-                        calls.append((m, epochs)) or timed(models, data, m, epochs, *a, **k))
+    monkeypatch.setattr(cost, "_timed_merge", lambda models, data, cache, m, epochs, *a, **k:
+                        calls.append((m, epochs)) or timed(models, data, cache, m, epochs, *a, **k))
     rows = cost.measure_alternating(2, ["distill", "fs-merge folded"], per_task=6, epochs=2, device="cpu",
                                     threads=None, repeats=2)
     assert calls == [("distill", 1), ("fs-merge folded", 1)] + [("distill", 2), ("fs-merge folded", 2)] * 2

@@ -91,5 +91,5 @@ def test_merge_calibrates_by_default_and_records_it():
     x = torch.randn(50, 20)
     for p, m in zip(plain(x), merged(x)):
         assert torch.equal(p.argmax(1), m.argmax(1))
-    with pytest.raises(ValueError, match="calibrate must be one of"):
+    with pytest.raises(ValueError, match="--calibrate: expected one of routing, none"):
         foldmerge.merge([a, b], data, method="average", calibrate="temperature")

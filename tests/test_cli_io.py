@@ -10,7 +10,8 @@ import torch
 
 import foldmerge
 from foldmerge import cli
-from foldmerge.io import ModelFileError, load_model
+from foldmerge.io import ModelFileError
+from foldmerge.loading import load as load_model
 from foldmerge.model import TaskModel
 
 BACKBONE = {"in_dim": 784, "hidden": [16]}
@@ -316,4 +317,4 @@ def test_merge_out_onto_the_sources_folder_is_refused(trained_sources, capsys):
 @pytest.mark.parametrize("argv,expected", [(["bench", "scale"], False), (["--quiet", "bench", "scale"], True),
                                            (["bench", "scale", "--quiet"], True), (["report", "x.json", "--out", "r", "--quiet"], True)])
 def test_quiet_before_or_after_the_subcommand(argv, expected):
-    assert cli.build_parser().parse_args(argv).quiet is expected
+    assert cli.build_parser(cli._command_of(argv)).parse_args(argv).quiet is expected

@@ -7,6 +7,7 @@ from torch.nn import functional as F
 
 import foldmerge
 from foldmerge.bench import mlp as bench
+from foldmerge.context import FeatureCache
 from foldmerge.foldable import merge_features, unmerge_features
 from foldmerge.methods import distill, fs_merge
 from foldmerge.methods.common import reconstruction_loss
@@ -77,15 +78,18 @@ def test_target_scaling_never_changes_the_init(method):
 
 
 def test_distill_shares_fs_merge_objective_and_loop():
-    # Same objective and loop object: both call common.fit_reconstruction (which runs train.fit).
+    # Same objective and loop object: both call common.fit_reconstruction, which trains through the
+    # merge's context (by default the one loop, train.fit).
+    from foldmerge import train
+    from foldmerge.context import Context
     from foldmerge.methods import common
     assert distill.fit_reconstruction is fs_merge.fit_reconstruction is common.fit_reconstruction
-    assert common.fit is fs_merge.fit
+    assert Context().fit is train.fit
 
 
 def test_distill_bad_options():
     src, data = sources(), sample(2)
-    with pytest.raises(ValueError, match="unknown distillation init"):
+    with pytest.raises(ValueError, match="--init: expected one of first, average, regmean, random"):
         foldmerge.merge(src, data, method="distill", init="zipit", epochs=0)
     with pytest.raises(ValueError, match="targets"):
         foldmerge.merge(src, data, method="distill", targets="mine", epochs=0)
@@ -111,8 +115,9 @@ def test_fs_merge_zipit_init_improves_its_objective_and_needs_full_maps():
     merged = foldmerge.merge(src, data, method="fs-merge", variant="local", init="zipit", epochs=200,
                              lr=0.05, schedule="constant")
     assert merged.meta["final_loss"] < merged.meta["initial_loss"]
-    from foldmerge.methods import zipit                     # meta records the values used, not None
-    assert (merged.meta["zipit_alpha"], merged.meta["zipit_beta"]) == zipit.CHAIN_DEFAULTS == (0.3, 0.5)
+    from foldmerge.arch import defaults                     # meta records the values used, not None
+    assert (merged.meta["zipit_alpha"], merged.meta["zipit_beta"]) == (0.3, 0.5) == \
+        tuple(defaults.value("mlp", ("zipit",), k)[0] for k in ("alpha", "beta"))
     with pytest.raises(ValueError, match="needs param 'full'"):
         foldmerge.merge(src, data, method="fs-merge", init="zipit", param="diag", epochs=0)
 
@@ -186,11 +191,10 @@ def test_method_plan_uses_the_bold_values_and_the_tuned_ones():
     assert plan["fs-merge local, zipit init"][1]["zipit_beta"] == 0.25
     assert plan["opt"][1] == {"reg": 0.02}
     assert dict((n, o) for n, _, o in bench.method_plan("fmnist", tuned))["fs-merge local"]["epochs"] == 20000
-    # every planned option is accepted by its method
-    import inspect
+    # every planned option is declared by its method
     from foldmerge.methods import get_method
     for name, (method, opts) in plan.items():
-        accepted = set(inspect.signature(get_method(method)).parameters)
+        accepted = {o.name for o in get_method(method).options}
         assert set(opts) - {"augment"} <= accepted, name        # augment: the merge sample's option
 
 
@@ -204,11 +208,10 @@ def test_a_cached_choice_lacking_a_row_is_completed_by_searching_that_row_alone(
         m.meta = {"opts": opts}
         return m
 
-    monkeypatch.setattr("foldmerge.api.merge", fake_merge)
-    monkeypatch.setattr("foldmerge.api.merge_sample", lambda sources, n, seed, augment=0: [])
+    monkeypatch.setattr(bench, "merge", fake_merge)
+    monkeypatch.setattr("foldmerge.bench.merge_sample", lambda sources, n, seed, augment=0: [])
     monkeypatch.setattr(bench, "get_sources", lambda *a: [])
-    monkeypatch.setattr("foldmerge.evaluation.evaluate",
-                        lambda m, split: {"per_task_mean": 90.0 + m.meta["opts"]["reg"]})
+    monkeypatch.setattr(bench, "evaluate", lambda m, split: {"per_task_mean": 90.0 + m.meta["opts"]["reg"]})
     old = {k: v for k, v in bench._placeholder_tuning().items() if k != "opt_reg"}
     path = bench.tuned_path("mnist", [128, 128], tmp_path)
     path.write_text(json.dumps({**old, "trials": [{"method": "regmean"}]}))
@@ -240,7 +243,7 @@ def test_bench_rejects_bad_arguments(capsys):
     assert main(["bench", "select", "--settings", "cifar d2", "--threads", "1"]) == 2
     assert "unknown 'cifar d2'" in capsys.readouterr().err
     assert main(["bench", "mlp", "--seeds", "0"]) == 2
-    assert "must be positive" in capsys.readouterr().err
+    assert "expected a positive integer" in capsys.readouterr().err
     assert main(["bench", "mlp", "--methods", "nonsense", "--out", "/tmp/unused-bench"]) == 2
     assert "unknown bench method" in capsys.readouterr().err
 
@@ -265,7 +268,7 @@ def test_starting_from_the_cached_outputs_of_the_first_layer_is_the_same_functio
 
 
 def test_teacher_features_are_computed_once_per_model_and_sample():
-    from foldmerge.methods.common import teacher_features
+    teacher_features = FeatureCache()
     src = sources()
     x = torch.randn(7, 20)
     calls = []
@@ -281,28 +284,30 @@ def test_teacher_features_are_computed_once_per_model_and_sample():
     assert len(calls) == 3 and torch.allclose(edited, original(x))
 
 
-def test_features_in_chunks_keeps_at_most_the_last_samples(monkeypatch):
-    from foldmerge.methods import common
+def test_features_in_chunks_keeps_at_most_the_last_samples():
+    from foldmerge.model import features_in_chunks
     src = sources()
     x = torch.randn(7, 20)
-    torch.testing.assert_close(common.features_in_chunks(src[0], x, chunk=3), src[0].features(x))
-    monkeypatch.setattr(common, "SAMPLES_PER_MODEL", 2)
-    a, b = common.teacher_features(src[0], x), common.teacher_features(src[0], x + 1)
-    assert common.teacher_features(src[0], x) is a                           # a is now the most recent
-    common.teacher_features(src[0], x + 2)                                   # evicts b, the least recent
-    assert common.teacher_features(src[0], x) is a and common.teacher_features(src[0], x + 1) is not b
+    torch.testing.assert_close(features_in_chunks(src[0], x, chunk=3), src[0].features(x))
+    cache = FeatureCache(per_model=2)
+    a, b = cache(src[0], x), cache(src[0], x + 1)
+    assert cache(src[0], x) is a                                             # a is now the most recent
+    cache(src[0], x + 2)                                                     # evicts b, the least recent
+    assert cache(src[0], x) is a and cache(src[0], x + 1) is not b
 
 
-def test_capture_fits_trains_nothing_and_train_step_is_fits_step():
-    from foldmerge.train import capture_fits, fit, make_optimizer, train_step
+def test_a_context_with_another_loop_trains_nothing_and_train_step_is_fits_step():
+    from foldmerge.context import Context
+    from foldmerge.train import fit, make_optimizer, train_step
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(3))
     x = torch.randn(8, 3)
     loss_fn = lambda xb: ((xb @ w) ** 2).mean()                                 # noqa: E731
     cfg = TrainConfig(epochs=1, lr=0.1, batch_size=None, schedule="constant")
     before = w.detach().clone()
-    with capture_fits() as fits:
-        assert fit([w], loss_fn, [x], cfg) == []
+    fits = []
+    record = Context(fit=lambda params, loss, data, cfg, **_: fits.append((params, loss, data, cfg)) or [])
+    assert record.train([w], loss_fn, [x], cfg) == []
     assert torch.equal(w, before) and fits[0][1] is loss_fn and fits[0][3] is cfg
     history = fit([w], loss_fn, [x], cfg)                        # outside: trains again
     after_fit = w.detach().clone()
@@ -316,7 +321,7 @@ def test_capture_fits_trains_nothing_and_train_step_is_fits_step():
 def test_teacher_features_run_in_eval_mode_and_see_buffers():
     # dropout and BatchNorm: a teacher left in train mode still gives its eval-mode features, and
     # a changed running statistic (a buffer, not a parameter) is recomputed
-    from foldmerge.methods.common import teacher_features
+    teacher_features = FeatureCache()
     m = sources()[0]
     m.backbone = torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.BatchNorm1d(16), torch.nn.Dropout(0.5))
     x = torch.randn(9, 20)
@@ -340,7 +345,7 @@ def test_defaults_bench_runs_every_method_with_no_option(monkeypatch, tmp_path):
         seen.append((dataset, tuple(hidden), tuple(tasks)))
         return [TaskModel("mlp", {"in_dim": 784, "hidden": [8] * len(hidden)}, [t]) for t in tasks]
 
-    monkeypatch.setattr("foldmerge.bench.mlp.get_sources", tiny_sources)
+    monkeypatch.setattr(defaults, "get_sources", tiny_sources)
     result = defaults.run_bench(datasets=("mnist",), depths=(1,), methods=["average", "zipit", "regmean"],
                                 out=str(tmp_path))
     assert seen == [("mnist", (128,), ("mnist:0-4", "mnist:5-9")),

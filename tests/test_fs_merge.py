@@ -147,13 +147,14 @@ def test_seq_bad_options():
     src = sources()
     with pytest.raises(ValueError, match="init must be 'first'"):
         foldmerge.merge(src, sample(2), method="fs-merge", variant="seq", init="random", epochs=1)
-    with pytest.raises(ValueError, match="last_epochs applies"):
+    with pytest.raises(ValueError, match="--last-epochs applies only when variant is seq"):
         foldmerge.merge(src, sample(2), method="fs-merge", variant="global", last_epochs=3, epochs=1)
 
 
 def test_target_scaling_is_undone_when_training_fails():
     # the output map's blocks are scaled for training; an error mid-training must not leave them scaled
     from foldmerge.foldable import FoldMap
+    from foldmerge.context import Context
     from foldmerge.methods.common import fit_reconstruction
     from foldmerge.train import TrainConfig
     src = sources()
@@ -165,6 +166,7 @@ def test_target_scaling_is_undone_when_training_fails():
         raise RuntimeError("out of memory, say")
 
     with pytest.raises(RuntimeError, match="out of memory"):
-        fit_reconstruction(list(u.parameters()), broken, u, src, x, None, TrainConfig(epochs=1), "match", "test")
+        fit_reconstruction(list(u.parameters()), broken, u, src, x, None, TrainConfig(epochs=1), "match", "test",
+                           Context())
     torch.testing.assert_close(u.dense(), before, rtol=1e-6, atol=0)
     assert _scales([m.features(x) for m in src], "match")[1] != pytest.approx(1.0)   # it was scaled

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from foldmerge.gated import GatedModel
-from foldmerge.io import load_model
+from foldmerge.loading import load as load_model
 from foldmerge.methods import average, gating, task_arithmetic, ties
 from foldmerge.model import TaskModel
 from foldmerge.similarity import lowest, similarities, total_cosine
@@ -166,9 +166,9 @@ def test_gating_merge_saves_and_loads_with_the_same_predictions(tmp_path):
 def test_gating_refuses_what_it_cannot_do():
     _, models = same_start()
     data = [images(4, seed=k) for k in range(3)]
-    with pytest.raises(ValueError, match="must be one of"):
+    with pytest.raises(ValueError, match="--rest: expected one of average, regmean"):
         gating.merge(models, data, rest="ties")
-    with pytest.raises(ValueError, match="unknown similarity strategy"):
+    with pytest.raises(ValueError, match="--strategy: expected one of concat-combined"):
         gating.merge(models, data, strategy="x")
     with pytest.raises(ValueError, match="reads images"):
         gating.merge(models, [d.flatten(1) for d in data], gate_epochs=1)

@@ -65,7 +65,7 @@ def sample(in_dim=784):
 def test_traced_specs_merge_exactly_as_the_hand_written_ones(method, opts):
     ns = example()
     foldmerge.register_traced("residual-mlp-traced", build=lambda c: ns["ResidualMLP"](**c))
-    foldmerge.register_traced("mlp-traced", build=lambda c: mlp.Backbone(**c))
+    foldmerge.register_traced("mlp-traced", build=lambda c: mlp.Backbone(**c), defaults="mlp")
     for arch, traced, config in (("residual-mlp", "residual-mlp-traced", {"width": 16, "hidden": 24, "blocks": 2}),
                                  ("mlp", "mlp-traced", {"in_dim": 784, "hidden": [16, 12]})):
         src = pair(arch, config)

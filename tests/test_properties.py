@@ -11,7 +11,8 @@ from torch.nn import functional as F
 
 import foldmerge
 from foldmerge import cli
-from foldmerge.io import ModelFileError, load_model
+from foldmerge.io import ModelFileError
+from foldmerge.loading import load as load_model
 from foldmerge.model import TaskModel
 from foldmerge.supernet import SuperNet
 

@@ -246,12 +246,12 @@ def test_identical_backbones_are_identical_whatever_the_key_order():
                         [torch.randn(4, 20)] * 2, method="average")
 
 
-def test_regmean_default_alpha_follows_the_spec_shape_and_is_recorded():
+def test_regmean_default_alpha_follows_the_family_row_and_is_recorded():
     from foldmerge.methods import regmean
     src = models(2)
-    assert merge_as_made(src, sample(2), method="regmean").meta["alpha"] == regmean.CHAIN_ALPHA == 0.5
+    assert merge_as_made(src, sample(2), method="regmean").meta["alpha"] == 0.5
     vit = TaskModel("vit", {"image_size": 28, "channels": 1, "patch": 7, "width": 8, "depth": 1, "heads": 2,
                             "mlp_dim": 8, "out_dim": 8}, ["mnist:0-4"])
-    assert regmean.default_alpha(vit.spec) == regmean.RESIDUAL_ALPHA == 0.9
+    assert regmean.merge.resolve([vit, vit], {})["alpha"] == 0.9
     student = merge_as_made(src, sample(2), method="distill", init="regmean", epochs=0)
     assert student.meta["regmean_alpha"] == 0.5

@@ -114,7 +114,7 @@ def test_bench_arguments_fail_with_one_line(capsys):
 
 
 def test_pareto_front_names_each_cost_level_best():
-    from foldmerge.figures import pareto_front
+    from foldmerge.bench.figures import pareto_front
     rows = [{"method": m, "seconds": s, "per_task": a}
             for m, s, a in [("cheap", 1, 50), ("dominated", 2, 40), ("better", 3, 70), ("tie-slower", 4, 70),
                             ("best", 9, 90)]]

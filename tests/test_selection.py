@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import foldmerge
+from foldmerge.context import FeatureCache
 from foldmerge import selection
 from foldmerge.model import TaskModel
 
@@ -34,7 +35,7 @@ def test_parse():
 def test_agreement_is_100_for_the_sources_themselves_side_by_side():
     src, data = sources(), sample()
     ens = foldmerge.merge(src, data, method="zipit", stop_layer=0, calibrate="none")   # the exact ensemble
-    agree, kl = selection.agreement(ens, src, data)
+    agree, kl = selection.agreement(ens, src, data, FeatureCache())
     assert agree == pytest.approx(100.0) and kl == pytest.approx(0.0, abs=1e-9)
 
 
@@ -73,7 +74,7 @@ def test_select_bench_compares_the_two_picks(monkeypatch, tmp_path):
     def fake_eval(model, split="test"):
         return {"per_task_mean": val[model.meta["stop_layer"]] - (1.0 if split == "test" else 0.0)}
 
-    monkeypatch.setattr("foldmerge.evaluation.evaluate", fake_eval)
+    monkeypatch.setattr(bench, "evaluate", fake_eval)
     result = bench.run_bench(settings=["mnist d2"], out=str(tmp_path))
     (row,) = result["rows"]
     assert row["validation_pick"] == {"stop_layer": 2} and row["label_free_pick"] == {"stop_layer": 0}

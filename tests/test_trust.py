@@ -12,7 +12,8 @@ import torch
 
 import foldmerge
 from foldmerge import cli
-from foldmerge.io import ModelFileError, load_model, save_model
+from foldmerge.io import ModelFileError, save_model
+from foldmerge.loading import load as load_model
 from foldmerge.model import TaskModel
 from foldmerge.train import TrainConfig, TrainingDiverged, fit
 
@@ -114,7 +115,7 @@ def test_non_finite_or_wrong_hyperparameters_get_one_line(two, tmp_path, capsys)
     for flag, value in [("--lr", "nan"), ("--lr", "inf"), ("--lr", "-1"), ("--momentum", "nan"),
                         ("--batch-size", "0"), ("--widths", "0"), ("--widths", "-4"), ("--per-task", "0"),
                         ("--epochs", "-1"), ("--augment", "-2"), ("--seed", "-1")]:
-        cli_error(["merge", a, b, "--out", tmp_path / "m", flag, value], capsys, "argument")
+        cli_error(["merge", a, b, "--out", tmp_path / "m", flag, value], capsys, f"{flag}: expected")
     with pytest.raises(ValueError, match="finite"):
         TrainConfig(lr=float("nan"))
     with pytest.raises(ValueError, match="batch size"):
@@ -182,7 +183,7 @@ def test_an_unwritable_out_is_found_before_work(two, tmp_path, capsys, monkeypat
 
 
 def test_train_sources_follows_the_same_rules(tmp_path, capsys, monkeypatch):
-    import foldmerge.sources as sources
+    from foldmerge.commands import train_sources as command
     calls = []
 
     def fake_train(task, hidden, seed, **kw):
@@ -191,7 +192,7 @@ def test_train_sources_follows_the_same_rules(tmp_path, capsys, monkeypatch):
         m.meta = {"val_accuracy": 1.0, "test_accuracy": 1.0, "seed": seed}
         return m
 
-    monkeypatch.setattr(sources, "train_source", fake_train)
+    monkeypatch.setattr(command, "train_source", fake_train)
     argv = ["train-sources", "--tasks", "mnist:0-4", "mnist:5-9", "--hidden", "4", "--out", str(tmp_path)]
     m = TaskModel("mlp", {"in_dim": 784, "hidden": [4]}, ["mnist:5-9"])
     m.meta = {"val_accuracy": 1.0, "test_accuracy": 1.0}
@@ -205,13 +206,14 @@ def test_train_sources_follows_the_same_rules(tmp_path, capsys, monkeypatch):
 
 # ----------------------------------------------------------------------- atomic replace
 KILL_BETWEEN = textwrap.dedent("""
-    import os, signal, sys, torch
+    import os, shutil, signal, sys, torch
     import foldmerge.io as io
     from foldmerge.model import TaskModel
     torch.manual_seed(1)
     new = TaskModel("mlp", {"in_dim": 784, "hidden": [16]}, ["mnist:0-4"])
     new.meta = {"which": "new"}
-    io._between_renames = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    # killed right after the new directory is in place, before the old one is removed
+    io.shutil.rmtree = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
     io.save_model(new, sys.argv[1], new.meta)
 """)
 

@@ -254,15 +254,17 @@ def test_zipit_three_models_reaches_the_source_width():
     assert all(o.shape == (5, 5) for o in merged(sample(1, 5)[0]))
 
 
-def test_zipit_defaults_follow_the_spec_shape_and_are_recorded():
+def test_zipit_defaults_follow_the_family_row_and_are_recorded():
     from foldmerge.methods import zipit
     srcs = [model([16, 12], TASKS[k], k) for k in range(2)]
     merged = foldmerge.merge(srcs, sample(2), method="zipit")
-    assert (merged.meta["alpha"], merged.meta["beta"]) == zipit.CHAIN_DEFAULTS == (0.3, 0.5)
+    assert (merged.meta["alpha"], merged.meta["beta"]) == (0.3, 0.5)
+    assert merged.meta["options"] == {"alpha": 0.3, "beta": 0.5, "reset_bn": False}
     vit = TaskModel("vit", {"image_size": 28, "channels": 1, "patch": 7, "width": 8, "depth": 1, "heads": 2,
                             "mlp_dim": 8, "out_dim": 8}, ["mnist:0-4"])
-    assert zipit.resolve(vit.spec, None, None) == zipit.RESIDUAL_DEFAULTS == (0.3, 0.125)
-    assert zipit.resolve(vit.spec, 0.7, None) == (0.7, 0.125)
+    resolved = zipit.merge.resolve([vit, vit], {})
+    assert (resolved["alpha"], resolved["beta"]) == (0.3, 0.125)
+    assert zipit.merge.resolve([vit, vit], {"alpha": 0.7})["alpha"] == 0.7
 
 
 # ------------------------------------------------------------------------------------ errors

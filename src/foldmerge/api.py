@@ -1,40 +1,70 @@
-"""The Python API, mirroring the CLI.
+"""The Python API, and the one merge pipeline the command line calls too.
 
     import foldmerge
     a, b = foldmerge.load("runs/src/mnist_0-4-s0"), foldmerge.load("runs/src/mnist_5-9-s1")
     merged = foldmerge.merge([a, b], data=64, method="fs-merge", variant="global")
     merged.save("runs/merged")
     foldmerge.evaluate(merged)        # {'per_task': …, 'per_task_mean': …, 'joint': …, 'joint_mean': …}
+
+`merge` is three steps, each once:
+
+  prepare  check the settings and the output target, resolve the method and its options, load
+           and check the sources (paths: ours or Hugging Face's), draw or check the data, set up
+           the checkpoint and the context the method runs in: a `Job`;
+  run      the method (with `select`: once per candidate first), here or under an `Engine`;
+  finish   calibrate the heads, refuse non-finite weights, record options and provenance, save
+           (with the Hugging Face export in the same swap), remove the checkpoint.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import os
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 
+from . import hf, selection
+from .calibrate import calibrate_heads
+from .checkpoint import Checkpoint, checkpoint_dir
+from .context import Context, FeatureCache
 from .data import Task
-from .io import load_model
+from .data.augment import expand
+from .engine import Engine
+from .errors import did_you_mean
+from .evaluation import evaluate as _evaluate
+from .io import check_target, nonfinite, save_model
+from .loading import load as _load
 from .methods import get_method
+from .model import TaskModel, as_input
+from .options import Choice, FilePath, Flag, Integer, ListOf, ModelRef, Option, Rule, TensorFile, Text, check_value
+from .provenance import describe, environment, source_record
 
 
-def load(path: str | os.PathLike, allow_pickle: bool = False):
-    model = load_model(path, allow_pickle=allow_pickle)
-    model.meta = dict(model.meta or {}, path=str(path))
-    return model
+def load(path: str | os.PathLike, task=None, allow_pickle: bool = False) -> TaskModel:
+    """A saved model: a foldmerge model directory or a Hugging Face one (`foldmerge.loading`)."""
+    return _load(path, task, allow_pickle)
 
 
-def merge_form(model):
-    """The equivalent model a merge reads: the family's `merge_form` (a ResNet's BatchNorm folded
-    into its convs), or the model itself. A new model; the given one is left as it is."""
-    form = model.spec.merge_form
-    return model if form is None else form(model)
+def merge_form(model: TaskModel) -> TaskModel:
+    """The equivalent model a merge reads (`TaskModel.merge_form`: a ResNet's BatchNorm folded in)."""
+    return model.merge_form()
 
 
+def evaluate(model, tasks: list[Task | str] | None = None, split: str = "test") -> dict:
+    return _evaluate(model, tasks, split=split)
+
+
+# ------------------------------------------------------------------------------- the sample
 def merge_sample(models, per_task: int, seed: int = 0, augment: int = 0) -> list[torch.Tensor]:
     """For each model, `per_task` unlabeled training images of each of its tasks (seeded),
     plus `augment` augmented images made from them (`foldmerge.data.augment.expand`)."""
-    from .data.augment import expand
     out = []
     for k, m in enumerate(models):
         parts = []
@@ -61,181 +91,217 @@ def held_out_sample(models, per_task: int, held_out: int, seed: int = 0) -> list
     return out
 
 
-CALIBRATE = ("routing", "none")
-# augmented images per task a method's drawn sample gets when none is asked for: validation's
-# evidence (README "Defaults"): RegMean's Grams from 64 originals + 1,024 augmented images per task
-# scored higher in 7 of the 8 `bench defaults` settings (per-task mean +0.8, joint +1.2); ZipIt!
-# and permute gained in only 4 and 3 of 8, and the trained merges fit the originals as E.1 does.
-DEFAULT_AUGMENT = {"regmean": 1024}
-
-
 def default_augment(method: str, models=()) -> int:
-    """Augmented images per task `method` gets by default (0 where any task is text)."""
+    """Augmented images per task `method` gets by default: 1,024 for RegMean on images, whose Grams
+    gain from them (bench defaults, docs/benchmarks/defaults.md), 0 for the rest and for text."""
     if any(t.is_text for m in models for t in m.tasks):
         return 0
-    return DEFAULT_AUGMENT.get(method, 0)
+    return 1024 if method == "regmean" else 0
 
 
-def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge", seed: int = 0,
-          augment: int | None = None, engine=None, calibrate: str = "routing", select: dict | None = None,
-          checkpoint_every: int = 0, checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
-          keep_checkpoint: bool = False, held_out: int = 0, **options):
-    """Merge `models` (TaskModels or paths) into one TaskModel with every source's heads.
+# ------------------------------------------------------------------------------ the settings
+class Grid(ListOf):
+    """--select ARG=V1,V2,…, repeated for a grid; from Python or YAML also {arg: [values]}. The values
+    are read by the method's own options (`Job`)."""
 
-    data: per-model unlabeled input tensors, or an int N to draw N training images per task
-    (plus `augment` augmented images per task made from them; None: `default_augment(method)`,
-    1,024 for RegMean and 0 for the rest).
-    engine: a `foldmerge.engine.Engine` (device, devices for DDP, precision) to train under
-    Lightning Fabric; the merged model comes back on the CPU. None: this process, as is.
-    calibrate: 'routing' (default) makes the heads comparable for joint accuracy without
-    changing any per-task prediction (`foldmerge.calibrate`); 'none' leaves them as the method made them.
-    select: {option: [values]} to choose among without labels: each candidate merges from half of
-    every model's sample and is scored by its agreement with the sources on the other half
-    (`foldmerge.selection`); the best one is merged from the whole sample.
-    checkpoint_every / checkpoint_dir / resume: save the training state to `checkpoint_dir` every
-    N epochs, and with `resume` continue a run that was stopped from it (`foldmerge.checkpoint`;
-    the result is bit-identical to an uninterrupted run). The checkpoint is removed when the
-    merge returns, unless `keep_checkpoint` (the CLI removes it once the model is saved).
-    held_out: with data as an int, draw that many further unlabeled examples per task (disjoint
-    from the sample) on which FS-Merge global and distillation stop early (paper F.8: the epoch with
-    the lowest held-out loss is kept; `patience` option, default 20 epochs).
-    options: passed to the method (see `foldmerge.methods`), e.g. variant, param, init, epochs.
-    """
-    from .provenance import describe
-    # the call as made (arguments left at their defaults are not named; meta holds what they resolved to)
+    def __init__(self):
+        super().__init__(Text())
+
+    metavar = "ARG=V1,V2,…"
+
+    def check(self, value):
+        if isinstance(value, dict):
+            return {str(k).replace("-", "_"): list(v) if isinstance(v, (list, tuple)) else [v]
+                    for k, v in value.items()}
+        return selection.parse(super().check(value))
+
+
+SETTINGS = (
+    Option("per_task", Integer(1), "unlabeled training examples drawn per task for the merge", 64,
+           "the FS-Merge paper's MLP merges, appendix E.1"),
+    Option("augment", Integer(0), "augmented images per task made from the drawn ones (crop, flip, "
+           "solarize/blur, MixUp)", Rule(lambda c: default_augment(c.options["method"], c.models),
+                                         "1024 for RegMean on images (bench defaults: its Grams gain from them), "
+                                         "0 otherwise")),
+    Option("held_out", Integer(0), "fs-merge (global) and distill: stop early on N further unlabeled examples per "
+           "task, keeping the epoch with the lowest held-out loss", 0, "off; paper F.8 uses 200"),
+    Option("seed", Integer(0), "seed of the sample's draw and of the method", 0, "a fixed seed: a rerun gives the "
+           "same model"),
+    Option("calibrate", Choice(("routing", "none")), "routing: fit each head's offset and scale on the merge "
+           "sample so that joint accuracy holds up, no per-task prediction changes; none: the heads as the "
+           "method made them", "routing", "docs/evaluation.md, joint accuracy"),
+    Option("select", Grid(), "choose an option's value without labels: each value merges from half of every "
+           "model's sample and is scored by agreement with the sources on the other half; the best is merged "
+           "from the whole sample (repeat for a grid; docs/selection.md)"),
+    Option("tasks", ListOf(Text()), "Hugging Face sources: the task of each model (e.g. bbc:0-2 bbc:3-4), where its "
+           "config does not record one; the merge sample is drawn from it"),
+    Option("out", FilePath(), "output model directory (never an input, nor inside one)"),
+    Option("force", Flag(), "replace a model already at the output (atomically; other files there are kept)", False),
+    Option("checkpoint_every", Integer(1), "save the training state every N epochs to OUT.resume/ (removed once "
+           "the model is saved)"),
+    Option("resume", Flag(), "continue a stopped merge from OUT.resume/ (same command; bit-identical result on "
+           "the CPU)", False),
+    Option("allow_pickle", Flag(), "allow loading pickle checkpoints (read with torch's weights-only unpickler)",
+           False),
+    Option("accelerator", Choice(("cpu", "cuda", "auto")), "train under Lightning Fabric on this device (unset: "
+           "plain PyTorch on the CPU)"),
+    Option("devices", Integer(1), "with --accelerator: processes / devices for data parallelism", 1, "one process"),
+    Option("precision", Choice(("32-true", "bf16-mixed")), "with --accelerator (unset: 32-true)"),
+)
+SETTING = {o.name: o for o in SETTINGS}
+
+
+# ---------------------------------------------------------------------------------- prepare
+@dataclass
+class Job:
+    """A merge ready to run: everything checked, every source loaded, the data drawn."""
+    sources: list                   # the models as given or loaded
+    models: list                    # the form a merge reads (`TaskModel.merge_form`)
+    data: list
+    method: object                  # a foldmerge.options.Method
+    given: dict                     # method options as given, checked by their grammar
+    options: dict                   # ... resolved (every declared option)
+    seed: int
+    calibrate: str
+    select: dict | None
+    held_out: list | None
+    sample: dict
+    engine: Engine | None
+    context: Context
+    call: dict
+    out: Path | None = None
+    force: bool = False
+    checkpoint: Checkpoint | None = None
+    keep_checkpoint: bool = False
+    command: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: int | None = None, engine=None,
+            calibrate: str = "routing", select=None, held_out=0, checkpoint_every: int = 0,
+            checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, keep_checkpoint: bool = False,
+            out: str | os.PathLike | None = None, force: bool = False, tasks=None, allow_pickle: bool = False,
+            cache: FeatureCache | None = None, command: str | None = None, **options) -> Job:
+    """Every check of a merge, before any work (see the module docstring); the arguments are `merge`'s."""
     call = {k: v for k, v in {"function": "foldmerge.merge", "data": describe(data), "method": method, "seed": seed,
                               "augment": augment, "calibrate": calibrate, "select": describe(select),
                               "held_out": describe(held_out) if held_out else None,
                               "options": describe(options)}.items() if v is not None}
-    if calibrate not in CALIBRATE:
-        raise ValueError(f"calibrate must be one of {', '.join(CALIBRATE)}, got {calibrate!r}")
+    m = get_method(method)
+    seed = check_value(SETTING["seed"], seed)
+    calibrate = check_value(SETTING["calibrate"], calibrate)
+    force, resume, allow_pickle = (check_value(SETTING[k], v) for k, v in
+                                   (("force", force), ("resume", resume), ("allow_pickle", allow_pickle)))
+    checkpoint_every = check_value(SETTING["checkpoint_every"], checkpoint_every) if checkpoint_every else 0
     if isinstance(models, (str, os.PathLike)) or not isinstance(models, (list, tuple)) or len(models) < 2:
         raise ValueError("merge needs a list of two or more models (TaskModels or model directories)")
-    models = [load(m) if isinstance(m, (str, os.PathLike)) else m for m in models]
-    _check_sources(models)
-    models = [merge_form(m) for m in models]
-    names = [t.name for m in models for t in m.tasks]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two models share a task ({', '.join(names)}); heads would collide")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    sample = {"given": "tensors"}
-    if isinstance(data, bool):
-        raise ValueError("data must be per-model tensors or a number of images per task")
-    if isinstance(data, int):
-        augment = default_augment(method, models) if augment is None else augment
-        if data < 1:
-            raise ValueError("the merge sample needs at least one image per task")
-        if isinstance(augment, bool) or not isinstance(augment, int) or augment < 0:
-            raise ValueError(f"augment must be an integer >= 0, got {augment!r}")
-        sample = {"per_task": data, "augment": augment, "seed": seed}
-        data = merge_sample(models, data, seed, augment)
-    elif augment:
-        raise ValueError("augment applies to a drawn sample (data as an int), not to given tensors")
-    _check_data(models, data)
-    fn = get_method(method)             # resolved once; an unknown method fails here, before any launch
-    given = isinstance(held_out, (list, tuple))
-    if not given and (isinstance(held_out, bool) or not isinstance(held_out, int) or held_out < 0):
-        raise ValueError(f"held_out must be an integer >= 0 or per-model tensors, got {held_out!r}")
-    if given or held_out:
-        import inspect
-        if "held_out" not in inspect.signature(fn).parameters:
-            raise ValueError(f"held-out early stopping applies to fs-merge and distill, not to {method!r}")
-        if given:
-            _check_data(models, list(held_out))
-            sample["held_out"] = [len(h) for h in held_out]
-        elif "per_task" not in sample:
-            raise ValueError("held_out as a count applies to a drawn sample (data as an int); give tensors instead")
-        else:
-            sample["held_out"] = held_out
-            held_out = held_out_sample(models, sample["per_task"], held_out, seed)
-        options = {**options, "held_out": list(held_out)}
-    ck = _checkpoint(models, data, method, seed, sample, calibrate, select, options, engine,
-                     checkpoint_every, checkpoint_dir, resume)
-    from .checkpoint import checkpointing
-    with checkpointing(ck):
-        merged = _merge_checked(models, data, fn, method, seed, sample, engine, calibrate, select, options)
-    merged.meta["call"] = call
-    if ck is not None:
-        merged.meta["checkpoint"] = {"every": ck.every, "resumed": resume}
-        if not keep_checkpoint:
-            ck.remove()
-    return merged
+    if tasks is not None:
+        tasks = check_value(SETTING["tasks"], tasks)
+        if len(tasks) != len(models):
+            raise ValueError(f"--tasks needs one task per model ({len(models)}), got {len(tasks)}")
+    given = {k: v for k, v in options.items() if v is not None}
+    paths = [p for p in list(models) + [given.get(o.name) for o in m.options if isinstance(o.kind, ModelRef)]
+             if isinstance(p, (str, os.PathLike))]
+    if out is not None:
+        out = check_target(check_value(SETTING["out"], out), force, inputs=paths)     # before any work
+    sources = _sources(models, tasks, allow_pickle)
+    merged_form = [s.merge_form() for s in sources]
+    _check_heads(merged_form)
+    # the method's options: names and grammar now, defaults once the data is known
+    unknown = [k for k in given if k not in {o.name for o in m.options}]
+    if unknown:
+        m.resolve(merged_form, given)            # the one message, with its "did you mean"
+    given = {o.name: check_value(o, given[o.name]) for o in m.options if o.name in given}
+    for o in m.options:                          # a model or tensors named by path: read now
+        if o.name in given and isinstance(o.kind, (ModelRef, TensorFile)) and isinstance(given[o.name], str):
+            given[o.name] = (_load(given[o.name], allow_pickle=allow_pickle).merge_form()
+                             if isinstance(o.kind, ModelRef) else _tensors(o, given[o.name]))
+    data, sample = _draw(merged_form, data, seed, augment, m)
+    held = _held_out(merged_form, held_out, sample, seed, m)
+    if held is not None:
+        sample["held_out"] = held_out if isinstance(held_out, int) else [len(h) for h in held]
+    resolved = m.resolve(merged_form, given, data)
+    grid = None if select is None else _grid(m, check_value(SETTING["select"], select), given)
+    context = Context(features=cache or FeatureCache())
+    job = Job(sources, merged_form, data, m, given, resolved, seed, calibrate, grid, held, sample, engine, context,
+              call, Path(out) if out is not None else None, force, keep_checkpoint=keep_checkpoint, command=command)
+    where = checkpoint_dir if checkpoint_dir is not None else (_checkpoint_dir(job.out) if job.out else None)
+    job.checkpoint = _checkpoint(job, checkpoint_every, where, resume)
+    job.context.checkpoint = job.checkpoint
+    return job
 
 
-def _checkpoint(models, data, method, seed, sample, calibrate, select, options, engine, every, where, resume):
-    """The run's Checkpoint (None: none asked for), fingerprinted by everything that fixes the run."""
-    if not every and not resume:
-        return None
-    if where is None:
-        raise ValueError("checkpoints need a checkpoint directory")
-    if engine is not None:
-        raise ValueError("checkpoints and --resume run in this process only, not under --accelerator")
-    import hashlib
-    from .checkpoint import Checkpoint
-    from .provenance import describe
-
-    def digest(tensors):
-        h = hashlib.sha256()
-        for t in tensors:
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
-    fingerprint = {"method": method, "seed": seed, "sample": sample, "calibrate": calibrate,
-                   "select": describe(select), "options": describe(options),
-                   "sources": [digest(m.state_dict().values()) for m in models], "data": digest(data)}
-    return Checkpoint(where, every or None, fingerprint, resume=resume)
+def _checkpoint_dir(out: Path) -> Path:
+    return checkpoint_dir(out)
 
 
-def _merge_checked(models, data, fn, method, seed, sample, engine, calibrate, select, options):
-    start = time.perf_counter()
-    chosen = None
-    if select:
-        import inspect
-        from .selection import choose
-        accepted = set(inspect.signature(fn).parameters)
-        for name in select:
-            if name not in accepted or name == "seed":
-                raise ValueError(f"--select {name}: not an option of method {method!r}")
-            if name in options:
-                raise ValueError(f"--select {name}: also given as an option; give one or the other")
-        picked, chosen = choose(lambda d, c: _run(models, d, fn, seed, {**options, **c}, engine), models, data,
-                                dict(select))
-        options = {**options, **picked}
-    merged = _run(models, data, fn, seed, options, engine)
-    merged.meta.setdefault("method", method)
-    if chosen is not None:
-        merged.meta["select"] = chosen
-    merged.meta["calibration"] = calibrate_heads(merged, models, data) if calibrate == "routing" else {"calibrate": "none"}
-    merged.meta["seed"] = seed
-    merged.meta["merge_sample"] = sample
-    merged.meta["wall_seconds"] = time.perf_counter() - start
-    from .io import nonfinite
-    bad = nonfinite(merged.state_dict())
-    if bad:
-        raise ValueError(f"the {method} merge produced non-finite weights ({bad}); nothing was saved. "
-                         "A lower learning rate or rank usually avoids it")
-    from .provenance import environment, source_record
-    merged.meta["sources"] = [source_record(m) for m in models]
-    merged.meta["provenance"] = {**environment(), "device": engine.accelerator if engine else "cpu",
-                                 "precision": engine.precision if engine else "32-true"}
-    return merged
-
-
-def _check_sources(models) -> None:
-    from .io import nonfinite
-    from .model import TaskModel
+def _sources(models, tasks, allow_pickle: bool) -> list[TaskModel]:
+    """The models as TaskModels (paths loaded: ours or Hugging Face's), each checked."""
+    hf_paths = [p for p in models if isinstance(p, (str, os.PathLike)) and hf.is_hf_dir(p)]
+    if hf_paths:
+        hf.check_tokenizers(hf_paths)
+    out = []
     for k, m in enumerate(models):
-        if not isinstance(m, TaskModel):
+        if isinstance(m, (str, os.PathLike)):
+            m = _load(m, tasks[k] if tasks else None, allow_pickle)
+        elif not isinstance(m, TaskModel):
             raise ValueError(f"model {k + 1} is a {type(m).__name__}, not a TaskModel or a model directory")
         bad = nonfinite(m.state_dict())
         if bad:
             raise ValueError(f"model {k + 1} ({m.meta.get('path', 'in memory')}): {bad}")
+        out.append(m)
+    return out
+
+
+def _check_heads(models) -> None:
+    names = [t.name for m in models for t in m.tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two models share a task ({', '.join(names)}); heads would collide")
+
+
+def _tensors(option: Option, path: str) -> dict:
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{option.flag} {path}: not a readable .safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def _draw(models, data, seed: int, augment, method) -> tuple[list, dict]:
+    """(per-model data, what the model's meta records of it): drawn (data as an int) or given."""
+    if isinstance(data, bool) or not isinstance(data, (int, list, tuple)):
+        raise ValueError("data must be per-model tensors or a number of images per task")
+    if isinstance(data, int):
+        per_task = check_value(SETTING["per_task"], data)
+        augment = default_augment(method.name, models) if augment is None else \
+            check_value(SETTING["augment"], augment)
+        drawn = merge_sample(models, per_task, seed, augment)
+        _check_data(models, drawn)
+        return drawn, {"per_task": per_task, "augment": augment, "seed": seed}
+    if augment:
+        raise ValueError("augment applies to a drawn sample (data as an int), not to given tensors")
+    _check_data(models, data)
+    return list(data), {"given": "tensors"}
+
+
+def _held_out(models, held_out, sample: dict, seed: int, method) -> list | None:
+    if isinstance(held_out, (list, tuple)):
+        _check_data(models, list(held_out))
+        held = list(held_out)
+    else:
+        held_out = check_value(SETTING["held_out"], held_out)
+        if not held_out:
+            return None
+        if "per_task" not in sample:
+            raise ValueError("held_out as a count applies to a drawn sample (data as an int); give tensors instead")
+        held = held_out_sample(models, sample["per_task"], held_out, seed)
+    if not method.held_out:
+        raise ValueError(f"held-out early stopping applies to fs-merge and distill, not to {method.name!r}")
+    return held
 
 
 @torch.no_grad()
 def _check_data(models, data) -> None:
     """Each model's data: a non-empty, finite tensor (images, or token ids) that the model takes."""
-    from .model import as_input
     if not isinstance(data, (list, tuple)) or not all(torch.is_tensor(d) for d in data):
         raise ValueError("data must be a list of tensors, one per model, or a number of images per task")
     if len(data) != len(models):
@@ -264,61 +330,131 @@ def _check_data(models, data) -> None:
             m.train(was)
 
 
-def calibrate_heads(merged, models, data: list[torch.Tensor]) -> dict:
-    """The routing calibration of `merged`'s heads (in place), each head grouped with the source
-    model it came from; see `foldmerge.calibrate`. A model that picks its head itself (a gated
-    model's `route`) is left as it is."""
-    if hasattr(merged, "route"):
-        return {"calibrate": "none", "why": "the gate chooses the head"}
-    from .calibrate import calibrate_routing
-    groups = [k for k, m in enumerate(models) for _ in m.tasks]
-    device = next(merged.parameters()).device
-    return calibrate_routing(merged, [d.to(device) for d in data], groups)
+def _grid(method, grid: dict, given: dict) -> dict:
+    """--select's grid with every value read by the method's own option."""
+    options = {o.name: o for o in method.options}
+    out = {}
+    for name, values in grid.items():
+        if name not in options:
+            raise ValueError(f"--select {name}: not an option of method {method.name!r}{did_you_mean(name, options)}")
+        if name in given:
+            raise ValueError(f"--select {name}: also given as an option; give one or the other")
+        out[name] = [None if v is None else check_value(options[name], v) for v in values]
+    return out
 
 
-def _run(models, data, fn, seed, options, engine):
-    """One merge by the method, in this process or under `engine`."""
-    if engine is None:
-        return _merge_here(models, data, fn, seed, options)
-    config, weights, meta = engine.run(_merge_on_device, models, data, fn, seed, options)
-    merged = _rebuild(config, weights, meta)
-    merged.meta["engine"] = {"accelerator": engine.accelerator, "devices": engine.devices,
-                             "precision": engine.precision}
+def _checkpoint(job: Job, every: int, where, resume: bool) -> Checkpoint | None:
+    """The run's Checkpoint (None: none asked for), fingerprinted by everything that fixes the run."""
+    if not every and not resume:
+        return None
+    if where is None:
+        raise ValueError("checkpoints need a checkpoint directory (or an output directory)")
+    if job.engine is not None:
+        raise ValueError("checkpoints and --resume run in this process only, not under --accelerator")
+
+    def digest(tensors):
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+    fingerprint = {"method": job.method.name, "seed": job.seed, "sample": job.sample, "calibrate": job.calibrate,
+                   "select": describe(job.select), "options": describe(job.given),
+                   "sources": [digest(m.state_dict().values()) for m in job.models], "data": digest(job.data)}
+    return Checkpoint(where, every or None, fingerprint, resume=resume)
+
+
+# -------------------------------------------------------------------------------------- run
+def run(job: Job) -> TaskModel:
+    """The merge by the job's method (with `select`, the chosen candidate's)."""
+    chosen = None
+    options = job.given
+    if job.select:
+        picked, chosen = selection.choose(lambda d, c: _run(job, d, {**job.given, **c}), job.models, job.data,
+                                          dict(job.select), job.context.features)
+        options = {**job.given, **picked}
+    merged = _run(job, job.data, options)
+    if chosen is not None:
+        merged.meta["select"] = chosen
     return merged
 
 
-def _merge_here(models, data, fn, seed, options):
-    torch.manual_seed(seed)
-    return fn(models, data, seed=seed, **options)
-
-
-def _merge_on_device(models, data, fn, seed, options):
-    """One rank of an engine run: sources and data on this rank's device, result on the CPU."""
-    from . import engine
-    device = engine.current().device
-    models = [m.to(device) for m in models]
-    data = [d.to(device) for d in data]
-    if options.get("held_out") is not None:
-        options = {**options, "held_out": [h.to(device) for h in options["held_out"]]}
-    merged = _merge_here(models, data, fn, seed, options)
-    # sent back to the launching process by value (a spawned rank's shared tensors die with it),
-    # as the safetensors bytes the model files use
-    from safetensors.torch import save
-    state = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
-    return merged.config(), save(state), merged.meta
-
-
-def _rebuild(config, weights: bytes, meta):
-    from safetensors.torch import load
-    from .model import TaskModel
+def _run(job: Job, data, options: dict) -> TaskModel:
+    """One merge by the method, in this process or under the job's engine."""
+    if job.engine is None:
+        torch.manual_seed(job.seed)
+        return job.method(job.models, data, seed=job.seed, context=job.context, held_out=job.held_out, **options)
+    config, weights, meta = job.engine.run(_merge_on_device, job.models, data, job.method.name, job.seed, options,
+                                           job.held_out)
     merged = TaskModel.from_config(config)
-    tensors = load(weights)
+    tensors = load_bytes(weights)
     merged.to(next(iter(tensors.values())).dtype)
     merged.load_state_dict(tensors)
     merged.meta = meta
+    merged.meta["engine"] = {"accelerator": job.engine.accelerator, "devices": job.engine.devices,
+                             "precision": job.engine.precision}
     return merged
 
 
-def evaluate(model, tasks: list[Task | str] | None = None, split: str = "test") -> dict:
-    from .evaluation import evaluate as _evaluate
-    return _evaluate(model, tasks, split=split)
+def _merge_on_device(fabric, models, data, method: str, seed: int, options: dict, held_out):
+    """One rank of an engine run: copies of the sources and the data on this rank's device (the
+    caller's models stay where they are), the result back on the CPU."""
+    device = fabric.device
+    models = [copy.deepcopy(m).to(device) for m in models]
+    data = [d.to(device) for d in data]
+    held_out = None if held_out is None else [h.to(device) for h in held_out]
+    torch.manual_seed(seed)
+    merged = get_method(method)(models, data, seed=seed, context=Context(fabric=fabric), held_out=held_out, **options)
+    # sent back to the launching process by value (a spawned rank's shared tensors die with it),
+    # as the safetensors bytes the model files use
+    state = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
+    return merged.config(), save_bytes(state), merged.meta
+
+
+# ----------------------------------------------------------------------------------- finish
+def finish(job: Job, merged: TaskModel) -> TaskModel:
+    """Calibrate, check, record and (with an output directory) save; see the module docstring."""
+    merged.meta["calibration"] = calibrate_heads(merged, job.models, job.data) if job.calibrate == "routing" \
+        else {"calibrate": "none"}
+    merged.meta.update(seed=job.seed, merge_sample=job.sample, wall_seconds=time.perf_counter() - job.started)
+    bad = nonfinite(merged.state_dict())
+    if bad:
+        raise ValueError(f"the {job.method.name} merge produced non-finite weights ({bad}); nothing was saved. "
+                         "A lower learning rate or rank usually avoids it")
+    merged.meta["sources"] = [source_record(m) for m in job.sources]
+    merged.meta["provenance"] = {**environment(), "device": job.engine.accelerator if job.engine else "cpu",
+                                 "precision": job.engine.precision if job.engine else "32-true"}
+    merged.meta["call"] = job.call
+    if job.command:
+        merged.meta["command"] = job.command
+    if job.checkpoint is not None:
+        merged.meta["checkpoint"] = {"every": job.checkpoint.every, "resumed": job.checkpoint.resumed}
+    if job.out is not None:
+        exported = [s for s in job.sources if s.meta.get("source_format") == "huggingface"]
+        save_model(merged, job.out, merged.meta,
+                   extra=(lambda d: hf.write_hf(merged, d / "hf", job.sources)) if exported else None)
+    if job.checkpoint is not None and (job.out is not None or not job.keep_checkpoint):
+        job.checkpoint.remove()
+    return merged
+
+
+def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge", **settings) -> TaskModel:
+    """Merge `models` (TaskModels or model directories, ours or Hugging Face's) into one TaskModel with
+    every source's heads.
+
+    data: per-model unlabeled input tensors, or an int N to draw N training examples per task
+      (plus `augment` augmented images per task made from them; None: `default_augment`).
+    method: one of `foldmerge.methods.METHODS`; its options as keywords (`foldmerge merge --help`
+      lists them with their defaults), e.g. variant, param, init, epochs.
+    seed, calibrate, select, held_out, tasks, allow_pickle: as the command line's (`SETTINGS`).
+    engine: a `foldmerge.engine.Engine` (device, devices for DDP, precision) to train under
+      Lightning Fabric; the merged model comes back on the CPU. None: this process, as is.
+    out, force: save the merged model there (its Hugging Face export too, for HF sources), in one
+      atomic swap; an existing model is replaced only with `force`.
+    checkpoint_every / checkpoint_dir / resume: save the training state every N epochs (to
+      OUT.resume, or `checkpoint_dir`) and with `resume` continue a run that was stopped from it
+      (`foldmerge.checkpoint`; bit-identical to an uninterrupted run). The checkpoint is removed
+      once the merge is done (saved, with `out`), unless `keep_checkpoint` (without `out`).
+    cache: a `foldmerge.context.FeatureCache` shared by several merges of the same sources and data.
+    """
+    job = prepare(models, data, method, **settings)
+    return finish(job, run(job))

@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from .methods.common import features_in_chunks
+from .model import features_in_chunks
 
 # the best of 0.001 / 0.01 / 0.1 / 1 on FS-Merge, distillation and ZipIt! merges of an MNIST and a
 # Fashion-MNIST MLP pair (README, Methods)
@@ -160,3 +160,13 @@ def calibrate_routing(model, data: list[torch.Tensor], groups: list[int],
             if h.bias is not None:
                 h.bias.copy_((a * (h.bias.double() + c[j])).to(h.bias.dtype))
     return {**meta, "kept": True, "scales": log_a.exp().tolist()}
+
+
+def calibrate_heads(merged, models, data: list[torch.Tensor]) -> dict:
+    """The routing calibration of `merged`'s heads (in place), each head grouped with the source
+    model it came from. A model that picks its head itself (a gated model's `route`) is left as it is."""
+    if hasattr(merged, "route"):
+        return {"calibrate": "none", "why": "the gate chooses the head"}
+    groups = [k for k, m in enumerate(models) for _ in m.tasks]
+    device = next(merged.parameters()).device
+    return calibrate_routing(merged, [d.to(device) for d in data], groups)

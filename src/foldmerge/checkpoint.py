@@ -17,11 +17,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from contextlib import contextmanager
+import signal
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .io import swap_in, tmp_beside
 
 TENSORS, STATE = "state.safetensors", "state.json"
 # tests: SIGKILL this process right after its N-th checkpoint is written
@@ -44,7 +46,7 @@ class Checkpoint:
             raise ValueError(f"checkpoint interval must be a positive number of epochs, got {every}")
         if every is None and not resume:
             raise ValueError("a checkpoint needs an interval (epochs between saves)")
-        self.path, self.every = Path(path), every
+        self.path, self.every, self.resumed = Path(path), every, resume
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
         self.index = -1                      # the loops started so far in this process
         self.finished: dict[int, dict] = {}  # loop -> {"params": [...], "history": [...]}
@@ -132,14 +134,12 @@ class Checkpoint:
         self._write({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta)
         self.saves += 1
         if os.environ.get(KILL_AFTER) == str(self.saves):
-            import signal
             os.kill(os.getpid(), signal.SIGKILL)
 
     def finish(self, idx: int, params, history: list[float]) -> None:
         self.finished[idx] = {"params": [p.detach().clone() for p in params], "history": list(history)}
 
     def _write(self, tensors: dict, meta: dict) -> None:
-        from .io import swap_in, tmp_beside
         tmp = tmp_beside(self.path)
         try:
             save_file(tensors, str(tmp / TENSORS))
@@ -169,21 +169,3 @@ def _set(params, values) -> None:
         raise CheckpointError("the checkpoint's parameters do not fit this run's (was it made by another version?)")
     for p, v in zip(params, values):
         p.copy_(v)
-
-
-_active: Checkpoint | None = None
-
-
-def active() -> Checkpoint | None:
-    return _active
-
-
-@contextmanager
-def checkpointing(ck: Checkpoint | None):
-    """Within it, every `fit` saves to and resumes from `ck` (None: no checkpoints)."""
-    global _active
-    saved, _active = _active, ck
-    try:
-        yield ck
-    finally:
-        _active = saved

@@ -1,84 +1,120 @@
 """`foldmerge merge --config merge.yaml`: a merge described in a file, as mergekit users keep theirs.
 
-The file is turned into the command line it stands for and parsed by the same parser, so a
-config and the flags it names give one merge (the test checks it). Keys:
+The file is read into the same settings and method options the command line's flags give, and
+checked against the same declarations (`foldmerge.api.SETTINGS`, each method's options); flags
+given on the command line override it. Keys:
 
     models:                      # two or more; a path, or a path with the task of its merge data
       - path: runs/src/bbc_0-2-s0
         task: bbc:0-2            # needed for a Hugging Face directory that does not record it
       - runs/src/bbc_3-4-s1
     method: fs-merge             # any `foldmerge merge --method`
-    options:                     # any merge flag, underscores or dashes: param, epochs, lr, widths: [64, 128] …
+    options:                     # the method's options (and any setting): param, epochs, lr, widths: [64, 128] …
       param: diag+lowrank(12)
-    per_task: 200                # and: seed, augment, held_out, calibrate, select, …
-    out: runs/merged             # the output directory
+    per_task: 200                # settings: seed, augment, held_out, calibrate, select, out, force, …
+    out: runs/merged
 
-Every top-level key but models/options/out is a merge flag too (`per_task` is `--per-task`);
-an unknown key, here or under options, is refused with one line naming it.
+A method option may also stand at the top level. An unknown key, a key given twice, a value
+outside its grammar and a YAML alias are refused with one line naming the file and the key.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-def config_argv(path: str, parser) -> list[str]:
-    """The `merge` argument list that the YAML file at `path` stands for."""
-    import yaml
+import yaml
+
+from .api import SETTING
+from .errors import did_you_mean
+from .methods import METHODS, get_method
+from .options import check_value
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice and aliases (which can expand a small file into a
+    huge document)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"line {event.start_mark.line + 1}: YAML aliases (*name) are not supported here")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.YAMLError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read(path: str, method: str | None = None) -> dict:
+    """The merge the YAML file at `path` describes: {"models", "tasks", "method", "settings",
+    "options"}, every key and value checked (`method`: the command line's, which overrides the file's)."""
+    where = f"--config {path}"
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.load(Path(path).read_text(), Loader=_Loader)
     except FileNotFoundError:
-        raise ValueError(f"--config {path}: no such file") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"--config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"{where}: no such file") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a mapping of keys (models, method, options, out, …)")
-    flags = {a.dest: a for a in _merge_parser(parser)._actions if a.option_strings}
-    models = data.get("models")
+        raise ValueError(f"{where}: expected a mapping of keys (models, method, options, out, …)")
+    method = method or data.get("method") or "fs-merge"
+    if not isinstance(method, str):
+        raise ValueError(f"{where}: method must be a method's name, got {method!r}")
+    declared = get_method(method).options
+    options_of = {o.name: o for o in declared}
+    any_option = {o.name for m in METHODS.values() for o in m.options}
+    paths, tasks = _models(data.get("models"), where)
+    options = data.get("options") or {}
+    if not isinstance(options, dict):
+        raise ValueError(f"{where}: 'options' must be a mapping of the method's options")
+    settings, chosen = {}, {}
+    top = {k: v for k, v in data.items() if k not in ("models", "method", "options")}
+    for prefix, entries in (("", top), ("options.", options)):
+        for key, value in entries.items():
+            name = str(key).replace("-", "_")
+            if name in SETTING and name != "tasks":
+                target, option = settings, SETTING[name]
+            elif name in any_option:
+                if name not in options_of:
+                    raise ValueError(f"{where}: {prefix}{key} is not an option of method {method!r}"
+                                     f"{did_you_mean(name, options_of)}")
+                target, option = chosen, options_of[name]
+            else:
+                known = [*SETTING, *any_option, "models", "method", "options"]
+                raise ValueError(f"{where}: unknown key '{prefix}{key}'{did_you_mean(name, known)}")
+            if name in settings or name in chosen:
+                raise ValueError(f"{where}: {name} is given twice (at the top level and under options)")
+            if value is not None:
+                try:
+                    target[name] = check_value(option, value)
+                except ValueError as e:
+                    raise ValueError(f"{where}: {prefix}{key}: {str(e).split(': ', 1)[-1]}") from None
+    return {"models": paths, "tasks": tasks, "method": method, "settings": settings, "options": chosen,
+            "file": path}
+
+
+def _models(models, where: str) -> tuple[list[str], list | None]:
+    if models is None:
+        return [], None
     if not isinstance(models, list) or len(models) < 2:
-        raise ValueError(f"--config {path}: 'models' must list two or more model directories")
+        raise ValueError(f"{where}: 'models' must list two or more model directories")
     paths, tasks = [], []
     for m in models:
         if isinstance(m, dict):
             extra = set(m) - {"path", "task"}
-            if extra or "path" not in m:
-                raise ValueError(f"--config {path}: a model entry takes 'path' and 'task', got {sorted(m)}")
-            paths.append(str(m["path"]))
-            tasks.append(m.get("task"))
-        else:
-            paths.append(str(m))
+            if extra or "path" not in m or not isinstance(m["path"], str):
+                raise ValueError(f"{where}: a model entry takes 'path' and 'task', got {sorted(m)}")
+            paths.append(m["path"])
+            tasks.append(None if m.get("task") is None else str(m["task"]))
+        elif isinstance(m, str):
+            paths.append(m)
             tasks.append(None)
+        else:
+            raise ValueError(f"{where}: a model entry is a path or {{path, task}}, got {m!r}")
     if any(tasks) and not all(tasks):
-        raise ValueError(f"--config {path}: give a task for every model or for none")
-    argv = ["merge", *paths] + (["--tasks", *map(str, tasks)] if all(tasks) else [])
-    options = data.get("options") or {}
-    if not isinstance(options, dict):
-        raise ValueError(f"--config {path}: 'options' must be a mapping of merge flags")
-    rest = {k: v for k, v in data.items() if k not in ("models", "options")}
-    for where, entries in (("", rest), ("options.", options)):
-        for key, value in entries.items():
-            dest = str(key).replace("-", "_")
-            if dest not in flags or dest in ("config", "help", "tasks"):
-                raise ValueError(f"--config {path}: unknown key '{where}{key}'")
-            argv += _flag(flags[dest], value)
-    return argv
-
-
-def _merge_parser(parser):
-    import argparse
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices["merge"]
-
-
-def _flag(action, value) -> list[str]:
-    import argparse
-    flag = action.option_strings[-1]
-    if action.nargs == 0:                      # store_true
-        return [flag] if value else []
-    if isinstance(value, list):
-        if action.nargs in ("+", "*"):
-            return [flag, *map(str, value)]
-        if isinstance(action, argparse._AppendAction):
-            return [x for v in value for x in (flag, str(v))]
-        raise ValueError(f"{flag} takes one value, not a list")
-    if value is None:
-        return []
-    return [flag, str(value)]
+        raise ValueError(f"{where}: give a task for every model or for none")
+    return paths, (tasks if all(tasks) else None)

@@ -10,8 +10,8 @@ from pathlib import Path
 from .api import merge, merge_sample
 from .evaluation import Ensemble, evaluate, originals, random_guess
 from .progress import status
-from .report import result_row
 from .sources import source_dirname, train_source
+from .tables import result_row
 
 TASKS = ("mnist:0-4", "mnist:5-9")
 

@@ -3,7 +3,8 @@
 `Engine(accelerator, devices, precision).run(fn, *args)` launches `fn(*args)` under a Fabric:
 in this process for one device, or in one process per device for data parallelism (DDP:
 gloo on CPU, NCCL on CUDA; started by spawning, so a library call or the CLI can launch it),
-and returns rank 0's result. While it runs, `train.fit` finds the Fabric with `current()`:
+and returns rank 0's result. `fn` receives the Fabric as its first argument and hands it to
+`train.fit` (through the merge's `foldmerge.context.Context`), which then runs each step so:
 
   * each rank takes an equal contiguous share of every batch;
   * gradients (and the logged loss) are averaged over ranks, each share weighted by its
@@ -23,13 +24,6 @@ import torch
 
 ACCELERATORS = ("cpu", "cuda", "auto")
 PRECISIONS = ("32-true", "bf16-mixed")
-_current = None
-
-
-def current():
-    """The Fabric of the run in progress, or None."""
-    return _current
-
 
 @dataclass
 class Engine:
@@ -56,17 +50,14 @@ class Engine:
                       precision=self.precision)
 
     def run(self, fn, *args):
-        """fn(*args) on every rank with `current()` set; rank 0's result."""
+        """fn(fabric, *args) on every rank; rank 0's result."""
         return self.fabric().launch(_on_rank, fn, *args)
 
 
 def _on_rank(fabric, fn, *args):
-    global _current
-    _current = fabric
     try:
-        return fn(*args)
+        return fn(fabric, *args)
     finally:
-        _current = None
         if fabric.world_size > 1 and torch.distributed.is_initialized():
             # leave together and close the process group before the spawned process exits
             # (a rank that exits with gloo threads still running can abort)

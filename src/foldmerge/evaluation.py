@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
+from .arch import defaults
 from .data import Task
+from .io import nonfinite
 
 
 @torch.no_grad()
@@ -28,10 +31,19 @@ def _logits(model, x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 @torch.no_grad()
 def evaluate(model, tasks: list[Task | str] | None = None, split: str = "test",
              batch_size: int = 1000) -> dict:
-    """Per-task and joint accuracy (in %) of `model` on `tasks` (default: all of its tasks)."""
+    """Per-task and joint accuracy (in %) of `model` on `tasks` (default: all of its tasks), in eval
+    mode; the model's train/eval mode is restored."""
+    was = model.training if isinstance(model, nn.Module) else None
+    try:
+        return _evaluate(model, tasks, split, batch_size)
+    finally:
+        if was is not None:
+            model.train(was)
+
+
+def _evaluate(model, tasks, split: str, batch_size: int) -> dict:
     if isinstance(model, nn.Module):
         model.eval()
-        from .io import nonfinite
         bad = nonfinite(model.state_dict())
         if bad:
             raise ValueError(f"cannot evaluate: the model's {bad}")
@@ -70,7 +82,6 @@ def evaluate(model, tasks: list[Task | str] | None = None, split: str = "test",
 def forward_mflops(model, example: torch.Tensor) -> float:
     """Millions of floating-point operations of one forward of `example` (one input, batch axis
     included), as the model computes it (`torch.utils.flop_counter`: matmuls, convolutions, attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(example)
     return counter.get_total_flops() / 1e6
@@ -122,11 +133,9 @@ class Ensemble(nn.Module):
     heads"). Needs sources whose features have the same size.
 
     normalize: scale each source's features to unit mean absolute value before averaging, as the
-    authors' ViT code runs it (`EnsembleModel(normalize_output=True)`). Default: for architectures
-    with a residual stream (ViTs) yes, for chains of layers (MLPs) no: the paper's MLP ensemble
-    (its code is not public) is the plain average; on our MNIST halves bench, depth 1, five seeds,
-    the plain average gives 94.96 / 81.09 per-task / joint against the paper's 94.70 / 80.20,
-    the scaled one 94.37 / 75.25."""
+    authors' ViT code runs it (`EnsembleModel(normalize_output=True)`). Default: the family's
+    (`foldmerge.arch.defaults`, "ensemble"): yes for ViTs, no for MLPs, whose paper ensemble (its
+    code is not public) is the plain average, which bench mlp reproduces."""
 
     def __init__(self, sources, normalize: bool | None = None):
         super().__init__()
@@ -135,7 +144,8 @@ class Ensemble(nn.Module):
             raise ValueError(f"an ensemble needs equal feature sizes, got {sorted(dims)}")
         self.sources = nn.ModuleList(sources)
         self.tasks = [t for s in sources for t in s.tasks]
-        self.normalize = (not sources[0].spec.is_chain()) if normalize is None else bool(normalize)
+        self.normalize = defaults.value(sources[0].spec.defaults, ("ensemble",), "normalize")[0] \
+            if normalize is None else bool(normalize)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = [s.features(x) for s in self.sources]

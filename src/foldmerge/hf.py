@@ -8,7 +8,8 @@ directory (no head, e.g. all-MiniLM-L6-v2) is a start to fine-tune from (`load_b
 `train-sources --from`); a `ViTModel` one is refused as a merge input with the reason. The task (the data its unlabeled merge sample is drawn from, e.g.
 `bbc:0-2`) is given, or read from the `foldmerge_task` key a directory written here carries.
 
-Out: `save_hf(merged, out, sources)` writes what standard code loads:
+Out: `write_hf(merged, dir, sources)` writes what standard code loads (`save_hf` into a fresh
+directory swapped into place; a merge writes it inside its output directory, in the same swap):
   OUT/backbone/        the merged `BertModel` / `ViTModel` (`save_pretrained`, safetensors)
   OUT/<task>/          per task a `…ForSequenceClassification` / `…ForImageClassification` whose classifier is that task's
                        merged head (the folded U inside it), `id2label` kept from its source,
@@ -24,8 +25,17 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from .io import ModelFileError
+from .arch import bert, hf_vit
+from .data import Task
+from .io import ModelFileError, check_finite, swap_in, tmp_beside
+from .model import TaskModel
+from .provenance import file_sha256
+
+# transformers is imported where it is used: it adds about 2 s to every command's start (measured
+# here: torch alone 2.0 s, with transformers 4.1 s), and only Hugging Face directories need it
 
 # Hugging Face class -> (our family, the attribute holding its backbone, the backbone's own class);
 # a backbone class alone (no head) is a pre-trained start to fine-tune, not a merge input
@@ -72,9 +82,6 @@ def load_backbone(path: str | os.PathLike) -> tuple[dict, dict]:
     """(backbone config, state dict in the bert family's names) of a `BertModel` or
     `BertForSequenceClassification` directory: a pre-trained start (e.g. all-MiniLM-L6-v2) to
     fine-tune from (`train-sources --from DIR`)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from .io import check_finite
     path = Path(path)
     cfg = _hf_config(path)
     if cfg["architectures"][0] not in ("BertModel", "BertForSequenceClassification"):
@@ -99,9 +106,6 @@ def load_hf(path: str | os.PathLike, task=None):
     """A `BertForSequenceClassification` / `ViTForImageClassification` directory as a one-head
     TaskModel of the bert / hf-vit family."""
     import transformers
-    from .data import Task
-    from .io import check_finite
-    from .model import TaskModel
     path = Path(path)
     cfg = _hf_config(path)
     if cfg["architectures"][0] in HEADLESS:
@@ -145,6 +149,12 @@ def load_hf(path: str | os.PathLike, task=None):
     return model
 
 
+def weights_sha256(path: str | os.PathLike) -> str | None:
+    """The SHA-256 of a Hugging Face directory's model.safetensors (None if it has none)."""
+    weights = Path(path) / "model.safetensors"
+    return file_sha256(weights) if weights.is_file() else None
+
+
 def check_tokenizers(paths) -> None:
     """Sources whose vocabularies differ cannot share an embedding table: one clear error."""
     seen = {}
@@ -158,54 +168,55 @@ def check_tokenizers(paths) -> None:
 
 
 def save_hf(merged, out: str | os.PathLike, sources=()) -> Path:
-    """The merged backbone and one classifier directory per task (module docstring), written beside
-    and renamed into place."""
-    import transformers
-    from .io import check_finite, swap_in, tmp_beside
-    from .sources import source_dirname
-    kinds = {family: (name, attr, base) for name, (family, attr, base) in CLASSES.items()}
-    if merged.arch not in kinds:
-        raise ValueError(f"Hugging Face output is for the bert and hf-vit families; this model is a {merged.arch}")
-    name, attr, base_name = kinds[merged.arch]
-    if merged.arch == "bert":
-        from .arch.bert import hf_config
-    else:
-        from .arch.hf_vit import hf_config
-    cls, base_cls = getattr(transformers, name), getattr(transformers, base_name)
+    """`write_hf` into a directory written beside `out` and renamed into place."""
     out = Path(out).resolve()
     check_finite(merged.state_dict(), f"refusing to save {out}")
     tmp = tmp_beside(out)
     try:
-        config = hf_config(merged.backbone_config)
-        bert_state = {k[len(attr) + 1:]: v for k, v in merged.backbone.state_dict().items()}
-        base = base_cls(config, add_pooling_layer=False) if merged.arch == "hf-vit" else base_cls(config)
-        _load_exact(base, bert_state)
-        base.save_pretrained(tmp / "backbone", safe_serialization=True)
-        first = next((Path(s.meta["path"]) for s in sources if s.meta.get("path")), None)
-        for i, task in enumerate(merged.tasks):
-            owner = next((s for s in sources if task.name in [t.name for t in s.tasks]), None)
-            labels = (owner.meta.get("id2label") if owner else None) or {c: str(c) for c in range(task.num_classes)}
-            cfg = hf_config(merged.backbone_config)
-            cfg.num_labels = task.num_classes
-            cfg.id2label = {int(k): v for k, v in labels.items()}
-            cfg.label2id = {v: int(k) for k, v in cfg.id2label.items()}
-            cfg.foldmerge_task = task.name
-            hf = cls(cfg)
-            _load_exact(getattr(hf, attr), bert_state)
-            with torch.no_grad():
-                hf.classifier.weight.copy_(merged.heads[i].weight)
-                hf.classifier.bias.copy_(merged.heads[i].bias)
-            where = tmp / source_dirname(task, 0).rsplit("-s0", 1)[0]
-            hf.save_pretrained(where, safe_serialization=True)
-            if first is not None:
-                for f in TOKENIZER_FILES:
-                    if (first / f).is_file():
-                        shutil.copy2(first / f, where / f)
+        write_hf(merged, tmp, sources)
         swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def write_hf(merged, out: Path, sources=()) -> None:
+    """The merged backbone and one classifier directory per task (module docstring), into the
+    existing, empty directory `out`."""
+    import transformers
+    kinds = {family: (name, attr, base) for name, (family, attr, base) in CLASSES.items()}
+    if merged.arch not in kinds:
+        raise ValueError(f"Hugging Face output is for the bert and hf-vit families; this model is a {merged.arch}")
+    name, attr, base_name = kinds[merged.arch]
+    hf_config = bert.hf_config if merged.arch == "bert" else hf_vit.hf_config
+    cls, base_cls = getattr(transformers, name), getattr(transformers, base_name)
+    tmp = Path(out)
+    config = hf_config(merged.backbone_config)
+    bert_state = {k[len(attr) + 1:]: v for k, v in merged.backbone.state_dict().items()}
+    base = base_cls(config, add_pooling_layer=False) if merged.arch == "hf-vit" else base_cls(config)
+    _load_exact(base, bert_state)
+    base.save_pretrained(tmp / "backbone", safe_serialization=True)
+    first = next((Path(s.meta["path"]) for s in sources if s.meta.get("path")), None)
+    for i, task in enumerate(merged.tasks):
+        owner = next((s for s in sources if task.name in [t.name for t in s.tasks]), None)
+        labels = (owner.meta.get("id2label") if owner else None) or {c: str(c) for c in range(task.num_classes)}
+        cfg = hf_config(merged.backbone_config)
+        cfg.num_labels = task.num_classes
+        cfg.id2label = {int(k): v for k, v in labels.items()}
+        cfg.label2id = {v: int(k) for k, v in cfg.id2label.items()}
+        cfg.foldmerge_task = task.name
+        hf = cls(cfg)
+        _load_exact(getattr(hf, attr), bert_state)
+        with torch.no_grad():
+            hf.classifier.weight.copy_(merged.heads[i].weight)
+            hf.classifier.bias.copy_(merged.heads[i].bias)
+        where = tmp / task.slug
+        hf.save_pretrained(where, safe_serialization=True)
+        if first is not None:
+            for f in TOKENIZER_FILES:
+                if (first / f).is_file():
+                    shutil.copy2(first / f, where / f)
 
 
 def _load_exact(module, state) -> None:

@@ -8,8 +8,10 @@ because loading a pickle can run arbitrary code. No tensor holding NaN or Inf is
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,13 +20,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import ModelFileError
+
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
-
-
-class ModelFileError(RuntimeError):
-    """A model path is missing, malformed or unsafe; the message says which and why."""
 
 
 def nonfinite(state: dict[str, torch.Tensor]) -> str | None:
@@ -77,7 +77,6 @@ def _exchange(a: Path, b: Path) -> bool:
     """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where
     the system cannot."""
     try:
-        import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.renameat2
     except (OSError, AttributeError):
@@ -108,9 +107,6 @@ def _clear_stale(out: Path) -> None:
             pass
 
 
-_between_renames = None          # tests: called between the steps of a replace
-
-
 def swap_in(tmp: Path, out: Path) -> None:
     """Put the directory `tmp` at `out` (a sibling), replacing what is there atomically (one
     exchange where the system has it; elsewhere old aside, then new in), and remove the old."""
@@ -118,25 +114,23 @@ def swap_in(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
         return
     if _exchange(tmp, out):                  # tmp now holds the old directory
-        if _between_renames:
-            _between_renames()
         old = tmp
     else:
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_TAG}{os.getpid()}-old-", dir=out.parent))
         os.rmdir(old)
         os.replace(out, old)
-        if _between_renames:
-            _between_renames()
         os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
 
 
 def save_model(model, out_dir: str | os.PathLike, meta: dict[str, Any] | None = None,
-               overwrite: bool = True) -> Path:
+               overwrite: bool = True, extra=None) -> Path:
     """Write `model` to `out_dir`. Nothing non-finite is written. An existing model there is
     replaced atomically: the new directory is written beside it and swapped in with one
     rename (at every instant a complete model is at `out_dir`); any other files the old
-    directory held are carried into the new one, never deleted."""
+    directory held are carried into the new one, never deleted. `extra(dir)` writes more into
+    the new directory before the swap (a merge's Hugging Face export), replacing what the old
+    one held under those names."""
     out = Path(out_dir).resolve()
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     check_finite(state, f"refusing to save {out}")
@@ -159,10 +153,12 @@ def save_model(model, out_dir: str | os.PathLike, meta: dict[str, Any] | None = 
         os.chmod(tmp, 0o777 & ~umask)
         for f in (WEIGHTS, CONFIG):
             os.chmod(tmp / f, 0o666 & ~umask)
-        for extra in (out.iterdir() if out.exists() else ()):             # the user's other files come along
-            if extra.name not in (WEIGHTS, CONFIG):
-                (shutil.copytree if extra.is_dir() and not extra.is_symlink() else shutil.copy2)(
-                    extra, tmp / extra.name, **({"symlinks": True} if extra.is_dir() else {"follow_symlinks": False}))
+        if extra is not None:
+            extra(tmp)
+        for old in (out.iterdir() if out.exists() else ()):             # the user's other files come along
+            if not (tmp / old.name).exists() and not (tmp / old.name).is_symlink():
+                (shutil.copytree if old.is_dir() and not old.is_symlink() else shutil.copy2)(
+                    old, tmp / old.name, **({"symlinks": True} if old.is_dir() else {"follow_symlinks": False}))
         swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -188,9 +184,9 @@ def _read_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def load_model(path: str | os.PathLike, allow_pickle: bool = False):
-    """Load a TaskModel from a directory written by `save_model`."""
-    from .model import TaskModel
+def read_model_files(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict, dict, Path | None]:
+    """(config, tensors, the pickle read or None) of a directory written by `save_model`: every check
+    of the files themselves (`foldmerge.loading.load` builds the model from them)."""
     path = Path(path)
     if not path.exists():
         aside = sorted(path.resolve().parent.glob(f".{path.name}{TMP_TAG}*-old-*/{CONFIG}"))
@@ -205,6 +201,7 @@ def load_model(path: str | os.PathLike, allow_pickle: bool = False):
         raise ModelFileError(f"{path} is a file; expected a model directory with {CONFIG} and {WEIGHTS}")
     cfg = _read_config(path)
     weights = path / WEIGHTS
+    pickled = None
     if not weights.is_file():
         pickles = [p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickles and not allow_pickle:
@@ -212,35 +209,20 @@ def load_model(path: str | os.PathLike, allow_pickle: bool = False):
                                  "refusing to load it. Pass --allow-pickle if you trust it")
         if not pickles:
             raise ModelFileError(f"{path} has no {WEIGHTS}")
-        state = _load_pickle(pickles[0])
+        pickled = pickles[0]
+        state = _load_pickle(pickled)
     else:
         try:
             state = load_file(str(weights))
         except Exception as e:  # safetensors raises several types for corrupt files
             raise ModelFileError(f"{weights} is not a valid safetensors file: {e}") from None
-    from .gated import GatedModel
-    try:
-        model = (GatedModel if cfg.get("kind") == "gated" else TaskModel).from_config(cfg)
-    except (TypeError, ValueError, KeyError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ModelFileError(f"{path / CONFIG} describes no valid model: {first}") from None
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0] if str(e) else "shape or key mismatch"
-        raise ModelFileError(f"{weights} does not match {CONFIG}: {first}") from None
     check_finite(state, f"{path}")
-    model.meta = dict(cfg.get("meta") or {})
-    if not weights.is_file():
-        model.meta["loaded_from_pickle"] = str(pickles[0].resolve())
-    model.eval()
-    return model
+    return cfg, state, pickled
 
 
 def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
     """A pickle checkpoint read with torch's weights-only unpickler: tensors and plain
     containers only, so loading it cannot run code; anything more is refused."""
-    import pickle
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as e:

@@ -15,15 +15,23 @@ from torch import nn
 
 from .arch import arch_spec
 from .data import Task
-
+from .io import save_model
 
 HEADS = ("linear", "class-embedding")
+CHUNK = 256                 # examples per forward pass: memory stays flat however large the sample
 
 
 def as_input(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`x` on the device of the parameter `like`, and in its dtype if `x` is floating point
     (images); integer inputs (token ids) keep their dtype."""
     return x.to(device=like.device, dtype=like.dtype if x.is_floating_point() else x.dtype)
+
+
+@torch.no_grad()
+def features_in_chunks(model, x: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """model.features(x), `chunk` examples at a time (a sample of real images in one pass
+    would hold every layer's activations for all of them at once)."""
+    return torch.cat([model.features(part) for part in x.split(chunk)]) if len(x) else model.features(x)
 
 
 def class_embeddings(task: Task | str, dim: int) -> torch.Tensor:
@@ -95,6 +103,23 @@ class TaskModel(nn.Module):
         state.pop("_spec", None)      # rebuilt on use: a spec may hold functions that do not pickle
         return state
 
+    def merge_form(self) -> "TaskModel":
+        """The equivalent model a merge reads: the family's `merge_form` (a ResNet's BatchNorm
+        folded into its convs), or the model itself. A new model; this one is left as it is."""
+        form = self.spec.merge_form
+        if form is None:
+            return self
+        config, state = form(self.backbone_config, self.backbone)
+        out = TaskModel(self.arch, config, self.tasks, self.head_bias, head=self.head_kind)
+        p = next(self.backbone.parameters())
+        out.to(dtype=p.dtype, device=p.device)
+        with torch.no_grad():
+            out.backbone.load_state_dict(state)
+            for dst, src in zip(out.heads, self.heads):
+                dst.load_state_dict(src.state_dict())
+        out.meta = {**self.meta, "fused_batchnorm": True}
+        return out
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
@@ -112,7 +137,6 @@ class TaskModel(nn.Module):
 
     def save(self, out_dir) -> "Path":
         """Write safetensors weights + config.json (with `meta`) atomically."""
-        from .io import save_model
         return save_model(self, out_dir, self.meta)
 
     def num_parameters(self) -> int:

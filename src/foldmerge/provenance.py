@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
+
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
@@ -34,7 +36,6 @@ def git_commit() -> str | None:
 
 
 def environment() -> dict:
-    from . import __version__
     return {"foldmerge": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "git_commit": git_commit() or "not a git checkout",
             "threads": torch.get_num_threads(), "argv": list(sys.argv), "machine": machine()}
@@ -57,14 +58,7 @@ def machine() -> str:
 
 
 def file_sha256(path: Path) -> str:
-    """The file's SHA-256; a file seen before with the same size and modification time is not
-    read again (a bench merges the same sources many times)."""
-    st = Path(path).stat()
-    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=256)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """The file's SHA-256 (read when a model is loaded: what was merged, not what is there later)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -73,19 +67,15 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def source_record(model) -> dict:
-    """A source as its merge records it: the absolute path and the weights' hash, if it came
-    from a file; otherwise that it was given in memory."""
-    from .io import WEIGHTS
+    """A source as its merge records it: the absolute path and the hash its weights had when they
+    were read (`foldmerge.loading.load`), if it came from a file; otherwise that it was given in memory."""
     path = model.meta.get("path")
     if not path:
         return {"path": "in memory", "tasks": [t.name for t in model.tasks]}
-    path = Path(path).resolve()
-    weights = path / WEIGHTS
-    record = {"path": str(path), "tasks": [t.name for t in model.tasks]}
-    if weights.is_file():
-        record["sha256"] = file_sha256(weights)
-    elif model.meta.get("loaded_from_pickle"):
-        record["sha256"] = file_sha256(Path(model.meta["loaded_from_pickle"]))
+    record = {"path": str(Path(path).resolve()), "tasks": [t.name for t in model.tasks]}
+    if model.meta.get("sha256"):
+        record["sha256"] = model.meta["sha256"]
+    if model.meta.get("loaded_from_pickle"):
         record["loaded_from_pickle"] = True
     return record
 
@@ -103,5 +93,6 @@ def describe(value):
     if isinstance(value, os.PathLike):
         return str(Path(value).resolve())
     if hasattr(value, "tasks"):
-        return {"model": [t.name for t in value.tasks]}
+        return {"model": value.meta.get("path", "in memory") if isinstance(getattr(value, "meta", None), dict)
+                else "in memory", "tasks": [t.name for t in value.tasks]}
     return type(value).__name__

@@ -25,7 +25,8 @@ import itertools
 import torch
 from torch.nn import functional as F
 
-from .methods.common import features_in_chunks, teacher_features
+from .model import features_in_chunks
+from .progress import bar
 
 
 def parse(items: list[str] | None) -> dict[str, list]:
@@ -66,8 +67,9 @@ def folds(data: list[torch.Tensor]) -> list[tuple[list[torch.Tensor], list[torch
 
 
 @torch.no_grad()
-def agreement(merged, sources, held: list[torch.Tensor]) -> tuple[float, float]:
-    """(agreement %, mean KL) of the merge's heads with the sources' on held-out inputs."""
+def agreement(merged, sources, held: list[torch.Tensor], features) -> tuple[float, float]:
+    """(agreement %, mean KL) of the merge's heads with the sources' on held-out inputs; `features`:
+    the merge's `foldmerge.context.FeatureCache` (the sources' features once per fold)."""
     was = merged.training
     merged.eval()
     try:
@@ -76,7 +78,7 @@ def agreement(merged, sources, held: list[torch.Tensor]) -> tuple[float, float]:
         for k, (source, x) in enumerate(zip(sources, held)):
             heads = list(range(first, first + len(source.heads)))
             first += len(source.heads)
-            teacher = teacher_features(source, x)       # once per held-out fold, for every candidate
+            teacher = features(source, x)               # once per held-out fold, for every candidate
             student = features_in_chunks(merged, x)
             for j, h in zip(heads, source.heads):
                 p = h(teacher)
@@ -90,11 +92,11 @@ def agreement(merged, sources, held: list[torch.Tensor]) -> tuple[float, float]:
         merged.train(was)
 
 
-def choose(run, sources, data: list[torch.Tensor], grid: dict[str, list]) -> tuple[dict, dict]:
+def choose(run, sources, data: list[torch.Tensor], grid: dict[str, list], features) -> tuple[dict, dict]:
     """The candidate of `grid` whose merges agree best with the sources on held-out inputs.
 
-    run(data, options) -> merged model. Returns (chosen options, report for meta)."""
-    from .progress import bar
+    run(data, options) -> merged model; `features`: a `FeatureCache`. Returns (chosen options,
+    report for meta)."""
     empty = [k for k, v in grid.items() if not list(v)]
     if empty:
         raise ValueError(f"--select {empty[0]}: no values to choose from")
@@ -105,7 +107,7 @@ def choose(run, sources, data: list[torch.Tensor], grid: dict[str, list]) -> tup
         for c in cands:
             scores = []
             for fit_on, held in splits:
-                scores.append(agreement(run(fit_on, c), sources, held))
+                scores.append(agreement(run(fit_on, c), sources, held, features))
                 progress.advance(1)
             trials.append({"options": c, "agreement": sum(s[0] for s in scores) / len(scores),
                            "kl": sum(s[1] for s in scores) / len(scores)})

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from .data import Task
 from .evaluation import evaluate
+from .hf import load_backbone
 from .model import TaskModel
 from .train import TrainConfig, fit
 
@@ -25,13 +26,14 @@ def paper_schedule(task: Task, hidden: list[int]) -> tuple[int, float]:
 
 def source_dirname(task: Task, seed: int) -> str:
     """Folder name of a source model: mnist:0-4, seed 0 -> mnist_0-4-s0; mnist/rot90:0-4 -> mnist-rot90_0-4-s0."""
-    return f"{task.name.replace('/', '-').replace(':', '_').replace(',', '.')}-s{seed}"
+    return f"{task.slug}-s{seed}"
 
 
 def fit_classifier(model: TaskModel, task: Task | str, cfg: TrainConfig, limit: int | None = None,
-                   desc: str | None = None) -> list[float]:
+                   desc: str | None = None, checkpoint=None) -> list[float]:
     """Train `model` (its first head) on `task`'s training split with cross-entropy; `limit` caps
-    the images. The one supervised loop every source model (MLP, ViT, a user's own) goes through."""
+    the images. The one supervised loop every source model (MLP, ViT, a user's own) goes through;
+    `checkpoint`: a `foldmerge.checkpoint.Checkpoint` to save to and resume from."""
     task = Task.parse(task)
     x, y = task.split("train")
     if limit:
@@ -41,13 +43,14 @@ def fit_classifier(model: TaskModel, task: Task | str, cfg: TrainConfig, limit: 
         return F.cross_entropy(model(xb)[0], yb)
 
     model.train()
-    history = fit(list(model.parameters()), loss_fn, (x, y), cfg, desc=desc or f"train on {task}")
+    history = fit(list(model.parameters()), loss_fn, (x, y), cfg, desc=desc or f"train on {task}",
+                  checkpoint=checkpoint)
     model.eval()
     return history
 
 
 def train_source(task: Task | str, hidden: list[int], seed: int, epochs: int | None = None,
-                 lr: float | None = None, batch_size: int = 10) -> TaskModel:
+                 lr: float | None = None, batch_size: int = 10, checkpoint=None) -> TaskModel:
     task = Task.parse(task)
     auto_epochs, auto_lr = paper_schedule(task, hidden)
     epochs = auto_epochs if epochs is None else epochs
@@ -55,7 +58,7 @@ def train_source(task: Task | str, hidden: list[int], seed: int, epochs: int | N
     torch.manual_seed(seed)
     model = TaskModel("mlp", {"in_dim": 784, "hidden": list(hidden)}, [task])
     cfg = TrainConfig(epochs=epochs, lr=lr, momentum=0.0, schedule="constant", batch_size=batch_size, seed=seed)
-    fit_classifier(model, task, cfg, desc=f"train {task} (seed {seed})")
+    fit_classifier(model, task, cfg, desc=f"train {task} (seed {seed})", checkpoint=checkpoint)
     model.meta = {"kind": "source", "task": task.name, "seed": seed, "train": cfg.as_dict(),
                   "test_accuracy": evaluate(model, [task])["per_task_mean"],
                   "val_accuracy": evaluate(model, [task], split="val")["per_task_mean"]}
@@ -64,42 +67,45 @@ def train_source(task: Task | str, hidden: list[int], seed: int, epochs: int | N
 
 def train_vit_source(task: Task | str, config: dict, seed: int, pretrain_task: Task | str | None = None,
                      pretrain_epochs: int = 3, epochs: int = 2, lr: float = 1e-3, batch_size: int = 64,
-                     weight_decay: float = 0.01, limit: int | None = None) -> TaskModel:
+                     weight_decay: float = 0.01, limit: int | None = None, checkpoint=None) -> TaskModel:
     """A ViT source in the paper's two stages (appendix D): "pre-training" from `seed` on
     `pretrain_task`, then fine-tuning on `task`; heads are frozen class embeddings
     (`class_embeddings`), so every model's features live in one shared output space.
     AdamW, cosine schedule; `limit` caps the training images per stage (quick runs, tests)."""
     return train_staged_source("vit", task, config, seed, pretrain_task, pretrain_epochs, epochs, lr, batch_size,
-                               weight_decay, limit, head="class-embedding")
+                               weight_decay, limit, head="class-embedding", checkpoint=checkpoint)
 
 
 def train_bert_source(task: Task | str, config: dict, seed: int, pretrain_task: Task | str | None = None,
                       pretrain_epochs: int = 3, epochs: int = 3, lr: float = 1e-3, batch_size: int = 32,
-                      weight_decay: float = 0.01, limit: int | None = None, start: str | None = None) -> TaskModel:
+                      weight_decay: float = 0.01, limit: int | None = None, start: str | None = None,
+                      checkpoint=None) -> TaskModel:
     """A BERT source (Hugging Face `BertModel` from a config) from `seed`, optionally "pre-trained"
     on a first task, fine-tuned on `task` with a linear head, as `BertForSequenceClassification`.
     `start`: a Hugging Face BERT directory (e.g. all-MiniLM-L6-v2) whose weights and sizes the
     backbone starts from instead (`config` is then ignored; the head is new, from `seed`)."""
     init_state = None
     if start is not None:
-        from .hf import load_backbone
         config, init_state = load_backbone(start)
     return train_staged_source("bert", task, config, seed, pretrain_task, pretrain_epochs, epochs, lr, batch_size,
-                               weight_decay, limit, head="linear", init_state=init_state, start=start)
+                               weight_decay, limit, head="linear", init_state=init_state, start=start,
+                               checkpoint=checkpoint)
 
 
 def train_resnet_source(task: Task | str, config: dict, seed: int, epochs: int = 3, lr: float = 2e-3,
-                        batch_size: int = 128, weight_decay: float = 5e-4, limit: int | None = None) -> TaskModel:
+                        batch_size: int = 128, weight_decay: float = 5e-4, limit: int | None = None,
+                        checkpoint=None) -> TaskModel:
     """A ResNet source with BatchNorm (ZipIt!'s setting) from `seed`, trained on `task` with a frozen
     class-embedding head (ZipIt! heads are fixed CLIP text embeddings). AdamW, cosine schedule;
     `limit` caps the training images. Saved with its BatchNorm; merging reads the fused form."""
     return train_staged_source("resnet", task, config, seed, None, 0, epochs, lr, batch_size, weight_decay, limit,
-                               head="class-embedding")
+                               head="class-embedding", checkpoint=checkpoint)
 
 
 def train_staged_source(arch: str, task: Task | str, config: dict, seed: int, pretrain_task, pretrain_epochs: int,
                         epochs: int, lr: float, batch_size: int, weight_decay: float, limit: int | None,
-                        head: str, init_state: dict | None = None, start: str | None = None) -> TaskModel:
+                        head: str, init_state: dict | None = None, start: str | None = None,
+                        checkpoint=None) -> TaskModel:
     """A transformer source in one or two stages from `seed`: the backbone trained on
     `pretrain_task` (if any), then on `task` with a new head. AdamW, cosine schedule."""
     task = Task.parse(task)
@@ -113,7 +119,8 @@ def train_staged_source(arch: str, task: Task | str, config: dict, seed: int, pr
             model.backbone.load_state_dict(backbone_state)
         cfg = TrainConfig.adamw(n_epochs, lr, batch_size, seed * 100 + k, weight_decay)
         fit_classifier(model, t, cfg, limit,
-                       desc=f"{'pre-train' if k < len(stages) - 1 else 'fine-tune'} {arch} on {t} (seed {seed})")
+                       desc=f"{'pre-train' if k < len(stages) - 1 else 'fine-tune'} {arch} on {t} (seed {seed})",
+                       checkpoint=checkpoint)
         backbone_state = model.backbone.state_dict()
         accuracies[t.name] = evaluate(model, [t], split="val")["per_task_mean"]
     model.meta = {"kind": "source", "task": task.name, "seed": seed,
@@ -152,7 +159,8 @@ def pretrain_union(arch: str, config: dict, tasks, seed: int, epochs: int = 3, l
 
 
 def fine_tune(base: TaskModel, task: Task | str, seed: int, epochs: int = 1, lr: float = 3e-4,
-              batch_size: int = 64, weight_decay: float = 0.01, limit: int | None = None) -> TaskModel:
+              batch_size: int = 64, weight_decay: float = 0.01, limit: int | None = None,
+              checkpoint=None) -> TaskModel:
     """A source fine-tuned from `base`'s backbone on `task` (frozen class-embedding head, AdamW,
     cosine): the models the gating merge, task arithmetic and TIES combine."""
     task = Task.parse(task)
@@ -160,7 +168,7 @@ def fine_tune(base: TaskModel, task: Task | str, seed: int, epochs: int = 1, lr:
     model = TaskModel(base.arch, dict(base.backbone_config), [task], head="class-embedding")
     model.backbone.load_state_dict(base.backbone.state_dict())
     cfg = TrainConfig.adamw(epochs, lr, batch_size, seed, weight_decay)
-    fit_classifier(model, task, cfg, limit, desc=f"fine-tune on {task} (seed {seed})")
+    fit_classifier(model, task, cfg, limit, desc=f"fine-tune on {task} (seed {seed})", checkpoint=checkpoint)
     start = str(Path(base.meta["path"]).resolve()) if "path" in base.meta else base.meta.get("tasks")
     model.meta = {"kind": "source", "task": task.name, "seed": seed, "start": start, "train": cfg.as_dict(),
                   "val_accuracy": evaluate(model, [task], split="val")["per_task_mean"],

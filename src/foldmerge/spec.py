@@ -45,10 +45,13 @@ lives in. That is all a method needs to know about an architecture:
                (e.g. equal depths), with the family's own message.
       stages:  the groups of spaces partial zipping may stop after, in order (default: an MLP's
                layers one by one; none for a single residual stream). A ResNet's stages.
-      merge_form(model) -> model:  the equivalent model a merge reads, if the family trains in a
-               form that does not merge (a ResNet's BatchNorm folded into its convs).
+      merge_form(config, backbone) -> (config, state):  the equivalent backbone a merge reads, if the
+               family trains in a form that does not merge (a ResNet's BatchNorm folded into its
+               convs): its configuration and state dict (`TaskModel.merge_form` builds the model).
       resize_spaces(config, {space: width}) -> config:  the configuration at given widths of any
                spaces (where merged widths differ per space: PLeaS's budgets, partial zips).
+      defaults: the row of `foldmerge.arch.defaults` whose values its merges take by default (each
+               built-in family its own; a user's architecture "vit" unless it names another).
 
 `validate(backbone)` checks a spec against a model and returns every space's width: each
 parameter of the model is covered exactly once, every axis names a space of the spec and
@@ -127,6 +130,7 @@ class ArchSpec:
     stages: list[tuple[str, ...]] | None = None
     merge_form: Callable | None = None
     resize_spaces: Callable[[dict, dict], dict] | None = None
+    defaults: str = "vit"
 
     def __post_init__(self):
         self.spaces, self.params = list(self.spaces), [p if isinstance(p, Param) else Param(*p) for p in self.params]

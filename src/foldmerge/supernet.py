@@ -28,8 +28,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .foldable import (FoldMap, _fit_cols, fold_group_maps, fold_groups, fold_linears, frozen_cached, merge_features,
-                       pack_maps, unmerge_features)
+from .foldable import (
+    FoldMap,
+    _fit_cols,
+    fold_group_maps,
+    fold_groups,
+    fold_linears,
+    frozen_cached,
+    merge_features,
+    pack_maps,
+    unmerge_features,
+)
 from .model import TaskModel, head_layout
 from .spec import SpecError, check_mergeable
 

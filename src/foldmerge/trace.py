@@ -24,9 +24,10 @@ from __future__ import annotations
 import operator
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.nn import functional as F
 
+from .arch import register_arch
 from .spec import ArchSpec, Norm, Param, Probe, Space
 
 
@@ -57,10 +58,11 @@ def _target(node) -> str:
     return getattr(t, "__name__", None) or str(t)
 
 
-def traced_spec(name: str, backbone: nn.Module, build=None, resize=None) -> ArchSpec:
+def traced_spec(name: str, backbone: nn.Module, build=None, resize=None, defaults: str = "vit") -> ArchSpec:
     """The merge spec of `backbone` read from its fx graph (module docstring); `build(config)` and
-    `resize(config, widths)` are the spec's (resize may be None: then `--widths` is refused)."""
-    from torch import fx
+    `resize(config, widths)` are the spec's (resize may be None: then `--widths` is refused);
+    `defaults`: the row of `foldmerge.arch.defaults` its merges default to ("mlp" for a chain of
+    layers trained as the paper's MLPs)."""
     try:
         graph = fx.symbolic_trace(backbone).graph
     except Exception as e:          # fx raises many kinds for code it cannot follow
@@ -190,7 +192,7 @@ def traced_spec(name: str, backbone: nn.Module, build=None, resize=None) -> Arch
                          "other widths")
 
     return ArchSpec(name, spaces, params, norm_list, probes, output=space_of(value[output]), build=build,
-                    resize=resize or no_resize, width_spaces=widths)
+                    resize=resize or no_resize, width_spaces=widths, defaults=defaults)
 
 
 def _union(find, parent, a, b, name, node):
@@ -202,10 +204,9 @@ def _union(find, parent, a, b, name, node):
     return ra
 
 
-def register_traced(name: str, build, resize=None) -> None:
+def register_traced(name: str, build, resize=None, defaults: str = "vit") -> None:
     """`register_arch(name, …)` with the spec traced from `build(config)` for each configuration."""
-    from .arch import register_arch
 
     def spec(config):
-        return traced_spec(name, build(config), build=build, resize=resize)
+        return traced_spec(name, build(config), build=build, resize=resize, defaults=defaults)
     register_arch(name, spec)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
@@ -129,38 +128,18 @@ def train_step(opt: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter],
     return batch_loss
 
 
-_captured: list | None = None
-
-
-@contextmanager
-def capture_fits():
-    """Within it, `fit` trains nothing: it appends what it was asked to train (the parameters
-    that require grad, loss_fn, data, cfg) to the list this yields and returns no history.
-    `bench cost --steps` uses it to time the real training steps of several methods side by
-    side with `train_step`."""
-    global _captured
-    saved, _captured = _captured, []
-    try:
-        yield _captured
-    finally:
-        _captured = saved
-
-
 def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tensor],
         data: Sequence[torch.Tensor], cfg: TrainConfig, desc: str = "training",
-        early_stop: EarlyStop | None = None) -> list[float]:
+        early_stop: EarlyStop | None = None, fabric=None, checkpoint=None) -> list[float]:
     """Minimize loss_fn(*batch) over `data` (tensors sharing their first dimension).
 
-    Returns the mean loss of every epoch. Under an `engine.Engine` run the batch is shared
-    among the ranks and their gradients averaged (see engine.py); otherwise plain PyTorch.
+    Returns the mean loss of every epoch. With a Fabric of a device run (`foldmerge.engine`) the
+    batch is shared among the ranks and their gradients averaged; otherwise plain PyTorch.
     `early_stop`: stop on a held-out loss and keep the best epoch's parameters (`EarlyStop`).
+    `checkpoint`: a `foldmerge.checkpoint.Checkpoint` to save to every N epochs and resume from.
     """
     params = [p for p in params if p.requires_grad]
-    if _captured is not None:
-        _captured.append((params, loss_fn, list(data), cfg))
-        return []
-    from . import checkpoint
-    ck = checkpoint.active()
+    ck = checkpoint
     if ck and early_stop is not None:
         raise ValueError("early stopping on held-out data does not combine with checkpoints / --resume")
     if early_stop is not None:
@@ -178,7 +157,6 @@ def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tenso
     g = torch.Generator().manual_seed(cfg.seed)
     start, step, history = ck.restore(idx, params, opt, g) if ck else (0, 0, [])
     show_every = max(1, cfg.epochs // 200) if bs == n else 1
-    fabric = engine.current()
     began = time.perf_counter()
     with bar(cfg.epochs if bs == n else total, desc) as progress:
         if start:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from typing import Callable
 
+from . import bert, hf_vit, mlp, resnet, vit
+
 _FAMILIES: dict[str, Callable] = {}
 
 
 def _builtin() -> dict[str, Callable]:
     if not _FAMILIES:
-        from . import bert, hf_vit, mlp, resnet, vit
         _FAMILIES.update({"mlp": mlp.spec, "vit": vit.spec, "bert": bert.spec, "hf-vit": hf_vit.spec,
                           "resnet": resnet.spec})
     return _FAMILIES

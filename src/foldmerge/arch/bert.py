@@ -82,7 +82,7 @@ def spec(config: dict) -> ArchSpec:
     params += [Param("bert.pooler.dense.weight", ("feat", "res")), Param("bert.pooler.dense.bias", ("feat",))]
     probes.append(Probe("feat", ""))
     return ArchSpec("bert", spaces, params, norms, probes, output="feat", build=lambda cfg: Backbone(**cfg),
-                    resize=resize, width_spaces=("res", "mlp0"), check=check_compatible)
+                    resize=resize, width_spaces=("res", "mlp0"), check=check_compatible, defaults="bert")
 
 
 def resize(config: dict, widths: list[int]) -> dict:

@@ -75,7 +75,7 @@ def spec(config: dict) -> ArchSpec:
     norms.append(Norm("vit.layernorm", "res"))
     probes += [Probe("res", "vit.layernorm", "in"), Probe("res", "")]
     return ArchSpec("hf-vit", spaces, params, norms, probes, output="res", build=lambda cfg: Backbone(**cfg),
-                    resize=resize, width_spaces=("res", "mlp0"), check=check_compatible)
+                    resize=resize, width_spaces=("res", "mlp0"), check=check_compatible, defaults="hf-vit")
 
 
 def resize(config: dict, widths: list[int]) -> dict:

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from ..spec import ArchSpec, Param, Probe, Space, Unit
 
+
 class Backbone(nn.Module):
     def __init__(self, in_dim: int = 784, hidden: list[int] | tuple[int, ...] = (128,)):
         super().__init__()
@@ -63,7 +64,7 @@ def spec(config: dict) -> ArchSpec:
     units = [Unit(f"layers.{l}", "mlp", (f"layers.{l}.weight", f"layers.{l}.bias")) for l in range(depth)]
     return ArchSpec("mlp", spaces, params, probes=probes, output=f"h{depth - 1}", build=lambda c: Backbone(**c),
                     resize=resize, width_spaces=tuple(f"h{l}" for l in range(depth)), check=check_compatible,
-                    units=units)
+                    units=units, defaults="mlp")
 
 
 DEFAULTS = {"in_dim": 784, "hidden": (128,)}

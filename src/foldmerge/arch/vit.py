@@ -137,11 +137,14 @@ def spec(config: dict) -> ArchSpec:
     probes.append(Probe("feat", ""))
     units += [Unit("ln_post", "norm", ("ln_post.weight", "ln_post.bias")), Unit("proj", "output", ("proj.weight",))]
     return ArchSpec("vit", spaces, params, norms, probes, output="feat", build=lambda cfg: Backbone(**cfg),
-                    resize=resize, width_spaces=("res", "mlp0"), check=check_compatible, units=units)
+                    resize=resize, width_spaces=("res", "mlp0"), check=check_compatible, units=units,
+                    defaults="vit")
 
 
 DEFAULTS = {"image_size": 28, "channels": 1, "patch": 7, "width": 64, "depth": 4, "heads": 4, "mlp_dim": 128,
             "out_dim": 64}
+# what `train-sources --arch vit` and bench vit train: 28x28 images in 16 patches of 7x7, 4 blocks of width 64
+SOURCE_CONFIG = dict(DEFAULTS)
 
 
 def resize(config: dict, widths: list[int]) -> dict:

@@ -3,6 +3,15 @@
 Every number a benchmark prints is measured by the run that prints it; published values
 appear only beside ours, read from a data file that names its table and labelled "paper".
 """
+import json
+import math
+import time
+
+import torch
+
+from ..api import load, merge, merge_sample
+from ..calibrate import calibrate_heads
+from ..evaluation import evaluate, forward_mflops
 
 
 def selected(row: str, method: str, methods: list[str] | None) -> bool:
@@ -18,7 +27,6 @@ def accuracy(scores: dict) -> dict:
 def sample_drawer(sources, per_task: int, seed: int):
     """`draw(augment)`: the merge sample of `sources` with that many augmented images per task
     (`api.merge_sample`), drawn once per count and reused by every merge of the bench cell."""
-    from ..api import merge_sample
     drawn: dict[int, list] = {}
 
     def draw(augment: int = 0) -> list:
@@ -33,9 +41,6 @@ def merge_scored(sources, data, method: str, seed: int, opts: dict):
     and after the routing calibration that every merge gets by default (`foldmerge.calibrate`;
     per-task is the same, joint is what it changes). Returns (merged, calibrated scores,
     uncalibrated scores, seconds of merge and calibration)."""
-    import time
-    from ..api import calibrate_heads, merge
-    from ..evaluation import evaluate
     merged = merge(sources, data, method=method, seed=seed, calibrate="none", **opts)
     raw = evaluate(merged)
     start = time.perf_counter()
@@ -47,7 +52,6 @@ def merge_scored(sources, data, method: str, seed: int, opts: dict):
 def cached_model(path, make, command: str):
     """The model saved at `path`, or `make()` saved there first (its meta naming `command`):
     a bench's sources are trained once and reused by every later run."""
-    from ..api import load
     if (path / "config.json").is_file():
         return load(path)
     m = make()
@@ -58,15 +62,12 @@ def cached_model(path, make, command: str):
 
 def image_mflops(model) -> float:
     """Millions of floating-point operations of one forward of one 28x28 image, in the model's dtype."""
-    import torch
-    from ..evaluation import forward_mflops
     p = next(model.parameters())
     return forward_mflops(model, torch.zeros(1, 1, 28, 28, dtype=p.dtype))
 
 
 def mean_std(xs) -> tuple[float | None, float | None]:
     """(mean, sample standard deviation; 0 for one value) of the values that are not None."""
-    import math
     xs = [x for x in xs if x is not None]
     if not xs:
         return None, None
@@ -90,7 +91,6 @@ class Cells:
 
     def rows(self, path, measure) -> list[dict]:
         """The rows saved at `path`, or `measure()`'s, saved there first."""
-        import json
         self.count += 1
         if path.is_file():
             self.read_back += 1

@@ -1,7 +1,7 @@
 """`foldmerge bench cnn`: ZipIt!'s Table 1 setting on our data: two ResNets with BatchNorm, trained
 from different seeds on disjoint tasks, merged into one.
 
-Sources: a ResNet-8 (`RESNET`: 3 stages of one basic block, 8·w / 16·w / 32·w channels, BatchNorm,
+Sources: a ResNet-8 (`RESNET`, `foldmerge.arch.resnet.SOURCE`: 3 stages of one basic block, 8·w / 16·w / 32·w channels, BatchNorm,
 projection shortcuts between stages; ResNet-20 is blocks = 3, too slow to train here many times)
 at width multipliers w = 1 and 4, frozen class-embedding heads (ZipIt!'s CLIP text heads, our
 stand-in), trained 4 epochs (AdamW lr 2e-3, cosine) on 6,000 training images of their task.
@@ -23,18 +23,28 @@ every `foldmerge merge` applies (the uncalibrated value is kept in the JSON).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from ..api import merge_sample
+from ..arch import resnet
+from ..data import Task
+from ..evaluation import SourceHeads, evaluate
+from ..progress import status
+from ..sources import source_dirname, train_resnet_source
 from . import cached_model, image_mflops, mean_std, merge_scored, read_back, selected
 
-RESNET = {"channels": 1, "base": 8, "blocks": 1, "stages": 3, "batchnorm": True}
+RESNET = resnet.SOURCE["config"]
 PAIRS = {"mnist": ("mnist:0-4", "mnist:5-9"), "fmnist": ("fmnist:0-4", "fmnist:5-9"),
          "cross": ("mnist:0-4", "fmnist:0-4")}
 WIDTHS = (1, 4)
 SEEDS = 3
 PER_TASK = 256
-SOURCE_TRAINING = {"epochs": 4, "limit": 6000}
+SOURCE_TRAINING = {"epochs": resnet.SOURCE["epochs"], "limit": resnet.SOURCE["limit"]}
 TRAINED_EPOCHS = 50
 
 
@@ -60,8 +70,6 @@ def plan() -> list[tuple[str, str, dict]]:
 
 
 def get_source(task: str, width: int, seed: int, cache: Path):
-    from ..data import Task
-    from ..sources import source_dirname, train_resnet_source
     return cached_model(cache / "cnn" / f"w{width}" / source_dirname(Task.parse(task), seed),
                         lambda: train_resnet_source(task, {**RESNET, "width": width}, seed, **SOURCE_TRAINING),
                         "foldmerge bench cnn (source)")
@@ -75,9 +83,6 @@ def _scores(result: dict, tasks: list[str]) -> dict:
 
 def run_cell(pair: str, width: int, seed: int, cache: Path, methods: list[str] | None = None) -> list[dict]:
     """Every row of one (pair, width, seed), read from the cell's file if it was measured before."""
-    from ..api import merge_form, merge_sample
-    from ..evaluation import SourceHeads, evaluate
-    from ..progress import status
     cell = cache / "cnn" / "cells" / f"{pair}-w{width}-s{seed}.json"
     done = json.loads(cell.read_text()) if cell.is_file() else []
     have = {r["method"] for r in done}
@@ -99,7 +104,7 @@ def run_cell(pair: str, width: int, seed: int, cache: Path, methods: list[str] |
         keep({"method": "Originals", "task_a": per[tasks[0]], "task_b": per[tasks[1]],
               "avg": sum(per.values()) / 2, "joint": None, "mflops": image_mflops(sources[0]), "seconds": 0.0})
     if "Ensemble" not in have:
-        ens = SourceHeads([merge_form(s) for s in sources])
+        ens = SourceHeads([s.merge_form() for s in sources])
         keep({"method": "Ensemble", **_scores(evaluate(ens), tasks),
               "mflops": sum(image_mflops(s) for s in sources), "seconds": 0.0})
     for name, method, opts in plan():
@@ -147,9 +152,6 @@ def run_bench(pairs=tuple(PAIRS), widths=WIDTHS, seeds: int = SEEDS, methods: li
 
 
 def print_report(result: dict, command: str) -> None:
-    import sys
-    from rich.console import Console
-    from rich.table import Table
     console = Console(file=sys.stdout, width=max(120, Console().width))
 
     def pm(r, k, digits=1):

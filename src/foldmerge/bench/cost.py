@@ -29,15 +29,38 @@ first steps of each stage; every step after repeats the same allocations). Ratio
 """
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
 import os
 import platform
+import statistics
+import subprocess
+import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from functools import partial
+from multiprocessing import get_context
 from types import SimpleNamespace
 
-from .vit import TASKS, VIT, seq_epochs    # the ViT bench's model, task names (heads only: data are random), seq. schedule
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .. import api, train
+from .. import context as context_module
+from .. import methods as methods_module
+from ..api import merge
+from ..methods.common import cat_with_owner
+from ..model import TaskModel
+from ..progress import bar, status
+from .vit import (  # the ViT bench's model, task names (heads only: data are random), seq. schedule
+    TASKS,
+    VIT,
+    seq_epochs,
+)
 
 TRAIN = {"optimizer": "adamw", "batch_size": 128, "weight_decay": 0.001, "lr": 1e-4}
 FS = {"param": "diag+lowrank(12)", "init": "first", "target_scale": "none"}
@@ -62,7 +85,6 @@ class PeakMemory:
         self.cuda = device.startswith("cuda")
 
     def __enter__(self):
-        import torch
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -79,7 +101,6 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
-        import torch
         if self.cuda:
             torch.cuda.synchronize()
             self.bytes = torch.cuda.max_memory_allocated() - self.base
@@ -107,8 +128,8 @@ def measure(n: int, method: str, per_task: int, epochs: int, device: str, thread
     takes the interpreter lock, which slows a run of many small kernels more than one of
     few large kernels, so timed runs go without it (peak_bytes is then None).
     """
-    models, data = _setup(n, per_task, device, threads, vit or VIT)
-    return _timed_merge(models, data, method, epochs, device, precision, memory)
+    models, data, cache = _setup(n, per_task, device, threads, vit or VIT)
+    return _timed_merge(models, data, cache, method, epochs, device, precision, memory)
 
 
 def measure_alternating(n: int, methods: list[str], per_task: int, epochs: int, device: str, threads: int | None,
@@ -117,10 +138,10 @@ def measure_alternating(n: int, methods: list[str], per_task: int, epochs: int, 
     untimed one-epoch run of each: run i of every method then meets the machine in the same
     state, which a slow spell of a shared machine does not break as it breaks runs in
     separate processes minutes apart. Each merge still runs whole, through `merge()`."""
-    models, data = _setup(n, per_task, device, threads, vit or VIT)
+    models, data, cache = _setup(n, per_task, device, threads, vit or VIT)
     for m in methods:
-        _timed_merge(models, data, m, 1, device, precision, memory=False)
-    return [_timed_merge(models, data, m, epochs, device, precision, memory=False)
+        _timed_merge(models, data, cache, m, 1, device, precision, memory=False)
+    return [_timed_merge(models, data, cache, m, epochs, device, precision, memory=False)
             for _ in range(repeats) for m in methods]
 
 
@@ -129,21 +150,29 @@ def measure_steps(n: int, methods: list[str], per_task: int, device: str, thread
                   block: int = STEP_BLOCK, against: str | None = None) -> list[dict]:
     """Seconds per training step of every method, `rounds` rows each, measured in this process.
 
-    Each method's merge runs under `train.capture_fits`, which hands over what its `fit` would
-    train (parameters, loss, data, config) instead of training; its step is then
+    Each method runs with a `Context` whose `fit` hands over what it would train (parameters,
+    loss, data, config) instead of training; its step is then
     `train.train_step` on one batch of the bench's size, with the method's own optimizer. The
     methods take turns, `block` steps at a time, after two untimed blocks each, in the order
     of `methods` and the reverse by turns. `against`: the
     `src` folder of another checkout of foldmerge; its folded FS-Merge step joins the turns
     (its package loaded beside this one, the same models, data and batch), as one more row."""
-    import torch
-    from .. import api, train
-    models, data = _setup(n, per_task, device, threads, vit or VIT)
+    models, data, cache = _setup(n, per_task, device, threads, vit or VIT)
     steps, learnable = {}, {}
 
     def capture(m, pkg, pkg_models, name, opts):
-        with pkg.train.capture_fits() as fits:
-            merged = pkg.api.merge(pkg_models, data, method=name, seed=0, epochs=1, **TRAIN, **opts)
+        if hasattr(pkg.train, "capture_fits"):         # a checkout from before the Context
+            with pkg.train.capture_fits() as fits:
+                merged = pkg.api.merge(pkg_models, data, method=name, seed=0, epochs=1, **TRAIN, **opts)
+        else:
+            fits = []
+
+            def record(params, loss_fn, data_, cfg, **_):
+                fits.append(([p for p in params if p.requires_grad], loss_fn, list(data_), cfg))
+                return []
+            context = pkg.context.Context(features=cache if pkg is here else pkg.context.FeatureCache(), fit=record)
+            merged = pkg.methods.get_method(name)(pkg_models, data, seed=0, context=context, epochs=1, **TRAIN,
+                                                  **opts)
         params, loss_fn, args, cfg = fits[-1]
         opt = pkg.train.make_optimizer(params, cfg)
         pick = torch.randperm(len(args[0]), generator=torch.Generator().manual_seed(0))[:cfg.batch_size]
@@ -151,7 +180,7 @@ def measure_steps(n: int, methods: list[str], per_task: int, device: str, thread
         steps[m] = lambda: pkg.train.train_step(opt, params, loss_fn, batch)
         learnable[m] = merged.meta.get("learnable_parameters")
 
-    here = SimpleNamespace(api=api, train=train)
+    here = SimpleNamespace(api=api, train=train, context=context_module, methods=methods_module)
     for m in methods:
         capture(m, here, models, *METHODS[m])
     if against is not None:
@@ -192,11 +221,6 @@ def measure_steps(n: int, methods: list[str], per_task: int, device: str, thread
 def load_checkout(src: str):
     """(the foldmerge package of another checkout, loaded under a name of its own, its label):
     `src` is that checkout's `src` folder (e.g. of `git worktree add /tmp/old b26666b`)."""
-    import hashlib
-    import importlib
-    import importlib.util
-    import subprocess
-    import sys
     pkg_dir = os.path.join(src, "foldmerge")
     if not os.path.isfile(os.path.join(pkg_dir, "__init__.py")):
         raise ValueError(f"--against {src}: no foldmerge package there (give a checkout's src folder)")
@@ -219,30 +243,26 @@ def load_checkout(src: str):
 
 
 def _setup(n: int, per_task: int, device: str, threads: int | None, vit: dict):
-    """n random ViTs, their merge sample and cached teacher features; one-time costs paid."""
-    import torch
+    """(n random ViTs, their merge sample, a FeatureCache holding their features); one-time costs paid."""
     if threads:
         torch.set_num_threads(threads)
-    from ..methods.common import cat_with_owner, teacher_features
-    from ..model import TaskModel
     models = []
     for k in range(n):
         torch.manual_seed(k)
         models.append(TaskModel("vit", vit, [TASKS[k]], head="class-embedding").to(device).eval())
     g = torch.Generator().manual_seed(0)
     data = [torch.rand(per_task, 1, 28, 28, generator=g).to(device) for _ in range(n)]
-    # cached teacher features, as every method would read them: outside the clock
+    # the sources' features, as every method reads them: outside the clock
+    cache = context_module.FeatureCache()
     for k in range(2, n + 1):
         x, _ = cat_with_owner(data[:k])
         for m in models[:k]:
-            teacher_features(m, x)
+            cache(m, x)
     _warm_up()
-    return models, data
+    return models, data, cache
 
 
-def _timed_merge(models, data, method: str, epochs: int, device: str, precision: str, memory: bool) -> dict:
-    import torch
-    from ..api import merge
+def _timed_merge(models, data, cache, method: str, epochs: int, device: str, precision: str, memory: bool) -> dict:
     name, opts = METHODS[method]
     autocast = _autocast(device, precision)
     schedule = seq_epochs(epochs) if opts.get("variant") == "seq" else {"epochs": epochs}
@@ -251,7 +271,7 @@ def _timed_merge(models, data, method: str, epochs: int, device: str, precision:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        merged = merge(models, data, method=name, seed=0, **schedule, **TRAIN, **opts)
+        merged = merge(models, data, method=name, seed=0, cache=cache, **schedule, **TRAIN, **opts)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -262,7 +282,6 @@ def _timed_merge(models, data, method: str, epochs: int, device: str, precision:
 
 def _autocast(device: str, precision: str):
     """The precision context every timed merge and step runs under (bf16-mixed: bf16 autocast)."""
-    import torch
     return torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
 
 
@@ -271,14 +290,11 @@ def _warm_up() -> None:
     method modules are imported lazily, and torch imports its compiler stack (torch._dynamo)
     when the first optimizer is built, about 1.3 s here, which every method would otherwise
     add to its time, shrinking every ratio towards 1."""
-    import torch
-    from .. import methods
-    methods.registry()
+    assert methods_module.METHODS         # every method module imported
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)], foreach=True)
 
 
 def device_name(device: str) -> str:
-    import torch
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     cpu = platform.processor() or "cpu"
@@ -312,7 +328,6 @@ def run_bench(ns=(2, 4, 8), per_task: int = 1024, epochs: int = 5, device: str =
         load_checkout(against)                    # a wrong path fails here, before any run
     vit = vit_config(width, patch)
     if device.startswith("cuda"):
-        import torch
         if not torch.cuda.is_available():
             raise ValueError("--device cuda asked for, but torch sees no CUDA device here")
     # repeats interleaved (every method, then again), so that a slow spell of the machine
@@ -355,8 +370,6 @@ _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "16384", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 def _in_fresh_process(fn, *args):
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
         return pool.submit(fn, *args).result()
 
@@ -364,7 +377,6 @@ def _in_fresh_process(fn, *args):
 def _run_per_n(ns, what: str, measure_n, describe) -> list[dict]:
     """measure_n(n) in a fresh process for each n, one after another; describe(rows of one method)
     gives that method's status line."""
-    from ..progress import bar, status
     rows = []
     with bar(len(ns), f"cost runs ({what}, one process per n)") as progress:
         for n in ns:
@@ -384,7 +396,6 @@ def _alternating_runs(ns, methods, per_task, epochs, device, threads, precision,
 
 
 def _step_runs(ns, methods, per_task, device, threads, precision, vit, rounds, against=None) -> list[dict]:
-    import statistics
     return _run_per_n(ns, "steps", partial(measure_steps, methods=methods, per_task=per_task, device=device,
                                            threads=threads, precision=precision, vit=vit, rounds=rounds,
                                            against=against),
@@ -393,7 +404,6 @@ def _step_runs(ns, methods, per_task, device, threads, precision, vit, rounds, a
 
 
 def _run_jobs(jobs, per_task, epochs, device, threads, precision, vit, what) -> list[dict]:
-    from ..progress import bar, status
     rows = []
     with bar(len(jobs), f"cost runs ({what})") as progress:
         for n, m in jobs:
@@ -408,7 +418,6 @@ def _run_jobs(jobs, per_task, epochs, device, threads, precision, vit, what) -> 
 
 def _medians(rows: list[dict]) -> list[dict]:
     """One row per (n, method): median seconds and peak over repeats, with ratios to distill."""
-    import statistics
     out = []
     keys = list(dict.fromkeys((r["n"], r["method"]) for r in rows))
     for n, m in keys:
@@ -435,9 +444,6 @@ def _medians(rows: list[dict]) -> list[dict]:
 
 
 def print_report(result: dict, command: str) -> None:
-    import sys
-    from rich.console import Console
-    from rich.table import Table
     console = Console(file=sys.stdout, width=max(120, Console().width))
     v = result["vit"]
     per_step = bool(result.get("steps"))
@@ -465,7 +471,6 @@ def print_report(result: dict, command: str) -> None:
         other = [r for r in result["runs"] if r["n"] == n and r["method"].startswith("fs-merge folded @")]
         theirs = [r["seconds"] for r in other]
         if theirs:
-            import statistics
             ours = [r["seconds"] for r in result["runs"] if r["n"] == n and r["method"] == "fs-merge folded"]
             ratios = [a / b for a, b in zip(ours, theirs)]
             q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive")

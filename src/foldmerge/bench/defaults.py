@@ -12,8 +12,18 @@ cached beside its own; pair s uses source seeds 2s and 2s + 1 and merge-sample s
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ..api import default_augment
+from ..evaluation import Ensemble, evaluate, originals
+from ..progress import bar, status
+from . import merge_scored, sample_drawer, selected
+from .mlp import get_sources
 
 SPLITS = {
     "mnist": [("mnist:0-4", "mnist:5-9"), ("mnist:0,2,4,6,8", "mnist:1,3,5,7,9")],
@@ -33,11 +43,6 @@ def settings(datasets, depths) -> list[tuple[str, tuple[str, str], int]]:
 
 def run_bench(datasets=("mnist", "fmnist"), depths=DEPTHS, seeds: int = 1, methods: list[str] | None = None,
               out: str = "runs/bench") -> dict:
-    from ..api import default_augment
-    from ..evaluation import Ensemble, evaluate, originals
-    from ..progress import bar, status
-    from . import merge_scored, sample_drawer, selected
-    from .mlp import get_sources
     bad = [d for d in datasets if d not in SPLITS]
     if bad:
         raise ValueError(f"--datasets: unknown {bad[0]!r}; choose from {', '.join(SPLITS)}")
@@ -71,17 +76,10 @@ def run_bench(datasets=("mnist", "fmnist"), depths=DEPTHS, seeds: int = 1, metho
                 augment = default_augment(method, sources)      # what `merge` draws by default
                 merged, scores, raw, seconds = merge_scored(sources, draw(augment), method, seed, opts)
                 add(name, scores, joint_uncalibrated=raw.get("joint_mean"), seconds=seconds,
-                    options={**_resolved(merged.meta), "augment": augment}, calibration=merged.meta["calibration"])
+                    options={**merged.meta["options"], "augment": augment}, calibration=merged.meta["calibration"])
     return {"bench": "defaults", "datasets": list(datasets), "depths": list(depths), "seeds": list(range(seeds)),
             "per_task_images": PER_TASK, "settings": list(dict.fromkeys(r["setting"] for r in rows)),
             "rows": rows, "total_seconds": time.perf_counter() - t0}
-
-
-def _resolved(meta: dict) -> dict:
-    """The values a merge used (its meta without timings, losses and per-space statistics)."""
-    drop = {"spaces", "train_seconds", "wall_seconds", "final_loss", "initial_loss", "merge_examples",
-            "calibration", "sources", "seed", "merge_sample", "stages", "fixed_points", "fallback_layers"}
-    return {k: v for k, v in meta.items() if k not in drop}
 
 
 def _mean(xs):
@@ -104,9 +102,6 @@ def table(result: dict) -> dict:
 
 
 def print_report(result: dict, command: str) -> None:
-    import sys
-    from rich.console import Console
-    from rich.table import Table
     console = Console(file=sys.stdout, width=max(140, Console().width))
     cells = table(result)
     t = Table(title=f"every option at its default: per-task / joint (joint with the heads uncalibrated) accuracy % "

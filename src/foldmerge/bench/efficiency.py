@@ -20,10 +20,18 @@ run resumes at the next one.
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
-from . import Cells, accuracy, merge_scored, read_back
+from rich.console import Console
+from rich.table import Table
+
+from ..api import held_out_sample, merge_sample
+from ..evaluation import Ensemble, evaluate, originals
+from ..progress import bar, status
+from . import Cells, accuracy, merge_scored, mlp, read_back, text, vit
+from .results import summary
 
 COUNTS = (16, 32, 64, 128, 256, 512, 1024)
 TOTAL = 1024                       # originals + augmented per task (images)
@@ -38,34 +46,26 @@ def plan(arch: str) -> list[tuple[str, str, dict]]:
                 ("fs-merge diag+lowrank(16)", "fs-merge", {"param": "diag+lowrank(16)"}),
                 ("fs-merge full", "fs-merge", {})]
     if arch == "vit":
-        from .vit import VALIDATED, method_plan
-        return [row for row in method_plan(VALIDATED) if row[1] in ("distill", "fs-merge")]
-    from .text import method_plan
-    trained = dict(next(o for _, m, o in method_plan("scratch") if m == "fs-merge"))
-    return [row for row in method_plan("scratch") if row[1] == "distill"] + [
+        return [row for row in vit.method_plan(vit.VALIDATED) if row[1] in ("distill", "fs-merge")]
+    trained = dict(next(o for _, m, o in text.method_plan("scratch") if m == "fs-merge"))
+    return [row for row in text.method_plan("scratch") if row[1] == "distill"] + [
         ("fs-merge diag", "fs-merge", {**trained, "param": "diag"}),
         ("fs-merge diag+lowrank(12)", "fs-merge", trained)]
 
 
 def get_sources(arch: str, seed: int, cache: Path) -> list:
     if arch == "mlp":
-        from .mlp import get_sources
-        return get_sources("mnist", [128, 128], seed, cache)
+        return mlp.get_sources("mnist", [128, 128], seed, cache)
     if arch == "vit":
-        from .vit import VIT, get_sources
-        return get_sources([2 * seed, 2 * seed + 1], VIT, cache, None, (3, 2))
-    from .text import get_sources
-    return get_sources("scratch", seed, cache)
+        return vit.get_sources([2 * seed, 2 * seed + 1], vit.VIT, cache, None, (3, 2))
+    return text.get_sources("scratch", seed, cache)
 
 
 def _measure(arch: str, n: int, seed: int, cache: Path) -> list[dict]:
-    from ..api import held_out_sample, merge_sample
-    from ..progress import status
     sources = get_sources(arch, seed, cache)
     base = {"arch": arch, "originals": n, "seed": seed, "tasks": [t.name for s in sources for t in s.tasks]}
     if arch == "bert":
-        from .text import SETTINGS
-        held = SETTINGS["scratch"]["held_out"]
+        held = text.SETTINGS["scratch"]["held_out"]
         data, extra = merge_sample(sources, n, seed), {"held_out": held_out_sample(sources, n, held, seed)}
         base["augmented"] = 0
     else:
@@ -82,7 +82,6 @@ def _measure(arch: str, n: int, seed: int, cache: Path) -> list[dict]:
 
 def _reference(arch: str, seed: int, cache: Path) -> list[dict]:
     """The rows that use no merge data: the originals and the ensemble."""
-    from ..evaluation import Ensemble, evaluate, originals
     sources = get_sources(arch, seed, cache)
     base = {"arch": arch, "originals": None, "seed": seed}
     return [{**base, "method": "originals", "per_task": originals(sources)["per_task_mean"], "joint": None},
@@ -93,18 +92,15 @@ def room(arch: str, seed: int, cache: Path) -> int | None:
     """The most originals per task a text pair leaves beside its held-out texts (None: images, no limit)."""
     if arch != "bert":
         return None
-    from .text import SETTINGS, texts_room
-    return texts_room([t for s in get_sources(arch, seed, cache) for t in s.tasks], SETTINGS["scratch"]["held_out"])
+    return text.texts_room([t for s in get_sources(arch, seed, cache) for t in s.tasks], text.SETTINGS["scratch"]["held_out"])
 
 
 def curves(rows: list[dict]) -> list[dict]:
     """Mean ± std over seeds per (method, count): the points of the figure."""
-    from ..results import summary
     return summary(rows, ("method", "originals"))
 
 
 def run_bench(arch: str = "mlp", counts: tuple = COUNTS, seeds: int | None = None, out: str = "runs/bench") -> dict:
-    from ..progress import bar, status
     if arch not in ARCHS:
         raise ValueError(f"--arch must be one of {', '.join(ARCHS)}")
     bad = [n for n in counts if not 1 <= n <= TOTAL]
@@ -132,9 +128,6 @@ def run_bench(arch: str = "mlp", counts: tuple = COUNTS, seeds: int | None = Non
 
 
 def print_report(result: dict, command: str) -> None:
-    import sys
-    from rich.console import Console
-    from rich.table import Table
     console = Console(file=sys.stdout, width=max(120, Console().width))
     fill = f"augmented to {result['total_per_task']} per task" if result["total_per_task"] else "no augmentation"
     table = Table(title=f"data efficiency ({result['arch']}, {fill}): per-task / joint accuracy % (test), "

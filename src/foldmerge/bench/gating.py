@@ -28,11 +28,25 @@ paper's stated limitation, beside FS-Merge from `first`).
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
+from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
 
+from ..api import merge_sample
+from ..data import Task
+from ..evaluation import evaluate, originals
+from ..gated import GateNet
+from ..methods import average, distill, fs_merge, gating, regmean, task_arithmetic, ties
+from ..progress import status
+from ..similarity import STRATEGIES, similarities
+from ..sources import fine_tune, pretrain_union, source_dirname, train_staged_source
+from ..train import TrainConfig, fit
 from . import cached_model, image_mflops
 
 VIT = {"image_size": 28, "channels": 1, "patch": 7, "width": 64, "depth": 6, "heads": 4, "mlp_dim": 128,
@@ -55,21 +69,16 @@ def _cached(path: Path, make):
 
 
 def get_base(cache: Path, config: dict = VIT):
-    from ..sources import pretrain_union
     return _cached(cache / "gating" / "base", lambda: pretrain_union("vit", config, PRETRAIN, seed=0))
 
 
 def get_sources(tasks, cache: Path, base) -> list:
-    from ..data import Task
-    from ..sources import fine_tune, source_dirname
     return [_cached(cache / "gating" / "fine-tuned" / source_dirname(Task.parse(t), 0),
                     lambda t=t: fine_tune(base, t, seed=0)) for t in tasks]
 
 
 def get_scratch_sources(tasks, cache: Path, config: dict = VIT) -> list:
     """Differently initialized: each source from its own seed, trained on its task alone (2 epochs)."""
-    from ..data import Task
-    from ..sources import source_dirname, train_staged_source
     return [_cached(cache / "gating" / "scratch" / source_dirname(Task.parse(t), 10 + k),
                     lambda t=t, k=k: train_staged_source("vit", t, config, 10 + k, None, 0, 2, 1e-3, 64, 0.01, None,
                                                          head="class-embedding"))
@@ -79,7 +88,6 @@ def get_scratch_sources(tasks, cache: Path, config: dict = VIT) -> list:
 # ----------------------------------------------------------------------------- scoring
 def scores(model, routed: bool, split: str = "test") -> dict:
     """Per-task accuracy: with the task's own head, or (routed) with the head the model picks."""
-    from ..evaluation import evaluate
     r = evaluate(model, split=split)
     return r["routed"] if routed else r["per_task"]
 
@@ -109,8 +117,6 @@ def _on_validation(make, grid):
 
 
 def main_rows(n: int, sources, base, data, status) -> list[dict]:
-    from ..evaluation import originals
-    from ..methods import average, gating, regmean, task_arithmetic, ties
     rows = []
     per = originals(sources)["per_task"]
     single = sources[0].num_parameters() / 1e6
@@ -136,7 +142,6 @@ def main_rows(n: int, sources, base, data, status) -> list[dict]:
 
 
 def trained_rows(n: int, sources, data) -> list[dict]:
-    from ..methods import distill, fs_merge
     rows = []
     for name, fn in (("FS-Merge (average init)", fs_merge.merge), ("distillation (average init)", distill.merge)):
         mdl, s = _timed(fn, sources, data, init="average")
@@ -146,15 +151,12 @@ def trained_rows(n: int, sources, data) -> list[dict]:
 
 
 def similarity_rows(n: int, sources) -> dict:
-    from ..similarity import similarities
     pairs = n * (n - 1) / 2         # eq. 4 sums pairs; divided, it is the mean cosine, comparable across n
     return {kind: {name: sim / pairs for name, _, sim in similarities(sources, kind)} for kind in ("attention", "mlp")}
 
 
 def strategy_rows(sources, data) -> list[dict]:
     """Table 2 (12 models): where the gate acts, and Table 9: how similarity is computed (m = 3)."""
-    from ..methods import gating, regmean
-    from ..similarity import STRATEGIES
     n, rows = len(sources), []
     reg = regmean.merge(sources, data)
     rows.append(_row("RegMean; AvgMean emb/norm; manual head", n, scores(reg, False), reg, None, table=2))
@@ -174,13 +176,11 @@ def strategy_rows(sources, data) -> list[dict]:
 
 
 def _one_task(model, task) -> float:
-    from ..evaluation import evaluate
     return evaluate(model, [task])["per_task"][task.name]
 
 
 def gate_rows(sources, data, cache: Path) -> list[dict]:
     """Table 8: the gate's size and start (12 models, RegMean, m = 3)."""
-    from ..methods import gating
     rows = []
     for width in (8, 32):
         for pre in (False, True):
@@ -193,11 +193,6 @@ def gate_rows(sources, data, cache: Path) -> list[dict]:
 
 def pretrained_trunk(width: int, cache: Path) -> dict:
     """A gate trunk pre-trained on another task's labels (fmnist/flip, 1 epoch), cached."""
-    from safetensors.torch import load_file, save_file
-    from torch.nn import functional as F
-    from ..data import Task
-    from ..gated import GateNet
-    from ..train import TrainConfig, fit
     path = cache / "gating" / f"gate-trunk-w{width}.safetensors"
     if path.is_file():
         return load_file(str(path))
@@ -237,10 +232,6 @@ class GateChosen(torch.nn.Module):
 
 def domain_rows(cache: Path, base, status) -> list[dict]:
     """Table 6: leave one domain out; merge the other four, score on the held-out domain."""
-    from ..data import Task
-    from ..evaluation import evaluate
-    from ..methods import average, gating, regmean, task_arithmetic
-    from ..api import merge_sample
     sources = get_sources(DOMAINS, cache, base)
     rows = []
     for held in range(len(DOMAINS)):
@@ -267,11 +258,8 @@ def domain_rows(cache: Path, base, status) -> list[dict]:
 
 def scratch_rows(cache: Path, status) -> list[dict]:
     """The limitation: sources from different seeds, no common start (3 tasks)."""
-    from ..api import merge_sample
-    from ..methods import average, fs_merge, gating, regmean
     src = get_scratch_sources(TASKS[:3], cache)
     data = merge_sample(src, PER_TASK, seed=0)
-    from ..evaluation import originals
     per = originals(src)["per_task"]
     rows = [{"set": 3, "method": "individual", "per_task": per, "mean": sum(per.values()) / len(per)}]
     for name, make, routed in (("AvgMean", lambda: average.merge(src), False),
@@ -285,8 +273,6 @@ def scratch_rows(cache: Path, status) -> list[dict]:
 
 
 def run_bench(tables=TABLES, sizes=SIZES, out: str = "runs/bench") -> dict:
-    from ..api import merge_sample
-    from ..progress import status
     bad = [t for t in tables if t not in TABLES]
     if bad:
         raise ValueError(f"unknown table {bad[0]!r}; choose from {', '.join(TABLES)}")
@@ -326,9 +312,6 @@ def run_bench(tables=TABLES, sizes=SIZES, out: str = "runs/bench") -> dict:
 
 
 def print_report(result: dict, command: str) -> None:
-    import sys
-    from rich.console import Console
-    from rich.table import Table
     console = Console(file=sys.stdout, width=max(140, Console().width))
     for n in sorted({r["set"] for r in result["main"]}):
         rows = [r for r in result["main"] if r["set"] == n]

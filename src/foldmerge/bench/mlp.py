@@ -28,13 +28,23 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from importlib import resources
 from multiprocessing import get_context
 from pathlib import Path
 
-from . import mean_std, sample_drawer, selected
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from ..api import load, merge
+from ..data import Task
+from ..evaluation import Ensemble, evaluate, originals
+from ..progress import bar, status
+from ..sources import source_dirname, train_source
+from . import mean_std, merge_scored, sample_drawer, selected
 
 VALUES = {"depth": [1, 2, 3, 4, 6], "width": [16, 64, 128, 512, 1024]}
 TASKS = {"mnist": ("mnist:0-4", "mnist:5-9"), "fmnist": ("fmnist:0-4", "fmnist:5-9")}
@@ -70,6 +80,11 @@ def e1_warmup(epochs: int) -> dict:
     return {"warmup": min(20 / epochs, 1 - 1 / (2 * epochs)) if epochs else 0.0}
 
 
+def _student_alpha(init: str, alpha: float) -> dict:
+    """RegMean's alpha for a distillation student that starts from RegMean (the option applies to that init only)."""
+    return {"regmean_alpha": alpha} if init == "regmean" else {}
+
+
 def method_plan(dataset: str, tuned: dict, epochs_scale: float = 1.0) -> list[tuple[str, str, dict]]:
     """(row name, method, options) for every merge the bench runs."""
     ep = {k: max(1, int(round(v * epochs_scale))) for k, v in paper_epochs(dataset).items()}
@@ -87,7 +102,7 @@ def method_plan(dataset: str, tuned: dict, epochs_scale: float = 1.0) -> list[tu
         ("pleas", "pleas", {}),
         ("distill", "distill", {"init": tuned["distill_init"], "lr": tuned["distill_lr"], "momentum": 0.9,
                                 "epochs": ep["distill"], **e1_warmup(ep["distill"]),
-                                "regmean_alpha": tuned["regmean_alpha"]}),
+                                **_student_alpha(tuned["distill_init"], tuned["regmean_alpha"])}),
         ("fs-merge local", "fs-merge", {"variant": "local", "init": "random", "epochs": ep["local"],
                                         **e1_warmup(ep["local"]), **fs}),
         ("fs-merge local, zipit init", "fs-merge",
@@ -105,8 +120,6 @@ def get_sources(dataset: str, hidden: list[int], pair_seed: int, cache: Path,
                 tasks: tuple[str, ...] | None = None) -> list:
     """The two source models of a pair (on `tasks`, default the dataset's halves): loaded from
     the cache, or trained (E.1) and cached."""
-    from ..api import load
-    from ..sources import source_dirname, train_source
     folder = cache / "sources" / dataset / ("h" + "x".join(map(str, hidden)))
     models = []
     for k, task in enumerate(tasks or TASKS[dataset]):
@@ -127,7 +140,6 @@ def get_sources(dataset: str, hidden: list[int], pair_seed: int, cache: Path,
 
 
 def _task(spec):
-    from ..data import Task
     return Task.parse(spec)
 
 
@@ -152,9 +164,6 @@ def tune(dataset: str, hidden: list[int], cache: Path, grid: dict | None = None,
     """Choose the unfixed hyperparameters on the validation split of the `hidden` pair of seed 0
     (module docstring); those in `have` (an earlier choice) are kept, only the missing ones among
     `searches` (default all) are searched (a row added later, or only the rows a `--methods` run reads)."""
-    from ..api import merge
-    from ..evaluation import evaluate
-    from ..progress import bar
     grid = grid or GRID
     chosen = {k: v for k, v in (have or {}).items() if k != "trials"}
     trials: list[dict] = list((have or {}).get("trials", []))
@@ -186,7 +195,7 @@ def tune(dataset: str, hidden: list[int], cache: Path, grid: dict | None = None,
             epochs = paper_epochs(dataset)["distill"]
             chosen["distill_init"], chosen["distill_lr"] = max(d_pairs, key=lambda p: score(
                 "distill", init=p[0], lr=p[1], momentum=0.9, epochs=epochs, **e1_warmup(epochs),
-                regmean_alpha=chosen["regmean_alpha"]))
+                **_student_alpha(p[0], chosen["regmean_alpha"])))
         if "opt_reg" in todo:
             chosen["opt_reg"] = max(grid["opt_reg"], key=lambda r: score("opt", reg=r))
     return {**chosen, "chosen_on": f"{dataset} validation split, hidden {hidden}, pair seed 0",
@@ -201,9 +210,7 @@ def load_or_tune(dataset: str, hidden: list[int], cache: Path, retune: bool, sea
                  threads: int | None = None) -> dict:
     """The cached choice for this setting (OUT/tuned-<dataset>-h<hidden>.json), completed by a
     search of what it lacks among `searches` (default all)."""
-    from ..progress import status
     if threads:
-        import torch
         torch.set_num_threads(threads)
     searches = list(SEARCHES) if searches is None else list(searches)      # [] (rows that read no tuned value): none
     path = tuned_path(dataset, hidden, cache)
@@ -225,10 +232,7 @@ def load_or_tune(dataset: str, hidden: list[int], cache: Path, retune: bool, sea
 def run_unit(dataset: str, vary: str, value: int, seed: int, tuned: dict, cache: str,
              methods: list[str] | None, epochs_scale: float = 1.0, threads: int = 1) -> list[dict]:
     """Every method on one (setting, seed): the rows of that cell, measured on the test split."""
-    import torch
     torch.set_num_threads(threads)
-    from ..evaluation import Ensemble, evaluate, originals
-    from . import merge_scored
     hidden = hidden_for(vary, value)
     sources = get_sources(dataset, hidden, seed, Path(cache))
     rows = []
@@ -263,7 +267,6 @@ def _unit_cost(vary: str, value: int) -> float:
 def run_bench(dataset: str = "mnist", vary: str = "depth", seeds: int = 5, values: list[int] | None = None,
               methods: list[str] | None = None, jobs: int | None = None, out: str = "runs/bench",
               epochs_scale: float = 1.0, retune: bool = False) -> dict:
-    from ..progress import bar, status
     if dataset not in TASKS:
         raise ValueError(f"--dataset must be one of {', '.join(TASKS)}, got {dataset!r}")
     if vary not in VALUES:
@@ -352,7 +355,6 @@ def _placeholder_tuning() -> dict:
 def _quiet_worker() -> None:
     """Worker setup: no progress bars; exit when the bench process is gone (killed or
     interrupted) instead of computing on for nobody."""
-    import threading
     os.environ["FOLDMERGE_PROGRESS"] = "0"
     parent = os.getppid()
 
@@ -408,8 +410,6 @@ def paper_value(paper: dict, metric: str, row: str, value: int) -> float | None:
 
 
 def print_report(result: dict, command: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
     console = Console(file=sys.stdout, width=max(120, Console().width))
     paper = result["paper"]
     # the paper's joint values sit beside our uncalibrated joint: the paper's heads are not calibrated

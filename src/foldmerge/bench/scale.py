@@ -16,10 +16,19 @@ interrupted run resumes where it stopped; `--configs` runs a subset.
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from ..api import merge_sample
+from ..evaluation import Ensemble, evaluate
+from ..evaluation import originals as originals_of
+from ..progress import bar, status
 from . import Cells, accuracy, mean_std, merge_scored, read_back
+from .results import signed
 from .vit import PAIRS, TASKS, VALIDATED, VIT, get_sources, method_plan
 
 # cheapest first, so an interrupted run has the small end of the curve
@@ -56,9 +65,6 @@ def run_cell(width: int, depth: int, originals: int, seed: int, cache: Path, sto
 
 
 def _measure(width: int, depth: int, originals: int, seed: int, cache: Path) -> list[dict]:
-    from ..api import merge_sample
-    from ..evaluation import Ensemble, evaluate, originals as originals_of
-    from ..progress import status
     sources = get_sources([0, 1], vit_config(width, depth), cache, None, SOURCE_EPOCHS)
     base = {"width": width, "depth": depth, "originals": originals, "augmented": SAMPLES[originals], "seed": seed,
             "source_parameters": sources[0].num_parameters()}
@@ -102,7 +108,6 @@ def gaps(rows: list[dict]) -> list[dict]:
 
 def run_bench(configs: tuple = CONFIGS, originals: tuple = tuple(SAMPLES), seeds: int = 1,
               out: str = "runs/bench") -> dict:
-    from ..progress import bar
     bad = [n for n in originals if n not in SAMPLES]
     if bad:
         raise ValueError(f"--originals must be among {', '.join(map(str, SAMPLES))}, got {bad[0]}")
@@ -125,10 +130,6 @@ def _acc(v) -> str:
 
 
 def print_report(result: dict, command: str) -> None:
-    import sys
-    from rich.console import Console
-    from rich.table import Table
-    from ..results import signed
     console = Console(file=sys.stdout, width=max(120, Console().width))
     table = Table(title=f"FS-Merge diag+low-rank(12) minus distillation, pair {' + '.join(result['pair'])}: "
                         "per-task accuracy % (test)")

@@ -12,8 +12,19 @@ epochs and learning rates are not searched here (a grid of trainings per setting
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ..api import merge, merge_sample
+from ..context import FeatureCache
+from ..evaluation import evaluate
+from ..progress import status
+from ..selection import candidates, choose
+from . import mlp, vit
 
 MLP_GRIDS = {"regmean": {"alpha": [1.0, 0.9, 0.7, 0.5, 0.3, 0.1]},
              "zipit": {"alpha": [0.3, 0.5, 1.0], "beta": [0.0, 0.125, 0.25, 0.5, 1.0]},
@@ -26,23 +37,16 @@ SETTINGS = ["mnist d2", "mnist d4", "fmnist d2", "fmnist d4", "vit pairs16"]
 
 def _setting(name: str, cache: Path):
     """(sources, merge sample, grids) of a setting."""
-    from ..api import merge_sample
     if name == "vit pairs16":
-        from . import vit
         sources = vit.get_sources(vit.groups("pairs16")[0], vit.VIT, cache, None, (3, 2))
         n_orig, n_aug, _ = vit.SETTINGS["pairs16"]
         return sources, merge_sample(sources, n_orig, 0, augment=n_aug), VIT_GRIDS
-    from . import mlp
     dataset, depth = name.split(" d")
     sources = mlp.get_sources(dataset, [128] * int(depth), 0, cache)
     return sources, merge_sample(sources, mlp.PER_TASK, 0), MLP_GRIDS
 
 
 def run_bench(settings: list[str] | None = None, methods: list[str] | None = None, out: str = "runs/bench") -> dict:
-    from ..api import merge
-    from ..evaluation import evaluate
-    from ..progress import status
-    from ..selection import candidates, choose
     settings = list(settings or SETTINGS)
     bad = [s for s in settings if s not in SETTINGS]
     if bad:
@@ -63,7 +67,7 @@ def run_bench(settings: list[str] | None = None, methods: list[str] | None = Non
                                "test": evaluate(merged)["per_task_mean"]})
             labelled = max(trials, key=lambda t: t["val"])
             picked, report = choose(lambda d, c: merge(sources, d, method=method, calibrate="none", **c),
-                                    sources, data, grid)
+                                    sources, data, grid, FeatureCache())
             free = next(t for t in trials if t["options"] == picked)
             best = max(trials, key=lambda t: t["test"])
             rows.append({"setting": name, "method": method, "grid": grid, "trials": trials,
@@ -76,9 +80,6 @@ def run_bench(settings: list[str] | None = None, methods: list[str] | None = Non
 
 
 def print_report(result: dict, command: str) -> None:
-    import sys
-    from rich.console import Console
-    from rich.table import Table
     console = Console(file=sys.stdout, width=max(140, Console().width))
     t = Table(title="label-free selection (agreement with the sources on held-out merge inputs) against labelled "
                     "validation: per-task test accuracy % at each pick")

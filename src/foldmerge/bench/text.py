@@ -26,9 +26,19 @@ texts are skipped and said so.
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from ..api import held_out_sample, load, merge_sample
+from ..data import Task
+from ..data.texts import MAX_TOKENS, tokenizer, tokenizer_dir
+from ..evaluation import Ensemble, evaluate, originals, random_guess
+from ..progress import status
+from ..sources import source_dirname, train_bert_source
 from . import accuracy, merge_scored, selected
 
 PAIRS = [("bbc:0-2", "bbc:3-4"), ("bbc:0,2,4", "bbc:1,3")]
@@ -54,10 +64,6 @@ def method_plan(setting: str) -> list[tuple[str, str, dict]]:
 
 def get_sources(setting: str, pair: int, cache: Path) -> list:
     """The two sources of PAIRS[pair] (seeds 2·pair, 2·pair + 1), from the cache or trained now."""
-    from ..api import load
-    from ..data import Task
-    from ..data.texts import MAX_TOKENS, tokenizer, tokenizer_dir
-    from ..sources import source_dirname, train_bert_source
     s = SETTINGS[setting]
     models = []
     for k, task in enumerate(PAIRS[pair]):
@@ -89,9 +95,6 @@ def _row(base, name, scores, **extra):
 
 def run_bench(setting: str = "scratch", pairs: int | None = None, methods: list[str] | None = None,
               sweep: bool = False, out: str = "runs/bench", seed: int = 0) -> dict:
-    from ..api import held_out_sample, merge_sample
-    from ..evaluation import Ensemble, evaluate, originals, random_guess
-    from ..progress import status
     if setting not in SETTINGS:
         raise ValueError(f"--setting must be one of {', '.join(SETTINGS)}")
     count = len(PAIRS) if pairs is None else pairs
@@ -147,9 +150,6 @@ def run_bench(setting: str = "scratch", pairs: int | None = None, methods: list[
 
 
 def print_report(result: dict, command: str) -> None:
-    import sys
-    from rich.console import Console
-    from rich.table import Table
     console = Console(file=sys.stdout, width=max(120, Console().width))
     pairs = result["pairs"]
     table = Table(title=f"BERT {result['setting']}: {result['per_task_texts']} texts per task, "

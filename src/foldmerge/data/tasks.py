@@ -87,6 +87,11 @@ class Task:
         return f"{self.dataset}{'/' + self.view if self.view else ''}:{text}"
 
     @property
+    def slug(self) -> str:
+        """The name as a folder name: mnist:0-4 -> mnist_0-4; mnist/rot90:0,2 -> mnist-rot90_0.2."""
+        return self.name.replace("/", "-").replace(":", "_").replace(",", ".")
+
+    @property
     def num_classes(self) -> int:
         return len(self.classes)
 

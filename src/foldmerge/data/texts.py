@@ -15,8 +15,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
-from .datasets import DataMissing, package_dir
+from ..errors import DataMissing
+from .packages import package_dir
 
 MAX_TOKENS = 128
 TEST_FRACTION = 0.20
@@ -32,7 +34,6 @@ def tokenizer_dir() -> Path:
 
 @lru_cache(maxsize=1)
 def tokenizer():
-    from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(tokenizer_dir() / "tokenizer.json"))
     tok.enable_truncation(MAX_TOKENS)
     tok.enable_padding(length=MAX_TOKENS, pad_id=PAD_ID, pad_token="[PAD]")

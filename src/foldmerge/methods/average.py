@@ -8,18 +8,27 @@ from __future__ import annotations
 import torch
 
 from ..model import TaskModel
+from ..options import ListOf, Number, Option, method
 from . import align
 from .common import check_same_backbone, copy_heads
-from .repair import reset_statistics, wants_reset
+from .repair import RESET, reset_statistics
+
+OPTIONS = (
+    Option("weights", ListOf(Number(low=0)), "one weight per model (unset: 1/n each, the plain mean)"),
+    RESET,
+)
 
 
-def merge(models, data=None, weights: list[float] | None = None, reset_bn: bool | None = None, seed: int = 0):
+@method("average", OPTIONS, "the weighted mean of the backbones (for models from one start)", data="optional")
+def merge(models, data, seed, context, weights, reset_bn):
     """The weighted mean of the backbones; `reset_bn` then resets every layer's statistics on
-    `data` (`foldmerge.methods.repair`, the maps being the averaging M = [w_1 I, …, w_n I]);
-    default: for BatchNorm sources (`repair.wants_reset`)."""
+    `data` (`foldmerge.methods.repair`, the maps being the averaging M = [w_1 I, …, w_n I])."""
     check_same_backbone(models, "weight averaging")
-    reset_bn = wants_reset(models, reset_bn, data)
-    weights = weights or [1.0 / len(models)] * len(models)
+    if weights is not None and len(weights) != len(models):
+        raise ValueError(f"weights needs one weight per model ({len(models)}), got {len(weights)}")
+    if weights is not None and not sum(weights) > 0:
+        raise ValueError("weights must not all be 0")
+    weights = list(weights) if weights else [1.0 / len(models)] * len(models)
     merged = TaskModel.for_merge(models)
     with torch.no_grad():
         states = [m.backbone.state_dict() for m in models]

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import torch
 
+from ..options import Number, Option, method
 from . import align
 
 DEFAULT_REG = 1e-4
+OPTIONS = (Option("reg", Number(positive=True), "covariance regularization, relative to the mean eigenvalue",
+                  DEFAULT_REG, "a small ridge that keeps the whitening finite"),)
 
 
 def _inv_sqrt(s: torch.Tensor) -> torch.Tensor:
@@ -66,7 +69,8 @@ def cca_maps(feats: list[torch.Tensor], reg: float = DEFAULT_REG):
     return m, u, rhos
 
 
-def merge(models, data, reg: float = DEFAULT_REG, seed: int = 0):
+@method("cca", OPTIONS, "CCA Merge: align every model to model 1 by canonical correlations, then average")
+def merge(models, data, seed, context, reg):
     """CCA Merge of models of any spec (identical widths); see the module docstring."""
     align.check_sources(models, data, "CCA Merge")
     if not float(reg) > 0:

@@ -1,14 +1,17 @@
-"""Helpers every merging method shares."""
+"""Helpers every merging method shares: source checks, task vectors, and the training options and
+objective that FS-Merge and distillation share."""
 from __future__ import annotations
 
-import hashlib
 import json
-import weakref
 
 import torch
 
+from ..arch import defaults
 from ..foldable import unmerge_features
-from ..train import TrainConfig, fit
+from ..model import CHUNK, TaskModel
+from ..options import Choice, Integer, ModelRef, Number, NumberOr, Option, Rule
+from ..spec import check_mergeable
+from ..train import EarlyStop, TrainConfig
 
 
 def sources_arch(models) -> str:
@@ -26,13 +29,6 @@ def sources_spec(models):
     return models[0].spec
 
 
-def default_targets(models) -> str:
-    """'all' for chains of layers (MLPs: every input against every source, paper 2.1), 'own-task'
-    for architectures with a residual stream (transformers: an input of task k against source k
-    only, paper B.2)."""
-    return "all" if models[0].spec.is_chain() else "own-task"
-
-
 def cat_with_owner(data: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate the per-model merge samples; owner[i] = index of the model whose task x[i] is from."""
     x = torch.cat(list(data))
@@ -43,7 +39,6 @@ def cat_with_owner(data: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
 def check_same_backbone(models, method: str) -> None:
     """Parameter-wise methods (average, SLERP, RegMean) need identical backbones and head layouts."""
     sources_arch(models)
-    from ..spec import check_mergeable
     check_mergeable([m.spec for m in models], [m.backbone_config for m in models])    # the family's own reason first
     cfgs = [json.dumps(m.backbone_config, sort_keys=True) for m in models]     # key order is no difference
     if len(set(cfgs)) != 1:
@@ -82,6 +77,9 @@ def copy_heads(merged, models) -> None:
 
 
 # Task vectors: merging models fine-tuned from one pre-trained start ------------------
+BASE = Option("base", ModelRef(), "the pre-trained model the sources were fine-tuned from (a model directory)")
+
+
 def check_base(models, base, method: str) -> None:
     """`base` is the pre-trained model every source was fine-tuned from: same backbone."""
     if base is None:
@@ -99,7 +97,6 @@ def task_vectors(models, base) -> tuple[dict[str, torch.Tensor], list[dict[str, 
 
 def merged_from_state(models, state: dict[str, torch.Tensor], meta: dict):
     """A merge of `models` whose backbone is `state` (cast to the sources' dtype) and whose heads are theirs."""
-    from ..model import TaskModel
     merged = TaskModel.for_merge(models)
     p = next(merged.backbone.parameters())
     full = merged.backbone.state_dict()
@@ -111,51 +108,6 @@ def merged_from_state(models, state: dict[str, torch.Tensor], meta: dict):
 
 
 # The objective FS-Merge and distillation share ------------------------------------
-_TEACHER_FEATURES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-SAMPLES_PER_MODEL = 16      # merge samples whose features are kept per model (FS-Merge seq.: n - 1)
-CHUNK = 256                 # examples per forward pass: memory stays flat however large the sample
-
-
-@torch.no_grad()
-def features_in_chunks(model, x: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
-    """model.features(x), `chunk` examples at a time (a sample of real images in one pass
-    would hold every layer's activations for all of them at once)."""
-    return torch.cat([model.features(part) for part in x.split(chunk)]) if len(x) else model.features(x)
-
-
-@torch.no_grad()
-def teacher_features(model, x: torch.Tensor) -> torch.Tensor:
-    """model.features(x) in eval mode, computed once per (model, data) and reused by every later method.
-
-    A bench runs distillation and several FS-Merge variants on the same sources and merge
-    sample; the sources' features are the same for all of them (paper E.2 saves them to disk
-    once). FS-Merge seq. reads each source on a growing sample, one per stage, so a model
-    keeps its last SAMPLES_PER_MODEL samples (features only: N x out_dim each). The key is the
-    data's content and the identity, storage and version of every parameter and buffer of the
-    model (a changed sample, an edited weight or BatchNorm statistic is recomputed); teachers
-    always run in eval mode (dropout off, BatchNorm on its running statistics), whatever mode
-    the caller left them in. Entries die with the model.
-    """
-    data = x.detach().to("cpu").contiguous()
-    tensors = list(model.parameters()) + list(model.buffers())
-    key = (tuple(x.shape), str(x.dtype), str(x.device),
-           hashlib.sha1(data.view(torch.uint8).numpy().tobytes()).hexdigest(),
-           tuple((id(t), t.data_ptr(), t._version) for t in tensors))
-    per_model = _TEACHER_FEATURES.setdefault(model, {})
-    if key in per_model:
-        per_model[key] = per_model.pop(key)             # most recently used last
-    else:
-        was_training = model.training
-        model.eval()
-        try:
-            per_model[key] = features_in_chunks(model, x)
-        finally:
-            model.train(was_training)
-        while len(per_model) > SAMPLES_PER_MODEL:
-            del per_model[next(iter(per_model))]
-    return per_model[key]
-
-
 def target_scales(targets: list[torch.Tensor], how) -> list[float]:
     """Factors that bring every source's targets to a common mean |f| (FS-Merge paper E.1):
     'match' the first source's level, a number that level, 'none' leaves them (all 1)."""
@@ -184,13 +136,13 @@ def reconstruction_loss(recon: list[torch.Tensor], targets: list[torch.Tensor], 
 
 
 def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, owner: torch.Tensor | None,
-                       cfg: TrainConfig, target_scale, desc: str, inputs: list[torch.Tensor] | None = None,
+                       cfg: TrainConfig, target_scale, desc: str, context, inputs: list[torch.Tensor] | None = None,
                        through: list | None = None, held_out=None, early_stop=None) -> list[float]:
     """The objective and loop FS-Merge global and distillation share.
 
     `features(*batch_inputs)` gives the merged features f*; `output_map` (a FoldMap, unmerge
     role) reconstructs every source's last features from them; the loss scores those against the
-    sources' own features on x (computed once), on every input or, with `owner`, only on each
+    sources' own features on x (from `context.features`), on every input or, with `owner`, only on each
     input's own source. Targets are scaled by `target_scales`; the output map's blocks are
     multiplied by the scales before training (so training starts exactly at the init) and
     divided by them after, also when training fails (so the folded model is unaffected).
@@ -203,7 +155,7 @@ def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, ow
     `held_out` (x, owner) with `early_stop` (a `train.EarlyStop`): the same loss on held-out
     inputs, f* computed by `features` on them alone, scored after every epoch (paper F.8).
     """
-    targets = [teacher_features(m, x) for m in models]
+    targets = [context.features(m, x) for m in models]
     scales = target_scales(targets, target_scale)
     targets = [t * s for t, s in zip(targets, scales)]
     links = through or [(k, None) for k in range(len(models))]
@@ -223,7 +175,7 @@ def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, ow
 
     if early_stop is not None:
         xh, oh = held_out
-        held_targets = [teacher_features(m, xh) * s for m, s in zip(models, scales)]
+        held_targets = [context.features(m, xh) * s for m, s in zip(models, scales)]
 
         def held_loss():
             merged = torch.cat([features(part) for part in xh.split(CHUNK)])
@@ -233,46 +185,67 @@ def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, ow
     for b, s in own_blocks:
         output_map.scale_block(b, s)
     try:
-        return fit(params, loss_fn, args, cfg, desc=desc, early_stop=early_stop)
+        return context.train(params, loss_fn, args, cfg, desc=desc, early_stop=early_stop)
     finally:
         for b, s in own_blocks:
             output_map.scale_block(b, 1.0 / s)
 
 
-# Training defaults for architectures with a residual stream (ViTs, BERTs): the ViT bench's
-# validated choice on pairs16 (appendix E.2's optimizer, batch and weight decay; epochs and lr
-# from its grid, README "ViTs": distillation and low-rank FS-Merge both chose 100 epochs at
-# lr 1e-3) with E.1's 20 warmup epochs and unscaled targets (E.2). Chains of layers (MLPs)
-# keep each method's E.1 values.
-RESIDUAL_TRAINING = dict(optimizer="adamw", batch_size=128, weight_decay=0.001, epochs=100, lr=1e-3, momentum=0.9,
-                         warmup=0.2, target_scale="none")
+# The training options FS-Merge and distillation share ------------------------------
+def family(models) -> str:
+    """The row of `foldmerge.arch.defaults` the models' spec names."""
+    return models[0].spec.defaults
 
 
-def training_defaults(models, own: dict) -> dict:
-    """A method's defaults for these models: its own (E.1) with plain SGD on the whole sample and
-    scaled targets for MLPs; for architectures with a residual stream its training values
-    replaced by RESIDUAL_TRAINING (its other keys, e.g. the init, kept)."""
-    if models[0].spec.is_chain():
-        return {"optimizer": "sgd", "batch_size": None, "weight_decay": 0.0, "target_scale": "match", **own}
-    return {**own, **RESIDUAL_TRAINING}
+def sections(method: str, options: dict) -> tuple[str, ...]:
+    """Where a method's family defaults are read: its variant's group, its own, then "train"."""
+    variant = options.get("variant")
+    return ((f"{method}/{variant}",) if variant else ()) + (method, "train")
 
 
-def training_config(given: dict, defaults: dict, schedule: str, seed: int):
-    """(TrainConfig, target scale) from the training options `given` (None: `defaults`'s)."""
-    from ..train import TrainConfig
-    t = resolve(given, defaults)
-    target_scale = t.pop("target_scale")
-    return TrainConfig(schedule=schedule, seed=seed, **t), target_scale
+def by_family(key: str, method: str, help_sections: tuple[str, ...] | None = None) -> Rule:
+    """A default read from the models' family row (`foldmerge.arch.defaults`)."""
+    shown = help_sections or (method, "train")
+    return Rule(lambda c: defaults.value(family(c.models), sections(method, c.options), key)[0],
+                defaults.describe(shown, key))
 
 
-def resolve(given: dict, defaults: dict) -> dict:
-    """`given` with every None replaced by its default."""
-    return {k: defaults[k] if v is None else v for k, v in given.items()}
+def training_options(method: str) -> tuple[Option, ...]:
+    """The optimization options of a trained merge (FS-Merge, distillation), defaults by family."""
+    return (
+        Option("epochs", Integer(0), "epochs of training", by_family("epochs", method)),
+        Option("lr", Number(positive=True), "peak learning rate", by_family("lr", method)),
+        Option("momentum", Number(low=0), "SGD momentum (AdamW: unused)", by_family("momentum", method)),
+        Option("schedule", Choice(("constant", "step", "cosine")), "learning-rate schedule", "cosine",
+               "appendix E.1: one cosine cycle after a linear warmup"),
+        Option("warmup", Number(low=0, high=1, below=True), "cosine schedule: the share of training spent warming up",
+               by_family("warmup", method)),
+        Option("weight_decay", Number(low=0), "weight decay", by_family("weight_decay", method)),
+        Option("batch_size", Integer(1), "examples per step ('whole sample': gradient descent)",
+               by_family("batch_size", method)),
+        Option("optimizer", Choice(("sgd", "adamw")), "optimizer", by_family("optimizer", method)),
+        Option("targets", Choice(("all", "own-task")),
+               "which sources an input is scored against: every source, or only its own task's",
+               by_family("targets", method)),
+        Option("target_scale", NumberOr(("match", "none")),
+               "scale every source's targets to a common mean |f|: the first source's (match), a number, "
+               "or none", by_family("target_scale", method)),
+        Option("patience", Integer(1), "with held-out data (--held-out): epochs without improvement before "
+               "stopping (unset: 20, paper F.8)"),
+    )
+
+
+def training_config(options: dict, seed: int) -> tuple[TrainConfig, object]:
+    """(TrainConfig, target scale) from a trained merge's resolved options."""
+    cfg = TrainConfig(epochs=options["epochs"], lr=options["lr"], momentum=options["momentum"],
+                      weight_decay=options["weight_decay"], optimizer=options["optimizer"],
+                      schedule=options["schedule"], warmup=options["warmup"], batch_size=options["batch_size"],
+                      seed=seed)
+    return cfg, options["target_scale"]
 
 
 def early_stopping(models, held_out, own_task: bool, patience: int | None):
     """((x, owner), EarlyStop) for per-model held-out inputs (None: (None, None), no early stopping)."""
-    from ..train import EarlyStop
     if held_out is None:
         if patience is not None:
             raise ValueError("patience applies only with held-out data (held_out / --held-out)")

@@ -31,13 +31,31 @@ import torch
 
 from ..foldable import FoldMap
 from ..model import TaskModel
-from .common import (cat_with_owner, check_same_backbone, copy_heads, default_targets, early_stop_record,
-                     early_stopping, fit_reconstruction, training_config, training_defaults)
+from ..options import Choice, Number, Option, Rule, method
+from . import average, regmean
+from .common import (
+    by_family,
+    cat_with_owner,
+    check_same_backbone,
+    copy_heads,
+    early_stop_record,
+    early_stopping,
+    fit_reconstruction,
+    training_config,
+    training_options,
+)
 
 INITS = ("first", "average", "regmean", "random")
-# The paper's E.1 distillation grid: 1k epochs (MNIST); the lr/momentum marks are not legible
-# in our copy of the paper, so these match FS-Merge global's and the bench picks on validation.
-DEFAULTS = dict(init="first", epochs=1000, lr=0.1, momentum=0.9)
+
+OPTIONS = (
+    Option("init", Choice(INITS), "the student's start", "first", "the FS-Merge authors' distillation baseline"),
+    Option("output_map", Choice(("learned", "fixed")), "the map from the student's features to each source's",
+           Rule(lambda c: "fixed" if all(m.head_kind == "class-embedding" for m in c.models) else "learned",
+                "fixed when every source's heads are frozen class embeddings (their features share one space), "
+                "learned otherwise")),
+    Option("regmean_alpha", Number(0, 1), "with init regmean: RegMean's alpha",
+           by_family("alpha", "regmean", ("regmean",)), when=("init", ("regmean",))),
+) + training_options("distill")
 
 
 def student_init(models, data, init: str, regmean_alpha: float | None = None, seed: int = 0) -> TaskModel:
@@ -45,11 +63,9 @@ def student_init(models, data, init: str, regmean_alpha: float | None = None, se
     if init not in INITS:
         raise ValueError(f"unknown distillation init {init!r}; use one of {', '.join(INITS)}")
     if init == "average":
-        from .average import merge as average
-        return average(models)
+        return average.merge(models)
     if init == "regmean":
-        from .regmean import merge as regmean
-        return regmean(models, data, alpha=regmean_alpha)
+        return regmean.merge(models, data, alpha=regmean_alpha)
     first = models[0]
     student = TaskModel.for_merge(models)
     with torch.no_grad():
@@ -64,28 +80,13 @@ def student_init(models, data, init: str, regmean_alpha: float | None = None, se
     return student
 
 
-def merge(models, data, init: str | None = None, epochs: int | None = None, lr: float | None = None,
-          momentum: float | None = None, schedule: str = "cosine", warmup: float | None = None,
-          weight_decay: float | None = None, targets: str | None = None, target_scale=None,
-          batch_size: int | None = None, optimizer: str | None = None, output_map: str | None = None,
-          regmean_alpha: float | None = None, seed: int = 0, held_out=None, patience: int | None = None):
+@method("distill", OPTIONS, "a student of the sources' size trained to reproduce their features", held_out=True)
+def merge(models, data, seed, context, init, output_map, regmean_alpha, epochs, lr, momentum, schedule, warmup,
+          weight_decay, batch_size, optimizer, targets, target_scale, patience, held_out=None):
     check_same_backbone(models, "distillation")
-    # as FS-Merge: every source's features for chains of layers (MLPs), only the own task's for
-    # architectures with a residual stream (transformers)
-    targets = targets or default_targets(models)
-    if targets not in ("all", "own-task"):
-        raise ValueError(f"targets must be 'all' or 'own-task', got {targets!r}")
-    output_map = output_map or ("fixed" if all(m.head_kind == "class-embedding" for m in models) else "learned")
-    if output_map not in ("learned", "fixed"):
-        raise ValueError(f"output_map must be 'learned' or 'fixed', got {output_map!r}")
-    init = init or DEFAULTS["init"]
-    d = training_defaults(models, {**DEFAULTS, "warmup": 0.02})
-    cfg, target_scale = training_config({"epochs": epochs, "lr": lr, "momentum": momentum, "warmup": warmup,
-                                         "weight_decay": weight_decay, "batch_size": batch_size,
-                                         "optimizer": optimizer, "target_scale": target_scale}, d, schedule, seed)
-    if init == "regmean" and regmean_alpha is None:      # meta records the value used
-        from .regmean import default_alpha
-        regmean_alpha = default_alpha(models[0].spec)
+    cfg, target_scale = training_config(dict(epochs=epochs, lr=lr, momentum=momentum, schedule=schedule,
+                                             warmup=warmup, weight_decay=weight_decay, batch_size=batch_size,
+                                             optimizer=optimizer, target_scale=target_scale), seed)
     student = student_init(models, data, init, regmean_alpha, seed)
     student.train()
     head_weights = [h.weight.detach().clone() for h in student.heads]
@@ -101,7 +102,7 @@ def merge(models, data, init: str | None = None, epochs: int | None = None, lr: 
     learned = list(student.backbone.parameters()) + [q for q in u.parameters() if q.requires_grad]
     history = fit_reconstruction(learned, student.features,
                                  u, models, x, owner if targets == "own-task" else None, cfg, target_scale,
-                                 "distillation", held_out=held, early_stop=stop)
+                                 "distillation", context, held_out=held, early_stop=stop)
     student.eval()
     if output_map == "learned":                     # a fixed U is [I; I; …]: the heads stay as they are
         with torch.no_grad():

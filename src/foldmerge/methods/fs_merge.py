@@ -11,12 +11,10 @@ seq    (paper B.4, "FS-Merge seq."): global FS-Merge of models 1 and 2, then of 
        trains the last stage longer or shorter.
 init: 'first' | 'average' | 'random' | 'zipit' (M, U start as ZipIt!'s maps, every site its
          space's; param full).
-param:  default 'full' for chains of layers (MLPs, paper 2.1), 'diag+lowrank(16)' for
-         architectures with a residual stream (transformers, B.2): dense maps are quadratic in width.
-targets: 'all'      every input is scored against every source's features (the default for
-                    chains of layers: MLPs, paper 2.1);
-         'own-task' an input of task k only against source k (the default for architectures with
-                    a residual stream: transformers, B.2).
+param:  'full' | 'diag' | 'diag+lowrank(R)'; the default by family (`foldmerge.arch.defaults`):
+         dense for MLPs (paper 2.1), diagonal + low-rank for a residual stream (B.2).
+targets: 'all'      every input is scored against every source's features (MLPs, paper 2.1);
+         'own-task' an input of task k only against source k (transformers, B.2).
 target_scale: 'match' (scale each source's targets to the first source's mean |f|, paper E.1),
          a number (scale every source's targets to that mean |f|), or 'none'. U's blocks are
          multiplied by the scales before training (so training starts exactly at the init) and
@@ -26,56 +24,65 @@ target_scale: 'match' (scale each source's targets to the first source's mean |f
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 from torch.nn import functional as F
 
 from ..foldable import gather_params, merge_features, unmerge_features
+from ..options import Choice, Grammar, Integer, ListOf, Number, Option, Rule, method
 from ..supernet import SuperNet
-from ..train import fit
-from .common import (cat_with_owner, default_targets, early_stop_record, early_stopping, fit_reconstruction, reconstruction_loss, sources_spec,
-                     target_scales, training_config, training_defaults)
+from . import align, zipit
+from .common import (
+    by_family,
+    cat_with_owner,
+    early_stop_record,
+    early_stopping,
+    fit_reconstruction,
+    reconstruction_loss,
+    sources_spec,
+    target_scales,
+    training_config,
+    training_options,
+)
 
-# Appendix E.1, bold values of the MNIST grid.
-DEFAULTS = {
-    # warmup: E.1's 20 epochs, as the fraction of each variant's epochs that it is
-    "local": dict(init="random", param="full", epochs=15000, lr=0.1, momentum=0.9, warmup=20 / 15000),
-    "global": dict(init="first", param="full", epochs=1000, lr=0.1, momentum=0.9, warmup=20 / 1000),
-}
-DEFAULTS["seq"] = DEFAULTS["global"]     # every stage of seq. is a global FS-Merge
+PARAM = Grammar(r"full|diag|diag\+lowrank\([1-9][0-9]*\)", "full | diag | diag+lowrank(R), R >= 1", "PARAM")
 
-# Architectures with a residual stream (transformers, paper B.2, E.2): diagonal blocks plus a low-rank term.
-RESIDUAL_PARAM = "diag+lowrank(16)"
+OPTIONS = (
+    Option("variant", Choice(("local", "global", "seq")),
+           "objective: global (paper eq. 4), local (eq. 3, per layer; MLPs), seq (B.4: one model after another)",
+           "global", "paper section 2: the variant of its main results"),
+    Option("param", PARAM, "how M and U are parameterized", by_family("param", "fs-merge", ("fs-merge",))),
+    Option("init", Choice(("first", "average", "random", "zipit")), "where M and U start",
+           Rule(lambda c: "random" if c.options["variant"] == "local" else "first",
+                "first (global, seq), random (local): appendix E.1")),
+    Option("widths", ListOf(Integer(1)), "merged widths, one per width space of the family (MLP: one per hidden "
+           "layer; ViT: residual [MLP]); unset: model 1's"),
+    Option("form", Choice(("folded", "supernet")), "how the SuperNet runs in training", "folded",
+           "the same function and gradients as the SuperNet form (tested), one merged-width model per step"),
+    Option("last_epochs", Integer(0), "seq: epochs of the last stage (unset: --epochs)", when=("variant", ("seq",))),
+    Option("zipit_alpha", Number(), "with init zipit: ZipIt!'s alpha",
+           by_family("alpha", "zipit", ("zipit",)), when=("init", ("zipit",))),
+    Option("zipit_beta", Number(0, 1), "with init zipit: ZipIt!'s beta",
+           by_family("beta", "zipit", ("zipit",)), when=("init", ("zipit",))),
+) + training_options("fs-merge")
 
 
-def merge(models, data, variant: str = "global", param: str | None = None, init: str | None = None,
-          widths: list[int] | None = None, epochs: int | None = None, lr: float | None = None,
-          momentum: float | None = None, schedule: str = "cosine", warmup: float | None = None,
-          weight_decay: float | None = None, targets: str | None = None, target_scale=None, form: str = "folded",
-          seed: int = 0, batch_size: int | None = None, optimizer: str | None = None, zipit_alpha: float | None = None,
-          zipit_beta: float | None = None, last_epochs: int | None = None, held_out=None, patience: int | None = None):
-    if variant not in DEFAULTS:
-        raise ValueError(f"FS-Merge variant must be 'local', 'global' or 'seq', got {variant!r}")
-    if last_epochs is not None and variant != "seq":
-        raise ValueError("last_epochs applies to the 'seq' variant only")
-    spec = sources_spec(models)
-    d = training_defaults(models, DEFAULTS[variant])
-    cfg, target_scale = training_config({"epochs": epochs, "lr": lr, "momentum": momentum, "warmup": warmup,
-                                         "weight_decay": weight_decay, "batch_size": batch_size,
-                                         "optimizer": optimizer, "target_scale": target_scale}, d, schedule, seed)
-    param = param or (d["param"] if spec.is_chain() else RESIDUAL_PARAM)
-    init = init or d["init"]
-    targets = targets or default_targets(models)
-    if targets not in ("all", "own-task"):
-        raise ValueError(f"targets must be 'all' or 'own-task', got {targets!r}")
-    if init == "zipit":                 # meta records the values used, never None
-        from . import zipit
-        zipit_alpha, zipit_beta = zipit.resolve(spec, zipit_alpha, zipit_beta)
+@method("fs-merge", OPTIONS, "Foldable SuperNet Merge: learn M and U around the frozen sources, then fold",
+        held_out=True)
+def merge(models, data, seed, context, variant, param, init, widths, form, last_epochs, zipit_alpha, zipit_beta,
+          epochs, lr, momentum, schedule, warmup, weight_decay, batch_size, optimizer, targets, target_scale,
+          patience, held_out=None):
+    sources_spec(models)                  # one architecture, two or more models
+    cfg, target_scale = training_config(dict(epochs=epochs, lr=lr, momentum=momentum, schedule=schedule,
+                                             warmup=warmup, weight_decay=weight_decay, batch_size=batch_size,
+                                             optimizer=optimizer, target_scale=target_scale), seed)
     torch.manual_seed(seed)
     if held_out is not None and variant != "global":       # before any work
         raise ValueError(f"early stopping on held-out data applies to FS-Merge global, not {variant}")
     if variant == "seq":
-        return _merge_seq(models, data, widths, param, init, targets, target_scale, form, cfg, last_epochs, seed)
+        return _merge_seq(models, data, widths, param, init, targets, target_scale, form, cfg, last_epochs, seed,
+                          context)
     if init == "zipit":
         supernet = _zipit_supernet(models, data, widths, param, seed, zipit_alpha, zipit_beta)
     else:
@@ -85,10 +92,10 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
     held, stop = early_stopping(models, held_out, targets == "own-task", patience)
     if variant == "local":
         history = _train_local(supernet, models, x, owner if targets == "own-task" else None,
-                               cfg, target_scale)
+                               cfg, target_scale, context)
     else:
         history = _train_global(supernet, models, x, owner if targets == "own-task" else None,
-                                cfg, target_scale, form, held_out=held, early_stop=stop)
+                                cfg, target_scale, form, context, held_out=held, early_stop=stop)
     merged = supernet.fold()
     merged.meta = {
         "method": "fs-merge", "variant": variant, "param": param, "init": init, "targets": targets,
@@ -104,9 +111,8 @@ def merge(models, data, variant: str = "global", param: str | None = None, init:
     return merged
 
 
-def _merge_seq(models, data, widths, param, init, targets, target_scale, form, cfg, last_epochs, seed):
+def _merge_seq(models, data, widths, param, init, targets, target_scale, form, cfg, last_epochs, seed, context):
     """FS-Merge seq. (B.4): n - 1 global stages over (last merge, next source)."""
-    from dataclasses import replace
     if init != "first":
         raise ValueError(f"FS-Merge seq. starts every stage from the last merge: init must be 'first', got {init!r}")
     start = time.perf_counter()
@@ -119,7 +125,8 @@ def _merge_seq(models, data, widths, param, init, targets, target_scale, form, c
         through = None if k == 1 else [(0, a) for a in chain] + [(1, None)]
         stage_cfg = replace(cfg, epochs=last_epochs) if k == len(models) - 1 and last_epochs is not None else cfg
         history = _train_global(supernet, models[:k + 1], x, owner if targets == "own-task" else None, stage_cfg,
-                                target_scale, form, through=through, desc=f"FS-Merge seq. {k}/{len(models) - 1}")
+                                target_scale, form, context, through=through,
+                                desc=f"FS-Merge seq. {k}/{len(models) - 1}")
         with torch.no_grad():
             u = [supernet.output_map.block(b).T for b in range(2)]   # U[b]: (d_b x d*)
             chain = u if k == 1 else [a @ u[0] for a in chain] + [u[1]]
@@ -143,7 +150,6 @@ def _merge_seq(models, data, widths, param, init, targets, target_scale, form, c
 def _zipit_supernet(models, data, widths, param, seed, alpha, beta):
     """A SuperNet whose maps start as ZipIt!'s (paper section 3.1, "FS-M, ZipIt init"): every
     site takes its space's ZipIt! maps, merged norms M·concat(γ_k), as `zipit.merge` folds them."""
-    from . import align, zipit
     if param != "full":
         raise ValueError(f"init 'zipit' needs param 'full' (ZipIt!'s maps are not diagonal), got {param!r}")
     if widths is not None:
@@ -155,8 +161,8 @@ def _zipit_supernet(models, data, widths, param, seed, alpha, beta):
     return supernet
 
 
-def _train_global(supernet, models, x, owner, cfg, target_scale, form, through=None, desc="FS-Merge global",
-                  held_out=None, early_stop=None):
+def _train_global(supernet, models, x, owner, cfg, target_scale, form, context, through=None,
+                  desc="FS-Merge global", held_out=None, early_stop=None):
     # The input is fixed: layers that read it (an MLP's first layer) start every step from the
     # sources' outputs on it, computed once (same function, much less work per step).
     # (not with early stopping: held-out f* is computed from its inputs alone)
@@ -164,13 +170,13 @@ def _train_global(supernet, models, x, owner, cfg, target_scale, form, through=N
     stop = {"held_out": held_out, "early_stop": early_stop}
     if fixed is None:
         return fit_reconstruction(supernet.parameters(), lambda xb: supernet(xb, form=form), supernet.output_map,
-                                  models, x, owner, cfg, target_scale, desc, through=through, **stop)
+                                  models, x, owner, cfg, target_scale, desc, context, through=through, **stop)
     return fit_reconstruction(supernet.parameters(), lambda xb, *zb: supernet(xb, form=form, fixed=list(zb)),
-                              supernet.output_map, models, x, owner, cfg, target_scale, desc,
+                              supernet.output_map, models, x, owner, cfg, target_scale, desc, context,
                               inputs=[x, *fixed], through=through)
 
 
-def _train_local(supernet, models, x, owner, cfg, target_scale):
+def _train_local(supernet, models, x, owner, cfg, target_scale, context):
     """Every layer's (M_l, U_l) learns its own reconstruction (eq. 3).
 
     The layers share no parameters, so they are trained in one loop on the sum of their
@@ -200,7 +206,7 @@ def _train_local(supernet, models, x, owner, cfg, target_scale):
     desc = f"FS-Merge local ({depth} layer{'s' if depth > 1 else ''})"
     try:
         if batched:
-            history = fit(params, _batched_local_loss(maps, owner, maps[0][0].in_dims),
+            history = context.train(params, _batched_local_loss(maps, owner, maps[0][0].in_dims),
                           _batched_local_data(z, tgt, owner), cfg, desc=desc)
         else:
             args = [t for l in range(depth) for t in (*z[l], *tgt[l])] + ([owner] if owner is not None else [])
@@ -213,7 +219,7 @@ def _train_local(supernet, models, x, owner, cfg, target_scale):
                     total = total + reconstruction_loss(unmerge_features(U, F.relu(merge_features(M, zb))), tb, ob)
                 return total
 
-            history = fit(params, loss_fn, args, cfg, desc=desc)
+            history = context.train(params, loss_fn, args, cfg, desc=desc)
     finally:                                # the folded model never sees the target scaling
         for l in range(depth):
             for k, s in enumerate(layer_scales[l]):

@@ -19,24 +19,44 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from ..context import Context
 from ..evaluation import forward_mflops
-from ..gated import GATE_DEFAULTS, GateNet, GatedModel
-from ..similarity import DEFAULT_STRATEGY, lowest
-from ..train import TrainConfig, fit
-from .common import cat_with_owner, check_same_backbone, copy_heads
+from ..gated import GATE_DEFAULTS, GatedModel, GateNet
+from ..options import Choice, Integer, Number, Option, TensorFile, YesNo, method
+from ..similarity import DEFAULT_STRATEGY, STRATEGIES, lowest
+from ..train import TrainConfig
+from . import average, regmean
+from .common import by_family, cat_with_owner, check_same_backbone, copy_heads
 
-# Defaults: a gate of width 32 trained 30 epochs with AdamW at 3e-3 (batch 64): on `bench gating`'s
-# 12 tasks (Table 8) width 32 tells the merge samples apart 95.5 % of the time against width 16's
-# 88.8 % and width 8's 81.0 %, and the merge gains 7 points (69.7 against 62.6 per task) for 0.04M
-# parameters; m = 1 and RegMean for the ungated rest (the paper's better one, ours too at every m).
 DEFAULTS = {"m": 1, "rest": "regmean", "gate_width": GATE_DEFAULTS["width"], "gate_epochs": 30, "gate_lr": 3e-3,
             "gate_batch_size": 64}
 RESTS = ("average", "regmean")
+GATE = "bench gating, Table 8 (docs/benchmarks/gating.md): of the widths measured, the one that told the samples " \
+       "apart best"
+GATE_TRAIN = "the recipe bench gating trained its gates with (docs/benchmarks/gating.md)"
+
+OPTIONS = (
+    Option("m", Integer(0), "attention and MLP modules of lowest weight similarity to gate", DEFAULTS["m"],
+           "the gating paper's choice"),
+    Option("rest", Choice(RESTS), "how the ungated modules merge", DEFAULTS["rest"],
+           "the gating paper's better one; bench gating's too, at every m"),
+    Option("gate_norms", YesNo(), "gate the embedding, norm and output modules too", True, "the gating paper's"),
+    Option("strategy", Choice(STRATEGIES), "how weight similarity is computed", DEFAULT_STRATEGY,
+           "the gating paper's Table 9"),
+    Option("alpha", Number(0, 1), "with rest regmean: RegMean's alpha", by_family("alpha", "regmean", ("regmean",)),
+           when=("rest", ("regmean",))),
+    Option("gate_width", Integer(1), "channels of the gate CNN's first layer", DEFAULTS["gate_width"], GATE),
+    Option("gate_epochs", Integer(1), "epochs of gate training", DEFAULTS["gate_epochs"], GATE_TRAIN),
+    Option("gate_lr", Number(positive=True), "AdamW learning rate of the gate", DEFAULTS["gate_lr"], GATE_TRAIN),
+    Option("gate_batch_size", Integer(1), "gate training batch size", DEFAULTS["gate_batch_size"], GATE_TRAIN),
+    Option("gate_start", TensorFile(), "a pre-trained gate trunk to start from (a .safetensors file of "
+           "GateNet.trunk's state; Python: the state dict)"),
+)
 
 
 def train_gate(data: list[torch.Tensor], width: int = DEFAULTS["gate_width"], epochs: int = DEFAULTS["gate_epochs"],
                lr: float = DEFAULTS["gate_lr"], batch_size: int = DEFAULTS["gate_batch_size"], seed: int = 0,
-               start: dict | None = None) -> tuple[GateNet, float]:
+               start: dict | None = None, context=None) -> tuple[GateNet, float]:
     """A gate trained to tell the N samples apart (labels: which sample); `start`: a pre-trained
     trunk's state (`GateNet.trunk`). Returns (gate, its accuracy on the training samples, %)."""
     x, owner = cat_with_owner(data)
@@ -46,7 +66,8 @@ def train_gate(data: list[torch.Tensor], width: int = DEFAULTS["gate_width"], ep
         gate.trunk.load_state_dict(start)
     cfg = TrainConfig.adamw(epochs, lr, batch_size, seed)
     gate.train()
-    fit(list(gate.parameters()), lambda xb, yb: F.cross_entropy(gate(xb), yb), (x, owner), cfg, desc="train the gate")
+    (context or Context()).train(list(gate.parameters()), lambda xb, yb: F.cross_entropy(gate(xb), yb), (x, owner),
+                                 cfg, desc="train the gate")
     gate.eval()
     with torch.no_grad():
         acc = 100.0 * (gate(x).argmax(1) == owner).float().mean().item()
@@ -69,13 +90,12 @@ def gated_keys(models, m: int, gate_norms: bool, strategy: str) -> tuple[list[st
     return keys, chosen
 
 
-def merge(models, data, m: int | None = None, rest: str | None = None, gate_norms: bool = True,
-          strategy: str = DEFAULT_STRATEGY, alpha: float | None = None, gate_width: int | None = None,
-          gate_epochs: int | None = None, gate_lr: float | None = None, gate_batch_size: int | None = None,
-          gate_start: dict | None = None, seed: int = 0):
-    o = {k: v if v is not None else DEFAULTS[k] for k, v in
-         {"m": m, "rest": rest, "gate_width": gate_width, "gate_epochs": gate_epochs, "gate_lr": gate_lr,
-          "gate_batch_size": gate_batch_size}.items()}
+@method("gating", OPTIONS, "the gating merge: a gate picks each input's task and mixes the least similar "
+        "modules (one start)")
+def merge(models, data, seed, context, m, rest, gate_norms, strategy, alpha, gate_width, gate_epochs, gate_lr,
+          gate_batch_size, gate_start):
+    o = {"m": m, "rest": rest, "gate_width": gate_width, "gate_epochs": gate_epochs, "gate_lr": gate_lr,
+         "gate_batch_size": gate_batch_size}
     check_same_backbone(models, "the gating merge")
     if not models[0].spec.units:
         raise ValueError(f"the gating merge needs the spec's units (modules); the {models[0].arch} spec has none")
@@ -92,10 +112,9 @@ def merge(models, data, m: int | None = None, rest: str | None = None, gate_norm
         raise ValueError(f"m must be >= 0, got {o['m']}")
     keys, chosen = gated_keys(models, int(o["m"]), bool(gate_norms), strategy)   # refuses an unknown strategy
 
-    from . import average, regmean
     merged = (regmean.merge(models, data, alpha=alpha) if o["rest"] == "regmean" else average.merge(models))
     gate, gate_acc = train_gate(data, o["gate_width"], o["gate_epochs"], o["gate_lr"], o["gate_batch_size"],
-                                seed, start=gate_start)
+                                seed, start=gate_start, context=context)
 
     cfg = merged.config()
     out = GatedModel(cfg["arch"], cfg["backbone"], cfg["tasks"], cfg["head_bias"], cfg["head"], gated=keys,

@@ -32,7 +32,16 @@ token axis (an MLP's) always reads its whole activation.
 from __future__ import annotations
 
 import torch
+
+from ..options import Grammar, Number, Option, method
 from . import align
+
+OPTIONS = (
+    Option("filter", Grammar(r"cls|full|window-[1-9][0-9]*", "cls | full | window-K, K >= 1", "FILTER"),
+           "the tokens whose activations define a neuron", "full", "every token"),
+    Option("reg", Number(low=0), "Sinkhorn regularization lambda (0: exact transport, a hard alignment)", 0.0,
+           "the exact plan"),
+)
 
 
 def _tokens_for(filter_: str, n_tokens: int, grid: int) -> torch.Tensor:
@@ -74,7 +83,8 @@ def _cols_to_one(t: torch.Tensor) -> torch.Tensor:
     return t / t.sum(0, keepdim=True).clamp_min(1e-300)
 
 
-def merge(models, data, filter: str = "full", reg: float = 0.0, seed: int = 0):
+@method("opt", OPTIONS, "optimal-transport fusion: align every model to model 1 by transport plans, then average")
+def merge(models, data, seed, context, filter, reg):
     """OT fusion of models of one shape; see the module docstring. `reg` is the paper's λ."""
     if reg < 0:
         raise ValueError(f"reg (λ) must be >= 0, got {reg!r}")

@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from ..options import method
 from . import align
-from .repair import reset_statistics, wants_reset
+from .repair import RESET, reset_statistics
 from .zipit import correlation
 
 
@@ -40,13 +41,13 @@ def permutation_maps(f0: torch.Tensor, f1: torch.Tensor) -> tuple[torch.Tensor, 
     return m.to(dtype), u.to(dtype), perm
 
 
-def merge(models, data, reset_bn: bool | None = None, seed: int = 0):
+@method("permute", (RESET,), "permute model 2's neurons onto model 1's by activation correlation, then average")
+def merge(models, data, seed, context, reset_bn):
     """Permute-and-average two models of identical widths; see the module docstring. `reset_bn`:
-    the BatchNorm reset on the merge data (`foldmerge.methods.repair`; default: for BatchNorm sources)."""
+    the BatchNorm reset on the merge data (`foldmerge.methods.repair`)."""
     if len(models) != 2:
         raise ValueError(f"permute merges exactly two models, got {len(models)}; use zipit for more")
     align.check_sources(models, data, "permute")
-    reset_bn = wants_reset(models, reset_bn, data)
     spec = models[0].spec
     feats = align.observe(models, data)
     maps, fixed = {}, {}

@@ -29,13 +29,30 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ..model import as_input
+from ..model import CHUNK, as_input
+from ..options import Either, Number, Option, method
 from . import align
-from .common import CHUNK, layer_outputs, layer_rows
+from .common import layer_outputs, layer_rows
 from .zipit import correlation, maps_from_clusters, zipit_clusters
 
 DEFAULT_BUDGET = 0.0
 DEFAULT_RIDGE = 1e-4
+
+
+def _budgets(value) -> dict:
+    """A budget per space: {space: number in [0, 1]}."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"expected a number in [0, 1] or a mapping of space names to numbers, got {value!r}")
+    return {k: Number(0, 1).check(v) for k, v in value.items()}
+
+
+OPTIONS = (
+    Option("budget", Either(Number(0, 1), _budgets, "a mapping {space: number} (Python, YAML)"),
+           "extra merged width per space as a share of one model's (1 keeps every neuron)", DEFAULT_BUDGET,
+           "one model's size, the setting every other merge is compared at"),
+    Option("ridge", Number(low=0), "ridge of the layer-wise least squares, relative", DEFAULT_RIDGE,
+           "a small ridge that keeps the solves finite"),
+)
 
 
 def merged_width(d: int, budget: float) -> int:
@@ -120,7 +137,8 @@ def least_squares(xtx: torch.Tensor, xty: torch.Tensor, ridge: float = DEFAULT_R
     return torch.linalg.solve(xtx + torch.diag(pen) * ridge * scale, xty)
 
 
-def merge(models, data, budget: float | dict = DEFAULT_BUDGET, ridge: float = DEFAULT_RIDGE, seed: int = 0):
+@method("pleas", OPTIONS, "PLeaS: partial permutations, then each layer's least-squares fit")
+def merge(models, data, seed, context, budget, ridge):
     """PLeaS: partial permutations under `budget`, then layer-wise least squares; see the module docstring."""
     align.check_sources(models, data, "PLeaS")
     if not float(ridge) >= 0:

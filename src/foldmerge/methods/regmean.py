@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import torch
 
-from ..model import TaskModel, as_input
-from .common import check_same_backbone, copy_heads, features_in_chunks, layer_rows
+from ..model import TaskModel, as_input, features_in_chunks
+from ..options import Number, Option, method
+from .common import by_family, check_same_backbone, copy_heads, layer_rows
 
 
 def _check(models, data, alpha: float) -> None:
@@ -123,21 +124,12 @@ def regmean_weight(grams: list[torch.Tensor], weights: list[torch.Tensor]) -> tu
     return out.T, fell_back
 
 
-# α when none is given, by the spec's shape, from the benches' validation (README, "Defaults"):
-# chains of layers (MLPs): 0.5, the best validation accuracy averaged over the MNIST and
-# Fashion-MNIST halves at depths 2 and 4 (`foldmerge bench select`'s grid: 88.3 / 84.1 / 83.6 /
-# 78.4; the paper's 0.9 gives 83.8 / 80.0 / 82.4 / 78.8); residual architectures (ViTs): 0.9,
-# ViT pairs16's choice and the paper's E.2 value.
-CHAIN_ALPHA = 0.5
-RESIDUAL_ALPHA = 0.9
+OPTIONS = (Option("alpha", Number(0, 1), "scale of the Grams' off-diagonal entries (1: plain regression)",
+                  by_family("alpha", "regmean", ("regmean",))),)
 
 
-def default_alpha(spec) -> float:
-    return CHAIN_ALPHA if spec.is_chain() else RESIDUAL_ALPHA
-
-
-def merge(models, data, alpha: float | None = None, seed: int = 0):
-    alpha = default_alpha(models[0].spec) if alpha is None else alpha
+@method("regmean", OPTIONS, "each layer's least-squares fit to every source's outputs on its own data")
+def merge(models, data, seed, context, alpha):
     _check(models, data, alpha)
     alpha = float(alpha)
     merged = TaskModel.for_merge(models)

@@ -20,18 +20,22 @@ from __future__ import annotations
 
 import torch
 
-from ..model import as_input
-from .common import CHUNK, layer_outputs
+from ..model import CHUNK, as_input
+from ..options import Option, Rule, YesNo
+from .common import layer_outputs
 
 
-def wants_reset(models, reset_bn: bool | None, data) -> bool:
-    """Whether to reset: as asked, or by default (None) exactly when the sources were BatchNorm
-    nets (fused before merging, `meta["fused_batchnorm"]`) and there is data to reset on. The
-    default is `bench cnn`'s evidence: on ResNets the reset takes Permute from 43 to 92 % and
-    ZipIt! from 41 to 93 % per task (x4, README)."""
-    if reset_bn is None:
-        return data is not None and any(m.meta.get("fused_batchnorm") for m in models)
-    return bool(reset_bn)
+def wants_reset(models, data) -> bool:
+    """The default: reset exactly when the sources were BatchNorm nets (fused before merging,
+    `meta["fused_batchnorm"]`) and there is data to reset on."""
+    return data is not None and any(m.meta.get("fused_batchnorm") for m in models)
+
+
+RESET = Option("reset_bn", YesNo(), "reset every layer's channel statistics on the merge sample after merging "
+               "(ZipIt!'s BatchNorm reset, REPAIR)",
+               Rule(lambda c: wants_reset(c.models, c.data),
+                    "yes for sources with BatchNorm (ResNets) given data, no otherwise: bench cnn's evidence "
+                    "(docs/benchmarks/cnn.md)"))
 
 
 @torch.no_grad()

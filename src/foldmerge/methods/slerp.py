@@ -25,6 +25,7 @@ import math
 import torch
 
 from ..model import TaskModel
+from ..options import Number, Option, method
 from .common import check_same_backbone, copy_heads
 
 PARALLEL_EPS = 1e-6
@@ -50,13 +51,16 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return out.reshape(a.shape).to(a.dtype)
 
 
-def merge(models, data=None, t: float | None = None, seed: int = 0):
+OPTIONS = (Option("t", Number(0, 1), "two models: the interpolation point (unset: 0.5; more than two models "
+                  "merge by a running spherical mean)"),)
+
+
+@method("slerp", OPTIONS, "spherical interpolation of every backbone tensor", data="none")
+def merge(models, data, seed, context, t):
     check_same_backbone(models, "SLERP")
     if t is not None and len(models) != 2:
         raise ValueError(f"the SLERP option t is defined for two models only; got {len(models)} "
                          "(more than two are merged by a running spherical mean)")
-    if t is not None and not 0.0 <= float(t) <= 1.0:
-        raise ValueError(f"t must lie in [0, 1], got {t!r}")
     merged = TaskModel.for_merge(models)
     with torch.no_grad():
         states = [m.backbone.state_dict() for m in models]

@@ -11,18 +11,18 @@ heads are kept, one per task. Meaningless for sources from different initializat
 """
 from __future__ import annotations
 
-from .common import check_base, merged_from_state, task_vectors
+from ..options import Number, Option, method
+from .common import BASE, check_base, merged_from_state, task_vectors
 
-# λ when none is given: `foldmerge bench gating` chooses λ on the tasks' validation splits from
-# the paper's grid; this is the value it picked most often (README, "Merging models from one start").
 DEFAULT_LAMBDA = 0.5
+OPTIONS = (BASE, Option("lam", Number(positive=True), "lambda, the scale of the summed task vectors", DEFAULT_LAMBDA,
+                        "the value bench gating's validation picked most often from the paper's grid"))
 
 
-def merge(models, data=None, base=None, lam: float | None = None, seed: int = 0):
+@method("task-arithmetic", OPTIONS, "the base plus lambda times the sum of the task vectors (one start)",
+        data="none")
+def merge(models, data, seed, context, base, lam):
     check_base(models, base, "task arithmetic")
-    lam = DEFAULT_LAMBDA if lam is None else float(lam)
-    if not lam > 0:
-        raise ValueError(f"task arithmetic's lambda must be positive, got {lam!r}")
     theta, taus = task_vectors(models, base)
     state = {k: theta[k] + lam * sum(t[k] for t in taus) for k in theta}
     return merged_from_state(models, state, {"method": "task-arithmetic", "lam": lam})

@@ -17,10 +17,18 @@ from __future__ import annotations
 
 import torch
 
-from .common import check_base, merged_from_state, task_vectors
+from ..options import Number, Option, method
+from .common import BASE, check_base, merged_from_state, task_vectors
 
 DEFAULT_DENSITY = 0.2
 DEFAULT_LAMBDA = 1.0
+OPTIONS = (
+    BASE,
+    Option("density", Number(0, 1), "the share of each task vector's entries kept (largest magnitude)",
+           DEFAULT_DENSITY, "the TIES paper, section 6"),
+    Option("lam", Number(positive=True), "lambda, the scale of the merged task vector", DEFAULT_LAMBDA,
+           "the TIES paper, section 6"),
+)
 
 
 def trim(tau: dict[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
@@ -44,14 +52,11 @@ def ties_vector(taus: list[dict[str, torch.Tensor]], density: float) -> dict[str
     return out
 
 
-def merge(models, data=None, base=None, density: float | None = None, lam: float | None = None, seed: int = 0):
+@method("ties", OPTIONS, "TIES: trim, elect signs and average the task vectors (one start)", data="none")
+def merge(models, data, seed, context, base, density, lam):
     check_base(models, base, "TIES")
-    density = DEFAULT_DENSITY if density is None else float(density)
-    lam = DEFAULT_LAMBDA if lam is None else float(lam)
-    if not 0.0 < density <= 1.0:
+    if not density > 0:
         raise ValueError(f"TIES density must lie in (0, 1], got {density!r}")
-    if not lam > 0:
-        raise ValueError(f"TIES lambda must be positive, got {lam!r}")
     theta, taus = task_vectors(models, base)
     tau = ties_vector(taus, density)
     state = {k: theta[k] + lam * tau[k] for k in theta}

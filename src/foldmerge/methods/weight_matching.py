@@ -22,10 +22,13 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from ..options import Integer, Option, method
 from . import align
-from .repair import reset_statistics, wants_reset
+from .repair import RESET, reset_statistics
 
 MAX_ITER = 100
+OPTIONS = (RESET, Option("max_iter", Integer(1), "passes over the spaces at most (each pass re-matches every "
+                         "space given the others)", MAX_ITER, "Git Re-Basin's weight matching code"))
 
 
 def _along(t: torch.Tensor, axis: int) -> torch.Tensor:
@@ -85,11 +88,12 @@ def match_weights(spec, ref: dict[str, torch.Tensor], other: dict[str, torch.Ten
     return perms, passes
 
 
-def merge(models, data=None, reset_bn: bool | None = None, max_iter: int = MAX_ITER, seed: int = 0):
+@method("weight-matching", OPTIONS, "Git Re-Basin: permute every model onto model 1 by its weights, then average",
+        data="optional")
+def merge(models, data, seed, context, reset_bn, max_iter):
     """Weight matching of every model to model 1, then the average; see the module docstring.
-    data is needed only for `reset_bn` (default: for BatchNorm sources given data)."""
+    data is needed only for `reset_bn`."""
     spec = align.sources_spec(models)
-    reset_bn = wants_reset(models, reset_bn, data)
     if reset_bn:
         align.check_sources(models, data, "weight matching with reset_bn")
     else:

@@ -63,26 +63,25 @@ from __future__ import annotations
 
 import torch
 
+from ..options import Integer, Number, Option, method
 from . import align
-from .repair import reset_statistics, wants_reset
+from .common import by_family
+from .repair import RESET, reset_statistics
 
 # The matching's own defaults (zipit_clusters, zipit_maps): the authors' `a` of
-# match_tensors_zipit, and cross-model merges only.
+# match_tensors_zipit, and cross-model merges only. A merge's defaults are by family (OPTIONS).
 DEFAULT_ALPHA = 0.3
 DEFAULT_BETA = 0.0
-# What `merge` (and FS-Merge's zipit init) use when alpha / beta are not given, by the spec's
-# shape, from the benches' validation searches (README, "Defaults"): chains of layers (MLPs) zip
-# within models as the paper does: α 0.3, β 0.5 has the best validation accuracy averaged over
-# the MNIST and Fashion-MNIST halves (95.6 / 89.9; each alone chose 0.5 / 1.0 and 0.3 / 0.5);
-# architectures with a residual stream: ViT pairs16's choice, α 0.3, β 0.125 (the authors' defaults).
-CHAIN_DEFAULTS = (0.3, 0.5)
-RESIDUAL_DEFAULTS = (0.3, 0.125)
 
-
-def resolve(spec, alpha: float | None, beta: float | None) -> tuple[float, float]:
-    """(alpha, beta) with the spec's defaults filled in."""
-    a, b = CHAIN_DEFAULTS if spec.is_chain() else RESIDUAL_DEFAULTS
-    return (a if alpha is None else float(alpha)), (b if beta is None else float(beta))
+OPTIONS = (
+    Option("alpha", Number(), "repeated-match factor: a merged cluster's similarity is alpha times its "
+           "members' least", by_family("alpha", "zipit", ("zipit",))),
+    Option("beta", Number(0, 1), "within-model merge budget (0: across models only, a permutation)",
+           by_family("beta", "zipit", ("zipit",))),
+    Option("stop_layer", Integer(0), "zip the hidden layers (a ResNet's stages) 1..N only, keeping the rest per "
+           "model (partial zipping; 0 zips nothing); unset: all"),
+    RESET,
+)
 
 
 # ----------------------------------------------------------------------------- correlation
@@ -268,14 +267,11 @@ def space_maps(models, data, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT
     return maps, stats
 
 
-def merge(models, data, alpha: float | None = None, beta: float | None = None,
-          stop_layer: int | None = None, reset_bn: bool | None = None, seed: int = 0):
-    """ZipIt! merge of models of any spec; see the module docstring. alpha / beta default by the
-    spec's shape (`resolve`); `reset_bn`: the BatchNorm reset on the merge data
-    (`foldmerge.methods.repair`; default: for BatchNorm sources). seed is unused (ZipIt! is deterministic)."""
+@method("zipit", OPTIONS, "ZipIt!: zip correlated features within and across models")
+def merge(models, data, seed, context, alpha, beta, stop_layer, reset_bn):
+    """ZipIt! merge of models of any spec; see the module docstring. `reset_bn`: the BatchNorm reset
+    on the merge data (`foldmerge.methods.repair`). seed is unused (ZipIt! is deterministic)."""
     align.check_sources(models, data, "ZipIt!")
-    reset_bn = wants_reset(models, reset_bn, data)
-    alpha, beta = resolve(models[0].spec, alpha, beta)
     maps, stats = space_maps(models, data, alpha, beta, stop_layer)
     merged = align.merge_with_maps(models, maps, seed)
     if reset_bn:

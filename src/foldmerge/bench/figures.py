@@ -18,23 +18,20 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
+
+from ..provenance import environment
 from .results import load_result, points, signed, summary
 
 MARK = "report.md"      # a directory holding this is a report, and may be replaced by a new one
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _grid(n: int):
-    plt = _plt()
     cols = min(3, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    fig = Figure(figsize=(5.2 * cols, 3.8 * rows))      # no pyplot: no global figure state or backend
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[n:]:
         ax.axis("off")
     return fig, list(axes.flat[:n])
@@ -43,7 +40,6 @@ def _grid(n: int):
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _plt().close(fig)
     return path
 
 
@@ -68,8 +64,8 @@ def accuracy_bars(rows: list[dict], path: Path, title: str) -> Path:
 
 
 def accuracy_against(rows: list[dict], key: str, label: str, path: Path, title: str) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for panel in dict.fromkeys(r["panel"] for r in rows):
         sel = [r for r in rows if r["panel"] == panel and r[key]]
         front = pareto_front(sel, key)
@@ -134,7 +130,7 @@ def scale_gap(result: dict, path: Path) -> Path:
         ax.set_xscale("log")
         # each size named once, on the axis: labels beside points overlapped where both counts met
         sizes = sorted({(g["source_parameters"], g["width"], g["depth"]) for g in result["gaps"]})
-        ax.xaxis.set_minor_locator(_plt().NullLocator())
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xticks([p for p, _, _ in sizes],
                       [f"w{w} d{d}\n{p / 1e6:.2f}M" for p, w, d in sizes], fontsize=6)
         ax.set_xlabel("one source ViT: width, depth, parameters")
@@ -300,7 +296,6 @@ def _html(title: str, intro: list[str], blocks: list[tuple], folder: Path) -> st
 
 def build_report(paths: list[str], out: str, command: str) -> dict:
     """Write DIR/report.md, DIR/report.html and DIR/*.png; returns what was written."""
-    from .provenance import environment
     results = [(Path(p).name, load_result(p)) for p in paths]      # every input checked before any write
     names = [n for n, _ in results]
     if len(set(names)) < len(names):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import mean_std
+
 # bench name: the keys its JSON must hold (a file cut short loses its last keys, `command` among them)
 REQUIRED = {"vit": ("rows", "setting"), "text": ("rows", "setting"), "cnn": ("rows",), "mlp": ("runs", "vary"),
             "gating": ("main",), "defaults": ("rows",), "select": ("rows",), "cost": ("rows",),
@@ -77,7 +79,6 @@ def points(result: dict) -> list[dict]:
 
 def summary(pts: list[dict], keys: tuple[str, ...] = ("panel", "method")) -> list[dict]:
     """Mean and sample std over replicates per value of `keys`, in the order first seen."""
-    from .bench import mean_std
     out = []
     for key in dict.fromkeys(tuple(p[k] for k in keys) for p in pts):
         sel = [p for p in pts if tuple(p[k] for k in keys) == key]

@@ -1,0 +1,106 @@
+"""Every default that depends on the family of the models being merged, with where it came from.
+
+One row per family; a row holds groups of values, each group with its evidence. A family whose
+values were never validated on it says whose it borrows (`borrows`) and what was measured with
+them. A spec names its row (`ArchSpec.defaults`); a user's own architecture takes the "vit" row
+unless its spec names another (the values validated on the deepest models measured here).
+
+Groups: "train" (the optimization of every trained merge: FS-Merge and distillation), one per
+method ("fs-merge", "distill", "zipit", "regmean", "ensemble"), and "method/variant" where a
+variant differs ("fs-merge/local"). `value(row, sections, name)` reads the first group that has it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Group:
+    values: dict
+    source: str
+
+
+@dataclass(frozen=True)
+class Row:
+    groups: dict = field(default_factory=dict)
+    borrows: str | None = None
+    note: str = ""
+
+
+MLP = Row({
+    "train": Group(dict(optimizer="sgd", batch_size=None, weight_decay=0.0, target_scale="match", epochs=1000,
+                        lr=0.1, momentum=0.9, warmup=0.02),
+                   "FS-Merge paper appendix E.1: the MNIST grid's bold values, gradient descent on the whole "
+                   "sample, targets scaled to one level; warmup 0.02 = its 20 epochs of 1000"),
+    "fs-merge": Group(dict(param="full", init="first", targets="all"),
+                      "paper section 2.1 and E.1: dense maps, every input scored against every source"),
+    "fs-merge/local": Group(dict(init="random", epochs=15000, warmup=20 / 15000), "appendix E.1 (local FS-Merge)"),
+    "distill": Group(dict(init="first", targets="all"), "as FS-Merge global (E.1's distillation grid)"),
+    "zipit": Group(dict(alpha=0.3, beta=0.5),
+                   "bench mlp's validation search: best mean validation accuracy over the MNIST and "
+                   "Fashion-MNIST halves (docs/results/bench-mlp-mnist-depth.json)"),
+    "regmean": Group(dict(alpha=0.5), "bench mlp's validation search"),
+    "ensemble": Group(dict(normalize=False),
+                      "the paper's MLP ensemble is the plain mean of the features (bench mlp reproduces it)"),
+})
+
+VIT = Row({
+    "train": Group(dict(optimizer="adamw", batch_size=128, weight_decay=0.001, target_scale="none", epochs=100,
+                        lr=1e-3, momentum=0.9, warmup=0.2),
+                   "bench vit pairs16's validation search (distillation and low-rank FS-Merge both chose 100 "
+                   "epochs at lr 1e-3, docs/results/bench-vit-pairs16.json); AdamW, batch 128, weight decay "
+                   "0.001 and unscaled targets from appendix E.2; warmup 0.2 = E.1's 20 epochs"),
+    "fs-merge": Group(dict(param="diag+lowrank(16)", init="first", targets="own-task"),
+                      "appendix B.2: a residual stream takes diagonal + low-rank maps (dense ones are quadratic "
+                      "in width), each input scored against its own source"),
+    "fs-merge/local": Group(dict(init="random"), "appendix E.1 (local FS-Merge is defined for MLPs)"),
+    "distill": Group(dict(init="first", targets="own-task"), "as FS-Merge (appendix E.2)"),
+    "zipit": Group(dict(alpha=0.3, beta=0.125), "bench vit pairs16's validation search (the ZipIt! authors' values)"),
+    "regmean": Group(dict(alpha=0.9), "bench vit pairs16's validation search (appendix E.2's value)"),
+    "ensemble": Group(dict(normalize=True),
+                      "the FS-Merge authors' ViT ensemble scales each model's features to unit mean |f|"),
+})
+
+ROWS = {
+    "mlp": MLP,
+    "vit": VIT,
+    "hf-vit": Row(borrows="vit", note="Hugging Face's ViTModel; not measured apart from foldmerge's ViT"),
+    "bert": Row(borrows="vit", note="bench text (from-scratch BERTs) ran with these values and held-out early "
+                                    "stopping; not searched on text"),
+    "resnet": Row(borrows="vit", note="bench cnn ran the trained merges with these values at 50 epochs; "
+                                      "not searched on ResNets"),
+}
+
+
+def row(name: str) -> Row:
+    if name not in ROWS:
+        raise ValueError(f"unknown defaults row {name!r}; rows: {', '.join(ROWS)}")
+    r = ROWS[name]
+    return ROWS[r.borrows] if r.borrows else r
+
+
+def value(name: str, sections: tuple[str, ...], key: str):
+    """(value, source) of `key` in the first of `sections` of row `name` that holds it."""
+    r = row(name)
+    for s in sections:
+        g = r.groups.get(s)
+        if g is not None and key in g.values:
+            return g.values[key], g.source
+    raise KeyError(f"the {name} defaults hold no {key!r} in {', '.join(sections)}")
+
+
+def describe(sections: tuple[str, ...], key: str) -> str:
+    """The defaults of `key` per row, in words (for --help and the docs)."""
+    own, borrowed = [], []
+    for name, r in ROWS.items():
+        if r.borrows:
+            borrowed.append(name)
+            continue
+        try:
+            v, _ = value(name, sections, key)
+        except KeyError:
+            continue
+        own.append(f"{name} {'whole sample' if v is None and key == 'batch_size' else v}")
+    lenders = {r.borrows for r in ROWS.values() if r.borrows}
+    return "by family: " + ", ".join(own) + (f" ({', '.join(borrowed)}: {', '.join(sorted(lenders))}'s)"
+                                             if borrowed else "") + "; docs/defaults.md"

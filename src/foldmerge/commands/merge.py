@@ -1,0 +1,107 @@
+"""`foldmerge merge MODEL… [--method M] [options] --out DIR`, or `--config merge.yaml`.
+
+Every flag is made from a declaration: the merge settings (`foldmerge.api.SETTINGS`) and each
+method's options (`foldmerge.methods.METHODS`), grouped per method in --help with their defaults.
+The flags are collected as text and handed to `foldmerge.merge`, which reads and checks them.
+"""
+from __future__ import annotations
+
+import argparse
+
+from .. import config
+from ..api import SETTING, SETTINGS, merge
+from ..engine import Engine
+from ..evaluation import evaluate
+from ..methods import METHODS
+from ..options import Flag, Option, check_value
+from ..tables import print_json, print_table, result_row
+from . import add_common, command_line, set_threads
+
+ENGINE = ("accelerator", "devices", "precision")
+
+
+def _help(option: Option, others=()) -> str:
+    text = option.help
+    default = option.default_text()
+    if default:
+        text += f" (default {default})"
+    for method, other in others:        # the same flag, read by another method
+        if other.help == option.help and other.default_text() == default:
+            text += f"; also {method}"
+        else:
+            text += f"; {method}: {other.help}" + (f" (default {other.default_text()})" if other.default_text() else "")
+    return text.replace("%", "%%")
+
+
+def _add(group, option: Option, others=()) -> None:
+    kwargs = {"dest": option.name, "default": argparse.SUPPRESS, "help": _help(option, others)}
+    if isinstance(option.kind, Flag):
+        group.add_argument(option.flag, action="store_true", **kwargs)
+    elif option.name == "select":
+        group.add_argument(option.flag, action="append", metavar=option.kind.metavar, **kwargs)
+    else:
+        group.add_argument(option.flag, metavar=option.kind.metavar, nargs="+" if option.kind.many else None,
+                           **kwargs)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.usage = "foldmerge merge MODEL… [--method METHOD] [options] --out DIR\n       foldmerge merge --config FILE [options]"
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help="model directories: foldmerge's or Hugging Face's (with --config: these replace its models)")
+    p.add_argument("--config", metavar="FILE", help="a YAML file naming models, method, options and out "
+                   "(docs/cli.md); flags on the command line override it")
+    p.add_argument("--method", default=argparse.SUPPRESS, metavar="METHOD",
+                   help=f"{' | '.join(METHODS)} (default: fs-merge, the flagship); each method's options are below")
+    group = p.add_argument_group("merge settings")
+    for option in SETTINGS:
+        _add(group, option)
+    readers: dict[str, list] = {}
+    for m in METHODS.values():
+        for o in m.options:
+            readers.setdefault(o.name, []).append((m.name, o))
+    for m in METHODS.values():
+        own = [o for o in m.options if readers[o.name][0][0] == m.name]
+        shared = [o.flag for o in m.options if readers[o.name][0][0] != m.name]
+        group = p.add_argument_group(f"method {m.name}: {m.summary}",
+                                     description=f"also reads {', '.join(shared)} (above)" if shared else None)
+        for o in own:
+            _add(group, o, readers[o.name][1:])
+    add_common(p)
+
+
+def run(args) -> None:
+    set_threads(args)
+    given = vars(args)
+    method = given.get("method")
+    declared = set(SETTING) | {o.name for m in METHODS.values() for o in m.options}
+    flags = {k: v for k, v in given.items() if k in declared}
+    models, tasks, settings, options = list(args.models), None, {}, {}
+    if args.config:
+        described = config.read(args.config, method)
+        method = method or described["method"]
+        models = models or described["models"]
+        tasks = None if args.models else described["tasks"]
+        settings, options = described["settings"], described["options"]
+    method = method or "fs-merge"
+    for name, value in flags.items():       # the command line's flags override the file
+        (settings if name in SETTING else options)[name] = value
+    if "tasks" in settings:
+        tasks = settings.pop("tasks")
+    if not models:
+        raise ValueError("merge needs two or more model directories (or --config FILE naming them)")
+    if "out" not in settings:
+        raise ValueError("merge needs --out DIR (or out: in the --config file)")
+    engine = None
+    chosen = {k: check_value(SETTING[k], settings.pop(k)) for k in ENGINE if k in settings}
+    if chosen:
+        engine = Engine(chosen.get("accelerator", "cpu"), chosen.get("devices", 1), chosen.get("precision", "32-true"))
+    per_task = check_value(SETTING["per_task"], settings.pop("per_task", SETTING["per_task"].default))
+    merged = merge(models, per_task, method, tasks=tasks, engine=engine, command=command_line(), **settings, **options)
+    result = evaluate(merged)
+    out = settings["out"]
+    if args.json:
+        print_json({"out": out, "meta": merged.meta, "test": result})
+    else:
+        print_table([result_row(method + (f" {options['variant']}" if "variant" in options else ""),
+                                result, merged.meta["wall_seconds"])],
+                    f"merged {len(models)} models -> {out}", footer=f"seed {merged.meta['seed']}")
