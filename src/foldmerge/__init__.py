@@ -5,7 +5,7 @@ The public names are loaded on first use (PEP 562): importing torch takes about 
 """
 import importlib
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _PUBLIC = {"Task": "foldmerge.data", "TaskModel": "foldmerge.model", "evaluate": "foldmerge.api",
            "load": "foldmerge.api", "merge": "foldmerge.api", "merge_form": "foldmerge.api",

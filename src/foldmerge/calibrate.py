@@ -2,8 +2,8 @@
 
 Joint accuracy takes the argmax over every head's logits at once, so it asks each head to
 score low on the other tasks' inputs. No source was trained to: a head trained on its own task
-only is often confident on another task's images (two Fashion-MNIST halves: the sources'
-own heads, concatenated, route 55 % of test images to the right head's class; see the README).
+only is often confident on another task's images (docs/evaluation.md measures how often the
+sources' own heads, concatenated, send a test image to the wrong task).
 A merge that reproduces its sources faithfully (FS-Merge, distillation, ZipIt!) inherits that.
 
 The fix changes what every head adds to all of its own classes, never the order of its
@@ -36,7 +36,7 @@ import torch
 from .model import features_in_chunks
 
 # the best of 0.001 / 0.01 / 0.1 / 1 on FS-Merge, distillation and ZipIt! merges of an MNIST and a
-# Fashion-MNIST MLP pair (README, Methods)
+# Fashion-MNIST MLP pair (docs/evaluation.md)
 WEIGHT_DECAY = 0.1
 MAX_ITER = 300
 

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from . import __version__
+from .version import __version__
 from .errors import USER_ERRORS, did_you_mean
 
 # name: (module with add_arguments / run, one line of help)

@@ -48,6 +48,14 @@ class Kind:
     def describe(self) -> str:
         return self.metavar.lower()
 
+    def example(self):
+        """A value of the grammar (for the docs and the tests); None where it depends on the merge."""
+        return None
+
+    def text(self, value) -> str:
+        """`value` as the command line writes it."""
+        return str(value)
+
 
 @dataclass(frozen=True)
 class Integer(Kind):
@@ -68,6 +76,9 @@ class Integer(Kind):
 
     def describe(self):
         return "a positive integer" if self.least == 1 else f"an integer >= {self.least}"
+
+    def example(self):
+        return self.least + 1
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,11 @@ class Number(Kind):
             return "a finite positive number"
         return f"a finite number >= {self.low:g}" if self.low is not None else "a finite number"
 
+    def example(self):
+        if self.low is not None and self.high is not None:
+            return (self.low + self.high) / 2
+        return (self.low or 0.0) + 0.5
+
 
 @dataclass(frozen=True)
 class Choice(Kind):
@@ -116,6 +132,9 @@ class Choice(Kind):
     def describe(self):
         return "one of " + ", ".join(self.values)
 
+    def example(self):
+        return self.values[-1]
+
 
 class YesNo(Kind):
     metavar = "{yes,no}"
@@ -130,6 +149,12 @@ class YesNo(Kind):
             raise ValueError(f"expected yes or no (true or false), got {value!r}")
         return value
 
+    def example(self):
+        return True
+
+    def text(self, value) -> str:
+        return "yes" if value else "no"
+
 
 class Flag(Kind):
     """A switch: given (true) or not."""
@@ -142,6 +167,9 @@ class Flag(Kind):
 
     def parse(self, text):
         return self.typed({"true": True, "false": False}.get(text, text))
+
+    def example(self):
+        return True
 
 
 class Text(Kind):
@@ -206,6 +234,7 @@ class Grammar(Kind):
     pattern: str = ""
     forms: str = ""
     metavar: str = "TEXT"
+    sample: str = ""             # an example of the grammar
 
     def parse(self, text):
         if not isinstance(text, str) or re.fullmatch(self.pattern, text.strip()) is None:
@@ -214,6 +243,9 @@ class Grammar(Kind):
 
     def describe(self):
         return self.forms
+
+    def example(self):
+        return self.sample
 
 
 @dataclass(frozen=True)
@@ -239,6 +271,9 @@ class NumberOr(Kind):
 
     def describe(self):
         return " | ".join(self.words) + " | " + self.number.describe()
+
+    def example(self):
+        return self.number.example()
 
 
 @dataclass(frozen=True)
@@ -267,6 +302,9 @@ class ListOf(Kind):
     def describe(self):
         return f"one or more of {self.item.describe()}"
 
+    def example(self):
+        return [self.item.example()]
+
 
 @dataclass(frozen=True)
 class Either(Kind):
@@ -292,6 +330,9 @@ class Either(Kind):
 
     def describe(self):
         return f"{self.first.describe()} or {self.other_text}" if self.other_text else self.first.describe()
+
+    def example(self):
+        return self.first.example()
 
 
 # ------------------------------------------------------------------------------------ options

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from .version import __version__
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,7 +16,7 @@ how well the merge reproduces its sources on inputs it was not merged from:
 Several `--select` arguments search their product. Agreement stands in for per-task accuracy
 (a source that is right 97 % of the time is a good teacher of which class is which); how often
 it picks what labelled validation picks, and what that costs, is measured by `foldmerge bench
-select` (README, "Choosing hyperparameters without labels").
+select` (docs/selection.md).
 """
 from __future__ import annotations
 

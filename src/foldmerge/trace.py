@@ -50,7 +50,7 @@ SHARED = "input"
 
 def _refuse(name: str, node, why: str):
     raise TraceError(f"cannot trace a merge spec for {name!r}: node {node.name!r} ({node.op} {_target(node)}) "
-                     f"{why}; write its spec by hand (README, 'Merge your own model')")
+                     f"{why}; write its spec by hand (docs/own-model.md)")
 
 
 def _target(node) -> str:
@@ -68,7 +68,7 @@ def traced_spec(name: str, backbone: nn.Module, build=None, resize=None, default
     except Exception as e:          # fx raises many kinds for code it cannot follow
         raise TraceError(f"cannot trace a merge spec for {name!r}: torch.fx cannot trace it "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); write its spec by hand "
-                         "(README, 'Merge your own model')") from None
+                         "(docs/own-model.md)") from None
     modules = dict(backbone.named_modules())
     parent: dict[str, str] = {}                  # union-find over space ids
 

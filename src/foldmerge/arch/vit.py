@@ -10,7 +10,7 @@ CLS token and a projection (no bias) to the feature dimension, as in CLIP's imag
 
 Every linear map is its own `nn.Linear` (the patch projection is a linear on flattened
 patches, the same as a stride-p convolution), because each is a place where the
-Foldable SuperNet puts an M or a U (DESIGN §3, paper appendix B.1).
+Foldable SuperNet puts an M or a U (paper appendix B.1; docs/architecture.md).
 """
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ class Backbone(nn.Module):
 
 
 def spec(config: dict) -> ArchSpec:
-    """The ViT as data (DESIGN §3, paper appendix B.1).
+    """The ViT as data (paper appendix B.1; docs/architecture.md).
 
     Spaces: the shared pixels of a patch; the residual stream `res` (one space through every
     block); per block l the attention spaces `qk{l}` (q and k together: their dot product is

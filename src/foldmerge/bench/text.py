@@ -13,7 +13,7 @@ seconds):
            init (F.4). Smaller sample and fewer epochs than scratch: a MiniLM step costs ~12x a
            small BERT's on this CPU.
 Every merge sees the same sample; FS-Merge and distillation train with the residual-architecture
-defaults (methods.common.RESIDUAL_TRAINING: AdamW, batch 128, lr 1e-3, 100 epochs) for scratch;
+defaults (foldmerge.arch.defaults, the bert row: AdamW, batch 128, lr 1e-3, 100 epochs) for scratch;
 for MiniLM 10 epochs at batch 32, FS-Merge's maps at lr 1e-3, the distilled student (pre-trained
 weights) at F.6's 1e-4; both keep the epoch of lowest held-out loss.
 Hyperparameters are not searched here (each FS-Merge run of a MiniLM pair takes minutes):

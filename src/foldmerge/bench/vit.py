@@ -73,10 +73,10 @@ GRID = {
     "fs-merge diag+lowrank(12)": [(e, lr) for e in (100, 200) for lr in (1e-3, 1e-4)],
 }
 # E.2's bold values for setting (a): what --no-tune (and the tests) use; ZipIt! (not in E.2) at its ViT
-# defaults (methods.zipit.RESIDUAL_DEFAULTS)
+# defaults (foldmerge.arch.defaults, the vit row)
 PAPER_CHOICE = {"regmean_alpha": 0.9, "opt": ["window-8", 0.08], "zipit": [0.3, 0.125], "distill": [100, 1e-4],
                 "fs-merge diag": [200, 1e-3], "fs-merge diag+lowrank(12)": [200, 1e-4]}
-# what validation chose on pairs16 (README "ViTs"), for the benches that reuse it at other sizes and counts
+# what validation chose on pairs16 (docs/results/bench-vit-pairs16.json), for the benches that reuse it at other sizes and counts
 VALIDATED = {**PAPER_CHOICE, "distill": [100, 1e-3], "fs-merge diag": [200, 1e-2], "fs-merge diag+lowrank(12)": [100, 1e-3]}
 TRAIN = {"optimizer": "adamw", "batch_size": 128, "weight_decay": 0.001}
 FS_MERGE = {"variant": "global", "init": "first", "target_scale": "none"}

@@ -46,7 +46,8 @@ from .common import (
     training_options,
 )
 
-PARAM = Grammar(r"full|diag|diag\+lowrank\([1-9][0-9]*\)", "full | diag | diag+lowrank(R), R >= 1", "PARAM")
+PARAM = Grammar(r"full|diag|diag\+lowrank\([1-9][0-9]*\)", "full | diag | diag+lowrank(R), R >= 1", "PARAM",
+                "diag+lowrank(2)")
 
 OPTIONS = (
     Option("variant", Choice(("local", "global", "seq")),

@@ -14,7 +14,7 @@ so (P f^1)_i = f^1_{π(i)}):
 and the fold of a weight from space a to space b, W* = M_b·blockdiag(W^0, W^1)·U_a =
 ½(W^0 + P_b W^1 P_aᵀ), b* = ½(b^0 + P_b b^1): model 1 permuted into model 0's order, then
 averaged. The heads are folded with the last U: head_0 unchanged, head_1 · P_outᵀ. Same
-matching as the authors' `match_tensors_permute`, written as a foldable map (DESIGN §1).
+matching as the authors' `match_tensors_permute`, written as a foldable map (docs/architecture.md).
 """
 from __future__ import annotations
 

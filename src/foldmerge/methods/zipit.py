@@ -29,7 +29,7 @@ their earliest feature:
 
 so for pure pairs U = 2Mᵀ (FS-Merge paper, appendix A.2). Every parameter of a space takes
 that space's maps (`align.merge_with_maps`): W* = M_out·blockdiag(W_k)·U_in, b* = M_out·b,
-merged norms M·concat(γ_k), heads adapted as head_k·U_out[k] (DESIGN §1, §3).
+merged norms M·concat(γ_k), heads adapted as head_k·U_out[k] (docs/architecture.md).
 
 Partial zipping (`stop_layer = s`, chains of layers such as an MLP's, or of stages such as a
 ResNet's: the spec's `chain_stages`): hidden layers (stages) 1…s are zipped; the later layers are left unzipped, i.e. they keep every model's neurons side by side:
