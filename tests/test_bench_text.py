@@ -36,6 +36,7 @@ def test_bench_text_runs_every_row_and_the_sweep(monkeypatch, tmp_path):
 
 def test_train_sources_fine_tunes_from_a_hugging_face_bert_start(tmp_path):
     from transformers import BertConfig, BertModel
+
     from foldmerge.data.texts import tokenizer
     torch.manual_seed(0)
     start = tmp_path / "start"

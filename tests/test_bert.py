@@ -34,6 +34,7 @@ def ids(n=3, length=10, seed=0):
 
 def test_parameters_keep_their_hugging_face_names():
     from transformers import BertModel
+
     from foldmerge.arch.bert import hf_config
     m = berts(1)[0]
     hf = BertModel(hf_config(CFG))

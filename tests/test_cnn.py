@@ -5,7 +5,6 @@ import torch
 from torch.nn import functional as F
 
 from foldmerge import merge, merge_form
-
 from foldmerge.evaluation import SourceHeads
 from foldmerge.methods import align, cca, get_method, pleas, regmean, weight_matching, zipit
 from foldmerge.methods.repair import channel_stats, reset_statistics

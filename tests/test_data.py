@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from foldmerge.data import DataMissing, Task
-from foldmerge.data import datasets
+from foldmerge.data import DataMissing, Task, datasets
 
 
 def test_task_specs():

@@ -115,7 +115,7 @@ def test_fs_merge_zipit_init_improves_its_objective_and_needs_full_maps():
     merged = foldmerge.merge(src, data, method="fs-merge", variant="local", init="zipit", epochs=200,
                              lr=0.05, schedule="constant")
     assert merged.meta["final_loss"] < merged.meta["initial_loss"]
-    from foldmerge.arch import defaults                     # meta records the values used, not None
+    from foldmerge.arch import defaults  # meta records the values used, not None
     assert (merged.meta["zipit_alpha"], merged.meta["zipit_beta"]) == (0.3, 0.5) == \
         tuple(defaults.value("mlp", ("zipit",), k)[0] for k in ("alpha", "beta"))
     with pytest.raises(ValueError, match="needs param 'full'"):

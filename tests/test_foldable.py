@@ -4,8 +4,16 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from foldmerge.foldable import (FoldMap, fold_groups, fold_linear, fold_linears, merge_features, pack_maps, parse_param,
-                               unmerge_features)
+from foldmerge.foldable import (
+    FoldMap,
+    fold_groups,
+    fold_linear,
+    fold_linears,
+    merge_features,
+    pack_maps,
+    parse_param,
+    unmerge_features,
+)
 from foldmerge.model import TaskModel
 from foldmerge.supernet import SuperNet
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import foldmerge
-from foldmerge.methods.common import reconstruction_loss as _recon_loss, target_scales as _scales
+from foldmerge.methods.common import reconstruction_loss as _recon_loss
+from foldmerge.methods.common import target_scales as _scales
 from foldmerge.model import TaskModel
 from foldmerge.supernet import SuperNet
 
@@ -153,8 +154,8 @@ def test_seq_bad_options():
 
 def test_target_scaling_is_undone_when_training_fails():
     # the output map's blocks are scaled for training; an error mid-training must not leave them scaled
-    from foldmerge.foldable import FoldMap
     from foldmerge.context import Context
+    from foldmerge.foldable import FoldMap
     from foldmerge.methods.common import fit_reconstruction
     from foldmerge.train import TrainConfig
     src = sources()

@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "own_model.py"
 
 
-def test_the_readme_shows_the_example_file_verbatim():
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Merge your own model"):]
+def test_the_docs_show_the_example_file_verbatim():
+    page = (ROOT / "docs" / "own-model.md").read_text()
+    section = page[page.index("## A worked example"):]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert blocks and blocks[0] == EXAMPLE.read_text()
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import foldmerge
-from foldmerge.context import FeatureCache
 from foldmerge import selection
+from foldmerge.context import FeatureCache
 from foldmerge.model import TaskModel
 
 

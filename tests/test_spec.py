@@ -2,14 +2,13 @@
 against the paper's MLP and ViT SuperNets written out by hand."""
 import pytest
 import torch
+from test_foldable import perturb
 from torch import nn
 
 from foldmerge.arch import vit
 from foldmerge.model import TaskModel
 from foldmerge.spec import ArchSpec, Norm, Param, Probe, Space, SpecError
 from foldmerge.supernet import SuperNet
-
-from test_foldable import perturb
 
 TASKS = ["mnist:0-4", "mnist:5-9", "fmnist:0-4"]
 VIT = {"image_size": 28, "channels": 1, "patch": 7, "width": 16, "depth": 2, "heads": 2, "mlp_dim": 32, "out_dim": 8}

@@ -5,8 +5,8 @@ import torch
 from torch.nn import functional as F
 
 import foldmerge
-from foldmerge.methods.permute import permutation_maps
 from foldmerge.methods.align import observe
+from foldmerge.methods.permute import permutation_maps
 from foldmerge.methods.zipit import correlation, zipit_clusters, zipit_maps
 from foldmerge.model import TaskModel
 

@@ -25,14 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
-from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
 
 from . import hf, selection
 from .calibrate import calibrate_heads
-from .checkpoint import Checkpoint, checkpoint_dir
+from .checkpoint import Checkpoint
+from .checkpoint import checkpoint_dir as checkpoint_dir_of
 from .context import Context, FeatureCache
 from .data import Task
 from .data.augment import expand
@@ -41,9 +40,23 @@ from .errors import did_you_mean
 from .evaluation import evaluate as _evaluate
 from .io import check_target, nonfinite, save_model
 from .loading import load as _load
+from .loading import load_sources, read_option_files
 from .methods import get_method
 from .model import TaskModel, as_input
-from .options import Choice, FilePath, Flag, Integer, ListOf, ModelRef, Option, Rule, TensorFile, Text, check_value
+from .options import (
+    Choice,
+    FilePath,
+    Flag,
+    Integer,
+    ListOf,
+    ModelRef,
+    Option,
+    Rule,
+    TensorFile,
+    Text,
+    check_value,
+    check_values,
+)
 from .provenance import describe, environment, source_record
 
 
@@ -188,69 +201,41 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
                               "held_out": describe(held_out) if held_out else None,
                               "options": describe(options)}.items() if v is not None}
     m = get_method(method)
-    seed = check_value(SETTING["seed"], seed)
-    calibrate = check_value(SETTING["calibrate"], calibrate)
-    force, resume, allow_pickle = (check_value(SETTING[k], v) for k, v in
-                                   (("force", force), ("resume", resume), ("allow_pickle", allow_pickle)))
-    checkpoint_every = check_value(SETTING["checkpoint_every"], checkpoint_every) if checkpoint_every else 0
+    if isinstance(data, bool) or not isinstance(data, (int, list, tuple)):
+        raise ValueError("data must be per-model tensors or a number of images per task")
+    s = check_values(SETTINGS, {"seed": seed, "calibrate": calibrate, "force": force, "resume": resume,
+                                "allow_pickle": allow_pickle, "checkpoint_every": checkpoint_every or None,
+                                "tasks": tasks, "out": out, "select": select, "augment": augment,
+                                "per_task": data if isinstance(data, int) else None,
+                                "held_out": None if isinstance(held_out, (list, tuple)) else held_out},
+                     "foldmerge.merge")
+    given = m.check(options)                     # names and grammar now, defaults once the data is known
     if isinstance(models, (str, os.PathLike)) or not isinstance(models, (list, tuple)) or len(models) < 2:
         raise ValueError("merge needs a list of two or more models (TaskModels or model directories)")
-    if tasks is not None:
-        tasks = check_value(SETTING["tasks"], tasks)
-        if len(tasks) != len(models):
-            raise ValueError(f"--tasks needs one task per model ({len(models)}), got {len(tasks)}")
-    given = {k: v for k, v in options.items() if v is not None}
-    paths = [p for p in list(models) + [given.get(o.name) for o in m.options if isinstance(o.kind, ModelRef)]
-             if isinstance(p, (str, os.PathLike))]
-    if out is not None:
-        out = check_target(check_value(SETTING["out"], out), force, inputs=paths)     # before any work
-    sources = _sources(models, tasks, allow_pickle)
-    merged_form = [s.merge_form() for s in sources]
+    if "tasks" in s and len(s["tasks"]) != len(models):
+        raise ValueError(f"--tasks needs one task per model ({len(models)}), got {len(s['tasks'])}")
+    if "out" in s:                               # before any work: never over an input
+        named = [v for o in m.options if isinstance(o.kind, ModelRef) and isinstance(v := given.get(o.name), str)]
+        check_target(s["out"], s["force"], inputs=[p for p in list(models) + named if isinstance(p, (str, os.PathLike))])
+    sources = load_sources(models, s.get("tasks"), s["allow_pickle"])
+    given = read_option_files(given, [o.name for o in m.options if isinstance(o.kind, ModelRef)],
+                              [o.name for o in m.options if isinstance(o.kind, TensorFile)], s["allow_pickle"])
+    merged_form = [x.merge_form() for x in sources]
     _check_heads(merged_form)
-    # the method's options: names and grammar now, defaults once the data is known
-    unknown = [k for k in given if k not in {o.name for o in m.options}]
-    if unknown:
-        m.resolve(merged_form, given)            # the one message, with its "did you mean"
-    given = {o.name: check_value(o, given[o.name]) for o in m.options if o.name in given}
-    for o in m.options:                          # a model or tensors named by path: read now
-        if o.name in given and isinstance(o.kind, (ModelRef, TensorFile)) and isinstance(given[o.name], str):
-            given[o.name] = (_load(given[o.name], allow_pickle=allow_pickle).merge_form()
-                             if isinstance(o.kind, ModelRef) else _tensors(o, given[o.name]))
-    data, sample = _draw(merged_form, data, seed, augment, m)
-    held = _held_out(merged_form, held_out, sample, seed, m)
+    data, sample = _draw(merged_form, data, s["seed"], s.get("augment"), m)
+    held = _held_out(merged_form, held_out if isinstance(held_out, (list, tuple)) else s.get("held_out", 0), sample,
+                     s["seed"], m)
     if held is not None:
         sample["held_out"] = held_out if isinstance(held_out, int) else [len(h) for h in held]
     resolved = m.resolve(merged_form, given, data)
-    grid = None if select is None else _grid(m, check_value(SETTING["select"], select), given)
+    grid = _grid(m, s["select"], given) if "select" in s else None
     context = Context(features=cache or FeatureCache())
-    job = Job(sources, merged_form, data, m, given, resolved, seed, calibrate, grid, held, sample, engine, context,
-              call, Path(out) if out is not None else None, force, keep_checkpoint=keep_checkpoint, command=command)
-    where = checkpoint_dir if checkpoint_dir is not None else (_checkpoint_dir(job.out) if job.out else None)
-    job.checkpoint = _checkpoint(job, checkpoint_every, where, resume)
-    job.context.checkpoint = job.checkpoint
+    job = Job(sources, merged_form, data, m, given, resolved, s["seed"], s["calibrate"], grid, held, sample, engine,
+              context, call, Path(s["out"]) if "out" in s else None, s["force"], keep_checkpoint=keep_checkpoint,
+              command=command)
+    where = checkpoint_dir if checkpoint_dir is not None else (checkpoint_dir_of(job.out) if job.out else None)
+    job.checkpoint = context.checkpoint = _checkpoint(job, s.get("checkpoint_every", 0), where, s["resume"])
     return job
-
-
-def _checkpoint_dir(out: Path) -> Path:
-    return checkpoint_dir(out)
-
-
-def _sources(models, tasks, allow_pickle: bool) -> list[TaskModel]:
-    """The models as TaskModels (paths loaded: ours or Hugging Face's), each checked."""
-    hf_paths = [p for p in models if isinstance(p, (str, os.PathLike)) and hf.is_hf_dir(p)]
-    if hf_paths:
-        hf.check_tokenizers(hf_paths)
-    out = []
-    for k, m in enumerate(models):
-        if isinstance(m, (str, os.PathLike)):
-            m = _load(m, tasks[k] if tasks else None, allow_pickle)
-        elif not isinstance(m, TaskModel):
-            raise ValueError(f"model {k + 1} is a {type(m).__name__}, not a TaskModel or a model directory")
-        bad = nonfinite(m.state_dict())
-        if bad:
-            raise ValueError(f"model {k + 1} ({m.meta.get('path', 'in memory')}): {bad}")
-        out.append(m)
-    return out
 
 
 def _check_heads(models) -> None:
@@ -259,24 +244,13 @@ def _check_heads(models) -> None:
         raise ValueError(f"two models share a task ({', '.join(names)}); heads would collide")
 
 
-def _tensors(option: Option, path: str) -> dict:
-    try:
-        return load_file(path)
-    except (OSError, SafetensorError) as e:
-        raise ValueError(f"{option.flag} {path}: not a readable .safetensors file ({str(e).splitlines()[0]})") from None
-
-
 def _draw(models, data, seed: int, augment, method) -> tuple[list, dict]:
     """(per-model data, what the model's meta records of it): drawn (data as an int) or given."""
-    if isinstance(data, bool) or not isinstance(data, (int, list, tuple)):
-        raise ValueError("data must be per-model tensors or a number of images per task")
     if isinstance(data, int):
-        per_task = check_value(SETTING["per_task"], data)
-        augment = default_augment(method.name, models) if augment is None else \
-            check_value(SETTING["augment"], augment)
-        drawn = merge_sample(models, per_task, seed, augment)
+        augment = default_augment(method.name, models) if augment is None else augment
+        drawn = merge_sample(models, data, seed, augment)
         _check_data(models, drawn)
-        return drawn, {"per_task": per_task, "augment": augment, "seed": seed}
+        return drawn, {"per_task": data, "augment": augment, "seed": seed}
     if augment:
         raise ValueError("augment applies to a drawn sample (data as an int), not to given tensors")
     _check_data(models, data)
@@ -288,7 +262,6 @@ def _held_out(models, held_out, sample: dict, seed: int, method) -> list | None:
         _check_data(models, list(held_out))
         held = list(held_out)
     else:
-        held_out = check_value(SETTING["held_out"], held_out)
         if not held_out:
             return None
         if "per_task" not in sample:

@@ -13,8 +13,8 @@ import os
 import signal
 import sys
 
-from .version import __version__
 from .errors import USER_ERRORS, did_you_mean
+from .version import __version__
 
 # name: (module with add_arguments / run, one line of help)
 COMMANDS = {

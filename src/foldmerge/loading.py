@@ -10,10 +10,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
 from . import hf
 from .data import Task
 from .gated import GatedModel
-from .io import CONFIG, WEIGHTS, ModelFileError, read_model_files
+from .io import CONFIG, WEIGHTS, ModelFileError, nonfinite, read_model_files
 from .model import TaskModel
 from .provenance import file_sha256
 
@@ -48,3 +51,39 @@ def load(path: str | os.PathLike, task=None, allow_pickle: bool = False) -> Task
         model.eval()
     model.meta["path"] = str(path)
     return model
+
+
+def load_sources(models, tasks=None, allow_pickle: bool = False) -> list[TaskModel]:
+    """The models of a merge as TaskModels (paths loaded: ours or Hugging Face's, whose tokenizers must
+    agree; `tasks[k]` for model k), each checked to hold finite weights."""
+    hf_paths = [p for p in models if isinstance(p, (str, os.PathLike)) and hf.is_hf_dir(p)]
+    if hf_paths:
+        hf.check_tokenizers(hf_paths)
+    out = []
+    for k, m in enumerate(models):
+        if isinstance(m, (str, os.PathLike)):
+            m = load(m, tasks[k] if tasks else None, allow_pickle)
+        elif not isinstance(m, TaskModel):
+            raise ValueError(f"model {k + 1} is a {type(m).__name__}, not a TaskModel or a model directory")
+        bad = nonfinite(m.state_dict())
+        if bad:
+            raise ValueError(f"model {k + 1} ({m.meta.get('path', 'in memory')}): {bad}")
+        out.append(m)
+    return out
+
+
+def read_option_files(given: dict, models=(), tensors=(), allow_pickle: bool = False) -> dict:
+    """`given` (a method's options) with the options named in `models` and `tensors` that hold a path
+    read: a model in the form a merge reads, tensors (.safetensors) as a dict."""
+    out = dict(given)
+    for name in models:
+        if isinstance(given.get(name), str):
+            out[name] = load(given[name], allow_pickle=allow_pickle).merge_form()
+    for name in tensors:
+        if isinstance(given.get(name), str):
+            try:
+                out[name] = load_file(given[name])
+            except (OSError, SafetensorError) as e:
+                raise ValueError(f"--{name.replace('_', '-')} {given[name]}: not a readable .safetensors file "
+                                 f"({str(e).splitlines()[0]})") from None
+    return out

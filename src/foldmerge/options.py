@@ -383,20 +383,24 @@ def check_value(option: Option, value, where: str = ""):
         raise ValueError(f"{where}{option.flag}: {e}") from None
 
 
+def check_values(options: tuple[Option, ...], given: dict, owner: str) -> dict:
+    """`given` (None: not given) read by each option's grammar; an unknown name is refused."""
+    by_name = {o.name: o for o in options}
+    for k in given:
+        if k not in by_name:
+            flag = "--" + k.replace("_", "-")
+            raise ValueError(f"{flag} does not apply to {owner}{did_you_mean(flag, [o.flag for o in options])}")
+    return {k: check_value(by_name[k], v) for k, v in given.items() if v is not None}
+
+
 def resolve(options: tuple[Option, ...], given: dict, models, data, owner: str) -> dict:
     """Every option's value: given ones checked by their grammar (None: not given), the rest at
     their defaults; an unknown name, or an option given where it does not apply, is refused."""
-    by_name = {o.name: o for o in options}
-    unknown = [k for k in given if k not in by_name]
-    if unknown:
-        k = unknown[0]
-        flag = "--" + k.replace("_", "-")
-        raise ValueError(f"{flag} does not apply to {owner}{did_you_mean(flag, [o.flag for o in options])}")
+    given = check_values(options, given, owner)
     out = {}
     for o in options:                   # in declaration order: `when` refers to earlier options
         value = given.get(o.name)
         if value is not None:
-            value = check_value(o, value)
             if not o.applies(out):
                 other, values = o.when
                 raise ValueError(f"{o.flag} applies only when {other} is {' or '.join(map(str, values))} "
@@ -428,9 +432,13 @@ class Method:
     held_out: bool = False         # stops early on held-out data (fs-merge, distill)
     doc: str = field(default="", repr=False)
 
+    def check(self, given: dict) -> dict:
+        """The options given (None: not given), read by their grammar; an unknown one refused."""
+        return check_values(self.options, given, f"method {self.name!r}")
+
     def resolve(self, models, given: dict, data=None) -> dict:
-        return resolve(self.options, {k: v for k, v in given.items() if v is not None}, models, data,
-                       f"method {self.name!r}")
+        """Every option's value: the given ones checked, the rest at their defaults for these models."""
+        return resolve(self.options, given, models, data, f"method {self.name!r}")
 
     def __call__(self, models, data=None, seed: int = 0, context=None, held_out=None, **given):
         options = self.resolve(models, given, data)

@@ -32,14 +32,15 @@ MLP = Row({
                         lr=0.1, momentum=0.9, warmup=0.02),
                    "FS-Merge paper appendix E.1: the MNIST grid's bold values, gradient descent on the whole "
                    "sample, targets scaled to one level; warmup 0.02 = its 20 epochs of 1000"),
-    "fs-merge": Group(dict(param="full", init="first", targets="all"),
+    "fs-merge": Group(dict(param="full", targets="all"),
                       "paper section 2.1 and E.1: dense maps, every input scored against every source"),
-    "fs-merge/local": Group(dict(init="random", epochs=15000, warmup=20 / 15000), "appendix E.1 (local FS-Merge)"),
-    "distill": Group(dict(init="first", targets="all"), "as FS-Merge global (E.1's distillation grid)"),
+    "fs-merge/local": Group(dict(epochs=15000, warmup=20 / 15000), "appendix E.1 (local FS-Merge)"),
+    "distill": Group(dict(targets="all"), "as FS-Merge global (E.1's distillation grid)"),
     "zipit": Group(dict(alpha=0.3, beta=0.5),
-                   "bench mlp's validation search: best mean validation accuracy over the MNIST and "
-                   "Fashion-MNIST halves (docs/results/bench-mlp-mnist-depth.json)"),
-    "regmean": Group(dict(alpha=0.5), "bench mlp's validation search"),
+                   "bench mlp's validation searches: the best mean validation accuracy over the MNIST and "
+                   "Fashion-MNIST bench pairs (docs/benchmarks/defaults.md; those runs' files are not kept)"),
+    "regmean": Group(dict(alpha=0.5), "bench select's grid at MLP depths 2 and 4 on MNIST and Fashion-MNIST: the "
+                                      "best validation mean (docs/benchmarks/defaults.md)"),
     "ensemble": Group(dict(normalize=False),
                       "the paper's MLP ensemble is the plain mean of the features (bench mlp reproduces it)"),
 })
@@ -50,11 +51,10 @@ VIT = Row({
                    "bench vit pairs16's validation search (distillation and low-rank FS-Merge both chose 100 "
                    "epochs at lr 1e-3, docs/results/bench-vit-pairs16.json); AdamW, batch 128, weight decay "
                    "0.001 and unscaled targets from appendix E.2; warmup 0.2 = E.1's 20 epochs"),
-    "fs-merge": Group(dict(param="diag+lowrank(16)", init="first", targets="own-task"),
+    "fs-merge": Group(dict(param="diag+lowrank(16)", targets="own-task"),
                       "appendix B.2: a residual stream takes diagonal + low-rank maps (dense ones are quadratic "
                       "in width), each input scored against its own source"),
-    "fs-merge/local": Group(dict(init="random"), "appendix E.1 (local FS-Merge is defined for MLPs)"),
-    "distill": Group(dict(init="first", targets="own-task"), "as FS-Merge (appendix E.2)"),
+    "distill": Group(dict(targets="own-task"), "as FS-Merge (appendix E.2)"),
     "zipit": Group(dict(alpha=0.3, beta=0.125), "bench vit pairs16's validation search (the ZipIt! authors' values)"),
     "regmean": Group(dict(alpha=0.9), "bench vit pairs16's validation search (appendix E.2's value)"),
     "ensemble": Group(dict(normalize=True),

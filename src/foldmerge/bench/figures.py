@@ -1,87 +1,152 @@
-"""`foldmerge report RESULTS.json... --out DIR`: a Markdown and a self-contained HTML report, with
-PNG figures (matplotlib, Agg), from any benches' --json output.
+"""The figures of `foldmerge report` (PNG, matplotlib's object API with the Agg canvas: no pyplot,
+no global figure state or backend).
 
-Per result: bars of per-task and joint accuracy per method (error bars: sample std over the
-bench's replicates, seeds or pairs), accuracy against wall time and against learnable parameters
-where the bench recorded them, and the figure of its own question (cost: time and memory ratios
-to distillation; data-efficiency: accuracy against original examples per task; scale:
-FS-Merge minus distillation against model size). Each section names the machine, date, commit
-and command of its run, as far as the JSON recorded them. Every input is read and checked
-before anything is written; the report is built beside DIR and moved into place when complete.
+Per bench result: bars of per-task and joint accuracy per method (error bars: sample std over the
+bench's replicates, seeds or pairs) with the reference levels (originals, ensemble, random guess)
+drawn as lines across them, never as bars; accuracy against wall time and against learnable
+parameters where the bench recorded them, each panel's Pareto front named; and the figure of the
+bench's own question (cost: time and memory ratios to distillation; data-efficiency: accuracy
+against original examples per task; scale: FS-Merge minus distillation against model size).
 """
 from __future__ import annotations
 
-import base64
-import html
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import NullLocator
 
-from ..provenance import environment
-from .results import load_result, points, signed, summary
+from .results import reference
 
-MARK = "report.md"      # a directory holding this is a report, and may be replaced by a new one
+DPI = 110
+METRICS = {"per_task": ("per-task", "C0"), "joint": ("joint", "C1")}     # key: (label, colour)
+LEVELS = {"originals": "-", "ensemble": "--", "random guess": ":"}       # reference level: line style
+LABEL_POINTS = 6                                                          # font size of point names
 
 
-def _grid(n: int):
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)        # a renderer to measure text with, before the figure is saved
+    return fig
+
+
+def _grid(n: int, width: float, height: float, sharey: bool = False, min_width: float = 7.5):
+    """n panels of width x height inches, at most 3 to a row, the figure at least `min_width` wide
+    (room for its title and legend); the unused cells of the last row hidden."""
     cols = min(3, n)
     rows = (n + cols - 1) // cols
-    fig = Figure(figsize=(5.2 * cols, 3.8 * rows))      # no pyplot: no global figure state or backend
-    axes = fig.subplots(rows, cols, squeeze=False)
+    fig = _figure(max(width * cols, min_width), height * rows)
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=sharey)
     for ax in axes.flat[n:]:
         ax.axis("off")
     return fig, list(axes.flat[:n])
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI)
     return path
 
 
-def accuracy_bars(rows: list[dict], path: Path, title: str) -> Path:
+def _legend(fig: Figure, handles: list) -> None:
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
+
+
+def _level_handles(levels) -> list:
+    return [Line2D([], [], color="0.25", ls=LEVELS[lv], lw=1.2, label=lv) for lv in LEVELS if lv in levels]
+
+
+def references_of(rows: list[dict]) -> dict[str, dict]:
+    """The reference rows among one panel's, by level ('originals', 'ensemble', 'random guess')."""
+    return {reference(r["method"]): r for r in rows if reference(r["method"])}
+
+
+# ------------------------------------------------------------------ accuracy bars
+def accuracy_figure(rows: list[dict], title: str) -> Figure:
+    """One panel per setting: horizontal bars of the methods' per-task and joint accuracy; the
+    reference levels as vertical lines across the bars, in the metric's colour."""
     panels = list(dict.fromkeys(r["panel"] for r in rows))
-    fig, axes = _grid(len(panels))
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if not reference(m)]
+    fig, axes = _grid(len(panels), 4.4, 0.9 + 0.24 * max(len(methods), 2), sharey=True)
     for ax, panel in zip(axes, panels):
         sel = [r for r in rows if r["panel"] == panel]
-        xs = range(len(sel))
-        ax.bar([x - 0.2 for x in xs], [r["per_task"] for r in sel], 0.4, yerr=[r["per_task_std"] or 0 for r in sel],
-               capsize=2, label="per-task")
-        ax.bar([x + 0.2 for x in xs], [r["joint"] or 0 for r in sel], 0.4,
-               yerr=[r["joint_std"] or 0 for r in sel], capsize=2, label="joint")
-        ax.set_xticks(list(xs), [r["method"] for r in sel], rotation=60, ha="right", fontsize=7)
-        ax.set_ylim(0, 100)
-        ax.set_ylabel("test accuracy %")
+        by_method = {r["method"]: r for r in sel}
+        _method_bars(ax, [by_method.get(m) for m in methods])
+        _reference_lines(ax, references_of(sel))
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("test accuracy %", fontsize=8)
         ax.set_title(panel, fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(which="both", labelsize=7)
+    axes[0].set_yticks(range(len(methods)), methods)
+    axes[0].invert_yaxis()          # the bench's first method on top (the axes are shared)
+    levels = {lv for r in rows for lv in [reference(r["method"])] if lv}
+    metrics = [Patch(color=c, label=lab) for key, (lab, c) in METRICS.items() if any(r[key] is not None for r in rows)]
+    _legend(fig, metrics + _level_handles(levels))
+    fig.suptitle(f"{title}\nbars: methods (error bars: std over replicates); lines: reference levels, "
+                 "in the colour of their metric", fontsize=9)
+    return fig
 
 
+def _method_bars(ax, rows: list[dict | None]) -> None:
+    """Per-task above joint at each method's row; a method this panel lacks (None) has no bars."""
+    for offset, key in ((-0.2, "per_task"), (0.2, "joint")):
+        drawn = [(i, r) for i, r in enumerate(rows) if r is not None and r[key] is not None]
+        ax.barh([i + offset for i, _ in drawn], [r[key] for _, r in drawn], 0.4,
+                xerr=[r[key + "_std"] or 0 for _, r in drawn], capsize=1.5, color=METRICS[key][1],
+                error_kw={"lw": 0.8})
+
+
+def _reference_lines(ax, refs: dict[str, dict], keys=("per_task", "joint"), vertical: bool = True) -> None:
+    for level, r in refs.items():
+        for key in keys:
+            if r[key] is not None:
+                line = ax.axvline if vertical else ax.axhline
+                line(r[key], color=METRICS[key][1], ls=LEVELS[level], lw=1.2, alpha=0.9)
+
+
+def accuracy_bars(rows: list[dict], path: Path, title: str) -> Path:
+    return _save(accuracy_figure(rows, title), path)
+
+
+# ------------------------------------------------------------------ accuracy against cost
 def accuracy_against(rows: list[dict], key: str, label: str, path: Path, title: str) -> Path:
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.subplots()
-    for panel in dict.fromkeys(r["panel"] for r in rows):
-        sel = [r for r in rows if r["panel"] == panel and r[key]]
-        front = pareto_front(sel, key)
-        dots = ax.scatter([r[key] for r in front], [r["per_task"] for r in front], label=panel, s=20)
-        rest = [r for r in sel if r not in front]
-        ax.scatter([r[key] for r in rest], [r["per_task"] for r in rest], s=12, alpha=0.35,
-                   color=dots.get_facecolor()[0])
-        for r in front:
-            ax.annotate(r["method"], (r[key], r["per_task"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel(label)
-    ax.set_ylabel("per-task test accuracy %")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title + "\nnamed: each panel's best for its cost (the rest faint; all in the table)", fontsize=9)
+    """Per panel: per-task accuracy of the methods against `key` (seconds, parameters), each cost
+    level's best named (the Pareto front), the rest faint; originals and ensemble as lines."""
+    panels = [p for p in dict.fromkeys(r["panel"] for r in rows) if _costed(rows, p, key)]
+    fig, axes = _grid(len(panels), 5.0, 3.7)
+    fronts = []
+    for ax, panel in zip(axes, panels):
+        sel = [r for r in rows if r["panel"] == panel]
+        costed = _costed(rows, panel, key)
+        front = pareto_front(costed, key)
+        rest = [r for r in costed if r not in front]
+        ax.scatter([r[key] for r in rest], [r["per_task"] for r in rest], s=12, alpha=0.35, color="C0")
+        ax.scatter([r[key] for r in front], [r["per_task"] for r in front], s=22, color="C0", zorder=3)
+        refs = {lv: r for lv, r in references_of(sel).items() if lv != "random guess"}
+        _reference_lines(ax, refs, keys=("per_task",), vertical=False)
+        ax.set_xscale("log")
+        ax.margins(y=0.1)        # room above the highest point for its name
+        ax.set_xlabel(label, fontsize=8)
+        ax.set_ylabel("per-task test accuracy %", fontsize=8)
+        ax.set_title(panel, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(which="both", labelsize=7)
+        fronts.append(front)
+    levels = {lv for r in rows for lv in [reference(r["method"])] if lv and lv != "random guess"}
+    _legend(fig, [Line2D([], [], ls="", marker="o", ms=5, color="C0", label="named: the best for its cost"),
+                  Line2D([], [], ls="", marker="o", ms=4, color="C0", alpha=0.35, label="the rest (all in the table)")]
+            + _level_handles(levels))
+    fig.suptitle(title, fontsize=10)
+    fig.canvas.draw()           # the layout is final before names are placed beside points
+    for ax, front in zip(axes, fronts):
+        name_points(ax, [(r[key], r["per_task"], r["method"]) for r in front])
     return _save(fig, path)
+
+
+def _costed(rows: list[dict], panel: str, key: str) -> list[dict]:
+    return [r for r in rows if r["panel"] == panel and r[key] and not reference(r["method"])]
 
 
 def pareto_front(rows: list[dict], key: str) -> list[dict]:
@@ -94,8 +159,39 @@ def pareto_front(rows: list[dict], key: str) -> list[dict]:
     return front
 
 
+def name_points(ax, named: list[tuple[float, float, str]], max_moves: int = 60) -> list:
+    """Write each name beside its point, the highest first; a name that would overlap one written
+    before moves down a line at a time until clear, with a thin line back to its point. Names on
+    the right of the panel extend leftwards. Returns the texts (left out of the layout)."""
+    renderer = ax.figure.canvas.get_renderer()
+    ax.get_xlim(), ax.get_ylim()            # the view limits, settled before data are mapped to pixels
+    placed, texts = [], []
+    for x, y, name in sorted(named, key=lambda p: -p[1]):
+        right = ax.transAxes.inverted().transform(ax.transData.transform((x, y)))[0] > 0.55
+        dx, dy = (-4 if right else 4), 2
+        text = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=LABEL_POINTS,
+                           ha="right" if right else "left", va="bottom",
+                           bbox={"boxstyle": "square,pad=0.05", "fc": "white", "ec": "none", "alpha": 0.75})
+        text.set_in_layout(False)
+        box = text.get_window_extent(renderer)
+        for _ in range(max_moves):
+            if not any(box.overlaps(b) for b in placed):
+                break
+            dy -= LABEL_POINTS + 1.5
+            text.xyann = (dx, dy)
+            box = text.get_window_extent(renderer)
+        if dy < 0:
+            ax.annotate("", (x, y), xytext=(dx, dy + LABEL_POINTS / 2), textcoords="offset points",
+                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5", "shrinkA": 0, "shrinkB": 2}
+                        ).set_in_layout(False)
+        placed.append(box)
+        texts.append(text)
+    return texts
+
+
+# ------------------------------------------------------------------ the benches' own questions
 def efficiency_curves(result: dict, path: Path) -> Path:
-    fig, axes = _grid(2)
+    fig, axes = _grid(2, 5.2, 3.8)
     curves = result["curves"]
     for ax, key in zip(axes, ("per_task", "joint")):
         for method in dict.fromkeys(c["method"] for c in curves if c["originals"] is not None):
@@ -103,12 +199,13 @@ def efficiency_curves(result: dict, path: Path) -> Path:
                          key=lambda c: c["originals"])
             ax.errorbar([c["originals"] for c in sel], [c[key] for c in sel], yerr=[c[key + "_std"] or 0 for c in sel],
                         marker="o", ms=3, capsize=2, label=method)
-        ens = next((c for c in curves if c["method"] == "ensemble"), None)
-        if ens is not None and ens[key] is not None:
-            ax.axhline(ens[key], color="grey", ls="--", label="ensemble (no merge data)")
+        for c in curves:        # the references use no merge data: one level each, a line
+            level = reference(c["method"]) if c["originals"] is None else None
+            if level and c[key] is not None:
+                ax.axhline(c[key], color="0.35", ls=LEVELS[level], lw=1.2, label=f"{level} (no merge data)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("original examples per task")
-        ax.set_ylabel(f"{key.replace('_', '-')} test accuracy %")
+        ax.set_ylabel(f"{METRICS[key][0]} test accuracy %")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fill = f"augmented to {result['total_per_task']} per task" if result.get("total_per_task") else "no augmentation"
@@ -118,7 +215,7 @@ def efficiency_curves(result: dict, path: Path) -> Path:
 
 
 def scale_gap(result: dict, path: Path) -> Path:
-    fig, axes = _grid(2)
+    fig, axes = _grid(2, 5.2, 3.8)
     for ax, key in zip(axes, ("gap_per_task", "gap_joint")):
         for n in dict.fromkeys(g["originals"] for g in result["gaps"]):
             sel = sorted((g for g in result["gaps"] if g["originals"] == n and g[key] is not None),
@@ -142,7 +239,7 @@ def scale_gap(result: dict, path: Path) -> Path:
 
 
 def cost_ratios(result: dict, path: Path) -> Path:
-    fig, axes = _grid(2)
+    fig, axes = _grid(2, 5.2, 3.8)
     rows = result["rows"]
     for ax, key, label in zip(axes, ("time_ratio", "memory_ratio"), ("time", "peak memory")):
         for method in dict.fromkeys(r["method"] for r in rows):
@@ -156,171 +253,3 @@ def cost_ratios(result: dict, path: Path) -> Path:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"cost on {result.get('device', '?')}, {result.get('precision', '?')}", fontsize=10)
     return _save(fig, path)
-
-
-# ------------------------------------------------------------------ the document
-def _run_facts(result: dict) -> list[str]:
-    env = result.get("environment") or {}
-    missing = "not recorded in this JSON (written before benches recorded it)"
-    return [f"command: `{result['command']}`",
-            f"machine: {env.get('machine') or missing}" + (f"; {env['threads']} torch threads" if env.get("threads") else ""),
-            f"date: {result.get('date') or missing}",
-            f"commit: {env.get('git_commit') or missing}",
-            _wall_time(result)]
-
-
-def _wall_time(result: dict) -> str:
-    if result.get("total_seconds") is None:
-        return "wall time: not recorded"
-    line = f"wall time: {result['total_seconds'] / 60:.1f} min"
-    if result.get("cells_from_cache"):
-        # a resumed or re-assembled run: its own time leaves out the cells measured before
-        merged = sum(r["seconds"] for r in result.get("rows", []) if isinstance(r.get("seconds"), (int, float)))
-        of = f" of {result['cells']}" if result.get("cells") else ""     # files written before benches counted them
-        line += (f" for this invocation, which read {result['cells_from_cache']}{of} cells back from earlier runs; "
-                 f"the merges in it took {merged / 60:.1f} min when measured")
-    return line
-
-
-def _fmt(m, s=None):
-    if m is None:
-        return "–"
-    return f"{m:.1f}" + (f" ± {s:.1f}" if s else "")
-
-
-def _accuracy_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    panels = list(dict.fromkeys(r["panel"] for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    body = []
-    for m in methods:
-        cells = []
-        for p in panels:
-            r = next((r for r in rows if (r["panel"], r["method"]) == (p, m)), None)
-            cells.append("–" if r is None else f"{_fmt(r['per_task'], r['per_task_std'])} / {_fmt(r['joint'])}")
-        body.append([m] + cells)
-    return ["method"] + panels, body
-
-
-def _special_table(result: dict) -> tuple[list[str], list[list[str]]] | None:
-    bench = result["bench"]
-    if bench == "cost":
-        return (["n", "method", "seconds", "× distill time", "peak MiB", "× distill memory"],
-                [[str(r["n"]), r["method"], f"{r['seconds']:.2f}", _ratio(r.get("time_ratio")),
-                  "–" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2**20:.1f}",
-                  _ratio(r.get("memory_ratio"))] for r in result["rows"]])
-    if bench == "scale":
-        return (["ViT", "source params", "originals", "distill", "fs-merge", "gap per task", "gap joint", "seeds"],
-                [[f"w{g['width']} d{g['depth']}", f"{g['source_parameters']:,}", str(g["originals"]),
-                  _fmt(g["per_task_of"].get("distill")), _fmt(g["per_task_of"].get("fs-merge diag+lowrank(12)")),
-                  signed(g["gap_per_task"], g["gap_per_task_std"]), signed(g["gap_joint"], g["gap_joint_std"]),
-                  str(g["seeds"])] for g in result["gaps"]])
-    return None
-
-
-def _ratio(v):
-    return "–" if v is None else f"{v:.2f}"
-
-
-def _section(result: dict, name: str, folder: Path) -> list[tuple]:
-    """The blocks of one result: ('h2', text), ('li', [text]), ('img', file), ('table', header, body)."""
-    bench = result["bench"]
-    blocks: list[tuple] = [("h2", f"{bench}: {name}"), ("li", _run_facts(result))]
-    stem = name.removesuffix(".json")
-    figs = []
-    if bench == "cost":
-        figs.append(cost_ratios(result, folder / f"{stem}-ratios.png"))
-    elif bench == "scale":
-        figs.append(scale_gap(result, folder / f"{stem}-gap.png"))
-    elif bench == "data-efficiency":
-        figs.append(efficiency_curves(result, folder / f"{stem}-curves.png"))
-    rows = summary(points(result))
-    if rows and bench not in ("scale", "data-efficiency"):
-        figs.append(accuracy_bars(rows, folder / f"{stem}-accuracy.png",
-                                  f"{bench}: per-task and joint test accuracy; error bars: std over replicates"))
-    if any(r["seconds"] for r in rows):
-        figs.append(accuracy_against(rows, "seconds", "wall seconds (merge + calibration)",
-                                     folder / f"{stem}-time.png", f"{bench}: accuracy against wall time"))
-    if any(r["params"] for r in rows):
-        figs.append(accuracy_against(rows, "params", "learnable parameters", folder / f"{stem}-params.png",
-                                     f"{bench}: accuracy against learnable parameters"))
-    blocks += [("img", f.name) for f in figs]
-    special = _special_table(result)
-    if special:
-        blocks.append(("table",) + special)
-    elif rows:
-        blocks.append(("p", "per-task ± std / joint test accuracy %, mean over replicates"))
-        blocks.append(("table",) + _accuracy_table(rows))
-    return blocks
-
-
-def _markdown(title: str, intro: list[str], blocks: list[tuple]) -> str:
-    out = [f"# {title}", ""] + [f"{line}  " for line in intro] + [""]
-    for b in blocks:
-        if b[0] == "h2":
-            out += [f"## {b[1]}", ""]
-        elif b[0] == "li":
-            out += [f"- {x}" for x in b[1]] + [""]
-        elif b[0] == "p":
-            out += [b[1], ""]
-        elif b[0] == "img":
-            out += [f"![{b[1]}]({b[1]})", ""]
-        else:
-            header, body = b[1], b[2]
-            out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            out += ["| " + " | ".join(row) + " |" for row in body] + [""]
-    return "\n".join(out)
-
-
-def _html(title: str, intro: list[str], blocks: list[tuple], folder: Path) -> str:
-    e = html.escape
-    out = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{e(title)}</title>",
-           "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;"
-           "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}img{max-width:100%}"
-           "</style></head><body>", f"<h1>{e(title)}</h1>"] + [f"<p>{e(line)}</p>" for line in intro]
-    for b in blocks:
-        if b[0] == "h2":
-            out.append(f"<h2>{e(b[1])}</h2>")
-        elif b[0] == "li":
-            out.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in b[1]) + "</ul>")
-        elif b[0] == "p":
-            out.append(f"<p>{e(b[1])}</p>")
-        elif b[0] == "img":     # inline, so the one file is the whole report
-            data = base64.b64encode((folder / b[1]).read_bytes()).decode()
-            out.append(f"<p><img alt='{e(b[1])}' src='data:image/png;base64,{data}'></p>")
-        else:
-            out.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in b[1]) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in b[2])
-                       + "</table>")
-    return "\n".join(out + ["</body></html>"])
-
-
-def build_report(paths: list[str], out: str, command: str) -> dict:
-    """Write DIR/report.md, DIR/report.html and DIR/*.png; returns what was written."""
-    results = [(Path(p).name, load_result(p)) for p in paths]      # every input checked before any write
-    names = [n for n, _ in results]
-    if len(set(names)) < len(names):
-        raise ValueError("two results share a file name; their figures would collide")
-    target = Path(out)
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MARK).is_file())):
-        raise ValueError(f"{target} exists and is not a report directory; refusing to overwrite it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        blocks = []
-        for name, result in results:
-            blocks += _section(result, name, tmp)
-        env = environment()
-        intro = [f"made by `{command}`", f"from {len(results)} result file(s): {', '.join(names)}",
-                 f"report written with foldmerge {env['foldmerge']} at commit {env['git_commit']}; every number "
-                 "below is read from the result files, which the benches measured"]
-        title = "foldmerge results"
-        os.chmod(tmp, 0o755)        # mkdtemp makes it private; a report is meant to be read
-        (tmp / MARK).write_text(_markdown(title, intro, blocks) + "\n")
-        (tmp / "report.html").write_text(_html(title, intro, blocks, tmp))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {"out": str(target), "files": sorted(p.name for p in target.iterdir()), "results": names}

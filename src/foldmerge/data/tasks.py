@@ -106,10 +106,12 @@ class Task:
     # ----------------------------------------------------------------------- splits
     def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(images float32 (N,1,28,28) normalized, or token ids int64 (N, length) for a text
-        task; labels int64 in 0..C-1)."""
+        task; labels int64 in 0..C-1). The installed files are read once per process (`_split`);
+        each call returns its own copy, so no caller can change what the next one reads."""
         if which not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {which!r}")
-        return _split(self, which)
+        x, y = _split(self, which)
+        return x.clone(), y.clone()
 
     def sample(self, n: int, seed: int) -> torch.Tensor:
         """An unlabeled merge sample: n training images (never validation or test) drawn with `seed`."""

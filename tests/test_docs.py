@@ -1,0 +1,58 @@
+"""The docs build (mkdocs-material, strict: a moved section cannot leave a dead link or a missing
+page), and the README: at most 250 lines, no images (it renders on PyPI), every link resolves."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_docs_build_in_strict_mode(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "site" / "index.html").is_file()
+
+
+def anchors(md: str) -> set[str]:
+    """The anchors of a Markdown page's headings, as mkdocs makes them."""
+    out = set()
+    for line in md.splitlines():
+        m = re.match(r"#+\s+(.*)", line)
+        if m:
+            text = re.sub(r"[`*_]", "", m.group(1)).strip().lower()
+            out.add(re.sub(r"[\s]+", "-", re.sub(r"[^\w\s-]", "", text)))
+    return out
+
+
+def test_the_readme_is_short_has_no_images_and_its_links_resolve():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    assert "![" not in text and "<img" not in text
+    first_screen = "\n".join(text.splitlines()[:30])
+    assert "make demo" in first_screen and "make test" in first_screen
+    for target in re.findall(r"\]\(([^)]+)\)", text):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        page = ROOT / path if path else ROOT / "README.md"
+        assert page.exists(), target
+        if anchor and page.suffix == ".md":
+            assert anchor in anchors(page.read_text()), target
+
+
+def test_the_defaults_page_shows_the_family_table():
+    from foldmerge.arch import defaults
+    page = (ROOT / "docs" / "defaults.md").read_text()
+    lines = [l for l in page.splitlines() if l.startswith("| ")]
+    for family in ("mlp", "vit"):
+        for group, g in defaults.ROWS[family].groups.items():
+            for key, value in g.values.items():
+                if group == "ensemble":
+                    continue
+                flag = "`--" + key.replace("_", "-") + "`"
+                row = [l for l in lines if l.startswith(f"| {group} | ") and flag in l.split("|")[2]]
+                assert row, (group, key)
+                shown = "whole sample" if value is None else ("20/15000" if value == 20 / 15000 else f"`{value}`")
+                assert shown in row[0], (family, group, key, row[0])
