@@ -9,10 +9,14 @@ gets by default (a scale and an input-dependent shift). Per-task accuracy is the
 column. The sources' heads side by side and each head's mean top logit on each task's test
 images show where the fall comes from.
 
-    python examples/joint_diagnosis.py [--out runs/bench]
+    python examples/joint_diagnosis.py [--out runs/bench] [--json FILE]
 """
 import argparse
 import copy
+import datetime
+import json
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +26,7 @@ from foldmerge.api import merge_sample
 from foldmerge.bench.mlp import get_sources
 from foldmerge.calibrate import calibrate_routing
 from foldmerge.evaluation import SourceHeads, evaluate
+from foldmerge.provenance import environment
 
 TASKS = ("fmnist:0,2,4,6,8", "fmnist:1,3,5,7,9")
 
@@ -36,7 +41,10 @@ def top_logits(model, tasks):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="runs/bench", help="the benches' source cache")
+    p.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     args = p.parse_args()
+    start = time.perf_counter()
+    rows = []
     sources = get_sources("fmnist", [128, 128], 0, Path(args.out), tasks=TASKS)
     tasks = [t for s in sources for t in s.tasks]
     data = merge_sample(sources, 64, 0)
@@ -44,6 +52,8 @@ def main():
     r = evaluate(side)
     print(f"sources' heads side by side: per-task {r['per_task_mean']:.2f}, joint {r['joint_mean']:.2f}")
     print(f"  mean top logit [task][head]: {top_logits(side, tasks)}")
+    rows.append({"merge": "sources' heads side by side", "per_task": r["per_task_mean"], "joint": r["joint_mean"],
+                 "top_logits": top_logits(side, tasks)})
     print(f"{'merge':28s} {'per-task':>8s} {'joint':>7s} {'+temp.':>7s} {'+affine':>8s} {'+routing':>9s}")
     for name, method, opts in [("regmean", "regmean", {}), ("zipit", "zipit", {}), ("distill", "distill", {}),
                                ("fs-merge", "fs-merge", {}),
@@ -57,8 +67,17 @@ def main():
             cells.append(evaluate(m)["joint_mean"])
         print(f"{name:28s} {raw['per_task_mean']:8.2f} {raw['joint_mean']:7.2f} " +
               " ".join(f"{c:8.2f}" for c in cells))
+        rows.append({"merge": name, "per_task": raw["per_task_mean"], "joint": raw["joint_mean"],
+                     "joint_temperature": cells[0], "joint_affine": cells[1], "joint_routing": cells[2],
+                     **({"top_logits": top_logits(merged, tasks)} if name == "fs-merge" else {})})
         if name == "fs-merge":
             print(f"  fs-merge mean top logit [task][head]: {top_logits(merged, tasks)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "example": "joint_diagnosis", "tasks": list(TASKS), "hidden": [128, 128], "per_task_images": 64,
+            "seed": 0, "rows": rows, "command": "python " + " ".join(sys.argv), "environment": environment(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "total_seconds": time.perf_counter() - start}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

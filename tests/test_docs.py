@@ -56,3 +56,27 @@ def test_the_defaults_page_shows_the_family_table():
                 assert row, (group, key)
                 shown = "whole sample" if value is None else ("20/15000" if value == 20 / 15000 else f"`{value}`")
                 assert shown in row[0], (family, group, key, row[0])
+
+
+def test_the_defaults_page_shows_every_fixed_default_and_the_source_recipes():
+    from foldmerge.api import SETTINGS
+    from foldmerge.arch import defaults
+    from foldmerge.methods import METHODS
+    from foldmerge.options import Rule
+    page = (ROOT / "docs" / "defaults.md").read_text()
+    rows = [l for l in page.splitlines() if l.startswith("| ")]
+    for owner, option in [(m.name, o) for m in METHODS.values() for o in m.options] + [("", o) for o in SETTINGS]:
+        if option.default is None or isinstance(option.default, Rule) or isinstance(option.default, bool):
+            continue
+        cells = [[c.strip() for c in r.split("|")[1:-1]] for r in rows]
+        mine = ["|".join(c) for c in cells if (owner and len(c) > 2 and owner in c[0] and c[1] == f"`{option.flag}`")
+                or (not owner and c[0] == f"`{option.flag}`")]
+        assert mine, (owner, option.name)
+        assert f"`{option.default}`" in mine[0], (owner, option.name, mine[0])
+    words = {"pretrain_epochs": "pre-training epochs {}", "epochs": "epochs {}", "lr": "lr {}", "batch_size": "batch {}",
+             "weight_decay": "weight decay {}", "momentum": "momentum {}", "limit": "{} images"}
+    for family, group in defaults.SOURCES.items():
+        row = next(r for r in rows if r.startswith(f"| `{family}`") and "batch" in r)
+        for key, value in group.values.items():
+            shown = words[key].format(f"{value:g}")
+            assert shown in row.replace("fine-tuning epochs", "epochs"), (family, key, shown)

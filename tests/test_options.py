@@ -159,9 +159,12 @@ def test_help_groups_the_options_per_method_with_every_default(capsys):
         assert f"method {m.name}:" in text
         for o in m.options:
             assert o.flag in text
+    flat = "".join(text.split())                  # argparse wraps lines, also inside hyphenated words
     for o in [o for m in METHODS.values() for o in m.options] + list(SETTINGS):
         if o.default is not None:
-            assert o.default_text().split(":")[0][:20] in " ".join(text.split()), o.name
+            assert "".join(o.default_text().split()) in flat, o.name
+    assert "--init {first,average,random,zipit,regmean}" in text       # every reader's choices
+    assert "mlp1000(local:15000)" in flat                                # a variant's own default
 
 
 @settings(max_examples=300, deadline=None)
@@ -173,3 +176,59 @@ def test_every_grammar_reads_or_refuses_any_text(text):
         except ValueError:
             continue
         assert check_value(o, value) == value or isinstance(value, str)
+
+
+def test_the_api_checks_its_keywords_as_the_command_line_does(place):
+    import foldmerge
+    _, paths = place
+    for kwargs, said in [({"seeed": 1}, "'seeed' is neither an option of method 'average' nor a keyword of "
+                                        "foldmerge.merge (did you mean seed?)"),
+                         ({"per_task": 8}, "give the number of examples drawn per task as data=N"),
+                         ({"weights": [0.5, "x"]}, "--weights: expected a finite number >= 0, got 'x'"),
+                         ({"alpha": 0.5}, "--alpha does not apply to method 'average'")]:
+        with pytest.raises(ValueError) as e:
+            foldmerge.merge(list(map(str, paths)), 4, method="average", **kwargs)
+        assert said in str(e.value), str(e.value)
+    with pytest.raises(ValueError, match="--max-iter: expected a positive integer, got '3'"):
+        foldmerge.merge(list(map(str, paths)), 4, method="weight-matching", max_iter="3")
+    merged = foldmerge.merge(list(map(str, paths)), 4, method="slerp", precision="32-true", calibrate="none")
+    assert merged.meta["engine"]["accelerator"] == "cpu" and merged.meta["options"] == {"t": 0.5}
+
+
+def test_defaults_that_depend_on_the_merge_are_recorded_as_used(place):
+    import foldmerge
+    _, paths = place
+    fs = foldmerge.merge(list(map(str, paths)), 4, method="fs-merge", epochs=2, held_out=4, calibrate="none")
+    assert fs.meta["options"]["patience"] == 20 and fs.meta["options"]["batch_size"] == 8   # the whole sample
+    assert fs.meta["train"]["batch_size"] == 8
+    seq = foldmerge.merge(list(map(str, paths)), 4, method="fs-merge", variant="seq", epochs=2, calibrate="none")
+    assert seq.meta["options"]["last_epochs"] == 2 and "patience" not in seq.meta["options"]
+
+
+def test_a_yaml_file_names_itself_and_the_key_in_every_error_and_reads_paths_from_its_folder(place, tmp_path,
+                                                                                              capsys):
+    root, paths = place
+    where = tmp_path / "conf"
+    where.mkdir()
+
+    def err(config):
+        (where / "m.yaml").write_text(yaml.safe_dump(config))
+        assert cli.main(["merge", "--config", str(where / "m.yaml")]) == 2
+        out = capsys.readouterr().err
+        assert out.count("\n") == 1 and "m.yaml" in out, out
+        return out
+    models = [str(p) for p in paths]
+    assert "give each model's task in its entry" in err({"models": models, "tasks": ["mnist:0-4", "mnist:5-9"]})
+    assert "method: unknown method 'avrage' (did you mean average?)" in err({"models": models, "method": "avrage"})
+    assert "select: --select alpah: not an option of method 'regmean' (did you mean alpha?)" in \
+        err({"models": models, "method": "regmean", "select": {"alpah": [0.1]}, "out": "x"})
+    assert "max_iter is not an option of method 'average' (it is weight-matching's)" in \
+        err({"models": models, "method": "average", "options": {"max_iter": 3}})
+    # relative paths: the models and out, from the YAML file's folder
+    import shutil
+    for p in paths:
+        shutil.copytree(p, where / p.name)
+    (where / "m.yaml").write_text(yaml.safe_dump({"models": [p.name for p in paths], "method": "average",
+                                                  "per_task": 4, "out": "merged"}))
+    assert cli.main(["merge", "--config", str(where / "m.yaml"), "--quiet"]) == 0, capsys.readouterr().err
+    assert (where / "merged" / "model.safetensors").is_file()

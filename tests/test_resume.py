@@ -1,4 +1,4 @@
-"""Resume (issue 19): a merge or a source training killed mid-training (SIGKILL) and resumed
+"""Resume: a merge or a source training killed mid-training (SIGKILL) and resumed
 from its checkpoint ends bit-identical to a run that was never stopped (CPU, one thread)."""
 import json
 import os

@@ -63,3 +63,7 @@ def test_evaluate_leaves_the_models_mode_as_it_was():
     model.eval()
     evaluate(model)
     assert not model.training
+    model.train()
+    model.backbone.eval()                         # a mixed state comes back as it was, module by module
+    evaluate(model)
+    assert model.training and not model.backbone.training and model.heads[0].training

@@ -1,4 +1,4 @@
-"""Trust (issue 19): no code run from a pickle, nothing non-finite in or out, no model lost,
+"""Trust: no code run from a pickle, nothing non-finite in or out, no model lost,
 no traceback for bad input, and a model that names what it came from. One test per defect."""
 import hashlib
 import json

@@ -35,13 +35,13 @@ from .checkpoint import checkpoint_dir as checkpoint_dir_of
 from .context import Context, FeatureCache
 from .data import Task
 from .data.augment import expand
-from .engine import Engine
+from .engine import ACCELERATORS, PRECISIONS, Engine
 from .errors import did_you_mean
 from .evaluation import evaluate as _evaluate
 from .io import check_target, nonfinite, save_model
 from .loading import load as _load
 from .loading import load_sources, read_option_files
-from .methods import get_method
+from .methods import METHODS, get_method
 from .model import TaskModel, as_input
 from .options import (
     Choice,
@@ -122,6 +122,9 @@ class Grid(ListOf):
 
     metavar = "ARG=V1,V2,…"
 
+    def from_command_line(self, value):
+        return self.check(value)
+
     def check(self, value):
         if isinstance(value, dict):
             return {str(k).replace("-", "_"): list(v) if isinstance(v, (list, tuple)) else [v]
@@ -156,10 +159,10 @@ SETTINGS = (
            "the CPU)", False),
     Option("allow_pickle", Flag(), "allow loading pickle checkpoints (read with torch's weights-only unpickler)",
            False),
-    Option("accelerator", Choice(("cpu", "cuda", "auto")), "train under Lightning Fabric on this device (unset: "
-           "plain PyTorch on the CPU)"),
-    Option("devices", Integer(1), "with --accelerator: processes / devices for data parallelism", 1, "one process"),
-    Option("precision", Choice(("32-true", "bf16-mixed")), "with --accelerator (unset: 32-true)"),
+    Option("accelerator", Choice(ACCELERATORS), "train under Lightning Fabric on this device (unset: plain PyTorch "
+           "on the CPU, unless --devices or --precision is given: then Fabric on the CPU)"),
+    Option("devices", Integer(1), "processes / devices for data parallelism under Fabric", 1, "one process"),
+    Option("precision", Choice(PRECISIONS), "training precision under Fabric (unset: 32-true)"),
 )
 SETTING = {o.name: o for o in SETTINGS}
 
@@ -194,6 +197,7 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
             calibrate: str = "routing", select=None, held_out=0, checkpoint_every: int = 0,
             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, keep_checkpoint: bool = False,
             out: str | os.PathLike | None = None, force: bool = False, tasks=None, allow_pickle: bool = False,
+            accelerator: str | None = None, devices: int | None = None, precision: str | None = None,
             cache: FeatureCache | None = None, command: str | None = None, **options) -> Job:
     """Every check of a merge, before any work (see the module docstring); the arguments are `merge`'s."""
     call = {k: v for k, v in {"function": "foldmerge.merge", "data": describe(data), "method": method, "seed": seed,
@@ -207,9 +211,12 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
                                 "allow_pickle": allow_pickle, "checkpoint_every": checkpoint_every or None,
                                 "tasks": tasks, "out": out, "select": select, "augment": augment,
                                 "per_task": data if isinstance(data, int) else None,
-                                "held_out": None if isinstance(held_out, (list, tuple)) else held_out},
+                                "held_out": None if isinstance(held_out, (list, tuple)) else held_out,
+                                "accelerator": accelerator, "devices": devices, "precision": precision},
                      "foldmerge.merge")
+    _check_keywords(m, options)
     given = m.check(options)                     # names and grammar now, defaults once the data is known
+    engine = _engine(engine, s)
     if isinstance(models, (str, os.PathLike)) or not isinstance(models, (list, tuple)) or len(models) < 2:
         raise ValueError("merge needs a list of two or more models (TaskModels or model directories)")
     if "tasks" in s and len(s["tasks"]) != len(models):
@@ -227,8 +234,8 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
                      s["seed"], m)
     if held is not None:
         sample["held_out"] = held_out if isinstance(held_out, int) else [len(h) for h in held]
-    resolved = m.resolve(merged_form, given, data)
-    grid = _grid(m, s["select"], given) if "select" in s else None
+    resolved = m.resolve(merged_form, given, data, held)
+    grid = select_grid(m, s["select"], given) if "select" in s else None
     context = Context(features=cache or FeatureCache())
     job = Job(sources, merged_form, data, m, given, resolved, s["seed"], s["calibrate"], grid, held, sample, engine,
               context, call, Path(s["out"]) if "out" in s else None, s["force"], keep_checkpoint=keep_checkpoint,
@@ -236,6 +243,33 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
     where = checkpoint_dir if checkpoint_dir is not None else (checkpoint_dir_of(job.out) if job.out else None)
     job.checkpoint = context.checkpoint = _checkpoint(job, s.get("checkpoint_every", 0), where, s["resume"])
     return job
+
+
+KEYWORDS = ("data", "method", "seed", "augment", "engine", "calibrate", "select", "held_out", "checkpoint_every",
+            "checkpoint_dir", "resume", "keep_checkpoint", "out", "force", "tasks", "allow_pickle", "accelerator",
+            "devices", "precision", "cache", "command")
+
+
+def _check_keywords(method, options: dict) -> None:
+    """A keyword that is neither the method's option nor another method's nor `merge`'s, in one line."""
+    everyone = {o.name for m in METHODS.values() for o in m.options}
+    for k in options:
+        if k == "per_task":
+            raise ValueError("per_task: give the number of examples drawn per task as data=N")
+        if k not in everyone:
+            raise ValueError(f"{k!r} is neither an option of method {method.name!r} nor a keyword of "
+                             f"foldmerge.merge{did_you_mean(k, [o.name for o in method.options] + list(KEYWORDS))}")
+
+
+def _engine(engine, settings: dict):
+    """The Engine a merge trains under: the one given, or one made of the accelerator, devices and
+    precision settings (any of them given: Lightning Fabric, on the CPU unless an accelerator is named)."""
+    named = [k for k in ("accelerator", "devices", "precision") if k in settings]
+    if named and engine is not None:
+        raise ValueError(f"give engine= or {', '.join(named)}, not both")
+    if not named:
+        return engine
+    return Engine(settings.get("accelerator", "cpu"), settings.get("devices", 1), settings.get("precision", "32-true"))
 
 
 def _check_heads(models) -> None:
@@ -303,7 +337,7 @@ def _check_data(models, data) -> None:
             m.train(was)
 
 
-def _grid(method, grid: dict, given: dict) -> dict:
+def select_grid(method, grid: dict, given: dict) -> dict:
     """--select's grid with every value read by the method's own option."""
     options = {o.name: o for o in method.options}
     out = {}

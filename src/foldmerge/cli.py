@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"foldmerge: error: {_first_line(e)}", file=sys.stderr)
         return 2
     if getattr(args, "quiet", False):
-        os.environ["FOLDMERGE_PROGRESS"] = "0"
+        quiet()
 
     def terminated(signum, frame):     # SIGTERM unwinds like ^C, so temporaries are removed on the way out
         raise KeyboardInterrupt
@@ -104,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def quiet() -> None:
+    """No progress bars or status lines: ours, and the libraries' we run (transformers' and the
+    Hugging Face hub's bars; `foldmerge.engine` quiets Lightning's notes)."""
+    os.environ["FOLDMERGE_PROGRESS"] = "0"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _first_line(e: BaseException) -> str:

@@ -14,7 +14,8 @@ given on the command line override it. Keys:
     per_task: 200                # settings: seed, augment, held_out, calibrate, select, out, force, …
     out: runs/merged
 
-A method option may also stand at the top level. An unknown key, a key given twice, a value
+A method option may also stand at the top level. Relative paths (models, out, a method's model or
+tensors file) are read from the YAML file's folder. An unknown key, a key given twice, a value
 outside its grammar and a YAML alias are refused with one line naming the file and the key.
 """
 from __future__ import annotations
@@ -23,10 +24,10 @@ from pathlib import Path
 
 import yaml
 
-from .api import SETTING
+from .api import SETTING, select_grid
 from .errors import did_you_mean
 from .methods import METHODS, get_method
-from .options import check_value
+from .options import FilePath, ModelRef, TensorFile, check_value
 
 
 class _Loader(yaml.SafeLoader):
@@ -64,10 +65,18 @@ def read(path: str, method: str | None = None) -> dict:
     method = method or data.get("method") or "fs-merge"
     if not isinstance(method, str):
         raise ValueError(f"{where}: method must be a method's name, got {method!r}")
-    declared = get_method(method).options
+    try:
+        declared = get_method(method).options
+    except ValueError as e:
+        raise ValueError(f"{where}: method: {e}") from None
     options_of = {o.name: o for o in declared}
-    any_option = {o.name for m in METHODS.values() for o in m.options}
+    readers = {}
+    for m in METHODS.values():
+        for o in m.options:
+            readers.setdefault(o.name, []).append(m.name)
+    folder = Path(path).resolve().parent
     paths, tasks = _models(data.get("models"), where)
+    paths = [_here(folder, p) for p in paths]
     options = data.get("options") or {}
     if not isinstance(options, dict):
         raise ValueError(f"{where}: 'options' must be a mapping of the method's options")
@@ -76,15 +85,18 @@ def read(path: str, method: str | None = None) -> dict:
     for prefix, entries in (("", top), ("options.", options)):
         for key, value in entries.items():
             name = str(key).replace("-", "_")
-            if name in SETTING and name != "tasks":
+            if name == "tasks":
+                raise ValueError(f"{where}: {prefix}{key}: give each model's task in its entry under models "
+                                 "(- path: DIR  task: TASK)")
+            if name in SETTING:
                 target, option = settings, SETTING[name]
-            elif name in any_option:
+            elif name in readers:
                 if name not in options_of:
-                    raise ValueError(f"{where}: {prefix}{key} is not an option of method {method!r}"
-                                     f"{did_you_mean(name, options_of)}")
+                    raise ValueError(f"{where}: {prefix}{key} is not an option of method {method!r} (it is "
+                                     f"{', '.join(readers[name])}'s){did_you_mean(name, options_of)}")
                 target, option = chosen, options_of[name]
             else:
-                known = [*SETTING, *any_option, "models", "method", "options"]
+                known = [*SETTING, *readers, "models", "method", "options"]
                 raise ValueError(f"{where}: unknown key '{prefix}{key}'{did_you_mean(name, known)}")
             if name in settings or name in chosen:
                 raise ValueError(f"{where}: {name} is given twice (at the top level and under options)")
@@ -93,8 +105,20 @@ def read(path: str, method: str | None = None) -> dict:
                     target[name] = check_value(option, value)
                 except ValueError as e:
                     raise ValueError(f"{where}: {prefix}{key}: {str(e).split(': ', 1)[-1]}") from None
+                if isinstance(option.kind, (FilePath, ModelRef, TensorFile)) and isinstance(target[name], str):
+                    target[name] = _here(folder, target[name])
+    if "select" in settings:
+        try:
+            select_grid(get_method(method), settings["select"], chosen)
+        except ValueError as e:
+            raise ValueError(f"{where}: select: {e}") from None
     return {"models": paths, "tasks": tasks, "method": method, "settings": settings, "options": chosen,
             "file": path}
+
+
+def _here(folder: Path, path: str) -> str:
+    """A path of the file, read from the file's folder if it is relative."""
+    return path if Path(path).is_absolute() else str(folder / path)
 
 
 def _models(models, where: str) -> tuple[list[str], list | None]:

@@ -17,6 +17,8 @@ ranks stay identical without broadcasting weights. Without an engine nothing cha
 """
 from __future__ import annotations
 
+import logging
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -48,6 +50,8 @@ class Engine:
 
     def fabric(self):
         from lightning_fabric import Fabric
+        if os.environ.get("FOLDMERGE_PROGRESS") == "0":      # --quiet: Lightning's notes too (its import
+            logging.getLogger("lightning_fabric").setLevel(logging.WARNING)   # sets its own level)
         strategy = "ddp_spawn" if self.devices > 1 else "auto"
         return Fabric(accelerator=self.accelerator, devices=self.devices, strategy=strategy,
                       precision=self.precision)

@@ -32,13 +32,13 @@ def _logits(model, x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 def evaluate(model, tasks: list[Task | str] | None = None, split: str = "test",
              batch_size: int = 1000) -> dict:
     """Per-task and joint accuracy (in %) of `model` on `tasks` (default: all of its tasks), in eval
-    mode; the model's train/eval mode is restored."""
-    was = model.training if isinstance(model, nn.Module) else None
+    mode; every module's train/eval mode is restored."""
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
     try:
         return _evaluate(model, tasks, split, batch_size)
     finally:
-        if was is not None:
-            model.train(was)
+        for m, was in modes:
+            m.train(was)
 
 
 def _evaluate(model, tasks, split: str, batch_size: int) -> dict:

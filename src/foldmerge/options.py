@@ -37,6 +37,10 @@ class Kind:
     def parse(self, text: str):
         raise NotImplementedError
 
+    def from_command_line(self, value):
+        """What argparse stored for the flag (a word; the words of a many-valued flag), read."""
+        return self.parse(value)
+
     def check(self, value):
         if isinstance(value, str):
             return self.parse(value)
@@ -67,6 +71,9 @@ class Integer(Kind):
             value = int(text.strip(), 10)
         except ValueError:
             raise ValueError(f"expected {self.describe()}, got {text!r}") from None
+        return self.typed(value)
+
+    def check(self, value):           # from YAML or Python an integer is an int, never text
         return self.typed(value)
 
     def typed(self, value):
@@ -105,7 +112,8 @@ class Number(Kind):
 
     def describe(self):
         if self.low is not None and self.high is not None:
-            return f"a number in [{self.low:g}, {self.high:g}{')' if self.below else ']'}"
+            opening = "(" if self.positive and self.low == 0 else "["
+            return f"a number in {opening}{self.low:g}, {self.high:g}{')' if self.below else ']'}"
         if self.positive:
             return "a finite positive number"
         return f"a finite number >= {self.low:g}" if self.low is not None else "a finite number"
@@ -167,6 +175,9 @@ class Flag(Kind):
 
     def parse(self, text):
         return self.typed({"true": True, "false": False}.get(text, text))
+
+    def from_command_line(self, value):
+        return self.typed(value)
 
     def example(self):
         return True
@@ -289,6 +300,9 @@ class ListOf(Kind):
     def parse(self, text):            # one command-line word; the flag gathers a list
         return [self.item.parse(text)]
 
+    def from_command_line(self, value):
+        return [self.item.parse(w) for w in value]
+
     def check(self, value):
         if isinstance(value, (list, tuple)):
             if not value:
@@ -338,9 +352,9 @@ class Either(Kind):
 # ------------------------------------------------------------------------------------ options
 @dataclass(frozen=True)
 class Rule:
-    """A default computed from the merge: `fn(c)` with c.models, c.data (None if there is none)
-    and c.options (those resolved so far, in declaration order), and `text`, what it is and where
-    it came from (for --help)."""
+    """A default computed from the merge: `fn(c)` with c.models, c.data (None if there is none),
+    c.held_out (the held-out data, or None) and c.options (those resolved so far, in declaration
+    order), and `text`, what it is and where it came from (for --help)."""
     fn: Callable
     text: str
 
@@ -393,7 +407,7 @@ def check_values(options: tuple[Option, ...], given: dict, owner: str) -> dict:
     return {k: check_value(by_name[k], v) for k, v in given.items() if v is not None}
 
 
-def resolve(options: tuple[Option, ...], given: dict, models, data, owner: str) -> dict:
+def resolve(options: tuple[Option, ...], given: dict, models, data, owner: str, held_out=None) -> dict:
     """Every option's value: given ones checked by their grammar (None: not given), the rest at
     their defaults; an unknown name, or an option given where it does not apply, is refused."""
     given = check_values(options, given, owner)
@@ -406,7 +420,7 @@ def resolve(options: tuple[Option, ...], given: dict, models, data, owner: str) 
                 raise ValueError(f"{o.flag} applies only when {other} is {' or '.join(map(str, values))} "
                                  f"({owner} has {other} {out.get(other)!r})")
         elif o.applies(out):
-            value = o.default.fn(SimpleNamespace(models=models, data=data, options=out)) \
+            value = o.default.fn(SimpleNamespace(models=models, data=data, held_out=held_out, options=out)) \
                 if isinstance(o.default, Rule) else o.default
         out[o.name] = value
     return out
@@ -436,12 +450,12 @@ class Method:
         """The options given (None: not given), read by their grammar; an unknown one refused."""
         return check_values(self.options, given, f"method {self.name!r}")
 
-    def resolve(self, models, given: dict, data=None) -> dict:
+    def resolve(self, models, given: dict, data=None, held_out=None) -> dict:
         """Every option's value: the given ones checked, the rest at their defaults for these models."""
-        return resolve(self.options, given, models, data, f"method {self.name!r}")
+        return resolve(self.options, given, models, data, f"method {self.name!r}", held_out)
 
     def __call__(self, models, data=None, seed: int = 0, context=None, held_out=None, **given):
-        options = self.resolve(models, given, data)
+        options = self.resolve(models, given, data, held_out)
         unread = [o.flag for o in self.options if isinstance(o.kind, (ModelRef, TensorFile))
                   and isinstance(options[o.name], str)]
         if unread:

@@ -1,7 +1,8 @@
 """Training the source models to be merged (FS-Merge paper, appendix E.1).
 
 MLPs: SGD, lr 0.01, batch size 10, cross-entropy, 1 epoch (2 when depth > 4 or width > 256);
-Fashion-MNIST: 10 epochs at lr 0.001. Each model starts from its own seed.
+Fashion-MNIST: 10 epochs at lr 0.001. Each model starts from its own seed. Every family's recipe
+and where it came from: `foldmerge.arch.defaults.SOURCES`.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from .arch.defaults import SOURCES
 from .data import Task
 from .evaluation import evaluate
 from .hf import load_backbone
@@ -50,14 +52,16 @@ def fit_classifier(model: TaskModel, task: Task | str, cfg: TrainConfig, limit: 
 
 
 def train_source(task: Task | str, hidden: list[int], seed: int, epochs: int | None = None,
-                 lr: float | None = None, batch_size: int = 10, checkpoint=None) -> TaskModel:
+                 lr: float | None = None, batch_size: int = SOURCES["mlp"].values["batch_size"],
+                 checkpoint=None) -> TaskModel:
     task = Task.parse(task)
     auto_epochs, auto_lr = paper_schedule(task, hidden)
     epochs = auto_epochs if epochs is None else epochs
     lr = auto_lr if lr is None else lr
     torch.manual_seed(seed)
     model = TaskModel("mlp", {"in_dim": 784, "hidden": list(hidden)}, [task])
-    cfg = TrainConfig(epochs=epochs, lr=lr, momentum=0.0, schedule="constant", batch_size=batch_size, seed=seed)
+    cfg = TrainConfig(epochs=epochs, lr=lr, momentum=SOURCES["mlp"].values["momentum"], schedule="constant",
+                      batch_size=batch_size, seed=seed)
     fit_classifier(model, task, cfg, desc=f"train {task} (seed {seed})", checkpoint=checkpoint)
     model.meta = {"kind": "source", "task": task.name, "seed": seed, "train": cfg.as_dict(),
                   "test_accuracy": evaluate(model, [task])["per_task_mean"],
@@ -65,9 +69,14 @@ def train_source(task: Task | str, hidden: list[int], seed: int, epochs: int | N
     return model
 
 
+VIT, BERT, RESNET, FINE_TUNE = (SOURCES[k].values for k in ("vit", "bert", "resnet", "fine-tune"))
+
+
 def train_vit_source(task: Task | str, config: dict, seed: int, pretrain_task: Task | str | None = None,
-                     pretrain_epochs: int = 3, epochs: int = 2, lr: float = 1e-3, batch_size: int = 64,
-                     weight_decay: float = 0.01, limit: int | None = None, checkpoint=None) -> TaskModel:
+                     pretrain_epochs: int = VIT["pretrain_epochs"], epochs: int = VIT["epochs"],
+                     lr: float = VIT["lr"], batch_size: int = VIT["batch_size"],
+                     weight_decay: float = VIT["weight_decay"], limit: int | None = None,
+                     checkpoint=None) -> TaskModel:
     """A ViT source in the paper's two stages (appendix D): "pre-training" from `seed` on
     `pretrain_task`, then fine-tuning on `task`; heads are frozen class embeddings
     (`class_embeddings`), so every model's features live in one shared output space.
@@ -77,8 +86,9 @@ def train_vit_source(task: Task | str, config: dict, seed: int, pretrain_task: T
 
 
 def train_bert_source(task: Task | str, config: dict, seed: int, pretrain_task: Task | str | None = None,
-                      pretrain_epochs: int = 3, epochs: int = 3, lr: float = 1e-3, batch_size: int = 32,
-                      weight_decay: float = 0.01, limit: int | None = None, start: str | None = None,
+                      pretrain_epochs: int = BERT["pretrain_epochs"], epochs: int = BERT["epochs"],
+                      lr: float = BERT["lr"], batch_size: int = BERT["batch_size"],
+                      weight_decay: float = BERT["weight_decay"], limit: int | None = None, start: str | None = None,
                       checkpoint=None) -> TaskModel:
     """A BERT source (Hugging Face `BertModel` from a config) from `seed`, optionally "pre-trained"
     on a first task, fine-tuned on `task` with a linear head, as `BertForSequenceClassification`.
@@ -92,8 +102,9 @@ def train_bert_source(task: Task | str, config: dict, seed: int, pretrain_task: 
                                checkpoint=checkpoint)
 
 
-def train_resnet_source(task: Task | str, config: dict, seed: int, epochs: int = 3, lr: float = 2e-3,
-                        batch_size: int = 128, weight_decay: float = 5e-4, limit: int | None = None,
+def train_resnet_source(task: Task | str, config: dict, seed: int, epochs: int = RESNET["epochs"],
+                        lr: float = RESNET["lr"], batch_size: int = RESNET["batch_size"],
+                        weight_decay: float = RESNET["weight_decay"], limit: int | None = RESNET["limit"],
                         checkpoint=None) -> TaskModel:
     """A ResNet source with BatchNorm (ZipIt!'s setting) from `seed`, trained on `task` with a frozen
     class-embedding head (ZipIt! heads are fixed CLIP text embeddings). AdamW, cosine schedule;
@@ -158,8 +169,9 @@ def pretrain_union(arch: str, config: dict, tasks, seed: int, epochs: int = 3, l
     return model
 
 
-def fine_tune(base: TaskModel, task: Task | str, seed: int, epochs: int = 1, lr: float = 3e-4,
-              batch_size: int = 64, weight_decay: float = 0.01, limit: int | None = None,
+def fine_tune(base: TaskModel, task: Task | str, seed: int, epochs: int = FINE_TUNE["epochs"],
+              lr: float = FINE_TUNE["lr"], batch_size: int = FINE_TUNE["batch_size"],
+              weight_decay: float = FINE_TUNE["weight_decay"], limit: int | None = None,
               checkpoint=None) -> TaskModel:
     """A source fine-tuned from `base`'s backbone on `task` (frozen class-embedding head, AdamW,
     cosine): the models the gating merge, task arithmetic and TIES combine."""

@@ -72,6 +72,23 @@ ROWS = {
 }
 
 
+# How `foldmerge train-sources` (and the benches) train a source model of each family.
+SOURCES = {
+    "mlp": Group(dict(batch_size=10, momentum=0.0),
+                 "FS-Merge paper appendix E.1: SGD at a constant rate, batch 10; 1 epoch at lr 0.01 (2 epochs when "
+                 "depth > 4 or width > 256), Fashion-MNIST 10 epochs at lr 0.001"),
+    "vit": Group(dict(pretrain_epochs=3, epochs=2, lr=1e-3, batch_size=64, weight_decay=0.01),
+                 "the FS-Merge paper's two stages (pre-training on one task, fine-tuning on another), scaled "
+                 "down: bench vit's sources; AdamW on a cosine schedule"),
+    "bert": Group(dict(pretrain_epochs=3, epochs=3, lr=1e-3, batch_size=32, weight_decay=0.01),
+                  "as the ViT's, at a text batch; AdamW on a cosine schedule"),
+    "resnet": Group(dict(epochs=4, lr=2e-3, batch_size=128, weight_decay=5e-4, limit=6000),
+                    "bench cnn's sources (ResNet-8, 6,000 images of their task); AdamW on a cosine schedule"),
+    "fine-tune": Group(dict(epochs=1, lr=3e-4, batch_size=64, weight_decay=0.01),
+                       "bench gating's sources, each fine-tuned from one pre-trained ViT; AdamW, cosine"),
+}
+
+
 def row(name: str) -> Row:
     if name not in ROWS:
         raise ValueError(f"unknown defaults row {name!r}; rows: {', '.join(ROWS)}")
@@ -89,8 +106,15 @@ def value(name: str, sections: tuple[str, ...], key: str):
     raise KeyError(f"the {name} defaults hold no {key!r} in {', '.join(sections)}")
 
 
+def _words(key: str, v) -> str:
+    if v is None and key == "batch_size":
+        return "whole sample"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def describe(sections: tuple[str, ...], key: str) -> str:
-    """The defaults of `key` per row, in words (for --help and the docs)."""
+    """The defaults of `key` per row, in words (for --help and the docs), with the values a variant
+    of the first section's method takes instead (e.g. fs-merge/local)."""
     own, borrowed = [], []
     for name, r in ROWS.items():
         if r.borrows:
@@ -100,7 +124,9 @@ def describe(sections: tuple[str, ...], key: str) -> str:
             v, _ = value(name, sections, key)
         except KeyError:
             continue
-        own.append(f"{name} {'whole sample' if v is None and key == 'batch_size' else v}")
+        variants = [f"{g.split('/', 1)[1]}: {_words(key, grp.values[key])}" for g, grp in r.groups.items()
+                    if g.startswith(sections[0] + "/") and key in grp.values]
+        own.append(f"{name} {_words(key, v)}" + (f" ({', '.join(variants)})" if variants else ""))
     lenders = {r.borrows for r in ROWS.values() if r.borrows}
     return "by family: " + ", ".join(own) + (f" ({', '.join(borrowed)}: {', '.join(sorted(lenders))}'s)"
                                              if borrowed else "") + "; docs/defaults.md"

@@ -31,10 +31,9 @@ from ..spec import ArchSpec, Param, Probe, Space
 
 DEFAULTS = {"channels": 1, "width": 1, "base": 16, "blocks": 3, "stages": 3, "batchnorm": True}
 # what `train-sources --arch resnet` trains by default: bench cnn's sources, a ResNet-8 (three stages of
-# one block, 8·w channels first) trained 4 epochs on 6,000 images of its task (ResNet-20 is too slow
-# to train here many times)
-SOURCE = {"config": {"channels": 1, "base": 8, "blocks": 1, "stages": 3, "batchnorm": True}, "epochs": 4,
-          "limit": 6000}
+# one block, 8·w channels first; ResNet-20 is too slow to train here many times); how it trains them:
+# foldmerge.arch.defaults.SOURCES
+SOURCE_CONFIG = {"channels": 1, "base": 8, "blocks": 1, "stages": 3, "batchnorm": True}
 
 
 def _positive(name, v):

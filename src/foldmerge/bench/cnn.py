@@ -1,7 +1,7 @@
 """`foldmerge bench cnn`: ZipIt!'s Table 1 setting on our data: two ResNets with BatchNorm, trained
 from different seeds on disjoint tasks, merged into one.
 
-Sources: a ResNet-8 (`RESNET`, `foldmerge.arch.resnet.SOURCE`: 3 stages of one basic block, 8·w / 16·w / 32·w channels, BatchNorm,
+Sources: a ResNet-8 (`RESNET`, `foldmerge.arch.resnet.SOURCE_CONFIG`: 3 stages of one basic block, 8·w / 16·w / 32·w channels, BatchNorm,
 projection shortcuts between stages; ResNet-20 is blocks = 3, too slow to train here many times)
 at width multipliers w = 1 and 4, frozen class-embedding heads (ZipIt!'s CLIP text heads, our
 stand-in), trained 4 epochs (AdamW lr 2e-3, cosine) on 6,000 training images of their task.
@@ -32,19 +32,20 @@ from rich.table import Table
 
 from ..api import merge_sample
 from ..arch import resnet
+from ..arch.defaults import SOURCES
 from ..data import Task
 from ..evaluation import SourceHeads, evaluate
 from ..progress import status
 from ..sources import source_dirname, train_resnet_source
 from . import cached_model, image_mflops, mean_std, merge_scored, read_back, selected
 
-RESNET = resnet.SOURCE["config"]
+RESNET = resnet.SOURCE_CONFIG
 PAIRS = {"mnist": ("mnist:0-4", "mnist:5-9"), "fmnist": ("fmnist:0-4", "fmnist:5-9"),
          "cross": ("mnist:0-4", "fmnist:0-4")}
 WIDTHS = (1, 4)
 SEEDS = 3
 PER_TASK = 256
-SOURCE_TRAINING = {"epochs": resnet.SOURCE["epochs"], "limit": resnet.SOURCE["limit"]}
+SOURCE_TRAINING = {k: SOURCES["resnet"].values[k] for k in ("epochs", "limit")}
 TRAINED_EPOCHS = 50
 
 

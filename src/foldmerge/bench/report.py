@@ -23,8 +23,18 @@ from ..commands import command_line
 from ..provenance import environment
 from ..tables import print_json
 from .figures import accuracy_against, accuracy_bars, cost_ratios, efficiency_curves, scale_gap
-from .results import (REFERENCES, SIZE_TOLERANCE, evaluations, kind, load_result, points, reference, settings,
-                      signed, summary)
+from .results import (
+    REFERENCES,
+    SIZE_TOLERANCE,
+    evaluations,
+    kind,
+    load_result,
+    points,
+    reference,
+    settings,
+    signed,
+    summary,
+)
 
 MARK = "report.md"      # a directory holding this is a report, and may be replaced by a new one
 # the sections, in this order: result kind -> heading
@@ -68,7 +78,7 @@ def build_report(paths: list[str], out: str, command: str) -> dict:
         env = environment()
         intro = [f"made by `{command}`", f"from {len(results)} result file(s): {', '.join(names)}",
                  f"report written with foldmerge {env['foldmerge']} at commit {env['git_commit']}; every number "
-                 "below is read from the result files, which the benches measured"]
+                 "below is read from the result files, which the commands that wrote them measured"]
         title = "foldmerge results"
         os.chmod(tmp, 0o755)        # mkdtemp makes it private; a report is meant to be read
         (tmp / MARK).write_text(markdown(title, intro, blocks) + "\n")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from ..api import load
 from ..evaluation import Ensemble, SourceHeads, evaluate
+from ..provenance import environment
 from ..tables import print_json, print_table
-from . import add_common, set_threads
+from . import add_common, command_line, set_threads
 
 
 def add_arguments(p) -> None:
@@ -37,7 +38,7 @@ def run(args) -> None:
         if args.ensemble:
             out.append({"model": "ensemble", "method": "ensemble", **evaluate(Ensemble(models), split=args.split)})
     if args.json:
-        print_json({"results": out})
+        print_json({"results": out, "command": command_line(), "environment": environment()})
         return
     rows = []
     for r in out:

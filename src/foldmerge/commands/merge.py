@@ -10,38 +10,53 @@ import argparse
 
 from .. import config
 from ..api import SETTING, SETTINGS, merge
-from ..engine import Engine
 from ..evaluation import evaluate
-from ..methods import METHODS
-from ..options import Flag, Option, check_value
+from ..methods import METHODS, get_method
+from ..options import Choice, Flag, Option
 from ..tables import print_json, print_table, result_row
 from . import add_common, command_line, set_threads
 
-ENGINE = ("accelerator", "devices", "precision")
+
+def _read(option: Option, value):
+    """A flag's text, read by the option's grammar (an error names the flag)."""
+    try:
+        return option.kind.from_command_line(value)
+    except ValueError as e:
+        raise ValueError(f"{option.flag}: {e}") from None
 
 
-def _help(option: Option, others=()) -> str:
-    text = option.help
-    default = option.default_text()
-    if default:
-        text += f" (default {default})"
+def _help(option: Option, owner: str = "", others=()) -> str:
+    """The option's help with its default and source; a flag that several methods read says each one's."""
+    def one(o: Option, grammar: bool) -> str:
+        text = o.help + (f" ({o.kind.describe()})" if grammar else "")
+        return text + (f" (default {o.default_text()})" if o.default_text() else "")
+    differ = any(type(o.kind) is not type(option.kind) or o.kind != option.kind for _, o in others)
+    text = (f"{owner}: " if differ else "") + one(option, differ and isinstance(option.kind, Choice))
     for method, other in others:        # the same flag, read by another method
-        if other.help == option.help and other.default_text() == default:
+        if not differ and other.help == option.help and other.default_text() == option.default_text():
             text += f"; also {method}"
         else:
-            text += f"; {method}: {other.help}" + (f" (default {other.default_text()})" if other.default_text() else "")
+            text += f"; {method}: " + one(other, differ and isinstance(other.kind, Choice))
     return text.replace("%", "%%")
 
 
-def _add(group, option: Option, others=()) -> None:
-    kwargs = {"dest": option.name, "default": argparse.SUPPRESS, "help": _help(option, others)}
+def _metavar(option: Option, others) -> str:
+    """The flag's metavar: the one grammar's, or every reader's choices together."""
+    kinds = [option.kind] + [o.kind for _, o in others]
+    if len(kinds) > 1 and all(isinstance(k, Choice) for k in kinds):
+        return "{" + ",".join(dict.fromkeys(v for k in kinds for v in k.values)) + "}"
+    return option.kind.metavar
+
+
+def _add(group, option: Option, owner: str = "", others=()) -> None:
+    kwargs = {"dest": option.name, "default": argparse.SUPPRESS, "help": _help(option, owner, others)}
     if isinstance(option.kind, Flag):
         group.add_argument(option.flag, action="store_true", **kwargs)
     elif option.name == "select":
         group.add_argument(option.flag, action="append", metavar=option.kind.metavar, **kwargs)
     else:
-        group.add_argument(option.flag, metavar=option.kind.metavar, nargs="+" if option.kind.many else None,
-                           **kwargs)
+        group.add_argument(option.flag, metavar=_metavar(option, others),
+                           nargs="+" if option.kind.many else None, **kwargs)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         group = p.add_argument_group(f"method {m.name}: {m.summary}",
                                      description=f"also reads {', '.join(shared)} (above)" if shared else None)
         for o in own:
-            _add(group, o, readers[o.name][1:])
+            _add(group, o, m.name, readers[o.name][1:])
     add_common(p)
 
 
@@ -83,20 +98,20 @@ def run(args) -> None:
         tasks = None if args.models else described["tasks"]
         settings, options = described["settings"], described["options"]
     method = method or "fs-merge"
-    for name, value in flags.items():       # the command line's flags override the file
-        (settings if name in SETTING else options)[name] = value
+    readers = {o.name: o for o in get_method(method).options}
+    for name, value in flags.items():       # the command line's flags, read, override the file
+        if name in SETTING:
+            settings[name] = _read(SETTING[name], value)
+        else:                               # another method's option stays as typed: merge refuses it
+            options[name] = _read(readers[name], value) if name in readers else value
     if "tasks" in settings:
         tasks = settings.pop("tasks")
     if not models:
         raise ValueError("merge needs two or more model directories (or --config FILE naming them)")
     if "out" not in settings:
         raise ValueError("merge needs --out DIR (or out: in the --config file)")
-    engine = None
-    chosen = {k: check_value(SETTING[k], settings.pop(k)) for k in ENGINE if k in settings}
-    if chosen:
-        engine = Engine(chosen.get("accelerator", "cpu"), chosen.get("devices", 1), chosen.get("precision", "32-true"))
-    per_task = check_value(SETTING["per_task"], settings.pop("per_task", SETTING["per_task"].default))
-    merged = merge(models, per_task, method, tasks=tasks, engine=engine, command=command_line(), **settings, **options)
+    per_task = settings.pop("per_task", SETTING["per_task"].default)
+    merged = merge(models, per_task, method, tasks=tasks, command=command_line(), **settings, **options)
     result = evaluate(merged)
     out = settings["out"]
     if args.json:

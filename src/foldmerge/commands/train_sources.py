@@ -12,7 +12,18 @@ from ..data.texts import MAX_TOKENS, tokenizer
 from ..hf import load_backbone
 from ..io import check_target
 from ..options import Integer, Number
-from ..sources import fine_tune, source_dirname, train_bert_source, train_resnet_source, train_source, train_vit_source
+from ..sources import (
+    BERT,
+    FINE_TUNE,
+    RESNET,
+    VIT,
+    fine_tune,
+    source_dirname,
+    train_bert_source,
+    train_resnet_source,
+    train_source,
+    train_vit_source,
+)
 from ..tables import print_json, print_table
 from . import add_common, argtype, command_line, set_threads
 
@@ -22,12 +33,12 @@ def add_arguments(p) -> None:
     p.add_argument("--arch", choices=["mlp", "vit", "bert", "resnet"], default="mlp",
                    help="bert: Hugging Face BertModel from a config (--width hidden, --depth layers, --heads; "
                         "WordPiece vocabulary of all-MiniLM-L6-v2, 128 positions) for text tasks (bbc:…); "
-                        "resnet: a ResNet with BatchNorm (--multiplier, --base, --blocks; 4 epochs on --limit "
-                        "images, default 6000: bench cnn's sources)")
+                        "resnet: a ResNet with BatchNorm (--multiplier, --base, --blocks). How each family trains, "
+                        "and where each recipe came from: docs/defaults.md")
     p.add_argument("--multiplier", type=argtype(Integer(1)), default=1, help="ResNet: width multiplier (default 1)")
-    p.add_argument("--base", type=argtype(Integer(1)), default=resnet.SOURCE["config"]["base"],
+    p.add_argument("--base", type=argtype(Integer(1)), default=resnet.SOURCE_CONFIG["base"],
                    help="ResNet: channels of the first stage at multiplier 1 (default 8: bench cnn's ResNet-8)")
-    p.add_argument("--blocks", type=argtype(Integer(1)), default=resnet.SOURCE["config"]["blocks"],
+    p.add_argument("--blocks", type=argtype(Integer(1)), default=resnet.SOURCE_CONFIG["blocks"],
                    help="ResNet: basic blocks per stage (default 1: ResNet-8; 3 is ResNet-20)")
     p.add_argument("--hidden", nargs="+", type=argtype(Integer(1)), default=[128], help="MLP: hidden widths (one per layer)")
     p.add_argument("--width", type=argtype(Integer(1)), default=64, help="ViT: residual width (default 64)")
@@ -36,15 +47,22 @@ def add_arguments(p) -> None:
     p.add_argument("--heads", type=argtype(Integer(1)), default=4, help="ViT: attention heads (default 4)")
     p.add_argument("--pretrain-task", default="mnist/transpose",
                    help="ViT: task of the 'pre-training' stage before fine-tuning (default mnist/transpose)")
-    p.add_argument("--limit", type=argtype(Integer(1)), default=None, help="ViT: cap the training images per stage")
+    p.add_argument("--limit", type=argtype(Integer(1)), default=None,
+                   help=f"cap the training images per stage (default: all of them; resnet {RESNET['limit']}: bench "
+                        "cnn's sources)")
     p.add_argument("--from", dest="start", metavar="DIR",
                    help="BERT: fine-tune from this Hugging Face BertModel directory (a pre-trained start, e.g. "
                         "all-MiniLM-L6-v2); its sizes replace --width/--depth/--heads. ViT: fine-tune from this "
                         "foldmerge ViT model (1 epoch, AdamW lr 3e-4 unless --epochs/--lr): same-start sources for "
                         "task-arithmetic, TIES and gating")
     p.add_argument("--seeds", nargs="+", type=argtype(Integer(0)), default=None, help="one seed per task (default 0, 1, …)")
-    p.add_argument("--epochs", type=argtype(Integer(0)), default=None, help="default: paper E.1 (1 or 2; 10 for fmnist)")
-    p.add_argument("--lr", type=argtype(Number(positive=True)), default=None, help="default: paper E.1 (0.01; 0.001 for fmnist)")
+    p.add_argument("--epochs", type=argtype(Integer(0)), default=None,
+                   help=f"default by --arch: mlp paper E.1 (1 or 2; fmnist 10); vit {VIT['pretrain_epochs']} "
+                        f"pre-training + {VIT['epochs']}; bert {BERT['epochs']}; resnet {RESNET['epochs']}; --from a "
+                        f"ViT {FINE_TUNE['epochs']} (docs/defaults.md)")
+    p.add_argument("--lr", type=argtype(Number(positive=True)), default=None,
+                   help=f"default by --arch: mlp paper E.1 (0.01; fmnist 0.001); vit {VIT['lr']:g}; bert "
+                        f"{BERT['lr']:g}; resnet {RESNET['lr']:g}; --from a ViT {FINE_TUNE['lr']:g} (docs/defaults.md)")
     p.add_argument("--out", required=True, help="directory; each model goes to OUT/<task>-s<seed>")
     p.add_argument("--force", action="store_true", help="replace models already at those paths (atomically)")
     p.add_argument("--checkpoint-every", type=argtype(Integer(1)), metavar="N",
@@ -76,7 +94,7 @@ def run(args) -> None:
     elif args.arch == "bert" and args.start:
         config = load_backbone(args.start)[0]
     elif args.arch == "resnet":
-        config = {**resnet.SOURCE["config"], "width": args.multiplier, "base": args.base, "blocks": args.blocks}
+        config = {**resnet.SOURCE_CONFIG, "width": args.multiplier, "base": args.base, "blocks": args.blocks}
     elif args.arch == "bert":             # the vocabulary and length of the text tasks' tokens
         config = {"vocab_size": tokenizer().get_vocab_size(), "hidden_size": args.width,
                   "num_hidden_layers": args.depth, "num_attention_heads": args.heads,
@@ -112,8 +130,8 @@ def run(args) -> None:
                                   **({} if args.epochs is None else {"epochs": args.epochs}),
                                   **({"lr": args.lr} if args.lr else {}), checkpoint=ck)
             elif args.arch == "resnet":
-                model = train_resnet_source(task, config, seed, limit=args.limit or resnet.SOURCE["limit"],
-                                            epochs=resnet.SOURCE["epochs"] if args.epochs is None else args.epochs,
+                model = train_resnet_source(task, config, seed, **({"limit": args.limit} if args.limit else {}),
+                                            **({} if args.epochs is None else {"epochs": args.epochs}),
                                             **({"lr": args.lr} if args.lr else {}), checkpoint=ck)
             elif args.arch == "vit":
                 stage = {} if args.epochs is None else {"epochs": args.epochs}

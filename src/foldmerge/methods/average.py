@@ -8,13 +8,14 @@ from __future__ import annotations
 import torch
 
 from ..model import TaskModel
-from ..options import ListOf, Number, Option, method
+from ..options import ListOf, Number, Option, Rule, method
 from . import align
 from .common import check_same_backbone, copy_heads
 from .repair import RESET, reset_statistics
 
 OPTIONS = (
-    Option("weights", ListOf(Number(low=0)), "one weight per model (unset: 1/n each, the plain mean)"),
+    Option("weights", ListOf(Number(low=0)), "one weight per model",
+           Rule(lambda c: [1.0 / len(c.models)] * len(c.models), "1/n each: the plain mean")),
     RESET,
 )
 

@@ -73,8 +73,6 @@ def cca_maps(feats: list[torch.Tensor], reg: float = DEFAULT_REG):
 def merge(models, data, seed, context, reg):
     """CCA Merge of models of any spec (identical widths); see the module docstring."""
     align.check_sources(models, data, "CCA Merge")
-    if not float(reg) > 0:
-        raise ValueError(f"reg must be positive, got {reg!r}")
     spec = models[0].spec
     feats = align.observe(models, data)
     maps, stats = {}, {}

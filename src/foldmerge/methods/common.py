@@ -204,10 +204,16 @@ def sections(method: str, options: dict) -> tuple[str, ...]:
 
 
 def by_family(key: str, method: str, help_sections: tuple[str, ...] | None = None) -> Rule:
-    """A default read from the models' family row (`foldmerge.arch.defaults`)."""
+    """A default read from the models' family row (`foldmerge.arch.defaults`); a batch of the whole
+    sample is recorded as its size."""
     shown = help_sections or (method, "train")
-    return Rule(lambda c: defaults.value(family(c.models), sections(method, c.options), key)[0],
-                defaults.describe(shown, key))
+
+    def fn(c):
+        value = defaults.value(family(c.models), sections(method, c.options), key)[0]
+        if key == "batch_size" and value is None and c.data is not None:
+            value = sum(len(d) for d in c.data)          # every example in one step: gradient descent
+        return value
+    return Rule(fn, defaults.describe(shown, key))
 
 
 def training_options(method: str) -> tuple[Option, ...]:
@@ -231,7 +237,8 @@ def training_options(method: str) -> tuple[Option, ...]:
                "scale every source's targets to a common mean |f|: the first source's (match), a number, "
                "or none", by_family("target_scale", method)),
         Option("patience", Integer(1), "with held-out data (--held-out): epochs without improvement before "
-               "stopping (unset: 20, paper F.8)"),
+               "stopping", Rule(lambda c: 20 if c.held_out is not None else None,
+                                "20 with held-out data: the early stopping of paper F.8, kept as measured")),
     )
 
 
@@ -252,8 +259,6 @@ def early_stopping(models, held_out, own_task: bool, patience: int | None):
         return None, None
     if len(held_out) != len(models) or any(len(h) == 0 for h in held_out):
         raise ValueError(f"held-out data needs a non-empty tensor per model ({len(models)})")
-    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
-        raise ValueError(f"patience must be a positive number of epochs, got {patience!r}")
     x, owner = cat_with_owner(list(held_out))
     stop = EarlyStop(loss=None) if patience is None else EarlyStop(loss=None, patience=patience)
     return (x, owner if own_task else None), stop

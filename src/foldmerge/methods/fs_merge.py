@@ -61,12 +61,14 @@ OPTIONS = (
            "layer; ViT: residual [MLP]); unset: model 1's"),
     Option("form", Choice(("folded", "supernet")), "how the SuperNet runs in training", "folded",
            "the same function and gradients as the SuperNet form (tested), one merged-width model per step"),
-    Option("last_epochs", Integer(0), "seq: epochs of the last stage (unset: --epochs)", when=("variant", ("seq",))),
     Option("zipit_alpha", Number(), "with init zipit: ZipIt!'s alpha",
            by_family("alpha", "zipit", ("zipit",)), when=("init", ("zipit",))),
     Option("zipit_beta", Number(0, 1), "with init zipit: ZipIt!'s beta",
            by_family("beta", "zipit", ("zipit",)), when=("init", ("zipit",))),
-) + training_options("fs-merge")
+) + training_options("fs-merge") + (
+    Option("last_epochs", Integer(0), "seq: epochs of the last stage",
+           Rule(lambda c: c.options["epochs"], "--epochs"), when=("variant", ("seq",))),
+)
 
 
 @method("fs-merge", OPTIONS, "Foldable SuperNet Merge: learn M and U around the frozen sources, then fold",

@@ -105,11 +105,6 @@ def merge(models, data, seed, context, m, rest, gate_norms, strategy, alpha, gat
         raise ValueError("the gating merge needs a non-empty data tensor per model (to train the gate)")
     if any(d.dim() != 4 for d in data):
         raise ValueError(f"the gating merge reads images (B, C, H, W); the merge data have shape {tuple(data[0].shape[1:])}")
-    if o["rest"] not in RESTS:
-        raise ValueError(f"gating --rest (how the ungated modules merge) must be one of {', '.join(RESTS)}, "
-                         f"got {o['rest']!r}")
-    if int(o["m"]) < 0:
-        raise ValueError(f"m must be >= 0, got {o['m']}")
     keys, chosen = gated_keys(models, int(o["m"]), bool(gate_norms), strategy)   # refuses an unknown strategy
 
     merged = (regmean.merge(models, data, alpha=alpha) if o["rest"] == "regmean" else average.merge(models))

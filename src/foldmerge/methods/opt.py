@@ -89,10 +89,6 @@ def _cols_to_one(t: torch.Tensor) -> torch.Tensor:
 @method("opt", OPTIONS, "optimal-transport fusion: align every model to model 1 by transport plans, then average")
 def merge(models, data, seed, context, filter, reg):
     """OT fusion of models of one shape; see the module docstring. `reg` is the paper's λ."""
-    if reg < 0:
-        raise ValueError(f"reg (λ) must be >= 0, got {reg!r}")
-    if filter not in ("cls", "full") and not str(filter).startswith("window-"):
-        raise ValueError(f"unknown token filter {filter!r}; use cls, full or window-K")
     align.check_sources(models, data, "opt")
     spec = models[0].spec
     tokens_seen = []

@@ -141,8 +141,6 @@ def least_squares(xtx: torch.Tensor, xty: torch.Tensor, ridge: float = DEFAULT_R
 def merge(models, data, seed, context, budget, ridge):
     """PLeaS: partial permutations under `budget`, then layer-wise least squares; see the module docstring."""
     align.check_sources(models, data, "PLeaS")
-    if not float(ridge) >= 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge!r}")
     spec = models[0].spec
     widened = [s for s in align.merged_spaces(spec)
                if float(budget.get(s, DEFAULT_BUDGET) if isinstance(budget, dict) else budget) > 0]

@@ -25,7 +25,7 @@ import math
 import torch
 
 from ..model import TaskModel
-from ..options import Number, Option, method
+from ..options import Number, Option, Rule, method
 from .common import check_same_backbone, copy_heads
 
 PARALLEL_EPS = 1e-6
@@ -51,8 +51,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return out.reshape(a.shape).to(a.dtype)
 
 
-OPTIONS = (Option("t", Number(0, 1), "two models: the interpolation point (unset: 0.5; more than two models "
-                  "merge by a running spherical mean)"),)
+OPTIONS = (Option("t", Number(0, 1), "two models: the interpolation point",
+                  Rule(lambda c: 0.5 if len(c.models) == 2 else None,
+                       "0.5, the midpoint, for two models; more than two merge by a running spherical mean")),)
 
 
 @method("slerp", OPTIONS, "spherical interpolation of every backbone tensor", data="none")

@@ -24,7 +24,7 @@ DEFAULT_DENSITY = 0.2
 DEFAULT_LAMBDA = 1.0
 OPTIONS = (
     BASE,
-    Option("density", Number(0, 1), "the share of each task vector's entries kept (largest magnitude)",
+    Option("density", Number(0, 1, positive=True), "the share of each task vector's entries kept (largest magnitude)",
            DEFAULT_DENSITY, "the TIES paper, section 6"),
     Option("lam", Number(positive=True), "lambda, the scale of the merged task vector", DEFAULT_LAMBDA,
            "the TIES paper, section 6"),
@@ -55,8 +55,6 @@ def ties_vector(taus: list[dict[str, torch.Tensor]], density: float) -> dict[str
 @method("ties", OPTIONS, "TIES: trim, elect signs and average the task vectors (one start)", data="none")
 def merge(models, data, seed, context, base, density, lam):
     check_base(models, base, "TIES")
-    if not density > 0:
-        raise ValueError(f"TIES density must lie in (0, 1], got {density!r}")
     theta, taus = task_vectors(models, base)
     tau = ties_vector(taus, density)
     state = {k: theta[k] + lam * tau[k] for k in theta}
