@@ -64,8 +64,8 @@ def test_a_merge_of_two_hf_directories_loads_back_with_auto_classes(tmp_path):
 
 def test_hf_directories_that_cannot_merge_get_one_clear_error(tmp_path):
     a = hf_dir(tmp_path, "a", 0, ["x", "y", "z"])
-    with pytest.raises(ModelFileError, match="say which task"):
-        load_hf(a)
+    own = load_hf(a).tasks[0]                        # no task named: the head is the task
+    assert (own.name, own.labels, own.builtin) == ("a", ("x", "y", "z"), False)
     with pytest.raises(ModelFileError, match="3 labels"):
         load_hf(a, "bbc:3-4")
     remote = hf_dir(tmp_path, "r", 0, ["x", "y"])
@@ -110,5 +110,9 @@ def test_the_cli_merges_hf_directories_and_each_task_loads_in_three_lines(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(logits, merged(ids())[1], atol=1e-5, rtol=1e-5)
     capsys.readouterr()
-    assert main(["merge", str(a), str(b), "--method", "average", "--out", str(tmp_path / "m2")]) == 2
-    assert "say which task" in capsys.readouterr().err and not (tmp_path / "m2").exists()
+    # without --tasks each model's task is its head; a method that reads data then needs --data
+    assert main(["merge", str(a), str(b), "--method", "fs-merge", "--out", str(tmp_path / "m2")]) == 2
+    assert "give them with --data" in capsys.readouterr().err and not (tmp_path / "m2").exists()
+    assert main(["merge", str(a), str(b), "--method", "average", "--out", str(tmp_path / "m2")]) == 0
+    assert [t.labels for t in foldmerge.load(tmp_path / "m2").tasks] == \
+        [("business", "entertainment", "politics"), ("sports", "tech")]

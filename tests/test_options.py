@@ -183,7 +183,7 @@ def test_the_api_checks_its_keywords_as_the_command_line_does(place):
     _, paths = place
     for kwargs, said in [({"seeed": 1}, "'seeed' is neither an option of method 'average' nor a keyword of "
                                         "foldmerge.merge (did you mean seed?)"),
-                         ({"per_task": 8}, "give the number of examples drawn per task as data=N"),
+                         ({"per_task": 8}, "per_task counts the examples drawn from data files"),
                          ({"weights": [0.5, "x"]}, "--weights: expected a finite number >= 0, got 'x'"),
                          ({"alpha": 0.5}, "--alpha does not apply to method 'average'")]:
         with pytest.raises(ValueError) as e:

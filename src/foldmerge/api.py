@@ -35,9 +35,13 @@ from .checkpoint import checkpoint_dir as checkpoint_dir_of
 from .context import Context, FeatureCache
 from .data import Task
 from .data.augment import expand
+from .data.files import Examples
+from .data.files import describe as describe_examples
+from .data.files import read as read_examples
 from .engine import ACCELERATORS, PRECISIONS, Engine
 from .errors import did_you_mean
 from .evaluation import evaluate as _evaluate
+from .inputs import common_length, preprocess, reads
 from .io import check_target, nonfinite, save_model
 from .loading import load as _load
 from .loading import load_sources, read_option_files
@@ -133,8 +137,12 @@ class Grid(ListOf):
 
 
 SETTINGS = (
-    Option("per_task", Integer(1), "unlabeled training examples drawn per task for the merge", 64,
-           "the FS-Merge paper's MLP merges, appendix E.1"),
+    Option("data", ListOf(FilePath()), "unlabeled examples of each model's task, one per model in model order: a "
+           "folder of images, a .txt file (a line each), a table FILE:COLUMN (.csv .tsv .jsonl .json .parquet), a "
+           "datasets folder, or .npy / .safetensors tensors (docs/data.md); unset: the built-in task's "
+           "training split"),
+    Option("per_task", Integer(1), "unlabeled examples drawn per task for the merge (from its built-in training "
+           "split or from --data)", 64, "the FS-Merge paper's MLP merges, appendix E.1"),
     Option("augment", Integer(0), "augmented images per task made from the drawn ones (crop, flip, "
            "solarize/blur, MixUp)", Rule(lambda c: default_augment(c.options["method"], c.models),
                                          "1024 for RegMean on images (bench defaults: its Grams gain from them), "
@@ -198,7 +206,8 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, keep_checkpoint: bool = False,
             out: str | os.PathLike | None = None, force: bool = False, tasks=None, allow_pickle: bool = False,
             accelerator: str | None = None, devices: int | None = None, precision: str | None = None,
-            cache: FeatureCache | None = None, command: str | None = None, **options) -> Job:
+            per_task: int | None = None, cache: FeatureCache | None = None, command: str | None = None,
+            **options) -> Job:
     """Every check of a merge, before any work (see the module docstring); the arguments are `merge`'s."""
     call = {k: v for k, v in {"function": "foldmerge.merge", "data": describe(data), "method": method, "seed": seed,
                               "augment": augment, "calibrate": calibrate, "select": describe(select),
@@ -206,11 +215,15 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
                               "options": describe(options)}.items() if v is not None}
     m = get_method(method)
     if isinstance(data, bool) or not isinstance(data, (int, list, tuple)):
-        raise ValueError("data must be per-model tensors or a number of images per task")
+        raise ValueError("data must be a number of examples per task, or per model: tensors or data files")
+    from_files = isinstance(data, (list, tuple)) and any(isinstance(d, (str, os.PathLike, Examples)) for d in data)
+    if per_task is not None and not from_files:
+        raise ValueError("per_task counts the examples drawn from data files; with data=N, N is the count")
     s = check_values(SETTINGS, {"seed": seed, "calibrate": calibrate, "force": force, "resume": resume,
                                 "allow_pickle": allow_pickle, "checkpoint_every": checkpoint_every or None,
                                 "tasks": tasks, "out": out, "select": select, "augment": augment,
-                                "per_task": data if isinstance(data, int) else None,
+                                "data": data if from_files else None,
+                                "per_task": data if isinstance(data, int) else per_task,
                                 "held_out": None if isinstance(held_out, (list, tuple)) else held_out,
                                 "accelerator": accelerator, "devices": devices, "precision": precision},
                      "foldmerge.merge")
@@ -229,13 +242,19 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
                               [o.name for o in m.options if isinstance(o.kind, TensorFile)], s["allow_pickle"])
     merged_form = [x.merge_form() for x in sources]
     _check_heads(merged_form)
-    data, sample = _draw(merged_form, data, s["seed"], s.get("augment"), m)
-    held = _held_out(merged_form, held_out if isinstance(held_out, (list, tuple)) else s.get("held_out", 0), sample,
-                     s["seed"], m)
-    if held is not None:
-        sample["held_out"] = held_out if isinstance(held_out, int) else [len(h) for h in held]
+    if from_files:
+        data, sample, held = _from_files(merged_form, data, s.get("per_task", SETTING["per_task"].default),
+                                         s.get("held_out", 0), s["seed"], s.get("augment"), m)
+    else:
+        data, sample = _draw(merged_form, data, s["seed"], s.get("augment"), m)
+        held = _held_out(merged_form, held_out if isinstance(held_out, (list, tuple)) else s.get("held_out", 0),
+                         sample, s["seed"], m)
+        if held is not None:
+            sample["held_out"] = held_out if isinstance(held_out, int) else [len(h) for h in held]
     resolved = m.resolve(merged_form, given, data, held)
     grid = select_grid(m, s["select"], given) if "select" in s else None
+    if grid and data is None:
+        raise ValueError("--select scores candidates on the merge data, and this merge has none")
     context = Context(features=cache or FeatureCache())
     job = Job(sources, merged_form, data, m, given, resolved, s["seed"], s["calibrate"], grid, held, sample, engine,
               context, call, Path(s["out"]) if "out" in s else None, s["force"], keep_checkpoint=keep_checkpoint,
@@ -247,15 +266,13 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
 
 KEYWORDS = ("data", "method", "seed", "augment", "engine", "calibrate", "select", "held_out", "checkpoint_every",
             "checkpoint_dir", "resume", "keep_checkpoint", "out", "force", "tasks", "allow_pickle", "accelerator",
-            "devices", "precision", "cache", "command")
+            "devices", "precision", "per_task", "cache", "command")
 
 
 def _check_keywords(method, options: dict) -> None:
     """A keyword that is neither the method's option nor another method's nor `merge`'s, in one line."""
     everyone = {o.name for m in METHODS.values() for o in m.options}
     for k in options:
-        if k == "per_task":
-            raise ValueError("per_task: give the number of examples drawn per task as data=N")
         if k not in everyone:
             raise ValueError(f"{k!r} is neither an option of method {method.name!r} nor a keyword of "
                              f"foldmerge.merge{did_you_mean(k, [o.name for o in method.options] + list(KEYWORDS))}")
@@ -278,9 +295,20 @@ def _check_heads(models) -> None:
         raise ValueError(f"two models share a task ({', '.join(names)}); heads would collide")
 
 
-def _draw(models, data, seed: int, augment, method) -> tuple[list, dict]:
-    """(per-model data, what the model's meta records of it): drawn (data as an int) or given."""
+def _draw(models, data, seed: int, augment, method) -> tuple[list | None, dict]:
+    """(per-model data, what the model's meta records of it): drawn (data as an int) or given; None
+    for a method that reads no data when a task has no built-in examples to draw."""
     if isinstance(data, int):
+        lacking = [t.name for m in models for t in m.tasks if not t.builtin]
+        if lacking:
+            if method.data == "required":
+                raise ValueError(f"method {method.name!r} reads unlabeled examples of every task, and task "
+                                 f"{lacking[0]!r} has none built in: give them with --data (one file or folder "
+                                 "per model)")
+            if augment:
+                raise ValueError("augment applies to a drawn sample of built-in tasks")
+            return None, {"none": f"no merge data: {method.name} reads none, and task {lacking[0]!r} has none "
+                                  "built in"}
         augment = default_augment(method.name, models) if augment is None else augment
         drawn = merge_sample(models, data, seed, augment)
         _check_data(models, drawn)
@@ -289,6 +317,40 @@ def _draw(models, data, seed: int, augment, method) -> tuple[list, dict]:
         raise ValueError("augment applies to a drawn sample (data as an int), not to given tensors")
     _check_data(models, data)
     return list(data), {"given": "tensors"}
+
+
+def _from_files(models, specs, per_task: int, held_out: int, seed: int, augment, method):
+    """(data, what meta records of it, held-out data or None) read from one data spec (or `Examples`)
+    per model: per task of a model `per_task` examples drawn (seeded), `held_out` more for early
+    stopping, each preprocessed as its model's own (`foldmerge.inputs`)."""
+    if len(specs) != len(models):
+        raise ValueError(f"--data needs one data file or folder per model ({len(models)}), got {len(specs)}")
+    if augment:
+        raise ValueError("augment makes images from a built-in task's sample, not from data files")
+    if held_out and not method.held_out:
+        raise ValueError(f"held-out early stopping applies to fs-merge and distill, not to {method.name!r}")
+    data, held, record = [], [], []
+    for k, (m, spec) in enumerate(zip(models, specs)):
+        examples = spec if isinstance(spec, Examples) else read_examples(os.fspath(spec))
+        need = per_task * len(m.tasks)
+        if len(examples) < need + held_out:
+            asked = f"--per-task {per_task}" + (f" and --held-out {held_out}" if held_out else "")
+            raise ValueError(f"data {examples.source}: {len(examples)} examples, and {asked} ask(s) for "
+                             f"{need + held_out} (model {k + 1} has {len(m.tasks)} task(s))")
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(_task_seed(seed, k, 0)))
+        data.append(preprocess(m, examples.take(order[:need].tolist())))
+        if held_out:
+            held.append(preprocess(m, examples.take(order[need:need + held_out].tolist())))
+        record.append(describe_examples(examples))
+    if all(reads(m) == "text" for m in models) and all(not d.is_floating_point() for d in data + held):
+        pad = models[0].backbone_config.get("pad_token_id", 0)
+        padded = common_length(data + held, pad)
+        data, held = padded[:len(data)], padded[len(data):]
+    _check_data(models, data, [r["source"] for r in record])
+    if held:
+        _check_data(models, held, [r["source"] for r in record])
+    sample = {"files": record, "per_task": per_task, "seed": seed, **({"held_out": held_out} if held_out else {})}
+    return data, sample, held or None
 
 
 def _held_out(models, held_out, sample: dict, seed: int, method) -> list | None:
@@ -307,20 +369,21 @@ def _held_out(models, held_out, sample: dict, seed: int, method) -> list | None:
 
 
 @torch.no_grad()
-def _check_data(models, data) -> None:
-    """Each model's data: a non-empty, finite tensor (images, or token ids) that the model takes."""
+def _check_data(models, data, names: list[str] | None = None) -> None:
+    """Each model's data: a non-empty, finite tensor (images, or token ids) that the model takes;
+    `names`: what each tensor was read from (a file), for the message."""
     if not isinstance(data, (list, tuple)) or not all(torch.is_tensor(d) for d in data):
         raise ValueError("data must be a list of tensors, one per model, or a number of images per task")
     if len(data) != len(models):
         raise ValueError(f"got {len(data)} data tensors for {len(models)} models")
     for k, (m, d) in enumerate(zip(models, data)):
+        what = f"data {names[k]}" if names else f"data tensor {k + 1}"
         if d.ndim == 0 or len(d) == 0:
-            raise ValueError(f"data tensor {k + 1} is empty (shape {tuple(d.shape)})")
+            raise ValueError(f"{what} is empty (shape {tuple(d.shape)})")
         if d.dtype == torch.bool or d.is_complex():
-            raise ValueError(f"data tensor {k + 1} has dtype {d.dtype}; expected floating-point inputs "
-                             "(or integer token ids)")
+            raise ValueError(f"{what} has dtype {d.dtype}; expected floating-point inputs (or integer token ids)")
         if d.is_floating_point() and not bool(torch.isfinite(d).all()):
-            raise ValueError(f"data tensor {k + 1} holds NaN or Inf")
+            raise ValueError(f"{what} holds NaN or Inf")
         was = m.training
         m.eval()
         try:
@@ -329,9 +392,9 @@ def _check_data(models, data) -> None:
         except (RuntimeError, ValueError, IndexError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             if not d.is_floating_point() and "index out of range" in first:
-                raise ValueError(f"data tensor {k + 1} holds token ids up to {int(d.max())}, past model {k + 1}'s "
+                raise ValueError(f"{what} holds token ids up to {int(d.max())}, past model {k + 1}'s "
                                  "vocabulary (a different tokenizer?)") from None
-            raise ValueError(f"data tensor {k + 1} has shape {tuple(d.shape)}, which model {k + 1} does not take "
+            raise ValueError(f"{what} has shape {tuple(d.shape)}, which model {k + 1} does not take "
                              f"({first[:120]})") from None
         finally:
             m.train(was)
@@ -366,7 +429,8 @@ def _checkpoint(job: Job, every: int, where, resume: bool) -> Checkpoint | None:
         return h.hexdigest()
     fingerprint = {"method": job.method.name, "seed": job.seed, "sample": job.sample, "calibrate": job.calibrate,
                    "select": describe(job.select), "options": describe(job.given),
-                   "sources": [digest(m.state_dict().values()) for m in job.models], "data": digest(job.data)}
+                   "sources": [digest(m.state_dict().values()) for m in job.models],
+                   "data": digest(job.data or [])}
     return Checkpoint(where, every or None, fingerprint, resume=resume)
 
 
@@ -407,7 +471,7 @@ def _merge_on_device(fabric, models, data, method: str, seed: int, options: dict
     caller's models stay where they are), the result back on the CPU."""
     device = fabric.device
     models = [copy.deepcopy(m).to(device) for m in models]
-    data = [d.to(device) for d in data]
+    data = None if data is None else [d.to(device) for d in data]
     held_out = None if held_out is None else [h.to(device) for h in held_out]
     torch.manual_seed(seed)
     merged = get_method(method)(models, data, seed=seed, context=Context(fabric=fabric), held_out=held_out, **options)
@@ -420,8 +484,11 @@ def _merge_on_device(fabric, models, data, method: str, seed: int, options: dict
 # ----------------------------------------------------------------------------------- finish
 def finish(job: Job, merged: TaskModel) -> TaskModel:
     """Calibrate, check, record and (with an output directory) save; see the module docstring."""
-    merged.meta["calibration"] = calibrate_heads(merged, job.models, job.data) if job.calibrate == "routing" \
-        else {"calibrate": "none"}
+    if job.data is None:
+        merged.meta["calibration"] = {"calibrate": "none", "why": "no merge data to calibrate on"}
+    else:
+        merged.meta["calibration"] = calibrate_heads(merged, job.models, job.data) \
+            if job.calibrate == "routing" else {"calibrate": "none"}
     merged.meta.update(seed=job.seed, merge_sample=job.sample, wall_seconds=time.perf_counter() - job.started)
     bad = nonfinite(merged.state_dict())
     if bad:

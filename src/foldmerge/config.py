@@ -75,8 +75,9 @@ def read(path: str, method: str | None = None) -> dict:
         for o in m.options:
             readers.setdefault(o.name, []).append(m.name)
     folder = Path(path).resolve().parent
-    paths, tasks = _models(data.get("models"), where)
+    paths, tasks, files, labelled = _models(data.get("models"), where)
     paths = [_here(folder, p) for p in paths]
+    files, labelled = ([_here(folder, f) for f in specs] if specs else None for specs in (files, labelled))
     options = data.get("options") or {}
     if not isinstance(options, dict):
         raise ValueError(f"{where}: 'options' must be a mapping of the method's options")
@@ -85,9 +86,10 @@ def read(path: str, method: str | None = None) -> dict:
     for prefix, entries in (("", top), ("options.", options)):
         for key, value in entries.items():
             name = str(key).replace("-", "_")
-            if name == "tasks":
-                raise ValueError(f"{where}: {prefix}{key}: give each model's task in its entry under models "
-                                 "(- path: DIR  task: TASK)")
+            if name in ("tasks", "data", "eval_data"):
+                entry = name.rstrip("s") if name == "tasks" else name
+                raise ValueError(f"{where}: {prefix}{key}: give each model's {entry} in its entry under models "
+                                 f"(- path: DIR  {entry}: …)")
             if name in SETTING:
                 target, option = settings, SETTING[name]
             elif name in readers:
@@ -112,8 +114,8 @@ def read(path: str, method: str | None = None) -> dict:
             select_grid(get_method(method), settings["select"], chosen)
         except ValueError as e:
             raise ValueError(f"{where}: select: {e}") from None
-    return {"models": paths, "tasks": tasks, "method": method, "settings": settings, "options": chosen,
-            "file": path}
+    return {"models": paths, "tasks": tasks, "data": files, "eval_data": labelled, "method": method,
+            "settings": settings, "options": chosen, "file": path}
 
 
 def _here(folder: Path, path: str) -> str:
@@ -121,24 +123,26 @@ def _here(folder: Path, path: str) -> str:
     return path if Path(path).is_absolute() else str(folder / path)
 
 
-def _models(models, where: str) -> tuple[list[str], list | None]:
+ENTRY = ("path", "task", "data", "eval_data")      # a models entry's keys
+
+
+def _models(models, where: str) -> tuple[list[str], list | None, list | None, list | None]:
+    """(paths, tasks, data specs, labelled data specs; None where no entry gives one) of the models entries."""
     if models is None:
-        return [], None
+        return [], None, None, None
     if not isinstance(models, list) or len(models) < 2:
         raise ValueError(f"{where}: 'models' must list two or more model directories")
-    paths, tasks = [], []
+    columns = {k: [] for k in ENTRY}
     for m in models:
-        if isinstance(m, dict):
-            extra = set(m) - {"path", "task"}
-            if extra or "path" not in m or not isinstance(m["path"], str):
-                raise ValueError(f"{where}: a model entry takes 'path' and 'task', got {sorted(m)}")
-            paths.append(m["path"])
-            tasks.append(None if m.get("task") is None else str(m["task"]))
-        elif isinstance(m, str):
-            paths.append(m)
-            tasks.append(None)
-        else:
-            raise ValueError(f"{where}: a model entry is a path or {{path, task}}, got {m!r}")
-    if any(tasks) and not all(tasks):
-        raise ValueError(f"{where}: give a task for every model or for none")
-    return paths, (tasks if all(tasks) else None)
+        if isinstance(m, str):
+            m = {"path": m}
+        if not isinstance(m, dict) or set(m) - set(ENTRY) or not isinstance(m.get("path"), str) or \
+                not all(isinstance(m.get(k), (str, type(None))) for k in ENTRY):
+            raise ValueError(f"{where}: a model entry is a path or a mapping of {', '.join(ENTRY)} (texts), "
+                             f"got {m!r}")
+        for k in ENTRY:
+            columns[k].append(m.get(k))
+    for key in ENTRY[1:]:
+        if any(columns[key]) and not all(columns[key]):
+            raise ValueError(f"{where}: give a {key} for every model or for none")
+    return (columns["path"], *[columns[k] if all(columns[k]) else None for k in ENTRY[1:]])

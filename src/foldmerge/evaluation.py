@@ -30,18 +30,21 @@ def _logits(model, x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def evaluate(model, tasks: list[Task | str] | None = None, split: str = "test",
-             batch_size: int = 1000) -> dict:
-    """Per-task and joint accuracy (in %) of `model` on `tasks` (default: all of its tasks), in eval
-    mode; every module's train/eval mode is restored."""
+             batch_size: int = 1000, labelled: dict | None = None) -> dict:
+    """Per-task and joint accuracy (in %) of `model` on `tasks` (default: all of its tasks, or those
+    of `labelled`), in eval mode; every module's train/eval mode is restored. `labelled`: {task name:
+    (inputs, labels)} of the user's own (`--eval-data`) instead of a built-in task's split."""
     modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+    if labelled is not None and tasks is None:
+        tasks = [t for t in model.tasks if t.name in labelled]
     try:
-        return _evaluate(model, tasks, split, batch_size)
+        return _evaluate(model, tasks, split, batch_size, labelled or {})
     finally:
         for m, was in modes:
             m.train(was)
 
 
-def _evaluate(model, tasks, split: str, batch_size: int) -> dict:
+def _evaluate(model, tasks, split: str, batch_size: int, labelled: dict) -> dict:
     if isinstance(model, nn.Module):
         model.eval()
         bad = nonfinite(model.state_dict())
@@ -59,7 +62,7 @@ def _evaluate(model, tasks, split: str, batch_size: int) -> dict:
     per_task, joint, routed = {}, {}, {}
     for t in tasks:
         j = own.index(t.name)
-        x, y = t.split(split)
+        x, y = labelled[t.name] if t.name in labelled else t.split(split)
         logits = _logits(model, x, batch_size)
         if not all(bool(torch.isfinite(z).all()) for z in logits):
             raise ValueError(f"cannot evaluate: the model's outputs on {t.name} are not finite")
@@ -70,7 +73,7 @@ def _evaluate(model, tasks, split: str, batch_size: int) -> dict:
         if hasattr(model, "route"):
             chosen = torch.cat([model.route(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
             routed[t.name] = 100.0 * ((chosen == j) & (logits[j].argmax(1) == y)).float().mean().item()
-    result = {"split": split, "per_task": per_task,
+    result = {"split": "given" if labelled else split, "per_task": per_task,
               "per_task_mean": sum(per_task.values()) / len(per_task)}
     for name, values in (("joint", joint), ("routed", routed)):
         if values:

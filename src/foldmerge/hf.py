@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -113,20 +114,18 @@ def load_hf(path: str | os.PathLike, task=None):
                else "as a ViTForImageClassification")
         raise ModelFileError(f"{path} is a {cfg['architectures'][0]} without a classification head: a merge input "
                              f"needs one; fine-tune it first ({how})")
-    task = task or cfg.get("foldmerge_task")
-    if task is None:
-        raise ModelFileError(f"{path}: say which task it was trained on (e.g. bbc:0-2); its config does not")
-    task = Task.parse(task)
     labels = cfg.get("id2label") or {}
+    task = _task(path, task, cfg.get("foldmerge_task"), labels)
     if labels and len(labels) != task.num_classes:
         raise ModelFileError(f"{path} has {len(labels)} labels but task {task} has {task.num_classes} classes")
     family, attr, _ = CLASSES[cfg["architectures"][0]]
-    if task.is_text != (family == "bert"):
+    if task.builtin and task.is_text != (family == "bert"):
         raise ModelFileError(f"{path} is a {cfg['architectures'][0]}, but task {task} is "
                              f"{'text' if task.is_text else 'images'}")
     cls = getattr(transformers, cfg["architectures"][0])
     try:
-        hf = cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        with quiet_transformers():
+            hf = cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelFileError(f"{path}: cannot load it: {str(e).strip().splitlines()[0][:200]}") from None
     backbone = {k: cfg[k] for k in CONFIG_KEYS[family] if k in cfg}
@@ -149,10 +148,51 @@ def load_hf(path: str | os.PathLike, task=None):
     return model
 
 
+@contextmanager
+def quiet_transformers():
+    """transformers' own progress bars and load reports off while a model or tokenizer loads: a load
+    that fails says so in one line of ours, and one that works prints nothing."""
+    from transformers.utils import logging as hf_logging
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def weights_sha256(path: str | os.PathLike) -> str | None:
     """The SHA-256 of a Hugging Face directory's model.safetensors (None if it has none)."""
     weights = Path(path) / "model.safetensors"
     return file_sha256(weights) if weights.is_file() else None
+
+
+def _task(path: Path, given, recorded, id2label: dict) -> Task:
+    """A Hugging Face classifier's task: the one given (a built-in task spec), else the one its config
+    records (written here), else its head: the directory's name and id2label's labels."""
+    if given is not None:
+        return Task.parse(given)
+    try:
+        keys = sorted(int(k) for k in id2label)
+    except (TypeError, ValueError):
+        raise ModelFileError(f"{path / 'config.json'}: id2label's keys must be class indices, got "
+                             f"{sorted(id2label)[:3]}") from None
+    if keys != list(range(len(keys))):
+        raise ModelFileError(f"{path / 'config.json'}: id2label must name classes 0…{len(keys) - 1}, got {keys}")
+    labels = [id2label[str(k)] if str(k) in id2label else id2label[k] for k in keys]
+    if isinstance(recorded, str) and recorded.strip():
+        try:
+            return Task.parse(recorded)        # a built-in task recorded by foldmerge's export
+        except ValueError:
+            pass
+    name = recorded if isinstance(recorded, str) and recorded.strip() else path.resolve().name
+    try:
+        return Task.own(name, labels)
+    except ValueError as e:
+        raise ModelFileError(f"{path}: {e}") from None
 
 
 def check_tokenizers(paths) -> None:
@@ -184,6 +224,11 @@ def save_hf(merged, out: str | os.PathLike, sources=()) -> Path:
 def write_hf(merged, out: Path, sources=()) -> None:
     """The merged backbone and one classifier directory per task (module docstring), into the
     existing, empty directory `out`."""
+    with quiet_transformers():
+        _write_hf(merged, out, sources)
+
+
+def _write_hf(merged, out: Path, sources=()) -> None:
     import transformers
     kinds = {family: (name, attr, base) for name, (family, attr, base) in CLASSES.items()}
     if merged.arch not in kinds:

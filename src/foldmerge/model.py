@@ -129,7 +129,7 @@ class TaskModel(nn.Module):
 
     def config(self) -> dict[str, Any]:
         return {"arch": self.arch, "backbone": self.backbone_config,
-                "tasks": [t.name for t in self.tasks], "head_bias": self.head_bias, "head": self.head_kind}
+                "tasks": [t.record() for t in self.tasks], "head_bias": self.head_bias, "head": self.head_kind}
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "TaskModel":

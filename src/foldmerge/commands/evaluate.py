@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..api import load
 from ..evaluation import Ensemble, SourceHeads, evaluate
+from ..inputs import labelled as labelled_examples
 from ..provenance import environment
 from ..tables import print_json, print_table
 from . import add_common, command_line, set_threads
@@ -17,26 +18,38 @@ def add_arguments(p) -> None:
                         "unit mean |f| first; every head applied: the FS-Merge paper's ensemble row)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (read with torch's "
                                                                "weights-only unpickler)")
+    p.add_argument("--eval-data", nargs="+", metavar="DATA",
+                   help="labelled examples, one per task in the order of the models' tasks: a folder of class "
+                        "sub-folders named by the labels, or a table FILE:COLUMN[:LABEL] (label column default "
+                        "'label'); unset: the built-in tasks' --split")
     add_common(p)
 
 
 def run(args) -> None:
     set_threads(args)
-    out, models = [], []
-    for p in args.models:
-        model = load(p, allow_pickle=args.allow_pickle)
-        models.append(model)
-        out.append({"model": p, "method": model.meta.get("method", model.meta.get("kind", "?")),
-                    **evaluate(model, split=args.split)})
+    models = [load(p, allow_pickle=args.allow_pickle) for p in args.models]
+    pairs = [(m, t) for m in models for t in m.tasks]
+    if args.eval_data and len(args.eval_data) != len(pairs):
+        raise ValueError(f"--eval-data needs one labelled file or folder per task ({len(pairs)}: "
+                         f"{', '.join(t.name for _, t in pairs)}), got {len(args.eval_data)}")
+    unscored = [t.name for _, t in pairs if not t.builtin]
+    if unscored and not args.eval_data:
+        raise ValueError(f"task {unscored[0]!r} has no built-in labelled data: give --eval-data (one per task)")
+    labelled = {t.name: labelled_examples(m, t, spec) for (m, t), spec in zip(pairs, args.eval_data)} \
+        if args.eval_data else None
+
+    def score(model):
+        return evaluate(model, labelled=labelled) if labelled else evaluate(model, split=args.split)
+    out = [{"model": p, "method": m.meta.get("method", m.meta.get("kind", "?")), **score(m)}
+           for p, m in zip(args.models, models)]
     names = [t.name for m in models for t in m.tasks]
     together = len(models) > 1 and len(set(names)) == len(names)
     if args.ensemble and not together:
         raise ValueError("--ensemble needs two or more models whose tasks all differ")
     if together:     # the models as sources: their heads side by side, and the ensemble if asked
-        out.append({"model": "heads side by side", "method": "sources",
-                    **evaluate(SourceHeads(models), split=args.split)})
+        out.append({"model": "heads side by side", "method": "sources", **score(SourceHeads(models))})
         if args.ensemble:
-            out.append({"model": "ensemble", "method": "ensemble", **evaluate(Ensemble(models), split=args.split)})
+            out.append({"model": "ensemble", "method": "ensemble", **score(Ensemble(models))})
     if args.json:
         print_json({"results": out, "command": command_line(), "environment": environment()})
         return
@@ -51,4 +64,4 @@ def run(args) -> None:
     columns = [("model", "model"), ("task", "task"), ("per_task", "per-task acc %"), ("joint", "joint acc %")]
     if any(r["routed"] is not None for r in rows):      # a gated model: the head its gate picks
         columns.append(("routed", "routed acc %"))
-    print_table(rows, f"{args.split} accuracy", columns)
+    print_table(rows, "accuracy on --eval-data" if labelled else f"{args.split} accuracy", columns)

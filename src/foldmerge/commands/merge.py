@@ -7,10 +7,13 @@ The flags are collected as text and handed to `foldmerge.merge`, which reads and
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .. import config
-from ..api import SETTING, SETTINGS, merge
-from ..evaluation import evaluate
+from ..api import SETTING, SETTINGS, finish, prepare
+from ..api import run as run_job
+from ..evaluation import SourceHeads, evaluate
+from ..inputs import labelled as labelled_examples
 from ..methods import METHODS, get_method
 from ..options import Choice, Flag, Option
 from ..tables import print_json, print_table, result_row
@@ -81,6 +84,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                      description=f"also reads {', '.join(shared)} (above)" if shared else None)
         for o in own:
             _add(group, o, m.name, readers[o.name][1:])
+    p.add_argument("--eval-data", nargs="+", metavar="DATA",
+                   help="labelled examples to score the merge and its sources on, one per task in model order: "
+                        "a folder of class sub-folders named by the labels, or a table FILE:COLUMN[:LABEL] "
+                        "(label column default 'label'; labels as the model names them, or class indices); "
+                        "unset: the built-in tasks' test splits (docs/evaluation.md)")
     add_common(p)
 
 
@@ -90,12 +98,14 @@ def run(args) -> None:
     method = given.get("method")
     declared = set(SETTING) | {o.name for m in METHODS.values() for o in m.options}
     flags = {k: v for k, v in given.items() if k in declared}
-    models, tasks, settings, options = list(args.models), None, {}, {}
+    models, tasks, data, eval_data, settings, options = list(args.models), None, None, None, {}, {}
     if args.config:
         described = config.read(args.config, method)
         method = method or described["method"]
         models = models or described["models"]
         tasks = None if args.models else described["tasks"]
+        data = None if args.models else described["data"]
+        eval_data = None if args.models else described["eval_data"]
         settings, options = described["settings"], described["options"]
     method = method or "fs-merge"
     readers = {o.name: o for o in get_method(method).options}
@@ -110,13 +120,48 @@ def run(args) -> None:
         raise ValueError("merge needs two or more model directories (or --config FILE naming them)")
     if "out" not in settings:
         raise ValueError("merge needs --out DIR (or out: in the --config file)")
-    per_task = settings.pop("per_task", SETTING["per_task"].default)
-    merged = merge(models, per_task, method, tasks=tasks, command=command_line(), **settings, **options)
-    result = evaluate(merged)
+    if "data" in settings and data:
+        raise ValueError("give the data in the --config file's models entries or with --data, not both")
+    data = settings.pop("data", None) or data
+    eval_data = args.eval_data or eval_data
+    per_task = settings.pop("per_task", None)
+    if data:                                # per model, from files: per_task examples of each task
+        job = prepare(models, data, method, per_task=per_task, tasks=tasks, command=command_line(), **settings,
+                      **options)
+    else:
+        job = prepare(models, per_task or SETTING["per_task"].default, method, tasks=tasks, command=command_line(),
+                      **settings, **options)
+    tasks = [t for s in job.models for t in s.tasks]
+    if eval_data and len(eval_data) != len(tasks):      # before the merge: a mistake costs no training
+        raise ValueError(f"--eval-data needs one labelled file or folder per task ({len(tasks)}), got "
+                         f"{len(eval_data)}")
+    labelled = {t.name: labelled_examples(s, t, spec) for (s, t), spec in
+                zip([(s, t) for s in job.models for t in s.tasks], eval_data)} if eval_data else None
+    merged = finish(job, run_job(job))
+    rows, note = _scores(merged, job.models, labelled, method + (f" {options['variant']}" if "variant" in options
+                                                                 else ""))
     out = settings["out"]
     if args.json:
-        print_json({"out": out, "meta": merged.meta, "test": result})
-    else:
-        print_table([result_row(method + (f" {options['variant']}" if "variant" in options else ""),
-                                result, merged.meta["wall_seconds"])],
-                    f"merged {len(models)} models -> {out}", footer=f"seed {merged.meta['seed']}")
+        print_json({"out": out, "meta": merged.meta, "test": rows[-1]["result"] if rows else None,
+                    "scores": [{k: v for k, v in r.items()} for r in rows]})
+        return
+    print_table([result_row(r["model"], r["result"], r.get("seconds")) for r in rows] or
+                [result_row(method, None, merged.meta["wall_seconds"])],
+                f"merged {len(job.models)} models -> {out}" + (" (accuracy on --eval-data)" if labelled else ""),
+                footer=f"seed {merged.meta['seed']}{note}")
+
+
+def _scores(merged, sources, labelled, name: str) -> tuple[list[dict], str]:
+    """(rows: each source on its task, their heads side by side, the merge; a note) on --eval-data or
+    the built-in tasks' test splits; no rows where some task has neither."""
+    unscored = [t.name for t in merged.tasks if not t.builtin and not (labelled and t.name in labelled)]
+    if unscored:
+        return [], f"; no accuracy: task {unscored[0]!r} has no built-in labelled data (give --eval-data)"
+    rows = [{"model": f"source: {Path(s.meta['path']).name if s.meta.get('path') else k + 1}",
+             "result": evaluate(s, labelled=labelled) if labelled else evaluate(s)} for k, s in enumerate(sources)]
+    side = SourceHeads(sources)
+    rows.append({"model": "sources side by side", "result": evaluate(side, labelled=labelled) if labelled
+                 else evaluate(side)})
+    rows.append({"model": name, "result": evaluate(merged, labelled=labelled) if labelled else evaluate(merged),
+                 "seconds": merged.meta["wall_seconds"]})
+    return rows, ""

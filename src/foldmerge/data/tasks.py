@@ -1,6 +1,8 @@
-"""Tasks: a data set restricted to some classes, with train/val/test splits.
+"""Tasks: what a model's head answers. A built-in task is a data set restricted to some classes,
+with train/val/test splits; a model's own task is its head alone (a name and its class labels, as
+a Hugging Face config's id2label gives them), whose examples the user brings (`--data`).
 
-A task spec is `DATASET[/VIEW][:CLASSES]`, e.g. `mnist:0-4`, `fmnist:5-9`, `mnist:0,2,4`,
+A built-in task spec is `DATASET[/VIEW][:CLASSES]`, e.g. `mnist:0-4`, `fmnist:5-9`, `mnist:0,2,4`,
 `mnist` (all ten classes) or `mnist/rot90:0-4`. A VIEW is a fixed transform of every image of
 the task, which makes a distinct task from the same data: rot90, rot180, rot270, flip
 (left-right), transpose, invert (255 − pixel), noise (Gaussian, σ 64 grey levels, one fixed
@@ -11,6 +13,7 @@ set's own test set.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -52,14 +55,32 @@ def _parse_classes(text: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class Task:
-    dataset: str
-    classes: tuple[int, ...]
+    dataset: str                  # a built-in data set, or "" for a task known by its head alone
+    classes: tuple                # built-in: the data set's class indices; own: the class labels
     view: str = ""
+    title: str = ""               # own: the task's name
 
     @classmethod
-    def parse(cls, spec: str | "Task") -> "Task":
+    def own(cls, name: str, labels) -> "Task":
+        """A task known by its head alone: its name and its class labels, in the head's order."""
+        labels = tuple(str(x) for x in labels)
+        if not isinstance(name, str) or not name.strip() or any(c in name for c in "\n\r\x00"):
+            raise ValueError(f"a task's name must be a non-empty line of text, got {name!r}")
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ValueError(f"task {name!r}: a classifier's labels must be two or more and distinct, got "
+                             f"{list(labels)}")
+        return cls("", labels, "", name.strip())
+
+    @classmethod
+    def parse(cls, spec: "str | dict | Task") -> "Task":
+        """A task from its spec: a built-in one (`mnist:0-4`), or an own one as its config records it
+        ({"name": …, "labels": […]})."""
         if isinstance(spec, Task):
             return spec
+        if isinstance(spec, dict):
+            if set(spec) != {"name", "labels"} or not isinstance(spec["labels"], list):
+                raise ValueError(f"an own task is recorded as {{name, labels}}, got {spec!r}")
+            return cls.own(spec["name"], spec["labels"])
         name, _, cls_text = str(spec).partition(":")
         name, _, view = name.partition("/")
         view = view.strip().lower()
@@ -78,7 +99,23 @@ class Task:
         return cls(dataset, classes, view)
 
     @property
+    def builtin(self) -> bool:
+        """Whether the task has built-in data (splits to draw from and score on)."""
+        return bool(self.dataset)
+
+    def record(self) -> "str | dict":
+        """The task as a model's config records it (`Task.parse` reads it back)."""
+        return self.name if self.builtin else {"name": self.title, "labels": list(self.classes)}
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The class labels, in the head's order."""
+        return tuple(str(c) for c in self.classes)
+
+    @property
     def name(self) -> str:
+        if not self.builtin:
+            return self.title
         c = self.classes
         if c == tuple(range(c[0], c[-1] + 1)) and len(c) > 1:
             text = f"{c[0]}-{c[-1]}"
@@ -88,7 +125,10 @@ class Task:
 
     @property
     def slug(self) -> str:
-        """The name as a folder name: mnist:0-4 -> mnist_0-4; mnist/rot90:0,2 -> mnist-rot90_0.2."""
+        """The name as a folder name: mnist:0-4 -> mnist_0-4; mnist/rot90:0,2 -> mnist-rot90_0.2;
+        an own task's name with anything but letters, digits, '.', '_' and '-' made '_'."""
+        if not self.builtin:
+            return re.sub(r"[^\w.-]", "_", self.title).strip(".") or "task"
         return self.name.replace("/", "-").replace(":", "_").replace(",", ".")
 
     @property
@@ -97,8 +137,9 @@ class Task:
 
     @property
     def is_text(self) -> bool:
-        """Whether the task's inputs are token ids (text) rather than images."""
-        return is_text(self.dataset)
+        """Whether a built-in task's inputs are token ids (text) rather than images (an own task's
+        inputs are whatever its model reads: False)."""
+        return self.builtin and is_text(self.dataset)
 
     def __str__(self) -> str:
         return self.name
@@ -110,6 +151,9 @@ class Task:
         each call returns its own copy, so no caller can change what the next one reads."""
         if which not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {which!r}")
+        if not self.builtin:
+            raise ValueError(f"task {self.name!r} has no built-in data: give its unlabeled examples with --data "
+                             "(and labelled ones with --eval-data)")
         x, y = _split(self, which)
         return x.clone(), y.clone()
 
