@@ -9,7 +9,7 @@ import foldmerge
 
 SRC = Path(foldmerge.__file__).parent
 # third-party packages imported inside functions, each for a start-up cost its module states
-LAZY = {"transformers", "lightning_fabric", "ot", "datasets"}
+LAZY = {"transformers", "huggingface_hub", "lightning_fabric", "ot", "datasets"}
 
 
 def test_the_import_contracts_hold():

@@ -192,3 +192,48 @@ def test_bad_data_gets_one_line_naming_the_file_and_nothing_is_written(case, tex
                             "--out", tmp_path / "out"], capsys)
     assert code == 2 and err.count("\n") == 1 and said in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_tokenizers_that_differ_only_in_tokenizer_json_are_refused(texts, tmp_path, capsys):
+    # transformers saves tokenizer.json alone: the same vocabulary cased and uncased tokenizes
+    # "Good" differently, so the two models' ids would not mean the same words
+    import shutil
+    shutil.copytree(texts / "news model", tmp_path / "cased")
+    BertTokenizerFast(str(texts / "vocab.txt"), do_lower_case=False).save_pretrained(tmp_path / "cased")
+    assert not (tmp_path / "cased" / "vocab.txt").exists()
+    code, _, err = run_cli(["merge", texts / "reviews model", tmp_path / "cased", "--method", "average",
+                            "--out", tmp_path / "out"], capsys)
+    assert code == 2 and "tokenizers differ" in err and "normalizer" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_conventions_pytorch_model_bin_missing_tensors_and_hub_ids(texts, tmp_path, capsys):
+    import shutil
+    from safetensors.torch import load_file
+    bin_dir = tmp_path / "bin model"
+    shutil.copytree(texts / "news model", bin_dir)
+    state = load_file(str(bin_dir / "model.safetensors"))
+    (bin_dir / "model.safetensors").unlink()
+    torch.save(state, bin_dir / "pytorch_model.bin")
+    args = ["merge", texts / "reviews model", bin_dir, "--method", "average", "--out", tmp_path / "out"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "pytorch_model.bin, a pickle" in err and "--allow-pickle" in err and err.count("\n") == 1
+    code, _, err = run_cli(args + ["--allow-pickle"], capsys)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "out" / "config.json").read_text())["meta"]
+    assert meta["sources"][1]["loaded_from_pickle"] is True
+    # a tensor missing or one too many: refused, never filled in at random or dropped
+    for name, change in [("missing", lambda s: s.pop("classifier.weight")),
+                         ("stray", lambda s: s.update({"extra.weight": torch.zeros(2)}))]:
+        broken = tmp_path / f"{name} model"
+        shutil.copytree(texts / "news model", broken)
+        s = load_file(str(broken / "model.safetensors"))
+        change(s)
+        save_file(s, str(broken / "model.safetensors"))
+        code, _, err = run_cli(["merge", texts / "reviews model", broken, "--method", "average", "--out",
+                                tmp_path / f"out-{name}"], capsys)
+        assert code == 2 and "does not hold exactly the model's tensors" in err and err.count("\n") == 1, err
+        assert not (tmp_path / f"out-{name}").exists()
+    code, _, err = run_cli(["merge", "nobody/no-such-model", texts / "news model", "--method", "average",
+                            "--out", tmp_path / "out-hub"], capsys)
+    assert code == 2 and "not in the local" not in err and "local Hugging Face cache" in err, err

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,12 +32,13 @@ from safetensors.torch import load_file
 
 from .arch import bert, hf_vit
 from .data import Task
-from .io import ModelFileError, check_finite, swap_in, tmp_beside
+from .io import ModelFileError, check_finite, load_pickle, swap_in, tmp_beside
 from .model import TaskModel
 from .provenance import file_sha256
 
-# transformers is imported where it is used: it adds about 2 s to every command's start (measured
-# here: torch alone 2.0 s, with transformers 4.1 s), and only Hugging Face directories need it
+# transformers (and huggingface_hub, which comes with it) is imported where it is used: it adds about
+# 2 s to every command's start (measured here: torch alone 2.0 s, with transformers 4.1 s), and only
+# Hugging Face directories need it
 
 # Hugging Face class -> (our family, the attribute holding its backbone, the backbone's own class);
 # a backbone class alone (no head) is a pre-trained start to fine-tune, not a merge input
@@ -103,10 +105,50 @@ def load_backbone(path: str | os.PathLike) -> tuple[dict, dict]:
     return {k: cfg[k] for k in BACKBONE_KEYS if k in cfg}, state
 
 
-def load_hf(path: str | os.PathLike, task=None):
+def read_weights(path: Path, allow_pickle: bool = False) -> tuple[dict, Path]:
+    """(tensors, the file read) of a Hugging Face directory: model.safetensors (or its shards); a
+    pytorch_model.bin only with `allow_pickle`, read with torch's weights-only unpickler."""
+    if (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    elif (path / "model.safetensors.index.json").is_file():
+        files = _shards(path / "model.safetensors.index.json")
+    elif (path / "pytorch_model.bin").is_file() or (path / "pytorch_model.bin.index.json").is_file():
+        if not allow_pickle:
+            raise ModelFileError(f"{path} holds pytorch_model.bin, a pickle, which can run code when read: pass "
+                                 "--allow-pickle to read it with torch's weights-only unpickler, or convert it "
+                                 "to safetensors")
+        files = [path / "pytorch_model.bin"] if (path / "pytorch_model.bin").is_file() else \
+            _shards(path / "pytorch_model.bin.index.json")
+    else:
+        raise ModelFileError(f"{path} holds no weights (model.safetensors or pytorch_model.bin)")
+    state = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            try:
+                state.update(load_file(str(f)))
+            except (SafetensorError, OSError) as e:
+                raise ModelFileError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0][:160]})") \
+                    from None
+        else:
+            state.update(load_pickle(f))
+    return state, files[0]
+
+
+def _shards(index: Path) -> list[Path]:
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
+        raise ModelFileError(f"{index}: not a weight index (a weight_map of tensor names to files)") from None
+    files = [index.parent / n for n in names]
+    if any(Path(n).name != n or not f.is_file() for n, f in zip(names, files)):
+        raise ModelFileError(f"{index}: names a shard that is not a file beside it")
+    return files
+
+
+def load_hf(path: str | os.PathLike, task=None, allow_pickle: bool = False):
     """A `BertForSequenceClassification` / `ViTForImageClassification` directory as a one-head
-    TaskModel of the bert / hf-vit family."""
-    import transformers
+    TaskModel of the bert / hf-vit family. Its weights are read as they are and must be exactly the
+    model's (a missing or an unexpected tensor is refused, naming it): nothing is initialized at random."""
     path = Path(path)
     cfg = _hf_config(path)
     if cfg["architectures"][0] in HEADLESS:
@@ -122,28 +164,37 @@ def load_hf(path: str | os.PathLike, task=None):
     if task.builtin and task.is_text != (family == "bert"):
         raise ModelFileError(f"{path} is a {cfg['architectures'][0]}, but task {task} is "
                              f"{'text' if task.is_text else 'images'}")
-    cls = getattr(transformers, cfg["architectures"][0])
+    state, weights = read_weights(path, allow_pickle)
+    check_finite(state, str(path))
+    import transformers
     try:
-        with quiet_transformers():
-            hf = cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
-    except (OSError, ValueError, RuntimeError) as e:
+        with quiet_transformers():          # transformers maps the file's names to its modules'
+            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+            hf, info = getattr(transformers, cfg["architectures"][0]).from_pretrained(
+                None, config=config, state_dict=state, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, TypeError) as e:
         raise ModelFileError(f"{path}: cannot load it: {str(e).strip().splitlines()[0][:200]}") from None
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        wrong = [k for k in info.get(kind) or () if "position_ids" not in str(k)]
+        if wrong:                           # never a tensor made up at random, nor one ignored
+            raise ModelFileError(f"{weights} does not hold exactly the model's tensors: {kind.split('_')[0]} "
+                                 f"{wrong[0]!r}")
     backbone = {k: cfg[k] for k in CONFIG_KEYS[family] if k in cfg}
     try:
         model = TaskModel(family, backbone, [task])
     except ValueError as e:
         raise ModelFileError(f"{path}: {str(e).splitlines()[0]}") from None
-    state = {f"{attr}.{k}": v for k, v in getattr(hf, attr).state_dict().items() if "position_ids" not in k}
-    check_finite({**state, "classifier.weight": hf.classifier.weight}, str(path))
+    body = {f"{attr}.{k}": v for k, v in getattr(hf, attr).state_dict().items() if "position_ids" not in k}
     try:
-        _load_exact(model.backbone, state)
+        _load_exact(model.backbone, body)
     except ValueError as e:
         raise ModelFileError(f"{path}: {e}") from None
     with torch.no_grad():
         model.heads[0].weight.copy_(hf.classifier.weight)
         model.heads[0].bias.copy_(hf.classifier.bias)
     model.meta = {"path": str(path.resolve()), "hf_class": cfg["architectures"][0],
-                  "id2label": {int(k): v for k, v in labels.items()}, "source_format": "huggingface"}
+                  "id2label": {int(k): v for k, v in labels.items()}, "source_format": "huggingface",
+                  **({"loaded_from_pickle": str(weights.resolve())} if weights.suffix != ".safetensors" else {})}
     model.eval()
     return model
 
@@ -164,10 +215,28 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def weights_sha256(path: str | os.PathLike) -> str | None:
-    """The SHA-256 of a Hugging Face directory's model.safetensors (None if it has none)."""
-    weights = Path(path) / "model.safetensors"
+def weights_sha256(path: str | os.PathLike, pickled: str | None = None) -> str | None:
+    """The SHA-256 of a Hugging Face directory's weights file (the pickle read, if one was; None for
+    sharded weights)."""
+    weights = Path(pickled) if pickled else Path(path) / "model.safetensors"
     return file_sha256(weights) if weights.is_file() else None
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def cached(name: str | os.PathLike) -> Path:
+    """The local folder of a Hub id (`owner/name`) in the local Hugging Face cache, offline; a path that
+    does not exist stays as it is (the load then says so)."""
+    if not HUB_ID.fullmatch(str(name)):
+        return Path(name)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        return Path(snapshot_download(str(name), local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise ModelFileError(f"{name} is neither a folder nor a model in the local Hugging Face cache (this "
+                             f"machine is offline): download it first (huggingface-cli download {name})") from None
 
 
 def _task(path: Path, given, recorded, id2label: dict) -> Task:
@@ -195,16 +264,42 @@ def _task(path: Path, given, recorded, id2label: dict) -> Task:
         raise ModelFileError(f"{path}: {e}") from None
 
 
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer a Hugging Face directory holds (None if it holds none)."""
+    import transformers
+    if not any((Path(path) / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        return None
+    try:
+        with quiet_transformers():
+            return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelFileError(f"{path}: its tokenizer does not load ({str(e).strip().splitlines()[0][:160]})") \
+            from None
+
+
+def tokenizer_identity(tok) -> dict:
+    """What makes two tokenizers give the same ids: the vocabulary, the special tokens and their ids, and
+    (for a fast tokenizer) its normalizer, pre-tokenizer and model settings."""
+    out = {"vocabulary": tok.get_vocab(), "special tokens": dict(zip(tok.all_special_tokens, tok.all_special_ids))}
+    if getattr(tok, "is_fast", False):
+        spec = json.loads(tok.backend_tokenizer.to_str())
+        out.update({k: spec.get(k) for k in ("normalizer", "pre_tokenizer")})
+        out["model settings"] = {k: v for k, v in (spec.get("model") or {}).items() if k != "vocab"}
+    out["lowercasing"] = getattr(tok, "do_lower_case", None)
+    return out
+
+
 def check_tokenizers(paths) -> None:
-    """Sources whose vocabularies differ cannot share an embedding table: one clear error."""
-    seen = {}
-    for p in paths:
-        vocab = Path(p) / "vocab.txt"
-        seen[str(p)] = vocab.read_bytes() if vocab.is_file() else None
-    kinds = {v for v in seen.values() if v is not None}
-    if len(kinds) > 1:
-        raise ModelFileError(f"the sources' tokenizers differ ({', '.join(seen)}): their vocab.txt files are not "
-                             "the same, so token ids mean different words")
+    """Sources whose tokenizers differ (vocabulary, special tokens, normalization) cannot share an
+    embedding table: token ids would mean different words. One clear error naming what differs."""
+    seen = [(p, load_tokenizer(p)) for p in paths]
+    seen = [(p, tokenizer_identity(t)) for p, t in seen if t is not None]
+    for p, ident in seen[1:]:
+        first, base = seen[0]
+        diff = [k for k in base if base[k] != ident.get(k)]
+        if diff:
+            raise ModelFileError(f"the sources' tokenizers differ ({first} and {p}: their {diff[0]} differ), so "
+                                 "token ids mean different words")
 
 
 def save_hf(merged, out: str | os.PathLike, sources=()) -> Path:
@@ -265,8 +360,11 @@ def _write_hf(merged, out: Path, sources=()) -> None:
 
 
 def _load_exact(module, state) -> None:
-    """load_state_dict that tolerates only the position-ids buffer (HF does not save it)."""
+    """load_state_dict that tolerates only the position-ids buffer (HF does not save it); a missing or an
+    unexpected tensor is named."""
     result = module.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if "position_ids" not in k]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"weights do not match the model's layout ({(missing or result.unexpected_keys)[0]})")
+    if missing:
+        raise ValueError(f"tensor {missing[0]!r} is missing")
+    if result.unexpected_keys:
+        raise ValueError(f"tensor {result.unexpected_keys[0]!r} is not the model's")

@@ -210,7 +210,7 @@ def read_model_files(path: str | os.PathLike, allow_pickle: bool = False) -> tup
         if not pickles:
             raise ModelFileError(f"{path} has no {WEIGHTS}")
         pickled = pickles[0]
-        state = _load_pickle(pickled)
+        state = load_pickle(pickled)
     else:
         try:
             state = load_file(str(weights))
@@ -220,7 +220,7 @@ def read_model_files(path: str | os.PathLike, allow_pickle: bool = False) -> tup
     return cfg, state, pickled
 
 
-def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+def load_pickle(file: Path) -> dict[str, torch.Tensor]:
     """A pickle checkpoint read with torch's weights-only unpickler: tensors and plain
     containers only, so loading it cannot run code; anything more is refused."""
     try:

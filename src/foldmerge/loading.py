@@ -24,10 +24,10 @@ from .provenance import file_sha256
 def load(path: str | os.PathLike, task=None, allow_pickle: bool = False) -> TaskModel:
     """The model at `path`. `task`: a Hugging Face model's task where its config does not record one
     (foldmerge's models record theirs: a different one is refused)."""
-    path = Path(path)
+    path = Path(path) if os.path.exists(path) else hf.cached(path)
     if hf.is_hf_dir(path):
-        model = hf.load_hf(path, task)
-        model.meta["sha256"] = hf.weights_sha256(path)
+        model = hf.load_hf(path, task, allow_pickle)
+        model.meta["sha256"] = hf.weights_sha256(path, model.meta.get("loaded_from_pickle"))
     else:
         cfg, state, pickled = read_model_files(path, allow_pickle)
         try:
