@@ -218,7 +218,9 @@ def test_merge_then_eval_end_to_end(trained_sources, tmp_path, capsys):
                                  "--epochs", "30", "--lr", "0.03", "--per-task", "16", "--out", out], capsys)
     assert code == 0, err
     assert "merged 2 models" in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    card = (out / "README.md").read_text()          # the model card: sources with their hashes, options, data
+    assert "## Sources" in card and "fs-merge" in card and "## Fidelity" in card and "## Accuracy (test split)" in card
     meta = json.loads((out / "config.json").read_text())["meta"]
     assert meta["method"] == "fs-merge" and meta["variant"] == "global"
     assert meta["merge_examples"] == [16, 16]

@@ -73,6 +73,12 @@ def test_text_classifiers_merge_from_a_text_file_and_a_csv_and_load_with_from_pr
     assert [t for t in json.loads((out / "config.json").read_text())["tasks"]] == [
         {"name": "reviews model", "labels": ["neg", "pos", "neutral"]},
         {"name": "news model", "labels": [f"t{i}" for i in range(7)]}]
+    # the card: hashes of the sources, the data files, fidelity and accuracy on the labelled files
+    card = (out / "README.md").read_text()
+    assert meta["sources"][0]["sha256"] in card and "reviews.txt" in card
+    assert "## Fidelity" in card and "## Accuracy on the labelled examples given" in card
+    assert sorted(meta["fidelity"]) == ["news model", "reviews model"]
+    assert "library_name: transformers" in (out / "hf" / "news_model" / "README.md").read_text()
     # each task's export answers as the merge does, through the standard class and the source's tokenizer
     merged = foldmerge.load(out)
     clf = AutoModelForSequenceClassification.from_pretrained(out / "hf" / "news_model")

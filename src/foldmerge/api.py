@@ -30,6 +30,7 @@ from safetensors.torch import save as save_bytes
 
 from . import hf, selection
 from .calibrate import calibrate_heads
+from .card import card
 from .checkpoint import Checkpoint
 from .checkpoint import checkpoint_dir as checkpoint_dir_of
 from .context import Context, FeatureCache
@@ -40,8 +41,10 @@ from .data.files import describe as describe_examples
 from .data.files import read as read_examples
 from .engine import ACCELERATORS, PRECISIONS, Engine
 from .errors import did_you_mean
+from .evaluation import SourceHeads
 from .evaluation import evaluate as _evaluate
 from .inputs import common_length, preprocess, reads
+from .inputs import labelled as labelled_examples
 from .io import check_target, nonfinite, save_model
 from .loading import load as _load
 from .loading import load_sources, read_option_files
@@ -62,6 +65,7 @@ from .options import (
     check_values,
 )
 from .provenance import describe, environment, source_record
+from .selection import fidelity as fidelity_report
 
 
 def load(path: str | os.PathLike, task=None, allow_pickle: bool = False) -> TaskModel:
@@ -74,8 +78,9 @@ def merge_form(model: TaskModel) -> TaskModel:
     return model.merge_form()
 
 
-def evaluate(model, tasks: list[Task | str] | None = None, split: str = "test") -> dict:
-    return _evaluate(model, tasks, split=split)
+def evaluate(model, tasks: list[Task | str] | None = None, split: str = "test", labelled: dict | None = None) -> dict:
+    """Per-task and joint accuracy (`foldmerge.evaluation.evaluate`)."""
+    return _evaluate(model, tasks, split=split, labelled=labelled)
 
 
 # ------------------------------------------------------------------------------- the sample
@@ -105,6 +110,21 @@ def held_out_sample(models, per_task: int, held_out: int, seed: int = 0) -> list
     for k, m in enumerate(models):
         out.append(torch.cat([t.sample(per_task + held_out, seed=_task_seed(seed, k, i))[per_task:]
                               for i, t in enumerate(m.tasks)]))
+    return out
+
+
+def _fidelity_sample(models, used: int, n: int, seed: int) -> list[torch.Tensor] | None:
+    """The fidelity report's examples of built-in tasks: the next `n` of each task's draw after the
+    `used` the merge reads, fewer where a task's training split runs out; None where one has none left."""
+    out = []
+    for k, m in enumerate(models):
+        parts = []
+        for i, t in enumerate(m.tasks):
+            take = min(n, len(t.split("train")[0]) - used)
+            if take <= 0:
+                return None
+            parts.append(t.sample(used + take, seed=_task_seed(seed, k, i))[used:])
+        out.append(torch.cat(parts))
     return out
 
 
@@ -149,6 +169,9 @@ SETTINGS = (
                                          "0 otherwise")),
     Option("held_out", Integer(0), "fs-merge (global) and distill: stop early on N further unlabeled examples per "
            "task, keeping the epoch with the lowest held-out loss", 0, "off; paper F.8 uses 200"),
+    Option("fidelity", Integer(0), "unlabeled examples per task, beyond those the merge reads, on which the merge's "
+           "agreement with each source and their KL divergence are measured and recorded (0: none)", 256,
+           "the standard error of a 90 % agreement measured on 256 examples is 1.9 points"),
     Option("seed", Integer(0), "seed of the sample's draw and of the method", 0, "a fixed seed: a rerun gives the "
            "same model"),
     Option("calibrate", Choice(("routing", "none")), "routing: fit each head's offset and scale on the merge "
@@ -198,6 +221,9 @@ class Job:
     checkpoint: Checkpoint | None = None
     keep_checkpoint: bool = False
     command: str | None = None
+    fidelity: list | None = None    # held-out unlabeled examples per model, for the fidelity report
+    labelled: dict | None = None    # {task: (inputs, labels)} of --eval-data
+    score: bool = False             # finish scores the merge and its sources (meta["scores"])
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -206,8 +232,8 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, keep_checkpoint: bool = False,
             out: str | os.PathLike | None = None, force: bool = False, tasks=None, allow_pickle: bool = False,
             accelerator: str | None = None, devices: int | None = None, precision: str | None = None,
-            per_task: int | None = None, cache: FeatureCache | None = None, command: str | None = None,
-            **options) -> Job:
+            per_task: int | None = None, fidelity: int | None = None, eval_data=None, score: bool = False,
+            cache: FeatureCache | None = None, command: str | None = None, **options) -> Job:
     """Every check of a merge, before any work (see the module docstring); the arguments are `merge`'s."""
     call = {k: v for k, v in {"function": "foldmerge.merge", "data": describe(data), "method": method, "seed": seed,
                               "augment": augment, "calibrate": calibrate, "select": describe(select),
@@ -225,8 +251,8 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
                                 "data": data if from_files else None,
                                 "per_task": data if isinstance(data, int) else per_task,
                                 "held_out": None if isinstance(held_out, (list, tuple)) else held_out,
-                                "accelerator": accelerator, "devices": devices, "precision": precision},
-                     "foldmerge.merge")
+                                "accelerator": accelerator, "devices": devices, "precision": precision,
+                                "fidelity": fidelity}, "foldmerge.merge")
     _check_keywords(m, options)
     given = m.check(options)                     # names and grammar now, defaults once the data is known
     engine = _engine(engine, s)
@@ -242,15 +268,20 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
                               [o.name for o in m.options if isinstance(o.kind, TensorFile)], s["allow_pickle"])
     merged_form = [x.merge_form() for x in sources]
     _check_heads(merged_form)
+    n_fid = s.get("fidelity", SETTING["fidelity"].default)
+    fid = None
     if from_files:
-        data, sample, held = _from_files(merged_form, data, s.get("per_task", SETTING["per_task"].default),
-                                         s.get("held_out", 0), s["seed"], s.get("augment"), m)
+        data, sample, held, fid = _from_files(merged_form, data, s.get("per_task", SETTING["per_task"].default),
+                                              s.get("held_out", 0), n_fid, s["seed"], s.get("augment"), m)
     else:
         data, sample = _draw(merged_form, data, s["seed"], s.get("augment"), m)
         held = _held_out(merged_form, held_out if isinstance(held_out, (list, tuple)) else s.get("held_out", 0),
                          sample, s["seed"], m)
         if held is not None:
             sample["held_out"] = held_out if isinstance(held_out, int) else [len(h) for h in held]
+        if "per_task" in sample and n_fid:
+            fid = _fidelity_sample(merged_form, sample["per_task"] + sample.get("held_out", 0), n_fid, s["seed"])
+    labelled = _labelled(merged_form, eval_data) if eval_data else None
     resolved = m.resolve(merged_form, given, data, held)
     grid = select_grid(m, s["select"], given) if "select" in s else None
     if grid and data is None:
@@ -258,7 +289,7 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
     context = Context(features=cache or FeatureCache())
     job = Job(sources, merged_form, data, m, given, resolved, s["seed"], s["calibrate"], grid, held, sample, engine,
               context, call, Path(s["out"]) if "out" in s else None, s["force"], keep_checkpoint=keep_checkpoint,
-              command=command)
+              command=command, fidelity=fid, labelled=labelled, score=bool(score))
     where = checkpoint_dir if checkpoint_dir is not None else (checkpoint_dir_of(job.out) if job.out else None)
     job.checkpoint = context.checkpoint = _checkpoint(job, s.get("checkpoint_every", 0), where, s["resume"])
     return job
@@ -319,17 +350,18 @@ def _draw(models, data, seed: int, augment, method) -> tuple[list | None, dict]:
     return list(data), {"given": "tensors"}
 
 
-def _from_files(models, specs, per_task: int, held_out: int, seed: int, augment, method):
-    """(data, what meta records of it, held-out data or None) read from one data spec (or `Examples`)
-    per model: per task of a model `per_task` examples drawn (seeded), `held_out` more for early
-    stopping, each preprocessed as its model's own (`foldmerge.inputs`)."""
+def _from_files(models, specs, per_task: int, held_out: int, n_fid: int, seed: int, augment, method):
+    """(data, what meta records of it, held-out data or None, fidelity data or None) read from one data
+    spec (or `Examples`) per model: per task of a model `per_task` examples drawn (seeded), `held_out`
+    more for early stopping, up to `n_fid` more for the fidelity report, each preprocessed as its
+    model's own (`foldmerge.inputs`)."""
     if len(specs) != len(models):
         raise ValueError(f"--data needs one data file or folder per model ({len(models)}), got {len(specs)}")
     if augment:
         raise ValueError("augment makes images from a built-in task's sample, not from data files")
     if held_out and not method.held_out:
         raise ValueError(f"held-out early stopping applies to fs-merge and distill, not to {method.name!r}")
-    data, held, record = [], [], []
+    data, held, fid, record = [], [], [], []
     for k, (m, spec) in enumerate(zip(models, specs)):
         examples = spec if isinstance(spec, Examples) else read_examples(os.fspath(spec))
         need = per_task * len(m.tasks)
@@ -341,16 +373,29 @@ def _from_files(models, specs, per_task: int, held_out: int, seed: int, augment,
         data.append(preprocess(m, examples.take(order[:need].tolist())))
         if held_out:
             held.append(preprocess(m, examples.take(order[need:need + held_out].tolist())))
+        rest = order[need + held_out:need + held_out + n_fid * len(m.tasks)].tolist()
+        fid.append(preprocess(m, examples.take(rest)) if rest else None)
         record.append(describe_examples(examples))
-    if all(reads(m) == "text" for m in models) and all(not d.is_floating_point() for d in data + held):
+    fid = fid if all(f is not None for f in fid) else []     # the report needs examples of every task
+    if all(reads(m) == "text" for m in models) and all(not d.is_floating_point() for d in data + held + fid):
         pad = models[0].backbone_config.get("pad_token_id", 0)
-        padded = common_length(data + held, pad)
-        data, held = padded[:len(data)], padded[len(data):]
-    _check_data(models, data, [r["source"] for r in record])
-    if held:
-        _check_data(models, held, [r["source"] for r in record])
+        padded = common_length(data + held + fid, pad)
+        data, held, fid = padded[:len(data)], padded[len(data):len(data) + len(held)], padded[len(data) + len(held):]
+    names = [r["source"] for r in record]
+    for part in (data, held, fid):
+        if part:
+            _check_data(models, part, names)
     sample = {"files": record, "per_task": per_task, "seed": seed, **({"held_out": held_out} if held_out else {})}
-    return data, sample, held or None
+    return data, sample, held or None, fid or None
+
+
+def _labelled(models, specs) -> dict:
+    """{task: (inputs, labels)} of --eval-data, one spec per task in model order, each read as its
+    source model reads (`foldmerge.inputs.labelled`)."""
+    pairs = [(m, t) for m in models for t in m.tasks]
+    if len(specs) != len(pairs):
+        raise ValueError(f"--eval-data needs one labelled file or folder per task ({len(pairs)}), got {len(specs)}")
+    return {t.name: labelled_examples(m, t, spec) for (m, t), spec in zip(pairs, specs)}
 
 
 def _held_out(models, held_out, sample: dict, seed: int, method) -> list | None:
@@ -502,13 +547,40 @@ def finish(job: Job, merged: TaskModel) -> TaskModel:
         merged.meta["command"] = job.command
     if job.checkpoint is not None:
         merged.meta["checkpoint"] = {"every": job.checkpoint.every, "resumed": job.checkpoint.resumed}
+    if job.fidelity is not None:
+        merged.meta["fidelity"] = fidelity_report(merged, job.models, job.fidelity, job.context.features)
+    if job.score:
+        merged.meta["scores"] = scores(merged, job.models, job.labelled)
     if job.out is not None:
-        exported = [s for s in job.sources if s.meta.get("source_format") == "huggingface"]
-        save_model(merged, job.out, merged.meta,
-                   extra=(lambda d: hf.write_hf(merged, d / "hf", job.sources)) if exported else None)
+        save_model(merged, job.out, merged.meta, extra=lambda d: _export(merged, d, job.sources))
     if job.checkpoint is not None and (job.out is not None or not job.keep_checkpoint):
         job.checkpoint.remove()
     return merged
+
+
+def scores(merged, sources, labelled: dict | None) -> list[dict]:
+    """Accuracy of each source on its task, of their heads side by side and of the merge, on
+    `labelled` ({task: (inputs, labels)}) or the built-in tasks' test splits; [] where a task has neither."""
+    if any(not t.builtin and not (labelled and t.name in labelled) for t in merged.tasks):
+        return []
+
+    def score(model):
+        return _evaluate(model, labelled=labelled) if labelled else _evaluate(model)
+    names = [Path(s.meta["path"]).name if s.meta.get("path") else f"source {k + 1}" for k, s in enumerate(sources)]
+    rows = [{"model": f"source: {n}", **score(s)} for n, s in zip(names, sources)]
+    rows.append({"model": "sources side by side", **score(SourceHeads(sources))})
+    rows.append({"model": f"merge: {merged.meta.get('method')}", **score(merged)})
+    return rows
+
+
+def _export(merged, folder: Path, sources) -> None:
+    """What a merge writes beside its model files: its card, and for Hugging Face sources the export
+    (`foldmerge.hf`), each of whose folders carries the card too."""
+    (folder / "README.md").write_text(card(merged.meta) + "\n")
+    if any(s.meta.get("source_format") == "huggingface" for s in sources):
+        hf.write_hf(merged, folder / "hf", sources)
+        for sub in sorted((folder / "hf").iterdir()):
+            (sub / "README.md").write_text(card(merged.meta, f"{sub.name}: a foldmerge merge", "transformers") + "\n")
 
 
 def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge", **settings) -> TaskModel:

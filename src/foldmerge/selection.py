@@ -67,29 +67,36 @@ def folds(data: list[torch.Tensor]) -> list[tuple[list[torch.Tensor], list[torch
 
 
 @torch.no_grad()
-def agreement(merged, sources, held: list[torch.Tensor], features) -> tuple[float, float]:
-    """(agreement %, mean KL) of the merge's heads with the sources' on held-out inputs; `features`:
-    the merge's `foldmerge.context.FeatureCache` (the sources' features once per fold)."""
+def fidelity(merged, sources, held: list[torch.Tensor], features) -> dict[str, dict]:
+    """Per task, on held-out unlabeled inputs of its source: how often the merge's head predicts the
+    class the source's head does (agreement %), and the mean KL divergence from the source's
+    predicted distribution to the merge's. Needs no label; `features`: a `FeatureCache` (the sources'
+    features once per held-out sample)."""
     was = merged.training
     merged.eval()
     try:
-        agree, kl, count = 0.0, 0.0, 0
-        first = 0
-        for k, (source, x) in enumerate(zip(sources, held)):
+        out, first = {}, 0
+        for source, x in zip(sources, held):
             heads = list(range(first, first + len(source.heads)))
             first += len(source.heads)
-            teacher = features(source, x)               # once per held-out fold, for every candidate
+            teacher = features(source, x)
             student = features_in_chunks(merged, x)
-            for j, h in zip(heads, source.heads):
-                p = h(teacher)
-                q = merged.heads[j](student)
-                agree += 100.0 * (p.argmax(1) == q.argmax(1)).float().mean().item()
-                kl += F.kl_div(F.log_softmax(q, 1), F.log_softmax(p, 1), log_target=True,
-                               reduction="batchmean").item()
-                count += 1
-        return agree / count, kl / count
+            for j, h, task in zip(heads, source.heads, source.tasks):
+                p, q = h(teacher), merged.heads[j](student)
+                out[task.name] = {
+                    "agreement": 100.0 * (p.argmax(1) == q.argmax(1)).float().mean().item(),
+                    "kl": F.kl_div(F.log_softmax(q, 1), F.log_softmax(p, 1), log_target=True,
+                                   reduction="batchmean").item(),
+                    "examples": len(x)}
+        return out
     finally:
         merged.train(was)
+
+
+def agreement(merged, sources, held: list[torch.Tensor], features) -> tuple[float, float]:
+    """(agreement %, mean KL) of the merge's heads with the sources', over their tasks (`fidelity`)."""
+    scores = list(fidelity(merged, sources, held, features).values())
+    return (sum(s["agreement"] for s in scores) / len(scores), sum(s["kl"] for s in scores) / len(scores))
 
 
 def choose(run, sources, data: list[torch.Tensor], grid: dict[str, list], features) -> tuple[dict, dict]:

@@ -7,13 +7,9 @@ The flags are collected as text and handed to `foldmerge.merge`, which reads and
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from .. import config
-from ..api import SETTING, SETTINGS, finish, prepare
-from ..api import run as run_job
-from ..evaluation import SourceHeads, evaluate
-from ..inputs import labelled as labelled_examples
+from ..api import SETTING, SETTINGS, merge
 from ..methods import METHODS, get_method
 from ..options import Choice, Flag, Option
 from ..tables import print_json, print_table, result_row
@@ -125,43 +121,24 @@ def run(args) -> None:
     data = settings.pop("data", None) or data
     eval_data = args.eval_data or eval_data
     per_task = settings.pop("per_task", None)
+    common = dict(tasks=tasks, eval_data=eval_data, score=True, command=command_line(), **settings, **options)
     if data:                                # per model, from files: per_task examples of each task
-        job = prepare(models, data, method, per_task=per_task, tasks=tasks, command=command_line(), **settings,
-                      **options)
+        merged = merge(models, data, method, per_task=per_task, **common)
     else:
-        job = prepare(models, per_task or SETTING["per_task"].default, method, tasks=tasks, command=command_line(),
-                      **settings, **options)
-    tasks = [t for s in job.models for t in s.tasks]
-    if eval_data and len(eval_data) != len(tasks):      # before the merge: a mistake costs no training
-        raise ValueError(f"--eval-data needs one labelled file or folder per task ({len(tasks)}), got "
-                         f"{len(eval_data)}")
-    labelled = {t.name: labelled_examples(s, t, spec) for (s, t), spec in
-                zip([(s, t) for s in job.models for t in s.tasks], eval_data)} if eval_data else None
-    merged = finish(job, run_job(job))
-    rows, note = _scores(merged, job.models, labelled, method + (f" {options['variant']}" if "variant" in options
-                                                                 else ""))
+        merged = merge(models, per_task or SETTING["per_task"].default, method, **common)
+    rows, fid = merged.meta.get("scores") or [], merged.meta.get("fidelity") or {}
     out = settings["out"]
     if args.json:
-        print_json({"out": out, "meta": merged.meta, "test": rows[-1]["result"] if rows else None,
-                    "scores": [{k: v for k, v in r.items()} for r in rows]})
+        print_json({"out": out, "meta": merged.meta, "test": rows[-1] if rows else None})
         return
-    print_table([result_row(r["model"], r["result"], r.get("seconds")) for r in rows] or
-                [result_row(method, None, merged.meta["wall_seconds"])],
-                f"merged {len(job.models)} models -> {out}" + (" (accuracy on --eval-data)" if labelled else ""),
-                footer=f"seed {merged.meta['seed']}{note}")
-
-
-def _scores(merged, sources, labelled, name: str) -> tuple[list[dict], str]:
-    """(rows: each source on its task, their heads side by side, the merge; a note) on --eval-data or
-    the built-in tasks' test splits; no rows where some task has neither."""
-    unscored = [t.name for t in merged.tasks if not t.builtin and not (labelled and t.name in labelled)]
-    if unscored:
-        return [], f"; no accuracy: task {unscored[0]!r} has no built-in labelled data (give --eval-data)"
-    rows = [{"model": f"source: {Path(s.meta['path']).name if s.meta.get('path') else k + 1}",
-             "result": evaluate(s, labelled=labelled) if labelled else evaluate(s)} for k, s in enumerate(sources)]
-    side = SourceHeads(sources)
-    rows.append({"model": "sources side by side", "result": evaluate(side, labelled=labelled) if labelled
-                 else evaluate(side)})
-    rows.append({"model": name, "result": evaluate(merged, labelled=labelled) if labelled else evaluate(merged),
-                 "seconds": merged.meta["wall_seconds"]})
-    return rows, ""
+    name = method + (f" {options['variant']}" if "variant" in options else "")
+    title = f"merged {len(models)} models -> {out}" + (" (accuracy on --eval-data)" if eval_data else "")
+    unscored = "" if rows else "; no accuracy: a task has no built-in labelled data (give --eval-data)"
+    print_table([result_row(r["model"], r, merged.meta["wall_seconds"] if r is rows[-1] else None) for r in rows]
+                or [result_row(name, None, merged.meta["wall_seconds"])], title,
+                footer=f"seed {merged.meta['seed']}{unscored}")
+    if fid:
+        print_table([{"task": t, "examples": f["examples"], "agreement": f["agreement"], "kl": f["kl"]}
+                     for t, f in fid.items()], "fidelity to the sources, no labels needed (held-out unlabeled "
+                     "examples)", [("task", "task"), ("examples", "examples"), ("agreement", "agreement %"),
+                                   ("kl", "KL")])
