@@ -2,6 +2,7 @@
 tests do), saved with save_pretrained, merged, and each task's output loaded back with
 AutoModelForSequenceClassification."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -109,6 +110,15 @@ def test_the_cli_merges_hf_directories_and_each_task_loads_in_three_lines(tmp_pa
     merged = foldmerge.load(out)
     with torch.no_grad():
         torch.testing.assert_close(logits, merged(ids())[1], atol=1e-5, rtol=1e-5)
+    # the backbone is on disk once: each task directory hard-links its shard, and loads when copied alone
+    shards = [out / "hf" / d / "backbone.safetensors" for d in ("backbone", "bbc_0-2", "bbc_3-4")]
+    assert len({p.stat().st_ino for p in shards}) == 1
+    assert (out / "hf" / "bbc_3-4" / "classifier.safetensors").stat().st_size < shards[0].stat().st_size / 20
+    alone = tmp_path / "copied alone"
+    shutil.copytree(out / "hf" / "bbc_3-4", alone)
+    torch.testing.assert_close(AutoModelForSequenceClassification.from_pretrained(alone)(
+        input_ids=ids(), attention_mask=(ids() != 0).long()).logits, logits)
+    assert main(["merge", str(alone), str(a), "--method", "average", "--out", str(tmp_path / "again")]) == 0
     capsys.readouterr()
     # without --tasks each model's task is its head; a method that reads data then needs --data
     assert main(["merge", str(a), str(b), "--method", "fs-merge", "--out", str(tmp_path / "m2")]) == 2

@@ -243,3 +243,16 @@ def test_hub_conventions_pytorch_model_bin_missing_tensors_and_hub_ids(texts, tm
     code, _, err = run_cli(["merge", "nobody/no-such-model", texts / "news model", "--method", "average",
                             "--out", tmp_path / "out-hub"], capsys)
     assert code == 2 and "not in the local" not in err and "local Hugging Face cache" in err, err
+
+
+def test_tokenizers_that_split_the_given_texts_differently_are_refused(texts, tmp_path, capsys):
+    # the same vocabulary and rules but a shorter maximum length: equal as tokenizers, yet the given
+    # texts come out truncated differently, which only tokenizing them shows
+    import shutil
+    shutil.copytree(texts / "news model", tmp_path / "short")
+    BertTokenizerFast(str(texts / "vocab.txt"), model_max_length=6).save_pretrained(tmp_path / "short")
+    code, _, err = run_cli(["merge", texts / "reviews model", tmp_path / "short", "--data", texts / "reviews.txt",
+                            f"{texts / 'news.csv'}:text", "--method", "zipit", "--per-task", 8,
+                            "--out", tmp_path / "out"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "tokenize the text" in err, err
+    assert not (tmp_path / "out").exists()

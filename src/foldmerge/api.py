@@ -43,7 +43,7 @@ from .engine import ACCELERATORS, PRECISIONS, Engine
 from .errors import did_you_mean
 from .evaluation import SourceHeads
 from .evaluation import evaluate as _evaluate
-from .inputs import common_length, preprocess, reads
+from .inputs import check_same_tokens, common_length, preprocess, reads
 from .inputs import labelled as labelled_examples
 from .io import check_target, nonfinite, save_model
 from .loading import load as _load
@@ -361,9 +361,11 @@ def _from_files(models, specs, per_task: int, held_out: int, n_fid: int, seed: i
         raise ValueError("augment makes images from a built-in task's sample, not from data files")
     if held_out and not method.held_out:
         raise ValueError(f"held-out early stopping applies to fs-merge and distill, not to {method.name!r}")
+    read = [spec if isinstance(spec, Examples) else read_examples(os.fspath(spec)) for spec in specs]
+    if all(reads(m) == "text" for m in models):
+        check_same_tokens(models, read)
     data, held, fid, record = [], [], [], []
-    for k, (m, spec) in enumerate(zip(models, specs)):
-        examples = spec if isinstance(spec, Examples) else read_examples(os.fspath(spec))
+    for k, (m, examples) in enumerate(zip(models, read)):
         need = per_task * len(m.tasks)
         if len(examples) < need + held_out:
             asked = f"--per-task {per_task}" + (f" and --held-out {held_out}" if held_out else "")

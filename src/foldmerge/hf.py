@@ -10,11 +10,13 @@ directory (no head, e.g. all-MiniLM-L6-v2) is a start to fine-tune from (`load_b
 
 Out: `write_hf(merged, dir, sources)` writes what standard code loads (`save_hf` into a fresh
 directory swapped into place; a merge writes it inside its output directory, in the same swap):
-  OUT/backbone/        the merged `BertModel` / `ViTModel` (`save_pretrained`, safetensors)
+  OUT/backbone/        the merged `BertModel` / `ViTModel`: config.json, backbone.safetensors and its index
   OUT/<task>/          per task a `…ForSequenceClassification` / `…ForImageClassification` whose classifier is that task's
                        merged head (the folded U inside it), `id2label` kept from its source,
                        so `AutoModelFor…Classification.from_pretrained(OUT/<task>)` gives
-                       the merged model's predictions for that task
+                       the merged model's predictions for that task; its weights are two shards,
+                       backbone.safetensors (a hard link to the backbone's: on disk once) and
+                       classifier.safetensors
 and copies the tokenizer (or image processor) files of the first source into each.
 """
 from __future__ import annotations
@@ -323,6 +325,10 @@ def write_hf(merged, out: Path, sources=()) -> None:
         _write_hf(merged, out, sources)
 
 
+BACKBONE_SHARD = "backbone.safetensors"
+HEAD_SHARD = "classifier.safetensors"
+
+
 def _write_hf(merged, out: Path, sources=()) -> None:
     import transformers
     kinds = {family: (name, attr, base) for name, (family, attr, base) in CLASSES.items()}
@@ -336,7 +342,14 @@ def _write_hf(merged, out: Path, sources=()) -> None:
     bert_state = {k[len(attr) + 1:]: v for k, v in merged.backbone.state_dict().items()}
     base = base_cls(config, add_pooling_layer=False) if merged.arch == "hf-vit" else base_cls(config)
     _load_exact(base, bert_state)
-    base.save_pretrained(tmp / "backbone", safe_serialization=True)
+    # the backbone's tensors are written once, as a shard whose names carry the classifiers' prefix
+    # (`bert.…`), which the headless class reads too; each task directory hard-links that shard beside
+    # its own small classifier shard, so the backbone is on disk once and every directory loads alone
+    shard = {f"{attr}.{k}": v.detach().contiguous() for k, v in base.state_dict().items()}
+    (tmp / "backbone").mkdir(parents=True)
+    config.architectures = [base_name]
+    config.save_pretrained(tmp / "backbone")
+    _save_shards(tmp / "backbone", {BACKBONE_SHARD: shard})
     first = next((Path(s.meta["path"]) for s in sources if s.meta.get("path")), None)
     for i, task in enumerate(merged.tasks):
         owner = next((s for s in sources if task.name in [t.name for t in s.tasks]), None)
@@ -346,17 +359,51 @@ def _write_hf(merged, out: Path, sources=()) -> None:
         cfg.id2label = {int(k): v for k, v in labels.items()}
         cfg.label2id = {v: int(k) for k, v in cfg.id2label.items()}
         cfg.foldmerge_task = task.name
+        cfg.architectures = [name]
         hf = cls(cfg)
         _load_exact(getattr(hf, attr), bert_state)
         with torch.no_grad():
             hf.classifier.weight.copy_(merged.heads[i].weight)
             hf.classifier.bias.copy_(merged.heads[i].bias)
+        state = {k: v.detach().contiguous() for k, v in hf.state_dict().items()}
+        own = {k: v for k, v in state.items() if k not in shard}
+        if any(not torch.equal(state[k], v) for k, v in shard.items() if k in state):
+            raise AssertionError("a task's classifier would not read the merged backbone")  # a bug of ours
         where = tmp / task.slug
-        hf.save_pretrained(where, safe_serialization=True)
+        where.mkdir()
+        cfg.save_pretrained(where)
+        _link(tmp / "backbone" / BACKBONE_SHARD, where / BACKBONE_SHARD)
+        _save_shards(where, {HEAD_SHARD: own}, also={BACKBONE_SHARD: shard})
         if first is not None:
             for f in TOKENIZER_FILES:
                 if (first / f).is_file():
                     shutil.copy2(first / f, where / f)
+
+
+def _save_shards(folder: Path, shards: dict, also: dict | None = None) -> None:
+    """Write `shards` ({file: tensors}) into `folder` with the index that names every shard's tensors,
+    those of `also` (shards already there) included."""
+    from safetensors.torch import save_file
+    weight_map, total = {}, 0
+    for file, tensors in {**shards, **(also or {})}.items():
+        for k, v in tensors.items():
+            weight_map[k] = file
+            total += v.numel() * v.element_size()
+    mode = (folder / "config.json").stat().st_mode & 0o777      # as the umask has it (save_file makes 0600)
+    for file, tensors in shards.items():
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        os.chmod(folder / file, mode)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _link(source: Path, target: Path) -> None:
+    """A hard link (the same bytes on disk, a file of its own to every reader), or a copy where the
+    file system has none."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _load_exact(module, state) -> None:

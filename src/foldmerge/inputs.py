@@ -78,6 +78,32 @@ def _tokens(model: TaskModel, items: list[str]) -> torch.Tensor:
     return pad_ids([torch.tensor(row, dtype=torch.long) for row in ids], pad)
 
 
+def check_same_tokens(models: list[TaskModel], examples: list[Examples], sample: int = 32) -> None:
+    """Refuse text models whose tokenizers split the given texts differently: up to `sample` texts of
+    each model's data, tokenized by every model's own tokenizer, must give the same ids (the check of
+    the tokenizers themselves, at load time, can miss a difference only these texts show)."""
+    texts = [t for e in examples if e.kind == "text" for t in list(e.items)[:sample]]
+    if len(models) < 2 or not texts:
+        return
+    ids = [_tokens(m, texts) for m in models]
+    for k in range(1, len(models)):
+        first, other = ids[0], ids[k]
+        length = max(first.shape[1], other.shape[1])
+        first, other = (pad_ids(list(t), -1, length) for t in (first, other))
+        differ = (first != other).any(1).nonzero()
+        if len(differ):
+            i = int(differ[0])
+            names = [m.meta.get("path", f"model {j + 1}") for j, m in enumerate((models[0], models[k]))]
+            raise ValueError(f"{names[0]} and {names[1]} tokenize the text {texts[i][:60]!r} differently "
+                             f"({_row(first[i])} vs {_row(other[i])}): their token ids would not mean the same "
+                             "words; merge models that share one tokenizer")
+
+
+def _row(ids: torch.Tensor) -> str:
+    kept = [int(x) for x in ids if x >= 0]
+    return "[" + ", ".join(map(str, kept[:8])) + (", …]" if len(kept) > 8 else "]")
+
+
 def pad_ids(rows: list[torch.Tensor], pad: int, length: int | None = None) -> torch.Tensor:
     """Token id rows padded with `pad` to `length` (default: the longest)."""
     length = length or max(len(r) for r in rows)
