@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .arch import bert, hf_vit
 from .data import Task
@@ -383,7 +383,6 @@ def _write_hf(merged, out: Path, sources=()) -> None:
 def _save_shards(folder: Path, shards: dict, also: dict | None = None) -> None:
     """Write `shards` ({file: tensors}) into `folder` with the index that names every shard's tensors,
     those of `also` (shards already there) included."""
-    from safetensors.torch import save_file
     weight_map, total = {}, 0
     for file, tensors in {**shards, **(also or {})}.items():
         for k, v in tensors.items():
