@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import foldmerge
-from foldmerge.api import _fidelity_sample, merge_sample
+from foldmerge.api import fidelity_sample, merge_sample
 from foldmerge.data.tasks import Task
 from foldmerge.model import TaskModel
 
@@ -44,14 +44,14 @@ def test_fidelity_zero_records_none():
     assert "fidelity" not in merged.meta
 
 
-def test_the_fidelity_sample_follows_the_merge_sample_and_shrinks_to_what_is_left(monkeypatch):
+def test_thefidelity_sample_follows_the_merge_sample_and_shrinks_to_what_is_left(monkeypatch):
     models = list(twins())
     seen = torch.cat(merge_sample(models, 8, seed=3)).flatten(1)
-    fid = _fidelity_sample(models, 8, 16, seed=3)
+    fid = fidelity_sample(models, 8, 16, seed=3)
     assert [len(f) for f in fid] == [16, 16]
     for f in fid:                                       # no example the merge read
         assert not (torch.cdist(f.flatten(1), seen) == 0).any()
     split = Task.split
     monkeypatch.setattr(Task, "split", lambda self, which: tuple(t[:20] for t in split(self, which)))
-    assert [len(f) for f in _fidelity_sample(models, 8, 16, seed=3)] == [12, 12]
-    assert _fidelity_sample(models, 20, 16, seed=3) is None
+    assert [len(f) for f in fidelity_sample(models, 8, 16, seed=3)] == [12, 12]
+    assert fidelity_sample(models, 20, 16, seed=3) is None

@@ -42,6 +42,7 @@ from .data.files import read as read_examples
 from .engine import ACCELERATORS, PRECISIONS, Engine
 from .errors import did_you_mean
 from .evaluation import SourceHeads
+from .heads import SAME_TASK, Sharing, merge_heads, share
 from .evaluation import evaluate as _evaluate
 from .inputs import check_same_tokens, common_length, preprocess, reads
 from .inputs import labelled as labelled_examples
@@ -113,7 +114,7 @@ def held_out_sample(models, per_task: int, held_out: int, seed: int = 0) -> list
     return out
 
 
-def _fidelity_sample(models, used: int, n: int, seed: int) -> list[torch.Tensor] | None:
+def fidelity_sample(models, used: int, n: int, seed: int) -> list[torch.Tensor] | None:
     """The fidelity report's examples of built-in tasks: the next `n` of each task's draw after the
     `used` the merge reads, fewer where a task's training split runs out; None where one has none left."""
     out = []
@@ -182,6 +183,10 @@ SETTINGS = (
            "from the whole sample (repeat for a grid; docs/selection.md)"),
     Option("tasks", ListOf(Text()), "Hugging Face sources: the task of each model (e.g. bbc:0-2 bbc:3-4), where its "
            "config does not record one; the merge sample is drawn from it"),
+    Option("same_task", Choice(SAME_TASK), "models whose heads answer one task merge into one head (merged "
+           "like any layer); auto: heads with the same labels (a Hugging Face model's id2label, unless "
+           "transformers' placeholder LABEL_k names; a built-in task's data set and classes) answer one task; yes: "
+           "all do; no: none do", "auto", "the same labels are the same task; placeholder names tell nothing"),
     Option("out", FilePath(), "output model directory (never an input, nor inside one)"),
     Option("force", Flag(), "replace a model already at the output (atomically; other files there are kept)", False),
     Option("checkpoint_every", Integer(1), "save the training state every N epochs to OUT.resume/ (removed once "
@@ -224,6 +229,7 @@ class Job:
     fidelity: list | None = None    # held-out unlabeled examples per model, for the fidelity report
     labelled: dict | None = None    # {task: (inputs, labels)} of --eval-data
     score: bool = False             # finish scores the merge and its sources (meta["scores"])
+    sharing: Sharing | None = None  # which source heads answer one task (`foldmerge.heads`)
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -232,8 +238,8 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, keep_checkpoint: bool = False,
             out: str | os.PathLike | None = None, force: bool = False, tasks=None, allow_pickle: bool = False,
             accelerator: str | None = None, devices: int | None = None, precision: str | None = None,
-            per_task: int | None = None, fidelity: int | None = None, eval_data=None, score: bool = False,
-            cache: FeatureCache | None = None, command: str | None = None, **options) -> Job:
+            per_task: int | None = None, fidelity: int | None = None, same_task: str | None = None, eval_data=None,
+            score: bool = False, cache: FeatureCache | None = None, command: str | None = None, **options) -> Job:
     """Every check of a merge, before any work (see the module docstring); the arguments are `merge`'s."""
     call = {k: v for k, v in {"function": "foldmerge.merge", "data": describe(data), "method": method, "seed": seed,
                               "augment": augment, "calibrate": calibrate, "select": describe(select),
@@ -252,7 +258,7 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
                                 "per_task": data if isinstance(data, int) else per_task,
                                 "held_out": None if isinstance(held_out, (list, tuple)) else held_out,
                                 "accelerator": accelerator, "devices": devices, "precision": precision,
-                                "fidelity": fidelity}, "foldmerge.merge")
+                                "fidelity": fidelity, "same_task": same_task}, "foldmerge.merge")
     _check_keywords(m, options)
     given = m.check(options)                     # names and grammar now, defaults once the data is known
     engine = _engine(engine, s)
@@ -267,7 +273,10 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
     given = read_option_files(given, [o.name for o in m.options if isinstance(o.kind, ModelRef)],
                               [o.name for o in m.options if isinstance(o.kind, TensorFile)], s["allow_pickle"])
     merged_form = [x.merge_form() for x in sources]
-    _check_heads(merged_form)
+    sharing = share(merged_form, s.get("same_task", SETTING["same_task"].default))
+    if sharing.shared and m.name == "gating":
+        raise ValueError("the gating merge routes each input to its own task's head; these models answer one "
+                         "task, so there is nothing to route between: use another method")
     n_fid = s.get("fidelity", SETTING["fidelity"].default)
     fid = None
     if from_files:
@@ -280,8 +289,8 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
         if held is not None:
             sample["held_out"] = held_out if isinstance(held_out, int) else [len(h) for h in held]
         if "per_task" in sample and n_fid:
-            fid = _fidelity_sample(merged_form, sample["per_task"] + sample.get("held_out", 0), n_fid, s["seed"])
-    labelled = _labelled(merged_form, eval_data) if eval_data else None
+            fid = fidelity_sample(merged_form, sample["per_task"] + sample.get("held_out", 0), n_fid, s["seed"])
+    labelled = _labelled(merged_form, sharing, eval_data) if eval_data else None
     resolved = m.resolve(merged_form, given, data, held)
     grid = select_grid(m, s["select"], given) if "select" in s else None
     if grid and data is None:
@@ -289,7 +298,7 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
     context = Context(features=cache or FeatureCache())
     job = Job(sources, merged_form, data, m, given, resolved, s["seed"], s["calibrate"], grid, held, sample, engine,
               context, call, Path(s["out"]) if "out" in s else None, s["force"], keep_checkpoint=keep_checkpoint,
-              command=command, fidelity=fid, labelled=labelled, score=bool(score))
+              command=command, fidelity=fid, labelled=labelled, score=bool(score), sharing=sharing)
     where = checkpoint_dir if checkpoint_dir is not None else (checkpoint_dir_of(job.out) if job.out else None)
     job.checkpoint = context.checkpoint = _checkpoint(job, s.get("checkpoint_every", 0), where, s["resume"])
     return job
@@ -318,12 +327,6 @@ def _engine(engine, settings: dict):
     if not named:
         return engine
     return Engine(settings.get("accelerator", "cpu"), settings.get("devices", 1), settings.get("precision", "32-true"))
-
-
-def _check_heads(models) -> None:
-    names = [t.name for m in models for t in m.tasks]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two models share a task ({', '.join(names)}); heads would collide")
 
 
 def _draw(models, data, seed: int, augment, method) -> tuple[list | None, dict]:
@@ -391,13 +394,15 @@ def _from_files(models, specs, per_task: int, held_out: int, n_fid: int, seed: i
     return data, sample, held or None, fid or None
 
 
-def _labelled(models, specs) -> dict:
-    """{task: (inputs, labels)} of --eval-data, one spec per task in model order, each read as its
-    source model reads (`foldmerge.inputs.labelled`)."""
-    pairs = [(m, t) for m in models for t in m.tasks]
-    if len(specs) != len(pairs):
-        raise ValueError(f"--eval-data needs one labelled file or folder per task ({len(pairs)}), got {len(specs)}")
-    return {t.name: labelled_examples(m, t, spec) for (m, t), spec in zip(pairs, specs)}
+def _labelled(models, sharing: Sharing, specs) -> dict:
+    """{task: (inputs, labels)} of --eval-data, one spec per task of the merge (models sharing a task
+    share one), each read as the first source of that task reads (`foldmerge.inputs.labelled`)."""
+    tasks = sharing.tasks
+    if len(specs) != len(tasks):
+        raise ValueError(f"--eval-data needs one labelled file or folder per task of the merge ({len(tasks)}: "
+                         f"{', '.join(t.name for t in tasks)}), got {len(specs)}")
+    return {t.name: labelled_examples(models[sharing.sources_of(j)[0]], t, spec)
+            for j, (t, spec) in enumerate(zip(tasks, specs))}
 
 
 def _held_out(models, held_out, sample: dict, seed: int, method) -> list | None:
@@ -531,10 +536,15 @@ def _merge_on_device(fabric, models, data, method: str, seed: int, options: dict
 # ----------------------------------------------------------------------------------- finish
 def finish(job: Job, merged: TaskModel) -> TaskModel:
     """Calibrate, check, record and (with an output directory) save; see the module docstring."""
+    if job.sharing.shared:
+        merge_heads(merged, job.sharing)
+        merged.meta["same_task"] = job.sharing.record()
     if job.data is None:
         merged.meta["calibration"] = {"calibrate": "none", "why": "no merge data to calibrate on"}
+    elif len(merged.tasks) == 1:
+        merged.meta["calibration"] = {"calibrate": "none", "why": "one head: no task to route between"}
     else:
-        merged.meta["calibration"] = calibrate_heads(merged, job.models, job.data) \
+        merged.meta["calibration"] = calibrate_heads(merged, job.models, job.data, job.sharing.index) \
             if job.calibrate == "routing" else {"calibrate": "none"}
     merged.meta.update(seed=job.seed, merge_sample=job.sample, wall_seconds=time.perf_counter() - job.started)
     bad = nonfinite(merged.state_dict())
@@ -550,9 +560,10 @@ def finish(job: Job, merged: TaskModel) -> TaskModel:
     if job.checkpoint is not None:
         merged.meta["checkpoint"] = {"every": job.checkpoint.every, "resumed": job.checkpoint.resumed}
     if job.fidelity is not None:
-        merged.meta["fidelity"] = fidelity_report(merged, job.models, job.fidelity, job.context.features)
+        merged.meta["fidelity"] = fidelity_report(merged, job.models, job.fidelity, job.context.features,
+                                                  job.sharing.index)
     if job.score:
-        merged.meta["scores"] = scores(merged, job.models, job.labelled)
+        merged.meta["scores"] = scores(merged, job.models, job.labelled, job.sharing)
     if job.out is not None:
         save_model(merged, job.out, merged.meta, extra=lambda d: _export(merged, d, job.sources))
     if job.checkpoint is not None and (job.out is not None or not job.keep_checkpoint):
@@ -560,17 +571,24 @@ def finish(job: Job, merged: TaskModel) -> TaskModel:
     return merged
 
 
-def scores(merged, sources, labelled: dict | None) -> list[dict]:
-    """Accuracy of each source on its task, of their heads side by side and of the merge, on
-    `labelled` ({task: (inputs, labels)}) or the built-in tasks' test splits; [] where a task has neither."""
+def scores(merged, sources, labelled: dict | None, sharing: Sharing | None = None) -> list[dict]:
+    """Accuracy of each source on its task, of the sources together (their heads side by side, and
+    where models share a task the mean of their logits) and of the merge, on `labelled` ({task of the
+    merge: (inputs, labels)}) or the built-in tasks' test splits; [] where a task has neither."""
     if any(not t.builtin and not (labelled and t.name in labelled) for t in merged.tasks):
         return []
+    sharing = sharing or share(sources, "no")
 
-    def score(model):
-        return _evaluate(model, labelled=labelled) if labelled else _evaluate(model)
+    def score(model, index=None):
+        if not labelled:
+            return _evaluate(model)
+        # a source's own task reads the labelled examples of the merge's task it answers
+        names = {t.name: sharing.tasks[j].name for t, j in zip(model.tasks, index)} if index else {}
+        return _evaluate(model, labelled={t: labelled[names.get(t, t)] for t in [u.name for u in model.tasks]})
     names = [Path(s.meta["path"]).name if s.meta.get("path") else f"source {k + 1}" for k, s in enumerate(sources)]
-    rows = [{"model": f"source: {n}", **score(s)} for n, s in zip(names, sources)]
-    rows.append({"model": "sources side by side", **score(SourceHeads(sources))})
+    rows = [{"model": f"source: {n}", **score(s, sharing.index[k])} for k, (n, s) in enumerate(zip(names, sources))]
+    together = "sources' logits averaged per task" if sharing.shared else "sources side by side"
+    rows.append({"model": together, **score(SourceHeads(sources, sharing.index, sharing.tasks))})
     rows.append({"model": f"merge: {merged.meta.get('method')}", **score(merged)})
     return rows
 

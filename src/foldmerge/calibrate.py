@@ -162,11 +162,24 @@ def calibrate_routing(model, data: list[torch.Tensor], groups: list[int],
     return {**meta, "kept": True, "scales": log_a.exp().tolist()}
 
 
-def calibrate_heads(merged, models, data: list[torch.Tensor]) -> dict:
-    """The routing calibration of `merged`'s heads (in place), each head grouped with the source
-    model it came from. A model that picks its head itself (a gated model's `route`) is left as it is."""
+def calibrate_heads(merged, models, data: list[torch.Tensor], index: list[list[int]] | None = None) -> dict:
+    """The routing calibration of `merged`'s heads (in place), each head grouped with the sample of
+    the source it came from. `index` (per source, per head: the merged head it answers through;
+    default one merged head per source head) joins the samples of sources that share a head. A model
+    that picks its head itself (a gated model's `route`) is left as it is."""
     if hasattr(merged, "route"):
         return {"calibrate": "none", "why": "the gate chooses the head"}
-    groups = [k for k, m in enumerate(models) for _ in m.tasks]
+    if index is None:
+        first = [sum(len(m.tasks) for m in models[:k]) for k in range(len(models))]
+        index = [[first[k] + i for i in range(len(m.tasks))] for k, m in enumerate(models)]
+    sample = list(range(len(models)))            # sources that share a head read as one sample
+    for k in range(len(models)):
+        for other in range(k):
+            if set(index[k]) & set(index[other]):
+                sample = [sample[other] if s == sample[k] else s for s in sample]
+    kept = sorted(set(sample))
     device = next(merged.parameters()).device
-    return calibrate_routing(merged, [d.to(device) for d in data], groups)
+    joined = [torch.cat([d for d, s in zip(data, sample) if s == one]).to(device) for one in kept]
+    groups = [kept.index(sample[next(k for k, heads in enumerate(index) if j in heads)])
+              for j in range(len(merged.heads))]
+    return calibrate_routing(merged, joined, groups)

@@ -115,15 +115,26 @@ class SourceHeads(nn.Module):
     heads' logits stand side by side (ZipIt!'s "ensemble" row). Per-task accuracy is each
     source's own; joint accuracy is what the sources themselves reach when every head answers
     at once: heads trained on their own task only are often confident on another task's inputs,
-    and a merge that reproduces its sources faithfully inherits this (`foldmerge.calibrate`)."""
+    and a merge that reproduces its sources faithfully inherits this (`foldmerge.calibrate`).
 
-    def __init__(self, sources):
+    Where sources answer one task (`index`: per source, per head, the task in `tasks` it answers;
+    `foldmerge.heads.Sharing`), that task's logits are the mean of theirs: the logit ensemble of
+    models of one task."""
+
+    def __init__(self, sources, index: list[list[int]] | None = None, tasks=None):
         super().__init__()
         self.sources = nn.ModuleList(sources)
-        self.tasks = [t for s in sources for t in s.tasks]
+        self.index = index or [list(range(sum(len(s.tasks) for s in sources[:k]),
+                                          sum(len(s.tasks) for s in sources[:k + 1]))) for k in range(len(sources))]
+        self.tasks = list(tasks) if tasks is not None else [t for s in sources for t in s.tasks]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [out for s in self.sources for out in s(x)]
+        sums, counts = [None] * len(self.tasks), [0] * len(self.tasks)
+        for s, heads in zip(self.sources, self.index):
+            for j, out in zip(heads, s(x)):
+                sums[j] = out if sums[j] is None else sums[j] + out
+                counts[j] += 1
+        return [z / c for z, c in zip(sums, counts)]
 
 
 def _abs_mean(f: torch.Tensor) -> torch.Tensor:

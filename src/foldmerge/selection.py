@@ -67,23 +67,28 @@ def folds(data: list[torch.Tensor]) -> list[tuple[list[torch.Tensor], list[torch
 
 
 @torch.no_grad()
-def fidelity(merged, sources, held: list[torch.Tensor], features) -> dict[str, dict]:
-    """Per task, on held-out unlabeled inputs of its source: how often the merge's head predicts the
-    class the source's head does (agreement %), and the mean KL divergence from the source's
-    predicted distribution to the merge's. Needs no label; `features`: a `FeatureCache` (the sources'
-    features once per held-out sample)."""
+def fidelity(merged, sources, held: list[torch.Tensor], features, index: list[list[int]] | None = None
+             ) -> dict[str, dict]:
+    """Per task of each source, on held-out unlabeled inputs of that source: how often the merge's
+    head predicts the class the source's head does (agreement %), and the mean KL divergence from the
+    source's predicted distribution to the merge's. Needs no label; `features`: a `FeatureCache` (the
+    sources' features once per held-out sample); `index`: per source, per head, the merge's head it
+    answers through (`foldmerge.heads.Sharing`; default: the next one). Keyed by the source's task,
+    with the source's number where sources share a task's name."""
     was = merged.training
     merged.eval()
     try:
         out, first = {}, 0
-        for source, x in zip(sources, held):
-            heads = list(range(first, first + len(source.heads)))
+        names = [t.name for s in sources for t in s.tasks]
+        for k, (source, x) in enumerate(zip(sources, held)):
+            heads = index[k] if index else list(range(first, first + len(source.heads)))
             first += len(source.heads)
             teacher = features(source, x)
             student = features_in_chunks(merged, x)
             for j, h, task in zip(heads, source.heads, source.tasks):
                 p, q = h(teacher), merged.heads[j](student)
-                out[task.name] = {
+                key = task.name if names.count(task.name) == 1 else f"{task.name} (source {k + 1})"
+                out[key] = {
                     "agreement": 100.0 * (p.argmax(1) == q.argmax(1)).float().mean().item(),
                     "kl": F.kl_div(F.log_softmax(q, 1), F.log_softmax(p, 1), log_target=True,
                                    reduction="batchmean").item(),

@@ -11,7 +11,9 @@ import torch
 
 from ..api import load, merge, merge_sample
 from ..calibrate import calibrate_heads
+from ..context import FeatureCache
 from ..evaluation import evaluate, forward_mflops
+from ..selection import fidelity
 
 
 def selected(row: str, method: str, methods: list[str] | None) -> bool:
@@ -36,17 +38,23 @@ def sample_drawer(sources, per_task: int, seed: int):
     return draw
 
 
-def merge_scored(sources, data, method: str, seed: int, opts: dict):
+def merge_scored(sources, data, method: str, seed: int, opts: dict, held: list | None = None):
     """One bench merge, scored on the test split twice: with the heads as the method made them
     and after the routing calibration that every merge gets by default (`foldmerge.calibrate`;
     per-task is the same, joint is what it changes). Returns (merged, calibrated scores,
-    uncalibrated scores, seconds of merge and calibration)."""
-    merged = merge(sources, data, method=method, seed=seed, calibrate="none", **opts)
+    uncalibrated scores, seconds of merge and calibration). With `held` (further unlabeled inputs
+    per source, `api.fidelity_sample`), the calibrated scores also hold the label-free fidelity:
+    mean agreement % and KL over the tasks (`foldmerge.selection.fidelity`)."""
+    merged = merge(sources, data, method=method, seed=seed, calibrate="none", fidelity=0, **opts)
     raw = evaluate(merged)
     start = time.perf_counter()
     merged.meta["calibration"] = calibrate_heads(merged, sources, data)
     seconds = merged.meta["wall_seconds"] + time.perf_counter() - start
-    return merged, evaluate(merged), raw, seconds
+    scores = evaluate(merged)
+    if held is not None:
+        fid = list(fidelity(merged, [s.merge_form() for s in sources], held, FeatureCache()).values())
+        scores.update(agreement=sum(f["agreement"] for f in fid) / len(fid), kl=sum(f["kl"] for f in fid) / len(fid))
+    return merged, scores, raw, seconds
 
 
 def cached_model(path, make, command: str):
@@ -73,6 +81,28 @@ def mean_std(xs) -> tuple[float | None, float | None]:
         return None, None
     m = sum(xs) / len(xs)
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation of paired values (ties get their mean rank); None where either
+    side does not vary."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    a, b = ranks(xs), ranks(ys)
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    cov = sum((p - ma) * (q - mb) for p, q in zip(a, b))
+    va, vb = sum((p - ma) ** 2 for p in a), sum((q - mb) ** 2 for q in b)
+    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else None
 
 
 def read_back(result: dict) -> str:

@@ -30,14 +30,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..api import merge_sample
+from ..api import fidelity_sample, merge_sample
 from ..arch import resnet
 from ..arch.defaults import SOURCES
 from ..data import Task
 from ..evaluation import SourceHeads, evaluate
 from ..progress import status
 from ..sources import source_dirname, train_resnet_source
-from . import cached_model, image_mflops, mean_std, merge_scored, read_back, selected
+from . import cached_model, image_mflops, mean_std, merge_scored, read_back, selected, spearman
 
 RESNET = resnet.SOURCE_CONFIG
 PAIRS = {"mnist": ("mnist:0-4", "mnist:5-9"), "fmnist": ("fmnist:0-4", "fmnist:5-9"),
@@ -45,6 +45,7 @@ PAIRS = {"mnist": ("mnist:0-4", "mnist:5-9"), "fmnist": ("fmnist:0-4", "fmnist:5
 WIDTHS = (1, 4)
 SEEDS = 3
 PER_TASK = 256
+FIDELITY = 256               # further unlabeled images per task for the fidelity of every merge
 SOURCE_TRAINING = {k: SOURCES["resnet"].values[k] for k in ("epochs", "limit")}
 TRAINED_EPOCHS = 50
 
@@ -90,6 +91,7 @@ def run_cell(pair: str, width: int, seed: int, cache: Path, methods: list[str] |
     tasks = list(PAIRS[pair])
     sources = [get_source(t, width, 2 * seed + k, cache) for k, t in enumerate(tasks)]
     data = merge_sample(sources, PER_TASK, seed)
+    held = fidelity_sample(sources, PER_TASK, FIDELITY, seed)
     rows = list(done)
     base = {"pair": pair, "width": width, "seed": seed}
 
@@ -112,8 +114,9 @@ def run_cell(pair: str, width: int, seed: int, cache: Path, methods: list[str] |
         if name in have or not selected(name, method, methods):
             continue
         status(f"cnn {pair} x{width} seed {seed}: {name}")
-        merged, calibrated, raw, seconds = merge_scored(sources, data, method, seed, dict(opts))
+        merged, calibrated, raw, seconds = merge_scored(sources, data, method, seed, dict(opts), held)
         keep({"method": name, **_scores(calibrated, tasks), "joint_uncalibrated": raw.get("joint_mean"),
+              "agreement": calibrated["agreement"], "kl": calibrated["kl"],
               "mflops": image_mflops(merged), "params": merged.num_parameters(), "seconds": seconds,
               "widths": merged.backbone_config.get("widths")})
     return rows
@@ -145,7 +148,17 @@ def run_bench(pairs=tuple(PAIRS), widths=WIDTHS, seeds: int = SEEDS, methods: li
             for seed in range(seeds):
                 cached += (cache / "cnn" / "cells" / f"{pair}-w{width}-s{seed}.json").is_file()
                 rows += run_cell(pair, width, seed, cache, methods)
-    return {"bench": "cnn", "resnet": RESNET, "pairs": {p: list(PAIRS[p]) for p in pairs}, "widths": list(widths),
+    merges = [r for r in rows if r.get("agreement") is not None]
+    cells = {}
+    for key in dict.fromkeys((r["pair"], r["width"], r["seed"]) for r in merges):
+        sel = [r for r in merges if (r["pair"], r["width"], r["seed"]) == key]
+        rho = spearman([r["agreement"] for r in sel], [r["avg"] for r in sel]) if len(sel) > 2 else None
+        if rho is not None:
+            cells["{} x{} s{}".format(*key)] = rho
+    correlation = {"per_cell": cells, "mean_per_cell": sum(cells.values()) / len(cells) if cells else None,
+                   "pooled": spearman([r["agreement"] for r in merges], [r["avg"] for r in merges])
+                   if len(merges) > 2 else None, "merges": len(merges)}
+    return {"bench": "cnn", "resnet": RESNET, "correlation": correlation, "fidelity_images": FIDELITY, "pairs": {p: list(PAIRS[p]) for p in pairs}, "widths": list(widths),
             "seeds": seeds, "per_task_images": PER_TASK, "source_training": SOURCE_TRAINING,
             "trained_epochs": TRAINED_EPOCHS, "rows": rows, "table": aggregate(rows),
             "cells": len(widths) * len(pairs) * seeds, "cells_from_cache": cached,
@@ -173,5 +186,11 @@ def print_report(result: dict, command: str) -> None:
                 t.add_row(r["method"], pm(r, "joint"), pm(r, "task_a"), pm(r, "task_b"), pm(r, "avg"),
                           f"{r['mflops']:.1f}", f"{r['seconds']:.1f}")
             console.print(t)
+    c = result.get("correlation") or {}
+    if c.get("per_cell"):
+        cells = ", ".join(f"{k} {v:+.2f}" for k, v in c["per_cell"].items())
+        console.print(f"fidelity (agreement with the sources, no labels) against per-task accuracy, Spearman's rho "
+                      f"over the merges: per cell {cells}; mean {c['mean_per_cell']:+.2f}; all {c['merges']} merges "
+                      f"pooled {c['pooled']:+.2f}")
     console.print(f"measured: seeds 0…{result['seeds'] - 1} (source seeds 2s, 2s+1); "
                   f"{result['total_seconds'] / 60:.1f} min this run{read_back(result)}; command: {command}")

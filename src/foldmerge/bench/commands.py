@@ -10,7 +10,7 @@ from pathlib import Path
 from ..commands import add_threads, argtype, command_line, set_threads
 from ..options import Integer, Number
 from ..provenance import environment
-from . import cnn, cost, defaults, efficiency, gating, mlp, scale, selection, text, vit
+from . import cnn, cost, defaults, efficiency, gating, mlp, same_task, scale, selection, text, vit
 
 
 def add_arguments(p) -> None:
@@ -65,6 +65,15 @@ def add_arguments(p) -> None:
                         "Fashion-MNIST 0-4)")
     b.add_argument("--widths", nargs="+", type=argtype(Integer(1)), default=None, help="width multipliers (default 1 4)")
     b.add_argument("--seeds", type=argtype(Integer(1)), default=None, help="seed pairs per cell (default 3)")
+    b.add_argument("--methods", nargs="+", default=None, help="only these rows or methods (default all)")
+    b.add_argument("--out", default="runs/bench", help="cache for source models and measured cells (default runs/bench)")
+    b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
+    add_threads(b, show=False)
+    b = bench.add_parser("same-task", help="two models of one task from different seeds into one: MLPs, ViTs, "
+                                           "ResNets on MNIST and Fashion-MNIST, every method, fidelity vs accuracy")
+    b.add_argument("--families", nargs="+", default=None, metavar="FAMILY", help="of: mlp vit resnet (default all)")
+    b.add_argument("--datasets", nargs="+", default=None, help="of: mnist fmnist (default both)")
+    b.add_argument("--seeds", type=argtype(Integer(1)), default=None, help="seed pairs per cell (default 1)")
     b.add_argument("--methods", nargs="+", default=None, help="only these rows or methods (default all)")
     b.add_argument("--out", default="runs/bench", help="cache for source models and measured cells (default runs/bench)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
@@ -137,6 +146,11 @@ def run(args) -> None:
         result = cnn.run_bench(pairs=tuple(args.pairs or cnn.PAIRS), widths=tuple(args.widths or cnn.WIDTHS),
                                seeds=args.seeds or cnn.SEEDS, methods=args.methods, out=args.out)
         return _report_bench(result, args, cnn.print_report)
+    if args.bench == "same-task":
+        result = same_task.run_bench(families=tuple(args.families or same_task.FAMILIES),
+                                     datasets=tuple(args.datasets or same_task.DATASETS),
+                                     seeds=args.seeds or same_task.SEEDS, methods=args.methods, out=args.out)
+        return _report_bench(result, args, same_task.print_report)
     if args.bench == "data-efficiency":
         result = efficiency.run_bench(arch=args.arch, counts=tuple(args.counts or efficiency.COUNTS), seeds=args.seeds,
                                       out=args.out)
