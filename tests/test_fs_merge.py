@@ -102,8 +102,10 @@ def test_bad_options_are_clear_errors():
         foldmerge.merge(src, sample(2), targets="some")
     with pytest.raises(ValueError, match="unknown method"):
         foldmerge.merge(src, sample(2), method="magic")
-    with pytest.raises(ValueError, match="share a task"):
-        foldmerge.merge([src[0], src[0]], sample(2))
+    with pytest.raises(ValueError, match="both named"):
+        foldmerge.merge([src[0], src[0]], sample(2), same_task="no")
+    with pytest.raises(ValueError, match="same-task: expected one of"):
+        foldmerge.merge(src, sample(2), same_task="maybe")
 
 
 def _same_model(a, b, atol=0.0):

@@ -207,3 +207,16 @@ def test_bench_same_task_runs_every_row_on_tiny_models(monkeypatch, tmp_path):
     same_task.print_report({**r, "command": "x"}, "x")
     with pytest.raises(ValueError, match="unknown family"):
         same_task.run_bench(families=("nope",), out=str(tmp_path))
+
+
+def test_eval_of_models_of_one_task_shows_their_logits_averaged(tmp_path, capsys):
+    a, b = mlp("mnist", 0), mlp("mnist", 1)
+    a.save(tmp_path / "a")
+    b.save(tmp_path / "b")
+    assert cli.main(["eval", str(tmp_path / "a"), str(tmp_path / "b"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert [r["model"] for r in rows][-1] == "logits averaged per task"
+    x, y = Task.parse("mnist").split("test")
+    with torch.no_grad():
+        expected = 100.0 * (((a(x)[0] + b(x)[0]) / 2).argmax(1) == y).float().mean().item()
+    assert abs(rows[-1]["per_task"]["mnist:0-9"] - expected) < 1e-9

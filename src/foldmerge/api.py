@@ -605,13 +605,15 @@ def _export(merged, folder: Path, sources) -> None:
 
 def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge", **settings) -> TaskModel:
     """Merge `models` (TaskModels or model directories, ours or Hugging Face's) into one TaskModel with
-    every source's heads.
+    one head per task (models of one task share one, `foldmerge.heads`).
 
-    data: per-model unlabeled input tensors, or an int N to draw N training examples per task
+    data: per-model unlabeled input tensors, per-model data files or folders (as --data; `per_task`
+      drawn from each), or an int N to draw N training examples per task of the built-in tasks
       (plus `augment` augmented images per task made from them; None: `default_augment`).
     method: one of `foldmerge.methods.METHODS`; its options as keywords (`foldmerge merge --help`
       lists them with their defaults), e.g. variant, param, init, epochs.
-    seed, calibrate, select, held_out, tasks, allow_pickle: as the command line's (`SETTINGS`).
+    seed, calibrate, select, held_out, fidelity, same_task, tasks, allow_pickle: as the command
+      line's (`SETTINGS`). eval_data: labelled data per task of the merge, scored into meta.
     engine: a `foldmerge.engine.Engine` (device, devices for DDP, precision) to train under
       Lightning Fabric; the merged model comes back on the CPU. None: this process, as is.
     out, force: save the merged model there (its Hugging Face export too, for HF sources), in one

@@ -1,9 +1,11 @@
 """`foldmerge eval MODEL… [--split test|val] [--ensemble]`: per-task and joint accuracy of saved models;
-given sources, also their heads side by side (and the ensemble)."""
+given sources of different tasks, also their heads side by side (and the ensemble); of one task,
+their logits averaged (the ensemble of models of one task)."""
 from __future__ import annotations
 
 from ..api import load
 from ..evaluation import Ensemble, SourceHeads, evaluate
+from ..heads import share
 from ..inputs import labelled as labelled_examples
 from ..provenance import environment
 from ..tables import print_json, print_table
@@ -42,11 +44,16 @@ def run(args) -> None:
         return evaluate(model, labelled=labelled) if labelled else evaluate(model, split=args.split)
     out = [{"model": p, "method": m.meta.get("method", m.meta.get("kind", "?")), **score(m)}
            for p, m in zip(args.models, models)]
-    names = [t.name for m in models for t in m.tasks]
-    together = len(models) > 1 and len(set(names)) == len(names)
-    if args.ensemble and not together:
-        raise ValueError("--ensemble needs two or more models whose tasks all differ")
-    if together:     # the models as sources: their heads side by side, and the ensemble if asked
+    try:             # the models as sources: which heads answer one task (`foldmerge.heads`)
+        sharing = share(models) if len(models) > 1 else None
+    except ValueError:
+        sharing = None
+    if args.ensemble and sharing is None:
+        raise ValueError("--ensemble needs two or more models, of one task or of tasks that all differ")
+    if sharing is not None and sharing.shared:    # models of one task: their logits averaged, the ensemble
+        out.append({"model": "logits averaged per task", "method": "ensemble",
+                    **score(SourceHeads(models, sharing.index, sharing.tasks))})
+    elif sharing is not None:     # their heads side by side, and the ensemble if asked
         out.append({"model": "heads side by side", "method": "sources", **score(SourceHeads(models))})
         if args.ensemble:
             out.append({"model": "ensemble", "method": "ensemble", **score(Ensemble(models))})
