@@ -298,3 +298,21 @@ def test_cca_and_pleas_run_on_vits_where_the_spec_allows():
     assert pleas.merge(models, d).meta["solved_layers"] == 8     # patch embedding, q, k, v, o, fc1, fc2, proj (no bias)
     with pytest.raises(ValueError, match="ties to another"):
         pleas.merge(models, d, budget=0.5)
+
+
+@pytest.mark.parametrize("method", ["task-arithmetic", "ties"])
+def test_task_arithmetic_and_ties_take_a_batchnorm_base_in_memory(method):
+    # the base is converted to the form a merge reads, as the sources are (BatchNorm folded), and
+    # float64 models read float64 data: with both unconverted the merge always failed
+    base = resnet("mnist:0-9", 0, fused=False)
+    src = [resnet("mnist:0-4", 1, fused=False), resnet("mnist:5-9", 2, fused=False)]
+    merged = merge(src, method=method, base=base, fidelity=8)
+    assert merged.meta["method"] == method and set(merged.meta["fidelity"]) == {"mnist:0-4", "mnist:5-9"}
+    folded = base.merge_form().backbone.state_dict()
+    if method == "task-arithmetic":       # sources equal to the base: zero task vectors give the folded base
+        copies = [resnet("mnist:0-4", 3, fused=False), resnet("mnist:5-9", 4, fused=False)]
+        for c in copies:
+            c.backbone.load_state_dict(base.backbone.state_dict())
+        same = merge(copies, method=method, base=base, fidelity=0)
+        for k, v in same.backbone.state_dict().items():
+            torch.testing.assert_close(v, folded[k], rtol=0, atol=1e-12, msg=k)

@@ -56,3 +56,21 @@ def test_engine_bad_input():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA"):
             Engine("cuda")
+
+
+def test_a_run_on_a_device_works_on_copies_and_leaves_the_caller_s_models_where_they_were():
+    # a rank moves its models to its device: copies, never the caller's (a meta "device" shows a move
+    # on a machine without a GPU)
+    from foldmerge.api import _merge_on_device
+
+    class OnMeta:
+        device = torch.device("meta")
+        world_size = 1
+    src, data = sources(), sample()
+    before = [{k: (v.device, v.data_ptr(), v.clone()) for k, v in m.state_dict().items()} for m in src]
+    with pytest.raises(Exception):           # a merge cannot finish on meta tensors; the point is what moved
+        _merge_on_device(OnMeta(), src, data, "average", 0, {}, None)
+    for m, b in zip(src, before):
+        for k, v in m.state_dict().items():
+            assert v.device == b[k][0] and v.data_ptr() == b[k][1] and torch.equal(v, b[k][2]), k
+    assert all(d.device.type == "cpu" for d in data)

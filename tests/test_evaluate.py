@@ -69,3 +69,16 @@ def test_ensemble_averages_scaled_features():
     c = TaskModel("mlp", {"in_dim": 784, "hidden": [9]}, ["fmnist:0-4"])
     with pytest.raises(ValueError, match="equal feature sizes"):
         Ensemble([a, c])
+
+
+def test_evaluation_runs_in_eval_mode_and_gives_each_module_its_mode_back():
+    torch.manual_seed(0)
+    m = TaskModel("mlp", {"in_dim": 784, "hidden": [8]}, ["mnist:0-4"])
+    m.train()
+    m.heads.eval()                      # a mix of modes, each given back as it was
+    seen = []
+    m.backbone.register_forward_hook(lambda mod, i, o: seen.append(mod.training))
+    x, y = torch.randn(6, 1, 28, 28), torch.randint(5, (6,))
+    evaluate(m, labelled={"mnist:0-4": (x, y)})
+    assert seen and not any(seen)
+    assert m.training and m.backbone.training and not any(h.training for h in m.heads)

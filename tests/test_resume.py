@@ -97,3 +97,32 @@ def test_bench_cells_are_measured_once_and_counted_when_read_back(tmp_path):
     assert first.facts() == {"cells": 2, "cells_from_cache": 1}
     assert again.facts() == {"cells": 2, "cells_from_cache": 1}
     assert not list(tmp_path.rglob("*.tmp"))                # written atomically: no half file left
+
+
+def test_a_checkpoint_changed_after_it_was_written_is_refused(tmp_path):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    where = tmp_path / "run.resume"
+    ck = Checkpoint(where, 1, {"run": 1})
+    ck.save(0, 1, 1, [p], opt, torch.Generator().manual_seed(0), [0.5])
+    Checkpoint(where, None, {"run": 1}, resume=True)             # as written: resumes
+    tensors, state = (where / "state.safetensors").read_bytes(), (where / "state.json").read_text()
+    meta = json.loads(state)
+    g = torch.Generator().manual_seed(3)
+    edits = [("state.safetensors", bytes(b ^ 0xFF if i == int(k) else b for i, b in enumerate(tensors)))
+             for k in torch.randint(len(tensors), (12,), generator=g)]
+    edits += [("state.safetensors", tensors[:len(tensors) // 2]), ("state.safetensors", b"")]
+    edits += [("state.json", json.dumps({**meta, "current": {**meta["current"], "epoch": 0}})),
+              ("state.json", json.dumps({**meta, "every": 3})), ("state.json", json.dumps([meta])),
+              ("state.json", state[:-9]), ("state.json", json.dumps({k: v for k, v in meta.items() if k != "integrity"}))]
+    for name, content in edits:
+        (where / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(CheckpointError) as e:
+            Checkpoint(where, None, {"run": 1}, resume=True)
+        assert len(str(e.value).splitlines()) == 1
+        assert "changed after it was written" in str(e.value) or "not a readable checkpoint" in str(e.value)
+        (where / "state.safetensors").write_bytes(tensors)
+        (where / "state.json").write_text(state)

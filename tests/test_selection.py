@@ -81,3 +81,28 @@ def test_select_bench_compares_the_two_picks(monkeypatch, tmp_path):
     assert not row["same"] and row["loss"] == pytest.approx(5.0) and row["best_test"] == pytest.approx(94.0)
     with pytest.raises(ValueError, match="unknown"):
         bench.run_bench(settings=["cifar d2"])
+
+
+def test_held_out_halves_of_an_augmented_sample_hold_no_copy_of_what_the_merge_fits_on(monkeypatch):
+    # augmented images are made from the drawn originals: split after augmenting, the scored half
+    # holds copies of the fitted half's originals. --select splits the originals and augments each
+    # half alone; the calibration fits and checks on the originals only.
+    from foldmerge import api
+    torch.manual_seed(0)
+    src = [TaskModel("mlp", {"in_dim": 784, "hidden": [8]}, [t]) for t in ("mnist:0-4", "mnist:5-9")]
+    job = api.prepare(src, 8, method="zipit", augment=6, select={"beta": [0.3, 0.5]}, fidelity=0)
+    originals = api._originals(job)
+    assert [len(o) for o in originals] == [8, 8]
+
+    def rows(t):
+        return {tuple(r.flatten().tolist()) for r in t}
+    for fit, held in api._augmented_folds(job):
+        for f, h, o in zip(fit, held, originals):
+            assert rows(h) <= rows(o) and len(h) == 4
+            assert len(f) == 4 + 6 and not rows(f) & rows(h)
+    seen = []
+    real = api.calibrate_heads
+    monkeypatch.setattr(api, "calibrate_heads", lambda m, s, data, index=None: (seen.append([len(d) for d in data]),
+                                                                              real(m, s, data, index))[1])
+    merged = api.finish(job, api.run(job))
+    assert seen == [[8, 8]] and merged.meta["select"]["chosen"]["beta"] in (0.3, 0.5)

@@ -149,7 +149,7 @@ def test_nothing_non_finite_is_saved_or_evaluated(tmp_path):
 def test_out_equal_to_or_inside_an_input_is_refused_before_work(two, capsys):
     a, b = two
     before = snapshot(a.parent)
-    cli_error(["merge", a, b, "--method", "average", "--out", a], capsys, "an input model")
+    cli_error(["merge", a, b, "--method", "average", "--out", a], capsys, "is the input")
     cli_error(["merge", a, b, "--method", "average", "--out", a / "sub", "--force"], capsys, "inside the input")
     assert snapshot(a.parent) == before
 

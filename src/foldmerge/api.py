@@ -46,7 +46,7 @@ from .heads import SAME_TASK, Sharing, merge_heads, share
 from .evaluation import evaluate as _evaluate
 from .inputs import check_same_tokens, common_length, preprocess, reads
 from .inputs import labelled as labelled_examples
-from .io import check_target, nonfinite, save_model
+from .io import check_target, identity, nonfinite, save_model
 from .loading import load as _load
 from .loading import load_sources, read_option_files
 from .methods import METHODS, get_method
@@ -97,6 +97,39 @@ def merge_sample(models, per_task: int, seed: int = 0, augment: int = 0) -> list
             parts += [originals] + ([expand(t, originals, augment, seed=s)] if augment else [])
         out.append(torch.cat(parts))
     return out
+
+
+def _originals(job) -> list[torch.Tensor] | None:
+    """Each model's drawn examples without the augmented copies made from them (None: none made).
+    Held-out judgments (the calibration's two-fold check, --select) read these only: an augmented
+    copy of an example in one half would leak it into the other."""
+    augment, n = job.sample.get("augment") or 0, job.sample.get("per_task")
+    if not augment or job.data is None:
+        return None
+    return [torch.cat([d[i * (n + augment):i * (n + augment) + n] for i in range(len(m.tasks))])
+            for m, d in zip(job.models, job.data)]
+
+
+def _augmented_folds(job) -> list | None:
+    """--select's two folds of an augmented sample: each half of the originals with augmented copies
+    made from that half alone, scored on the other half's originals (None: no augmentation)."""
+    if _originals(job) is None:
+        return None
+    augment, n = job.sample["augment"], job.sample["per_task"]
+    folds = []
+    for f in (0, 1):
+        fit, held = [], []
+        for k, (m, d) in enumerate(zip(job.models, job.data)):
+            parts, scored = [], []
+            for i, t in enumerate(m.tasks):
+                o = d[i * (n + augment):i * (n + augment) + n]
+                half = o[f::2]
+                parts += [half, expand(t, half, augment, seed=_task_seed(job.seed, k, i) + 1 + f).to(d.dtype)]
+                scored.append(o[1 - f::2])
+            fit.append(torch.cat(parts))
+            held.append(torch.cat(scored))
+        folds.append((fit, held))
+    return folds
 
 
 def _task_seed(seed: int, model: int, task: int) -> int:
@@ -230,6 +263,7 @@ class Job:
     labelled: dict | None = None    # {task: (inputs, labels)} of --eval-data
     score: bool = False             # finish scores the merge and its sources (meta["scores"])
     sharing: Sharing | None = None  # which source heads answer one task (`foldmerge.heads`)
+    out_seen: tuple | None | bool = False  # `io.identity` of `out` when checked: the swap refuses if it changed
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -266,9 +300,17 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
         raise ValueError("merge needs a list of two or more models (TaskModels or model directories)")
     if "tasks" in s and len(s["tasks"]) != len(models):
         raise ValueError(f"--tasks needs one task per model ({len(models)}), got {len(s['tasks'])}")
-    if "out" in s:                               # before any work: never over an input
-        named = [v for o in m.options if isinstance(o.kind, ModelRef) and isinstance(v := given.get(o.name), str)]
-        check_target(s["out"], s["force"], inputs=[p for p in list(models) + named if isinstance(p, (str, os.PathLike))])
+    # before any work: every place this run writes is checked against every input (models, the
+    # models options name, data files) and against what is there now
+    named = [v for o in m.options if isinstance(o.kind, ModelRef) and isinstance(v := given.get(o.name), str)]
+    inputs = _paths([models, named, data, eval_data, held_out])
+    where = checkpoint_dir if checkpoint_dir is not None else (checkpoint_dir_of(s["out"]) if "out" in s else None)
+    out_seen = False
+    if "out" in s:
+        check_target(s["out"], s["force"], inputs=inputs)
+        out_seen = identity(s["out"])
+    if where is not None and (s.get("checkpoint_every") or s["resume"]):
+        check_target(where, True, inputs=inputs, kind="checkpoint", flag="the checkpoint directory")
     sources = load_sources(models, s.get("tasks"), s["allow_pickle"])
     given = read_option_files(given, [o.name for o in m.options if isinstance(o.kind, ModelRef)],
                               [o.name for o in m.options if isinstance(o.kind, TensorFile)], s["allow_pickle"])
@@ -290,6 +332,7 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
             sample["held_out"] = held_out if isinstance(held_out, int) else [len(h) for h in held]
         if "per_task" in sample and n_fid:
             fid = fidelity_sample(merged_form, sample["per_task"] + sample.get("held_out", 0), n_fid, s["seed"])
+    data, held, fid = (_like(merged_form, x) for x in (data, held, fid))
     labelled = _labelled(merged_form, sharing, eval_data) if eval_data else None
     resolved = m.resolve(merged_form, given, data, held)
     grid = select_grid(m, s["select"], given) if "select" in s else None
@@ -299,7 +342,7 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
     job = Job(sources, merged_form, data, m, given, resolved, s["seed"], s["calibrate"], grid, held, sample, engine,
               context, call, Path(s["out"]) if "out" in s else None, s["force"], keep_checkpoint=keep_checkpoint,
               command=command, fidelity=fid, labelled=labelled, score=bool(score), sharing=sharing)
-    where = checkpoint_dir if checkpoint_dir is not None else (checkpoint_dir_of(job.out) if job.out else None)
+    job.out_seen = out_seen
     job.checkpoint = context.checkpoint = _checkpoint(job, s.get("checkpoint_every", 0), where, s["resume"])
     return job
 
@@ -307,6 +350,26 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
 KEYWORDS = ("data", "method", "seed", "augment", "engine", "calibrate", "select", "held_out", "checkpoint_every",
             "checkpoint_dir", "resume", "keep_checkpoint", "out", "force", "tasks", "allow_pickle", "accelerator",
             "devices", "precision", "per_task", "cache", "command")
+
+
+def _like(models, tensors: list | None) -> list | None:
+    """Drawn or read examples in each model's floating-point dtype (a float64 model reads float64);
+    token ids stay integers."""
+    if tensors is None:
+        return None
+    dtypes = [next(m.parameters()).dtype for m in models]
+    return [x.to(dt) if x.is_floating_point() else x for x, dt in zip(tensors, dtypes)]
+
+
+def _paths(given) -> list:
+    """The file and folder paths among arguments (nested lists and dicts of them)."""
+    if isinstance(given, (str, os.PathLike)):
+        return [given]
+    if isinstance(given, dict):
+        given = list(given.values())
+    if isinstance(given, (list, tuple)):
+        return [p for g in given for p in _paths(g)]
+    return []
 
 
 def _check_keywords(method, options: dict) -> None:
@@ -493,7 +556,7 @@ def run(job: Job) -> TaskModel:
     options = job.given
     if job.select:
         picked, chosen = selection.choose(lambda d, c: _run(job, d, {**job.given, **c}), job.models, job.data,
-                                          dict(job.select), job.context.features)
+                                          dict(job.select), job.context.features, _augmented_folds(job))
         options = {**job.given, **picked}
     merged = _run(job, job.data, options)
     if chosen is not None:
@@ -544,7 +607,8 @@ def finish(job: Job, merged: TaskModel) -> TaskModel:
     elif len(merged.tasks) == 1:
         merged.meta["calibration"] = {"calibrate": "none", "why": "one head: no task to route between"}
     else:
-        merged.meta["calibration"] = calibrate_heads(merged, job.models, job.data, job.sharing.index) \
+        merged.meta["calibration"] = calibrate_heads(merged, job.models, _originals(job) or job.data,
+                                                     job.sharing.index) \
             if job.calibrate == "routing" else {"calibrate": "none"}
     merged.meta.update(seed=job.seed, merge_sample=job.sample, wall_seconds=time.perf_counter() - job.started)
     bad = nonfinite(merged.state_dict())
@@ -565,7 +629,8 @@ def finish(job: Job, merged: TaskModel) -> TaskModel:
     if job.score:
         merged.meta["scores"] = scores(merged, job.models, job.labelled, job.sharing)
     if job.out is not None:
-        save_model(merged, job.out, merged.meta, extra=lambda d: _export(merged, d, job.sources))
+        save_model(merged, job.out, merged.meta, extra=lambda d: _export(merged, d, job.sources),
+                   expect=job.out_seen)
     if job.checkpoint is not None and (job.out is not None or not job.keep_checkpoint):
         job.checkpoint.remove()
     return merged

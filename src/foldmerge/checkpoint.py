@@ -10,10 +10,12 @@ generator and torch's global RNG restored, so the resumed run ends bit-identical
 was never stopped (same machine, same threads).
 
 The checkpoint directory (`<out>.resume/`) holds `state.safetensors` (every tensor) and
-`state.json` (the rest, and a fingerprint of the run: a resume of a different run is refused).
+`state.json` (the rest, a fingerprint of the run: a resume of a different run is refused, and an
+integrity hash over both files: an edited or damaged checkpoint is refused).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -57,6 +59,10 @@ class Checkpoint:
         elif (self.path / STATE).is_file():
             raise CheckpointError(f"{self.path} holds the checkpoint of an unfinished run; pass --resume to "
                                   "continue it, or remove it")
+        elif self.path.is_symlink() or self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            # the checkpoint is swapped in there and removed at the end: never over someone's files
+            raise CheckpointError(f"{self.path} exists and is not a foldmerge checkpoint; checkpoints are written "
+                                  "there, so move it away first")
 
     # ----------------------------------------------------------------- reading
     def _load(self) -> None:
@@ -64,8 +70,13 @@ class Checkpoint:
             raise CheckpointError(f"nothing to resume: no checkpoint at {self.path}")
         try:
             meta = json.loads((self.path / STATE).read_text())
+            if not isinstance(meta, dict) or meta.get("integrity") != _integrity(self.path / TENSORS, meta):
+                raise CheckpointError(f"{self.path} was changed after it was written (its integrity hash does not "
+                                      "match its contents); it cannot be resumed")
             tensors = load_file(str(self.path / TENSORS))
-        except Exception as e:   # json or safetensors errors of several types
+        except CheckpointError:
+            raise
+        except Exception as e:   # json, safetensors and OS errors of several types
             raise CheckpointError(f"{self.path} is not a readable checkpoint: {str(e).splitlines()[0]}") from None
         if meta.get("fingerprint") != self.fingerprint:
             diff = sorted(k for k in set(meta.get("fingerprint", {})) | set(self.fingerprint)
@@ -143,19 +154,31 @@ class Checkpoint:
         tmp = tmp_beside(self.path)
         try:
             save_file(tensors, str(tmp / TENSORS))
-            (tmp / STATE).write_text(json.dumps(meta, default=float) + "\n")
+            meta = json.loads(json.dumps(meta, default=float))
+            meta["integrity"] = _integrity(tmp / TENSORS, meta)
+            (tmp / STATE).write_text(json.dumps(meta) + "\n")
             swap_in(tmp, self.path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
     def remove(self) -> None:
-        """The run finished and its result is saved: the checkpoint is no longer needed."""
-        self.remove_dir(self.path)
+        """The run finished and its result is saved: the checkpoint it wrote or resumed from is no
+        longer needed. Only a directory that holds a checkpoint and nothing else is removed."""
+        if (self.saves or self.resumed) and not self.path.is_symlink() and (self.path / STATE).is_file() \
+                and {p.name for p in self.path.iterdir()} <= {STATE, TENSORS}:
+            shutil.rmtree(self.path, ignore_errors=True)
 
-    @staticmethod
-    def remove_dir(path: Path) -> None:
-        shutil.rmtree(path, ignore_errors=True)
+
+def _integrity(tensor_file: Path, meta: dict) -> str:
+    """SHA-256 over the tensor file's bytes and the state (all of state.json but this hash): an edited,
+    truncated or swapped checkpoint is refused rather than resumed into a different model."""
+    h = hashlib.sha256()
+    with open(tensor_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "integrity"}, sort_keys=True).encode())
+    return h.hexdigest()
 
 
 def _list(tensors: dict, prefix: str) -> list[torch.Tensor]:

@@ -12,6 +12,7 @@ import importlib
 import os
 import signal
 import sys
+import traceback
 
 from .errors import USER_ERRORS, did_you_mean
 from .version import __version__
@@ -62,6 +63,8 @@ def build_parser(command: str | None = None) -> Parser:
     """The parser; only `command`'s arguments are added (its module imported), the others listed."""
     ap = Parser(prog="foldmerge", description=__doc__.splitlines()[0], quiet_default=False)
     ap.add_argument("--version", action="version", version=f"foldmerge {__version__}")
+    ap.add_argument("--debug", action="store_true", help="print the traceback behind an error (for a bug "
+                    "report); FOLDMERGE_DEBUG=1 does the same")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND",
                             parser_class=Parser)
     for name, (module, help_) in COMMANDS.items():
@@ -85,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:            # a bad argument (one line said), --help or --version
         return e.code if isinstance(e.code, int) else 2
     except USER_ERRORS as e:
-        print(f"foldmerge: error: {_first_line(e)}", file=sys.stderr)
-        return 2
+        return _error(e, "--debug" in argv[:argv.index(command)] if command in argv else "--debug" in argv)
     if getattr(args, "quiet", False):
         quiet()
 
@@ -96,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         importlib.import_module(COMMANDS[args.command][0]).run(args)
     except USER_ERRORS as e:
-        print(f"foldmerge: error: {_first_line(e)}", file=sys.stderr)
-        return 2
+        return _error(e, args.debug)
     except KeyboardInterrupt:
         print("foldmerge: interrupted", file=sys.stderr)
         return 130
@@ -112,6 +113,14 @@ def quiet() -> None:
     os.environ["FOLDMERGE_PROGRESS"] = "0"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _error(e: BaseException, debug: bool) -> int:
+    """One line on stderr, exit status 2; with --debug (or FOLDMERGE_DEBUG=1) the traceback first."""
+    if debug or os.environ.get("FOLDMERGE_DEBUG", "") not in ("", "0"):
+        traceback.print_exception(e, file=sys.stderr)
+    print(f"foldmerge: error: {_first_line(e)}", file=sys.stderr)
+    return 2
 
 
 def _first_line(e: BaseException) -> str:

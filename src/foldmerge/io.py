@@ -9,6 +9,7 @@ because loading a pickle can run arbitrary code. No tensor holding NaN or Inf is
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import pickle
@@ -45,28 +46,72 @@ def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
 TMP_TAG = ".foldmerge-tmp-"      # hidden siblings a save writes and then renames in or removes
 
 
+# What each kind of directory foldmerge writes holds, by which an existing one is known as ours:
+# only a directory of the same kind (or an empty one) is ever replaced.
+KINDS = {"model": (CONFIG, "a foldmerge model directory"),
+         "checkpoint": ("state.json", "a foldmerge checkpoint"),
+         "report": ("report.md", "a foldmerge report")}
+
+
 def _is_model_dir(path: Path) -> bool:
     return (path / CONFIG).is_file()
 
 
-def check_target(out: str | os.PathLike, force: bool = False, inputs=()) -> Path:
-    """Refuse, before any work, an output directory that a save would not be allowed to write:
-    one that is or lies inside an input, an existing model without `force`, a file, a folder
-    that holds other things and no model, or a place this process cannot write."""
+def is_kind(path: Path, kind: str) -> bool:
+    return (Path(path) / KINDS[kind][0]).is_file()
+
+
+def _input_paths(given) -> list[Path]:
+    """Where an input really lies: the path resolved through links, and for a folder, where each of
+    its entries resolves to (a model folder may hold links to files elsewhere). A `FILE:COLUMN`
+    data reference is its file."""
+    p = Path(given)
+    if not p.exists() and not p.is_symlink() and ":" in str(given):
+        p = Path(str(given).rsplit(":", 1)[0])
+    found = [p.resolve()]
+    if p.is_dir():
+        try:
+            found += [e.resolve() for e in p.iterdir() if e.is_symlink()]
+        except OSError:
+            pass
+    return found
+
+
+def identity(path: str | os.PathLike) -> tuple | None:
+    """What is at `path` now (None: nothing), to tell at the final swap whether it changed since
+    the checks before the work: a directory swapped in or written into has another identity."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns)
+
+
+def check_target(out: str | os.PathLike, force: bool = False, inputs=(), kind: str = "model",
+                 flag: str = "--out") -> Path:
+    """Refuse, before any work, a directory that a write would not be allowed to replace: one that
+    is, lies inside or holds an input (a model, a data file, a result; links followed), a file, an
+    existing directory of this kind without `force`, one that holds other things, or a place this
+    process cannot write. Every path foldmerge writes or removes passes here."""
     target = Path(out).resolve()
-    for i in inputs:
-        src = Path(i).resolve()
-        if target == src or src in target.parents:
-            raise ModelFileError(f"--out {out} is {'an input model' if target == src else 'inside the input ' + str(i)}; "
-                                 "a merge never writes over its sources")
-    if target.exists():
+    for given in inputs:
+        for src in _input_paths(given):
+            if target == src or src in target.parents:
+                raise ModelFileError(f"{flag} {out} is {'the input ' if target == src else 'inside the input '}"
+                                     f"{given}; foldmerge never writes over its inputs")
+            if target in src.parents:
+                raise ModelFileError(f"{flag} {out} holds the input {given}; writing there would replace it, "
+                                     "so it is refused")
+    marker, what = KINDS[kind]
+    if target.is_symlink() or target.exists():
         if not target.is_dir():
             raise ModelFileError(f"{target} exists and is not a directory")
-        if _is_model_dir(target):
+        if (target / marker).is_file():
             if not force:
-                raise ModelFileError(f"{target} already holds a model; pass --force to replace it")
+                raise ModelFileError(f"{target} already holds {what.replace('a foldmerge ', 'a ')}; "
+                                     "pass --force to replace it")
         elif any(target.iterdir()):
-            raise ModelFileError(f"{target} exists and is not a foldmerge model directory; refusing to write into it")
+            raise ModelFileError(f"{target} exists and is not {what}; refusing to write into it")
     parent = next(p for p in target.parents if p.exists())      # where the new directory will be made
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ModelFileError(f"cannot write to {parent}: permission denied")
@@ -107,11 +152,27 @@ def _clear_stale(out: Path) -> None:
             pass
 
 
-def swap_in(tmp: Path, out: Path) -> None:
+class TargetChanged(ModelFileError):
+    """What is at the output changed after the checks before the work (another process wrote there)."""
+
+
+def swap_in(tmp: Path, out: Path, expect: tuple | None | bool = False) -> None:
     """Put the directory `tmp` at `out` (a sibling), replacing what is there atomically (one
-    exchange where the system has it; elsewhere old aside, then new in), and remove the old."""
+    exchange where the system has it; elsewhere old aside, then new in), and remove the old.
+    `expect`: the `identity` `out` had when it was checked before the work; if it changed since,
+    nothing is replaced (False: no such check)."""
+    if expect is not False and identity(out) != expect:
+        raise TargetChanged(f"{out} {'appeared' if expect is None else 'changed'} while this run worked (another "
+                            "process wrote there); nothing was replaced: run again (with --force to replace what "
+                            "is there now)")
     if not out.exists():
-        os.replace(tmp, out)
+        try:
+            os.rename(tmp, out)          # never onto a directory that appeared meanwhile with files in it
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise TargetChanged(f"{out} appeared while this run worked (another process wrote there); "
+                                    "nothing was replaced: run again") from None
+            raise
         return
     if _exchange(tmp, out):                  # tmp now holds the old directory
         old = tmp
@@ -124,13 +185,13 @@ def swap_in(tmp: Path, out: Path) -> None:
 
 
 def save_model(model, out_dir: str | os.PathLike, meta: dict[str, Any] | None = None,
-               overwrite: bool = True, extra=None) -> Path:
+               overwrite: bool = True, extra=None, expect: tuple | None | bool = False) -> Path:
     """Write `model` to `out_dir`. Nothing non-finite is written. An existing model there is
     replaced atomically: the new directory is written beside it and swapped in with one
     rename (at every instant a complete model is at `out_dir`); any other files the old
     directory held are carried into the new one, never deleted. `extra(dir)` writes more into
     the new directory before the swap (a merge's Hugging Face export), replacing what the old
-    one held under those names."""
+    one held under those names. `expect`: as `swap_in`'s."""
     out = Path(out_dir).resolve()
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     check_finite(state, f"refusing to save {out}")
@@ -159,7 +220,7 @@ def save_model(model, out_dir: str | os.PathLike, meta: dict[str, Any] | None = 
             if not (tmp / old.name).exists() and not (tmp / old.name).is_symlink():
                 (shutil.copytree if old.is_dir() and not old.is_symlink() else shutil.copy2)(
                     old, tmp / old.name, **({"symlinks": True} if old.is_dir() else {"follow_symlinks": False}))
-        swap_in(tmp, out)
+        swap_in(tmp, out, expect)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -74,11 +74,13 @@ def load_sources(models, tasks=None, allow_pickle: bool = False) -> list[TaskMod
 
 def read_option_files(given: dict, models=(), tensors=(), allow_pickle: bool = False) -> dict:
     """`given` (a method's options) with the options named in `models` and `tensors` that hold a path
-    read: a model in the form a merge reads, tensors (.safetensors) as a dict."""
+    read: a model in the form a merge reads (a model given in memory too), tensors (.safetensors) as a dict."""
     out = dict(given)
     for name in models:
         if isinstance(given.get(name), str):
             out[name] = load(given[name], allow_pickle=allow_pickle).merge_form()
+        elif isinstance(given.get(name), TaskModel):      # given in memory: the same form as the sources
+            out[name] = given[name].merge_form()
     for name in tensors:
         if isinstance(given.get(name), str):
             try:

@@ -135,9 +135,9 @@ class TaskModel(nn.Module):
     def from_config(cls, cfg: dict[str, Any]) -> "TaskModel":
         return cls(cfg["arch"], cfg["backbone"], cfg["tasks"], cfg.get("head_bias", True), cfg.get("head", "linear"))
 
-    def save(self, out_dir) -> "Path":
-        """Write safetensors weights + config.json (with `meta`) atomically."""
-        return save_model(self, out_dir, self.meta)
+    def save(self, out_dir, expect=False) -> "Path":
+        """Write safetensors weights + config.json (with `meta`) atomically (`expect`: `io.swap_in`'s)."""
+        return save_model(self, out_dir, self.meta, expect=expect)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -104,17 +104,18 @@ def agreement(merged, sources, held: list[torch.Tensor], features) -> tuple[floa
     return (sum(s["agreement"] for s in scores) / len(scores), sum(s["kl"] for s in scores) / len(scores))
 
 
-def choose(run, sources, data: list[torch.Tensor], grid: dict[str, list], features) -> tuple[dict, dict]:
+def choose(run, sources, data: list[torch.Tensor], grid: dict[str, list], features, splits=None) -> tuple[dict, dict]:
     """The candidate of `grid` whose merges agree best with the sources on held-out inputs.
 
-    run(data, options) -> merged model; `features`: a `FeatureCache`. Returns (chosen options,
-    report for meta)."""
+    run(data, options) -> merged model; `features`: a `FeatureCache`; `splits`: the (merge from,
+    score on) pairs, `folds(data)` unless given (an augmented sample is split by its originals).
+    Returns (chosen options, report for meta)."""
     empty = [k for k, v in grid.items() if not list(v)]
     if empty:
         raise ValueError(f"--select {empty[0]}: no values to choose from")
     trials = []
     cands = candidates(grid)
-    splits = folds(data)
+    splits = splits or folds(data)
     with bar(len(cands) * len(splits), "label-free selection") as progress:
         for c in cands:
             scores = []

@@ -131,6 +131,9 @@ class ArchSpec:
     merge_form: Callable | None = None
     resize_spaces: Callable[[dict, dict], dict] | None = None
     defaults: str = "vit"
+    # (Linear module, the space it writes) of a backbone that is x -> [Linear -> ReLU] x L, the
+    # last ReLU its output, in order; local FS-Merge trains each such layer alone (empty: not one)
+    relu_layers: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         self.spaces, self.params = list(self.spaces), [p if isinstance(p, Param) else Param(*p) for p in self.params]

@@ -192,7 +192,37 @@ def traced_spec(name: str, backbone: nn.Module, build=None, resize=None, default
                          "other widths")
 
     return ArchSpec(name, spaces, params, norm_list, probes, output=space_of(value[output]), build=build,
-                    resize=resize or no_resize, width_spaces=widths, defaults=defaults)
+                    resize=resize or no_resize, width_spaces=widths, defaults=defaults,
+                    relu_layers=tuple((mod, space_of(linear_out[mod])) for mod in _relu_chain(graph, modules)))
+
+
+def _relu_chain(graph, modules) -> tuple[str, ...]:
+    """The Linear modules, in order, of a graph that is x -> (reshapes) -> [Linear -> ReLU] x L
+    with the last ReLU returned; () for any other graph."""
+    layers, last, want_linear = [], None, True
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            last = n
+            continue
+        if n.op == "output":
+            return tuple(layers) if layers and want_linear and n.args[0] is last else ()
+        if [a for a in n.args if isinstance(a, fx.Node)] != [last]:
+            return ()
+        linear = n.op == "call_module" and isinstance(modules[n.target], nn.Linear)
+        relu = (n.op == "call_module" and isinstance(modules[n.target], nn.ReLU)) or \
+            (n.op == "call_function" and n.target in (F.relu, torch.relu)) or (n.op == "call_method" and n.target == "relu")
+        shape = n.target in SHAPE_FUNCTIONS or (n.op == "call_method" and n.target in SHAPE_METHODS)
+        if shape and not layers:
+            pass
+        elif want_linear and linear and n.target not in layers:
+            layers.append(n.target)
+            want_linear = False
+        elif not want_linear and relu:
+            want_linear = True
+        else:
+            return ()
+        last = n
+    return ()
 
 
 def _union(find, parent, a, b, name, node):

@@ -64,7 +64,7 @@ def spec(config: dict) -> ArchSpec:
     units = [Unit(f"layers.{l}", "mlp", (f"layers.{l}.weight", f"layers.{l}.bias")) for l in range(depth)]
     return ArchSpec("mlp", spaces, params, probes=probes, output=f"h{depth - 1}", build=lambda c: Backbone(**c),
                     resize=resize, width_spaces=tuple(f"h{l}" for l in range(depth)), check=check_compatible,
-                    units=units, defaults="mlp")
+                    units=units, defaults="mlp", relu_layers=tuple((f"layers.{l}", f"h{l}") for l in range(depth)))
 
 
 DEFAULTS = {"in_dim": 784, "hidden": (128,)}

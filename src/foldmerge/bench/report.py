@@ -16,10 +16,10 @@ import html
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 from ..commands import command_line
+from ..io import check_target, identity, swap_in, tmp_beside
 from ..provenance import environment
 from ..tables import print_json
 from .figures import accuracy_against, accuracy_bars, cost_ratios, efficiency_curves, scale_gap
@@ -68,11 +68,10 @@ def build_report(paths: list[str], out: str, command: str) -> dict:
     names = [n for n, _ in results]
     if len(set(names)) < len(names):
         raise ValueError("two results share a file name; their figures would collide")
-    target = Path(out)
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MARK).is_file())):
-        raise ValueError(f"{target} exists and is not a report directory; refusing to overwrite it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    # an earlier report there is replaced, never anything else, nor a folder that holds an input
+    target = check_target(out, force=True, inputs=paths, kind="report")
+    seen = identity(target)
+    tmp = tmp_beside(target)
     try:
         blocks = [("toc",)] + summary_section(results) + sections(results, tmp)
         env = environment()
@@ -83,9 +82,7 @@ def build_report(paths: list[str], out: str, command: str) -> dict:
         os.chmod(tmp, 0o755)        # mkdtemp makes it private; a report is meant to be read
         (tmp / MARK).write_text(markdown(title, intro, blocks) + "\n")
         (tmp / "report.html").write_text(to_html(title, intro, blocks, tmp))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        swap_in(tmp, target, seen)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,7 +10,7 @@ from ..checkpoint import Checkpoint, checkpoint_dir
 from ..data import Task
 from ..data.texts import MAX_TOKENS, tokenizer
 from ..hf import load_backbone
-from ..io import check_target
+from ..io import check_target, identity
 from ..options import Integer, Number
 from ..sources import (
     BERT,
@@ -83,9 +83,14 @@ def run(args) -> None:
     paths = [Path(args.out) / source_dirname(task, seed) for task, seed in zip(tasks, seeds)]
     if len(set(paths)) != len(paths):
         raise ValueError("two of --tasks / --seeds give the same model path")
-    for path in paths:                 # every target checked before any training
+    seen = {}
+    for path in paths:                 # every place written checked before any training
+        inputs = [args.start] if args.start else []
         if not (args.resume and (path / "config.json").is_file()):
-            check_target(path, args.force)
+            check_target(path, args.force, inputs=inputs)
+            seen[path] = identity(path)
+        if args.checkpoint_every or args.resume:
+            check_target(checkpoint_dir(path), True, inputs=inputs, kind="checkpoint", flag="the checkpoint directory")
     if (args.arch == "bert") != all(t.is_text for t in tasks) or len({t.is_text for t in tasks}) > 1:
         raise ValueError("--arch bert trains on text tasks (bbc:…), mlp, vit and resnet on image tasks")
     if args.arch == "vit":
@@ -140,7 +145,7 @@ def run(args) -> None:
             else:
                 model = train_source(task, args.hidden, seed, epochs=args.epochs, lr=args.lr, checkpoint=ck)
             model.meta["command"] = command_line()
-            model.save(path)
+            model.save(path, seen.get(path, False))
             if ck is not None:
                 ck.remove()
         rows.append({"task": task.name, "seed": seed, "path": str(path),

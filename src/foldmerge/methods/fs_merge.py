@@ -187,13 +187,15 @@ def _train_local(supernet, models, x, owner, cfg, target_scale, context):
     and one optimizer step serves all layers. When every layer has full maps of one shape
     (the usual constant-width MLP) the layers run as one batched matmul.
     """
-    if supernet.spec.name != "mlp":
-        raise ValueError("local FS-Merge is defined for MLPs; use --variant global for other architectures")
+    chain = supernet.spec.relu_layers
+    if not chain:
+        raise ValueError("local FS-Merge trains each layer of a chain of Linear -> ReLU layers (an MLP) alone, and "
+                         f"this {supernet.spec.name} model is not one; use --variant global")
     with torch.no_grad():
-        pre = [m.backbone.preactivations(x) for m in models]   # [model][layer]
-    n, depth = len(models), len(pre[0])
-    # layer l's M writes h_l, its U reads h_l (layer l + 1's input; U_out for the last layer)
-    maps = [tuple(side[0] for side in supernet.maps_of(f"h{l}")) for l in range(depth)]
+        pre = [_preactivations(m.backbone, [mod for mod, _ in chain], x) for m in models]   # [model][layer]
+    n, depth = len(models), len(chain)
+    # layer l's M writes its space, its U reads it (layer l + 1's input; U_out for the last layer)
+    maps = [tuple(side[0] for side in supernet.maps_of(space)) for _, space in chain]
     z = [[p[l] for p in pre] for l in range(depth)]
     tgt, layer_scales = [], []
     for l in range(depth):
@@ -228,6 +230,19 @@ def _train_local(supernet, models, x, owner, cfg, target_scale, context):
             for k, s in enumerate(layer_scales[l]):
                 maps[l][1].scale_block(k, 1.0 / s)
     return history
+
+
+def _preactivations(backbone, layers: list[str], x: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of the named Linear modules (before their ReLU) on `x`, in the order given."""
+    modules, seen = dict(backbone.named_modules()), {}
+    hooks = [modules[name].register_forward_hook(lambda mod, i, out, name=name: seen.__setitem__(name, out))
+             for name in layers]
+    try:
+        backbone(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [seen[name] for name in layers]
 
 
 def _batched_local_data(z, tgt, owner):
