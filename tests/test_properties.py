@@ -164,3 +164,107 @@ def test_random_vits_and_maps_fold_to_the_supernet(n, heads, per_head, depth, pa
     wide = sn(x, form="supernet")
     torch.testing.assert_close(sn(x, form="folded"), wide, rtol=0, atol=1e-9)
     torch.testing.assert_close(sn.fold().features(x), wide, rtol=0, atol=1e-9)
+
+
+# ------------------------------------------------------- any JSON in any field of a config file
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-5, 40) | st.floats(-1e3, 1e3, width=32) |
+                    st.text(max_size=5), lambda inner: st.lists(inner, max_size=3) |
+                    st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
+
+
+@pytest.fixture(scope="module")
+def config_files(tmp_path_factory):
+    """One model directory of each config kind: foldmerge's MLP and ResNet, a Hugging Face BERT."""
+    from transformers import BertConfig, BertForSequenceClassification
+    root = tmp_path_factory.mktemp("kinds")
+    torch.manual_seed(0)
+    TaskModel("mlp", {"in_dim": 784, "hidden": [8]}, ["mnist:0-4"]).save(root / "mlp")
+    TaskModel("resnet", {"base": 4, "blocks": 1, "stages": 1}, [{"name": "own", "labels": ["a", "b", "c"]}],
+              head="class-embedding").save(root / "resnet")
+    BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=16, max_position_embeddings=16, num_labels=3)
+                                  ).save_pretrained(root / "bert")
+    return root
+
+
+FIELDS = {"mlp": [(), ("arch",), ("backbone",), ("backbone", "in_dim"), ("backbone", "hidden"), ("tasks",),
+                  ("tasks", 0), ("head_bias",), ("head",), ("kind",), ("meta",), ("new",)],
+          "resnet": [("backbone", "base"), ("backbone", "batchnorm"), ("backbone", "widths"), ("tasks", 0, "labels"),
+                     ("tasks", 0, "name"), ("tasks", 0), ("head",)],
+          "bert": [(), ("model_type",), ("architectures",), ("id2label",), ("hidden_size",), ("num_attention_heads",),
+                   ("vocab_size",), ("layer_norm_eps",), ("hidden_act",), ("pad_token_id",), ("foldmerge_task",)]}
+
+
+def _set(cfg, path, value):
+    if not path:
+        return value
+    cfg = json.loads(json.dumps(cfg))
+    at = cfg
+    for p in path[:-1]:
+        at = at[p]
+    at[path[-1]] = value
+    return cfg
+
+
+MANY = settings(max_examples=300, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@MANY
+@given(kind_field=st.sampled_from([(k, f) for k, fs in FIELDS.items() for f in fs]), value=JSON)
+def test_any_json_in_any_field_of_a_model_config_loads_or_gets_one_line(config_files, tmp_path_factory,
+                                                                       kind_field, value):
+    import shutil
+    kind, field = kind_field
+    d = tmp_path_factory.mktemp("c") / kind
+    shutil.copytree(config_files / kind, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(_set(cfg, field, value)))
+    before = sorted(p.name for p in d.iterdir())
+    try:
+        model = load_model(d)
+    except (ModelFileError, ValueError) as e:
+        assert len(str(e).splitlines()) == 1, str(e)
+    else:
+        assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+    assert sorted(p.name for p in d.iterdir()) == before            # reading writes nothing
+
+
+@MANY
+@given(kind=st.sampled_from(["mlp", "resnet", "bert"]), cut=st.integers(0, 120), junk=st.binary(max_size=40),
+       header=st.one_of(st.none(), st.integers(0, 2**64 - 1)))
+def test_any_bytes_in_a_weight_file_s_header_load_or_get_one_line(config_files, tmp_path_factory, kind, cut, junk,
+                                                                  header):
+    """A safetensors file is an 8-byte header length, a JSON header, the tensors: damaged anywhere in
+    its first bytes (length, header, truncation), it is refused in one line."""
+    import shutil
+    d = tmp_path_factory.mktemp("w") / kind
+    shutil.copytree(config_files / kind, d)
+    data = (d / "model.safetensors").read_bytes()
+    length = data[:8] if header is None else header.to_bytes(8, "little")
+    (d / "model.safetensors").write_bytes(length + data[8:8 + cut] + junk + data[8 + cut + len(junk):])
+    try:
+        model = load_model(d)
+    except (ModelFileError, ValueError) as e:
+        assert len(str(e).splitlines()) == 1, str(e)
+    else:
+        assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+
+
+@MANY
+@given(which=st.sampled_from(["state.json", "state.safetensors"]), at=st.integers(0, 400), junk=st.binary(max_size=16))
+def test_any_bytes_in_a_checkpoint_are_refused_in_one_line(tmp_path_factory, which, at, junk):
+    from foldmerge.checkpoint import Checkpoint, CheckpointError
+    where = tmp_path_factory.mktemp("ck") / "run.resume"
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    Checkpoint(where, 1, {"run": 1}).save(0, 1, 1, [p], opt, torch.Generator().manual_seed(0), [0.5])
+    data = (where / which).read_bytes()
+    changed = data[:at] + junk + data[at + len(junk):]
+    (where / which).write_bytes(changed)
+    try:
+        Checkpoint(where, None, {"run": 1}, resume=True)
+    except CheckpointError as e:
+        assert len(str(e).splitlines()) == 1
+    else:
+        assert changed == data              # only an unchanged checkpoint resumes

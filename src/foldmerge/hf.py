@@ -37,6 +37,7 @@ from .data import Task
 from .io import ModelFileError, check_finite, load_pickle, swap_in, tmp_beside
 from .model import TaskModel
 from .provenance import file_sha256
+from .schema import HFConfig, check
 
 # transformers (and huggingface_hub, which comes with it) is imported where it is used: it adds about
 # 2 s to every command's start (measured here: torch alone 2.0 s, with transformers 4.1 s), and only
@@ -73,6 +74,9 @@ def _hf_config(path: Path) -> dict:
         cfg = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise ModelFileError(f"{path / 'config.json'} is not valid JSON: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise ModelFileError(f"{path / 'config.json'} is not a text file") from None
+    check(HFConfig, cfg, path / "config.json")
     if cfg.get("auto_map"):
         raise ModelFileError(f"{path} needs trust_remote_code (its config has auto_map); foldmerge never runs "
                              "a model's own code")
@@ -174,8 +178,9 @@ def load_hf(path: str | os.PathLike, task=None, allow_pickle: bool = False):
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
             hf, info = getattr(transformers, cfg["architectures"][0]).from_pretrained(
                 None, config=config, state_dict=state, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError, TypeError) as e:
-        raise ModelFileError(f"{path}: cannot load it: {str(e).strip().splitlines()[0][:200]}") from None
+    except Exception as e:       # transformers' and huggingface_hub's config checks raise many kinds
+        raise ModelFileError(f"{path}: cannot load it: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}"
+                             ) from None
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         wrong = [k for k in info.get(kind) or () if "position_ids" not in str(k)]
         if wrong:                           # never a tensor made up at random, nor one ignored

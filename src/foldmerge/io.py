@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import ModelFileError
+from .schema import ModelConfig, check
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -239,10 +240,9 @@ def _read_config(path: Path) -> dict[str, Any]:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ModelFileError(f"{cfg_path} is not valid JSON: {e.msg} (line {e.lineno})") from None
-    for key in ("arch", "backbone", "tasks"):
-        if key not in cfg:
-            raise ModelFileError(f"{cfg_path} lacks the key {key!r}")
-    return cfg
+    except UnicodeDecodeError:
+        raise ModelFileError(f"{cfg_path} is not a text file") from None
+    return check(ModelConfig, cfg, cfg_path)
 
 
 def read_model_files(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict, dict, Path | None]:

@@ -18,10 +18,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..schema import strict_arguments
 from ..spec import ArchSpec, Param, Probe, Space, Unit
 
 
 class Backbone(nn.Module):
+    @strict_arguments            # the signature is the schema of a config's `backbone`
     def __init__(self, in_dim: int = 784, hidden: list[int] | tuple[int, ...] = (128,)):
         super().__init__()
         if not hidden:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..schema import strict_arguments
 from ..spec import ArchSpec, Param, Probe, Space
 
 DEFAULTS = {"channels": 1, "width": 1, "base": 16, "blocks": 3, "stages": 3, "batchnorm": True}
@@ -66,6 +67,7 @@ class Block(nn.Module):
 
 
 class Backbone(nn.Module):
+    @strict_arguments            # the signature is the schema of a config's `backbone`
     def __init__(self, channels: int = 1, width: int = 1, base: int = 16, blocks: int = 3, stages: int = 3,
                  batchnorm: bool = True, widths: list[int] | None = None, hidden: list[list[int]] | None = None):
         super().__init__()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..schema import strict_arguments
 from ..spec import ArchSpec, Norm, Param, Probe, Space, Unit, check_sizes, resize_transformer
 
 
@@ -64,6 +65,7 @@ class Block(nn.Module):
 
 
 class Backbone(nn.Module):
+    @strict_arguments            # the signature is the schema of a config's `backbone`
     def __init__(self, image_size: int = 28, channels: int = 1, patch: int = 7, width: int = 64,
                  depth: int = 4, heads: int = 4, mlp_dim: int = 128, out_dim: int = 64):
         super().__init__()
