@@ -1,8 +1,13 @@
 """foldmerge report: figures from bench, merge and eval JSON, and one-line errors for files it cannot read."""
+import contextlib
+import io
 import json
 import re
+from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -12,6 +17,8 @@ from foldmerge.bench.report import REPLICATE, TOPICS, slug
 from foldmerge.bench.results import REQUIRED, points, summary
 from foldmerge.bench.scale import gaps, parse_config, vit_config
 from foldmerge.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -288,3 +295,50 @@ def test_names_beside_points_do_not_overlap():
     boxes = [t.get_window_extent(fig.canvas.get_renderer()) for t in texts]
     assert [t.get_text() for t in texts] == ["another long name", "a long method name", "a third", "far away"]
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def _paths_of(value, at=()):
+    """Every path into a JSON value (keys and list indices), the value itself first."""
+    yield at
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _paths_of(v, at + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value[:3]):
+            yield from _paths_of(v, at + (i,))
+
+
+ANY_JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats(allow_nan=True) |
+                        st.text(max_size=4), lambda inner: st.lists(inner, max_size=2) |
+                        st.dictionaries(st.text(max_size=3), inner, max_size=2), max_leaves=4)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_result_changed_anywhere_reports_or_is_refused_in_one_line(tmp_path_factory, data):
+    """Hostile result JSON: one value anywhere in a committed bench result (or a fixture) replaced by
+    any JSON value: a report, or one line and no report folder."""
+    name = data.draw(st.sampled_from(["vit", "cost", "eff", "scale", "bench-cost", "bench-text-scratch"]))
+    result = {"vit": _vit, "cost": _cost, "eff": _efficiency, "scale": _scale}[name]() if "-" not in name else \
+        json.loads((ROOT / "docs" / "results" / f"{name}.json").read_text())
+    path = data.draw(st.sampled_from(list(_paths_of(result))))
+    value = data.draw(ANY_JSON)
+    if path:
+        at = result
+        for p in path[:-1]:
+            at = at[p]
+        at[path[-1]] = value
+    else:
+        result = value
+    folder = tmp_path_factory.mktemp("hostile")
+    (folder / "r.json").write_text(json.dumps(result))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["report", str(folder / "r.json"), "--out", str(folder / "report")])
+    assert code in (0, 2), err.getvalue()
+    if code == 2:
+        assert err.getvalue().count("\n") == 1 and err.getvalue().startswith("foldmerge: error:"), err.getvalue()
+        assert not (folder / "report").exists()
+    else:
+        assert (folder / "report" / "report.md").is_file()

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .io import swap_in, tmp_beside
+from .io import real, swap_in, tmp_beside
 
 TENSORS, STATE = "state.safetensors", "state.json"
 # tests: SIGKILL this process right after its N-th checkpoint is written
@@ -37,7 +37,7 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_dir(out: str | os.PathLike) -> Path:
-    out = Path(out).resolve()
+    out = real(out)
     return out.with_name(out.name + ".resume")
 
 

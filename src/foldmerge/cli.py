@@ -82,6 +82,12 @@ def _command_of(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_of(argv)
+    for a in argv:                     # a name the system gave as bytes that are not UTF-8
+        try:
+            a.encode("utf-8")
+        except UnicodeEncodeError:
+            return _error(ValueError(f"the argument {a!r} is not valid UTF-8 (rename the file or folder); model "
+                                     "files record paths as UTF-8 text"), "--debug" in argv)
     try:
         parser = build_parser(command if command in COMMANDS else None)
         args = parser.parse_args(argv)

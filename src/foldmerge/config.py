@@ -26,6 +26,7 @@ import yaml
 
 from .api import SETTING, select_grid
 from .errors import did_you_mean
+from .io import real
 from .methods import METHODS, get_method
 from .options import FilePath, ModelRef, TensorFile, check_value
 
@@ -74,7 +75,7 @@ def read(path: str, method: str | None = None) -> dict:
     for m in METHODS.values():
         for o in m.options:
             readers.setdefault(o.name, []).append(m.name)
-    folder = Path(path).resolve().parent
+    folder = real(path).parent
     paths, tasks, files, labelled = _models(data.get("models"), where)
     paths = [_here(folder, p) for p in paths]
     files, labelled = ([_here(folder, f) for f in specs] if specs else None for specs in (files, labelled))

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from .arch import bert, hf_vit
 from .data import Task
-from .io import ModelFileError, check_finite, load_pickle, swap_in, tmp_beside
+from .io import ModelFileError, check_finite, load_pickle, real, swap_in, tmp_beside
 from .model import TaskModel
 from .provenance import file_sha256
 from .schema import HFConfig, check
@@ -311,7 +311,7 @@ def check_tokenizers(paths) -> None:
 
 def save_hf(merged, out: str | os.PathLike, sources=()) -> Path:
     """`write_hf` into a directory written beside `out` and renamed into place."""
-    out = Path(out).resolve()
+    out = real(out)
     check_finite(merged.state_dict(), f"refusing to save {out}")
     tmp = tmp_beside(out)
     try:

@@ -62,6 +62,19 @@ def is_kind(path: Path, kind: str) -> bool:
     return (Path(path) / KINDS[kind][0]).is_file()
 
 
+def real(path) -> Path:
+    """`path` resolved through its links; a loop of links or a name that is not UTF-8 in one line
+    (model files record their paths as UTF-8 text)."""
+    try:
+        os.fsdecode(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ModelFileError(f"the path {os.fsdecode(path)!r} is not valid UTF-8; rename it") from None
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as e:         # RuntimeError: a loop of symbolic links
+        raise ModelFileError(f"{path}: {str(e).splitlines()[0] if str(e) else 'cannot resolve it'}") from None
+
+
 def _input_paths(given) -> list[Path]:
     """Where an input really lies: the path resolved through links, and for a folder, where each of
     its entries resolves to (a model folder may hold links to files elsewhere). A `FILE:COLUMN`
@@ -69,10 +82,10 @@ def _input_paths(given) -> list[Path]:
     p = Path(given)
     if not p.exists() and not p.is_symlink() and ":" in str(given):
         p = Path(str(given).rsplit(":", 1)[0])
-    found = [p.resolve()]
+    found = [real(p)]
     if p.is_dir():
         try:
-            found += [e.resolve() for e in p.iterdir() if e.is_symlink()]
+            found += [real(e) for e in p.iterdir() if e.is_symlink()]
         except OSError:
             pass
     return found
@@ -94,7 +107,7 @@ def check_target(out: str | os.PathLike, force: bool = False, inputs=(), kind: s
     is, lies inside or holds an input (a model, a data file, a result; links followed), a file, an
     existing directory of this kind without `force`, one that holds other things, or a place this
     process cannot write. Every path foldmerge writes or removes passes here."""
-    target = Path(out).resolve()
+    target = real(out)
     for given in inputs:
         for src in _input_paths(given):
             if target == src or src in target.parents:
@@ -193,7 +206,7 @@ def save_model(model, out_dir: str | os.PathLike, meta: dict[str, Any] | None = 
     directory held are carried into the new one, never deleted. `extra(dir)` writes more into
     the new directory before the swap (a merge's Hugging Face export), replacing what the old
     one held under those names. `expect`: as `swap_in`'s."""
-    out = Path(out_dir).resolve()
+    out = real(out_dir)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     check_finite(state, f"refusing to save {out}")
     if out.exists() and not overwrite:
@@ -250,7 +263,7 @@ def read_model_files(path: str | os.PathLike, allow_pickle: bool = False) -> tup
     of the files themselves (`foldmerge.loading.load` builds the model from them)."""
     path = Path(path)
     if not path.exists():
-        aside = sorted(path.resolve().parent.glob(f".{path.name}{TMP_TAG}*-old-*/{CONFIG}"))
+        aside = sorted(real(path).parent.glob(f".{path.name}{TMP_TAG}*-old-*/{CONFIG}"))
         if aside:        # a replace without an atomic swap (not Linux) was killed between its renames
             raise ModelFileError(f"{path} does not exist; an interrupted replace left the previous model at "
                                  f"{aside[0].parent} (rename it back)")

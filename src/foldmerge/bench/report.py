@@ -83,6 +83,12 @@ def build_report(paths: list[str], out: str, command: str) -> dict:
         (tmp / MARK).write_text(markdown(title, intro, blocks) + "\n")
         (tmp / "report.html").write_text(to_html(title, intro, blocks, tmp))
         swap_in(tmp, target, seen)
+    except (TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as e:
+        # a value the checks of `load_result` let through but the tables or figures cannot use
+        shutil.rmtree(tmp, ignore_errors=True)
+        first = (str(e).splitlines() or [""])[0][:120]
+        raise ValueError(f"{', '.join(names)}: a value of an unexpected type or shape ({type(e).__name__}: "
+                         f"{first}); was the file edited?") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

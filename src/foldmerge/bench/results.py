@@ -44,7 +44,7 @@ def load_result(path: str | Path) -> dict:
 def kind(result: dict) -> str:
     """The bench's name, or 'merge' / 'eval' for the --json of those commands (they name no bench)."""
     if "bench" in result:
-        return result["bench"]
+        return result["bench"] if isinstance(result["bench"], str) else repr(result["bench"])
     return "eval" if "results" in result else "merge"
 
 

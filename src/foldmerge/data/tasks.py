@@ -36,20 +36,24 @@ VIEWS = {
 }
 
 
+# the class list of a task spec: numbers and ranges a-b, comma-separated (`0-4`, `1,3,5`, `0-2,7`)
+CLASS_LIST = re.compile(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*")
+
+
 def _parse_classes(text: str) -> tuple[int, ...]:
+    if not CLASS_LIST.fullmatch(text):
+        raise ValueError(f"classes {text!r} must be numbers and ranges a-b, comma-separated (e.g. 0-4 or 1,3,5)")
     out: list[int] = []
     for part in text.split(","):
-        part = part.strip()
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            lo_i, hi_i = int(lo), int(hi)
-            if hi_i < lo_i:
-                raise ValueError(f"class range {part!r} is empty")
-            out.extend(range(lo_i, hi_i + 1))
-        elif part:
-            out.append(int(part))
-    if len(set(out)) != len(out) or not out:
-        raise ValueError(f"classes {text!r} must be a non-empty list without repeats")
+        lo, _, hi = part.partition("-")
+        lo_i, hi_i = int(lo), int(hi or lo)
+        if hi_i < lo_i:
+            raise ValueError(f"class range {part.strip()!r} is empty")
+        out.extend(range(lo_i, hi_i + 1))
+    if len(set(out)) != len(out):
+        raise ValueError(f"classes {text!r} repeat a class")
+    if len(out) < 2:
+        raise ValueError(f"classes {text!r} are one class; a classifier needs two or more (one trains with zero loss)")
     return tuple(out)
 
 
@@ -81,7 +85,7 @@ class Task:
             if set(spec) != {"name", "labels"} or not isinstance(spec["labels"], list):
                 raise ValueError(f"an own task is recorded as {{name, labels}}, got {spec!r}")
             return cls.own(spec["name"], spec["labels"])
-        name, _, cls_text = str(spec).partition(":")
+        name, sep, cls_text = str(spec).partition(":")
         name, _, view = name.partition("/")
         view = view.strip().lower()
         if view and view not in VIEWS:
@@ -91,7 +95,7 @@ class Task:
             raise ValueError(f"bad task spec {spec!r}: views are image transforms; {dataset} is a text data set")
         total = num_classes(dataset)
         try:
-            classes = _parse_classes(cls_text) if cls_text else tuple(range(total))
+            classes = _parse_classes(cls_text) if sep else tuple(range(total))
         except ValueError as e:
             raise ValueError(f"bad task spec {spec!r}: {e}") from None
         if any(c < 0 or c >= total for c in classes):
