@@ -256,3 +256,25 @@ def test_tokenizers_that_split_the_given_texts_differently_are_refused(texts, tm
                             "--out", tmp_path / "out"], capsys)
     assert code == 2 and err.count("\n") == 1 and "tokenize the text" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_id_is_named_after_its_repository_and_api_eval_data_scores(texts, tmp_path, monkeypatch):
+    import shutil
+    import foldmerge
+    snapshot = tmp_path / "hf" / "hub" / "models--me--news-bert" / "snapshots" / "0123abc"
+    shutil.copytree(texts / "news model", snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abc")
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))   # read when a download is asked
+    merged = foldmerge.merge([texts / "reviews model", "me/news-bert"], method="average", fidelity=0,
+                             eval_data=[texts / "reviews-labelled.csv", f"{texts / 'news.csv'}:text:label"])
+    assert [t.name for t in merged.tasks] == ["reviews model", "news-bert"]       # not the revision hash
+    scores = {row["model"]: row for row in merged.meta["scores"]}                   # eval_data alone asks for them
+    assert scores and all(0.0 <= v <= 100.0 for row in scores.values() for v in row["per_task"].values())
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    code = cli.main(["merge", "a", "b", "--meth", "average", "--out", "o"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unrecognized arguments: --meth" in err and "--method" in err, err

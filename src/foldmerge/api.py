@@ -341,7 +341,7 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
     context = Context(features=cache or FeatureCache())
     job = Job(sources, merged_form, data, m, given, resolved, s["seed"], s["calibrate"], grid, held, sample, engine,
               context, call, Path(s["out"]) if "out" in s else None, s["force"], keep_checkpoint=keep_checkpoint,
-              command=command, fidelity=fid, labelled=labelled, score=bool(score), sharing=sharing)
+              command=command, fidelity=fid, labelled=labelled, score=bool(score) or labelled is not None, sharing=sharing)
     job.out_seen = out_seen
     job.checkpoint = context.checkpoint = _checkpoint(job, s.get("checkpoint_every", 0), where, s["resume"])
     return job

@@ -37,7 +37,8 @@ class Parser(argparse.ArgumentParser):
     theirs defaults to SUPPRESS so that a subcommand given without it keeps the top level's value."""
 
     def __init__(self, *args, quiet_default=argparse.SUPPRESS, **kwargs):
-        super().__init__(*args, **kwargs)
+        # no abbreviations: `--dat` read silently as `--data` would change meaning when a flag is added
+        super().__init__(*args, allow_abbrev=False, **kwargs)
         self.add_argument("--quiet", action="store_true", default=quiet_default, help=QUIET_HELP)
 
     def error(self, message: str):

@@ -246,6 +246,15 @@ def cached(name: str | os.PathLike) -> Path:
                              f"machine is offline): download it first (huggingface-cli download {name})") from None
 
 
+def model_name(path: Path) -> str:
+    """A model's name: its directory's, or for a Hub id read from the local cache
+    (`models--ORG--NAME/snapshots/REVISION`), the repository's NAME rather than the revision hash."""
+    path = real(path)
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.split("--", 2)[-1]
+    return path.name
+
+
 def _task(path: Path, given, recorded, id2label: dict) -> Task:
     """A Hugging Face classifier's task: the one given (a built-in task spec), else the one its config
     records (written here), else its head: the directory's name and id2label's labels."""
@@ -264,7 +273,7 @@ def _task(path: Path, given, recorded, id2label: dict) -> Task:
             return Task.parse(recorded)        # a built-in task recorded by foldmerge's export
         except ValueError:
             pass
-    name = recorded if isinstance(recorded, str) and recorded.strip() else path.resolve().name
+    name = recorded if isinstance(recorded, str) and recorded.strip() else model_name(path)
     try:
         return Task.own(name, labels)
     except ValueError as e:
@@ -305,7 +314,7 @@ def check_tokenizers(paths) -> None:
         first, base = seen[0]
         diff = [k for k in base if base[k] != ident.get(k)]
         if diff:
-            raise ModelFileError(f"the sources' tokenizers differ ({first} and {p}: their {diff[0]} differ), so "
+            raise ModelFileError(f"the sources' tokenizers differ ({first} and {p}: their {diff[0]} differs), so "
                                  "token ids mean different words")
 
 
