@@ -126,3 +126,46 @@ def test_a_checkpoint_changed_after_it_was_written_is_refused(tmp_path):
         assert "changed after it was written" in str(e.value) or "not a readable checkpoint" in str(e.value)
         (where / "state.safetensors").write_bytes(tensors)
         (where / "state.json").write_text(state)
+
+
+def test_a_full_disk_while_checkpointing_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
+    import errno
+    import foldmerge.checkpoint as checkpoint
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    where = tmp_path / "run.resume"
+    ck = Checkpoint(where, 1, {"run": 1})
+    ck.save(0, 1, 1, [p], opt, torch.Generator().manual_seed(0), [0.5])
+    before = {f.name: f.read_bytes() for f in where.iterdir()}
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(OSError, match="No space"):
+        ck.save(0, 2, 2, [p], opt, torch.Generator().manual_seed(0), [0.5, 0.4])
+    assert {f.name: f.read_bytes() for f in where.iterdir()} == before
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["run.resume"]          # no temporary left
+    assert Checkpoint(where, None, {"run": 1}, resume=True).current["epoch"] == 1
+
+
+@pytest.mark.parametrize("delay", [3.0])
+def test_a_merge_killed_at_an_arbitrary_instant_resumes_to_the_same_weights(sources, tmp_path, delay):
+    import signal
+    import time
+    args = ["merge", *sources[:2], "--per-task", "8", "--epochs", "300", "--checkpoint-every", "5", "--threads", "1"]
+    whole = tmp_path / "whole"
+    assert run([*args, "--out", whole]).returncode == 0
+    out = tmp_path / "killed"
+    env = {**os.environ, "FOLDMERGE_PROGRESS": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "foldmerge", *map(str, args), "--out", str(out)], env=env,
+                            stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    time.sleep(delay)                   # wherever it is: loading, training, writing a checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if out.exists():                    # it had finished
+        assert weights(out) == weights(whole)
+        return
+    again = [*args, "--out", out] + (["--resume"] if (checkpoint_dir(out) / "state.json").is_file() else [])
+    resumed = run(again)
+    assert resumed.returncode == 0, resumed.stderr
+    assert weights(out) == weights(whole)
