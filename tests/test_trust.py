@@ -282,3 +282,11 @@ def test_a_merge_names_its_sources_software_and_call(two, tmp_path, capsys, monk
     capsys.readouterr()
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"foldmerge {foldmerge.__version__}"
+
+
+def test_a_config_that_declares_huge_layers_is_refused_before_anything_is_allocated(two, capsys, monkeypatch):
+    a, b = two
+    cfg = json.loads((a / "config.json").read_text())
+    cfg["backbone"]["hidden"] = [10**9]                 # 784e9 weights: the real build would need ~3 TB
+    (a / "config.json").write_text(json.dumps(cfg))
+    cli_error(["eval", a], capsys, "the config makes it (1000000000, 784)")

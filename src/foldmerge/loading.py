@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -30,11 +31,18 @@ def load(path: str | os.PathLike, task=None, allow_pickle: bool = False) -> Task
         model.meta["sha256"] = hf.weights_sha256(path, model.meta.get("loaded_from_pickle"))
     else:
         cfg, state, pickled = read_model_files(path, allow_pickle)
+        kind = GatedModel if cfg.get("kind") == "gated" else TaskModel
         try:
-            model = (GatedModel if cfg.get("kind") == "gated" else TaskModel).from_config(cfg)
-        except (TypeError, ValueError, KeyError, RuntimeError) as e:
+            with torch.device("meta"):       # shapes first: a config that declares huge layers allocates nothing
+                shapes = {k: tuple(v.shape) for k, v in kind.from_config(cfg).state_dict().items()}
+        except (TypeError, ValueError, KeyError, RuntimeError, NotImplementedError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ModelFileError(f"{path / CONFIG} describes no valid model: {first}") from None
+        wrong = next((k for k in shapes if k in state and tuple(state[k].shape) != shapes[k]), None)
+        if wrong is not None:
+            raise ModelFileError(f"{path / WEIGHTS} does not match {CONFIG}: {wrong!r} is "
+                                 f"{tuple(state[wrong].shape)}, the config makes it {shapes[wrong]}")
+        model = kind.from_config(cfg)
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
