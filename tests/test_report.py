@@ -342,3 +342,20 @@ def test_a_result_changed_anywhere_reports_or_is_refused_in_one_line(tmp_path_fa
         assert not (folder / "report").exists()
     else:
         assert (folder / "report" / "report.md").is_file()
+
+
+def test_a_same_task_bench_reports_the_sources_mean_as_originals_and_its_correlation(tmp_path, capsys):
+    rows = [{"family": "mlp", "dataset": "mnist", "seed": 0, "method": m, "accuracy": a, "mflops": 0.2,
+             "seconds": s} for m, a, s in (("source 1", 90.0, None), ("source 2", 94.0, None),
+                                           ("Ensemble", 95.0, None), ("W.Avg", 60.0, 0.1), ("FS-Merge", 93.0, 9.0))]
+    result = {"bench": "same-task", "rows": rows, "command": "foldmerge bench same-task",
+              "correlation": {"per_cell": {"mlp mnist s0": 1.0}, "pooled": 0.5, "merges": 2}}
+    found = {p["method"]: p for p in points(result)}
+    assert found["Originals"]["per_task"] == 92.0 and found["Originals"]["joint"] is None
+    assert "source 1" not in found and found["FS-Merge"]["per_task"] == 93.0
+    paths = _write(tmp_path, {"bench-same-task": result})
+    assert main(["report", *paths, "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "Spearman's rho +0.50 over 2 merges pooled; per cell +1.00 to +1.00" in md
+    row = next(r for r in _table_after(md, "Summary") if r[0] == "one task, mlp mnist")
+    assert row[3:5] == ["FS-Merge", "93.0 / –"] and row[6] == "92.0 / –"

@@ -38,11 +38,11 @@ from .results import (
 
 MARK = "report.md"      # a directory holding this is a report, and may be replaced by a new one
 # the sections, in this order: result kind -> heading
-TOPICS = {"mlp": "MLP", "vit": "ViT", "text": "Text (BERT)", "cnn": "CNN", "gating": "One start (gating)",
+TOPICS = {"mlp": "MLP", "vit": "ViT", "text": "Text (BERT)", "cnn": "CNN", "same-task": "Models of one task", "gating": "One start (gating)",
           "scale": "Scale", "data-efficiency": "Data efficiency", "cost": "Cost", "defaults": "Defaults",
           "select": "Label-free selection", "merge": "Merges", "eval": "Evaluations"}
 # the benches that compare methods at fixed settings, one summary row per setting; what a replicate is
-REPLICATE = {"mlp": "seed", "vit": "pair", "text": "pair", "cnn": "seed", "gating": "run", "defaults": "pair"}
+REPLICATE = {"mlp": "seed", "vit": "pair", "text": "pair", "cnn": "seed", "same-task": "seed", "gating": "run", "defaults": "pair"}
 
 
 def add_arguments(p) -> None:
@@ -170,7 +170,7 @@ def sections(results: list[tuple[str, dict]], folder: Path) -> list[tuple]:
 def bench_part(result: dict, name: str, folder: Path) -> list[tuple]:
     """The blocks of one bench result: ('h3', text), ('li', [text]), ('img', file), ('table', header, body)."""
     bench = result["bench"]
-    blocks: list[tuple] = [("h3", name), ("li", _run_facts(result))]
+    blocks: list[tuple] = [("h3", name), ("li", _run_facts(result) + _fidelity_facts(result))]
     stem = name.removesuffix(".json")
     figs = []
     if bench == "cost":
@@ -239,6 +239,17 @@ def _run_facts(result: dict) -> list[str]:
             f"date: {result.get('date') or missing}",
             f"commit: {env.get('git_commit') or missing}",
             _wall_time(result)]
+
+
+def _fidelity_facts(result: dict) -> list[str]:
+    """The rank correlation of label-free fidelity with test accuracy, where the bench measured it."""
+    c = result.get("correlation")
+    if not isinstance(c, dict) or c.get("pooled") is None:
+        return []
+    cells = c.get("per_cell") or {}
+    spread = f"; per cell {min(cells.values()):+.2f} to {max(cells.values()):+.2f}" if cells else ""
+    return [f"fidelity (agreement with the sources, no labels) against test accuracy: Spearman's rho "
+            f"{c['pooled']:+.2f} over {c.get('merges', '?')} merges pooled{spread}"]
 
 
 def _wall_time(result: dict) -> str:

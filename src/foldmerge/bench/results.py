@@ -13,7 +13,8 @@ from . import mean_std
 # bench name: the keys its JSON must hold (a file cut short loses its last keys, `command` among them)
 REQUIRED = {"vit": ("rows", "setting"), "text": ("rows", "setting"), "cnn": ("rows",), "mlp": ("runs", "vary"),
             "gating": ("main",), "defaults": ("rows",), "select": ("rows",), "cost": ("rows",),
-            "scale": ("rows", "gaps"), "data-efficiency": ("rows", "curves", "arch")}
+            "scale": ("rows", "gaps"), "data-efficiency": ("rows", "curves", "arch"),
+            "same-task": ("rows", "correlation")}
 # what each accuracy of a `merge --json` ("test") or an `eval --json` entry ("results"[i]) must hold
 ACCURACY = ("per_task", "per_task_mean")
 
@@ -140,6 +141,18 @@ def points(result: dict) -> list[dict]:
         for r in result["rows"]:
             out.append(_point(r["setting"], f"{r['method']}, validation pick", r["test_at_validation_pick"]))
             out.append(_point(r["setting"], f"{r['method']}, label-free pick", r["test_at_label_free_pick"]))
+    elif bench == "same-task":
+        # one head: no joint accuracy; the sources' level is their mean ("source 1", "source 2", ...)
+        sources: dict[tuple, list] = {}
+        for r in result["rows"]:
+            panel = f"one task, {r['family']} {r['dataset']}"
+            if str(r["method"]).startswith("source "):
+                sources.setdefault((panel, r["seed"]), []).append(r)
+            else:
+                out.append(_point(panel, r["method"], r["accuracy"], None, r.get("seconds"), mflops=r.get("mflops")))
+        for (panel, _), rows in sources.items():
+            out.append(_point(panel, "Originals", sum(r["accuracy"] for r in rows) / len(rows),
+                              mflops=rows[0].get("mflops")))
     elif bench == "scale":
         for r in result["rows"]:
             out.append(_point(f"{r['originals']} originals", f"{r['method']} w{r['width']} d{r['depth']}",
