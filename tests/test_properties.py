@@ -268,3 +268,36 @@ def test_any_bytes_in_a_checkpoint_are_refused_in_one_line(tmp_path_factory, whi
         assert len(str(e).splitlines()) == 1
     else:
         assert changed == data              # only an unchanged checkpoint resumes
+
+
+CHECKPOINT_FIELDS = [(), ("fingerprint",), ("every",), ("finished",), ("current",), ("current", "fit"),
+                     ("current", "epoch"), ("current", "step"), ("current", "history"), ("current", "opt_state"),
+                     ("current", "opt_state", "0"), ("current", "param_groups"), ("current", "param_groups", 0),
+                     ("current", "param_groups", 0, "lr"), ("new",)]
+
+
+@MANY
+@given(field=st.sampled_from(CHECKPOINT_FIELDS), value=JSON)
+def test_any_json_in_any_field_of_a_checkpoint_with_its_hash_made_again_resumes_or_gets_one_line(
+        tmp_path_factory, field, value):
+    """An adversary who knows the hash: a state.json of any shape, hashed anew, resumes into the same
+    kind of run or is refused in one line, never a traceback."""
+    from foldmerge.checkpoint import STATE, TENSORS, Checkpoint, CheckpointError, _integrity
+    where = tmp_path_factory.mktemp("ck") / "run.resume"
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    Checkpoint(where, 1, {"run": 1}).save(0, 1, 1, [p], opt, torch.Generator().manual_seed(0), [0.5])
+    state = _set(json.loads((where / STATE).read_text()), field, value)
+    if isinstance(state, dict):
+        state["integrity"] = _integrity(where / TENSORS, state)
+    (where / STATE).write_text(json.dumps(state))
+    q = torch.nn.Parameter(torch.zeros(3))
+    try:
+        ck = Checkpoint(where, None, {"run": 1}, resume=True)
+        epoch, step, history = ck.restore(0, [q], torch.optim.Adam([q], lr=0.1), torch.Generator())
+    except CheckpointError as e:
+        assert len(str(e).splitlines()) == 1, str(e)
+    else:
+        assert torch.isfinite(q).all() and isinstance(epoch, int) and isinstance(step, int)

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .io import real, swap_in, tmp_beside
+from .schema import CheckpointState, check
 
 TENSORS, STATE = "state.safetensors", "state.json"
 # tests: SIGKILL this process right after its N-th checkpoint is written
@@ -73,14 +74,15 @@ class Checkpoint:
             if not isinstance(meta, dict) or meta.get("integrity") != _integrity(self.path / TENSORS, meta):
                 raise CheckpointError(f"{self.path} was changed after it was written (its integrity hash does not "
                                       "match its contents); it cannot be resumed")
+            check(CheckpointState, meta, self.path / STATE)
             tensors = load_file(str(self.path / TENSORS))
         except CheckpointError:
             raise
-        except Exception as e:   # json, safetensors and OS errors of several types
+        except Exception as e:   # json, schema, safetensors and OS errors of several types
             raise CheckpointError(f"{self.path} is not a readable checkpoint: {str(e).splitlines()[0]}") from None
         if meta.get("fingerprint") != self.fingerprint:
-            diff = sorted(k for k in set(meta.get("fingerprint", {})) | set(self.fingerprint)
-                          if meta.get("fingerprint", {}).get(k) != self.fingerprint.get(k))
+            # named by this run's keys only: the file's own keys may be anything
+            diff = sorted(k for k in self.fingerprint if meta["fingerprint"].get(k) != self.fingerprint[k])
             raise CheckpointError(f"{self.path} was written by a different run (it differs in "
                                   f"{', '.join(diff) or 'its fingerprint'}); resume with the same command")
         self.every = self.every or meta["every"]
@@ -89,6 +91,9 @@ class Checkpoint:
             self.finished[j] = {"history": history, "params": _list(tensors, f"done{j}.p")}
         cur = meta.get("current")
         if cur is not None:
+            missing = [k for k in ("cur.generator", "cur.rng") if k not in tensors]
+            if missing:
+                raise CheckpointError(f"{self.path / TENSORS}: the tensor {missing[0]!r} is missing")
             cur["params"] = _list(tensors, "cur.p")
             cur["opt_tensors"] = {k[len("cur.opt."):]: v for k, v in tensors.items() if k.startswith("cur.opt.")}
             cur["generator"], cur["rng"] = tensors["cur.generator"], tensors["cur.rng"]
@@ -113,11 +118,16 @@ class Checkpoint:
         if cur is None or cur["fit"] != idx:
             return 0, 0, []
         _set(params, cur["params"])
-        state = {int(i): {k: cur["opt_tensors"].get(f"{i}.{k}", v) for k, v in entries.items()}
-                 for i, entries in cur["opt_state"].items()}
-        opt.load_state_dict({"state": state, "param_groups": cur["param_groups"]})
-        generator.set_state(cur["generator"])
-        torch.set_rng_state(cur["rng"])
+        try:
+            state = {int(i): {k: cur["opt_tensors"].get(f"{i}.{k}", v) for k, v in entries.items()}
+                     for i, entries in cur["opt_state"].items()}
+            opt.load_state_dict({"state": state, "param_groups": cur["param_groups"]})
+            generator.set_state(cur["generator"])
+            torch.set_rng_state(cur["rng"])
+        except (ValueError, RuntimeError, KeyError, TypeError) as e:
+            # a state that fits the schema but not this run's optimizer (a hand-made checkpoint)
+            raise CheckpointError(f"{self.path}: the optimizer or generator state does not fit this run "
+                                  f"({(str(e).splitlines() or [type(e).__name__])[0][:100]})") from None
         return cur["epoch"], cur["step"], list(cur["history"])
 
     def due(self, epoch: int, epochs: int) -> bool:

@@ -72,6 +72,26 @@ class HFConfig(BaseModel):
     foldmerge_task: Name = None
 
 
+class LoopState(_Strict):
+    """The training loop that was running when a checkpoint was written (`checkpoint.Checkpoint.save`)."""
+    fit: Annotated[StrictInt, Field(ge=0)]
+    epoch: Annotated[StrictInt, Field(ge=0)]
+    step: Annotated[StrictInt, Field(ge=0)]
+    history: list[Number]
+    opt_state: dict[Annotated[StrictStr, Field(pattern=r"^\d+$")], dict[StrictStr, JsonValue]]
+    param_groups: list[dict[StrictStr, JsonValue]]
+
+
+class CheckpointState(_Strict):
+    """A checkpoint's state.json: the run's fingerprint, the save interval, the loss histories of the
+    loops that finished (by loop number), the running loop, and the integrity hash over both files."""
+    fingerprint: dict[StrictStr, JsonValue]
+    every: Positive
+    finished: dict[Annotated[StrictStr, Field(pattern=r"^\d+$")], list[Number]]
+    current: LoopState | None
+    integrity: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
 def strict_arguments(fn):
     """`fn` whose arguments are checked against its annotations first, strictly (a family's Backbone
     constructor: its signature is the schema of its `backbone` config); one ValueError line naming
