@@ -301,3 +301,33 @@ def test_any_json_in_any_field_of_a_checkpoint_with_its_hash_made_again_resumes_
         assert len(str(e).splitlines()) == 1, str(e)
     else:
         assert torch.isfinite(q).all() and isinstance(epoch, int) and isinstance(step, int)
+
+
+YAML_BASE = {"models": [{"path": "m0", "task": "mnist:0-4"}, {"path": "m1", "task": "mnist:5-9"}],
+             "method": "fs-merge", "options": {"param": "diag", "epochs": 3, "widths": [10]}, "per_task": 8,
+             "seed": 4, "out": "out"}
+YAML_FIELDS = [(), ("models",), ("models", 0), ("models", 0, "path"), ("models", 0, "task"), ("models", 1, "data"),
+               ("models", 1, "eval_data"), ("method",), ("options",), ("options", "param"), ("options", "epochs"),
+               ("options", "lr"), ("options", "widths"), ("options", "init"), ("per_task",), ("seed",), ("out",),
+               ("augment",), ("select",), ("calibrate",), ("held_out",), ("force",), ("new",)]
+
+
+@MANY
+@given(field=st.sampled_from(YAML_FIELDS), value=JSON)
+def test_any_value_in_any_key_of_a_merge_yaml_reads_or_gets_one_line(tmp_path_factory, field, value):
+    """The YAML is read into the declared settings and options (never into argv): any value at any key
+    is read into what the declarations allow or refused in one line naming the file."""
+    import yaml
+
+    from foldmerge import config
+    folder = tmp_path_factory.mktemp("yaml")
+    path = folder / "merge.yaml"
+    path.write_text(yaml.safe_dump(_set(YAML_BASE, field, value)))
+    try:
+        read = config.read(str(path))
+    except ValueError as e:
+        assert len(str(e).splitlines()) == 1 and str(path) in str(e), str(e)
+    else:
+        assert set(read) == {"models", "tasks", "data", "eval_data", "method", "settings", "options", "file"}
+        assert all(isinstance(p, str) for p in read["models"])
+    assert sorted(p.name for p in folder.iterdir()) == ["merge.yaml"]          # reading writes nothing

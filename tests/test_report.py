@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from foldmerge.bench.efficiency import curves
 from foldmerge.bench.figures import accuracy_figure, name_points, pareto_front
 from foldmerge.bench.report import REPLICATE, TOPICS, slug
-from foldmerge.bench.results import REQUIRED, points, summary
+from foldmerge.bench.results import BENCHES, points, summary
 from foldmerge.bench.scale import gaps, parse_config, vit_config
 from foldmerge.cli import main
 
@@ -144,7 +144,7 @@ def test_report_refuses_bad_input(tmp_path, capsys):
     cut_keys.write_text(json.dumps({"bench": "vit", "rows": []}))
     out = tmp_path / "report"
     for bad, words in ((truncated, "not valid JSON"), (unknown, "unknown bench 'nothing'"),
-                       (cut_keys, "without 'setting'")):
+                       (cut_keys, "the field 'command' is missing")):
         assert main(["report", str(good), str(bad), "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1
@@ -226,7 +226,7 @@ def test_sections_come_in_their_order_each_result_under_its_heading(full_report)
                                                           "Cost", "Merges", "Evaluations"]
     assert re.findall(r"^### (.+)$", md, flags=re.MULTILINE) == ["mlp.json", "vit.json", "cnn.json", "scale.json", "eff.json",
                                                            "cost.json", "merge.json", "eval.json"]
-    assert set(TOPICS) == set(REQUIRED) | {"merge", "eval"} and set(REPLICATE) <= set(TOPICS)
+    assert set(TOPICS) == set(BENCHES) | {"merge", "eval"} and set(REPLICATE) <= set(TOPICS)
 
 
 def test_the_table_of_contents_links_every_heading(full_report):
@@ -253,15 +253,15 @@ def test_merge_and_eval_json_are_reported(full_report):
 
 
 @pytest.mark.parametrize("bad, words", [
-    ({"out": "x", "meta": {"method": "zipit"}}, "a merge result without 'test'"),
-    ({"out": "x", "meta": {"method": "zipit"}, "test": {"per_task": {"a": 90.0}}}, "without 'per_task_mean'"),
-    ({"out": "x", "meta": {}, "test": {"per_task": {}, "per_task_mean": 1.0}}, "without 'meta.method'"),
+    ({"out": "x", "meta": {"method": "zipit"}}, "the field 'test' is missing"),
+    ({"out": "x", "meta": {"method": "zipit"}, "test": {"per_task": {"a": 90.0}}}, "the field 'test.per_task_mean' is missing"),
+    ({"out": "x", "meta": {}, "test": {"per_task": {}, "per_task_mean": 1.0}}, "the field 'meta.method' is missing"),
     ({"out": "x", "meta": {"method": "m"}, "test": {"per_task": {"a": "high"}, "per_task_mean": 1.0}},
-     "'per_task' is not a table of task: accuracy"),
+     "field 'test.per_task.a': found 'high', expected a valid number"),
     ({"results": [_eval()["results"][0], {"model": "b", "method": "source", "per_task_mean": 1.0}]},
-     "results[1] without 'per_task'"),
-    ({"results": [{"model": "b", "per_task": {}, "per_task_mean": 1.0}]}, "results[0] without 'method'"),
-    ({"results": []}, "'results' is not a non-empty list"),
+     "the field 'results.1.per_task' is missing"),
+    ({"results": [{"model": "b", "per_task": {}, "per_task_mean": 1.0}]}, "the field 'results.0.method' is missing"),
+    ({"results": []}, "field 'results': found [], expected at least 1 item"),
     ({"rows": []}, "no 'bench', 'test' or 'results' key"),
 ])
 def test_a_malformed_merge_or_eval_json_is_refused_in_one_line(tmp_path, capsys, bad, words):

@@ -14,14 +14,15 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, JsonValue, StrictBool, StrictFloat, StrictInt, StrictStr,
+from pydantic import (BaseModel, ConfigDict, Field, JsonValue, StrictBool, StrictInt, StrictStr,
                       ValidationError, validate_call)
 
 from .errors import ModelFileError
 
 Positive = Annotated[StrictInt, Field(ge=1)]
 Name = Annotated[StrictStr, Field(min_length=1)]
-Number = Union[StrictInt, StrictFloat]
+# finite; in a strict model an int is a number, a boolean or a string is not
+Number = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
@@ -77,7 +78,7 @@ class LoopState(_Strict):
     fit: Annotated[StrictInt, Field(ge=0)]
     epoch: Annotated[StrictInt, Field(ge=0)]
     step: Annotated[StrictInt, Field(ge=0)]
-    history: list[Number]
+    history: list[float]            # a loss may have been inf
     opt_state: dict[Annotated[StrictStr, Field(pattern=r"^\d+$")], dict[StrictStr, JsonValue]]
     param_groups: list[dict[StrictStr, JsonValue]]
 
@@ -87,7 +88,7 @@ class CheckpointState(_Strict):
     loops that finished (by loop number), the running loop, and the integrity hash over both files."""
     fingerprint: dict[StrictStr, JsonValue]
     every: Positive
-    finished: dict[Annotated[StrictStr, Field(pattern=r"^\d+$")], list[Number]]
+    finished: dict[Annotated[StrictStr, Field(pattern=r"^\d+$")], list[float]]
     current: LoopState | None
     integrity: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
 
@@ -103,7 +104,7 @@ def strict_arguments(fn):
         try:
             return checked(*args, **kwargs)
         except ValidationError as e:
-            raise ValueError(_first(e)) from None
+            raise ValueError(first_problem(e)) from None
     return call
 
 
@@ -113,11 +114,11 @@ def check(schema: type[BaseModel], data, where: Path | str) -> dict:
     try:
         schema.model_validate(data)
     except ValidationError as e:
-        raise ModelFileError(f"{where}: {_first(e)}") from None
+        raise ModelFileError(f"{where}: {first_problem(e)}") from None
     return data
 
 
-def _first(e: ValidationError) -> str:
+def first_problem(e: ValidationError) -> str:
     # the most specific error: of a union (a task is a name or a head), the branch that got furthest
     err = max(e.errors(), key=lambda x: len(x["loc"]))
     loc = [p for p in err["loc"] if isinstance(p, int) or not re.search(r"^[A-Z]|[-\[]", p)]

@@ -8,15 +8,219 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import Annotated, Union
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictInt, StrictStr, ValidationError
+
+from ..schema import Number as Num
+from ..schema import first_problem
 from . import mean_std
 
-# bench name: the keys its JSON must hold (a file cut short loses its last keys, `command` among them)
-REQUIRED = {"vit": ("rows", "setting"), "text": ("rows", "setting"), "cnn": ("rows",), "mlp": ("runs", "vary"),
-            "gating": ("main",), "defaults": ("rows",), "select": ("rows",), "cost": ("rows",),
-            "scale": ("rows", "gaps"), "data-efficiency": ("rows", "curves", "arch"),
-            "same-task": ("rows", "correlation")}
-# what each accuracy of a `merge --json` ("test") or an `eval --json` entry ("results"[i]) must hold
-ACCURACY = ("per_task", "per_task_mean")
+
+# ------------------------------------------------------------------ the schemas of what a report reads
+# Strict (a string is not a number, a number not a boolean) and finite; fields a report does not read
+# may hold anything (a bench's JSON keeps more than its report shows).
+Count = Annotated[StrictInt, Field(ge=0)]
+Text = Annotated[StrictStr, Field(min_length=1)]
+Label = Union[StrictStr, StrictInt]
+
+
+class _Read(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class _Row(_Read):
+    method: Text
+    seconds: Num | None = None
+
+
+class _Bench(_Read):
+    bench: Text
+    command: StrictStr
+    date: StrictStr | None = None
+    total_seconds: Num | None = None
+    cells: Count | None = None
+    cells_from_cache: Count | None = None
+    environment: dict[StrictStr, JsonValue] | None = None
+
+
+class _Accuracy(_Row):
+    per_task: Num | None
+    joint: Num | None = None
+    learnable_parameters: Count | None = None
+
+
+class _Correlation(_Read):
+    per_cell: dict[StrictStr, Num | None] = {}
+    pooled: Num | None
+    merges: Count
+
+
+class _Setting(_Accuracy):
+    setting: Label
+
+
+class VitText(_Bench):
+    setting: Label
+    rows: list[_Accuracy]
+
+
+class _CnnRow(_Row):
+    pair: Label
+    width: Num
+    avg: Num | None
+    joint: Num | None = None
+    mflops: Num | None = None
+
+
+class Cnn(_Bench):
+    rows: list[_CnnRow]
+    correlation: _Correlation | None = None
+
+
+class _MlpRun(_Accuracy):
+    value: Label
+
+
+class Mlp(_Bench):
+    runs: list[_MlpRun]
+    vary: Text
+    dataset: StrictStr | None = None
+
+
+class _GatingRow(_Row):
+    set: Label
+    mean: Num | None
+    mflops: Num | None = None
+
+
+class Gating(_Bench):
+    main: list[_GatingRow]
+
+
+class Defaults(_Bench):
+    rows: list[_Setting]
+
+
+class _SelectRow(_Row):
+    setting: Label
+    test_at_validation_pick: Num | None
+    test_at_label_free_pick: Num | None
+
+
+class Select(_Bench):
+    rows: list[_SelectRow]
+
+
+class _CostRow(_Row):
+    n: Count
+    seconds: Num
+    peak_bytes: Num | None = None
+    time_ratio: Num | None = None
+    memory_ratio: Num | None = None
+
+
+class Cost(_Bench):
+    rows: list[_CostRow]
+
+
+class _ScaleRow(_Accuracy):
+    originals: Count
+    width: Count
+    depth: Count
+
+
+class _Gap(_Read):
+    width: Count
+    depth: Count
+    originals: Count
+    seeds: Count
+    source_parameters: Count
+    per_task_of: dict[StrictStr, Num | None]
+    gap_per_task: Num | None
+    gap_per_task_std: Num | None
+    gap_joint: Num | None
+    gap_joint_std: Num | None
+
+
+class Scale(_Bench):
+    rows: list[_ScaleRow]
+    gaps: list[_Gap]
+
+
+class _EfficiencyRow(_Accuracy):
+    originals: Count | None
+
+
+class _Curve(_Read):
+    method: Text
+    originals: Count | None
+    per_task: Num | None
+    per_task_std: Num | None
+    joint: Num | None
+    joint_std: Num | None
+
+
+class DataEfficiency(_Bench):
+    arch: Text
+    seeds: Count
+    total_per_task: Count | None = None
+    rows: list[_EfficiencyRow]
+    curves: list[_Curve]
+
+
+class _SameTaskRow(_Row):
+    family: Text
+    dataset: Text
+    seed: Count
+    accuracy: Num | None
+    mflops: Num | None = None
+
+
+class SameTask(_Bench):
+    rows: list[_SameTaskRow]
+    correlation: _Correlation
+
+
+# bench name -> the schema of its JSON
+BENCHES: dict[str, type[_Bench]] = {"vit": VitText, "text": VitText, "cnn": Cnn, "mlp": Mlp, "gating": Gating,
+                                    "defaults": Defaults, "select": Select, "cost": Cost, "scale": Scale,
+                                    "data-efficiency": DataEfficiency, "same-task": SameTask}
+
+
+class _Scores(_Read):
+    """One evaluation's accuracies: {per_task: {task: %}, per_task_mean: %, joint…}."""
+    per_task: dict[StrictStr, Num]
+    per_task_mean: Num | None
+    joint: dict[StrictStr, Num] = {}
+    joint_mean: Num | None = None
+
+
+class _MergeMeta(_Read):
+    method: Text
+    command: StrictStr | None = None
+    wall_seconds: Num | None = None
+    options: dict[StrictStr, JsonValue] | None = None
+    provenance: dict[StrictStr, JsonValue] | None = None
+
+
+class MergeResult(_Read):
+    """`foldmerge merge --json`."""
+    out: StrictStr
+    meta: _MergeMeta
+    test: _Scores
+
+
+class _Evaluated(_Scores):
+    model: StrictStr
+    method: StrictStr
+    split: Label | None = None
+
+
+class EvalResult(_Read):
+    """`foldmerge eval --json`."""
+    results: Annotated[list[_Evaluated], Field(min_length=1)]
+
 
 # reference levels, not methods: a method name (lower case) -> the level it is
 REFERENCES = {"originals": "originals", "individual": "originals", "ensemble": "ensemble",
@@ -36,9 +240,14 @@ def load_result(path: str | Path) -> dict:
         raise ValueError(f"{path}: not a text file") from None
     if not isinstance(result, dict) or not {"bench", "out", "meta", "test", "results"} & set(result):
         raise ValueError(f"{path}: not a foldmerge bench, merge or eval result (no 'bench', 'test' or 'results' key)")
-    problem = {"merge": _merge_problem, "eval": _eval_problem}.get(kind(result), _bench_problem)(result)
-    if problem:
-        raise ValueError(f"{path}: {problem}")
+    schema = {"merge": MergeResult, "eval": EvalResult}.get(kind(result)) or BENCHES.get(kind(result))
+    if schema is None:
+        raise ValueError(f"{path}: unknown bench {result['bench']!r}; a report reads {', '.join(BENCHES)}, merge and "
+                         "eval results")
+    try:
+        schema.model_validate(result)
+    except ValidationError as e:
+        raise ValueError(f"{path}: {first_problem(e)} (truncated, edited, or written by another version?)") from None
     return result
 
 
@@ -47,63 +256,6 @@ def kind(result: dict) -> str:
     if "bench" in result:
         return result["bench"] if isinstance(result["bench"], str) else repr(result["bench"])
     return "eval" if "results" in result else "merge"
-
-
-def _bench_problem(result: dict) -> str | None:
-    bench = result["bench"]
-    if bench not in REQUIRED:
-        return f"unknown bench {bench!r}; a report reads {', '.join(REQUIRED)}, merge and eval results"
-    missing = [k for k in REQUIRED[bench] + ("command",) if k not in result]
-    if missing:
-        return f"a {bench} result without {missing[0]!r} (truncated, or written by another version)"
-    return None
-
-
-def _merge_problem(result: dict) -> str | None:
-    missing = [k for k in ("out", "meta", "test") if k not in result]
-    if missing:
-        return f"a merge result without {missing[0]!r} (truncated, or not `foldmerge merge --json`)"
-    if not isinstance(result["meta"], dict) or "method" not in result["meta"]:
-        return "a merge result without 'meta.method'"
-    return _accuracy_problem(result["test"], "a merge result's 'test'")
-
-
-def _eval_problem(result: dict) -> str | None:
-    entries = result["results"]
-    if not isinstance(entries, list) or not entries:
-        return "an eval result whose 'results' is not a non-empty list"
-    for i, entry in enumerate(entries):
-        where = f"an eval result's results[{i}]"
-        if not isinstance(entry, dict):
-            return f"{where} is not an object"
-        missing = [k for k in ("model", "method") if k not in entry]
-        if missing:
-            return f"{where} without {missing[0]!r}"
-        problem = _accuracy_problem(entry, where)
-        if problem:
-            return problem
-    return None
-
-
-def _accuracy_problem(entry, where: str) -> str | None:
-    """What is wrong with one evaluation's accuracies ({per_task: {task: %}, per_task_mean: %, joint…}), if anything."""
-    if not isinstance(entry, dict):
-        return f"{where} is not an object"
-    missing = [k for k in ACCURACY if k not in entry]
-    if missing:
-        return f"{where} without {missing[0]!r} (truncated, or written by another version)"
-    for key in ("per_task", "joint"):
-        values = entry.get(key, {})
-        if not isinstance(values, dict) or not all(_number(v) for v in values.values()):
-            return f"{where}: {key!r} is not a table of task: accuracy"
-    for key in ("per_task_mean", "joint_mean"):
-        if key in entry and not _number(entry[key]):
-            return f"{where}: {key!r} is not a number"
-    return None
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _point(panel, method, per_task, joint=None, seconds=None, params=None, mflops=None) -> dict:
