@@ -196,6 +196,34 @@ def test_a_full_disk_while_saving_leaves_the_old_model_and_its_export_whole(two,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "m"]
 
 
+def test_a_real_full_disk_while_saving_leaves_the_old_model_whole(two, tmp_path):
+    """The same on a real full file system: a small tmpfs, mounted in a mount namespace of its own
+    (`unshare`), holding the old model, too small for a second one beside it."""
+    old, disk, after = tmp_path / "old", tmp_path / "disk", tmp_path / "after"
+    assert cli.main(["merge", *map(str, two), "--method", "average", "--out", str(old)]) == 0
+    disk.mkdir()
+    size = sum(p.stat().st_size for p in old.rglob("*") if p.is_file())
+    script = f"""
+        mount -t tmpfs -o size={size // 1024 + 16}k tmpfs '{disk}' || exit 97
+        cp -r '{old}' '{disk}/m'
+        '{sys.executable}' -m foldmerge merge '{two[0]}' '{two[1]}' --method slerp --out '{disk}/m' --force --quiet \
+            2> '{tmp_path}/err'
+        echo $? > '{tmp_path}/rc'
+        ls -A '{disk}' > '{tmp_path}/left'
+        cp -r '{disk}/m' '{after}'
+    """
+    run = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", script], capture_output=True,
+                         text=True, env={**os.environ, "FOLDMERGE_PROGRESS": "0"})
+    if not (tmp_path / "rc").exists():
+        pytest.skip(f"no tmpfs can be mounted here (unshare / mount: {run.stderr.strip()[:120]}); the injected "
+                    "full disk above covers the same paths")
+    err = (tmp_path / "err").read_text()
+    assert (tmp_path / "rc").read_text().strip() == "2" and err.count("\n") == 1, err
+    assert "No space left" in err, err
+    assert snapshot(after) == snapshot(old)                          # the old model, byte for byte
+    assert (tmp_path / "left").read_text().split() == ["m"]         # no half-written folder beside it
+
+
 def test_the_export_lands_in_the_model_s_swap(two, tmp_path, monkeypatch):
     import foldmerge.api as api
     import foldmerge.io as io

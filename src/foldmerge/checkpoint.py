@@ -23,9 +23,9 @@ import signal
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .io import real, swap_in, tmp_beside
+from .io import real, swap_in, tmp_beside, write_tensors
 from .schema import CheckpointState, check
 
 TENSORS, STATE = "state.safetensors", "state.json"
@@ -163,7 +163,7 @@ class Checkpoint:
     def _write(self, tensors: dict, meta: dict) -> None:
         tmp = tmp_beside(self.path)
         try:
-            save_file(tensors, str(tmp / TENSORS))
+            write_tensors(tensors, tmp / TENSORS)
             meta = json.loads(json.dumps(meta, default=float))
             meta["integrity"] = _integrity(tmp / TENSORS, meta)
             (tmp / STATE).write_text(json.dumps(meta) + "\n")

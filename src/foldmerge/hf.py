@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .arch import bert, hf_vit
 from .data import Task
-from .io import ModelFileError, check_finite, load_pickle, real, swap_in, tmp_beside
+from .io import ModelFileError, check_finite, load_pickle, real, swap_in, tmp_beside, write_tensors
 from .model import TaskModel
 from .provenance import file_sha256
 from .schema import HFConfig, check
@@ -404,7 +404,7 @@ def _save_shards(folder: Path, shards: dict, also: dict | None = None) -> None:
             total += v.numel() * v.element_size()
     mode = (folder / "config.json").stat().st_mode & 0o777      # as the umask has it (save_file makes 0600)
     for file, tensors in shards.items():
-        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        write_tensors(tensors, folder / file, metadata={"format": "pt"})
         os.chmod(folder / file, mode)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

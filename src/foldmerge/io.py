@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import ModelFileError
@@ -198,6 +199,16 @@ def swap_in(tmp: Path, out: Path, expect: tuple | None | bool = False) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_tensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """`save_file`, whose I/O failures (a full disk) are OSErrors like every other write's: safetensors
+    raises its own error type for them."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = errno.ENOSPC if "os error 28" in str(e) else errno.EIO
+        raise OSError(code, f"{path}: {str(e).splitlines()[0]}") from None
+
+
 def save_model(model, out_dir: str | os.PathLike, meta: dict[str, Any] | None = None,
                overwrite: bool = True, extra=None, expect: tuple | None | bool = False) -> Path:
     """Write `model` to `out_dir`. Nothing non-finite is written. An existing model there is
@@ -218,7 +229,7 @@ def save_model(model, out_dir: str | os.PathLike, meta: dict[str, Any] | None = 
         raise ModelFileError(f"{out} exists and is not a foldmerge model directory; refusing to overwrite it")
     tmp = tmp_beside(out)
     try:
-        save_file(state, str(tmp / WEIGHTS))
+        write_tensors(state, tmp / WEIGHTS)
         cfg = model.config()
         cfg["meta"] = meta or {}
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
