@@ -68,3 +68,17 @@ def test_task_specs_mean_what_was_typed_or_get_one_line(spec):
     if ":" in spec:                                          # classes typed are the classes taken
         typed = spec.partition(":")[2]
         assert all(str(c) in typed for c in (task.classes[0], task.classes[-1]))
+
+
+@pytest.mark.parametrize("brk", ["\r", "\x0b", "\x0c", "\x1c", "\x85", "\u2028", "\u2029"])
+def test_a_line_break_inside_a_name_leaves_the_error_one_whole_line(tmp_path, capsys, brk):
+    """Names the user gives (a file's, a config's value) may hold characters that some readers take
+    for line ends: the error prints them escaped, whole, on one line."""
+    import json
+    bad = tmp_path / "m"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": [f"Bert{brk}Evil"]}))
+    assert cli.main(["merge", str(bad), str(bad), "--method", "average", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and repr(brk)[1:-1] + "Evil" in err, err
+    assert not (tmp_path / "o").exists()

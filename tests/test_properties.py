@@ -174,13 +174,16 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-5, 40) | st.floats(
 
 @pytest.fixture(scope="module")
 def config_files(tmp_path_factory):
-    """One model directory of each config kind: foldmerge's MLP and ResNet, a Hugging Face BERT."""
+    """One model directory of each config kind: foldmerge's MLP, ResNet and gated MLP, a Hugging Face BERT."""
     from transformers import BertConfig, BertForSequenceClassification
     root = tmp_path_factory.mktemp("kinds")
     torch.manual_seed(0)
     TaskModel("mlp", {"in_dim": 784, "hidden": [8]}, ["mnist:0-4"]).save(root / "mlp")
     TaskModel("resnet", {"base": 4, "blocks": 1, "stages": 1}, [{"name": "own", "labels": ["a", "b", "c"]}],
               head="class-embedding").save(root / "resnet")
+    from foldmerge.gated import GatedModel
+    GatedModel("mlp", {"in_dim": 784, "hidden": [8]}, ["mnist:0-4", "mnist:5-9"],
+               gated=["layers.0.weight", "layers.0.bias"]).save(root / "gated")
     BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                                              intermediate_size=16, max_position_embeddings=16, num_labels=3)
                                   ).save_pretrained(root / "bert")
@@ -191,6 +194,7 @@ FIELDS = {"mlp": [(), ("arch",), ("backbone",), ("backbone", "in_dim"), ("backbo
                   ("tasks", 0), ("head_bias",), ("head",), ("kind",), ("meta",), ("new",)],
           "resnet": [("backbone", "base"), ("backbone", "batchnorm"), ("backbone", "widths"), ("tasks", 0, "labels"),
                      ("tasks", 0, "name"), ("tasks", 0), ("head",)],
+          "gated": [("kind",), ("gated",), ("gated", 0), ("gate",), ("gate", "width"), ("gate", "channels"), ("gate", "new"), ("tasks", 1)],
           "bert": [(), ("model_type",), ("architectures",), ("id2label",), ("hidden_size",), ("num_attention_heads",),
                    ("vocab_size",), ("layer_norm_eps",), ("hidden_act",), ("pad_token_id",), ("foldmerge_task",)]}
 

@@ -130,8 +130,14 @@ def _error(e: BaseException, debug: bool) -> int:
     return 2
 
 
+# characters that end a line for some reader (str.splitlines, terminals) other than the newline itself:
+# a name given by the user (a file's, a config's value) may hold them, and the error stays one line
+_BREAKS = {c: repr(c)[1:-1] for c in "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
 def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+    line = str(e).split("\n")[0].translate(str.maketrans(_BREAKS))
+    return line if line.strip() else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def _hf_config(path: Path) -> dict:
                              "a model's own code")
     arch = (cfg.get("architectures") or ["?"])[0]
     if arch not in CLASSES and arch not in HEADLESS:
-        raise ModelFileError(f"{path}: Hugging Face class {arch} (model_type {cfg.get('model_type')!r}) has no merge "
+        raise ModelFileError(f"{path}: Hugging Face class {arch!r} (model_type {cfg.get('model_type')!r}) has no merge "
                              f"spec here; supported: {', '.join(sorted(set(CLASSES) | HEADLESS))}")
     return cfg
 
