@@ -130,7 +130,7 @@ def test_a_checkpoint_changed_after_it_was_written_is_refused(tmp_path):
 
 def test_a_full_disk_while_checkpointing_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
     import errno
-    import foldmerge.checkpoint as checkpoint
+    import foldmerge.io as io
     p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([p], lr=0.1)
     where = tmp_path / "run.resume"
@@ -140,7 +140,7 @@ def test_a_full_disk_while_checkpointing_leaves_the_last_checkpoint_whole(tmp_pa
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(checkpoint, "save_file", full)
+    monkeypatch.setattr(io, "save_file", full)            # every tensor file is written through io
     with pytest.raises(OSError, match="No space"):
         ck.save(0, 2, 2, [p], opt, torch.Generator().manual_seed(0), [0.5, 0.4])
     assert {f.name: f.read_bytes() for f in where.iterdir()} == before
