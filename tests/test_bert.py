@@ -35,9 +35,9 @@ def ids(n=3, length=10, seed=0):
 def test_parameters_keep_their_hugging_face_names():
     from transformers import BertModel
 
-    from foldmerge.arch.bert import hf_config
+    from foldmerge.arch.encoder import hf_config, tables
     m = berts(1)[0]
-    hf = BertModel(hf_config(CFG))
+    hf = BertModel(hf_config(tables()["bert"], CFG))
     assert sorted(m.backbone.state_dict()) == sorted(f"bert.{k}" for k in hf.state_dict())
 
 

@@ -14,7 +14,9 @@ from foldmerge.model import TaskModel
 # memos of the installed data sets' files (read-only inputs; Task.split hands out copies) and of the
 # checkout's commit: no merge computes into them
 FILE_MEMOS = {"foldmerge.data.tasks._split", "foldmerge.data.tasks._normalizer", "foldmerge.data.datasets.load_images",
-              "foldmerge.data.texts.load_texts", "foldmerge.data.texts.tokenizer", "foldmerge.provenance.git_commit"}
+              "foldmerge.data.texts.load_texts", "foldmerge.data.texts.tokenizer", "foldmerge.provenance.git_commit",
+              # the families' tables shipped in the package, and the schema each table's keys make
+              "foldmerge.arch.encoder.tables", "foldmerge.arch.encoder._config_schema"}
 
 
 def library_modules():

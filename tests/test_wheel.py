@@ -26,6 +26,7 @@ def test_the_wheel_builds_installs_offline_and_merges(tmp_path):
         names = z.namelist()
         meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "foldmerge/bench/paper_mlp.json" in names and "foldmerge/cli.py" in names
+    assert "foldmerge/arch/families/roberta.json" in names       # the families' tables travel with the code
     assert "License-Expression: MIT" in meta
     assert "Description-Content-Type: text/markdown" in meta and "Provides-Extra: data" in meta
     assert "![" not in meta                        # the README renders without images, none broken

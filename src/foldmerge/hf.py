@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .arch import bert, hf_vit
+from .arch import encoder, hf_vit
 from .data import Task
 from .io import ModelFileError, check_finite, load_pickle, real, swap_in, tmp_beside, write_tensors
 from .model import TaskModel
@@ -44,15 +44,18 @@ from .schema import HFConfig, check
 # Hugging Face directories need it
 
 # Hugging Face class -> (our family, the attribute holding its backbone, the backbone's own class);
-# a backbone class alone (no head) is a pre-trained start to fine-tune, not a merge input
-CLASSES = {"BertForSequenceClassification": ("bert", "bert", "BertModel"),
+# a backbone class alone (no head) is a pre-trained start to fine-tune, not a merge input. The text
+# encoders come from their tables (arch/families), the ViT from arch.hf_vit.
+TABLES = encoder.tables()
+CLASSES = {**{c.sequence: (t.family, t.prefix, c.base) for t in TABLES.values() for c in t.model_types.values()},
            "ViTForImageClassification": ("hf-vit", "vit", "ViTModel")}
-HEADLESS = {"BertModel", "ViTModel"}
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+HEADLESS = {c.base for t in TABLES.values() for c in t.model_types.values()} | {"ViTModel"}
+CLASSIFIER = {**{t.family: t.classifier for t in TABLES.values()}, "hf-vit": "classifier"}
+TOKENIZER_FILES = ("vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model",
+                   "added_tokens.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "preprocessor_config.json")          # the last: an image processor's
-BACKBONE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                 "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id", "hidden_act")
-CONFIG_KEYS = {"bert": BACKBONE_KEYS,
+BACKBONE_KEYS = tuple(TABLES["bert"].keys)
+CONFIG_KEYS = {**{t.family: ("model_type", *t.keys) for t in TABLES.values()},
                "hf-vit": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
                           "patch_size", "num_channels", "layer_norm_eps", "hidden_act", "qkv_bias")}
 
@@ -167,7 +170,7 @@ def load_hf(path: str | os.PathLike, task=None, allow_pickle: bool = False):
     if labels and len(labels) != task.num_classes:
         raise ModelFileError(f"{path} has {len(labels)} labels but task {task} has {task.num_classes} classes")
     family, attr, _ = CLASSES[cfg["architectures"][0]]
-    if task.builtin and task.is_text != (family == "bert"):
+    if task.builtin and task.is_text != (family in TABLES):
         raise ModelFileError(f"{path} is a {cfg['architectures'][0]}, but task {task} is "
                              f"{'text' if task.is_text else 'images'}")
     state, weights = read_weights(path, allow_pickle)
@@ -191,14 +194,18 @@ def load_hf(path: str | os.PathLike, task=None, allow_pickle: bool = False):
         model = TaskModel(family, backbone, [task])
     except ValueError as e:
         raise ModelFileError(f"{path}: {str(e).splitlines()[0]}") from None
-    body = {f"{attr}.{k}": v for k, v in getattr(hf, attr).state_dict().items() if "position_ids" not in k}
+    # the backbone's tensors under their Hugging Face names: the encoder's, and the features layer
+    # where the family's classifier keeps it beside the encoder (RoBERTa's classifier.dense)
+    theirs = hf.state_dict()
+    body = {k: theirs[k] for k in model.backbone.state_dict() if k in theirs}
     try:
         _load_exact(model.backbone, body)
     except ValueError as e:
         raise ModelFileError(f"{path}: {e}") from None
+    head = hf.get_submodule(CLASSIFIER[family])
     with torch.no_grad():
-        model.heads[0].weight.copy_(hf.classifier.weight)
-        model.heads[0].bias.copy_(hf.classifier.bias)
+        model.heads[0].weight.copy_(head.weight)
+        model.heads[0].bias.copy_(head.bias)
     model.meta = {"path": str(path.resolve()), "hf_class": cfg["architectures"][0],
                   "id2label": {int(k): v for k, v in labels.items()}, "source_format": "huggingface",
                   **({"loaded_from_pickle": str(weights.resolve())} if weights.suffix != ".safetensors" else {})}
@@ -347,14 +354,21 @@ def _write_hf(merged, out: Path, sources=()) -> None:
     import transformers
     kinds = {family: (name, attr, base) for name, (family, attr, base) in CLASSES.items()}
     if merged.arch not in kinds:
-        raise ValueError(f"Hugging Face output is for the bert and hf-vit families; this model is a {merged.arch}")
+        raise ValueError(f"Hugging Face output is for the {', '.join(sorted(kinds))} families; this model is a "
+                         f"{merged.arch}")
     name, attr, base_name = kinds[merged.arch]
-    hf_config = bert.hf_config if merged.arch == "bert" else hf_vit.hf_config
+    table = TABLES.get(merged.arch)
+    if table:                                     # the sources' model type's classes (XLM-R, CamemBERT…)
+        chosen = encoder.classes(table, merged.backbone_config)
+        name, base_name = chosen.sequence, chosen.base
+    hf_config = (lambda c: encoder.hf_config(table, c)) if table else hf_vit.hf_config
     cls, base_cls = getattr(transformers, name), getattr(transformers, base_name)
     tmp = Path(out)
     config = hf_config(merged.backbone_config)
-    bert_state = {k[len(attr) + 1:]: v for k, v in merged.backbone.state_dict().items()}
-    base = base_cls(config, add_pooling_layer=False) if merged.arch == "hf-vit" else base_cls(config)
+    ours = merged.backbone.state_dict()
+    bert_state = {k[len(attr) + 1:]: v for k, v in ours.items() if k.startswith(attr + ".")}
+    beside = {k: v for k, v in ours.items() if not k.startswith(attr + ".")}     # a features layer beside it
+    base = base_cls(config, **(table.base_arguments if table else {"add_pooling_layer": False}))
     _load_exact(base, bert_state)
     # the backbone's tensors are written once, as a shard whose names carry the classifiers' prefix
     # (`bert.…`), which the headless class reads too; each task directory hard-links that shard beside
@@ -376,9 +390,12 @@ def _write_hf(merged, out: Path, sources=()) -> None:
         cfg.architectures = [name]
         hf = cls(cfg)
         _load_exact(getattr(hf, attr), bert_state)
+        head = hf.get_submodule(CLASSIFIER[merged.arch])
         with torch.no_grad():
-            hf.classifier.weight.copy_(merged.heads[i].weight)
-            hf.classifier.bias.copy_(merged.heads[i].bias)
+            for k, v in beside.items():
+                hf.get_parameter(k).copy_(v)
+            head.weight.copy_(merged.heads[i].weight)
+            head.bias.copy_(merged.heads[i].bias)
         state = {k: v.detach().contiguous() for k, v in hf.state_dict().items()}
         own = {k: v for k, v in state.items() if k not in shard}
         if any(not torch.equal(state[k], v) for k, v in shard.items() if k in state):

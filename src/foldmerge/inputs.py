@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .arch import encoder
 from .data import texts
 from .data.files import Examples, open_image
 from .data.files import read as read_examples
@@ -25,7 +26,7 @@ from .model import TaskModel
 
 # transformers is imported where a Hugging Face tokenizer or image processor is loaded: it adds
 # about 2 s to every command's start (measured here), and only Hugging Face models need them
-TEXT_FAMILIES = ("bert",)
+TEXT_FAMILIES = tuple(name for name, table in encoder.tables().items() if table.input == "text")
 IMAGE_SIZE = 28                    # foldmerge's image models read 28 x 28 grey levels
 
 

@@ -4,22 +4,25 @@
   spec(config)         its merge spec (`foldmerge.spec.ArchSpec`): spaces, parameters with the
                        spaces of their axes, norms, probes, how to build and resize it
 
-A user's own architecture joins with `register_arch(name, spec)`: `spec(config)` returns its
+A Hugging Face family whose names are regular is a table instead (`arch/families/*.json`, read by
+`arch.encoder`). A user's own architecture joins with `register_arch(name, spec)`: `spec(config)` returns its
 ArchSpec, whose `build(config)` makes the backbone.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
-from . import bert, hf_vit, mlp, resnet, vit
+from . import encoder, hf_vit, mlp, resnet, vit
 
 _FAMILIES: dict[str, Callable] = {}
 
 
 def _builtin() -> dict[str, Callable]:
     if not _FAMILIES:
-        _FAMILIES.update({"mlp": mlp.spec, "vit": vit.spec, "bert": bert.spec, "hf-vit": hf_vit.spec,
-                          "resnet": resnet.spec})
+        _FAMILIES.update({"mlp": mlp.spec, "vit": vit.spec, "hf-vit": hf_vit.spec, "resnet": resnet.spec})
+        # the Hugging Face text encoders, each described by a table (arch/families/*.json)
+        _FAMILIES.update({name: partial(encoder.spec, name) for name in encoder.tables()})
     return _FAMILIES
 
 

@@ -1,0 +1,255 @@
+"""Hugging Face text encoders described as data: one table per family (`arch/families/*.json`), read here.
+
+A family whose Hugging Face names are regular needs no code of its own: its table names the
+transformers classes, the prefix its `…ForSequenceClassification` keeps the encoder under, the
+tensors summed into the residual stream, each layer's modules, the layer whose output (after an
+activation) the classifier reads, the classifier, and the config keys a backbone is built from.
+This module turns a table into a backbone (the transformers encoder itself, held under its
+prefix, so its parameters keep their Hugging Face names) and a merge spec. Adding a family is
+adding a table (docs/families.md).
+
+The encoders here are post-LN: every block's output is LayerNorm(x + sublayer(x)), so every
+LayerNorm sits on the residual stream `res`. Spaces: `res`; per layer l the attention spaces
+`qk{l}` and `v{l}` (split into the heads) and the MLP hidden `mlp{l}`; the features `feat` the
+heads read. Where a family's embeddings have a width of their own (ELECTRA's `embedding_size`), they
+live in `emb` and a projection writes `res`. Sites: the embedding tables are summed into one
+tensor before the embeddings' LayerNorm, so one M (`embed`) merges them; Q, K and V read one
+tensor through one U; every other M and U is the module's own. Dropout is off (a SuperNet with
+dropout would not be one function).
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, create_model
+from torch import nn
+from torch.nn import functional as F
+
+from ..schema import Number, first_problem
+from ..spec import ArchSpec, Norm, Param, Probe, Space, Unit, check_sizes, resize_transformer
+
+FOLDER = Path(__file__).parent / "families"
+Name = Annotated[StrictStr, Field(min_length=1)]
+# what a config key holds: a size (>= 1), an index (>= 0, or null), a number, a name, a boolean
+KINDS = {"size": (Annotated[StrictInt, Field(ge=1)], None), "index": (Annotated[StrictInt, Field(ge=0)] | None, None),
+         "number": (Annotated[Number, Field(gt=0)], None), "name": (Name, None), "bool": (StrictBool, None)}
+ACTIVATIONS = {"tanh": torch.tanh, "gelu": F.gelu, "relu": F.relu}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class Attention(_Strict):
+    query: Name
+    key: Name
+    value: Name
+    output: Name
+    norm: Name
+
+
+class MLP(_Strict):
+    up: Name
+    down: Name
+    norm: Name
+
+
+class Features(_Strict):
+    layer: Name                                   # full name in the backbone (under the prefix if inside the encoder)
+    activation: Literal["tanh", "gelu", "relu"]
+
+
+class Projection(_Strict):
+    layer: Name                                   # under the prefix
+    width: Name                                   # the config key of the embeddings' width
+
+
+class Roles(_Strict):
+    width: Name
+    layers: Name
+    heads: Name
+    mlp: Name
+    pad: Name
+
+
+class Classes(_Strict):
+    """The transformers classes of one model type: its config, its encoder, its sequence classifier."""
+    config: Name
+    base: Name
+    sequence: Name
+
+
+class Table(_Strict):
+    """One family's table (a file in arch/families)."""
+    family: Name
+    about: Name
+    model_types: dict[StrictStr, Classes] = Field(min_length=1)   # the first is the default
+    input: Literal["text"]
+    base_arguments: dict[StrictStr, StrictBool] = {}
+    prefix: Name
+    embeddings: list[Name] = Field(min_length=1)
+    embedding_norm: Name
+    embedding_projection: Projection | None = None
+    layer: Annotated[StrictStr, Field(pattern=r"\{l\}")]
+    attention: Attention
+    mlp: MLP
+    features: Features
+    classifier: Name
+    roles: Roles
+    keys: dict[StrictStr, Literal["size", "index", "number", "name", "bool"]]
+    defaults: dict[StrictStr, object]
+    dropout: list[Name]
+    must_match: dict[StrictStr, Name]        # besides the model type
+
+
+@lru_cache(maxsize=None)
+def tables() -> dict[str, Table]:
+    """Every family's table, by family name; a table that does not fit the schema is a bug of ours."""
+    out = {}
+    for path in sorted(FOLDER.glob("*.json")):
+        try:
+            table = Table.model_validate(json.loads(path.read_text()))
+        except ValidationError as e:
+            raise RuntimeError(f"{path}: {first_problem(e)}") from None
+        out[table.family] = table
+    return out
+
+
+@lru_cache(maxsize=None)
+def _config_schema(family: str) -> type[BaseModel]:
+    table = tables()[family]
+    return create_model(f"{family} backbone", __config__=ConfigDict(strict=True, extra="forbid"),
+                        model_type=(Literal[tuple(table.model_types)] | None, None),
+                        **{k: KINDS[kind] for k, kind in table.keys.items()})
+
+
+def config_of(table: Table, config: dict) -> dict:
+    """`config` checked against the family's keys (one line naming the field), with the defaults filled
+    in; `model_type` says which of the family's model types (and transformers classes) it is."""
+    try:
+        _config_schema(table.family).model_validate(config)
+    except ValidationError as e:
+        raise ValueError(f"a {table.family} backbone: {first_problem(e)}") from None
+    return {"model_type": next(iter(table.model_types)), **table.defaults, **config}
+
+
+def classes(table: Table, config: dict) -> Classes:
+    return table.model_types[config_of(table, config)["model_type"]]
+
+
+def hf_config(table: Table, config: dict):
+    """The transformers config of a backbone at `config` (dropout off, eager attention)."""
+    import transformers
+    c = config_of(table, config)
+    kept = {k: v for k, v in c.items() if k != "model_type"}
+    return getattr(transformers, classes(table, c).config)(**kept, **{k: 0.0 for k in table.dropout},
+                                                            attn_implementation="eager")
+
+
+def _place(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted `name` under `root`, making empty parents as needed."""
+    *parents, last = name.split(".")
+    at = root
+    for p in parents:
+        if not hasattr(at, p):
+            at.add_module(p, nn.Module())
+        at = getattr(at, p)
+    at.add_module(last, module)
+
+
+class Backbone(nn.Module):
+    """The family's transformers encoder under its prefix, and the features layer where the family's
+    classifier keeps it outside the encoder. Reads token ids (batch x length, padded with the pad id)."""
+
+    def __init__(self, table: Table, config: dict):
+        super().__init__()
+        import transformers
+        c = config_of(table, config)
+        r = table.roles
+        check_sizes(table.family, {k: c[k] for k, kind in table.keys.items() if kind == "size"}, r.width, r.heads)
+        self.family, self.pad_token_id = table.family, c[r.pad]
+        encoder = getattr(transformers, classes(table, c).base)(hf_config(table, c), **table.base_arguments)
+        self.add_module(table.prefix, encoder)
+        if not table.features.layer.startswith(table.prefix + "."):
+            _place(self, table.features.layer, nn.Linear(c[r.width], c[r.width]))
+        self.features_layer, self.activation = table.features.layer, ACTIVATIONS[table.features.activation]
+        self.out_dim = c[r.width]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.is_floating_point():
+            raise ValueError(f"a {self.family} reads token ids (integers), not floating-point inputs")
+        mask = (ids != self.pad_token_id).long()
+        first = getattr(self, tables()[self.family].prefix)(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+        return self.activation(self.get_submodule(self.features_layer)(first))
+
+
+def spec(family: str, config: dict) -> ArchSpec:
+    table = tables()[family]
+    c = config_of(table, config)
+    r, p = table.roles, table.prefix
+    heads = c[r.heads]
+    proj = table.embedding_projection
+    if proj and c[proj.width] == c[r.width]:
+        proj = None                              # the encoder has no projection at equal widths
+    stream = "emb" if proj else "res"            # the space the embedding tables write
+    spaces = [Space("res"), Space("feat")] + ([Space("emb")] if proj else [])
+    present = [e for e in table.embeddings if "token_type" not in e or c.get("type_vocab_size", 1) > 0]
+    params = [Param(f"{p}.{e}", (None, stream), merge_at="embed") for e in present]
+    wb = ("weight", "bias")
+    embedding_keys = tuple(f"{p}.{e}" for e in present) + tuple(f"{p}.{table.embedding_norm}.{x}" for x in wb)
+    units = [Unit("embedding", "embedding", embedding_keys + (
+        tuple(f"{p}.{proj.layer}.{x}" for x in wb) if proj else ()))]
+    norms = [Norm(f"{p}.{table.embedding_norm}", stream)]
+    probes = [Probe(stream, f"{p}.{table.embedding_norm}")]
+    reads = f"{p}.{table.embedding_norm}"          # the module whose output the next layer reads
+    if proj:
+        params += [Param(f"{p}.{proj.layer}.weight", ("res", "emb"), unmerge_at=reads),
+                   Param(f"{p}.{proj.layer}.bias", ("res",))]
+        probes.append(Probe("res", f"{p}.{proj.layer}"))
+        reads = f"{p}.{proj.layer}"
+    a, m = table.attention, table.mlp
+    for l in range(c[r.layers]):
+        b = f"{p}.{table.layer.format(l=l)}"
+        qk, v, hid = f"qk{l}", f"v{l}", f"mlp{l}"
+        spaces += [Space(qk, heads=heads), Space(v, heads=heads), Space(hid)]
+        for name, out, inp, at in ((a.query, qk, "res", reads), (a.key, qk, "res", reads), (a.value, v, "res", reads),
+                                   (a.output, "res", v, None), (m.up, hid, "res", None), (m.down, "res", hid, None)):
+            params += [Param(f"{b}.{name}.weight", (out, inp), unmerge_at=at), Param(f"{b}.{name}.bias", (out,))]
+        norms += [Norm(f"{b}.{a.norm}", "res"), Norm(f"{b}.{m.norm}", "res")]
+        units += [Unit(f"{b}.attention", "attention", tuple(f"{b}.{n}.{x}" for n in (a.query, a.key, a.value, a.output)
+                                                            for x in wb)),
+                  Unit(f"{b}.{a.norm}", "norm", tuple(f"{b}.{a.norm}.{x}" for x in wb)),
+                  Unit(f"{b}.mlp", "mlp", tuple(f"{b}.{n}.{x}" for n in (m.up, m.down) for x in wb)),
+                  Unit(f"{b}.{m.norm}", "norm", tuple(f"{b}.{m.norm}.{x}" for x in wb))]
+        probes += [Probe(qk, f"{b}.{a.query}"), Probe(qk, f"{b}.{a.key}"), Probe(v, f"{b}.{a.value}"),
+                   Probe(hid, f"{b}.{m.down}", "in"), Probe("res", f"{b}.{a.norm}"), Probe("res", f"{b}.{m.norm}")]
+        reads = f"{b}.{m.norm}"
+    f = table.features.layer
+    params += [Param(f"{f}.weight", ("feat", "res")), Param(f"{f}.bias", ("feat",))]
+    probes.append(Probe("feat", ""))
+    units.append(Unit(f, "output", (f"{f}.weight", f"{f}.bias")))
+    return ArchSpec(family, spaces, params, norms, probes, output="feat", build=lambda cfg: Backbone(table, cfg),
+                    resize=lambda cfg, widths: resize(table, cfg, widths), width_spaces=("res", "mlp0"),
+                    check=lambda configs: check_compatible(table, configs), units=units, defaults="bert")
+
+
+def resize(table: Table, config: dict, widths: list[int]) -> dict:
+    """The configuration at hidden size widths[0] and MLP width widths[1] (default: the source's)."""
+    r, proj = table.roles, table.embedding_projection
+    out = resize_transformer(config, widths, table.family, (r.width, r.mlp), config.get(r.heads, table.defaults[r.heads]))
+    c = {**table.defaults, **config}
+    if proj and c[proj.width] == c[r.width]:
+        out[proj.width] = out[r.width]           # embeddings in the residual stream: they take its width
+    return out
+
+
+def check_compatible(table: Table, configs: list[dict]) -> None:
+    """Equal values of the keys that must match (layer and head counts, vocabulary…); else one clear error."""
+    for key, what in {"model_type": "model types", **table.must_match}.items():
+        vals = [config_of(table, c)[key] for c in configs]
+        if len(set(map(str, vals))) != 1:
+            raise ValueError(f"cannot merge {table.family} models with different {what} {vals}")
