@@ -4,8 +4,8 @@ adding its table in src/foldmerge/arch/families and one line to FAMILIES here).
 For each: a tiny random model of the family built from its config with plain transformers code and
 saved with save_pretrained loads as the model it is (the same logits); folded == SuperNet in
 float64; the `first` init folds to model 1 exactly; the methods run; a merge from the command line
-writes task directories that `AutoModelForSequenceClassification` loads with the merged model's
-predictions."""
+writes task directories that `AutoModelForSequenceClassification` (`…ForImageClassification`) loads
+with the merged model's predictions."""
 import numpy as np
 import pytest
 import torch
@@ -19,6 +19,7 @@ from foldmerge.supernet import SuperNet
 
 SIZES = dict(vocab_size=40, max_position_embeddings=40)
 BERTISH = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16)
+IMAGES = dict(image_size=8, patch_size=4, num_channels=1)
 # id: (config class, classification class, config keywords)
 FAMILIES = {
     "bert": ("BertConfig", "BertForSequenceClassification", {**SIZES, **BERTISH}),
@@ -30,6 +31,8 @@ FAMILIES = {
                           {**SIZES, **BERTISH, "embedding_size": 6}),
     "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification",
                    {**SIZES, "dim": 8, "n_layers": 2, "n_heads": 2, "hidden_dim": 16}),
+    "vit": ("ViTConfig", "ViTForImageClassification", {**BERTISH, **IMAGES}),
+    "deit": ("DeiTConfig", "DeiTForImageClassification", {**BERTISH, **IMAGES}),
 }
 LABELS = [["a", "b", "c"], ["d", "e", "f", "g", "h", "i", "j"]]      # more than five on one
 
@@ -56,11 +59,30 @@ def make(tmp_path, family, k):
     return path
 
 
+def is_image(family):
+    return "image_size" in FAMILIES[family][2]
+
+
 def ids(family, n=4, seed=0):
-    pad = pad_id(family)
-    x = torch.randint(3, SIZES["vocab_size"], (n, 12), generator=torch.Generator().manual_seed(seed))
-    x[0, 8:] = pad
+    """Inputs the family reads: token ids with padding, or images."""
+    g = torch.Generator().manual_seed(seed)
+    if is_image(family):
+        return torch.randn(n, 1, 8, 8, generator=g)
+    x = torch.randint(3, SIZES["vocab_size"], (n, 12), generator=g)
+    x[0, 8:] = pad_id(family)
     return x
+
+
+def hf_logits(model, family, x):
+    if is_image(family):
+        return model(pixel_values=x).logits
+    return model(input_ids=x, attention_mask=(x != pad_id(family)).long()).logits
+
+
+def auto_class(family):
+    import transformers
+    return transformers.AutoModelForImageClassification if is_image(family) else \
+        transformers.AutoModelForSequenceClassification
 
 
 @pytest.fixture(params=list(FAMILIES))
@@ -68,16 +90,17 @@ def family(request):
     return request.param
 
 
+ARCH = {"xlm-roberta": "roberta", "camembert": "roberta", "electra-projected": "electra", "vit": "hf-vit"}
+
+
 def test_a_saved_model_loads_as_the_model_it_is(tmp_path, family):
-    from transformers import AutoModelForSequenceClassification
     path = make(tmp_path, family, 1)
     ours = load_hf(path)
     x = ids(family)
     with torch.no_grad():
-        theirs = AutoModelForSequenceClassification.from_pretrained(path).eval()
-        want = theirs(input_ids=x, attention_mask=(x != pad_id(family)).long()).logits
-        torch.testing.assert_close(ours(x)[0], want, rtol=1e-5, atol=1e-5)
-    assert ours.tasks[0].num_classes == 7 and ours.arch == family.split("-")[0].replace("xlm", "roberta").replace("camembert", "roberta")
+        theirs = auto_class(family).from_pretrained(path).eval()
+        torch.testing.assert_close(ours(x)[0], hf_logits(theirs, family, x), rtol=1e-5, atol=1e-5)
+    assert ours.tasks[0].num_classes == 7 and ours.arch == ARCH.get(family, family)
 
 
 @pytest.mark.parametrize("param", ["full", "diag+lowrank(2)"])
@@ -101,8 +124,9 @@ def test_folded_equals_the_supernet_in_float64_and_first_folds_to_model_one(tmp_
 
 TRAINED = {"epochs": 1}
 # methods that cannot run here, refused in one line naming why: task arithmetic and TIES need the common
-# start (--base) that models from different initializations lack; the gating merge's gate reads images
-NEEDS = {"task-arithmetic": "base", "ties": "base", "gating": "reads images"}
+# start (--base) that models from different initializations lack; the gating merge's gate reads images,
+# and gates the modules its spec names as units
+NEEDS = {"task-arithmetic": "base", "ties": "base", "gating": "reads images|units"}
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -121,7 +145,6 @@ def test_every_method_merges_the_family_or_says_why_not(tmp_path, family, method
 
 
 def test_a_command_line_merge_loads_with_auto_classes_and_predicts_as_the_merge(tmp_path, family, capsys):
-    from transformers import AutoModelForSequenceClassification
     sources = [make(tmp_path, family, k) for k in range(2)]
     data = []
     for k in range(2):
@@ -136,7 +159,6 @@ def test_a_command_line_merge_loads_with_auto_classes_and_predicts_as_the_merge(
     with torch.no_grad():
         ours = merged(x)
         for i, source in enumerate(sources):
-            task = AutoModelForSequenceClassification.from_pretrained(out / "hf" / source.name).eval()
-            got = task(input_ids=x, attention_mask=(x != pad_id(family)).long()).logits
-            torch.testing.assert_close(got, ours[i], rtol=1e-5, atol=1e-5)
+            task = auto_class(family).from_pretrained(out / "hf" / source.name).eval()
+            torch.testing.assert_close(hf_logits(task, family, x), ours[i], rtol=1e-5, atol=1e-5)
             assert task.config.id2label[0] == LABELS[i][0]

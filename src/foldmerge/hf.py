@@ -1,16 +1,19 @@
-"""Hugging Face directories in and out (BERT, ViT): merge the models users keep as `save_pretrained` folders.
+"""Hugging Face directories in and out: merge the models users keep as `save_pretrained` folders.
 
-In: `load_hf(dir, task)` reads a `BertForSequenceClassification` or `ViTForImageClassification`
-directory (its `config.json` names the class; weights through `from_pretrained(dir,
-local_files_only=True)`, safetensors, never remote code) as a one-head TaskModel of the `bert` /
-`hf-vit` family: the backbone is its `bert` / `vit`, the head its `classifier`. A `BertModel`
+In: `load_hf(dir, task)` reads a classifier directory of a family with a table
+(`arch/families/*.json`: `BertForSequenceClassification`, `RobertaForSequenceClassification`, …,
+`ViTForImageClassification`, `DeiTForImageClassification`; its `config.json` names the class;
+weights through `from_pretrained(dir, local_files_only=True)`, safetensors, never remote code) as a
+one-head TaskModel of that family: the backbone is its encoder (under the table's prefix) and the
+features layer where the classifier keeps one beside it, the head its classifier. A `BertModel`
 directory (no head, e.g. all-MiniLM-L6-v2) is a start to fine-tune from (`load_backbone`,
-`train-sources --from`); a `ViTModel` one is refused as a merge input with the reason. The task (the data its unlabeled merge sample is drawn from, e.g.
-`bbc:0-2`) is given, or read from the `foldmerge_task` key a directory written here carries.
+`train-sources --from`); another headless encoder is refused as a merge input with the reason. The
+task is given, or read from the `foldmerge_task` key a directory written here carries, or is the
+model's head (its labels and the directory's name).
 
 Out: `write_hf(merged, dir, sources)` writes what standard code loads (`save_hf` into a fresh
 directory swapped into place; a merge writes it inside its output directory, in the same swap):
-  OUT/backbone/        the merged `BertModel` / `ViTModel`: config.json, backbone.safetensors and its index
+  OUT/backbone/        the merged encoder (`BertModel`, `ViTModel`, …): config.json, backbone.safetensors and its index
   OUT/<task>/          per task a `…ForSequenceClassification` / `…ForImageClassification` whose classifier is that task's
                        merged head (the folded U inside it), `id2label` kept from its source,
                        so `AutoModelFor…Classification.from_pretrained(OUT/<task>)` gives
@@ -32,7 +35,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .arch import encoder, hf_vit
+from .arch import encoder
 from .data import Task
 from .io import ModelFileError, check_finite, load_pickle, real, swap_in, tmp_beside, write_tensors
 from .model import TaskModel
@@ -44,20 +47,17 @@ from .schema import HFConfig, check
 # Hugging Face directories need it
 
 # Hugging Face class -> (our family, the attribute holding its backbone, the backbone's own class);
-# a backbone class alone (no head) is a pre-trained start to fine-tune, not a merge input. The text
-# encoders come from their tables (arch/families), the ViT from arch.hf_vit.
+# a backbone class alone (no head) is a pre-trained start to fine-tune, not a merge input. Each
+# family is a table (arch/families).
 TABLES = encoder.tables()
-CLASSES = {**{c.sequence: (t.family, t.prefix, c.base) for t in TABLES.values() for c in t.model_types.values()},
-           "ViTForImageClassification": ("hf-vit", "vit", "ViTModel")}
-HEADLESS = {c.base for t in TABLES.values() for c in t.model_types.values()} | {"ViTModel"}
-CLASSIFIER = {**{t.family: t.classifier for t in TABLES.values()}, "hf-vit": "classifier"}
+CLASSES = {c.sequence: (t.family, t.prefix, c.base) for t in TABLES.values() for c in t.model_types.values()}
+HEADLESS = {c.base for t in TABLES.values() for c in t.model_types.values()}
+CLASSIFIER = {t.family: t.classifier for t in TABLES.values()}
 TOKENIZER_FILES = ("vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model",
                    "added_tokens.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "preprocessor_config.json")          # the last: an image processor's
 BACKBONE_KEYS = tuple(TABLES["bert"].keys)
-CONFIG_KEYS = {**{t.family: ("model_type", *t.keys) for t in TABLES.values()},
-               "hf-vit": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
-                          "patch_size", "num_channels", "layer_norm_eps", "hidden_act", "qkv_bias")}
+CONFIG_KEYS = {t.family: ("model_type", *t.keys) for t in TABLES.values()}
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
@@ -170,7 +170,7 @@ def load_hf(path: str | os.PathLike, task=None, allow_pickle: bool = False):
     if labels and len(labels) != task.num_classes:
         raise ModelFileError(f"{path} has {len(labels)} labels but task {task} has {task.num_classes} classes")
     family, attr, _ = CLASSES[cfg["architectures"][0]]
-    if task.builtin and task.is_text != (family in TABLES):
+    if task.builtin and task.is_text != (TABLES[family].input == "text"):
         raise ModelFileError(f"{path} is a {cfg['architectures'][0]}, but task {task} is "
                              f"{'text' if task.is_text else 'images'}")
     state, weights = read_weights(path, allow_pickle)
@@ -357,18 +357,16 @@ def _write_hf(merged, out: Path, sources=()) -> None:
         raise ValueError(f"Hugging Face output is for the {', '.join(sorted(kinds))} families; this model is a "
                          f"{merged.arch}")
     name, attr, base_name = kinds[merged.arch]
-    table = TABLES.get(merged.arch)
-    if table:                                     # the sources' model type's classes (XLM-R, CamemBERT…)
-        chosen = encoder.classes(table, merged.backbone_config)
-        name, base_name = chosen.sequence, chosen.base
-    hf_config = (lambda c: encoder.hf_config(table, c)) if table else hf_vit.hf_config
+    table = TABLES[merged.arch]
+    chosen = encoder.classes(table, merged.backbone_config)       # the sources' model type's (XLM-R, CamemBERT…)
+    name, base_name = chosen.sequence, chosen.base
     cls, base_cls = getattr(transformers, name), getattr(transformers, base_name)
     tmp = Path(out)
-    config = hf_config(merged.backbone_config)
+    config = encoder.hf_config(table, merged.backbone_config)
     ours = merged.backbone.state_dict()
     bert_state = {k[len(attr) + 1:]: v for k, v in ours.items() if k.startswith(attr + ".")}
     beside = {k: v for k, v in ours.items() if not k.startswith(attr + ".")}     # a features layer beside it
-    base = base_cls(config, **(table.base_arguments if table else {"add_pooling_layer": False}))
+    base = base_cls(config, **table.base_arguments)
     _load_exact(base, bert_state)
     # the backbone's tensors are written once, as a shard whose names carry the classifiers' prefix
     # (`bert.…`), which the headless class reads too; each task directory hard-links that shard beside
@@ -382,7 +380,7 @@ def _write_hf(merged, out: Path, sources=()) -> None:
     for i, task in enumerate(merged.tasks):
         owner = next((s for s in sources if task.name in [t.name for t in s.tasks]), None)
         labels = (owner.meta.get("id2label") if owner else None) or {c: str(c) for c in range(task.num_classes)}
-        cfg = hf_config(merged.backbone_config)
+        cfg = encoder.hf_config(table, merged.backbone_config)
         cfg.num_labels = task.num_classes
         cfg.id2label = {int(k): v for k, v in labels.items()}
         cfg.label2id = {v: int(k) for k, v in cfg.id2label.items()}

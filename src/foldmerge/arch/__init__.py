@@ -13,15 +13,15 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable
 
-from . import encoder, hf_vit, mlp, resnet, vit
+from . import encoder, mlp, resnet, vit
 
 _FAMILIES: dict[str, Callable] = {}
 
 
 def _builtin() -> dict[str, Callable]:
     if not _FAMILIES:
-        _FAMILIES.update({"mlp": mlp.spec, "vit": vit.spec, "hf-vit": hf_vit.spec, "resnet": resnet.spec})
-        # the Hugging Face text encoders, each described by a table (arch/families/*.json)
+        _FAMILIES.update({"mlp": mlp.spec, "vit": vit.spec, "resnet": resnet.spec})
+        # the Hugging Face encoders, each described by a table (arch/families/*.json)
         _FAMILIES.update({name: partial(encoder.spec, name) for name in encoder.tables()})
     return _FAMILIES
 

@@ -73,7 +73,7 @@ class Roles(_Strict):
     layers: Name
     heads: Name
     mlp: Name
-    pad: Name
+    pad: Name | None = None                       # text: the padding id, masked out of attention
 
 
 class Classes(_Strict):
@@ -88,17 +88,22 @@ class Table(_Strict):
     family: Name
     about: Name
     model_types: dict[StrictStr, Classes] = Field(min_length=1)   # the first is the default
-    input: Literal["text"]
+    layout: Literal["post-ln", "pre-ln"] = "post-ln"
+    input: Literal["text", "image"]
     base_arguments: dict[StrictStr, StrictBool] = {}
     prefix: Name
-    embeddings: list[Name] = Field(min_length=1)
-    embedding_norm: Name
+    embeddings: list[Name] = []                   # text: the tables summed into the stream
+    embedding_norm: Name | None = None            # post-LN: the LayerNorm after that sum
     embedding_projection: Projection | None = None
+    tokens: list[Name] = []                       # images: class (and distillation) tokens, positions
+    patch: Name | None = None                     # images: the patch embedding (a Conv2d of stride p)
     layer: Annotated[StrictStr, Field(pattern=r"\{l\}")]
     attention: Attention
     mlp: MLP
-    features: Features
+    final_norm: Name | None = None                # pre-LN: the LayerNorm after the last layer
+    features: Features | None = None              # None: the stream at the first token is the features
     classifier: Name
+    requires: dict[StrictStr, StrictBool] = {}    # boolean config keys the spec covers one value of
     roles: Roles
     keys: dict[StrictStr, Literal["size", "index", "number", "name", "bool"]]
     defaults: dict[StrictStr, object]
@@ -170,25 +175,38 @@ class Backbone(nn.Module):
         import transformers
         c = config_of(table, config)
         r = table.roles
+        for key, value in table.requires.items():
+            if c[key] != value:
+                raise ValueError(f"the {table.family} spec covers models with {key} {str(value).lower()}")
         check_sizes(table.family, {k: c[k] for k, kind in table.keys.items() if kind == "size"}, r.width, r.heads)
-        self.family, self.pad_token_id = table.family, c[r.pad]
+        self.family, self.pad_token_id = table.family, c[r.pad] if r.pad else None
         encoder = getattr(transformers, classes(table, c).base)(hf_config(table, c), **table.base_arguments)
         self.add_module(table.prefix, encoder)
-        if not table.features.layer.startswith(table.prefix + "."):
-            _place(self, table.features.layer, nn.Linear(c[r.width], c[r.width]))
-        self.features_layer, self.activation = table.features.layer, ACTIVATIONS[table.features.activation]
-        self.out_dim = c[r.width]
+        f = table.features
+        if f and not f.layer.startswith(table.prefix + "."):
+            _place(self, f.layer, nn.Linear(c[r.width], c[r.width]))
+        self.features_layer, self.activation = (f.layer, ACTIVATIONS[f.activation]) if f else (None, None)
+        self.reads, self.out_dim = table.input, c[r.width]
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.is_floating_point():
-            raise ValueError(f"a {self.family} reads token ids (integers), not floating-point inputs")
-        mask = (ids != self.pad_token_id).long()
-        first = getattr(self, tables()[self.family].prefix)(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        encoder = getattr(self, tables()[self.family].prefix)
+        if self.reads == "text":
+            if x.is_floating_point():
+                raise ValueError(f"a {self.family} reads token ids (integers), not floating-point inputs")
+            first = encoder(input_ids=x, attention_mask=(x != self.pad_token_id).long()).last_hidden_state[:, 0]
+        else:
+            if not x.is_floating_point():
+                raise ValueError(f"a {self.family} reads images (floating point), not integers")
+            first = encoder(pixel_values=x).last_hidden_state[:, 0]
+        if self.features_layer is None:
+            return first
         return self.activation(self.get_submodule(self.features_layer)(first))
 
 
 def spec(family: str, config: dict) -> ArchSpec:
     table = tables()[family]
+    if table.layout == "pre-ln":
+        return _pre_ln_spec(table, config_of(table, config))
     c = config_of(table, config)
     r, p = table.roles, table.prefix
     heads = c[r.heads]
@@ -235,6 +253,39 @@ def spec(family: str, config: dict) -> ArchSpec:
     return ArchSpec(family, spaces, params, norms, probes, output="feat", build=lambda cfg: Backbone(table, cfg),
                     resize=lambda cfg, widths: resize(table, cfg, widths), width_spaces=("res", "mlp0"),
                     check=lambda configs: check_compatible(table, configs), units=units, defaults="bert")
+
+
+def _pre_ln_spec(table: Table, c: dict) -> ArchSpec:
+    """A pre-LN image encoder (ViT, DeiT): the stream `res` is written by the patch embedding (a
+    linear map at every patch location, reading the shared pixels) summed with the tokens and the
+    position table, so one M (`embed`) merges them all; every block reads it through the LayerNorm
+    before its attention and the one before its MLP; the final LayerNorm's output at the first token
+    is the features (the output space is `res` itself)."""
+    r, p, a, m = table.roles, table.prefix, table.attention, table.mlp
+    heads = c[r.heads]
+    spaces = [Space("pixels", shared=True), Space("res")]
+    params = [Param(f"{p}.{t}", (None, None, "res"), merge_at="embed") for t in table.tokens]
+    params += [Param(f"{p}.{table.patch}.weight", ("res", "pixels", None, None), merge_at="embed"),
+               Param(f"{p}.{table.patch}.bias", ("res",), merge_at="embed")]
+    norms, probes = [], []
+    for l in range(c[r.layers]):
+        b = f"{p}.{table.layer.format(l=l)}"
+        qk, v, hid = f"qk{l}", f"v{l}", f"mlp{l}"
+        spaces += [Space(qk, heads=heads), Space(v, heads=heads), Space(hid)]
+        before = f"{b}.{a.norm}"
+        for name, out, inp, at in ((a.query, qk, "res", before), (a.key, qk, "res", before),
+                                   (a.value, v, "res", before), (a.output, "res", v, None),
+                                   (m.up, hid, "res", None), (m.down, "res", hid, None)):
+            params += [Param(f"{b}.{name}.weight", (out, inp), unmerge_at=at), Param(f"{b}.{name}.bias", (out,))]
+        norms += [Norm(before, "res"), Norm(f"{b}.{m.norm}", "res")]
+        probes += [Probe("res", before, "in"), Probe(qk, f"{b}.{a.query}"), Probe(qk, f"{b}.{a.key}"),
+                   Probe(v, f"{b}.{a.value}"), Probe(hid, f"{b}.{m.down}", "in")]
+    norms.append(Norm(f"{p}.{table.final_norm}", "res"))
+    probes += [Probe("res", f"{p}.{table.final_norm}", "in"), Probe("res", "")]
+    return ArchSpec(table.family, spaces, params, norms, probes, output="res",
+                    build=lambda cfg: Backbone(table, cfg), resize=lambda cfg, widths: resize(table, cfg, widths),
+                    width_spaces=("res", "mlp0"), check=lambda configs: check_compatible(table, configs),
+                    defaults="hf-vit")
 
 
 def resize(table: Table, config: dict, widths: list[int]) -> dict:
