@@ -162,3 +162,39 @@ def test_a_command_line_merge_loads_with_auto_classes_and_predicts_as_the_merge(
             task = auto_class(family).from_pretrained(out / "hf" / source.name).eval()
             torch.testing.assert_close(hf_logits(task, family, x), ours[i], rtol=1e-5, atol=1e-5)
             assert task.config.id2label[0] == LABELS[i][0]
+
+
+def test_bad_families_are_one_line_and_nothing_is_written(tmp_path, capsys):
+    """A model type with no table names the supported classes; two families in one merge, or two
+    model types of one family, are refused; a method that needs equal widths says so."""
+    import transformers
+    kw = dict(FAMILIES["bert"][2], num_labels=3)
+    bert, roberta = make(tmp_path, "bert", 0), make(tmp_path, "roberta", 0)
+    xlmr = make(tmp_path, "xlm-roberta", 1)
+    torch.manual_seed(5)
+    wide = tmp_path / "roberta-wide"
+    transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**{**kw, "hidden_size": 12},
+                                                                             pad_token_id=1)).save_pretrained(wide)
+    gpt = tmp_path / "gpt2"
+    transformers.GPT2ForSequenceClassification(transformers.GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=40,
+                                                                       n_positions=16, num_labels=3)).save_pretrained(gpt)
+    np.save(tmp_path / "ids.npy", ids("roberta", 16).numpy())
+    out = tmp_path / "out"
+    capsys.readouterr()                  # what transformers printed while the test made the models
+    for models, method, says in [((gpt, bert), "average", "GPT2ForSequenceClassification"),
+                                 ((bert, roberta), "average", "different architectures"),
+                                 ((roberta, xlmr), "average", "different model types"),
+                                 ((roberta, wide), "average", "differ in hidden_size"),
+                                 ((roberta, wide), "zipit", "identical hidden widths")]:
+        code = cli.main(["merge", *map(str, models), "--data", *[str(tmp_path / "ids.npy")] * 2, "--per-task", "8",
+                         "--method", method, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.splitlines()) == 1 and says in err, err
+        assert not out.exists()
+    assert "supported: BertForSequenceClassification" in cli_error(gpt, bert, tmp_path, capsys)
+
+
+def cli_error(a, b, tmp_path, capsys):
+    cli.main(["merge", str(a), str(b), "--data", *[str(tmp_path / "ids.npy")] * 2, "--per-task", "8",
+              "--method", "average", "--out", str(tmp_path / "out")])
+    return capsys.readouterr().err
