@@ -198,3 +198,34 @@ def cli_error(a, b, tmp_path, capsys):
     cli.main(["merge", str(a), str(b), "--data", *[str(tmp_path / "ids.npy")] * 2, "--per-task", "8",
               "--method", "average", "--out", str(tmp_path / "out")])
     return capsys.readouterr().err
+
+
+def test_bench_families_runs_every_row_on_tiny_models(monkeypatch, tmp_path):
+    """`foldmerge bench families` on tiny sources trained for one epoch on 300 examples: every row, a
+    report, and its errors; the measured run is in docs/benchmarks/families.md."""
+    import json
+
+    from foldmerge.bench import families as bench
+    from foldmerge.bench.report import build_report
+    from foldmerge.data import Task
+    split = Task.split
+    monkeypatch.setattr(Task, "split", lambda self, which: tuple(t[:300] for t in split(self, which)))
+    tiny = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 16}
+    monkeypatch.setattr(bench, "FAMILIES", {
+        "roberta": (bench.TEXT, lambda: bench._text({**tiny, "type_vocab_size": 1, "max_position_embeddings": 260})),
+        "deit": (bench.IMAGES, lambda: {**tiny, "image_size": 28, "patch_size": 7, "num_channels": 1})})
+    monkeypatch.setattr(bench, "SOURCE", {k: {**v, "epochs": 1, "limit": 64} for k, v in bench.SOURCE.items()})
+    monkeypatch.setattr(bench, "PER_TASK", 8)
+    monkeypatch.setattr(bench, "HELD_OUT", 8)
+    monkeypatch.setattr(bench, "PLAN", [(n, m, {**o, "epochs": 1} if o else o) for n, m, o in bench.PLAN])
+    r = bench.run_bench(families=("roberta", "deit"), out=str(tmp_path))
+    assert [row["method"] for row in r["rows"]] == ["originals", "ensemble", "average", "ZipIt!", "permute", "distill",
+                                                   "fs-merge diag+lowrank(12)"] * 2
+    assert all(0 <= row["per_task"] <= 100 for row in r["rows"])
+    r.update(command="foldmerge bench families", environment={"machine": "test"})
+    (tmp_path / "bench-families.json").write_text(json.dumps(r))
+    build_report([str(tmp_path / "bench-families.json")], str(tmp_path / "report"), "x")
+    assert "roberta (text)" in (tmp_path / "report" / "report.md").read_text()
+    bench.print_report(r, "x")
+    with pytest.raises(ValueError, match="unknown family"):
+        bench.run_bench(families=("gpt2",), out=str(tmp_path))

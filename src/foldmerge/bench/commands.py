@@ -10,7 +10,7 @@ from pathlib import Path
 from ..commands import add_threads, argtype, command_line, set_threads
 from ..options import Integer, Number
 from ..provenance import environment
-from . import cnn, cost, defaults, efficiency, gating, mlp, same_task, scale, selection, text, vit
+from . import cnn, cost, defaults, efficiency, families, gating, mlp, same_task, scale, selection, text, vit
 
 
 def add_arguments(p) -> None:
@@ -76,6 +76,14 @@ def add_arguments(p) -> None:
     b.add_argument("--seeds", type=argtype(Integer(1)), default=None, help="seed pairs per cell (default 1)")
     b.add_argument("--methods", nargs="+", default=None, help="only these rows or methods (default all)")
     b.add_argument("--out", default="runs/bench", help="cache for source models and measured cells (default runs/bench)")
+    b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
+    add_threads(b, show=False)
+    b = bench.add_parser("families", help="Hugging Face families (RoBERTa, DistilBERT, DeiT) from different seeds: "
+                                          "FS-Merge, distillation, alignment, averaging")
+    b.add_argument("--families", nargs="+", default=None, metavar="FAMILY",
+                   help=f"of: {' '.join(families.FAMILIES)} (default all)")
+    b.add_argument("--methods", nargs="+", default=None, help="only these rows or methods (default all)")
+    b.add_argument("--out", default="runs/bench", help="cache for source models (default runs/bench)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     add_threads(b, show=False)
     b = bench.add_parser("vit", help="FS-Merge paper 3.2: ViT pairs from different inits and tasks")
@@ -151,6 +159,10 @@ def run(args) -> None:
                                      datasets=tuple(args.datasets or same_task.DATASETS),
                                      seeds=args.seeds or same_task.SEEDS, methods=args.methods, out=args.out)
         return _report_bench(result, args, same_task.print_report)
+    if args.bench == "families":
+        result = families.run_bench(families=tuple(args.families or families.FAMILIES), methods=args.methods,
+                                    out=args.out)
+        return _report_bench(result, args, families.print_report)
     if args.bench == "data-efficiency":
         result = efficiency.run_bench(arch=args.arch, counts=tuple(args.counts or efficiency.COUNTS), seeds=args.seeds,
                                       out=args.out)

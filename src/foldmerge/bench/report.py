@@ -38,11 +38,13 @@ from .results import (
 
 MARK = "report.md"      # a directory holding this is a report, and may be replaced by a new one
 # the sections, in this order: result kind -> heading
-TOPICS = {"mlp": "MLP", "vit": "ViT", "text": "Text (BERT)", "cnn": "CNN", "same-task": "Models of one task", "gating": "One start (gating)",
+TOPICS = {"mlp": "MLP", "vit": "ViT", "text": "Text (BERT)", "cnn": "CNN", "same-task": "Models of one task",
+          "families": "Hugging Face families", "gating": "One start (gating)",
           "scale": "Scale", "data-efficiency": "Data efficiency", "cost": "Cost", "defaults": "Defaults",
           "select": "Label-free selection", "merge": "Merges", "eval": "Evaluations"}
 # the benches that compare methods at fixed settings, one summary row per setting; what a replicate is
-REPLICATE = {"mlp": "seed", "vit": "pair", "text": "pair", "cnn": "seed", "same-task": "seed", "gating": "run", "defaults": "pair"}
+REPLICATE = {"mlp": "seed", "vit": "pair", "text": "pair", "cnn": "seed", "same-task": "seed", "families": "pair",
+             "gating": "run", "defaults": "pair"}
 
 
 def add_arguments(p) -> None:

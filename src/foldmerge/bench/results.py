@@ -177,6 +177,14 @@ class _SameTaskRow(_Row):
     mflops: Num | None = None
 
 
+class _FamilyRow(_Accuracy):
+    family: Text
+
+
+class Families(_Bench):
+    rows: list[_FamilyRow]
+
+
 class SameTask(_Bench):
     rows: list[_SameTaskRow]
     correlation: _Correlation
@@ -185,7 +193,8 @@ class SameTask(_Bench):
 # bench name -> the schema of its JSON
 BENCHES: dict[str, type[_Bench]] = {"vit": VitText, "text": VitText, "cnn": Cnn, "mlp": Mlp, "gating": Gating,
                                     "defaults": Defaults, "select": Select, "cost": Cost, "scale": Scale,
-                                    "data-efficiency": DataEfficiency, "same-task": SameTask}
+                                    "data-efficiency": DataEfficiency, "same-task": SameTask,
+                                    "families": Families}
 
 
 class _Scores(_Read):
@@ -293,6 +302,10 @@ def points(result: dict) -> list[dict]:
         for r in result["rows"]:
             out.append(_point(r["setting"], f"{r['method']}, validation pick", r["test_at_validation_pick"]))
             out.append(_point(r["setting"], f"{r['method']}, label-free pick", r["test_at_label_free_pick"]))
+    elif bench == "families":
+        for r in result["rows"]:
+            out.append(_point(f"{r['family']} ({r.get('modality', '?')})", r["method"], r["per_task"], r.get("joint"),
+                              r.get("seconds"), r.get("learnable_parameters")))
     elif bench == "same-task":
         # one head: no joint accuracy; the sources' level is their mean ("source 1", "source 2", ...)
         sources: dict[tuple, list] = {}
