@@ -229,3 +229,55 @@ def test_bench_families_runs_every_row_on_tiny_models(monkeypatch, tmp_path):
     bench.print_report(r, "x")
     with pytest.raises(ValueError, match="unknown family"):
         bench.run_bench(families=("gpt2",), out=str(tmp_path))
+
+
+def test_models_of_different_depths_merge_where_the_family_has_an_identity_block(tmp_path, capsys):
+    """Pre-LN (DeiT): a 2-block and a 3-block model merge at 3 blocks, the shallower padded with
+    identity blocks (it computes what it did); post-LN (RoBERTa) has no identity block: one line."""
+    import transformers
+
+    from foldmerge.api import equal_depths
+    config_class, head_class, kw = FAMILIES["deit"]
+    paths = []
+    for k, depth in enumerate((2, 3)):
+        torch.manual_seed(k)
+        c = getattr(transformers, config_class)(**{**kw, "num_hidden_layers": depth}, num_labels=3 + k)
+        getattr(transformers, head_class)(c).save_pretrained(tmp_path / f"deit{depth}")
+        paths.append(tmp_path / f"deit{depth}")
+    src = [load_hf(p) for p in paths]
+    padded = equal_depths(src)
+    x = ids("deit")
+    assert padded[0].backbone_config["num_hidden_layers"] == 3 and padded[1] is src[1]
+    torch.testing.assert_close(padded[0](x)[0], src[0](x)[0], rtol=0, atol=1e-6)
+    np.save(tmp_path / "x.npy", ids("deit", 16).numpy())
+    out = tmp_path / "merged"
+    capsys.readouterr()
+    assert cli.main(["merge", *map(str, paths), "--data", *[str(tmp_path / "x.npy")] * 2, "--per-task", "8",
+                     "--method", "fs-merge", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    task = transformers.AutoModelForImageClassification.from_pretrained(out / "hf" / "deit2")
+    assert task.config.num_hidden_layers == 3
+    with torch.no_grad():
+        torch.testing.assert_close(task(pixel_values=x).logits, foldmerge.load(out)(x)[0], rtol=1e-5, atol=1e-5)
+    r2, r3 = make(tmp_path, "roberta", 0), tmp_path / "roberta3"
+    config_class, head_class, kw = FAMILIES["roberta"]
+    getattr(transformers, head_class)(getattr(transformers, config_class)(**{**kw, "num_hidden_layers": 3},
+                                                                          num_labels=2)).save_pretrained(r3)
+    capsys.readouterr()
+    np.save(tmp_path / "ids.npy", ids("roberta", 16).numpy())
+    assert cli.main(["merge", str(r2), str(r3), "--data", *[str(tmp_path / "ids.npy")] * 2, "--per-task", "8",
+                     "--method", "fs-merge", "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "layer counts [2, 3]" in err and "no identity" in err
+    assert not (tmp_path / "no").exists()
+
+
+def test_a_two_class_model_whose_config_leaves_out_its_default_labels_loads(tmp_path):
+    """transformers writes no id2label (nor num_labels) when they are its defaults (two classes)."""
+    import json
+
+    import transformers
+    config_class, head_class, kw = FAMILIES["roberta"]
+    getattr(transformers, head_class)(getattr(transformers, config_class)(**kw)).save_pretrained(tmp_path / "binary")
+    assert "id2label" not in json.loads((tmp_path / "binary" / "config.json").read_text())
+    model = load_hf(tmp_path / "binary")
+    assert model.tasks[0].num_classes == 2

@@ -267,6 +267,39 @@ class Job:
     started: float = field(default_factory=time.perf_counter)
 
 
+def equal_depths(models: list[TaskModel]) -> list[TaskModel]:
+    """Models of one family at one depth: where their depths differ, the shallower ones with identity
+    blocks appended (the spec's `deepen`: pre-LN families), or one line saying why they cannot be."""
+    spec = models[0].spec
+    if spec.depth is None or len({m.arch for m in models}) > 1:
+        return models
+    depths = [spec.depth(m.backbone_config) for m in models]
+    deepest = max(depths)
+    if len(set(depths)) == 1:
+        return models
+    if spec.deepen is None:
+        raise ValueError(f"these {spec.name} models have different layer counts {depths}; a {spec.name} block has no "
+                         "identity (its "
+                         "LayerNorm after the residual sum normalizes the stream), so a shallower one cannot be "
+                         "padded: merge models of one depth (pre-LN families such as hf-vit and deit can)")
+    out = []
+    for m, d in zip(models, depths):
+        if d == deepest:
+            out.append(m)
+            continue
+        config, state = spec.deepen(m.backbone_config, m.backbone, deepest)
+        deep = TaskModel(m.arch, config, m.tasks, m.head_bias, head=m.head_kind)
+        p = next(m.backbone.parameters())
+        deep.to(dtype=p.dtype, device=p.device)
+        with torch.no_grad():
+            deep.backbone.load_state_dict(state)
+            for dst, src in zip(deep.heads, m.heads):
+                dst.load_state_dict(src.state_dict())
+        deep.meta = {**m.meta, "deepened": {"from": d, "to": deepest, "rule": "identity blocks appended"}}
+        out.append(deep)
+    return out
+
+
 def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: int | None = None, engine=None,
             calibrate: str = "routing", select=None, held_out=0, checkpoint_every: int = 0,
             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, keep_checkpoint: bool = False,
@@ -314,7 +347,7 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
     sources = load_sources(models, s.get("tasks"), s["allow_pickle"])
     given = read_option_files(given, [o.name for o in m.options if isinstance(o.kind, ModelRef)],
                               [o.name for o in m.options if isinstance(o.kind, TensorFile)], s["allow_pickle"])
-    merged_form = [x.merge_form() for x in sources]
+    merged_form = equal_depths([x.merge_form() for x in sources])
     sharing = share(merged_form, s.get("same_task", SETTING["same_task"].default))
     if sharing.shared and m.name == "gating":
         raise ValueError("the gating merge routes each input to its own task's head; these models answer one "

@@ -165,7 +165,9 @@ def load_hf(path: str | os.PathLike, task=None, allow_pickle: bool = False):
                else "as a ViTForImageClassification")
         raise ModelFileError(f"{path} is a {cfg['architectures'][0]} without a classification head: a merge input "
                              f"needs one; fine-tune it first ({how})")
-    labels = cfg.get("id2label") or {}
+    # transformers leaves id2label (and num_labels) out of config.json when they are its defaults:
+    # two classes, LABEL_0 and LABEL_1
+    labels = cfg.get("id2label") or {str(i): f"LABEL_{i}" for i in range(cfg.get("num_labels") or 2)}
     task = _task(path, task, cfg.get("foldmerge_task"), labels)
     if labels and len(labels) != task.num_classes:
         raise ModelFileError(f"{path} has {len(labels)} labels but task {task} has {task.num_classes} classes")

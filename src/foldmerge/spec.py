@@ -52,6 +52,11 @@ lives in. That is all a method needs to know about an architecture:
                spaces (where merged widths differ per space: PLeaS's budgets, partial zips).
       defaults: the row of `foldmerge.arch.defaults` whose values its merges take by default (each
                built-in family its own; a user's architecture "vit" unless it names another).
+      depth(config) -> int:  the number of blocks, where models of the family may differ in it.
+      deepen(config, backbone, depth) -> (config, state):  the equivalent backbone with identity blocks
+               appended up to `depth`, where the family has an identity block (pre-LN: a block whose
+               output projections are zero adds nothing to the stream); models of different depths
+               merge at the deepest one's depth. Without it they are refused, with the reason.
 
 `validate(backbone)` checks a spec against a model and returns every space's width: each
 parameter of the model is covered exactly once, every axis names a space of the spec and
@@ -131,6 +136,8 @@ class ArchSpec:
     merge_form: Callable | None = None
     resize_spaces: Callable[[dict, dict], dict] | None = None
     defaults: str = "vit"
+    depth: Callable[[dict], int] | None = None
+    deepen: Callable | None = None
     # (Linear module, the space it writes) of a backbone that is x -> [Linear -> ReLU] x L, the
     # last ReLU its output, in order; local FS-Merge trains each such layer alone (empty: not one)
     relu_layers: tuple[tuple[str, str], ...] = ()

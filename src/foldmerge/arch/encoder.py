@@ -252,7 +252,8 @@ def spec(family: str, config: dict) -> ArchSpec:
     units.append(Unit(f, "output", (f"{f}.weight", f"{f}.bias")))
     return ArchSpec(family, spaces, params, norms, probes, output="feat", build=lambda cfg: Backbone(table, cfg),
                     resize=lambda cfg, widths: resize(table, cfg, widths), width_spaces=("res", "mlp0"),
-                    check=lambda configs: check_compatible(table, configs), units=units, defaults="bert")
+                    check=lambda configs: check_compatible(table, configs), units=units, defaults="bert",
+                    depth=lambda cfg: config_of(table, cfg)[r.layers])
 
 
 def _pre_ln_spec(table: Table, c: dict) -> ArchSpec:
@@ -285,7 +286,26 @@ def _pre_ln_spec(table: Table, c: dict) -> ArchSpec:
     return ArchSpec(table.family, spaces, params, norms, probes, output="res",
                     build=lambda cfg: Backbone(table, cfg), resize=lambda cfg, widths: resize(table, cfg, widths),
                     width_spaces=("res", "mlp0"), check=lambda configs: check_compatible(table, configs),
-                    defaults="hf-vit")
+                    defaults="hf-vit", depth=lambda cfg: config_of(table, cfg)[r.layers],
+                    deepen=lambda cfg, backbone, depth: deepen(table, cfg, backbone, depth))
+
+
+def deepen(table: Table, config: dict, backbone: nn.Module, depth: int) -> tuple[dict, dict]:
+    """A pre-LN backbone with identity blocks appended up to `depth` blocks: each a copy of the last
+    block with its attention output and MLP down projections zero, so it adds nothing to the stream
+    and the deeper model computes what the source does."""
+    r, p = table.roles, table.prefix
+    have = config_of(table, config)[r.layers]
+    state = backbone.state_dict()
+    last = f"{p}.{table.layer.format(l=have - 1)}."
+    zero = tuple(f"{n}." for n in (table.attention.output, table.mlp.down))
+    for l in range(have, depth):
+        new = f"{p}.{table.layer.format(l=l)}."
+        for k, v in list(state.items()):
+            if k.startswith(last):
+                rest = k[len(last):]
+                state[new + rest] = torch.zeros_like(v) if rest.startswith(zero) else v.clone()
+    return {**config, r.layers: depth}, state
 
 
 def resize(table: Table, config: dict, widths: list[int]) -> dict:
