@@ -254,6 +254,7 @@ def test_models_of_different_depths_merge_where_the_family_has_an_identity_block
     capsys.readouterr()
     assert cli.main(["merge", *map(str, paths), "--data", *[str(tmp_path / "x.npy")] * 2, "--per-task", "8",
                      "--method", "fs-merge", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    assert foldmerge.load(out).meta["deepened"] == [{"from": 2, "to": 3, "rule": "identity blocks appended"}, None]
     task = transformers.AutoModelForImageClassification.from_pretrained(out / "hf" / "deit2")
     assert task.config.num_hidden_layers == 3
     with torch.no_grad():

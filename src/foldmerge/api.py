@@ -644,6 +644,9 @@ def finish(job: Job, merged: TaskModel) -> TaskModel:
                                                      job.sharing.index) \
             if job.calibrate == "routing" else {"calibrate": "none"}
     merged.meta.update(seed=job.seed, merge_sample=job.sample, wall_seconds=time.perf_counter() - job.started)
+    deepened = [m.meta.get("deepened") for m in job.models]
+    if any(deepened):                            # per source: padded with identity blocks, or None
+        merged.meta["deepened"] = deepened
     bad = nonfinite(merged.state_dict())
     if bad:
         raise ValueError(f"the {job.method.name} merge produced non-finite weights ({bad}); nothing was saved. "
