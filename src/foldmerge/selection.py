@@ -90,8 +90,9 @@ def fidelity(merged, sources, held: list[torch.Tensor], features, index: list[li
                 key = task.name if names.count(task.name) == 1 else f"{task.name} (source {k + 1})"
                 out[key] = {
                     "agreement": 100.0 * (p.argmax(1) == q.argmax(1)).float().mean().item(),
-                    "kl": F.kl_div(F.log_softmax(q, 1), F.log_softmax(p, 1), log_target=True,
-                                   reduction="batchmean").item(),
+                    # KL is never negative; rounding leaves about -1e-9 where the two agree exactly
+                    "kl": max(0.0, F.kl_div(F.log_softmax(q, 1), F.log_softmax(p, 1), log_target=True,
+                                            reduction="batchmean").item()),
                     "examples": len(x)}
         return out
     finally:
