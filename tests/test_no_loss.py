@@ -260,3 +260,59 @@ def test_identity_tells_a_replaced_or_written_directory(tmp_path):
     first = identity(d)
     os.utime(d, ns=(1, 1))
     assert identity(d) != first
+
+
+# from the adversarial review: files the user put inside an output a run replaces
+def hf_pair(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+    paths = []
+    for k in range(2):
+        torch.manual_seed(k)
+        BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=16, num_labels=2 + k)
+                                      ).save_pretrained(tmp_path / f"hf{k}")
+        paths.append(tmp_path / f"hf{k}")
+    import numpy as np
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(1, 40, (16, 8)))
+    return paths, [str(tmp_path / "ids.npy")] * 2
+
+
+def test_a_replaced_model_keeps_the_user_s_files_at_every_depth_of_its_export(tmp_path, capsys):
+    models, data = hf_pair(tmp_path)
+    out = tmp_path / "m"
+    argv = ["merge", *map(str, models), "--data", *data, "--per-task", "8", "--method", "average", "--out", str(out)]
+    assert cli.main(argv) == 0
+    mine = {out / "notes.txt": "top", out / "hf" / "notes.txt": "in hf", out / "hf" / "hf0" / "mine.txt": "in a task",
+            out / "hf" / "oldtask" / "f.txt": "a folder of mine"}
+    for p, text in mine.items():
+        p.parent.mkdir(exist_ok=True)
+        p.write_text(text)
+    assert cli.main(argv + ["--force"]) == 0
+    assert {p: p.read_text() for p in mine} == mine
+    assert load_model(out).meta["method"] == "average"
+
+
+def test_a_config_file_inside_out_is_an_input(tmp_path, capsys):
+    models, data = hf_pair(tmp_path)
+    out = tmp_path / "m"
+    assert cli.main(["merge", *map(str, models), "--data", *data, "--per-task", "8", "--method", "average",
+                     "--out", str(out)]) == 0
+    yaml_file = out / "hf" / "merge.yaml"
+    yaml_file.write_text(f"models: [{models[0]}, {models[1]}]\nmethod: average\nout: {out}\nforce: true\n")
+    before = yaml_file.read_text()
+    capsys.readouterr()
+    refused(["merge", "--config", yaml_file, "--data", *data, "--per-task", "8"], capsys, "holds the input")
+    assert yaml_file.read_text() == before
+
+
+def test_a_report_run_again_keeps_the_user_s_files_in_its_folder(tmp_path, capsys):
+    result = tmp_path / "r.json"
+    shutil.copy(RESULTS / "bench-cnn-w4.json", result)
+    out = tmp_path / "report"
+    assert cli.main(["report", str(result), "--out", str(out)]) == 0
+    mine = {out / "notes.txt": "mine", out / "figs-mine" / "a.txt": "a", out / "copy.json": result.read_text()}
+    for p, text in mine.items():
+        p.parent.mkdir(exist_ok=True)
+        p.write_text(text)
+    assert cli.main(["report", str(result), "--out", str(out)]) == 0
+    assert {p: p.read_text() for p in mine} == mine and (out / "report.md").is_file()

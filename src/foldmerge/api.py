@@ -306,7 +306,8 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
             out: str | os.PathLike | None = None, force: bool = False, tasks=None, allow_pickle: bool = False,
             accelerator: str | None = None, devices: int | None = None, precision: str | None = None,
             per_task: int | None = None, fidelity: int | None = None, same_task: str | None = None, eval_data=None,
-            score: bool = False, cache: FeatureCache | None = None, command: str | None = None, **options) -> Job:
+            score: bool = False, cache: FeatureCache | None = None, command: str | None = None,
+            config_file: str | os.PathLike | None = None, **options) -> Job:
     """Every check of a merge, before any work (see the module docstring); the arguments are `merge`'s."""
     call = {k: v for k, v in {"function": "foldmerge.merge", "data": describe(data), "method": method, "seed": seed,
                               "augment": augment, "calibrate": calibrate, "select": describe(select),
@@ -336,7 +337,7 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
     # before any work: every place this run writes is checked against every input (models, the
     # models options name, data files) and against what is there now
     named = [v for o in m.options if isinstance(o.kind, ModelRef) and isinstance(v := given.get(o.name), str)]
-    inputs = _paths([models, named, data, eval_data, held_out])
+    inputs = _paths([models, named, data, eval_data, held_out, config_file])
     where = checkpoint_dir if checkpoint_dir is not None else (checkpoint_dir_of(s["out"]) if "out" in s else None)
     out_seen = False
     if "out" in s:
@@ -382,7 +383,7 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
 
 KEYWORDS = ("data", "method", "seed", "augment", "engine", "calibrate", "select", "held_out", "checkpoint_every",
             "checkpoint_dir", "resume", "keep_checkpoint", "out", "force", "tasks", "allow_pickle", "accelerator",
-            "devices", "precision", "per_task", "cache", "command")
+            "devices", "precision", "per_task", "cache", "command", "config_file")
 
 
 def _like(models, tensors: list | None) -> list | None:
@@ -715,6 +716,7 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
       lists them with their defaults), e.g. variant, param, init, epochs.
     seed, calibrate, select, held_out, fidelity, same_task, tasks, allow_pickle: as the command
       line's (`SETTINGS`). eval_data: labelled data per task of the merge, scored into meta.
+    config_file: the YAML file the merge was described in, if any: an input, never written over.
     engine: a `foldmerge.engine.Engine` (device, devices for DDP, precision) to train under
       Lightning Fabric; the merged model comes back on the CPU. None: this process, as is.
     out, force: save the merged model there (its Hugging Face export too, for HF sources), in one

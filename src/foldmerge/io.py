@@ -199,6 +199,21 @@ def swap_in(tmp: Path, out: Path, expect: tuple | None | bool = False) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def carry_over(old: Path, new: Path) -> None:
+    """Copy into `new` everything `old` holds that `new` does not, at every depth (a folder both hold
+    is walked into): what replaces a directory keeps the files put there by someone else. A file both
+    hold is the new one (written by this run)."""
+    for entry in old.iterdir():
+        there = new / entry.name
+        if not there.exists() and not there.is_symlink():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.copytree(entry, there, symlinks=True)
+            else:
+                shutil.copy2(entry, there, follow_symlinks=False)
+        elif entry.is_dir() and not entry.is_symlink() and there.is_dir() and not there.is_symlink():
+            carry_over(entry, there)
+
+
 def write_tensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
     """`save_file`, whose I/O failures (a full disk) are OSErrors like every other write's: safetensors
     raises its own error type for them."""
@@ -241,10 +256,8 @@ def save_model(model, out_dir: str | os.PathLike, meta: dict[str, Any] | None = 
             os.chmod(tmp / f, 0o666 & ~umask)
         if extra is not None:
             extra(tmp)
-        for old in (out.iterdir() if out.exists() else ()):             # the user's other files come along
-            if not (tmp / old.name).exists() and not (tmp / old.name).is_symlink():
-                (shutil.copytree if old.is_dir() and not old.is_symlink() else shutil.copy2)(
-                    old, tmp / old.name, **({"symlinks": True} if old.is_dir() else {"follow_symlinks": False}))
+        if out.exists():
+            carry_over(out, tmp)                     # the user's other files come along, at every depth
         swap_in(tmp, out, expect)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

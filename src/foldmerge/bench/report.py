@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from ..commands import command_line
-from ..io import check_target, identity, swap_in, tmp_beside
+from ..io import carry_over, check_target, identity, swap_in, tmp_beside
 from ..provenance import environment
 from ..tables import print_json
 from .figures import accuracy_against, accuracy_bars, cost_ratios, efficiency_curves, scale_gap
@@ -84,6 +84,8 @@ def build_report(paths: list[str], out: str, command: str) -> dict:
         os.chmod(tmp, 0o755)        # mkdtemp makes it private; a report is meant to be read
         (tmp / MARK).write_text(markdown(title, intro, blocks) + "\n")
         (tmp / "report.html").write_text(to_html(title, intro, blocks, tmp))
+        if target.exists():
+            carry_over(target, tmp)          # what else the folder held stays: a report replaces its own files
         swap_in(tmp, target, seen)
     except (TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as e:
         # a value the checks of `load_result` let through but the tables or figures cannot use

@@ -121,7 +121,8 @@ def run(args) -> None:
     data = settings.pop("data", None) or data
     eval_data = args.eval_data or eval_data
     per_task = settings.pop("per_task", None)
-    common = dict(tasks=tasks, eval_data=eval_data, score=True, command=command_line(), **settings, **options)
+    common = dict(tasks=tasks, eval_data=eval_data, score=True, command=command_line(), config_file=args.config,
+                  **settings, **options)
     if data:                                # per model, from files: per_task examples of each task
         merged = merge(models, data, method, per_task=per_task, **common)
     else:
