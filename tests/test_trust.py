@@ -290,3 +290,55 @@ def test_a_config_that_declares_huge_layers_is_refused_before_anything_is_alloca
     cfg["backbone"]["hidden"] = [10**9]                 # 784e9 weights: the real build would need ~3 TB
     (a / "config.json").write_text(json.dumps(cfg))
     cli_error(["eval", a], capsys, "the config makes it (1000000000, 784)")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("hidden_size", "8"), ("hidden_size", None), ("hidden_size", 8.0), ("layer_norm_eps", "1e-12"),
+    ("layer_norm_eps", -1), ("hidden_act", 5), ("type_vocab_size", "2"), ("intermediate_size", True),
+    ("num_labels", "2"), ("pad_token_id", "0"), ("id2label", ["neg", "pos"]), ("hidden_dropout_prob", "0.1"),
+    ("classifier_dropout", "0.1"), ("is_decoder", "false"), ("tie_word_embeddings", "yes"), ("dtype", "float99")])
+def test_a_hugging_face_config_field_of_the_wrong_type_is_one_line_with_or_without_a_tokenizer(
+        tmp_path, capsys, field, value):
+    """transformers reads a folder's config to load its tokenizer: the schema reads it first."""
+    import json
+
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] +
+                                                  [f"w{i}" for i in range(35)]))
+    for name in ("a", "b"):
+        BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=16,
+                                                 id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+                                      ).save_pretrained(tmp_path / name)
+        BertTokenizerFast(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / name)
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    cfg[field] = value
+    (tmp_path / "b" / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    code = cli.main(["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--method", "average",
+                     "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and "config.json" in err and field in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("change", ["classifier", "vocab_size", "max_position_embeddings", "num_labels"])
+def test_a_hugging_face_tensor_of_the_wrong_shape_is_named(tmp_path, capsys, change):
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertForSequenceClassification
+    d = tmp_path / "m"
+    BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=16, max_position_embeddings=16)).save_pretrained(d)
+    if change == "classifier":
+        state = load_file(str(d / "model.safetensors"))
+        state["classifier.weight"] = torch.zeros(3, 8)
+        save_file(state, str(d / "model.safetensors"))
+    else:
+        cfg = json.loads((d / "config.json").read_text())
+        cfg[change] = 10 if change == "vocab_size" else 4 if change == "max_position_embeddings" else 3
+        (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFileError, match=r"tensor '.*' is \(.*\), but config.json makes it") as e:
+        foldmerge.load(d)
+    assert len(str(e.value).splitlines()) == 1

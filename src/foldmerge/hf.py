@@ -181,8 +181,16 @@ def load_hf(path: str | os.PathLike, task=None, allow_pickle: bool = False):
     try:
         with quiet_transformers():          # transformers maps the file's names to its modules'
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+            with torch.device("meta"):          # the shapes the config makes, nothing allocated
+                expected = getattr(transformers, cfg["architectures"][0])(config).state_dict()
+            wrong = next((k for k, v in state.items() if k in expected and expected[k].shape != v.shape), None)
+            if wrong is not None:
+                raise ModelFileError(f"{weights}: tensor {wrong!r} is {tuple(state[wrong].shape)}, but config.json "
+                                     f"makes it {tuple(expected[wrong].shape)}")
             hf, info = getattr(transformers, cfg["architectures"][0]).from_pretrained(
                 None, config=config, state_dict=state, output_loading_info=True)
+    except ModelFileError:
+        raise
     except Exception as e:       # transformers' and huggingface_hub's config checks raise many kinds
         raise ModelFileError(f"{path}: cannot load it: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}"
                              ) from None
@@ -297,9 +305,9 @@ def load_tokenizer(path: str | os.PathLike):
     try:
         with quiet_transformers():
             return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelFileError(f"{path}: its tokenizer does not load ({str(e).strip().splitlines()[0][:160]})") \
-            from None
+    except Exception as e:          # transformers' tokenizer and config readers raise many kinds
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ModelFileError(f"{path}: its tokenizer does not load ({first})") from None
 
 
 def tokenizer_identity(tok) -> dict:
@@ -317,6 +325,8 @@ def tokenizer_identity(tok) -> dict:
 def check_tokenizers(paths) -> None:
     """Sources whose tokenizers differ (vocabulary, special tokens, normalization) cannot share an
     embedding table: token ids would mean different words. One clear error naming what differs."""
+    for p in paths:                 # each config through its schema first: transformers reads it to load a tokenizer
+        _hf_config(Path(p))
     seen = [(p, load_tokenizer(p)) for p in paths]
     seen = [(p, tokenizer_identity(t)) for p, t in seen if t is not None]
     for p, ident in seen[1:]:

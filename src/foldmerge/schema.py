@@ -23,6 +23,7 @@ Positive = Annotated[StrictInt, Field(ge=1)]
 Name = Annotated[StrictStr, Field(min_length=1)]
 # finite; in a strict model an int is a number, a boolean or a string is not
 Number = Annotated[float, Field(allow_inf_nan=False)]
+Probability = Annotated[Number, Field(ge=0, le=1)]
 
 
 class _Strict(BaseModel):
@@ -71,6 +72,25 @@ class HFConfig(BaseModel):
     hidden_act: Name = None
     qkv_bias: StrictBool = None
     foldmerge_task: Name = None
+    # the other families' sizes, and the fields of every transformers config its loader reads before ours
+    embedding_size: Positive = None
+    dim: Positive = None
+    n_layers: Positive = None
+    n_heads: Positive = None
+    hidden_dim: Positive = None
+    label2id: dict[StrictStr, Annotated[StrictInt, Field(ge=0)]] = None
+    hidden_dropout_prob: Probability = None
+    attention_probs_dropout_prob: Probability = None
+    classifier_dropout: Probability | None = None
+    dropout: Probability = None
+    attention_dropout: Probability = None
+    seq_classif_dropout: Probability = None
+    initializer_range: Annotated[Number, Field(ge=0)] = None
+    is_decoder: StrictBool = None
+    tie_word_embeddings: StrictBool = None
+    use_cache: StrictBool = None
+    dtype: Literal["float32", "float16", "bfloat16", "float64", "auto"] | None = None
+    torch_dtype: Literal["float32", "float16", "bfloat16", "float64", "auto"] | None = None
 
 
 class LoopState(_Strict):
