@@ -342,3 +342,31 @@ def test_a_hugging_face_tensor_of_the_wrong_shape_is_named(tmp_path, capsys, cha
     with pytest.raises(ModelFileError, match=r"tensor '.*' is \(.*\), but config.json makes it") as e:
         foldmerge.load(d)
     assert len(str(e.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["model config", "hf config", "report input", "yaml", "yaml key"])
+def test_a_file_nested_too_deeply_or_with_a_list_for_a_key_is_one_line(tmp_path, capsys, where):
+    deep_json = '{"a":' * 100000 + "1" + "}" * 100000
+    a, b = tmp_path / "a", tmp_path / "b"
+    for k, p in enumerate((a, b)):
+        torch.manual_seed(k)
+        TaskModel("mlp", {"in_dim": 784, "hidden": [8]}, [f"mnist:{'0-4' if k == 0 else '5-9'}"]).save(p)
+    out = tmp_path / "o"
+    if where == "model config":
+        (b / "config.json").write_text(deep_json)
+        argv = ["merge", str(a), str(b), "--method", "average", "--out", str(out)]
+    elif where == "hf config":
+        (b / "config.json").write_text(deep_json.replace('{"a":', '{"model_type": "bert", "a":', 1))
+        argv = ["merge", str(a), str(b), "--method", "average", "--out", str(out)]
+    elif where == "report input":
+        (tmp_path / "r.json").write_text(deep_json)
+        argv = ["report", str(tmp_path / "r.json"), "--out", str(out)]
+    else:
+        text = (f"models: {'[' * 100000}{']' * 100000}\nout: {out}\n" if where == "yaml" else
+                f"models: [{a}, {b}]\n? [x, y]\n: 3\nout: {out}\n")
+        (tmp_path / "m.yaml").write_text(text)
+        argv = ["merge", "--config", str(tmp_path / "m.yaml")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and ("nested too deeply" in err or "a key must be a name" in err), err
+    assert not out.exists()

@@ -45,6 +45,9 @@ class _Loader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise yaml.YAMLError(f"line {key_node.start_mark.line + 1}: a key must be a name, not "
+                                     f"{type(key).__name__} {key!r:.40}")
             if key in seen:
                 raise yaml.YAMLError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice")
             seen.add(key)
@@ -61,6 +64,8 @@ def read(path: str, method: str | None = None) -> dict:
         raise ValueError(f"{where}: no such file") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ValueError(f"{where} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise ValueError(f"{where} is nested too deeply to be a merge description") from None
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping of keys (models, method, options, out, …)")
     method = method or data.get("method") or "fs-merge"

@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 
 from .arch import encoder
 from .data import Task
-from .io import ModelFileError, check_finite, load_pickle, real, swap_in, tmp_beside, write_tensors
+from .io import ModelFileError, check_finite, load_pickle, read_json, real, swap_in, tmp_beside, write_tensors
 from .model import TaskModel
 from .provenance import file_sha256
 from .schema import HFConfig, check
@@ -66,19 +66,14 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
     if not cfg.is_file():
         return False
     try:
-        data = json.loads(cfg.read_text())
-    except json.JSONDecodeError:
-        return False
+        data = read_json(cfg)
+    except ModelFileError:
+        return False                 # then read as foldmerge's, which says what is wrong with it
     return isinstance(data, dict) and "model_type" in data and "arch" not in data
 
 
 def _hf_config(path: Path) -> dict:
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ModelFileError(f"{path / 'config.json'} is not valid JSON: {e.msg}") from None
-    except UnicodeDecodeError:
-        raise ModelFileError(f"{path / 'config.json'} is not a text file") from None
+    cfg = read_json(path / "config.json")
     check(HFConfig, cfg, path / "config.json")
     if cfg.get("auto_map"):
         raise ModelFileError(f"{path} needs trust_remote_code (its config has auto_map); foldmerge never runs "
@@ -145,8 +140,8 @@ def read_weights(path: Path, allow_pickle: bool = False) -> tuple[dict, Path]:
 
 def _shards(index: Path) -> list[Path]:
     try:
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
+        names = sorted(set(read_json(index)["weight_map"].values()))
+    except (ModelFileError, KeyError, AttributeError, TypeError):
         raise ModelFileError(f"{index}: not a weight index (a weight_map of tensor names to files)") from None
     files = [index.parent / n for n in names]
     if any(Path(n).name != n or not f.is_file() for n, f in zip(names, files)):

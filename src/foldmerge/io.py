@@ -265,6 +265,20 @@ def save_model(model, out_dir: str | os.PathLike, meta: dict[str, Any] | None = 
     return out
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file a user gave (a config, an index, a result), or one line saying why it cannot be read:
+    not JSON, not text, or nested too deeply for the parser."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{path} is not valid JSON: {e.msg} (line {e.lineno}; truncated?)") from None
+    except UnicodeDecodeError:
+        raise ModelFileError(f"{path} is not a text file") from None
+    except RecursionError:
+        raise ModelFileError(f"{path} is nested too deeply to be a config or a result") from None
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return _read_config(Path(path)).get("meta", {})
 
@@ -273,13 +287,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     cfg_path = path / CONFIG
     if not cfg_path.is_file():
         raise ModelFileError(f"{path} is not a foldmerge model directory (no {CONFIG})")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelFileError(f"{cfg_path} is not valid JSON: {e.msg} (line {e.lineno})") from None
-    except UnicodeDecodeError:
-        raise ModelFileError(f"{cfg_path} is not a text file") from None
-    return check(ModelConfig, cfg, cfg_path)
+    return check(ModelConfig, read_json(cfg_path), cfg_path)
 
 
 def read_model_files(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict, dict, Path | None]:

@@ -5,13 +5,13 @@ wrote its rows in, and the roles a report gives methods (reference levels, disti
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from typing import Annotated, Union
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictInt, StrictStr, ValidationError
 
+from ..io import read_json
 from ..schema import Number as Num
 from ..schema import first_problem
 from . import mean_std
@@ -241,12 +241,7 @@ SIZE_TOLERANCE = 1.01
 def load_result(path: str | Path) -> dict:
     """A bench's, merge's or eval's --json output, checked; anything else raises ValueError with one line."""
     path = Path(path)
-    try:
-        result = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}; truncated?)") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a text file") from None
+    result = read_json(path)
     if not isinstance(result, dict) or not {"bench", "out", "meta", "test", "results"} & set(result):
         raise ValueError(f"{path}: not a foldmerge bench, merge or eval result (no 'bench', 'test' or 'results' key)")
     schema = {"merge": MergeResult, "eval": EvalResult}.get(kind(result)) or BENCHES.get(kind(result))
