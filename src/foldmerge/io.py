@@ -199,11 +199,14 @@ def swap_in(tmp: Path, out: Path, expect: tuple | None | bool = False) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def carry_over(old: Path, new: Path) -> None:
+def carry_over(old: Path, new: Path, own: frozenset = frozenset()) -> None:
     """Copy into `new` everything `old` holds that `new` does not, at every depth (a folder both hold
     is walked into): what replaces a directory keeps the files put there by someone else. A file both
-    hold is the new one (written by this run)."""
+    hold is the new one (written by this run); `own`: names at the top of `old` that an earlier run of
+    the same kind wrote, replaced or dropped."""
     for entry in old.iterdir():
+        if entry.name in own:
+            continue
         there = new / entry.name
         if not there.exists() and not there.is_symlink():
             if entry.is_dir() and not entry.is_symlink():

@@ -84,8 +84,8 @@ def build_report(paths: list[str], out: str, command: str) -> dict:
         os.chmod(tmp, 0o755)        # mkdtemp makes it private; a report is meant to be read
         (tmp / MARK).write_text(markdown(title, intro, blocks) + "\n")
         (tmp / "report.html").write_text(to_html(title, intro, blocks, tmp))
-        if target.exists():
-            carry_over(target, tmp)          # what else the folder held stays: a report replaces its own files
+        if target.exists():                  # what else the folder held stays: a report replaces its own files
+            carry_over(target, tmp, own=_written_by_a_report(target))
         swap_in(tmp, target, seen)
     except (TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as e:
         # a value the checks of `load_result` let through but the tables or figures cannot use
@@ -97,6 +97,13 @@ def build_report(paths: list[str], out: str, command: str) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"out": str(target), "files": sorted(p.name for p in target.iterdir()), "results": names}
+
+
+def _written_by_a_report(folder: Path) -> frozenset:
+    """The files an earlier report in `folder` wrote: its pages and the figures its page shows."""
+    page = folder / MARK
+    figures = re.findall(r"!\[[^\]]*\]\(([^)/]+)\)", page.read_text(errors="replace")) if page.is_file() else []
+    return frozenset([MARK, "report.html", *figures])
 
 
 def ordered(results: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
