@@ -232,3 +232,17 @@ def test_a_yaml_file_names_itself_and_the_key_in_every_error_and_reads_paths_fro
                                                   "per_task": 4, "out": "merged"}))
     assert cli.main(["merge", "--config", str(where / "m.yaml"), "--quiet"]) == 0, capsys.readouterr().err
     assert (where / "merged" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--seed", "1_0"], "--seed"), (["--seed", "١٢"], "--seed"), (["--seed", " 3 "], "--seed"),
+    (["--seed", "99999999999999999999999"], "up to 2^63 - 1"), (["--lr", "1e308"], "float32"),
+    (["--lr", "0_5"], "--lr"), (["--lr", "٠.٥"], "--lr"), (["--momentum", "5"], "--momentum")])
+def test_numbers_are_read_as_written_in_ascii_and_within_what_the_arithmetic_holds(tmp_path, capsys, argv, says):
+    for k, task in enumerate(["mnist:0-4", "mnist:5-9"]):
+        TaskModel("mlp", {"in_dim": 784, "hidden": [8]}, [task]).save(tmp_path / f"m{k}")
+    code = cli.main(["merge", str(tmp_path / "m0"), str(tmp_path / "m1"), "--method", "fs-merge", *argv,
+                     "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and says in err, err
+    assert not (tmp_path / "o").exists()

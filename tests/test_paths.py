@@ -2,6 +2,7 @@
 link or a name that is not UTF-8, and generated task specs, end in one line (exit 2) or a valid
 result, and nothing is written."""
 import os
+import shutil
 
 import pytest
 import torch
@@ -23,10 +24,14 @@ def two(tmp_path, monkeypatch):
     (tmp_path / "loop1").symlink_to("loop2")
     (tmp_path / "loop2").symlink_to("loop1")
     (tmp_path / "dangling").symlink_to("nowhere")
+    latin = os.fsencode(tmp_path) + b"/nb\xfe"                 # a folder whose name is not UTF-8, reached by a link
+    os.mkdir(latin)
+    shutil.copytree(tmp_path / "m0", os.fsdecode(latin + b"/m0"))
+    (tmp_path / "nblink").symlink_to(os.fsdecode(latin))
     return tmp_path
 
 
-BAD = ["loop1", "dangling", os.fsdecode(b"caf\xe9")]       # the last: Latin-1 bytes, not UTF-8
+BAD = ["loop1", "dangling", os.fsdecode(b"caf\xe9"), "nblink/m0"]      # 3rd: Latin-1 bytes; 4th: a link to them
 PLACES = [lambda p: [p, "m1", "--method", "average", "--out", "o"],
           lambda p: ["m0", "m1", "--method", "average", "--out", p],
           lambda p: ["m0", "m1", "--method", "zipit", "--data", p, p, "--out", "o"],

@@ -298,13 +298,17 @@ def test_any_json_in_any_field_of_a_checkpoint_with_its_hash_made_again_resumes_
         state["integrity"] = _integrity(where / TENSORS, state)
     (where / STATE).write_text(json.dumps(state))
     q = torch.nn.Parameter(torch.zeros(3))
+    resumed = torch.optim.Adam([q], lr=0.1)
     try:
         ck = Checkpoint(where, None, {"run": 1}, resume=True)
-        epoch, step, history = ck.restore(0, [q], torch.optim.Adam([q], lr=0.1), torch.Generator())
+        epoch, step, history = ck.restore(0, [q], resumed, torch.Generator())
     except CheckpointError as e:
         assert len(str(e).splitlines()) == 1, str(e)
     else:
         assert torch.isfinite(q).all() and isinstance(epoch, int) and isinstance(step, int)
+        q.grad = torch.ones(3)
+        resumed.step()                         # a resumed state trains on (a bad one fails at its first step)
+        assert torch.isfinite(q).all()
 
 
 YAML_BASE = {"models": [{"path": "m0", "task": "mnist:0-4"}, {"path": "m1", "task": "mnist:5-9"}],

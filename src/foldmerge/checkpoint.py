@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -118,6 +119,7 @@ class Checkpoint:
         if cur is None or cur["fit"] != idx:
             return 0, 0, []
         _set(params, cur["params"])
+        _check_groups(self.path, cur["param_groups"], opt.state_dict()["param_groups"])
         try:
             state = {int(i): {k: cur["opt_tensors"].get(f"{i}.{k}", v) for k, v in entries.items()}
                      for i, entries in cur["opt_state"].items()}
@@ -178,6 +180,26 @@ class Checkpoint:
         if (self.saves or self.resumed) and not self.path.is_symlink() and (self.path / STATE).is_file() \
                 and {p.name for p in self.path.iterdir()} <= {STATE, TENSORS}:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _check_groups(path: Path, saved: list, fresh: list) -> None:
+    """The optimizer's hyperparameters as saved must be this run's kind of thing: the same groups,
+    the same keys, each value of the same type (a number a number, finite; a flag a flag), the same
+    parameters. Only a hand-made checkpoint differs (the fingerprint fixes the options)."""
+    def same_kind(a, b) -> bool:
+        if isinstance(b, bool) or b is None:
+            return isinstance(a, bool) or a is None
+        if isinstance(b, (int, float)):
+            return isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)
+        if isinstance(b, (list, tuple)):
+            return isinstance(a, (list, tuple)) and len(a) == len(b) and all(map(same_kind, a, b))
+        return type(a) is type(b)
+    ok = len(saved) == len(fresh) and all(
+        isinstance(s, dict) and set(s) == set(f) and s["params"] == f["params"] and
+        all(same_kind(s[k], f[k]) for k in f if k != "params") for s, f in zip(saved, fresh))
+    if not ok:
+        raise CheckpointError(f"{path}: the saved optimizer settings are not this run's (edited by hand?); it "
+                              "cannot be resumed")
 
 
 def _integrity(tensor_file: Path, meta: dict) -> str:

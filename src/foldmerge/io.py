@@ -66,14 +66,21 @@ def is_kind(path: Path, kind: str) -> bool:
 def real(path) -> Path:
     """`path` resolved through its links; a loop of links or a name that is not UTF-8 in one line
     (model files record their paths as UTF-8 text)."""
+    _utf8(path, path)
+    try:
+        resolved = Path(path).resolve()
+    except (RuntimeError, OSError) as e:         # RuntimeError: a loop of symbolic links
+        raise ModelFileError(f"{path}: {str(e).splitlines()[0] if str(e) else 'cannot resolve it'}") from None
+    _utf8(resolved, path)                        # a link may lead to a name that is not UTF-8
+    return resolved
+
+
+def _utf8(path, given) -> None:
     try:
         os.fsdecode(path).encode("utf-8")
     except UnicodeEncodeError:
-        raise ModelFileError(f"the path {os.fsdecode(path)!r} is not valid UTF-8; rename it") from None
-    try:
-        return Path(path).resolve()
-    except (RuntimeError, OSError) as e:         # RuntimeError: a loop of symbolic links
-        raise ModelFileError(f"{path}: {str(e).splitlines()[0] if str(e) else 'cannot resolve it'}") from None
+        where = "" if path == given else f" (where {os.fsdecode(given)!r} leads)"
+        raise ModelFileError(f"the path {os.fsdecode(path)!r}{where} is not valid UTF-8; rename it") from None
 
 
 def _input_paths(given) -> list[Path]:

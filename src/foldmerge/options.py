@@ -61,17 +61,24 @@ class Kind:
         return str(value)
 
 
+# the written forms of numbers every grammar reads (ASCII, no separators or padding), and the largest
+# values: the int64 torch seeds and counts take, the float32 the training arithmetic holds
+INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+NUMBER_TEXT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+LARGEST_INTEGER = 2 ** 63 - 1
+LARGEST_NUMBER = 3.4028234663852886e38
+
+
 @dataclass(frozen=True)
 class Integer(Kind):
     least: int = 0
     metavar = "N"
 
     def parse(self, text):
-        try:
-            value = int(text.strip(), 10)
-        except ValueError:
-            raise ValueError(f"expected {self.describe()}, got {text!r}") from None
-        return self.typed(value)
+        # ASCII digits only: Python's int() also reads '1_0', ' 3 ' and other scripts' digits
+        if not INTEGER_TEXT.fullmatch(text):
+            raise ValueError(f"expected {self.describe()}, got {text!r}")
+        return self.typed(int(text))
 
     def check(self, value):           # from YAML or Python an integer is an int, never text
         return self.typed(value)
@@ -79,6 +86,8 @@ class Integer(Kind):
     def typed(self, value):
         if isinstance(value, bool) or not isinstance(value, int) or value < self.least:
             raise ValueError(f"expected {self.describe()}, got {value!r}")
+        if value > LARGEST_INTEGER:
+            raise ValueError(f"expected {self.describe()} up to 2^63 - 1, got {str(value)[:30]}…")
         return value
 
     def describe(self):
@@ -97,13 +106,14 @@ class Number(Kind):
     metavar = "X"
 
     def parse(self, text):
-        try:
-            value = float(text.strip())
-        except ValueError:
-            raise ValueError(f"expected {self.describe()}, got {text!r}") from None
-        return self.typed(value)
+        if not NUMBER_TEXT.fullmatch(text):        # float() also reads '0_5', ' 1 ' and other scripts' digits
+            raise ValueError(f"expected {self.describe()}, got {text!r}")
+        return self.typed(float(text))
 
     def typed(self, value):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and (isinstance(value, int) or math.isfinite(value)) and abs(value) > LARGEST_NUMBER:
+            raise ValueError(f"expected {self.describe()} that float32 holds (up to 3.4e38), got {str(value)[:30]}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
                 (self.positive and value <= 0) or (self.low is not None and value < self.low) or \
                 (self.high is not None and (value > self.high or (self.below and value == self.high))):

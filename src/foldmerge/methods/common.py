@@ -221,7 +221,7 @@ def training_options(method: str) -> tuple[Option, ...]:
     return (
         Option("epochs", Integer(0), "epochs of training", by_family("epochs", method)),
         Option("lr", Number(positive=True), "peak learning rate", by_family("lr", method)),
-        Option("momentum", Number(low=0), "SGD momentum (AdamW: unused)", by_family("momentum", method)),
+        Option("momentum", Number(0, 1, below=True), "SGD momentum (AdamW: unused)", by_family("momentum", method)),
         Option("schedule", Choice(("constant", "step", "cosine")), "learning-rate schedule", "cosine",
                "appendix E.1: one cosine cycle after a linear warmup"),
         Option("warmup", Number(low=0, high=1, below=True), "cosine schedule: the share of training spent warming up",
