@@ -287,16 +287,8 @@ def equal_depths(models: list[TaskModel]) -> list[TaskModel]:
         if d == deepest:
             out.append(m)
             continue
-        config, state = spec.deepen(m.backbone_config, m.backbone, deepest)
-        deep = TaskModel(m.arch, config, m.tasks, m.head_bias, head=m.head_kind)
-        p = next(m.backbone.parameters())
-        deep.to(dtype=p.dtype, device=p.device)
-        with torch.no_grad():
-            deep.backbone.load_state_dict(state)
-            for dst, src in zip(deep.heads, m.heads):
-                dst.load_state_dict(src.state_dict())
-        deep.meta = {**m.meta, "deepened": {"from": d, "to": deepest, "rule": "identity blocks appended"}}
-        out.append(deep)
+        out.append(m.with_backbone(*spec.deepen(m.backbone_config, m.backbone, deepest),
+                                   deepened={"from": d, "to": deepest, "rule": "identity blocks appended"}))
     return out
 
 

@@ -109,7 +109,12 @@ class TaskModel(nn.Module):
         form = self.spec.merge_form
         if form is None:
             return self
-        config, state = form(self.backbone_config, self.backbone)
+        return self.with_backbone(*form(self.backbone_config, self.backbone), fused_batchnorm=True)
+
+    def with_backbone(self, config: dict, state: dict, **meta) -> "TaskModel":
+        """A new model of this family and these heads over the backbone (`config`, `state`) an
+        equivalent form gives (BatchNorm folded in, identity blocks appended), in this model's dtype
+        and device; `meta` added to this model's."""
         out = TaskModel(self.arch, config, self.tasks, self.head_bias, head=self.head_kind)
         p = next(self.backbone.parameters())
         out.to(dtype=p.dtype, device=p.device)
@@ -117,7 +122,7 @@ class TaskModel(nn.Module):
             out.backbone.load_state_dict(state)
             for dst, src in zip(out.heads, self.heads):
                 dst.load_state_dict(src.state_dict())
-        out.meta = {**self.meta, "fused_batchnorm": True}
+        out.meta = {**self.meta, **meta}
         return out
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
