@@ -57,3 +57,17 @@ def test_a_bad_config_is_one_line_and_writes_nothing(sources, tmp_path, capsys, 
     assert cli.main(["merge", "--config", str(tmp_path / "bad.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert says in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("text,says", [("seed: 1_0\n", "seed"), ("seed: 0x10\n", "seed"), ("seed: 1:30\n", "seed"),
+                                       ("per_task: 010\n", None)])
+def test_yaml_numbers_are_read_as_the_command_line_reads_them(sources, tmp_path, capsys, text, says):
+    """YAML 1.1 reads 1_0 as 10, 0x10 as 16, 1:30 as 90 and 010 as 8; the command line refuses the first
+    three and reads 010 as 10: so does the merge YAML."""
+    from foldmerge import config
+    (tmp_path / "m.yaml").write_text(f"models: [{sources[0]}, {sources[1]}]\nmethod: average\nout: o\n{text}")
+    if says is None:
+        assert config.read(str(tmp_path / "m.yaml"))["settings"]["per_task"] == 10
+        return
+    with pytest.raises(ValueError, match=says):
+        config.read(str(tmp_path / "m.yaml"))

@@ -316,3 +316,26 @@ def test_a_report_run_again_keeps_the_user_s_files_in_its_folder(tmp_path, capsy
         p.write_text(text)
     assert cli.main(["report", str(result), "--out", str(out)]) == 0
     assert {p: p.read_text() for p in mine} == mine and (out / "report.md").is_file()
+
+
+def test_a_folder_whose_files_foldmerge_did_not_write_is_never_replaced(two, tmp_path, capsys):
+    """A folder is replaced only if foldmerge wrote what it holds: a user's report.md is not a
+    report, a Hugging Face model's config.json is not a foldmerge model."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    mine = {notes / "report.md": "# My trip\n![me](photo.png)\n", notes / "photo.png": "JPEG",
+            notes / "report.html": "<html>mine</html>"}
+    for p, text in mine.items():
+        p.write_text(text)
+    result = tmp_path / "r.json"
+    shutil.copy(RESULTS / "bench-cnn-w4.json", result)
+    refused(["report", result, "--out", notes], capsys, "is not a foldmerge report")
+    assert {p: p.read_text() for p in mine} == mine
+    from transformers import BertConfig, BertForSequenceClassification
+    hf = tmp_path / "hf-model"
+    BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=16)).save_pretrained(hf)
+    before = snapshot(hf)
+    capsys.readouterr()
+    refused(["merge", *two, "--method", "average", "--out", hf, "--force"], capsys, "is not a foldmerge model")
+    assert snapshot(hf) == before

@@ -87,3 +87,9 @@ def test_a_line_break_inside_a_name_leaves_the_error_one_whole_line(tmp_path, ca
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and repr(brk)[1:-1] + "Evil" in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("spec", ["mnist:٠-٤", "mnist:０-４", "mnist:0-٤"])
+def test_task_specs_take_ascii_digits_only(spec):
+    with pytest.raises(ValueError, match="numbers and ranges"):
+        Task.parse(spec)

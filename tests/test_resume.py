@@ -169,3 +169,20 @@ def test_a_merge_killed_at_an_arbitrary_instant_resumes_to_the_same_weights(sour
     resumed = run(again)
     assert resumed.returncode == 0, resumed.stderr
     assert weights(out) == weights(whole)
+
+
+@pytest.mark.parametrize("key,value", [("momentum", -3), ("weight_decay", 0.5), ("nesterov", True), ("lr", -1.0)])
+def test_a_checkpoint_whose_optimizer_settings_are_not_the_run_s_is_refused_even_hashed_anew(tmp_path, key, value):
+    from foldmerge.checkpoint import STATE, TENSORS, CheckpointError, _integrity
+    p = torch.nn.Parameter(torch.ones(3))
+    where = tmp_path / "run.resume"
+    Checkpoint(where, 1, {"run": 1}).save(0, 1, 1, [p], torch.optim.SGD([p], lr=0.1, momentum=0.9),
+                                         torch.Generator().manual_seed(0), [0.5])
+    state = json.loads((where / STATE).read_text())
+    state["current"]["param_groups"][0][key] = value
+    state["integrity"] = _integrity(where / TENSORS, state)
+    (where / STATE).write_text(json.dumps(state))
+    q = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(CheckpointError, match="not this run's"):
+        Checkpoint(where, None, {"run": 1}, resume=True).restore(0, [q], torch.optim.SGD([q], lr=0.1, momentum=0.9),
+                                                                 torch.Generator())

@@ -20,6 +20,7 @@ outside its grammar and a YAML alias are refused with one line naming the file a
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -28,7 +29,7 @@ from .api import SETTING, select_grid
 from .errors import did_you_mean
 from .io import real
 from .methods import METHODS, get_method
-from .options import FilePath, ModelRef, TensorFile, check_value
+from .options import INTEGER_TEXT, NUMBER_TEXT, FilePath, ModelRef, TensorFile, check_value
 
 
 class _Loader(yaml.SafeLoader):
@@ -52,6 +53,17 @@ class _Loader(yaml.SafeLoader):
                 raise yaml.YAMLError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice")
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+# Numbers as the command line reads them (`options.INTEGER_TEXT`, `NUMBER_TEXT`): YAML 1.1 would also
+# read 1_0 as 10, 0x10 as 16, 1:30 as 90 and 010 as 8; here those are text, which the options refuse.
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(rf"^(?:{INTEGER_TEXT.pattern})$"), list("-+0123456789"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(rf"^(?:{NUMBER_TEXT.pattern})$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+                              list("-+0123456789."))
+_Loader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node), 10))
 
 
 def read(path: str, method: str | None = None) -> dict:

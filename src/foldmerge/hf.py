@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -176,7 +177,8 @@ def load_hf(path: str | os.PathLike, task=None, allow_pickle: bool = False):
     try:
         with quiet_transformers():          # transformers maps the file's names to its modules'
             config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-            with torch.device("meta"):          # the shapes the config makes, nothing allocated
+            with torch.device("meta"), warnings.catch_warnings():     # the config's shapes, nothing allocated
+                warnings.simplefilter("ignore")
                 expected = getattr(transformers, cfg["architectures"][0])(config).state_dict()
             wrong = next((k for k, v in state.items() if k in expected and expected[k].shape != v.shape), None)
             if wrong is not None:

@@ -48,19 +48,29 @@ def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
 TMP_TAG = ".foldmerge-tmp-"      # hidden siblings a save writes and then renames in or removes
 
 
-# What each kind of directory foldmerge writes holds, by which an existing one is known as ours:
+# the first line of every report.md foldmerge writes, by which a report folder is known as ours
+REPORT_SIGNATURE = "<!-- written by foldmerge report; the next report written here replaces this page -->"
+# What each kind of directory foldmerge writes holds, by which an existing one is known as ours (the
+# file, and what its text says: a Hugging Face model's config.json or a user's report.md is not ours):
 # only a directory of the same kind (or an empty one) is ever replaced.
-KINDS = {"model": (CONFIG, "a foldmerge model directory"),
-         "checkpoint": ("state.json", "a foldmerge checkpoint"),
-         "report": ("report.md", "a foldmerge report")}
+KINDS = {"model": (CONFIG, "a foldmerge model directory", lambda text: '"arch"' in text),
+         "checkpoint": ("state.json", "a foldmerge checkpoint", lambda text: '"fingerprint"' in text),
+         "report": ("report.md", "a foldmerge report", lambda text: text.startswith(REPORT_SIGNATURE))}
 
 
 def _is_model_dir(path: Path) -> bool:
-    return (path / CONFIG).is_file()
+    return is_kind(path, "model")
 
 
 def is_kind(path: Path, kind: str) -> bool:
-    return (Path(path) / KINDS[kind][0]).is_file()
+    """Whether `path` holds what foldmerge writes as a directory of this kind: its file, and in it what
+    foldmerge writes there (one line, not the whole file, is read: a marker, not a validation)."""
+    marker, _, ours = KINDS[kind]
+    try:
+        with open(Path(path) / marker, encoding="utf-8", errors="replace") as f:
+            return ours(f.read(1 << 16))
+    except OSError:
+        return False
 
 
 def real(path) -> Path:
@@ -124,11 +134,11 @@ def check_target(out: str | os.PathLike, force: bool = False, inputs=(), kind: s
             if target in src.parents:
                 raise ModelFileError(f"{flag} {out} holds the input {given}; writing there would replace it, "
                                      "so it is refused")
-    marker, what = KINDS[kind]
+    marker, what, _ = KINDS[kind]
     if target.is_symlink() or target.exists():
         if not target.is_dir():
             raise ModelFileError(f"{target} exists and is not a directory")
-        if (target / marker).is_file():
+        if is_kind(target, kind):
             if not force:
                 raise ModelFileError(f"{target} already holds {what.replace('a foldmerge ', 'a ')}; "
                                      "pass --force to replace it")

@@ -8,6 +8,7 @@ records the weights it merged even if the file changes afterwards.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,7 +34,10 @@ def load(path: str | os.PathLike, task=None, allow_pickle: bool = False) -> Task
         cfg, state, pickled = read_model_files(path, allow_pickle)
         kind = GatedModel if cfg.get("kind") == "gated" else TaskModel
         try:
-            with torch.device("meta"):       # shapes first: a config that declares huge layers allocates nothing
+            # shapes first: a config that declares huge layers allocates nothing (and torch's notes on
+            # empty layers are not printed: what is wrong with them is said in one line below)
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 shapes = {k: tuple(v.shape) for k, v in kind.from_config(cfg).state_dict().items()}
         except (TypeError, ValueError, KeyError, RuntimeError, NotImplementedError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from ..commands import command_line
-from ..io import carry_over, check_target, identity, swap_in, tmp_beside
+from ..io import REPORT_SIGNATURE, carry_over, check_target, identity, swap_in, tmp_beside
 from ..provenance import environment
 from ..tables import print_json
 from .figures import accuracy_against, accuracy_bars, cost_ratios, efficiency_curves, scale_gap
@@ -338,7 +338,7 @@ def headings(blocks: list[tuple]) -> list[tuple[int, str, str]]:
 
 
 def markdown(title: str, intro: list[str], blocks: list[tuple]) -> str:
-    out = [f"# {title}", ""] + [f"{line}  " for line in intro] + [""]
+    out = [REPORT_SIGNATURE, "", f"# {title}", ""] + [f"{line}  " for line in intro] + [""]
     for b in blocks:
         if b[0] == "toc":
             out += ["**Contents**", ""]

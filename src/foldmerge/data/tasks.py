@@ -37,7 +37,7 @@ VIEWS = {
 
 
 # the class list of a task spec: numbers and ranges a-b, comma-separated (`0-4`, `1,3,5`, `0-2,7`)
-CLASS_LIST = re.compile(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*")
+CLASS_LIST = re.compile(r"\s*[0-9]+(\s*-\s*[0-9]+)?(\s*,\s*[0-9]+(\s*-\s*[0-9]+)?)*\s*")     # ASCII digits
 
 
 def _parse_classes(text: str) -> tuple[int, ...]:
