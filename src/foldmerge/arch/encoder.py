@@ -1,4 +1,4 @@
-"""Hugging Face text encoders described as data: one table per family (`arch/families/*.json`), read here.
+"""Hugging Face encoders described as data: one table per family (`arch/families/*.json`), read here.
 
 A family whose Hugging Face names are regular needs no code of its own: its table names the
 transformers classes, the prefix its `…ForSequenceClassification` keeps the encoder under, the
@@ -8,8 +8,8 @@ This module turns a table into a backbone (the transformers encoder itself, held
 prefix, so its parameters keep their Hugging Face names) and a merge spec. Adding a family is
 adding a table (docs/families.md).
 
-The encoders here are post-LN: every block's output is LayerNorm(x + sublayer(x)), so every
-LayerNorm sits on the residual stream `res`. Spaces: `res`; per layer l the attention spaces
+Two layouts. Text encoders are post-LN: every block's output is LayerNorm(x + sublayer(x)), so every
+LayerNorm sits on the residual stream `res`. Image encoders (ViT, DeiT) are pre-LN (`_pre_ln_spec`). Spaces: `res`; per layer l the attention spaces
 `qk{l}` and `v{l}` (split into the heads) and the MLP hidden `mlp{l}`; the features `feat` the
 heads read. Where a family's embeddings have a width of their own (ELECTRA's `embedding_size`), they
 live in `emb` and a projection writes `res`. Sites: the embedding tables are summed into one
@@ -168,7 +168,8 @@ def _place(root: nn.Module, name: str, module: nn.Module) -> None:
 
 class Backbone(nn.Module):
     """The family's transformers encoder under its prefix, and the features layer where the family's
-    classifier keeps it outside the encoder. Reads token ids (batch x length, padded with the pad id)."""
+    classifier keeps it outside the encoder. Reads token ids (batch x length, padded with the pad id) or
+    images (batch x channels x height x width), as its table's `input` says."""
 
     def __init__(self, table: Table, config: dict):
         super().__init__()
@@ -231,12 +232,9 @@ def spec(family: str, config: dict) -> ArchSpec:
         reads = f"{p}.{proj.layer}"
     a, m = table.attention, table.mlp
     for l in range(c[r.layers]):
-        b = f"{p}.{table.layer.format(l=l)}"
-        qk, v, hid = f"qk{l}", f"v{l}", f"mlp{l}"
-        spaces += [Space(qk, heads=heads), Space(v, heads=heads), Space(hid)]
-        for name, out, inp, at in ((a.query, qk, "res", reads), (a.key, qk, "res", reads), (a.value, v, "res", reads),
-                                   (a.output, "res", v, None), (m.up, hid, "res", None), (m.down, "res", hid, None)):
-            params += [Param(f"{b}.{name}.weight", (out, inp), unmerge_at=at), Param(f"{b}.{name}.bias", (out,))]
+        b, qk, v, hid = f"{p}.{table.layer.format(l=l)}", f"qk{l}", f"v{l}", f"mlp{l}"
+        spaces += _block_spaces(l, heads)
+        params += _block_params(table, b, l, reads)
         norms += [Norm(f"{b}.{a.norm}", "res"), Norm(f"{b}.{m.norm}", "res")]
         units += [Unit(f"{b}.attention", "attention", tuple(f"{b}.{n}.{x}" for n in (a.query, a.key, a.value, a.output)
                                                             for x in wb)),
@@ -256,6 +254,22 @@ def spec(family: str, config: dict) -> ArchSpec:
                     depth=lambda cfg: config_of(table, cfg)[r.layers])
 
 
+def _block_spaces(l: int, heads: int) -> list[Space]:
+    """Block l's own spaces: query/key and value, split into the heads, and the MLP hidden."""
+    return [Space(f"qk{l}", heads=heads), Space(f"v{l}", heads=heads), Space(f"mlp{l}")]
+
+
+def _block_params(table: Table, b: str, l: int, reads: str) -> list[Param]:
+    """Block l's (at `b`) linear maps, in either layout: Q, K and V read the stream through one U at the
+    module `reads` (post-LN: the previous LayerNorm; pre-LN: the block's own), every other map through its own."""
+    a, m, qk, v, hid = table.attention, table.mlp, f"qk{l}", f"v{l}", f"mlp{l}"
+    params = []
+    for name, out, inp, at in ((a.query, qk, "res", reads), (a.key, qk, "res", reads), (a.value, v, "res", reads),
+                               (a.output, "res", v, None), (m.up, hid, "res", None), (m.down, "res", hid, None)):
+        params += [Param(f"{b}.{name}.weight", (out, inp), unmerge_at=at), Param(f"{b}.{name}.bias", (out,))]
+    return params
+
+
 def _pre_ln_spec(table: Table, c: dict) -> ArchSpec:
     """A pre-LN image encoder (ViT, DeiT): the stream `res` is written by the patch embedding (a
     linear map at every patch location, reading the shared pixels) summed with the tokens and the
@@ -270,14 +284,10 @@ def _pre_ln_spec(table: Table, c: dict) -> ArchSpec:
                Param(f"{p}.{table.patch}.bias", ("res",), merge_at="embed")]
     norms, probes = [], []
     for l in range(c[r.layers]):
-        b = f"{p}.{table.layer.format(l=l)}"
-        qk, v, hid = f"qk{l}", f"v{l}", f"mlp{l}"
-        spaces += [Space(qk, heads=heads), Space(v, heads=heads), Space(hid)]
+        b, qk, v, hid = f"{p}.{table.layer.format(l=l)}", f"qk{l}", f"v{l}", f"mlp{l}"
         before = f"{b}.{a.norm}"
-        for name, out, inp, at in ((a.query, qk, "res", before), (a.key, qk, "res", before),
-                                   (a.value, v, "res", before), (a.output, "res", v, None),
-                                   (m.up, hid, "res", None), (m.down, "res", hid, None)):
-            params += [Param(f"{b}.{name}.weight", (out, inp), unmerge_at=at), Param(f"{b}.{name}.bias", (out,))]
+        spaces += _block_spaces(l, heads)
+        params += _block_params(table, b, l, before)
         norms += [Norm(before, "res"), Norm(f"{b}.{m.norm}", "res")]
         probes += [Probe("res", before, "in"), Probe(qk, f"{b}.{a.query}"), Probe(qk, f"{b}.{a.key}"),
                    Probe(v, f"{b}.{a.value}"), Probe(hid, f"{b}.{m.down}", "in")]
