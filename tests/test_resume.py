@@ -21,6 +21,13 @@ def run(args, kill_after=None):
                           capture_output=True, text=True, env=env)
 
 
+def here(args):
+    """The same command in this process (no interpreter start, data already read): the runs that are
+    never killed; only the killed run needs a process of its own."""
+    from foldmerge import cli
+    return cli.main([*map(str, args), "--threads", "1", "--quiet"])
+
+
 def weights(path):
     return (path / "model.safetensors").read_bytes()
 
@@ -43,10 +50,11 @@ def sources(tmp_path_factory):
                                     "--optimizer", "adamw", "--lr", "0.01"], 2, 0),
     ("seq", 3, ["--variant", "seq", "--epochs", "6", "--last-epochs", "10"], 4, 1),   # killed in stage 2
 ])
-def test_a_killed_merge_resumes_to_the_same_weights(sources, tmp_path, name, models, options, kill_after, stage):
+def test_a_killed_merge_resumes_to_the_same_weights(sources, tmp_path, capsys, name, models, options, kill_after,
+                                                    stage):
     base = ["merge", *sources[:models], "--per-task", "8", *options, "--checkpoint-every", "2"]
     whole = tmp_path / "whole"
-    assert run(["merge", *sources[:models], "--per-task", "8", *options, "--out", whole]).returncode == 0
+    assert here(["merge", *sources[:models], "--per-task", "8", *options, "--out", whole]) == 0
     out = tmp_path / "killed"
     killed = run([*base, "--out", out], kill_after=kill_after)
     assert killed.returncode == -9, killed.stderr
@@ -54,23 +62,23 @@ def test_a_killed_merge_resumes_to_the_same_weights(sources, tmp_path, name, mod
     state = json.loads((checkpoint_dir(out) / "state.json").read_text())
     assert state["current"]["fit"] == stage and len(state["finished"]) == stage
     if name == "global":
-        refused = run([*base, "--out", out])               # a fresh start over a checkpoint is refused
-        assert refused.returncode == 2 and "--resume" in refused.stderr
-        other = run([*base[:-2], "--seed", "1", "--out", out, "--resume"])   # so is a resume of another run
-        assert other.returncode == 2 and "different run" in other.stderr and "seed" in other.stderr
-    resumed = run([*base, "--out", out, "--resume"])
-    assert resumed.returncode == 0, resumed.stderr
+        capsys.readouterr()
+        assert here([*base, "--out", out]) == 2            # a fresh start over a checkpoint is refused
+        assert "--resume" in capsys.readouterr().err
+        assert here([*base[:-2], "--seed", "1", "--out", out, "--resume"]) == 2   # so is a resume of another run
+        err = capsys.readouterr().err
+        assert "different run" in err and "seed" in err
+    assert here([*base, "--out", out, "--resume"]) == 0
     assert weights(out) == weights(whole)
     assert not checkpoint_dir(out).exists()                # removed once the model is saved
 
 
 def test_killed_source_training_resumes_to_the_same_weights(tmp_path):
     args = ["train-sources", "--tasks", "mnist:0-4", "--hidden", "8", "--epochs", "2"]
-    assert run([*args, "--out", tmp_path / "whole"]).returncode == 0
+    assert here([*args, "--out", tmp_path / "whole"]) == 0
     killed = run([*args, "--out", tmp_path / "k", "--checkpoint-every", "1"], kill_after=1)
     assert killed.returncode == -9, killed.stderr
-    resumed = run([*args, "--out", tmp_path / "k", "--resume"])
-    assert resumed.returncode == 0, resumed.stderr
+    assert here([*args, "--out", tmp_path / "k", "--resume"]) == 0
     name = "mnist_0-4-s0"
     assert weights(tmp_path / "k" / name) == weights(tmp_path / "whole" / name)
     assert not checkpoint_dir(tmp_path / "k" / name).exists()
@@ -154,7 +162,7 @@ def test_a_merge_killed_at_an_arbitrary_instant_resumes_to_the_same_weights(sour
     import time
     args = ["merge", *sources[:2], "--per-task", "8", "--epochs", "300", "--checkpoint-every", "5", "--threads", "1"]
     whole = tmp_path / "whole"
-    assert run([*args, "--out", whole]).returncode == 0
+    assert here([*args, "--out", whole]) == 0
     out = tmp_path / "killed"
     env = {**os.environ, "FOLDMERGE_PROGRESS": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "foldmerge", *map(str, args), "--out", str(out)], env=env,
@@ -166,8 +174,7 @@ def test_a_merge_killed_at_an_arbitrary_instant_resumes_to_the_same_weights(sour
         assert weights(out) == weights(whole)
         return
     again = [*args, "--out", out] + (["--resume"] if (checkpoint_dir(out) / "state.json").is_file() else [])
-    resumed = run(again)
-    assert resumed.returncode == 0, resumed.stderr
+    assert here(again) == 0
     assert weights(out) == weights(whole)
 
 
