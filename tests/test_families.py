@@ -33,6 +33,9 @@ FAMILIES = {
                    {**SIZES, "dim": 8, "n_layers": 2, "n_heads": 2, "hidden_dim": 16}),
     "vit": ("ViTConfig", "ViTForImageClassification", {**BERTISH, **IMAGES}),
     "deit": ("DeiTConfig", "DeiTForImageClassification", {**BERTISH, **IMAGES}),
+    "deit-distilled": ("DeiTConfig", "DeiTForImageClassificationWithTeacher", {**BERTISH, **IMAGES}),
+    "dinov2": ("Dinov2Config", "Dinov2ForImageClassification",
+               {**{k: v for k, v in BERTISH.items() if k != "intermediate_size"}, "mlp_ratio": 2, **IMAGES}),
 }
 LABELS = [["a", "b", "c"], ["d", "e", "f", "g", "h", "i", "j"]]      # more than five on one
 
@@ -55,7 +58,12 @@ def make(tmp_path, family, k):
     config = getattr(transformers, config_class)(**kw, num_labels=len(labels), id2label=dict(enumerate(labels)),
                                                  label2id={v: i for i, v in enumerate(labels)})
     path = tmp_path / f"{family}-{k}"
-    getattr(transformers, head_class)(config).save_pretrained(path)
+    model = getattr(transformers, head_class)(config)
+    with torch.no_grad():                 # layer-scale gains start equal; any values must load
+        for name, p in model.named_parameters():
+            if "lambda" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
     return path
 
 
@@ -81,6 +89,8 @@ def hf_logits(model, family, x):
 
 def auto_class(family):
     import transformers
+    if family == "deit-distilled":      # the Auto class of a deit is the one-head DeiTForImageClassification
+        return transformers.DeiTForImageClassificationWithTeacher
     return transformers.AutoModelForImageClassification if is_image(family) else \
         transformers.AutoModelForSequenceClassification
 
@@ -90,7 +100,8 @@ def family(request):
     return request.param
 
 
-ARCH = {"xlm-roberta": "roberta", "camembert": "roberta", "electra-projected": "electra", "vit": "hf-vit"}
+ARCH = {"xlm-roberta": "roberta", "camembert": "roberta", "electra-projected": "electra", "vit": "hf-vit",
+        "deit-distilled": "deit"}
 
 
 def test_a_saved_model_loads_as_the_model_it_is(tmp_path, family):
@@ -171,6 +182,7 @@ def test_bad_families_are_one_line_and_nothing_is_written(tmp_path, capsys):
     kw = dict(FAMILIES["bert"][2], num_labels=3)
     bert, roberta = make(tmp_path, "bert", 0), make(tmp_path, "roberta", 0)
     xlmr = make(tmp_path, "xlm-roberta", 1)
+    deit, distilled = make(tmp_path, "deit", 0), make(tmp_path, "deit-distilled", 1)
     torch.manual_seed(5)
     wide = tmp_path / "roberta-wide"
     transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**{**kw, "hidden_size": 12},
@@ -179,14 +191,17 @@ def test_bad_families_are_one_line_and_nothing_is_written(tmp_path, capsys):
     transformers.GPT2ForSequenceClassification(transformers.GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=40,
                                                                        n_positions=16, num_labels=3)).save_pretrained(gpt)
     np.save(tmp_path / "ids.npy", ids("roberta", 16).numpy())
+    np.save(tmp_path / "images.npy", ids("deit", 16).numpy())
     out = tmp_path / "out"
     capsys.readouterr()                  # what transformers printed while the test made the models
     for models, method, says in [((gpt, bert), "average", "GPT2ForSequenceClassification"),
                                  ((bert, roberta), "average", "different architectures"),
                                  ((roberta, xlmr), "average", "different model types"),
+                                 ((deit, distilled), "fs-merge", "different classifier inputs"),
                                  ((roberta, wide), "average", "differ in hidden_size"),
                                  ((roberta, wide), "zipit", "identical hidden widths")]:
-        code = cli.main(["merge", *map(str, models), "--data", *[str(tmp_path / "ids.npy")] * 2, "--per-task", "8",
+        data = "images.npy" if models[0] == deit else "ids.npy"
+        code = cli.main(["merge", *map(str, models), "--data", *[str(tmp_path / data)] * 2, "--per-task", "8",
                          "--method", method, "--out", str(out)])
         err = capsys.readouterr().err
         assert code == 2 and len(err.splitlines()) == 1 and says in err, err

@@ -83,6 +83,7 @@ class FoldMap(nn.Module):
         self.kind, self.rank, self.role = kind, rank, role
         self.out_dim, self.in_dims = int(out_dim), [int(d) for d in in_dims]
         self.n = len(self.in_dims)
+        self.copies = 1          # U_out of features that are several vectors of its space (`unmerge_features`)
         offsets = [0]
         for d in self.in_dims:
             offsets.append(offsets[-1] + d)
@@ -302,7 +303,15 @@ def merge_features(m: FoldMap, feats: list[torch.Tensor]) -> torch.Tensor:
 
 
 def unmerge_features(u: FoldMap, merged: torch.Tensor) -> list[torch.Tensor]:
-    """Reconstruct every source model's features from merged ones: U · f*, split per model."""
+    """Reconstruct every source model's features from merged ones: U · f*, split per model. Features
+    of several vectors of the space side by side (`u.copies`, a spec's feature_copies) go through U
+    vector by vector."""
+    if u.copies > 1:
+        return [p.flatten(-2) for p in _unmerge(u, merged.unflatten(-1, (u.copies, u.out_dim)))]
+    return _unmerge(u, merged)
+
+
+def _unmerge(u: FoldMap, merged: torch.Tensor) -> list[torch.Tensor]:
     if u.kind == "full":
         return list((merged @ u.weight).split(u.in_dims, dim=-1))
     if len(set(u.in_dims)) > 1:

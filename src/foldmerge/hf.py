@@ -2,7 +2,8 @@
 
 In: `load_hf(dir, task)` reads a classifier directory of a family with a table
 (`arch/families/*.json`: `BertForSequenceClassification`, `RobertaForSequenceClassification`, …,
-`ViTForImageClassification`, `DeiTForImageClassification`; its `config.json` names the class;
+`ViTForImageClassification`, `DeiTForImageClassification` (and `…WithTeacher`: one head on both tokens),
+`Dinov2ForImageClassification`; its `config.json` names the class;
 weights through `from_pretrained(dir, local_files_only=True)`, safetensors, never remote code) as a
 one-head TaskModel of that family: the backbone is its encoder (under the table's prefix) and the
 features layer where the classifier keeps one beside it, the head its classifier. A `BertModel`
@@ -52,6 +53,10 @@ from .schema import HFConfig, check
 # family is a table (arch/families).
 TABLES = encoder.tables()
 CLASSES = {c.sequence: (t.family, t.prefix, c.base) for t in TABLES.values() for c in t.model_types.values()}
+# a classifier per token of two, logits averaged (DeiT's with-teacher class): read as one head on both tokens
+DISTILLED = {c.distilled.sequence: c.distilled for t in TABLES.values() for c in t.model_types.values() if c.distilled}
+CLASSES.update({d: (t.family, t.prefix, c.base) for t in TABLES.values() for c in t.model_types.values()
+                for d in ([c.distilled.sequence] if c.distilled else [])})
 HEADLESS = {c.base for t in TABLES.values() for c in t.model_types.values()}
 CLASSIFIER = {t.family: t.classifier for t in TABLES.values()}
 TOKENIZER_FILES = ("vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model",
@@ -197,22 +202,30 @@ def load_hf(path: str | os.PathLike, task=None, allow_pickle: bool = False):
             raise ModelFileError(f"{weights} does not hold exactly the model's tensors: {kind.split('_')[0]} "
                                  f"{wrong[0]!r}")
     backbone = {k: cfg[k] for k in CONFIG_KEYS[family] if k in cfg}
+    distilled = DISTILLED.get(cfg["architectures"][0])
+    if distilled:
+        backbone["pooling"] = "first+second"
     try:
         model = TaskModel(family, backbone, [task])
     except ValueError as e:
         raise ModelFileError(f"{path}: {str(e).splitlines()[0]}") from None
     # the backbone's tensors under their Hugging Face names: the encoder's, and the features layer
     # where the family's classifier keeps it beside the encoder (RoBERTa's classifier.dense)
-    theirs = hf.state_dict()
+    theirs = encoder.fold_layer_scale(TABLES[family], backbone, hf.state_dict())
     body = {k: theirs[k] for k in model.backbone.state_dict() if k in theirs}
     try:
         _load_exact(model.backbone, body)
     except ValueError as e:
         raise ModelFileError(f"{path}: {e}") from None
-    head = hf.get_submodule(CLASSIFIER[family])
     with torch.no_grad():
-        model.heads[0].weight.copy_(head.weight)
-        model.heads[0].bias.copy_(head.bias)
+        if distilled:          # (W_c t_0 + b_c + W_d t_1 + b_d) / 2: one head on both tokens
+            cls_head, dist_head = (hf.get_submodule(n) for n in distilled.classifiers)
+            model.heads[0].weight.copy_(torch.cat([cls_head.weight, dist_head.weight], dim=1) / 2)
+            model.heads[0].bias.copy_((cls_head.bias + dist_head.bias) / 2)
+        else:
+            head = hf.get_submodule(CLASSIFIER[family])
+            model.heads[0].weight.copy_(head.weight)
+            model.heads[0].bias.copy_(head.bias)
     model.meta = {"path": str(path.resolve()), "hf_class": cfg["architectures"][0],
                   "id2label": {int(k): v for k, v in labels.items()}, "source_format": "huggingface",
                   **({"loaded_from_pickle": str(weights.resolve())} if weights.suffix != ".safetensors" else {})}
@@ -368,11 +381,13 @@ def _write_hf(merged, out: Path, sources=()) -> None:
     name, attr, base_name = kinds[merged.arch]
     table = TABLES[merged.arch]
     chosen = encoder.classes(table, merged.backbone_config)       # the sources' model type's (XLM-R, CamemBERT…)
-    name, base_name = chosen.sequence, chosen.base
+    distilled = chosen.distilled if encoder.config_of(table, merged.backbone_config)["pooling"] == "first+second" \
+        else None
+    name, base_name = (distilled.sequence if distilled else chosen.sequence), chosen.base
     cls, base_cls = getattr(transformers, name), getattr(transformers, base_name)
     tmp = Path(out)
     config = encoder.hf_config(table, merged.backbone_config)
-    ours = merged.backbone.state_dict()
+    ours = encoder.with_layer_scale(table, merged.backbone_config, merged.backbone.state_dict())
     bert_state = {k[len(attr) + 1:]: v for k, v in ours.items() if k.startswith(attr + ".")}
     beside = {k: v for k, v in ours.items() if not k.startswith(attr + ".")}     # a features layer beside it
     base = base_cls(config, **table.base_arguments)
@@ -397,12 +412,18 @@ def _write_hf(merged, out: Path, sources=()) -> None:
         cfg.architectures = [name]
         hf = cls(cfg)
         _load_exact(getattr(hf, attr), bert_state)
-        head = hf.get_submodule(CLASSIFIER[merged.arch])
         with torch.no_grad():
             for k, v in beside.items():
                 hf.get_parameter(k).copy_(v)
-            head.weight.copy_(merged.heads[i].weight)
-            head.bias.copy_(merged.heads[i].bias)
+            w, b = merged.heads[i].weight, merged.heads[i].bias
+            if distilled:      # one head on both tokens as two whose logits are averaged (exact: x2 then /2)
+                for name_, part in zip(distilled.classifiers, w.chunk(2, dim=1)):
+                    hf.get_submodule(name_).weight.copy_(2 * part)
+                    hf.get_submodule(name_).bias.copy_(b)
+            else:
+                head = hf.get_submodule(CLASSIFIER[merged.arch])
+                head.weight.copy_(w)
+                head.bias.copy_(b)
         state = {k: v.detach().contiguous() for k, v in hf.state_dict().items()}
         own = {k: v for k, v in state.items() if k not in shard}
         if any(not torch.equal(state[k], v) for k, v in shard.items() if k in state):

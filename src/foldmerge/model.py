@@ -70,7 +70,8 @@ class TaskModel(nn.Module):
         self.backbone = self.spec.build(self.backbone_config)
         # the spec describes the backbone (a clear error naming the parameter if not); the heads
         # read its output space
-        d = self.feature_dim = self.spec.validate(self.backbone, f"{arch} backbone")[self.spec.output]
+        d = self.spec.validate(self.backbone, f"{arch} backbone")[self.spec.output] * self.spec.feature_copies
+        self.feature_dim = d
         self.heads = nn.ModuleList(nn.Linear(d, t.num_classes, bias=self.head_bias) for t in self.tasks)
         if head == "class-embedding":      # frozen: training only moves the backbone
             with torch.no_grad():

@@ -52,6 +52,10 @@ lives in. That is all a method needs to know about an architecture:
                spaces (where merged widths differ per space: PLeaS's budgets, partial zips).
       defaults: the row of `foldmerge.arch.defaults` whose values its merges take by default (each
                built-in family its own; a user's architecture "vit" unless it names another).
+      feature_copies: the features the heads read are that many vectors of the output space side by
+               side (DINOv2's classifier reads the class token and the patches' mean; DeiT's distilled
+               one its two tokens): every vector is reconstructed through U_out, which a head folds into
+               each copy's columns.
       depth(config) -> int:  the number of blocks, where models of the family may differ in it.
       deepen(config, backbone, depth) -> (config, state):  the equivalent backbone with identity blocks
                appended up to `depth`, where the family has an identity block (pre-LN: a block whose
@@ -138,6 +142,7 @@ class ArchSpec:
     defaults: str = "vit"
     depth: Callable[[dict], int] | None = None
     deepen: Callable | None = None
+    feature_copies: int = 1
     # (Linear module, the space it writes) of a backbone that is x -> [Linear -> ReLU] x L, the
     # last ReLU its output, in order; local FS-Merge trains each such layer alone (empty: not one)
     relu_layers: tuple[tuple[str, str], ...] = ()
@@ -171,6 +176,8 @@ class ArchSpec:
                 raise SpecError(f"{self.name} spec: a probe observes an unknown space {pr.space!r}")
             if pr.where not in ("in", "out"):
                 raise SpecError(f"{self.name} spec: probe of {pr.space!r} at {pr.module!r}: where must be 'in' or 'out'")
+        if not isinstance(self.feature_copies, int) or self.feature_copies < 1:
+            raise SpecError(f"{self.name} spec: feature_copies must be a positive integer, got {self.feature_copies!r}")
         if self.output not in self._space or self._space[self.output].shared:
             raise SpecError(f"{self.name} spec: the output space {self.output!r} is not a merged space of the spec")
         for s in self.width_spaces:

@@ -111,6 +111,7 @@ class SuperNet(nn.Module):
         for p in spec.weights():
             site("unmerge", spec.unmerge_site(p), p.axes[1])
         site("unmerge", "output", spec.output)
+        self._map["unmerge", "output"].copies = spec.feature_copies
         self.maps = nn.ModuleList(maps)
 
         # merged norms: model 1's for 'first', else the mean (cut or zero-padded to the merged width)
@@ -381,7 +382,8 @@ class SuperNet(nn.Module):
         merged.backbone.load_state_dict({k: v.detach() for k, v in self.folded_state().items()})
         for i, head in enumerate(merged.heads):
             w, b = self.head(i)
-            head.weight.copy_(u.apply(self.head_owner[i], w))
+            # each vector of the features through U_out (one, unless the spec has feature_copies)
+            head.weight.copy_(u.apply(self.head_owner[i], w.unflatten(-1, (u.copies, -1))).flatten(-2))
             if head.bias is not None:
                 head.bias.copy_(b)
         return merged

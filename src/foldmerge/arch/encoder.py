@@ -9,7 +9,9 @@ prefix, so its parameters keep their Hugging Face names) and a merge spec. Addin
 adding a table (docs/families.md).
 
 Two layouts. Text encoders are post-LN: every block's output is LayerNorm(x + sublayer(x)), so every
-LayerNorm sits on the residual stream `res`. Image encoders (ViT, DeiT) are pre-LN (`_pre_ln_spec`). Spaces: `res`; per layer l the attention spaces
+LayerNorm sits on the residual stream `res`. Image encoders (ViT, DeiT, DINOv2) are pre-LN (`_pre_ln_spec`);
+their classifier reads the stream at the class token, or two vectors of it side by side (`pooling`),
+and DINOv2's layer-scale gains are folded into the projections before them when a model loads. Spaces: `res`; per layer l the attention spaces
 `qk{l}` and `v{l}` (split into the heads) and the MLP hidden `mlp{l}`; the features `feat` the
 heads read. Where a family's embeddings have a width of their own (ELECTRA's `embedding_size`), they
 live in `emb` and a projection writes `res`. Sites: the embedding tables are summed into one
@@ -72,15 +74,38 @@ class Roles(_Strict):
     width: Name
     layers: Name
     heads: Name
-    mlp: Name
+    mlp: Name                                     # the MLP's width, or (mlp_is_ratio) its ratio to the width
+    mlp_is_ratio: StrictBool = False              # DINOv2: mlp_ratio
     pad: Name | None = None                       # text: the padding id, masked out of attention
 
 
+class Distilled(_Strict):
+    """A classifier per token of two (DeiT's class and distillation tokens), their logits averaged."""
+    sequence: Name
+    classifiers: Annotated[list[Name], Field(min_length=2, max_length=2)]
+
+
 class Classes(_Strict):
-    """The transformers classes of one model type: its config, its encoder, its sequence classifier."""
+    """The transformers classes of one model type: its config, its encoder, its sequence classifier (and
+    the distilled one, where the family has it)."""
     config: Name
     base: Name
     sequence: Name
+    distilled: Distilled | None = None
+
+
+class Token(_Strict):
+    """A tensor of the stream's space summed into it (or held beside it: DINOv2's mask token), with its
+    number of axes: (1, n, width) unless said."""
+    name: Name
+    axes: Annotated[StrictInt, Field(ge=1, le=3)] = 3
+
+
+class LayerScale(_Strict):
+    """Per-channel gains on a block's attention and MLP outputs (DINOv2): each folded into the output
+    projection before it on loading (the backbone holds none), written as ones on saving."""
+    attention: Name                               # under the layer
+    mlp: Name
 
 
 class Table(_Strict):
@@ -95,13 +120,15 @@ class Table(_Strict):
     embeddings: list[Name] = []                   # text: the tables summed into the stream
     embedding_norm: Name | None = None            # post-LN: the LayerNorm after that sum
     embedding_projection: Projection | None = None
-    tokens: list[Name] = []                       # images: class (and distillation) tokens, positions
+    tokens: list[Name | Token] = []               # images: class (and distillation) tokens, positions
     patch: Name | None = None                     # images: the patch embedding (a Conv2d of stride p)
     layer: Annotated[StrictStr, Field(pattern=r"\{l\}")]
     attention: Attention
     mlp: MLP
     final_norm: Name | None = None                # pre-LN: the LayerNorm after the last layer
+    layer_scale: LayerScale | None = None
     features: Features | None = None              # None: the stream at the first token is the features
+    pooling: Literal["first", "first+mean"] = "first"   # pre-LN: the token(s) the classifier reads
     classifier: Name
     requires: dict[StrictStr, StrictBool] = {}    # boolean config keys the spec covers one value of
     roles: Roles
@@ -124,22 +151,31 @@ def tables() -> dict[str, Table]:
     return out
 
 
+def poolings(table: Table) -> tuple[str, ...]:
+    """What a classifier of the family may read: the table's pooling, and both first tokens where a
+    model type has a distilled classifier."""
+    return (table.pooling,) + (("first+second",) if any(c.distilled for c in table.model_types.values()) else ())
+
+
 @lru_cache(maxsize=None)
 def _config_schema(family: str) -> type[BaseModel]:
     table = tables()[family]
     return create_model(f"{family} backbone", __config__=ConfigDict(strict=True, extra="forbid"),
                         model_type=(Literal[tuple(table.model_types)] | None, None),
+                        pooling=(Literal[poolings(table)] | None, None),
                         **{k: KINDS[kind] for k, kind in table.keys.items()})
 
 
 def config_of(table: Table, config: dict) -> dict:
     """`config` checked against the family's keys (one line naming the field), with the defaults filled
-    in; `model_type` says which of the family's model types (and transformers classes) it is."""
+    in; `model_type` says which of the family's model types (and transformers classes) it is, `pooling`
+    which tokens its classifier reads (foldmerge's key: the classifier class, not the encoder, says it)."""
     try:
         _config_schema(table.family).model_validate(config)
     except ValidationError as e:
         raise ValueError(f"a {table.family} backbone: {first_problem(e)}") from None
-    return {"model_type": next(iter(table.model_types)), **table.defaults, **config}
+    c = {"model_type": next(iter(table.model_types)), **table.defaults, **config}
+    return {**c, "pooling": c.get("pooling") or table.pooling}
 
 
 def classes(table: Table, config: dict) -> Classes:
@@ -150,7 +186,7 @@ def hf_config(table: Table, config: dict):
     """The transformers config of a backbone at `config` (dropout off, eager attention)."""
     import transformers
     c = config_of(table, config)
-    kept = {k: v for k, v in c.items() if k != "model_type"}
+    kept = {k: v for k, v in c.items() if k not in ("model_type", "pooling")}
     return getattr(transformers, classes(table, c).config)(**kept, **{k: 0.0 for k in table.dropout},
                                                             attn_implementation="eager")
 
@@ -187,7 +223,11 @@ class Backbone(nn.Module):
         if f and not f.layer.startswith(table.prefix + "."):
             _place(self, f.layer, nn.Linear(c[r.width], c[r.width]))
         self.features_layer, self.activation = (f.layer, ACTIVATIONS[f.activation]) if f else (None, None)
-        self.reads, self.out_dim = table.input, c[r.width]
+        self.reads, self.out_dim, self.pooling = table.input, c[r.width], c["pooling"]
+        if table.layer_scale:                   # folded into the projections before them (`fold_layer_scale`)
+            for l in range(c[r.layers]):
+                for name in (table.layer_scale.attention, table.layer_scale.mlp):
+                    _place(encoder, f"{table.layer.format(l=l)}.{name.rpartition('.')[0]}", nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         encoder = getattr(self, tables()[self.family].prefix)
@@ -198,7 +238,12 @@ class Backbone(nn.Module):
         else:
             if not x.is_floating_point():
                 raise ValueError(f"a {self.family} reads images (floating point), not integers")
-            first = encoder(pixel_values=x).last_hidden_state[:, 0]
+            stream = encoder(pixel_values=x).last_hidden_state
+            if self.pooling == "first+mean":              # the class token beside the patches' mean
+                return torch.cat([stream[:, 0], stream[:, 1:].mean(1)], dim=-1)
+            if self.pooling == "first+second":            # the class and distillation tokens
+                return torch.cat([stream[:, 0], stream[:, 1]], dim=-1)
+            first = stream[:, 0]
         if self.features_layer is None:
             return first
         return self.activation(self.get_submodule(self.features_layer)(first))
@@ -279,7 +324,8 @@ def _pre_ln_spec(table: Table, c: dict) -> ArchSpec:
     r, p, a, m = table.roles, table.prefix, table.attention, table.mlp
     heads = c[r.heads]
     spaces = [Space("pixels", shared=True), Space("res")]
-    params = [Param(f"{p}.{t}", (None, None, "res"), merge_at="embed") for t in table.tokens]
+    tokens = [t if isinstance(t, Token) else Token(name=t) for t in table.tokens]
+    params = [Param(f"{p}.{t.name}", (None,) * (t.axes - 1) + ("res",), merge_at="embed") for t in tokens]
     params += [Param(f"{p}.{table.patch}.weight", ("res", "pixels", None, None), merge_at="embed"),
                Param(f"{p}.{table.patch}.bias", ("res",), merge_at="embed")]
     norms, probes = [], []
@@ -292,12 +338,43 @@ def _pre_ln_spec(table: Table, c: dict) -> ArchSpec:
         probes += [Probe("res", before, "in"), Probe(qk, f"{b}.{a.query}"), Probe(qk, f"{b}.{a.key}"),
                    Probe(v, f"{b}.{a.value}"), Probe(hid, f"{b}.{m.down}", "in")]
     norms.append(Norm(f"{p}.{table.final_norm}", "res"))
-    probes += [Probe("res", f"{p}.{table.final_norm}", "in"), Probe("res", "")]
-    return ArchSpec(table.family, spaces, params, norms, probes, output="res",
+    copies = 1 if c["pooling"] == "first" else 2
+    # the features are the final norm's output at the first token, or two vectors of it side by side
+    probes += [Probe("res", f"{p}.{table.final_norm}", "in"),
+               Probe("res", "") if copies == 1 else Probe("res", f"{p}.{table.final_norm}")]
+    return ArchSpec(table.family, spaces, params, norms, probes, output="res", feature_copies=copies,
                     build=lambda cfg: Backbone(table, cfg), resize=lambda cfg, widths: resize(table, cfg, widths),
                     width_spaces=("res", "mlp0"), check=lambda configs: check_compatible(table, configs),
                     defaults="hf-vit", depth=lambda cfg: config_of(table, cfg)[r.layers],
                     deepen=lambda cfg, backbone, depth: deepen(table, cfg, backbone, depth))
+
+
+def _layer_scales(table: Table, config: dict):
+    """(gain key, projection) of every layer-scale gain of the backbone, with the prefix."""
+    ls, n = table.layer_scale, config_of(table, config)[table.roles.layers]
+    for l in range(n if ls else 0):
+        b = f"{table.prefix}.{table.layer.format(l=l)}"
+        yield f"{b}.{ls.attention}", f"{b}.{table.attention.output}"
+        yield f"{b}.{ls.mlp}", f"{b}.{table.mlp.down}"
+
+
+def fold_layer_scale(table: Table, config: dict, state: dict) -> dict:
+    """A Hugging Face state with each layer-scale gain g folded into the projection whose output it
+    scales (g * (W x + b) = (g W) x + g b): what the backbone holds."""
+    out = dict(state)
+    for gain, proj in _layer_scales(table, config):
+        g = out.pop(gain)
+        out[f"{proj}.weight"] = out[f"{proj}.weight"] * g[:, None]
+        out[f"{proj}.bias"] = out[f"{proj}.bias"] * g
+    return out
+
+
+def with_layer_scale(table: Table, config: dict, state: dict) -> dict:
+    """The backbone's state with the gains Hugging Face's class holds, as ones (the gains are folded in)."""
+    out = dict(state)
+    for gain, proj in _layer_scales(table, config):
+        out[gain] = torch.ones_like(out[f"{proj}.bias"])
+    return out
 
 
 def deepen(table: Table, config: dict, backbone: nn.Module, depth: int) -> tuple[dict, dict]:
@@ -321,6 +398,15 @@ def deepen(table: Table, config: dict, backbone: nn.Module, depth: int) -> tuple
 def resize(table: Table, config: dict, widths: list[int]) -> dict:
     """The configuration at hidden size widths[0] and MLP width widths[1] (default: the source's)."""
     r, proj = table.roles, table.embedding_projection
+    if r.mlp_is_ratio:                           # the MLP's width is a ratio of the stream's
+        c = config_of(table, config)
+        mlp = int(c[r.width] * c[r.mlp]) if len(widths) < 2 else int(widths[1])
+        out = resize_transformer(config, widths[:1], table.family, (r.width,), c[r.heads])
+        ratio = mlp / out[r.width]
+        if int(out[r.width] * ratio) != mlp:
+            raise ValueError(f"a {table.family}'s MLP width is {r.mlp} x its width; {mlp} is not one at width "
+                             f"{out[r.width]}")
+        return {**out, r.mlp: ratio}
     out = resize_transformer(config, widths, table.family, (r.width, r.mlp), config.get(r.heads, table.defaults[r.heads]))
     c = {**table.defaults, **config}
     if proj and c[proj.width] == c[r.width]:
@@ -330,7 +416,8 @@ def resize(table: Table, config: dict, widths: list[int]) -> dict:
 
 def check_compatible(table: Table, configs: list[dict]) -> None:
     """Equal values of the keys that must match (layer and head counts, vocabulary…); else one clear error."""
-    for key, what in {"model_type": "model types", **table.must_match}.items():
+    for key, what in {"model_type": "model types", "pooling": "classifier inputs (tokens read)",
+                      **table.must_match}.items():
         vals = [config_of(table, c)[key] for c in configs]
         if len(set(map(str, vals))) != 1:
             raise ValueError(f"cannot merge {table.family} models with different {what} {vals}")

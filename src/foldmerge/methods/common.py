@@ -167,7 +167,8 @@ def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, ow
 
     def reconstruct(merged):
         blocks = unmerge_features(output_map, merged)
-        return [blocks[b] if a is None else blocks[b] @ a.T for b, a in links]
+        return [blocks[b] if a is None else (blocks[b].unflatten(-1, (output_map.copies, -1)) @ a.T).flatten(-2)
+                for b, a in links]
 
     def loss_fn(*batch):
         ob = batch[m + n] if owner is not None else None
