@@ -29,6 +29,10 @@ FAMILIES = {
     "electra": ("ElectraConfig", "ElectraForSequenceClassification", {**SIZES, **BERTISH, "embedding_size": 8}),
     "electra-projected": ("ElectraConfig", "ElectraForSequenceClassification",
                           {**SIZES, **BERTISH, "embedding_size": 6}),
+    "data2vec-text": ("Data2VecTextConfig", "Data2VecTextForSequenceClassification",
+                      {**SIZES, **BERTISH, "pad_token_id": 1}),
+    "ernie": ("ErnieConfig", "ErnieForSequenceClassification", {**SIZES, **BERTISH}),
+    "ernie-task-types": ("ErnieConfig", "ErnieForSequenceClassification", {**SIZES, **BERTISH, "use_task_id": True}),
     "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification",
                    {**SIZES, "dim": 8, "n_layers": 2, "n_heads": 2, "hidden_dim": 16}),
     "vit": ("ViTConfig", "ViTForImageClassification", {**BERTISH, **IMAGES}),
@@ -101,7 +105,7 @@ def family(request):
 
 
 ARCH = {"xlm-roberta": "roberta", "camembert": "roberta", "electra-projected": "electra", "vit": "hf-vit",
-        "deit-distilled": "deit"}
+        "deit-distilled": "deit", "ernie-task-types": "ernie"}
 
 
 def test_a_saved_model_loads_as_the_model_it_is(tmp_path, family):

@@ -1,5 +1,6 @@
 """The one training loop's schedule: the cosine warmup is a fraction of training."""
 import pytest
+import torch
 
 from foldmerge.bench.mlp import e1_warmup
 from foldmerge.train import TrainConfig, lr_factor
@@ -32,3 +33,34 @@ def test_warmup_outside_a_fraction_is_an_error():
     for bad in (-0.1, 1.0, 20):
         with pytest.raises(ValueError, match="fraction of training"):
             TrainConfig(warmup=bad)
+
+
+def test_weight_decay_pulls_what_its_option_says():
+    """decay 'all': every parameter shrinks toward zero; 'matrices': only those of two or more axes
+    (a diagonal, a norm gain, a bias keep their values); 'to-start': every parameter toward where
+    it began (decoupled: p <- p - lr * wd * (p - p_start) after each step)."""
+    from foldmerge.train import TrainConfig, fit
+
+    def run(decay, optimizer="adamw"):
+        torch.manual_seed(0)
+        vec, mat = torch.nn.Parameter(torch.randn(5) + 2), torch.nn.Parameter(torch.randn(3, 4) + 2)
+        start = [vec.detach().clone(), mat.detach().clone()]
+        c = torch.randn(5), torch.randn(3, 4)
+        cfg = TrainConfig(epochs=1, lr=0.1, weight_decay=0.5, optimizer=optimizer, momentum=0.0,
+                          schedule="constant", decay=decay)
+        fit([vec, mat], lambda x: (vec * c[0]).sum() + (mat * c[1]).sum() + 0 * x.sum(), [torch.zeros(2, 1)], cfg)
+        return start, c, [vec.detach(), mat.detach()]
+
+    start, c, (vec, mat) = run("matrices", "sgd")
+    torch.testing.assert_close(vec, start[0] - 0.1 * c[0])                         # no decay on one axis
+    torch.testing.assert_close(mat, start[1] - 0.1 * (c[1] + 0.5 * start[1]))       # SGD's own decay
+    start, c, (vec, mat) = run("all", "sgd")
+    torch.testing.assert_close(vec, start[0] - 0.1 * (c[0] + 0.5 * start[0]))
+    start, c, (vec, mat) = run("to-start", "sgd")
+    for s, ck, p in zip(start, c, (vec, mat)):                       # the step, then 5 % of it taken back
+        torch.testing.assert_close(p, s - 0.1 * ck * (1 - 0.1 * 0.5))
+    start, _, (vec, mat) = run("to-start")
+    adam_all = run("all")[2]
+    assert not torch.allclose(adam_all[0], vec)                      # AdamW's own pulls toward zero
+    with pytest.raises(ValueError, match="decay must be one of"):
+        TrainConfig(decay="zero")

@@ -44,6 +44,10 @@ class EarlyStop:
 
 
 OPTIMIZERS = ("sgd", "adamw")
+# what weight decay pulls: every parameter toward zero (the optimizers' own), only the matrices (a
+# parameter of one axis, such as an identity-initialized diagonal, a norm's gain or a bias, keeps its
+# value), or every parameter toward its value when training began (decoupled, as AdamW's)
+DECAYS = ("all", "matrices", "to-start")
 
 
 @dataclass
@@ -60,10 +64,13 @@ class TrainConfig:
     step_gamma: float = 0.9       # step: the LR is multiplied by gamma at 1/3 and 2/3 of training
     batch_size: int | None = None  # None: the whole data each step (gradient descent)
     seed: int = 0
+    decay: str = "all"            # DECAYS
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.decay not in DECAYS:
+            raise ValueError(f"decay must be one of {DECAYS}, got {self.decay!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not all(math.isfinite(float(v)) for v in (self.lr, self.momentum, self.weight_decay, self.warmup)):
@@ -105,11 +112,29 @@ def lr_factor(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> 
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer; its own weight decay for decay "all", on the matrices alone for "matrices", none
+    for "to-start" (`decay_to_start` does it)."""
+    params = list(params)
+    if cfg.decay == "matrices":
+        groups = [{"params": [p for p in params if p.dim() >= 2]},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+    else:
+        groups = params
+    wd = 0.0 if cfg.decay == "to-start" else cfg.weight_decay
     # foreach: one multi-tensor kernel per update step instead of a Python loop over tensors
     # (torch picks it only on CUDA by default; FS-Merge has many small map tensors)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=wd, foreach=True)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd, foreach=True)
+
+
+@torch.no_grad()
+def decay_to_start(params, start, lr: float, weight_decay: float) -> None:
+    """p <- p - lr * weight_decay * (p - p_start): AdamW's decoupled decay, toward where p began."""
+    if weight_decay:
+        for p, p0 in zip(params, start):
+            p.sub_(p - p0, alpha=lr * weight_decay)
 
 
 def train_step(opt: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tensor],
@@ -154,6 +179,7 @@ def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tenso
     steps_per_epoch = math.ceil(n / bs)
     total = cfg.epochs * steps_per_epoch
     opt = make_optimizer(params, cfg)
+    begun = [p.detach().clone() for p in params] if cfg.decay == "to-start" else None   # before any restore
     g = torch.Generator().manual_seed(cfg.seed)
     start, step, history = ck.restore(idx, params, opt, g) if ck else (0, 0, [])
     show_every = max(1, cfg.epochs // 200) if bs == n else 1
@@ -169,6 +195,8 @@ def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tenso
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * lr_factor(cfg, step, total, steps_per_epoch)
                 batch_loss = train_step(opt, params, loss_fn, batch, fabric)
+                if begun is not None:
+                    decay_to_start(params, begun, opt.param_groups[0]["lr"], cfg.weight_decay)
                 step += 1
                 epoch_loss += batch_loss * len(batch[0])
                 if bs < n:

@@ -94,6 +94,12 @@ class Classes(_Strict):
     distilled: Distilled | None = None
 
 
+class Embedding(_Strict):
+    """A table summed into the stream only where a boolean config key is set (ERNIE's task types)."""
+    name: Name
+    when: Name
+
+
 class Token(_Strict):
     """A tensor of the stream's space summed into it (or held beside it: DINOv2's mask token), with its
     number of axes: (1, n, width) unless said."""
@@ -117,7 +123,7 @@ class Table(_Strict):
     input: Literal["text", "image"]
     base_arguments: dict[StrictStr, StrictBool] = {}
     prefix: Name
-    embeddings: list[Name] = []                   # text: the tables summed into the stream
+    embeddings: list[Name | Embedding] = []       # text: the tables summed into the stream
     embedding_norm: Name | None = None            # post-LN: the LayerNorm after that sum
     embedding_projection: Projection | None = None
     tokens: list[Name | Token] = []               # images: class (and distillation) tokens, positions
@@ -261,7 +267,8 @@ def spec(family: str, config: dict) -> ArchSpec:
         proj = None                              # the encoder has no projection at equal widths
     stream = "emb" if proj else "res"            # the space the embedding tables write
     spaces = [Space("res"), Space("feat")] + ([Space("emb")] if proj else [])
-    present = [e for e in table.embeddings if "token_type" not in e or c.get("type_vocab_size", 1) > 0]
+    present = [e.name if isinstance(e, Embedding) else e for e in table.embeddings
+               if (c[e.when] if isinstance(e, Embedding) else "token_type" not in e or c.get("type_vocab_size", 1) > 0)]
     params = [Param(f"{p}.{e}", (None, stream), merge_at="embed") for e in present]
     wb = ("weight", "bias")
     embedding_keys = tuple(f"{p}.{e}" for e in present) + tuple(f"{p}.{table.embedding_norm}.{x}" for x in wb)

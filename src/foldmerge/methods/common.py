@@ -228,6 +228,11 @@ def training_options(method: str) -> tuple[Option, ...]:
         Option("warmup", Number(low=0, high=1, below=True), "cosine schedule: the share of training spent warming up",
                by_family("warmup", method)),
         Option("weight_decay", Number(low=0), "weight decay", by_family("weight_decay", method)),
+        Option("decay", Choice(("all", "matrices", "to-start")),
+               "what weight decay pulls: every parameter toward zero (all), only the matrices (matrices: an "
+               "identity-initialized diagonal, a norm's gain, a bias keep their values), or every parameter "
+               "toward its starting value (to-start)", "all",
+               "the optimizers' own decay, which every measured bench used"),
         Option("batch_size", Integer(1), "examples per step ('whole sample': gradient descent)",
                by_family("batch_size", method)),
         Option("optimizer", Choice(("sgd", "adamw")), "optimizer", by_family("optimizer", method)),
@@ -246,7 +251,7 @@ def training_options(method: str) -> tuple[Option, ...]:
 def training_config(options: dict, seed: int) -> tuple[TrainConfig, object]:
     """(TrainConfig, target scale) from a trained merge's resolved options."""
     cfg = TrainConfig(epochs=options["epochs"], lr=options["lr"], momentum=options["momentum"],
-                      weight_decay=options["weight_decay"], optimizer=options["optimizer"],
+                      weight_decay=options["weight_decay"], decay=options["decay"], optimizer=options["optimizer"],
                       schedule=options["schedule"], warmup=options["warmup"], batch_size=options["batch_size"],
                       seed=seed)
     return cfg, options["target_scale"]

@@ -74,11 +74,12 @@ OPTIONS = (
 @method("fs-merge", OPTIONS, "Foldable SuperNet Merge: learn M and U around the frozen sources, then fold",
         held_out=True)
 def merge(models, data, seed, context, variant, param, init, widths, form, last_epochs, zipit_alpha, zipit_beta,
-          epochs, lr, momentum, schedule, warmup, weight_decay, batch_size, optimizer, targets, target_scale,
+          epochs, lr, momentum, schedule, warmup, weight_decay, decay, batch_size, optimizer, targets, target_scale,
           patience, held_out=None):
     sources_spec(models)                  # one architecture, two or more models
     cfg, target_scale = training_config(dict(epochs=epochs, lr=lr, momentum=momentum, schedule=schedule,
-                                             warmup=warmup, weight_decay=weight_decay, batch_size=batch_size,
+                                             warmup=warmup, weight_decay=weight_decay, decay=decay,
+                                             batch_size=batch_size,
                                              optimizer=optimizer, target_scale=target_scale), seed)
     torch.manual_seed(seed)
     if held_out is not None and variant != "global":       # before any work
