@@ -10,7 +10,7 @@ from pathlib import Path
 from ..commands import add_threads, argtype, command_line, set_threads
 from ..options import Integer, Number
 from ..provenance import environment
-from . import cnn, cost, defaults, efficiency, families, gating, mlp, same_task, scale, selection, text, vit
+from . import cnn, cost, defaults, efficiency, families, gating, mlp, same_task, scale, selection, text, tune_fs, vit
 
 
 def add_arguments(p) -> None:
@@ -86,6 +86,14 @@ def add_arguments(p) -> None:
     b.add_argument("--out", default="runs/bench", help="cache for source models (default runs/bench)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     add_threads(b, show=False)
+    b = bench.add_parser("tune-fs", help="FS-Merge against distillation on validation splits: the same number of "
+                                         "trials each, one change to the validated options per trial")
+    b.add_argument("--cells", nargs="+", default=None, metavar="CELL", help=f"of: {' '.join(tune_fs.CELLS)} (default all)")
+    b.add_argument("--methods", nargs="+", default=None, help=f"of: {' '.join(tune_fs.TRIALS)} (default both)")
+    b.add_argument("--seed", type=argtype(Integer(0)), default=0, help="the merge sample's seed (default 0)")
+    b.add_argument("--out", default="runs/bench", help="cache for source models and trials (default runs/bench)")
+    b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
+    add_threads(b, show=False)
     b = bench.add_parser("vit", help="FS-Merge paper 3.2: ViT pairs from different inits and tasks")
     b.add_argument("--setting", choices=["pairs16", "pairs100", "groups4", "groups8"], default="pairs16")
     b.add_argument("--pairs", "--groups", dest="pairs", type=argtype(Integer(1)), default=None,
@@ -159,6 +167,10 @@ def run(args) -> None:
                                      datasets=tuple(args.datasets or same_task.DATASETS),
                                      seeds=args.seeds or same_task.SEEDS, methods=args.methods, out=args.out)
         return _report_bench(result, args, same_task.print_report)
+    if args.bench == "tune-fs":
+        result = tune_fs.run_bench(cells=tuple(args.cells or tune_fs.CELLS), out=args.out, seed=args.seed,
+                                   methods=tuple(args.methods or tune_fs.TRIALS))
+        return _report_bench(result, args, tune_fs.print_report)
     if args.bench == "families":
         result = families.run_bench(families=tuple(args.families or families.FAMILIES), methods=args.methods,
                                     out=args.out)
