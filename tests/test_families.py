@@ -40,6 +40,8 @@ FAMILIES = {
     "deit-distilled": ("DeiTConfig", "DeiTForImageClassificationWithTeacher", {**BERTISH, **IMAGES}),
     "dinov2": ("Dinov2Config", "Dinov2ForImageClassification",
                {**{k: v for k, v in BERTISH.items() if k != "intermediate_size"}, "mlp_ratio": 2, **IMAGES}),
+    "convnext": ("ConvNextConfig", "ConvNextForImageClassification",
+                 {"num_stages": 2, "hidden_sizes": [8, 16], "depths": [1, 2], "patch_size": 2, **IMAGES}),
 }
 LABELS = [["a", "b", "c"], ["d", "e", "f", "g", "h", "i", "j"]]      # more than five on one
 
@@ -65,7 +67,7 @@ def make(tmp_path, family, k):
     model = getattr(transformers, head_class)(config)
     with torch.no_grad():                 # layer-scale gains start equal; any values must load
         for name, p in model.named_parameters():
-            if "lambda" in name:
+            if "lambda" in name or "layer_scale" in name:
                 p.uniform_(0.5, 1.5)
     model.save_pretrained(path)
     return path

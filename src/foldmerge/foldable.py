@@ -68,6 +68,11 @@ def _fit_cols(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([x, pad], dim=-1)
 
 
+def fit_channels(x: torch.Tensor, width: int) -> torch.Tensor:
+    """`_fit_cols` on the first axis (a channelwise module's tensor: a norm's gain, a depthwise kernel)."""
+    return _fit_cols(x.movedim(0, -1), width).movedim(-1, 0)
+
+
 class FoldMap(nn.Module):
     """A (d* x Σ d_k) matrix of n column blocks, used as M (role 'merge') or Uᵀ (role 'unmerge')."""
 

@@ -3,7 +3,7 @@
 In: `load_hf(dir, task)` reads a classifier directory of a family with a table
 (`arch/families/*.json`: `BertForSequenceClassification`, `RobertaForSequenceClassification`, …,
 `ViTForImageClassification`, `DeiTForImageClassification` (and `…WithTeacher`: one head on both tokens),
-`Dinov2ForImageClassification`; its `config.json` names the class;
+`Dinov2ForImageClassification`, `ConvNextForImageClassification`; its `config.json` names the class;
 weights through `from_pretrained(dir, local_files_only=True)`, safetensors, never remote code) as a
 one-head TaskModel of that family: the backbone is its encoder (under the table's prefix) and the
 features layer where the classifier keeps one beside it, the head its classifier. A `BertModel`

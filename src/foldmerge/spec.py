@@ -23,8 +23,10 @@ lives in. That is all a method needs to know about an architecture:
               that norm), the patch embedding, class token and positions that are summed
               into one tensor share one M.
   Norm(module, space)
-      a LayerNorm over `space`: its weight and bias are learned in merged width by FS-Merge
-      and merged by M by alignment methods.
+      a module that acts on each channel of `space` alone, with the space on the first axis of its
+      weight and bias: a LayerNorm (its gain and bias), or a depthwise convolution (ConvNeXt's: a
+      kernel per channel). It runs in merged width: FS-Merge learns its tensors there (from model
+      1's, or the mean), alignment methods merge them by M (M·concat(γ_k), row by row).
   Probe(space, module, where, axis=-1)
       where `space` is observed on a forward pass ("in": the module's input, "out": its
       output; module "" is the backbone itself); `axis` is the tensor's axis that holds the
@@ -318,8 +320,8 @@ class ArchSpec:
                     see(a, size, p.key)
         for key, space in norm_keys.items():
             t = tensors[key]
-            if t.dim() != 1:
-                raise SpecError(f"{self.name} spec: norm parameter {key!r} is not a vector")
+            if t.dim() < 1:
+                raise SpecError(f"{self.name} spec: norm parameter {key!r} has no channel axis")
             see(space, t.shape[0], key)
         for s in self.spaces:
             if s.name in widths and widths[s.name] % s.heads:

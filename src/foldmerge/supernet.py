@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from .foldable import (
     FoldMap,
-    _fit_cols,
+    fit_channels,
     fold_group_maps,
     fold_groups,
     fold_linears,
@@ -121,7 +121,7 @@ class SuperNet(nn.Module):
             if key not in states[0]:
                 continue
             chosen = states[:1] if init == "first" else states
-            value = sum(_fit_cols(st[key].detach(), merged[space]) for st in chosen) / len(chosen)
+            value = sum(fit_channels(st[key].detach(), merged[space]) for st in chosen) / len(chosen)
             self._norm[key] = len(self.norm_params)
             self.norm_params.append(nn.Parameter(value.clone()))
 

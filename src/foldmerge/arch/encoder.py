@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, create_model
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, create_model,
+                      model_validator)
 from torch import nn
 from torch.nn import functional as F
 
@@ -38,6 +39,7 @@ FOLDER = Path(__file__).parent / "families"
 Name = Annotated[StrictStr, Field(min_length=1)]
 # what a config key holds: a size (>= 1), an index (>= 0, or null), a number, a name, a boolean
 KINDS = {"size": (Annotated[StrictInt, Field(ge=1)], None), "index": (Annotated[StrictInt, Field(ge=0)] | None, None),
+         "sizes": (Annotated[list[Annotated[StrictInt, Field(ge=1)]], Field(min_length=1)] | None, None),
          "number": (Annotated[Number, Field(gt=0)], None), "name": (Name, None), "bool": (StrictBool, None)}
 ACTIVATIONS = {"tanh": torch.tanh, "gelu": F.gelu, "relu": F.relu}
 
@@ -108,9 +110,10 @@ class Token(_Strict):
 
 
 class LayerScale(_Strict):
-    """Per-channel gains on a block's attention and MLP outputs (DINOv2): each folded into the output
-    projection before it on loading (the backbone holds none), written as ones on saving."""
-    attention: Name                               # under the layer
+    """Per-channel gains on a block's attention and MLP outputs (DINOv2; ConvNeXt's on its MLP): each
+    folded into the output projection before it on loading (the backbone holds none), written as ones
+    on saving."""
+    attention: Name | None = None                 # under the layer
     mlp: Name
 
 
@@ -119,7 +122,7 @@ class Table(_Strict):
     family: Name
     about: Name
     model_types: dict[StrictStr, Classes] = Field(min_length=1)   # the first is the default
-    layout: Literal["post-ln", "pre-ln"] = "post-ln"
+    layout: Literal["post-ln", "pre-ln", "convnext"] = "post-ln"
     input: Literal["text", "image"]
     base_arguments: dict[StrictStr, StrictBool] = {}
     prefix: Name
@@ -128,20 +131,26 @@ class Table(_Strict):
     embedding_projection: Projection | None = None
     tokens: list[Name | Token] = []               # images: class (and distillation) tokens, positions
     patch: Name | None = None                     # images: the patch embedding (a Conv2d of stride p)
-    layer: Annotated[StrictStr, Field(pattern=r"\{l\}")]
-    attention: Attention
-    mlp: MLP
+    layer: Annotated[StrictStr, Field(pattern=r"\{l\}")] | None = None     # transformers: a layer's path
+    attention: Attention | None = None
+    mlp: MLP | None = None
     final_norm: Name | None = None                # pre-LN: the LayerNorm after the last layer
     layer_scale: LayerScale | None = None
     features: Features | None = None              # None: the stream at the first token is the features
-    pooling: Literal["first", "first+mean"] = "first"   # pre-LN: the token(s) the classifier reads
+    pooling: Literal["first", "first+mean", "pooler"] = "first"   # images: the token(s) the classifier reads
     classifier: Name
     requires: dict[StrictStr, StrictBool] = {}    # boolean config keys the spec covers one value of
-    roles: Roles
-    keys: dict[StrictStr, Literal["size", "index", "number", "name", "bool"]]
+    roles: Roles | None = None                    # transformers: which config keys size the model
+    keys: dict[StrictStr, Literal["size", "index", "number", "name", "bool", "sizes"]]
     defaults: dict[StrictStr, object]
     dropout: list[Name]
     must_match: dict[StrictStr, Name]        # besides the model type
+
+    @model_validator(mode="after")
+    def _transformer_parts(self):
+        if self.layout != "convnext" and None in (self.layer, self.attention, self.mlp, self.roles):
+            raise ValueError(f"a {self.layout} table names its layer, attention, mlp and roles")
+        return self
 
 
 @lru_cache(maxsize=None)
@@ -221,19 +230,24 @@ class Backbone(nn.Module):
         for key, value in table.requires.items():
             if c[key] != value:
                 raise ValueError(f"the {table.family} spec covers models with {key} {str(value).lower()}")
-        check_sizes(table.family, {k: c[k] for k, kind in table.keys.items() if kind == "size"}, r.width, r.heads)
-        self.family, self.pad_token_id = table.family, c[r.pad] if r.pad else None
+        if r is not None:
+            check_sizes(table.family, {k: c[k] for k, kind in table.keys.items() if kind == "size"}, r.width, r.heads)
+        self.family, self.pad_token_id = table.family, c[r.pad] if r is not None and r.pad else None
         encoder = getattr(transformers, classes(table, c).base)(hf_config(table, c), **table.base_arguments)
         self.add_module(table.prefix, encoder)
         f = table.features
         if f and not f.layer.startswith(table.prefix + "."):
             _place(self, f.layer, nn.Linear(c[r.width], c[r.width]))
         self.features_layer, self.activation = (f.layer, ACTIVATIONS[f.activation]) if f else (None, None)
-        self.reads, self.out_dim, self.pooling = table.input, c[r.width], c["pooling"]
-        if table.layer_scale:                   # folded into the projections before them (`fold_layer_scale`)
-            for l in range(c[r.layers]):
-                for name in (table.layer_scale.attention, table.layer_scale.mlp):
-                    _place(encoder, f"{table.layer.format(l=l)}.{name.rpartition('.')[0]}", nn.Identity())
+        self.reads, self.pooling = table.input, c["pooling"]
+        for gain, _ in _layer_scales(table, c):      # folded into the projections before them (`fold_layer_scale`)
+            owner, _, name = gain[len(table.prefix) + 1:].rpartition(".")
+            if name == "lambda1":                   # a module of its own (DINOv2's): made the identity
+                _place(encoder, owner, nn.Identity())
+            else:                                   # a tensor its layer skips when it is None (ConvNeXt's)
+                layer = encoder.get_submodule(owner)
+                delattr(layer, name)
+                setattr(layer, name, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         encoder = getattr(self, tables()[self.family].prefix)
@@ -244,7 +258,11 @@ class Backbone(nn.Module):
         else:
             if not x.is_floating_point():
                 raise ValueError(f"a {self.family} reads images (floating point), not integers")
-            stream = encoder(pixel_values=x).last_hidden_state
+            # in the patch embedding's dtype (transformers' ViT casts them itself, its ConvNeXt does not)
+            out = encoder(pixel_values=x.to(encoder.get_submodule(tables()[self.family].patch).weight.dtype))
+            if self.pooling == "pooler":                  # the encoder's own pooling (ConvNeXt: LayerNorm of the mean)
+                return out.pooler_output
+            stream = out.last_hidden_state
             if self.pooling == "first+mean":              # the class token beside the patches' mean
                 return torch.cat([stream[:, 0], stream[:, 1:].mean(1)], dim=-1)
             if self.pooling == "first+second":            # the class and distillation tokens
@@ -259,6 +277,9 @@ def spec(family: str, config: dict) -> ArchSpec:
     table = tables()[family]
     if table.layout == "pre-ln":
         return _pre_ln_spec(table, config_of(table, config))
+    if table.layout == "convnext":
+        from . import convnext
+        return convnext.spec(table, config_of(table, config), lambda cfg: Backbone(table, cfg))
     c = config_of(table, config)
     r, p = table.roles, table.prefix
     heads = c[r.heads]
@@ -358,6 +379,10 @@ def _pre_ln_spec(table: Table, c: dict) -> ArchSpec:
 
 def _layer_scales(table: Table, config: dict):
     """(gain key, projection) of every layer-scale gain of the backbone, with the prefix."""
+    if table.layout == "convnext":
+        from . import convnext
+        yield from convnext.layer_scales(table, config_of(table, config))
+        return
     ls, n = table.layer_scale, config_of(table, config)[table.roles.layers]
     for l in range(n if ls else 0):
         b = f"{table.prefix}.{table.layer.format(l=l)}"
@@ -405,6 +430,9 @@ def deepen(table: Table, config: dict, backbone: nn.Module, depth: int) -> tuple
 def resize(table: Table, config: dict, widths: list[int]) -> dict:
     """The configuration at hidden size widths[0] and MLP width widths[1] (default: the source's)."""
     r, proj = table.roles, table.embedding_projection
+    if table.layout == "convnext":
+        from . import convnext
+        return convnext.resize(table, config_of(table, config), widths)
     if r.mlp_is_ratio:                           # the MLP's width is a ratio of the stream's
         c = config_of(table, config)
         mlp = int(c[r.width] * c[r.mlp]) if len(widths) < 2 else int(widths[1])

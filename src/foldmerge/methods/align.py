@@ -166,7 +166,8 @@ def load_maps(sn: SuperNet, models, maps: dict[str, tuple[torch.Tensor, torch.Te
     for key, space in sn.spec.norm_params():
         if key in sn._norm:
             m = maps[space][0]
-            sn.norm(key).copy_(m @ torch.cat([st[key].detach().to(m) for st in states]))
+            rows = torch.cat([st[key].detach().to(m) for st in states])      # channels first, any shape
+            sn.norm(key).copy_((m @ rows.reshape(len(rows), -1)).reshape(m.shape[0], *rows.shape[1:]))
 
 
 def merge_with_maps(models, maps: dict[str, tuple[torch.Tensor, torch.Tensor]], seed: int = 0):

@@ -52,7 +52,8 @@ def _assignment(cost: torch.Tensor, heads: int) -> torch.Tensor:
 def match_weights(spec, ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor], seed: int = 0,
                   max_iter: int = MAX_ITER) -> tuple[dict[str, torch.Tensor], int]:
     """({space: perm} with (P θ_other)[i] = θ_other[perm[i]], passes made) for two state dicts."""
-    entries = [(p.key, p.axes) for p in spec.params] + [(k, (s,)) for k, s in spec.norm_params() if k in ref]
+    entries = [(p.key, p.axes) for p in spec.params] + [(k, (s,) + (None,) * (ref[k].dim() - 1))
+                                                         for k, s in spec.norm_params() if k in ref]
     spaces = [s for s in align.merged_spaces(spec) if any(s in axes for _, axes in entries)]
     merged = set(spaces)
     width = {s: next(ref[k].shape[axes.index(s)] for k, axes in entries if s in axes) for s in spaces}
