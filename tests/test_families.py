@@ -42,6 +42,11 @@ FAMILIES = {
                {**{k: v for k, v in BERTISH.items() if k != "intermediate_size"}, "mlp_ratio": 2, **IMAGES}),
     "convnext": ("ConvNextConfig", "ConvNextForImageClassification",
                  {"num_stages": 2, "hidden_sizes": [8, 16], "depths": [1, 2], "patch_size": 2, **IMAGES}),
+    "hf-resnet": ("ResNetConfig", "ResNetForImageClassification",
+                  {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 2], **IMAGES}),
+    "hf-resnet-bottleneck": ("ResNetConfig", "ResNetForImageClassification",
+                             {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [2, 1], "layer_type": "bottleneck",
+                              **IMAGES}),
 }
 LABELS = [["a", "b", "c"], ["d", "e", "f", "g", "h", "i", "j"]]      # more than five on one
 
@@ -65,10 +70,12 @@ def make(tmp_path, family, k):
                                                  label2id={v: i for i, v in enumerate(labels)})
     path = tmp_path / f"{family}-{k}"
     model = getattr(transformers, head_class)(config)
-    with torch.no_grad():                 # layer-scale gains start equal; any values must load
-        for name, p in model.named_parameters():
-            if "lambda" in name or "layer_scale" in name:
+    with torch.no_grad():      # layer-scale gains and BatchNorms start as constants; any values must load
+        for name, p in [*model.named_parameters(), *model.named_buffers()]:
+            if "lambda" in name or "layer_scale" in name or name.endswith(("running_var", "normalization.weight")):
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(("running_mean", "normalization.bias")):
+                p.normal_()
     model.save_pretrained(path)
     return path
 
@@ -107,7 +114,7 @@ def family(request):
 
 
 ARCH = {"xlm-roberta": "roberta", "camembert": "roberta", "electra-projected": "electra", "vit": "hf-vit",
-        "deit-distilled": "deit", "ernie-task-types": "ernie"}
+        "deit-distilled": "deit", "ernie-task-types": "ernie", "hf-resnet-bottleneck": "hf-resnet"}
 
 
 def test_a_saved_model_loads_as_the_model_it_is(tmp_path, family):

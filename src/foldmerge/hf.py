@@ -3,7 +3,8 @@
 In: `load_hf(dir, task)` reads a classifier directory of a family with a table
 (`arch/families/*.json`: `BertForSequenceClassification`, `RobertaForSequenceClassification`, …,
 `ViTForImageClassification`, `DeiTForImageClassification` (and `…WithTeacher`: one head on both tokens),
-`Dinov2ForImageClassification`, `ConvNextForImageClassification`; its `config.json` names the class;
+`Dinov2ForImageClassification`, `ConvNextForImageClassification`, `ResNetForImageClassification`; its
+`config.json` names the class;
 weights through `from_pretrained(dir, local_files_only=True)`, safetensors, never remote code) as a
 one-head TaskModel of that family: the backbone is its encoder (under the table's prefix) and the
 features layer where the classifier keeps one beside it, the head its classifier. A `BertModel`
@@ -211,7 +212,7 @@ def load_hf(path: str | os.PathLike, task=None, allow_pickle: bool = False):
         raise ModelFileError(f"{path}: {str(e).splitlines()[0]}") from None
     # the backbone's tensors under their Hugging Face names: the encoder's, and the features layer
     # where the family's classifier keeps it beside the encoder (RoBERTa's classifier.dense)
-    theirs = encoder.fold_layer_scale(TABLES[family], backbone, hf.state_dict())
+    theirs = encoder.from_hf_state(TABLES[family], backbone, hf.state_dict())
     body = {k: theirs[k] for k in model.backbone.state_dict() if k in theirs}
     try:
         _load_exact(model.backbone, body)
@@ -387,7 +388,7 @@ def _write_hf(merged, out: Path, sources=()) -> None:
     cls, base_cls = getattr(transformers, name), getattr(transformers, base_name)
     tmp = Path(out)
     config = encoder.hf_config(table, merged.backbone_config)
-    ours = encoder.with_layer_scale(table, merged.backbone_config, merged.backbone.state_dict())
+    ours = encoder.to_hf_state(table, merged.backbone_config, merged.backbone.state_dict())
     bert_state = {k[len(attr) + 1:]: v for k, v in ours.items() if k.startswith(attr + ".")}
     beside = {k: v for k, v in ours.items() if not k.startswith(attr + ".")}     # a features layer beside it
     base = base_cls(config, **table.base_arguments)

@@ -122,7 +122,7 @@ class Table(_Strict):
     family: Name
     about: Name
     model_types: dict[StrictStr, Classes] = Field(min_length=1)   # the first is the default
-    layout: Literal["post-ln", "pre-ln", "convnext"] = "post-ln"
+    layout: Literal["post-ln", "pre-ln", "convnext", "resnet"] = "post-ln"
     input: Literal["text", "image"]
     base_arguments: dict[StrictStr, StrictBool] = {}
     prefix: Name
@@ -148,7 +148,7 @@ class Table(_Strict):
 
     @model_validator(mode="after")
     def _transformer_parts(self):
-        if self.layout != "convnext" and None in (self.layer, self.attention, self.mlp, self.roles):
+        if self.layout in ("post-ln", "pre-ln") and None in (self.layer, self.attention, self.mlp, self.roles):
             raise ValueError(f"a {self.layout} table names its layer, attention, mlp and roles")
         return self
 
@@ -240,7 +240,10 @@ class Backbone(nn.Module):
             _place(self, f.layer, nn.Linear(c[r.width], c[r.width]))
         self.features_layer, self.activation = (f.layer, ACTIVATIONS[f.activation]) if f else (None, None)
         self.reads, self.pooling = table.input, c["pooling"]
-        for gain, _ in _layer_scales(table, c):      # folded into the projections before them (`fold_layer_scale`)
+        if table.layout == "resnet":               # BatchNorms folded into the convolutions (`from_hf_state`)
+            from . import hf_resnet
+            hf_resnet.fuse(encoder)
+        for gain, _ in _layer_scales(table, c):      # folded into the projections before them (`from_hf_state`)
             owner, _, name = gain[len(table.prefix) + 1:].rpartition(".")
             if name == "lambda1":                   # a module of its own (DINOv2's): made the identity
                 _place(encoder, owner, nn.Identity())
@@ -260,8 +263,8 @@ class Backbone(nn.Module):
                 raise ValueError(f"a {self.family} reads images (floating point), not integers")
             # in the patch embedding's dtype (transformers' ViT casts them itself, its ConvNeXt does not)
             out = encoder(pixel_values=x.to(encoder.get_submodule(tables()[self.family].patch).weight.dtype))
-            if self.pooling == "pooler":                  # the encoder's own pooling (ConvNeXt: LayerNorm of the mean)
-                return out.pooler_output
+            if self.pooling == "pooler":      # the encoder's own pooling (ConvNeXt: LayerNorm of the mean; ResNet: mean)
+                return out.pooler_output.flatten(1)
             stream = out.last_hidden_state
             if self.pooling == "first+mean":              # the class token beside the patches' mean
                 return torch.cat([stream[:, 0], stream[:, 1:].mean(1)], dim=-1)
@@ -280,6 +283,9 @@ def spec(family: str, config: dict) -> ArchSpec:
     if table.layout == "convnext":
         from . import convnext
         return convnext.spec(table, config_of(table, config), lambda cfg: Backbone(table, cfg))
+    if table.layout == "resnet":
+        from . import hf_resnet
+        return hf_resnet.spec(table, config_of(table, config), lambda cfg: Backbone(table, cfg))
     c = config_of(table, config)
     r, p = table.roles, table.prefix
     heads = c[r.heads]
@@ -383,6 +389,8 @@ def _layer_scales(table: Table, config: dict):
         from . import convnext
         yield from convnext.layer_scales(table, config_of(table, config))
         return
+    if table.layout == "resnet":
+        return
     ls, n = table.layer_scale, config_of(table, config)[table.roles.layers]
     for l in range(n if ls else 0):
         b = f"{table.prefix}.{table.layer.format(l=l)}"
@@ -390,9 +398,12 @@ def _layer_scales(table: Table, config: dict):
         yield f"{b}.{ls.mlp}", f"{b}.{table.mlp.down}"
 
 
-def fold_layer_scale(table: Table, config: dict, state: dict) -> dict:
-    """A Hugging Face state with each layer-scale gain g folded into the projection whose output it
-    scales (g * (W x + b) = (g W) x + g b): what the backbone holds."""
+def from_hf_state(table: Table, config: dict, state: dict) -> dict:
+    """A Hugging Face state as the backbone holds it: each layer-scale gain g folded into the projection
+    whose output it scales (g * (W x + b) = (g W) x + g b), each BatchNorm into its convolution."""
+    if table.layout == "resnet":
+        from . import hf_resnet
+        return hf_resnet.fold_batchnorm(state)
     out = dict(state)
     for gain, proj in _layer_scales(table, config):
         g = out.pop(gain)
@@ -401,8 +412,12 @@ def fold_layer_scale(table: Table, config: dict, state: dict) -> dict:
     return out
 
 
-def with_layer_scale(table: Table, config: dict, state: dict) -> dict:
-    """The backbone's state with the gains Hugging Face's class holds, as ones (the gains are folded in)."""
+def to_hf_state(table: Table, config: dict, state: dict) -> dict:
+    """The backbone's state as Hugging Face's class holds it: the gains as ones (they are folded in), the
+    BatchNorms passing their input through."""
+    if table.layout == "resnet":
+        from . import hf_resnet
+        return hf_resnet.unfuse(state)
     out = dict(state)
     for gain, proj in _layer_scales(table, config):
         out[gain] = torch.ones_like(out[f"{proj}.bias"])
@@ -433,6 +448,9 @@ def resize(table: Table, config: dict, widths: list[int]) -> dict:
     if table.layout == "convnext":
         from . import convnext
         return convnext.resize(table, config_of(table, config), widths)
+    if table.layout == "resnet":
+        from . import hf_resnet
+        return hf_resnet.resize(config_of(table, config), widths)
     if r.mlp_is_ratio:                           # the MLP's width is a ratio of the stream's
         c = config_of(table, config)
         mlp = int(c[r.width] * c[r.mlp]) if len(widths) < 2 else int(widths[1])
