@@ -173,3 +173,41 @@ def test_target_scaling_is_undone_when_training_fails():
                            Context())
     torch.testing.assert_close(u.dense(), before, rtol=1e-6, atol=0)
     assert _scales([m.features(x) for m in src], "match")[1] != pytest.approx(1.0)   # it was scaled
+
+
+def test_a_rank_given_as_a_share_of_the_width_is_that_share_of_each_map():
+    from foldmerge.foldable import FoldMap
+    from foldmerge.methods.fs_merge import PARAM
+    assert FoldMap(64, [64, 64], "diag+lowrank(25%)").rank == 16
+    assert FoldMap(2, [2, 2], "diag+lowrank(10%)").rank == 1                 # at least one
+    for bad in ("diag+lowrank(0%)", "diag+lowrank(101%)", "diag+lowrank(5.5%)", "diag+lowrank(%)"):
+        with pytest.raises(ValueError):
+            PARAM.parse(bad)
+    assert PARAM.parse("diag+lowrank(100%)") == "diag+lowrank(100%)"
+    torch.manual_seed(0)
+    vits = [TaskModel("vit", {"image_size": 8, "channels": 1, "patch": 4, "width": 8, "depth": 1, "heads": 2,
+                              "mlp_dim": 16, "out_dim": 8}, [t]) for t in ("mnist:0-4", "mnist:5-9")]
+    sn = SuperNet(vits, param="diag+lowrank(50%)")
+    assert {(m.out_dim, m.rank) for m in sn.maps} == {(8, 4), (16, 8)}
+
+
+def test_the_permute_init_starts_at_the_mean_of_the_sources_permuted_onto_the_first():
+    """init 'permute' at zero epochs is the permute merge (the mean of model 1 and model 2 permuted
+    onto it), with any parameterization, and each permuted source computes what it did."""
+    from foldmerge.methods.fs_merge import _permuted_onto_first
+    torch.manual_seed(0)
+    models = [TaskModel("mlp", {"in_dim": 12, "hidden": [10, 10]}, [t]) for t in ("mnist:0-4", "mnist:5-9")]
+    data = [torch.randn(40, 12), torch.randn(40, 12)]
+    permuted = _permuted_onto_first(models, data)
+    x = torch.randn(5, 12)
+    assert permuted[0] is models[0]
+    torch.testing.assert_close(permuted[1](x)[0], models[1](x)[0])
+    assert not torch.allclose(permuted[1].backbone.state_dict()["layers.0.weight"],
+                              models[1].backbone.state_dict()["layers.0.weight"])
+    reference = foldmerge.merge(models, data, method="permute", calibrate="none")
+    for param in ("full", "diag"):
+        start = foldmerge.merge(models, data, method="fs-merge", init="permute", param=param, epochs=0,
+                                calibrate="none")
+        for a, b in zip(start(x), reference(x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert start.meta["init"] == "permute"

@@ -163,7 +163,7 @@ def test_help_groups_the_options_per_method_with_every_default(capsys):
     for o in [o for m in METHODS.values() for o in m.options] + list(SETTINGS):
         if o.default is not None:
             assert "".join(o.default_text().split()) in flat, o.name
-    assert "--init {first,average,random,zipit,regmean}" in text       # every reader's choices
+    assert "--init {first,average,random,zipit,permute,regmean}" in text       # every reader's choices
     assert "mlp1000(local:15000)" in flat                                # a variant's own default
 
 

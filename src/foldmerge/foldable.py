@@ -39,14 +39,20 @@ PARAMS = ("full", "diag", "diag+lowrank")
 INITS = ("first", "average", "random")
 
 
-def parse_param(spec: str) -> tuple[str, int]:
-    """'full' | 'diag' | 'diag+lowrank' | 'diag+lowrank(16)' | 'lowrank16' -> (kind, rank)."""
+def parse_param(spec: str) -> tuple[str, int | float]:
+    """'full' | 'diag' | 'diag+lowrank' | 'diag+lowrank(16)' | 'lowrank16' | 'diag+lowrank(25%)' -> (kind,
+    rank): a rank given as a share of the width is a float in (0, 1], made a rank per map (`FoldMap`)."""
     s = spec.strip().lower().replace(" ", "")
     if s in ("full", "diag"):
         return s, 0
     for prefix in ("diag+lowrank", "lowrank"):
         if s.startswith(prefix):
             rest = s[len(prefix):].strip("()=:")
+            if rest.endswith("%") and rest[:-1].isascii() and rest[:-1].isdigit():
+                share = int(rest[:-1])
+                if not 1 <= share <= 100:
+                    raise ValueError(f"a low rank given as a share of the width lies in 1%..100%, got {rest}")
+                return "diag+lowrank", share / 100
             try:
                 rank = int(rest) if rest else 16
             except ValueError:
@@ -85,8 +91,10 @@ class FoldMap(nn.Module):
             raise ValueError(f"unknown init {init!r}; use one of {', '.join(INITS)}")
         if role not in ("merge", "unmerge"):
             raise ValueError(f"role must be 'merge' or 'unmerge', got {role!r}")
-        self.kind, self.rank, self.role = kind, rank, role
         self.out_dim, self.in_dims = int(out_dim), [int(d) for d in in_dims]
+        if isinstance(rank, float):          # a share of the merged width, at least 1
+            rank = max(1, round(rank * self.out_dim))
+        self.kind, self.rank, self.role = kind, rank, role
         self.n = len(self.in_dims)
         self.copies = 1          # U_out of features that are several vectors of its space (`unmerge_features`)
         offsets = [0]

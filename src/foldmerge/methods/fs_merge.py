@@ -10,8 +10,11 @@ seq    (paper B.4, "FS-Merge seq."): global FS-Merge of models 1 and 2, then of 
        so far (sources merged earlier through their chain of last-U maps). `last_epochs`
        trains the last stage longer or shorter.
 init: 'first' | 'average' | 'random' | 'zipit' (M, U start as ZipIt!'s maps, every site its
-         space's; param full).
-param:  'full' | 'diag' | 'diag+lowrank(R)'; the default by family (`foldmerge.arch.defaults`):
+         space's; param full) | 'permute' (every source after the first is permuted onto it first, by
+         the activation matching of `permute`, which leaves its function as it was; then 'average':
+         the start is the permuted sources' mean, with any param).
+param:  'full' | 'diag' | 'diag+lowrank(R)' | 'diag+lowrank(P%)' (a rank of P % of each map's merged width,
+         at least 1: one setting for every width); the default by family (`foldmerge.arch.defaults`):
          dense for MLPs (paper 2.1), diagonal + low-rank for a residual stream (B.2).
 targets: 'all'      every input is scored against every source's features (MLPs, paper 2.1);
          'own-task' an input of task k only against source k (transformers, B.2).
@@ -33,6 +36,7 @@ from ..foldable import gather_params, merge_features, unmerge_features
 from ..options import Choice, Grammar, Integer, ListOf, Number, Option, Rule, method
 from ..supernet import SuperNet
 from . import align, zipit
+from .permute import permutation_maps
 from .common import (
     by_family,
     cat_with_owner,
@@ -46,15 +50,16 @@ from .common import (
     training_options,
 )
 
-PARAM = Grammar(r"full|diag|diag\+lowrank\([1-9][0-9]*\)", "full | diag | diag+lowrank(R), R >= 1", "PARAM",
-                "diag+lowrank(2)")
+PARAM = Grammar(r"full|diag|diag\+lowrank\(([1-9][0-9]*|([1-9][0-9]?|100)%)\)",
+                "full | diag | diag+lowrank(R), R >= 1, or diag+lowrank(P%), a rank of P % of each map's merged width",
+                "PARAM", "diag+lowrank(2)")
 
 OPTIONS = (
     Option("variant", Choice(("local", "global", "seq")),
            "objective: global (paper eq. 4), local (eq. 3, per layer; MLPs), seq (B.4: one model after another)",
            "global", "paper section 2: the variant of its main results"),
     Option("param", PARAM, "how M and U are parameterized", by_family("param", "fs-merge", ("fs-merge",))),
-    Option("init", Choice(("first", "average", "random", "zipit")), "where M and U start",
+    Option("init", Choice(("first", "average", "random", "zipit", "permute")), "where M and U start",
            Rule(lambda c: "random" if c.options["variant"] == "local" else "first",
                 "first (global, seq), random (local): appendix E.1")),
     Option("widths", ListOf(Integer(1)), "merged widths, one per width space of the family (MLP: one per hidden "
@@ -89,6 +94,8 @@ def merge(models, data, seed, context, variant, param, init, widths, form, last_
                           context)
     if init == "zipit":
         supernet = _zipit_supernet(models, data, widths, param, seed, zipit_alpha, zipit_beta)
+    elif init == "permute":
+        supernet = SuperNet(_permuted_onto_first(models, data), widths=widths, param=param, init="average", seed=seed)
     else:
         supernet = SuperNet(models, widths=widths, param=param, init=init, seed=seed)
     x, owner = cat_with_owner(data)
@@ -163,6 +170,27 @@ def _zipit_supernet(models, data, widths, param, seed, alpha, beta):
     supernet = align.space_supernet(models, {s: m.shape[0] for s, (m, _) in maps.items()}, seed)
     align.load_maps(supernet, models, maps)
     return supernet
+
+
+def _permuted_onto_first(models, data):
+    """Model 1, and every other model with its neurons permuted onto model 1's (per space, within
+    attention heads, by activation correlation on the merge data: `permute`'s matching). A
+    permutation changes no model's function; the SuperNet then starts from their mean."""
+    align.check_sources(models, data, "init 'permute'")
+    spec = models[0].spec
+    feats = align.observe(models, data)
+    out = [models[0]]
+    for k in range(1, len(models)):
+        maps = {}
+        for s in align.merged_spaces(spec):
+            _, u, _ = align.per_head(lambda f: permutation_maps(f[0], f[1]), [feats[s][0], feats[s][k]],
+                                     spec.space(s).heads)
+            p = u[u.shape[1]:].T                        # U's second block is Pᵀ: model k read in model 1's order
+            maps[s] = (p, p.T)
+        permuted = align.merge_with_maps([models[k]], maps)
+        permuted.meta = dict(models[k].meta)
+        out.append(permuted)
+    return out
 
 
 def _train_global(supernet, models, x, owner, cfg, target_scale, form, context, through=None,
