@@ -81,13 +81,13 @@ def run_bench(cells: tuple[str, ...] = tuple(CELLS), out: str = "runs/bench", se
                              "learnable_parameters": merged.meta.get("learnable_parameters")}]
                 slug = f"{method}-{label}".replace(" ", "_").replace(",", "").replace("/", "over")
                 rows += store.rows(Path(out) / "tune-fs" / cell / f"seed{seed}" / f"{slug}.json", measure)
-    return {"bench": "tune-fs", "cells": list(cells), "seed": seed, "split": "val", "rows": rows,
+    return {"bench": "tune-fs", "settings": list(cells), "seed": seed, "split": "val", "rows": rows,
             **store.facts(), "total_seconds": time.perf_counter() - t0}
 
 
 def print_report(result: dict, command: str) -> None:
     console = Console(file=sys.stdout)
-    for cell in result["cells"]:
+    for cell in result["settings"]:
         rows = [r for r in result["rows"] if r["cell"] == cell]
         best = {m: max((r for r in rows if r["method"] == m), key=lambda r: r["val_per_task"], default=None)
                 for m in TRIALS}
