@@ -211,3 +211,24 @@ def test_the_permute_init_starts_at_the_mean_of_the_sources_permuted_onto_the_fi
         for a, b in zip(start(x), reference(x)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         assert start.meta["init"] == "permute"
+
+
+@pytest.mark.parametrize("w", [0.0, 0.25, 1.0])
+def test_logit_weight_mixes_the_features_and_the_logits_errors(w):
+    """The first epoch's loss (full batch: scored before the step) is (1 - w) * the features' mean
+    squared error + w * that of the logits each source's heads give on both."""
+    torch.manual_seed(0)
+    models = [TaskModel("mlp", {"in_dim": 12, "hidden": [10, 10]}, [t]) for t in ("mnist:0-4", "mnist:5-9")]
+    x = [torch.randn(20, 12), torch.randn(20, 12)]
+    merged = foldmerge.merge(models, x, method="fs-merge", init="random", epochs=1, lr=1e-9, target_scale="none",
+                             logit_weight=w, calibrate="none", seed=3)
+    sn = SuperNet(models, param="full", init="random", seed=3)
+    xs = torch.cat(x)
+    with torch.no_grad():
+        recon = sn.reconstruct(sn(xs))
+        targets = [m.features(xs) for m in models]
+        feats = _recon_loss(recon, targets, None)
+        heads = [m.heads[0].weight for m in models]
+        logits = _recon_loss([r @ h.T for r, h in zip(recon, heads)], [t @ h.T for t, h in zip(targets, heads)], None)
+    assert merged.meta["initial_loss"] == pytest.approx(float((1 - w) * feats + w * logits), rel=1e-5)
+    assert merged.meta["train"]["logit_weight"] == w

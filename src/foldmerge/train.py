@@ -65,10 +65,15 @@ class TrainConfig:
     batch_size: int | None = None  # None: the whole data each step (gradient descent)
     seed: int = 0
     decay: str = "all"            # DECAYS
+    # a reconstruction objective (FS-Merge, distillation): the share of the sources' logits in it, the
+    # rest the features' (0: the features alone, paper eq. 4)
+    logit_weight: float = 0.0
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0.0 <= self.logit_weight <= 1.0:
+            raise ValueError(f"logit_weight is a share in [0, 1], got {self.logit_weight!r}")
         if self.decay not in DECAYS:
             raise ValueError(f"decay must be one of {DECAYS}, got {self.decay!r}")
         if self.optimizer not in OPTIMIZERS:

@@ -170,9 +170,22 @@ def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, ow
         return [blocks[b] if a is None else (blocks[b].unflatten(-1, (output_map.copies, -1)) @ a.T).flatten(-2)
                 for b, a in links]
 
+    w = cfg.logit_weight
+    heads = [torch.cat([h.weight for h in mk.heads]).detach() for mk in models] if w else None
+
+    def objective(recon, tgt, ob):
+        """The features' error, and with logit_weight the logits' (a source's heads read both alike:
+        their biases cancel)."""
+        loss = reconstruction_loss(recon, tgt, ob)
+        if not w:
+            return loss
+        logits = reconstruction_loss([r @ h.T for r, h in zip(recon, heads)], [t @ h.T for t, h in zip(tgt, heads)],
+                                     ob)
+        return (1 - w) * loss + w * logits
+
     def loss_fn(*batch):
         ob = batch[m + n] if owner is not None else None
-        return reconstruction_loss(reconstruct(features(*batch[:m])), list(batch[m:m + n]), ob)
+        return objective(reconstruct(features(*batch[:m])), list(batch[m:m + n]), ob)
 
     if early_stop is not None:
         xh, oh = held_out
@@ -180,7 +193,7 @@ def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, ow
 
         def held_loss():
             merged = torch.cat([features(part) for part in xh.split(CHUNK)])
-            return reconstruction_loss(reconstruct(merged), held_targets, oh)
+            return objective(reconstruct(merged), held_targets, oh)
         early_stop.loss = held_loss
 
     for b, s in own_blocks:
@@ -233,6 +246,9 @@ def training_options(method: str) -> tuple[Option, ...]:
                "identity-initialized diagonal, a norm's gain, a bias keep their values), or every parameter "
                "toward its starting value (to-start)", "all",
                "the optimizers' own decay, which every measured bench used"),
+        Option("logit_weight", Number(0, 1), "the share of the sources' logits (each source's heads on its "
+               "reconstructed and on its own features) in the reconstruction loss, the rest the features'", 0.0,
+               "paper eq. 4: the features alone"),
         Option("batch_size", Integer(1), "examples per step ('whole sample': gradient descent)",
                by_family("batch_size", method)),
         Option("optimizer", Choice(("sgd", "adamw")), "optimizer", by_family("optimizer", method)),
@@ -252,6 +268,7 @@ def training_config(options: dict, seed: int) -> tuple[TrainConfig, object]:
     """(TrainConfig, target scale) from a trained merge's resolved options."""
     cfg = TrainConfig(epochs=options["epochs"], lr=options["lr"], momentum=options["momentum"],
                       weight_decay=options["weight_decay"], decay=options["decay"], optimizer=options["optimizer"],
+                      logit_weight=options["logit_weight"],
                       schedule=options["schedule"], warmup=options["warmup"], batch_size=options["batch_size"],
                       seed=seed)
     return cfg, options["target_scale"]

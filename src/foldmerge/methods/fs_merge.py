@@ -79,14 +79,17 @@ OPTIONS = (
 @method("fs-merge", OPTIONS, "Foldable SuperNet Merge: learn M and U around the frozen sources, then fold",
         held_out=True)
 def merge(models, data, seed, context, variant, param, init, widths, form, last_epochs, zipit_alpha, zipit_beta,
-          epochs, lr, momentum, schedule, warmup, weight_decay, decay, batch_size, optimizer, targets, target_scale,
-          patience, held_out=None):
+          epochs, lr, momentum, schedule, warmup, weight_decay, decay, logit_weight, batch_size, optimizer, targets,
+          target_scale, patience, held_out=None):
     sources_spec(models)                  # one architecture, two or more models
     cfg, target_scale = training_config(dict(epochs=epochs, lr=lr, momentum=momentum, schedule=schedule,
                                              warmup=warmup, weight_decay=weight_decay, decay=decay,
-                                             batch_size=batch_size,
+                                             logit_weight=logit_weight, batch_size=batch_size,
                                              optimizer=optimizer, target_scale=target_scale), seed)
     torch.manual_seed(seed)
+    if logit_weight and variant == "local":
+        raise ValueError("logit_weight weighs the last features' reconstruction; local FS-Merge reconstructs "
+                         "each layer: use --variant global or seq")
     if held_out is not None and variant != "global":       # before any work
         raise ValueError(f"early stopping on held-out data applies to FS-Merge global, not {variant}")
     if variant == "seq":
