@@ -3,8 +3,9 @@
 Per cell (a bench setting's first group, its sources and merge sample as that bench makes them), FS-Merge
 and distillation each run the same number of trials, every trial the bench's validated options with one
 change (TRIALS): what weight decay pulls (`--decay`: toward zero, only the matrices, toward the start),
-its strength, the learning rate, and for FS-Merge the low rank and the initialization from an alignment
-(ZipIt!'s maps; full maps, as ZipIt!'s are dense). Every trial is scored on the tasks' VALIDATION
+its strength, the learning rate, the logits' share in the loss (`--logit-weight`), for FS-Merge the
+low rank and the initialization from an alignment (ZipIt!'s maps, with full maps as ZipIt!'s are dense;
+the sources permuted onto model 1), for distillation the student's start (the average, RegMean). Every trial is scored on the tasks' VALIDATION
 splits (never test): per-task and joint accuracy, seconds, learnable parameters. Each trial is a
 cell kept under OUT/tune-fs (an interrupted run resumes). The table puts each FS-Merge trial beside
 distillation's best trial, so a change is read against the same search budget on both sides.
@@ -27,11 +28,13 @@ from .mlp import e1_warmup
 # a trial: (label, changes to the cell's base options); FS-Merge and distillation get as many each
 SHARED = [("validated", {}), ("decay matrices", {"decay": "matrices"}), ("decay to-start", {"decay": "to-start"}),
           ("decay to-start, wd 0.01", {"decay": "to-start", "weight_decay": 0.01}),
-          ("wd 0.01", {"weight_decay": 0.01}), ("lr x3", {"lr_scale": 3.0})]
+          ("wd 0.01", {"weight_decay": 0.01}), ("lr x3", {"lr_scale": 3.0}), ("logits 0.5", {"logit_weight": 0.5})]
 TRIALS = {
     "fs-merge": SHARED + [("rank 32", {"param": "diag+lowrank(32)"}),
-                          ("zipit init (full maps)", {"init": "zipit", "param": "full"})],
-    "distill": SHARED + [("lr /3", {"lr_scale": 1 / 3}), ("init average", {"init": "average"})],
+                          ("zipit init (full maps)", {"init": "zipit", "param": "full"}),
+                          ("permute init", {"init": "permute"})],
+    "distill": SHARED + [("lr /3", {"lr_scale": 1 / 3}), ("init average", {"init": "average"}),
+                         ("init regmean", {"init": "regmean"})],
 }
 
 
