@@ -42,6 +42,7 @@ FAMILIES = {
     "deit-distilled": ("DeiTConfig", "DeiTForImageClassificationWithTeacher", {**BERTISH, **IMAGES}),
     "dinov2": ("Dinov2Config", "Dinov2ForImageClassification",
                {**{k: v for k, v in BERTISH.items() if k != "intermediate_size"}, "mlp_ratio": 2, **IMAGES}),
+    "clip": ("CLIPConfig", "CLIPForImageClassification", {"vision_config": {**BERTISH, **IMAGES}}),
     "convnext": ("ConvNextConfig", "ConvNextForImageClassification",
                  {"num_stages": 2, "hidden_sizes": [8, 16], "depths": [1, 2], "patch_size": 2, **IMAGES}),
     "hf-resnet": ("ResNetConfig", "ResNetForImageClassification",
@@ -99,7 +100,8 @@ def _make(tmp_path, family, k):
 
 
 def is_image(family):
-    return "image_size" in FAMILIES[family][2]
+    kw = FAMILIES[family][2]
+    return "image_size" in kw or "vision_config" in kw
 
 
 def ids(family, n=4, seed=0):

@@ -3,7 +3,8 @@
 In: `load_hf(dir, task)` reads a classifier directory of a family with a table
 (`arch/families/*.json`: `BertForSequenceClassification`, `RobertaForSequenceClassification`, …,
 `ViTForImageClassification`, `DeiTForImageClassification` (and `…WithTeacher`: one head on both tokens),
-`Dinov2ForImageClassification`, `ConvNextForImageClassification`, `ResNetForImageClassification`; its
+`Dinov2ForImageClassification`, `CLIPForImageClassification`, `ConvNextForImageClassification`,
+`ResNetForImageClassification`; its
 `config.json` names the class;
 weights through `from_pretrained(dir, local_files_only=True)`, safetensors, never remote code) as a
 one-head TaskModel of that family: the backbone is its encoder (under the table's prefix) and the
@@ -202,7 +203,12 @@ def load_hf(path: str | os.PathLike, task=None, allow_pickle: bool = False):
         if wrong:                           # never a tensor made up at random, nor one ignored
             raise ModelFileError(f"{weights} does not hold exactly the model's tensors: {kind.split('_')[0]} "
                                  f"{wrong[0]!r}")
-    backbone = {k: cfg[k] for k in CONFIG_KEYS[family] if k in cfg}
+    kind = TABLES[family].model_types.get(cfg.get("model_type"))
+    section = cfg.get(kind.section) if kind is not None and kind.section else cfg     # CLIP's vision_config
+    if not isinstance(section, dict):
+        raise ModelFileError(f"{path / 'config.json'}: {kind.section} must be an object of the encoder's settings")
+    backbone = {k: section[k] for k in CONFIG_KEYS[family] if k in section and k != "model_type"}
+    backbone.update({"model_type": cfg["model_type"]} if "model_type" in cfg else {})
     distilled = DISTILLED.get(cfg["architectures"][0])
     if distilled:
         backbone["pooling"] = "first+second"
@@ -406,6 +412,8 @@ def _write_hf(merged, out: Path, sources=()) -> None:
         owner = next((s for s in sources if task.name in [t.name for t in s.tasks]), None)
         labels = (owner.meta.get("id2label") if owner else None) or {c: str(c) for c in range(task.num_classes)}
         cfg = encoder.hf_config(table, merged.backbone_config)
+        if chosen.sequence_config:          # the classifier's config holds the encoder's (CLIP's vision_config)
+            cfg = getattr(transformers, chosen.sequence_config)(**{chosen.section: cfg.to_dict()})
         cfg.num_labels = task.num_classes
         cfg.id2label = {int(k): v for k, v in labels.items()}
         cfg.label2id = {v: int(k) for k, v in cfg.id2label.items()}

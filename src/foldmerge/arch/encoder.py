@@ -94,6 +94,10 @@ class Classes(_Strict):
     base: Name
     sequence: Name
     distilled: Distilled | None = None
+    # where the classifier's config is another class holding the encoder's under a key (CLIP's
+    # CLIPConfig with its vision_config): that class and that key
+    sequence_config: Name | None = None
+    section: Name | None = None
 
 
 class Embedding(_Strict):
@@ -131,13 +135,15 @@ class Table(_Strict):
     embedding_projection: Projection | None = None
     tokens: list[Name | Token] = []               # images: class (and distillation) tokens, positions
     patch: Name | None = None                     # images: the patch embedding (a Conv2d of stride p)
+    patch_bias: StrictBool = True                 # CLIP's has none
     layer: Annotated[StrictStr, Field(pattern=r"\{l\}")] | None = None     # transformers: a layer's path
     attention: Attention | None = None
     mlp: MLP | None = None
     final_norm: Name | None = None                # pre-LN: the LayerNorm after the last layer
     layer_scale: LayerScale | None = None
     features: Features | None = None              # None: the stream at the first token is the features
-    pooling: Literal["first", "first+mean", "pooler"] = "first"   # images: the token(s) the classifier reads
+    # images: what the classifier reads (`pooling` in docs/families.md)
+    pooling: Literal["first", "first+mean", "mean", "pooler"] = "first"
     classifier: Name
     requires: dict[StrictStr, StrictBool] = {}    # boolean config keys the spec covers one value of
     roles: Roles | None = None                    # transformers: which config keys size the model
@@ -270,6 +276,8 @@ class Backbone(nn.Module):
                 return torch.cat([stream[:, 0], stream[:, 1:].mean(1)], dim=-1)
             if self.pooling == "first+second":            # the class and distillation tokens
                 return torch.cat([stream[:, 0], stream[:, 1]], dim=-1)
+            if self.pooling == "mean":                    # the patches' mean (CLIP's classifier)
+                return stream[:, 1:].mean(1)
             first = stream[:, 0]
         if self.features_layer is None:
             return first
@@ -360,9 +368,13 @@ def _pre_ln_spec(table: Table, c: dict) -> ArchSpec:
     spaces = [Space("pixels", shared=True), Space("res")]
     tokens = [t if isinstance(t, Token) else Token(name=t) for t in table.tokens]
     params = [Param(f"{p}.{t.name}", (None,) * (t.axes - 1) + ("res",), merge_at="embed") for t in tokens]
-    params += [Param(f"{p}.{table.patch}.weight", ("res", "pixels", None, None), merge_at="embed"),
-               Param(f"{p}.{table.patch}.bias", ("res",), merge_at="embed")]
+    params += [Param(f"{p}.{table.patch}.weight", ("res", "pixels", None, None), merge_at="embed")]
+    if table.patch_bias:
+        params.append(Param(f"{p}.{table.patch}.bias", ("res",), merge_at="embed"))
     norms, probes = [], []
+    if table.embedding_norm:                     # CLIP's: the stream starts as the embeddings' LayerNorm
+        norms.append(Norm(f"{p}.{table.embedding_norm}", "res"))
+        probes.append(Probe("res", f"{p}.{table.embedding_norm}"))
     for l in range(c[r.layers]):
         b, qk, v, hid = f"{p}.{table.layer.format(l=l)}", f"qk{l}", f"v{l}", f"mlp{l}"
         before = f"{b}.{a.norm}"
@@ -372,7 +384,7 @@ def _pre_ln_spec(table: Table, c: dict) -> ArchSpec:
         probes += [Probe("res", before, "in"), Probe(qk, f"{b}.{a.query}"), Probe(qk, f"{b}.{a.key}"),
                    Probe(v, f"{b}.{a.value}"), Probe(hid, f"{b}.{m.down}", "in")]
     norms.append(Norm(f"{p}.{table.final_norm}", "res"))
-    copies = 1 if c["pooling"] == "first" else 2
+    copies = 2 if c["pooling"] in ("first+mean", "first+second") else 1
     # the features are the final norm's output at the first token, or two vectors of it side by side
     probes += [Probe("res", f"{p}.{table.final_norm}", "in"),
                Probe("res", "") if copies == 1 else Probe("res", f"{p}.{table.final_norm}")]
