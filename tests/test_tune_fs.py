@@ -38,3 +38,11 @@ def test_tune_fs_gives_both_methods_the_same_trials_on_validation(tmp_path, monk
     tune_fs.print_report(r, "foldmerge bench tune-fs")
     printed = capsys.readouterr().out
     assert all(t in printed for t in ("validated", "zipit init", "init average"))
+    import json
+
+    from foldmerge.bench.report import build_report
+    r.update(command="foldmerge bench tune-fs", environment={"machine": "test"})
+    (tmp_path / "bench-tune-fs.json").write_text(json.dumps(r))
+    build_report([str(tmp_path / "bench-tune-fs.json")], str(tmp_path / "report"), "x")
+    page = (tmp_path / "report" / "report.md").read_text()
+    assert "tuned alike" in page and "minus distill's best" in page and "zipit init" in page

@@ -39,7 +39,8 @@ from .results import (
 MARK = "report.md"      # a directory holding this is a report, and may be replaced by a new one
 # the sections, in this order: result kind -> heading
 TOPICS = {"mlp": "MLP", "vit": "ViT", "text": "Text (BERT)", "cnn": "CNN", "same-task": "Models of one task",
-          "families": "Hugging Face families", "gating": "One start (gating)",
+          "families": "Hugging Face families", "tune-fs": "FS-Merge against distillation, tuned alike",
+          "gating": "One start (gating)",
           "scale": "Scale", "data-efficiency": "Data efficiency", "cost": "Cost", "defaults": "Defaults",
           "select": "Label-free selection", "merge": "Merges", "eval": "Evaluations"}
 # the benches that compare methods at fixed settings, one summary row per setting; what a replicate is
@@ -303,6 +304,15 @@ def _special_table(result: dict) -> tuple[list[str], list[list[str]]] | None:
                 [[str(r["n"]), r["method"], f"{r['seconds']:.2f}", _ratio(r.get("time_ratio")),
                   "–" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2**20:.1f}",
                   _ratio(r.get("memory_ratio"))] for r in result["rows"]])
+    if bench == "tune-fs":      # validation accuracy: never in the test-accuracy tables and figures
+        best = {}
+        for r in result["rows"]:
+            if r["method"] == "distill" and r["val_per_task"] > best.get(r["cell"], -1.0):
+                best[r["cell"]] = r["val_per_task"]
+        return (["cell", "method", "trial", "val per-task %", "val joint %", "minus distill's best", "seconds"],
+                [[r["cell"], r["method"], r["trial"], f"{r['val_per_task']:.2f}", _fmt(r.get("val_joint")),
+                  "–" if r["cell"] not in best else f"{r['val_per_task'] - best[r['cell']]:+.2f}",
+                  _ratio(r.get("seconds"))] for r in result["rows"]])
     if bench == "scale":
         return (["ViT", "source params", "originals", "distill", "fs-merge", "gap per task", "gap joint", "seeds"],
                 [[f"w{g['width']} d{g['depth']}", f"{g['source_parameters']:,}", str(g["originals"]),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from typing import Annotated, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictInt, StrictStr, ValidationError
 
@@ -190,11 +190,25 @@ class SameTask(_Bench):
     correlation: _Correlation
 
 
+class _TrialRow(_Row):
+    cell: Text
+    trial: Text
+    val_per_task: Num
+    val_joint: Num | None
+    learnable_parameters: Count | None = None
+
+
+class TuneFs(_Bench):
+    settings: list[Text]
+    split: Literal["val"]
+    rows: list[_TrialRow]
+
+
 # bench name -> the schema of its JSON
 BENCHES: dict[str, type[_Bench]] = {"vit": VitText, "text": VitText, "cnn": Cnn, "mlp": Mlp, "gating": Gating,
                                     "defaults": Defaults, "select": Select, "cost": Cost, "scale": Scale,
                                     "data-efficiency": DataEfficiency, "same-task": SameTask,
-                                    "families": Families}
+                                    "families": Families, "tune-fs": TuneFs}
 
 
 class _Scores(_Read):
