@@ -23,7 +23,8 @@ def _blocks(table, c):
             yield i, j, f"{table.prefix}.encoder.stages.{i}.layers.{j}"
 
 
-def spec(table, c: dict, build) -> ArchSpec:
+def spec(table, c: dict, build, check) -> ArchSpec:
+    """The spec at config `c`; `build` makes the backbone, `check` is the family's compatibility test."""
     p, stages = table.prefix, c["num_stages"]
     if len(c["hidden_sizes"]) != stages or len(c["depths"]) != stages:
         raise ValueError(f"a convnext of {stages} stages gives {len(c['hidden_sizes'])} hidden sizes and "
@@ -52,7 +53,7 @@ def spec(table, c: dict, build) -> ArchSpec:
     return ArchSpec(table.family, spaces, params, norms, probes, output=last, build=build,
                     resize=lambda cfg, widths: resize(table, {**c, **cfg}, widths),
                     width_spaces=tuple(f"stage{i}" for i in range(stages)),
-                    check=lambda configs: _check(table, configs), defaults="hf-vit")
+                    check=check, defaults="hf-vit")
 
 
 def layer_scales(table, c: dict):
@@ -72,7 +73,3 @@ def resize(table, c: dict, widths: list[int]) -> dict:
     sizes[:len(widths)] = [int(w) for w in widths]
     return {**c, "hidden_sizes": sizes}
 
-
-def _check(table, configs: list[dict]) -> None:
-    from .encoder import check_compatible
-    check_compatible(table, configs)

@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..schema import Number, first_problem
+from . import convnext, hf_resnet
 from ..spec import ArchSpec, Norm, Param, Probe, Space, Unit, check_sizes, resize_transformer
 
 FOLDER = Path(__file__).parent / "families"
@@ -247,7 +248,6 @@ class Backbone(nn.Module):
         self.features_layer, self.activation = (f.layer, ACTIVATIONS[f.activation]) if f else (None, None)
         self.reads, self.pooling = table.input, c["pooling"]
         if table.layout == "resnet":               # BatchNorms folded into the convolutions (`from_hf_state`)
-            from . import hf_resnet
             hf_resnet.fuse(encoder)
         for gain, _ in _layer_scales(table, c):      # folded into the projections before them (`from_hf_state`)
             owner, _, name = gain[len(table.prefix) + 1:].rpartition(".")
@@ -288,12 +288,10 @@ def spec(family: str, config: dict) -> ArchSpec:
     table = tables()[family]
     if table.layout == "pre-ln":
         return _pre_ln_spec(table, config_of(table, config))
-    if table.layout == "convnext":
-        from . import convnext
-        return convnext.spec(table, config_of(table, config), lambda cfg: Backbone(table, cfg))
-    if table.layout == "resnet":
-        from . import hf_resnet
-        return hf_resnet.spec(table, config_of(table, config), lambda cfg: Backbone(table, cfg))
+    if table.layout in ("convnext", "resnet"):          # stages of convolutional blocks: the spec is code
+        layout = convnext if table.layout == "convnext" else hf_resnet
+        return layout.spec(table, config_of(table, config), lambda cfg: Backbone(table, cfg),
+                           lambda configs: check_compatible(table, configs))
     c = config_of(table, config)
     r, p = table.roles, table.prefix
     heads = c[r.heads]
@@ -398,7 +396,6 @@ def _pre_ln_spec(table: Table, c: dict) -> ArchSpec:
 def _layer_scales(table: Table, config: dict):
     """(gain key, projection) of every layer-scale gain of the backbone, with the prefix."""
     if table.layout == "convnext":
-        from . import convnext
         yield from convnext.layer_scales(table, config_of(table, config))
         return
     if table.layout == "resnet":
@@ -414,7 +411,6 @@ def from_hf_state(table: Table, config: dict, state: dict) -> dict:
     """A Hugging Face state as the backbone holds it: each layer-scale gain g folded into the projection
     whose output it scales (g * (W x + b) = (g W) x + g b), each BatchNorm into its convolution."""
     if table.layout == "resnet":
-        from . import hf_resnet
         return hf_resnet.fold_batchnorm(state)
     out = dict(state)
     for gain, proj in _layer_scales(table, config):
@@ -428,7 +424,6 @@ def to_hf_state(table: Table, config: dict, state: dict) -> dict:
     """The backbone's state as Hugging Face's class holds it: the gains as ones (they are folded in), the
     BatchNorms passing their input through."""
     if table.layout == "resnet":
-        from . import hf_resnet
         return hf_resnet.unfuse(state)
     out = dict(state)
     for gain, proj in _layer_scales(table, config):
@@ -458,10 +453,8 @@ def resize(table: Table, config: dict, widths: list[int]) -> dict:
     """The configuration at hidden size widths[0] and MLP width widths[1] (default: the source's)."""
     r, proj = table.roles, table.embedding_projection
     if table.layout == "convnext":
-        from . import convnext
         return convnext.resize(table, config_of(table, config), widths)
     if table.layout == "resnet":
-        from . import hf_resnet
         return hf_resnet.resize(config_of(table, config), widths)
     if r.mlp_is_ratio:                           # the MLP's width is a ratio of the stream's
         c = config_of(table, config)

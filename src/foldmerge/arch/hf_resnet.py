@@ -28,7 +28,8 @@ def _layers(c: dict):
             width = out
 
 
-def spec(table, c: dict, build) -> ArchSpec:
+def spec(table, c: dict, build, check) -> ArchSpec:
+    """The spec at config `c`; `build` makes the backbone, `check` is the family's compatibility test."""
     p = table.prefix
     if len(c["hidden_sizes"]) != len(c["depths"]):
         raise ValueError(f"a resnet gives {len(c['hidden_sizes'])} hidden sizes and {len(c['depths'])} depths")
@@ -61,7 +62,7 @@ def spec(table, c: dict, build) -> ArchSpec:
     return ArchSpec(table.family, spaces, params, [], probes, output=stream, build=build,
                     resize=lambda cfg, widths: resize({**c, **cfg}, widths),
                     width_spaces=tuple(stage_spaces),
-                    check=lambda configs: _check(table, configs), defaults="resnet")
+                    check=check, defaults="resnet")
 
 
 def resize(c: dict, widths: list[int]) -> dict:
@@ -73,10 +74,6 @@ def resize(c: dict, widths: list[int]) -> dict:
     sizes[:len(widths)] = [int(w) for w in widths]
     return {**c, "hidden_sizes": sizes, **({"embedding_size": sizes[0]} if shares else {})}
 
-
-def _check(table, configs: list[dict]) -> None:
-    from .encoder import check_compatible
-    check_compatible(table, configs)
 
 
 def _norms(state: dict):
