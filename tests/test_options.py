@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from foldmerge import cli
 from foldmerge.api import SETTINGS
 from foldmerge.gated import GateNet
+from foldmerge.data import Task
 from foldmerge.methods import METHODS
 from foldmerge.model import TaskModel
 from foldmerge.options import ModelRef, TensorFile, check_value
@@ -107,6 +108,8 @@ def recorded_as(option, value):
 def test_every_option_round_trips_from_the_command_line_and_yaml_into_meta(method_name, option_name, place,
                                                                           tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FOLDMERGE_PROGRESS", "0")
+    split = Task.split          # what is checked is the option's path into meta: 200 examples per split do
+    monkeypatch.setattr(Task, "split", lambda self, which: tuple(t[:200] for t in split(self, which)))
     root, paths = place
     method = METHODS[method_name]
     option = next(o for o in method.options if o.name == option_name)
