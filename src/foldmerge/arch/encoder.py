@@ -460,11 +460,10 @@ def resize(table: Table, config: dict, widths: list[int]) -> dict:
         c = config_of(table, config)
         mlp = int(c[r.width] * c[r.mlp]) if len(widths) < 2 else int(widths[1])
         out = resize_transformer(config, widths[:1], table.family, (r.width,), c[r.heads])
-        ratio = mlp / out[r.width]
-        if int(out[r.width] * ratio) != mlp:
-            raise ValueError(f"a {table.family}'s MLP width is {r.mlp} x its width; {mlp} is not one at width "
-                             f"{out[r.width]}")
-        return {**out, r.mlp: ratio}
+        if mlp % out[r.width]:                   # transformers takes a whole ratio
+            raise ValueError(f"a {table.family}'s MLP width is a whole {r.mlp} times its width; {mlp} is not one at "
+                             f"width {out[r.width]}")
+        return {**out, r.mlp: mlp // out[r.width]}
     out = resize_transformer(config, widths, table.family, (r.width, r.mlp), config.get(r.heads, table.defaults[r.heads]))
     c = {**table.defaults, **config}
     if proj and c[proj.width] == c[r.width]:

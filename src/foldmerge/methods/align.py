@@ -20,7 +20,8 @@ import torch
 
 from ..model import as_input
 from ..supernet import SuperNet
-from .common import CHUNK, sources_spec
+from ..spec import check_mergeable
+from .common import CHUNK, cat_inputs, sources_spec
 
 
 def merged_spaces(spec) -> list[str]:
@@ -41,6 +42,7 @@ def check_sources(models, data, method: str, equal_widths: bool = True) -> None:
     if missing:
         raise ValueError(f"{method} needs activations of every space; the {spec.name} spec has no probe "
                          f"for {missing[0]!r}")
+    check_mergeable([m.spec for m in models], [m.backbone_config for m in models])    # the family's own reason first
     if equal_widths:
         check_widths(models, method)
 
@@ -64,7 +66,7 @@ def observe(models, data, select=None, chunk: int = CHUNK) -> dict[str, list[tor
     the probes of a space are stacked in spec order. Models run in eval mode, `chunk` examples
     at a time."""
     spec = models[0].spec
-    x = torch.cat(list(data))
+    x = cat_inputs(list(data))
     feats: dict[str, list[torch.Tensor]] = {}
     for m in models:
         for space, t in _observe_one(spec, m.backbone, x, select, chunk).items():

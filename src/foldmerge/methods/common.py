@@ -29,9 +29,21 @@ def sources_spec(models):
     return models[0].spec
 
 
+def cat_inputs(data: list[torch.Tensor]) -> torch.Tensor:
+    """The per-model merge samples as one tensor: every model reads every example, so the examples must
+    have one shape (images of one size, texts of one length); else one line naming both."""
+    shapes = [tuple(d.shape[1:]) for d in data]
+    if len(set(shapes)) > 1:
+        k = next(k for k, s in enumerate(shapes) if s != shapes[0])
+        raise ValueError(f"every model reads every model's examples, but model 1's are {shapes[0]} and model {k + 1}'s "
+                         f"{shapes[k]} (their image processors or tokenizers make different sizes): give every model "
+                         "a processor that makes the same size")
+    return torch.cat(list(data))
+
+
 def cat_with_owner(data: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate the per-model merge samples; owner[i] = index of the model whose task x[i] is from."""
-    x = torch.cat(list(data))
+    x = cat_inputs(data)
     owner = torch.cat([torch.full((len(d),), k, dtype=torch.long, device=d.device) for k, d in enumerate(data)])
     return x, owner
 
