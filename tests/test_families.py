@@ -365,3 +365,20 @@ def test_what_a_review_found_is_one_line_each(tmp_path):
         with pytest.raises(ValueError, match="make different sizes"):
             foldmerge.merge(same, [torch.randn(8, 1, 8, 8), torch.randn(8, 1, 16, 16)], method=method,
                             **({"epochs": 1} if method == "fs-merge" else {}))
+
+
+def test_a_merge_of_a_merge_keeps_the_image_processor(tmp_path, capsys):
+    """A merge whose source is a folder foldmerge wrote copies the processor its task folders hold on."""
+    import transformers
+    sources = [_make(tmp_path / f"own{k}", "deit", k % 2) for k in range(3)]    # not the shared sources
+    for p in sources:
+        transformers.ViTImageProcessor(size={"height": 8, "width": 8}).save_pretrained(p)
+    np.save(tmp_path / "x.npy", ids("deit", 16).numpy())
+    data = [str(tmp_path / "x.npy")] * 2
+    first, second = tmp_path / "first merge", tmp_path / "second merge"
+    for srcs, out in (((sources[0], sources[1]), first), ((first, sources[2]), second)):
+        assert cli.main(["merge", *map(str, srcs), "--data", *data, "--method", "average", "--per-task", "8",
+                         "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    for task in (second / "hf").iterdir():
+        if task.name != "backbone":
+            assert (task / "preprocessor_config.json").is_file(), task

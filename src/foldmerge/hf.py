@@ -407,7 +407,7 @@ def _write_hf(merged, out: Path, sources=()) -> None:
     config.architectures = [base_name]
     config.save_pretrained(tmp / "backbone")
     _save_shards(tmp / "backbone", {BACKBONE_SHARD: shard})
-    first = next((Path(s.meta["path"]) for s in sources if s.meta.get("path")), None)
+    first = _processor_folder([Path(s.meta["path"]) for s in sources if s.meta.get("path")])
     for i, task in enumerate(merged.tasks):
         owner = next((s for s in sources if task.name in [t.name for t in s.tasks]), None)
         labels = (owner.meta.get("id2label") if owner else None) or {c: str(c) for c in range(task.num_classes)}
@@ -446,6 +446,17 @@ def _write_hf(merged, out: Path, sources=()) -> None:
             for f in TOKENIZER_FILES:
                 if (first / f).is_file():
                     shutil.copy2(first / f, where / f)
+
+
+def _processor_folder(paths: list[Path]) -> Path | None:
+    """The first source folder holding tokenizer or image-processor files: a Hugging Face folder itself,
+    or a task folder of a merge foldmerge wrote (OUT/hf/<task>), whose files a new merge copies on."""
+    for path in paths:
+        for folder in [path] + (sorted(p for p in (path / "hf").iterdir() if p.is_dir()) if (path / "hf").is_dir()
+                                else []):
+            if any((folder / f).is_file() for f in TOKENIZER_FILES):
+                return folder
+    return None
 
 
 def _save_shards(folder: Path, shards: dict, also: dict | None = None) -> None:
