@@ -33,8 +33,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..schema import Number, first_problem
-from . import convnext, hf_resnet
 from ..spec import ArchSpec, Norm, Param, Probe, Space, Unit, check_sizes, resize_transformer
+from . import convnext, hf_resnet
 
 FOLDER = Path(__file__).parent / "families"
 Name = Annotated[StrictStr, Field(min_length=1)]
@@ -251,12 +251,12 @@ class Backbone(nn.Module):
             hf_resnet.fuse(encoder)
         for gain, _ in _layer_scales(table, c):      # folded into the projections before them (`from_hf_state`)
             owner, _, name = gain[len(table.prefix) + 1:].rpartition(".")
-            if name == "lambda1":                   # a module of its own (DINOv2's): made the identity
+            holder = encoder.get_submodule(owner)
+            if len(list(holder.parameters())) == 1:     # a module holding only the gain (DINOv2's): the identity
                 _place(encoder, owner, nn.Identity())
-            else:                                   # a tensor its layer skips when it is None (ConvNeXt's)
-                layer = encoder.get_submodule(owner)
-                delattr(layer, name)
-                setattr(layer, name, None)
+            else:                                   # a tensor of its layer, skipped when None (ConvNeXt's)
+                delattr(holder, name)
+                setattr(holder, name, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         encoder = getattr(self, tables()[self.family].prefix)
