@@ -43,6 +43,10 @@ FAMILIES = {
     "dinov2": ("Dinov2Config", "Dinov2ForImageClassification",
                {**{k: v for k, v in BERTISH.items() if k != "intermediate_size"}, "mlp_ratio": 2, **IMAGES}),
     "clip": ("CLIPConfig", "CLIPForImageClassification", {"vision_config": {**BERTISH, **IMAGES}}),
+    # CLIP's towers with their projections (the heads: each source's projection_dim is its "class" count)
+    "clip-text": ("CLIPTextConfig", "CLIPTextModelWithProjection",
+                  {**SIZES, **BERTISH, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 39}),
+    "clip-vision": ("CLIPVisionConfig", "CLIPVisionModelWithProjection", {**BERTISH, **IMAGES}),
     "convnext": ("ConvNextConfig", "ConvNextForImageClassification",
                  {"num_stages": 2, "hidden_sizes": [8, 16], "depths": [1, 2], "patch_size": 2, **IMAGES}),
     "hf-resnet": ("ResNetConfig", "ResNetForImageClassification",
@@ -52,6 +56,7 @@ FAMILIES = {
                               **IMAGES}),
 }
 LABELS = [["a", "b", "c"], ["d", "e", "f", "g", "h", "i", "j"]]      # more than five on one
+PROJECTIONS = {"clip-text", "clip-vision"}        # heads that embed, not classify: no labels to keep
 
 
 @pytest.fixture(autouse=True)
@@ -85,6 +90,8 @@ def _make(tmp_path, family, k):
     config_class, head_class, kw = FAMILIES[family]
     torch.manual_seed(k)
     labels = LABELS[k]
+    if family in PROJECTIONS:
+        kw = {**kw, "projection_dim": len(labels)}
     config = getattr(transformers, config_class)(**kw, num_labels=len(labels), id2label=dict(enumerate(labels)),
                                                  label2id={v: i for i, v in enumerate(labels)})
     path = tmp_path / f"{family}-{k}"
@@ -115,6 +122,8 @@ def ids(family, n=4, seed=0):
 
 
 def hf_logits(model, family, x):
+    if family in PROJECTIONS:
+        return model(pixel_values=x).image_embeds if is_image(family) else model(input_ids=x).text_embeds
     if is_image(family):
         return model(pixel_values=x).logits
     return model(input_ids=x, attention_mask=(x != pad_id(family)).long()).logits
@@ -124,6 +133,8 @@ def auto_class(family):
     import transformers
     if family == "deit-distilled":      # the Auto class of a deit is the one-head DeiTForImageClassification
         return transformers.DeiTForImageClassificationWithTeacher
+    if family in PROJECTIONS:           # AutoModel gives the tower without its projection
+        return getattr(transformers, FAMILIES[family][1])
     return transformers.AutoModelForImageClassification if is_image(family) else \
         transformers.AutoModelForSequenceClassification
 
@@ -211,7 +222,8 @@ def test_a_command_line_merge_loads_with_auto_classes_and_predicts_as_the_merge(
         for i, source in enumerate(sources):
             task = auto_class(family).from_pretrained(out / "hf" / source.name).eval()
             torch.testing.assert_close(hf_logits(task, family, x), ours[i], rtol=1e-5, atol=1e-5)
-            assert task.config.id2label[0] == LABELS[i][0]
+            assert task.config.projection_dim == len(LABELS[i]) if family in PROJECTIONS else \
+                task.config.id2label[0] == LABELS[i][0]
 
 
 def test_bad_families_are_one_line_and_nothing_is_written(tmp_path, capsys):

@@ -487,6 +487,9 @@ def _labelled(models, sharing: Sharing, specs) -> dict:
     """{task: (inputs, labels)} of --eval-data, one spec per task of the merge (models sharing a task
     share one), each read as the first source of that task reads (`foldmerge.inputs.labelled`)."""
     tasks = sharing.tasks
+    if models[0].head_kind == "projection":
+        raise ValueError("--eval-data scores classifiers; these models' heads are projections into an embedding "
+                         "space (their fidelity to the sources is measured by cosine instead)")
     if len(specs) != len(tasks):
         raise ValueError(f"--eval-data needs one labelled file or folder per task of the merge ({len(tasks)}: "
                          f"{', '.join(t.name for t in tasks)}), got {len(specs)}")
@@ -632,6 +635,9 @@ def finish(job: Job, merged: TaskModel) -> TaskModel:
         merged.meta["calibration"] = {"calibrate": "none", "why": "no merge data to calibrate on"}
     elif len(merged.tasks) == 1:
         merged.meta["calibration"] = {"calibrate": "none", "why": "one head: no task to route between"}
+    elif merged.head_kind == "projection":
+        merged.meta["calibration"] = {"calibrate": "none", "why": "projection heads give embeddings, not classes "
+                                      "to route between"}
     else:
         merged.meta["calibration"] = calibrate_heads(merged, job.models, _originals(job) or job.data,
                                                      job.sharing.index) \

@@ -32,7 +32,12 @@ def card(meta: dict, title: str = "a foldmerge merge", library: str = "foldmerge
     else:
         lines.append(f"- {next(iter(sample.values()), 'given as tensors')}")
     fid = meta.get("fidelity") or {}
-    if fid:
+    if fid and "cosine" in next(iter(fid.values())):      # projection heads: embeddings
+        lines += ["", "## Fidelity to the sources (no labels needed)", "",
+                  "On held-out unlabeled examples of each task: the mean cosine of the merge's embedding with "
+                  "its source's.", "", "| task | examples | cosine |", "|---|---|---|"]
+        lines += [f"| {t} | {f['examples']} | {f['cosine']:.4f} |" for t, f in fid.items()]
+    elif fid:
         lines += ["", "## Fidelity to the sources (no labels needed)", "",
                   "On held-out unlabeled examples of each task: how often the merge predicts the class its "
                   "source predicts, and the mean KL divergence between their predictions.", "",

@@ -439,9 +439,9 @@ def frozen_cached(tag: str, tensors: list[torch.Tensor], build):
         return hit[3]
     entry = state + [build()]
 
-    def drop(_, key=key, entry=entry):
-        if _FROZEN_CACHE.get(key) is entry:
-            del _FROZEN_CACHE[key]
+    def drop(_, key=key, entry=entry, cache=_FROZEN_CACHE):     # the dict itself: at exit the global is None
+        if cache.get(key) is entry:
+            del cache[key]
     entry.append([weakref.ref(t, drop) for t in tensors])
     _FROZEN_CACHE[key] = entry
     return entry[3]

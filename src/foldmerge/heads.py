@@ -10,7 +10,9 @@ When two heads answer the same task (`same_task="auto"`, the default):
   built-in tasks      the same data set, view and classes (`mnist` and `mnist`)
   a model's own task  the same labels in the same order (a Hugging Face model's id2label), unless
                       they are transformers' placeholder names (LABEL_0, LABEL_1, …), which say
-                      nothing of the task; then `same_task="yes"` says so
+                      nothing of the task, or a projection's dimensions (EMBED_0, …: CLIP towers
+                      from different starts embed into different spaces); then `same_task="yes"`
+                      says so
 `"yes"`: every source has one head and all answer one task (equal class counts); `"no"`: every
 head is its own task.
 """
@@ -25,7 +27,8 @@ from torch import nn
 from .data import Task
 
 SAME_TASK = ("auto", "yes", "no")
-PLACEHOLDER = re.compile(r"LABEL_\d+")
+# transformers' placeholder class names, and the names foldmerge gives a projection's dimensions
+PLACEHOLDER = re.compile(r"(LABEL|EMBED)_\d+")
 
 
 def answers_same_task(a: Task, b: Task) -> bool:

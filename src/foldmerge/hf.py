@@ -60,6 +60,7 @@ DISTILLED = {c.distilled.sequence: c.distilled for t in TABLES.values() for c in
 CLASSES.update({d: (t.family, t.prefix, c.base) for t in TABLES.values() for c in t.model_types.values()
                 for d in ([c.distilled.sequence] if c.distilled else [])})
 HEADLESS = {c.base for t in TABLES.values() for c in t.model_types.values()}
+WHOLE = ("CLIPModel",)          # two towers, each a family's model: read by `load_clip`
 CLASSIFIER = {t.family: t.classifier for t in TABLES.values()}
 TOKENIZER_FILES = ("vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model",
                    "added_tokens.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -87,9 +88,9 @@ def _hf_config(path: Path) -> dict:
         raise ModelFileError(f"{path} needs trust_remote_code (its config has auto_map); foldmerge never runs "
                              "a model's own code")
     arch = (cfg.get("architectures") or ["?"])[0]
-    if arch not in CLASSES and arch not in HEADLESS:
+    if arch not in CLASSES and arch not in HEADLESS and arch not in WHOLE:
         raise ModelFileError(f"{path}: Hugging Face class {arch!r} (model_type {cfg.get('model_type')!r}) has no merge "
-                             f"spec here; supported: {', '.join(sorted(set(CLASSES) | HEADLESS))}")
+                             f"spec here; supported: {', '.join(sorted(set(CLASSES) | HEADLESS | set(WHOLE)))}")
     return cfg
 
 
@@ -168,16 +169,16 @@ def load_hf(path: str | os.PathLike, task=None, allow_pickle: bool = False):
                else "as a ViTForImageClassification")
         raise ModelFileError(f"{path} is a {cfg['architectures'][0]} without a classification head: a merge input "
                              f"needs one; fine-tune it first ({how})")
-    # transformers leaves id2label (and num_labels) out of config.json when they are its defaults:
-    # two classes, LABEL_0 and LABEL_1
-    labels = cfg.get("id2label") or {str(i): f"LABEL_{i}" for i in range(cfg.get("num_labels") or 2)}
-    task = _task(path, task, cfg.get("foldmerge_task"), labels)
-    if labels and len(labels) != task.num_classes:
-        raise ModelFileError(f"{path} has {len(labels)} labels but task {task} has {task.num_classes} classes")
-    family, attr, _ = CLASSES[cfg["architectures"][0]]
-    if task.builtin and task.is_text != (TABLES[family].input == "text"):
-        raise ModelFileError(f"{path} is a {cfg['architectures'][0]}, but task {task} is "
-                             f"{'text' if task.is_text else 'images'}")
+    if cfg["architectures"][0] in WHOLE:
+        raise ModelFileError(f"{path} is a {cfg['architectures'][0]}, two towers: it merges tower by tower "
+                             "(foldmerge.clip; `foldmerge merge` does so when every source is one)")
+    hf, weights = read_model(path, cfg, allow_pickle)
+    return task_model(path, cfg, hf, task, weights)
+
+
+def read_model(path: Path, cfg: dict, allow_pickle: bool):
+    """(the transformers model of the class config.json names, the weights file read), every tensor
+    the model's and every one of its tensors in the file."""
     state, weights = read_weights(path, allow_pickle)
     check_finite(state, str(path))
     import transformers
@@ -203,6 +204,31 @@ def load_hf(path: str | os.PathLike, task=None, allow_pickle: bool = False):
         if wrong:                           # never a tensor made up at random, nor one ignored
             raise ModelFileError(f"{weights} does not hold exactly the model's tensors: {kind.split('_')[0]} "
                                  f"{wrong[0]!r}")
+    return hf, weights
+
+
+def task_model(path: Path, cfg: dict, hf, task, weights: Path) -> TaskModel:
+    """The one-head TaskModel of `hf`, a transformers model of a class with a table, as config `cfg` describes it."""
+    family, attr, _ = CLASSES[cfg["architectures"][0]]
+    projection = TABLES[family].head == "projection"
+    if projection:          # an embedding's dimensions: no labels, no built-in task (heads.PLACEHOLDER: never one task by their names)
+        if task is not None:
+            raise ModelFileError(f"{path} is a {cfg['architectures'][0]}: its head projects into an embedding "
+                                 "space, not onto a task's classes, so no --tasks applies to it")
+        dim = cfg.get("projection_dim")
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise ModelFileError(f"{path / 'config.json'}: projection_dim must be a positive integer, got {dim!r}")
+        labels = {str(i): f"EMBED_{i}" for i in range(dim)}
+    else:
+        # transformers leaves id2label (and num_labels) out of config.json when they are its defaults:
+        # two classes, LABEL_0 and LABEL_1
+        labels = cfg.get("id2label") or {str(i): f"LABEL_{i}" for i in range(cfg.get("num_labels") or 2)}
+    task = _task(path, task, cfg.get("foldmerge_task"), labels)
+    if labels and len(labels) != task.num_classes:
+        raise ModelFileError(f"{path} has {len(labels)} labels but task {task} has {task.num_classes} classes")
+    if task.builtin and task.is_text != (TABLES[family].input == "text"):
+        raise ModelFileError(f"{path} is a {cfg['architectures'][0]}, but task {task} is "
+                             f"{'text' if task.is_text else 'images'}")
     kind = TABLES[family].model_types.get(cfg.get("model_type"))
     section = cfg.get(kind.section) if kind is not None and kind.section else cfg     # CLIP's vision_config
     if not isinstance(section, dict):
@@ -213,7 +239,8 @@ def load_hf(path: str | os.PathLike, task=None, allow_pickle: bool = False):
     if distilled:
         backbone["pooling"] = "first+second"
     try:
-        model = TaskModel(family, backbone, [task])
+        model = TaskModel(family, backbone, [task], head_bias=not projection,
+                          head="projection" if projection else "linear")
     except ValueError as e:
         raise ModelFileError(f"{path}: {str(e).splitlines()[0]}") from None
     # the backbone's tensors under their Hugging Face names: the encoder's, and the features layer
@@ -232,9 +259,11 @@ def load_hf(path: str | os.PathLike, task=None, allow_pickle: bool = False):
         else:
             head = hf.get_submodule(CLASSIFIER[family])
             model.heads[0].weight.copy_(head.weight)
-            model.heads[0].bias.copy_(head.bias)
+            if not projection:
+                model.heads[0].bias.copy_(head.bias)
     model.meta = {"path": str(path.resolve()), "hf_class": cfg["architectures"][0],
-                  "id2label": {int(k): v for k, v in labels.items()}, "source_format": "huggingface",
+                  **({} if projection else {"id2label": {int(k): v for k, v in labels.items()}}),
+                  "source_format": "huggingface",
                   **({"loaded_from_pickle": str(weights.resolve())} if weights.suffix != ".safetensors" else {})}
     model.eval()
     return model
@@ -414,9 +443,12 @@ def _write_hf(merged, out: Path, sources=()) -> None:
         cfg = encoder.hf_config(table, merged.backbone_config)
         if chosen.sequence_config:          # the classifier's config holds the encoder's (CLIP's vision_config)
             cfg = getattr(transformers, chosen.sequence_config)(**{chosen.section: cfg.to_dict()})
-        cfg.num_labels = task.num_classes
-        cfg.id2label = {int(k): v for k, v in labels.items()}
-        cfg.label2id = {v: int(k) for k, v in cfg.id2label.items()}
+        if merged.head_kind == "projection":     # each task's own embedding width
+            cfg.projection_dim = task.num_classes
+        else:
+            cfg.num_labels = task.num_classes
+            cfg.id2label = {int(k): v for k, v in labels.items()}
+            cfg.label2id = {v: int(k) for k, v in cfg.id2label.items()}
         cfg.foldmerge_task = task.name
         cfg.architectures = [name]
         hf = cls(cfg)
@@ -432,7 +464,8 @@ def _write_hf(merged, out: Path, sources=()) -> None:
             else:
                 head = hf.get_submodule(CLASSIFIER[merged.arch])
                 head.weight.copy_(w)
-                head.bias.copy_(b)
+                if b is not None:
+                    head.bias.copy_(b)
         state = {k: v.detach().contiguous() for k, v in hf.state_dict().items()}
         own = {k: v for k, v in state.items() if k not in shard}
         if any(not torch.equal(state[k], v) for k, v in shard.items() if k in state):

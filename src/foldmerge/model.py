@@ -1,4 +1,5 @@
-"""TaskModel: one backbone of some architecture plus one classification head per task.
+"""TaskModel: one backbone of some architecture plus one head per task (a classifier, or a projection
+into an embedding space).
 
 A source model is a TaskModel with one head; a merged model has one head per merged
 task. Heads are never merged (FS-Merge paper, section 2): merging adapts a head only by
@@ -17,7 +18,10 @@ from .arch import arch_spec
 from .data import Task
 from .io import save_model
 
-HEADS = ("linear", "class-embedding")
+# linear: a classifier (logits of the task's classes); class-embedding: a frozen one (below); projection:
+# a map into an embedding space without bias (CLIP's towers), whose outputs are compared by direction,
+# never routed or scored as classes
+HEADS = ("linear", "class-embedding", "projection")
 CHUNK = 256                 # examples per forward pass: memory stays flat however large the sample
 
 

@@ -10,7 +10,8 @@ how well the merge reproduces its sources on inputs it was not merged from:
   3. the score is the agreement with the sources: the share of held-out inputs of model k on
      which each of model k's heads in the merge predicts the class that model k itself predicts
      (mean over models); ties go to the lower mean KL divergence from the source's softmax to the
-     merge's;
+     merge's (for projection heads, CLIP's towers: the mean cosine of the merge's embedding with the
+     source's);
   4. the best candidate is merged again from the whole sample.
 
 Several `--select` arguments search their product. Agreement stands in for per-task accuracy
@@ -88,6 +89,9 @@ def fidelity(merged, sources, held: list[torch.Tensor], features, index: list[li
             for j, h, task in zip(heads, source.heads, source.tasks):
                 p, q = h(teacher), merged.heads[j](student)
                 key = task.name if names.count(task.name) == 1 else f"{task.name} (source {k + 1})"
+                if merged.head_kind == "projection":      # embeddings: compared by direction, as they are used
+                    out[key] = {"cosine": F.cosine_similarity(p, q, dim=1).mean().item(), "examples": len(x)}
+                    continue
                 out[key] = {
                     "agreement": 100.0 * (p.argmax(1) == q.argmax(1)).float().mean().item(),
                     # KL is never negative; rounding leaves about -1e-9 where the two agree exactly
@@ -100,8 +104,11 @@ def fidelity(merged, sources, held: list[torch.Tensor], features, index: list[li
 
 
 def agreement(merged, sources, held: list[torch.Tensor], features) -> tuple[float, float]:
-    """(agreement %, mean KL) of the merge's heads with the sources', over their tasks (`fidelity`)."""
+    """(agreement %, mean KL) of the merge's heads with the sources', over their tasks (`fidelity`); for
+    projection heads (100 x mean cosine, 0)."""
     scores = list(fidelity(merged, sources, held, features).values())
+    if "cosine" in scores[0]:
+        return 100 * sum(s["cosine"] for s in scores) / len(scores), 0.0
     return (sum(s["agreement"] for s in scores) / len(scores), sum(s["kl"] for s in scores) / len(scores))
 
 

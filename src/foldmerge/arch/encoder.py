@@ -146,6 +146,8 @@ class Table(_Strict):
     # images: what the classifier reads (`pooling` in docs/families.md)
     pooling: Literal["first", "first+mean", "mean", "pooler"] = "first"
     classifier: Name
+    # classifier: logits of the task's classes; projection: a map into an embedding space, no bias (CLIP's towers)
+    head: Literal["classifier", "projection"] = "classifier"
     requires: dict[StrictStr, StrictBool] = {}    # boolean config keys the spec covers one value of
     roles: Roles | None = None                    # transformers: which config keys size the model
     keys: dict[StrictStr, Literal["size", "index", "number", "name", "bool", "sizes"]]
@@ -263,7 +265,11 @@ class Backbone(nn.Module):
         if self.reads == "text":
             if x.is_floating_point():
                 raise ValueError(f"a {self.family} reads token ids (integers), not floating-point inputs")
-            first = encoder(input_ids=x, attention_mask=(x != self.pad_token_id).long()).last_hidden_state[:, 0]
+            mask = None if self.pad_token_id is None else (x != self.pad_token_id).long()
+            out = encoder(input_ids=x, attention_mask=mask)
+            if self.pooling == "pooler":      # CLIP's text tower: the final LayerNorm at the end-of-text token
+                return out.pooler_output
+            first = out.last_hidden_state[:, 0]
         else:
             if not x.is_floating_point():
                 raise ValueError(f"a {self.family} reads images (floating point), not integers")
@@ -300,8 +306,7 @@ def spec(family: str, config: dict) -> ArchSpec:
         proj = None                              # the encoder has no projection at equal widths
     stream = "emb" if proj else "res"            # the space the embedding tables write
     spaces = [Space("res"), Space("feat")] + ([Space("emb")] if proj else [])
-    present = [e.name if isinstance(e, Embedding) else e for e in table.embeddings
-               if (c[e.when] if isinstance(e, Embedding) else "token_type" not in e or c.get("type_vocab_size", 1) > 0)]
+    present = _embeddings(table, c)
     params = [Param(f"{p}.{e}", (None, stream), merge_at="embed") for e in present]
     wb = ("weight", "bias")
     embedding_keys = tuple(f"{p}.{e}" for e in present) + tuple(f"{p}.{table.embedding_norm}.{x}" for x in wb)
@@ -339,6 +344,13 @@ def spec(family: str, config: dict) -> ArchSpec:
                     depth=lambda cfg: config_of(table, cfg)[r.layers])
 
 
+def _embeddings(table: Table, c: dict) -> list[str]:
+    """The text tables a model of `c` sums into its stream (a token-type table only where it has types, an
+    `Embedding` only where its switch is set)."""
+    return [e.name if isinstance(e, Embedding) else e for e in table.embeddings
+            if (c[e.when] if isinstance(e, Embedding) else "token_type" not in e or c.get("type_vocab_size", 1) > 0)]
+
+
 def _block_spaces(l: int, heads: int) -> list[Space]:
     """Block l's own spaces: query/key and value, split into the heads, and the MLP hidden."""
     return [Space(f"qk{l}", heads=heads), Space(f"v{l}", heads=heads), Space(f"mlp{l}")]
@@ -356,19 +368,23 @@ def _block_params(table: Table, b: str, l: int, reads: str) -> list[Param]:
 
 
 def _pre_ln_spec(table: Table, c: dict) -> ArchSpec:
-    """A pre-LN image encoder (ViT, DeiT): the stream `res` is written by the patch embedding (a
-    linear map at every patch location, reading the shared pixels) summed with the tokens and the
-    position table, so one M (`embed`) merges them all; every block reads it through the LayerNorm
+    """A pre-LN encoder (ViT, DeiT; CLIP's text tower): the stream `res` is written by the patch
+    embedding (a linear map at every patch location, reading the shared pixels) summed with the tokens
+    and the position table, or for text by the token and position tables, so one M (`embed`) merges them all; every block reads it through the LayerNorm
     before its attention and the one before its MLP; the final LayerNorm's output at the first token
     is the features (the output space is `res` itself)."""
     r, p, a, m = table.roles, table.prefix, table.attention, table.mlp
     heads = c[r.heads]
-    spaces = [Space("pixels", shared=True), Space("res")]
-    tokens = [t if isinstance(t, Token) else Token(name=t) for t in table.tokens]
-    params = [Param(f"{p}.{t.name}", (None,) * (t.axes - 1) + ("res",), merge_at="embed") for t in tokens]
-    params += [Param(f"{p}.{table.patch}.weight", ("res", "pixels", None, None), merge_at="embed")]
-    if table.patch_bias:
-        params.append(Param(f"{p}.{table.patch}.bias", ("res",), merge_at="embed"))
+    if table.input == "text":                    # CLIP's text tower: token and position tables summed
+        spaces = [Space("res")]
+        params = [Param(f"{p}.{e}", (None, "res"), merge_at="embed") for e in _embeddings(table, c)]
+    else:
+        spaces = [Space("pixels", shared=True), Space("res")]
+        tokens = [t if isinstance(t, Token) else Token(name=t) for t in table.tokens]
+        params = [Param(f"{p}.{t.name}", (None,) * (t.axes - 1) + ("res",), merge_at="embed") for t in tokens]
+        params += [Param(f"{p}.{table.patch}.weight", ("res", "pixels", None, None), merge_at="embed")]
+        if table.patch_bias:
+            params.append(Param(f"{p}.{table.patch}.bias", ("res",), merge_at="embed"))
     norms, probes = [], []
     if table.embedding_norm:                     # CLIP's: the stream starts as the embeddings' LayerNorm
         norms.append(Norm(f"{p}.{table.embedding_norm}", "res"))

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..commands import add_threads, argtype, command_line, set_threads
 from ..options import Integer, Number
 from ..provenance import environment
-from . import cnn, cost, defaults, efficiency, families, gating, mlp, same_task, scale, selection, text, tune_fs, vit
+from . import clip, cnn, cost, defaults, efficiency, families, gating, mlp, same_task, scale, selection, text, tune_fs, vit
 
 
 def add_arguments(p) -> None:
@@ -82,6 +82,13 @@ def add_arguments(p) -> None:
                                           "FS-Merge, distillation, alignment, averaging")
     b.add_argument("--families", nargs="+", default=None, metavar="FAMILY",
                    help=f"of: {' '.join(families.FAMILIES)} (default all)")
+    b.add_argument("--methods", nargs="+", default=None, help="only these rows or methods (default all)")
+    b.add_argument("--out", default="runs/bench", help="cache for source models (default runs/bench)")
+    b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
+    add_threads(b, show=False)
+    b = bench.add_parser("clip", help="two tiny CLIPModels from different seeds (MNIST, Fashion-MNIST with captions) "
+                                      "merged tower by tower: zero-shot accuracy and what each method keeps of the "
+                                      "image-text alignment")
     b.add_argument("--methods", nargs="+", default=None, help="only these rows or methods (default all)")
     b.add_argument("--out", default="runs/bench", help="cache for source models (default runs/bench)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
@@ -171,6 +178,8 @@ def run(args) -> None:
         result = tune_fs.run_bench(cells=tuple(args.cells or tune_fs.CELLS), out=args.out, seed=args.seed,
                                    methods=tuple(args.methods or tune_fs.TRIALS))
         return _report_bench(result, args, tune_fs.print_report)
+    if args.bench == "clip":
+        return _report_bench(clip.run_bench(methods=args.methods, out=args.out), args, clip.print_report)
     if args.bench == "families":
         result = families.run_bench(families=tuple(args.families or families.FAMILIES), methods=args.methods,
                                     out=args.out)

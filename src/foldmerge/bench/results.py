@@ -185,6 +185,19 @@ class Families(_Bench):
     rows: list[_FamilyRow]
 
 
+class _ClipRow(_Row):
+    task: Text
+    zero_shot: Num
+    matched: Num
+    image_cosine: Num | None = None
+    text_cosine: Num | None = None
+
+
+class Clip(_Bench):
+    tasks: list[Text]
+    rows: list[_ClipRow]
+
+
 class SameTask(_Bench):
     rows: list[_SameTaskRow]
     correlation: _Correlation
@@ -208,7 +221,7 @@ class TuneFs(_Bench):
 BENCHES: dict[str, type[_Bench]] = {"vit": VitText, "text": VitText, "cnn": Cnn, "mlp": Mlp, "gating": Gating,
                                     "defaults": Defaults, "select": Select, "cost": Cost, "scale": Scale,
                                     "data-efficiency": DataEfficiency, "same-task": SameTask,
-                                    "families": Families, "tune-fs": TuneFs}
+                                    "families": Families, "tune-fs": TuneFs, "clip": Clip}
 
 
 class _Scores(_Read):

@@ -7,9 +7,11 @@ The flags are collected as text and handed to `foldmerge.merge`, which reads and
 from __future__ import annotations
 
 import argparse
+import os
 
 from .. import config
 from ..api import SETTING, SETTINGS, merge
+from ..clip import is_clip_dir, merge_clip
 from ..methods import METHODS, get_method
 from ..options import Choice, Flag, Option
 from ..tables import print_json, print_table, result_row
@@ -123,6 +125,9 @@ def run(args) -> None:
     per_task = settings.pop("per_task", None)
     common = dict(tasks=tasks, eval_data=eval_data, score=True, command=command_line(), config_file=args.config,
                   **settings, **options)
+    clips = [is_clip_dir(m) for m in models if isinstance(m, (str, os.PathLike))]
+    if any(clips):
+        return _merge_clips(args, models, clips, data, per_task, method, common)
     if data:                                # per model, from files: per_task examples of each task
         merged = merge(models, data, method, per_task=per_task, **common)
     else:
@@ -134,12 +139,46 @@ def run(args) -> None:
         return
     name = method + (f" {options['variant']}" if "variant" in options else "")
     title = f"merged {len(models)} models -> {out}" + (" (accuracy on --eval-data)" if eval_data else "")
-    unscored = "" if rows else "; no accuracy: a task has no built-in labelled data (give --eval-data)"
+    unscored = "" if rows else "; no accuracy: a task has no built-in labelled data (give --eval-data)" \
+        if merged.head_kind != "projection" else "; projection heads: embeddings, no accuracy"
     print_table([result_row(r["model"], r, merged.meta["wall_seconds"] if r is rows[-1] else None) for r in rows]
                 or [result_row(name, None, merged.meta["wall_seconds"])], title,
                 footer=f"seed {merged.meta['seed']}{unscored}")
-    if fid:
+    if fid and merged.head_kind == "projection":
+        print_table([{"task": t, "examples": f["examples"], "cosine": f["cosine"]} for t, f in fid.items()],
+                    "fidelity to the sources: mean cosine of the merge's embeddings with each source's (held-out "
+                    "unlabeled examples)", [("task", "task"), ("examples", "examples"), ("cosine", "cosine")])
+    elif fid:
         print_table([{"task": t, "examples": f["examples"], "agreement": f["agreement"], "kl": f["kl"]}
                      for t, f in fid.items()], "fidelity to the sources, no labels needed (held-out unlabeled "
                      "examples)", [("task", "task"), ("examples", "examples"), ("agreement", "agreement %"),
                                    ("kl", "KL")])
+
+
+def _merge_clips(args, models, clips, data, per_task, method, common) -> None:
+    """CLIPModel sources: each tower merged on its own data (`foldmerge.clip`); --data gives per model
+    its images, then its texts."""
+    if not all(clips) or len(clips) != len(models):
+        raise ValueError("a merge of CLIPModels takes CLIPModel folders only (each is two towers)")
+    if not data or len(data) != 2 * len(models):
+        raise ValueError(f"a merge of CLIPModels needs --data with two entries per model, its images then its "
+                         f"texts ({2 * len(models)} in all), got {len(data or [])}")
+    for key in ("tasks", "eval_data"):
+        if common.get(key):
+            raise ValueError(f"--{key.replace('_', '-')} does not apply to CLIPModels (their heads are projections)")
+    kept = {k: v for k, v in common.items() if k not in ("tasks", "eval_data", "score", "out", "force") and v is not None}
+    if per_task:
+        kept["per_task"] = per_task
+    result = merge_clip(models, data[0::2], data[1::2], method, out=common["out"], force=common.get("force", False),
+                        **kept)
+    out = common["out"]
+    if args.json:
+        print_json({"out": out, "meta": {"image": result["image"].meta, "text": result["text"].meta}})
+        return
+    rows = [{"task": t, "tower": tower, "examples": f["examples"], "cosine": f["cosine"]}
+            for tower in ("image", "text") for t, f in (result[tower].meta.get("fidelity") or {}).items()]
+    print_table(rows or [{"task": "-", "tower": "-", "examples": 0, "cosine": None}],
+                f"merged {len(models)} CLIPModels -> {out} (a CLIPModel per source in {out}/hf)",
+                [("task", "task"), ("tower", "tower"), ("examples", "examples"), ("cosine", "cosine")],
+                footer="fidelity to the sources: mean cosine of each merged tower's embeddings with its source's "
+                       "(held-out unlabeled examples)")

@@ -56,9 +56,10 @@ def check_same_backbone(models, method: str) -> None:
     if len(set(cfgs)) != 1:
         a, b = (json.loads(c) for c in cfgs[:1] + [c for c in cfgs if c != cfgs[0]][:1])
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        sizes = all(isinstance(c.get(diff[0]), int) for c in (a, b))
         raise ValueError(f"{method} needs identical backbones; they differ in {diff[0]} "
-                         f"({a.get(diff[0])} vs {b.get(diff[0])}); FS-Merge and the alignment methods merge "
-                         "different widths")
+                         f"({a.get(diff[0])} vs {b.get(diff[0])})"
+                         + ("; FS-Merge merges models whose widths differ" if sizes else ""))
     if len({m.head_bias for m in models}) != 1:
         raise ValueError(f"{method} needs sources whose heads all have, or all lack, a bias")
 
