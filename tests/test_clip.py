@@ -7,7 +7,7 @@ import torch
 
 import foldmerge
 from foldmerge import cli
-from foldmerge.clip import load_clip, merge_clip
+from foldmerge.clip import load_clip
 
 TEXT = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16, vocab_size=40,
             max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=39)

@@ -394,3 +394,37 @@ def test_a_merge_of_a_merge_keeps_the_image_processor(tmp_path, capsys):
     for task in (second / "hf").iterdir():
         if task.name != "backbone":
             assert (task / "preprocessor_config.json").is_file(), task
+
+
+def test_what_a_second_review_found(tmp_path, capsys):
+    """A text model folder without tokenizer files is refused for texts (transformers would read every word
+    as unknown); a headless model is told its own family's classifier class; DINOv2s differing only in the
+    layer-scale init (folded away) average; a ConvNeXt without layer-scale gains loads as it computes."""
+    import transformers
+    pair = [make(tmp_path, "roberta", k) for k in range(2)]
+    (tmp_path / "texts.txt").write_text("".join(f"text number {i}\n" for i in range(20)))
+    capsys.readouterr()
+    code = cli.main(["merge", *map(str, pair), "--data", *[str(tmp_path / "texts.txt")] * 2,
+                     "--per-task", "4", "--method", "average", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds no tokenizer" in err and len(err.splitlines()) == 1, err
+    transformers.DeiTModel(transformers.DeiTConfig(**BERTISH, **IMAGES)).save_pretrained(tmp_path / "headless")
+    with pytest.raises(foldmerge.io.ModelFileError, match="as a DeiTForImageClassification"):
+        load_hf(tmp_path / "headless")
+    config_class, head_class, kw = FAMILIES["dinov2"]
+    for k, value in enumerate((1.0, 0.1)):
+        torch.manual_seed(k)
+        getattr(transformers, head_class)(getattr(transformers, config_class)(**kw, layerscale_value=value,
+                                                                              num_labels=3)).save_pretrained(
+            tmp_path / f"dino{k}")
+    src = [load_hf(tmp_path / f"dino{k}") for k in range(2)]
+    assert foldmerge.merge(src, [ids("dinov2", 8)] * 2, method="average", calibrate="none").arch == "dinov2"
+    config_class, head_class, kw = FAMILIES["convnext"]
+    torch.manual_seed(0)
+    plain = getattr(transformers, head_class)(getattr(transformers, config_class)(**kw, layer_scale_init_value=0.0,
+                                                                                  num_labels=3))
+    plain.save_pretrained(tmp_path / "no-gains")
+    x = ids("convnext")
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf(tmp_path / "no-gains")(x)[0], plain.eval()(pixel_values=x).logits,
+                                   rtol=1e-5, atol=1e-5)

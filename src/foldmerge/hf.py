@@ -165,8 +165,10 @@ def load_hf(path: str | os.PathLike, task=None, allow_pickle: bool = False):
     path = Path(path)
     cfg = _hf_config(path)
     if cfg["architectures"][0] in HEADLESS:
+        heads = " or ".join(sorted({c.sequence for t in TABLES.values() for c in t.model_types.values()
+                                    if c.base == cfg["architectures"][0]}))
         how = (f"foldmerge train-sources --arch bert --from {path} --tasks …" if cfg["architectures"][0] == "BertModel"
-               else "as a ViTForImageClassification")
+               else f"as a {heads}")
         raise ModelFileError(f"{path} is a {cfg['architectures'][0]} without a classification head: a merge input "
                              f"needs one; fine-tune it first ({how})")
     if cfg["architectures"][0] in WHOLE:

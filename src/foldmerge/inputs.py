@@ -21,7 +21,7 @@ from .data import texts
 from .data.files import Examples, open_image
 from .data.files import read as read_examples
 from .data.tasks import _normalizer
-from .hf import quiet_transformers
+from .hf import TOKENIZER_FILES, quiet_transformers
 from .model import TaskModel
 
 # transformers is imported where a Hugging Face tokenizer or image processor is loaded: it adds
@@ -65,16 +65,25 @@ def _tokens(model: TaskModel, items: list[str]) -> torch.Tensor:
     if folder is None:                                   # ours: the built-in texts' tokenizer
         return torch.from_numpy(texts.tokenize(items))
     import transformers
+    files = [f for f in TOKENIZER_FILES if f != "preprocessor_config.json"]
+    if not any((folder / f).is_file() for f in files):      # transformers would make an empty tokenizer: all [UNK]
+        raise ValueError(f"{folder} holds no tokenizer ({', '.join(files[:3])}, …) to read texts with: save the "
+                         "model's tokenizer beside it (tokenizer.save_pretrained), or give the texts as token ids "
+                         "(.npy)")
     try:
         with quiet_transformers():
             tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"{folder}: no tokenizer to read texts with ({str(e).strip().splitlines()[0][:160]})") \
             from None
+    if len(tok) <= len(set(tok.all_special_ids)):
+        raise ValueError(f"{folder}: its tokenizer has no vocabulary beyond its special tokens, so every word would "
+                         "read as unknown")
     length = min(model.backbone_config.get("max_position_embeddings", 512), tok.model_max_length or 512)
     ids = tok(items, truncation=True, max_length=length)["input_ids"]
     pad = model.backbone_config.get("pad_token_id", 0)
-    if tok.pad_token_id is not None and tok.pad_token_id != pad:
+    masks = getattr(model.backbone, "pad_token_id", pad) is not None     # CLIP's text tower: causal, no padding mask
+    if masks and tok.pad_token_id is not None and tok.pad_token_id != pad:
         raise ValueError(f"{folder}: the tokenizer pads with id {tok.pad_token_id}, the model with {pad}")
     return pad_ids([torch.tensor(row, dtype=torch.long) for row in ids], pad)
 

@@ -38,10 +38,12 @@ from . import convnext, hf_resnet
 
 FOLDER = Path(__file__).parent / "families"
 Name = Annotated[StrictStr, Field(min_length=1)]
-# what a config key holds: a size (>= 1), an index (>= 0, or null), a number, a name, a boolean
+# what a config key holds: a size (>= 1), an index (>= 0, or null), a positive number, any finite number
+# (ConvNeXt's layer_scale_init_value: <= 0 means no gains), a name, a boolean
 KINDS = {"size": (Annotated[StrictInt, Field(ge=1)], None), "index": (Annotated[StrictInt, Field(ge=0)] | None, None),
          "sizes": (Annotated[list[Annotated[StrictInt, Field(ge=1)]], Field(min_length=1)] | None, None),
-         "number": (Annotated[Number, Field(gt=0)], None), "name": (Name, None), "bool": (StrictBool, None)}
+         "number": (Annotated[Number, Field(gt=0)], None), "real": (Number, None), "name": (Name, None),
+         "bool": (StrictBool, None)}
 ACTIVATIONS = {"tanh": torch.tanh, "gelu": F.gelu, "relu": F.relu}
 
 
@@ -150,7 +152,7 @@ class Table(_Strict):
     head: Literal["classifier", "projection"] = "classifier"
     requires: dict[StrictStr, StrictBool] = {}    # boolean config keys the spec covers one value of
     roles: Roles | None = None                    # transformers: which config keys size the model
-    keys: dict[StrictStr, Literal["size", "index", "number", "name", "bool", "sizes"]]
+    keys: dict[StrictStr, Literal["size", "index", "number", "real", "name", "bool", "sizes"]]
     defaults: dict[StrictStr, object]
     dropout: list[Name]
     must_match: dict[StrictStr, Name]        # besides the model type
