@@ -73,6 +73,13 @@ def test_a_command_line_merge_writes_a_clip_per_source_that_transformers_loads(t
         got = clip_outputs(out / "hf" / task, images, ids)
         torch.testing.assert_close(got.logits_per_image, want.logits_per_image, rtol=1e-5, atol=1e-5)
     assert foldmerge.load(out).arch == "clip-vision" and foldmerge.load(out / "text-tower").arch == "clip-text"
+    assert "in memory" not in (out / "README.md").read_text()          # each source's weights' hash
+    # task arithmetic from a CLIPModel start: each tower's task vectors from that start's tower (zero here)
+    out_ta = tmp_path / "ta"
+    assert cli.main(["merge", str(a), str(b), "--data", *data, "--method", "task-arithmetic", "--base", str(a),
+                     "--per-task", "8", "--out", str(out_ta), "--quiet"]) == 0, capsys.readouterr().err
+    got = clip_outputs(out_ta / "hf" / "clip_a", images, ids)
+    torch.testing.assert_close(got.logits_per_image, want.logits_per_image, rtol=1e-5, atol=1e-5)
     other = make(tmp_path / "clip c", 1, dim=4)          # another start, another embedding width
     out2 = tmp_path / "fs"
     assert cli.main(["merge", str(a), str(other), "--data", *data, "--epochs", "2", "--per-task", "8",

@@ -310,7 +310,8 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
         raise ValueError("data must be a number of examples per task, or per model: tensors or data files")
     from_files = isinstance(data, (list, tuple)) and any(isinstance(d, (str, os.PathLike, Examples)) for d in data)
     if per_task is not None and not from_files:
-        raise ValueError("per_task counts the examples drawn from data files; with data=N, N is the count")
+        raise ValueError("per_task counts the examples drawn from data files; " + (
+            "given tensors are read whole" if isinstance(data, (list, tuple)) else "with data=N, N is the count"))
     s = check_values(SETTINGS, {"seed": seed, "calibrate": calibrate, "force": force, "resume": resume,
                                 "allow_pickle": allow_pickle, "checkpoint_every": checkpoint_every or None,
                                 "tasks": tasks, "out": out, "select": select, "augment": augment,

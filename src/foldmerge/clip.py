@@ -35,8 +35,8 @@ import torch
 
 from . import hf
 from .api import merge
-from .card import card
 from .arch import encoder
+from .card import card
 from .io import ModelFileError, check_target, identity, save_model
 from .model import TaskModel
 
@@ -72,7 +72,8 @@ def load_clip(path, allow_pickle: bool = False) -> tuple[TaskModel, TaskModel, t
         setattr(tower, body, getattr(whole, body))           # the same modules: nothing copied or made up
         setattr(tower, projection, getattr(whole, projection))
         towers.append(hf.task_model(path, settings, tower, None, weights))
-        towers[-1].meta["clip_tower"] = section
+        towers[-1].meta.update(clip_tower=section, sha256=hf.weights_sha256(path, towers[-1].meta.get(
+            "loaded_from_pickle")))
     return towers[0], towers[1], whole.logit_scale.detach().clone()
 
 
@@ -87,8 +88,11 @@ def merge_clip(sources, images, texts, method: str = "fs-merge", out=None, force
     seen = identity(target) if target is not None else None
     loaded = [load_clip(p, settings.get("allow_pickle", False)) for p in paths]
     settings = {**settings, "calibrate": "none"}
-    image = _merge_tower([m[0] for m in loaded], images, method, settings)
-    text = _merge_tower([m[1] for m in loaded], texts, method, settings)
+    base = settings.pop("base", None)        # task arithmetic's and TIES's common start: a CLIPModel too
+    bases = load_clip(hf.cached(base), settings.get("allow_pickle", False))[:2] if base is not None and \
+        not isinstance(base, TaskModel) and is_clip_dir(hf.cached(base)) else (base, base)
+    image = _merge_tower([m[0] for m in loaded], images, method, _with_base(settings, bases[0]))
+    text = _merge_tower([m[1] for m in loaded], texts, method, _with_base(settings, bases[1]))
     clips = [clip_model(image, text, k, scale) for k, (_, _, scale) in enumerate(loaded)]
     if target is not None:
         image.meta["clip"] = {"text_tower": "text-tower", "tasks": [t.slug for t in image.tasks]}
@@ -98,15 +102,21 @@ def merge_clip(sources, images, texts, method: str = "fs-merge", out=None, force
                                                    "(the text tower in text-tower/, a CLIPModel per source in hf/)")
                                               + "\n")
             save_model(text, folder / "text-tower", text.meta)
-            (folder / "text-tower" / "README.md").write_text(card(text.meta) + "\n")
+            (folder / "text-tower" / "README.md").write_text(card(text.meta, "a foldmerge merge of CLIPModels: the "
+                                                                  "text tower") + "\n")
             for task, clip, path in zip(image.tasks, clips, paths):
                 where = folder / "hf" / task.slug
-                clip.save_pretrained(where)
+                with hf.quiet_transformers():
+                    clip.save_pretrained(where)
                 for f in hf.TOKENIZER_FILES:
                     if (path / f).is_file():
                         shutil.copy2(path / f, where / f)
         save_model(image, target, image.meta, extra=extra, expect=seen)
     return {"image": image, "text": text, "clips": clips}
+
+
+def _with_base(settings: dict, base) -> dict:
+    return settings if base is None else {**settings, "base": base}
 
 
 def _files(given) -> list:

@@ -159,13 +159,14 @@ def _merge_clips(args, models, clips, data, per_task, method, common) -> None:
     """CLIPModel sources: each tower merged on its own data (`foldmerge.clip`); --data gives per model
     its images, then its texts."""
     if not all(clips) or len(clips) != len(models):
-        raise ValueError("a merge of CLIPModels takes CLIPModel folders only (each is two towers)")
-    if not data or len(data) != 2 * len(models):
-        raise ValueError(f"a merge of CLIPModels needs --data with two entries per model, its images then its "
-                         f"texts ({2 * len(models)} in all), got {len(data or [])}")
+        other = next((m for m in models if not isinstance(m, (str, os.PathLike)) or not is_clip_dir(m)), None)
+        raise ValueError(f"a merge of CLIPModels takes CLIPModel folders only (each is two towers); {other} is not one")
     for key in ("tasks", "eval_data"):
         if common.get(key):
             raise ValueError(f"--{key.replace('_', '-')} does not apply to CLIPModels (their heads are projections)")
+    if not data or len(data) != 2 * len(models):
+        raise ValueError(f"a merge of CLIPModels needs --data with two entries per model, its images then its "
+                         f"texts ({2 * len(models)} in all), got {len(data or [])}")
     kept = {k: v for k, v in common.items() if k not in ("tasks", "eval_data", "score", "out", "force") and v is not None}
     if per_task:
         kept["per_task"] = per_task
