@@ -47,6 +47,12 @@ FAMILIES = {
     "clip-text": ("CLIPTextConfig", "CLIPTextModelWithProjection",
                   {**SIZES, **BERTISH, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 39}),
     "clip-vision": ("CLIPVisionConfig", "CLIPVisionModelWithProjection", {**BERTISH, **IMAGES}),
+    # decoders: the LM head is the head (every position's next-token logits; one head for one vocabulary)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {**SIZES, **BERTISH, "num_attention_heads": 4, "head_dim": 4}),
+    "llama-grouped": ("LlamaConfig", "LlamaForCausalLM", {**SIZES, **BERTISH, "num_attention_heads": 4,
+                                                         "num_key_value_heads": 2, "head_dim": 4}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {**SIZES, **BERTISH, "num_attention_heads": 4,
+                                                        "num_key_value_heads": 2, "head_dim": 4}),
     "convnext": ("ConvNextConfig", "ConvNextForImageClassification",
                  {"num_stages": 2, "hidden_sizes": [8, 16], "depths": [1, 2], "patch_size": 2, **IMAGES}),
     "hf-resnet": ("ResNetConfig", "ResNetForImageClassification",
@@ -57,6 +63,7 @@ FAMILIES = {
 }
 LABELS = [["a", "b", "c"], ["d", "e", "f", "g", "h", "i", "j"]]      # more than five on one
 PROJECTIONS = {"clip-text", "clip-vision"}        # heads that embed, not classify: no labels to keep
+LMS = {"llama", "llama-grouped", "mistral"}       # one LM head over the vocabulary: the sources share it
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +72,7 @@ def quiet(monkeypatch):
 
 
 def pad_id(family):
-    return FAMILIES[family][2].get("pad_token_id", 0)
+    return FAMILIES[family][2].get("pad_token_id", 0) if family not in LMS else 2   # a decoder pads with its eos
 
 
 MADE, LOADED = {}, {}      # a source is written and read once per run: tests only read them
@@ -126,6 +133,8 @@ def hf_logits(model, family, x):
         return model(pixel_values=x).image_embeds if is_image(family) else model(input_ids=x).text_embeds
     if is_image(family):
         return model(pixel_values=x).logits
+    if family in LMS:                   # causal: what follows a text never reaches it, no mask needed
+        return model(input_ids=x).logits
     return model(input_ids=x, attention_mask=(x != pad_id(family)).long()).logits
 
 
@@ -135,6 +144,8 @@ def auto_class(family):
         return transformers.DeiTForImageClassificationWithTeacher
     if family in PROJECTIONS:           # AutoModel gives the tower without its projection
         return getattr(transformers, FAMILIES[family][1])
+    if family in LMS:
+        return transformers.AutoModelForCausalLM
     return transformers.AutoModelForImageClassification if is_image(family) else \
         transformers.AutoModelForSequenceClassification
 
@@ -144,7 +155,7 @@ def family(request):
     return request.param
 
 
-ARCH = {"xlm-roberta": "roberta", "camembert": "roberta", "electra-projected": "electra", "vit": "hf-vit",
+ARCH = {"llama-grouped": "llama", "mistral": "llama", "xlm-roberta": "roberta", "camembert": "roberta", "electra-projected": "electra", "vit": "hf-vit",
         "deit-distilled": "deit", "ernie-task-types": "ernie", "hf-resnet-bottleneck": "hf-resnet"}
 
 
@@ -155,7 +166,8 @@ def test_a_saved_model_loads_as_the_model_it_is(tmp_path, family):
     with torch.no_grad():
         theirs = auto_class(family).from_pretrained(path).eval()
         torch.testing.assert_close(ours(x)[0], hf_logits(theirs, family, x), rtol=1e-5, atol=1e-5)
-    assert ours.tasks[0].num_classes == 7 and ours.arch == ARCH.get(family, family)
+    assert ours.tasks[0].num_classes == (SIZES["vocab_size"] if family in LMS else 7)
+    assert ours.arch == ARCH.get(family, family)
 
 
 @pytest.mark.parametrize("param", ["full", "diag+lowrank(2)"])
@@ -181,7 +193,7 @@ TRAINED = {"epochs": 1}
 # methods that cannot run here, refused in one line naming why: task arithmetic and TIES need the common
 # start (--base) that models from different initializations lack; the gating merge's gate reads images,
 # and gates the modules its spec names as units
-NEEDS = {"task-arithmetic": "base", "ties": "base", "gating": "reads images|units"}
+NEEDS = {"task-arithmetic": "base", "ties": "base", "gating": "reads images|units|nothing to route between"}
 
 
 SAME_MODULES = {"xlm-roberta", "camembert"}     # RoBERTa's modules under other model types: its row runs the methods
@@ -201,7 +213,8 @@ def test_every_method_merges_the_family_or_says_why_not(tmp_path, family, method
         assert len(str(refused.value).splitlines()) == 1
         return
     merged = foldmerge.merge(src, data, method=method, **opts)
-    assert merged.arch == src[0].arch and [t.num_classes for t in merged.tasks] == [3, 7]
+    assert merged.arch == src[0].arch and [t.num_classes for t in merged.tasks] == (
+        [SIZES["vocab_size"]] if family in LMS else [3, 7])
     assert all(torch.isfinite(o).all() for o in merged(ids(family)))
 
 
@@ -219,11 +232,11 @@ def test_a_command_line_merge_loads_with_auto_classes_and_predicts_as_the_merge(
     x = ids(family)
     with torch.no_grad():
         ours = merged(x)
-        for i, source in enumerate(sources):
+        for i, source in enumerate(sources[:1] if family in LMS else sources):     # LMs: one head, one folder
             task = auto_class(family).from_pretrained(out / "hf" / source.name).eval()
             torch.testing.assert_close(hf_logits(task, family, x), ours[i], rtol=1e-5, atol=1e-5)
             assert task.config.projection_dim == len(LABELS[i]) if family in PROJECTIONS else \
-                task.config.id2label[0] == LABELS[i][0]
+                family in LMS or task.config.id2label[0] == LABELS[i][0]
 
 
 def test_bad_families_are_one_line_and_nothing_is_written(tmp_path, capsys):

@@ -44,7 +44,7 @@ from .errors import did_you_mean
 from .evaluation import SourceHeads
 from .heads import SAME_TASK, Sharing, merge_heads, share
 from .evaluation import evaluate as _evaluate
-from .inputs import check_same_tokens, common_length, preprocess, reads
+from .inputs import check_same_tokens, common_length, padding_id, preprocess, reads
 from .inputs import labelled as labelled_examples
 from .io import check_target, identity, nonfinite, save_model
 from .loading import load as _load
@@ -473,7 +473,7 @@ def _from_files(models, specs, per_task: int, held_out: int, n_fid: int, seed: i
         record.append(describe_examples(examples))
     fid = fid if all(f is not None for f in fid) else []     # the report needs examples of every task
     if all(reads(m) == "text" for m in models) and all(not d.is_floating_point() for d in data + held + fid):
-        pad = models[0].backbone_config.get("pad_token_id", 0)
+        pad = padding_id(models[0])
         padded = common_length(data + held + fid, pad)
         data, held, fid = padded[:len(data)], padded[len(data):len(data) + len(held)], padded[len(data) + len(held):]
     names = [r["source"] for r in record]
@@ -636,9 +636,9 @@ def finish(job: Job, merged: TaskModel) -> TaskModel:
         merged.meta["calibration"] = {"calibrate": "none", "why": "no merge data to calibrate on"}
     elif len(merged.tasks) == 1:
         merged.meta["calibration"] = {"calibrate": "none", "why": "one head: no task to route between"}
-    elif merged.head_kind == "projection":
-        merged.meta["calibration"] = {"calibrate": "none", "why": "projection heads give embeddings, not classes "
-                                      "to route between"}
+    elif merged.head_kind in ("projection", "lm"):
+        merged.meta["calibration"] = {"calibrate": "none", "why": f"{merged.head_kind} heads: no classes of tasks to "
+                                      "route between"}
     else:
         merged.meta["calibration"] = calibrate_heads(merged, job.models, _originals(job) or job.data,
                                                      job.sharing.index) \

@@ -37,6 +37,13 @@ def card(meta: dict, title: str = "a foldmerge merge", library: str = "foldmerge
                   "On held-out unlabeled examples of each task: the mean cosine of the merge's embedding with "
                   "its source's.", "", "| task | examples | cosine |", "|---|---|---|"]
         lines += [f"| {t} | {f['examples']} | {f['cosine']:.4f} |" for t, f in fid.items()]
+    elif fid and "perplexity" in next(iter(fid.values())):      # language models
+        lines += ["", "## Perplexity (no labels needed)", "",
+                  "On held-out text of each source: the source's perplexity and the merge's, and how often their "
+                  "next-token predictions agree.", "", "| text of | examples | source | merge | agreement % |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {t} | {f['examples']} | {f['source_perplexity']:.2f} | {f['perplexity']:.2f} | "
+                  f"{_fmt(f['agreement'])} |" for t, f in fid.items()]
     elif fid:
         lines += ["", "## Fidelity to the sources (no labels needed)", "",
                   "On held-out unlabeled examples of each task: how often the merge predicts the class its "

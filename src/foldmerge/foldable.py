@@ -250,7 +250,7 @@ class MapBank(nn.Module):
         self.size = len(maps)
         for name in maps[0]._param_names():
             stacked = torch.stack([getattr(m, name).detach() for m in maps])
-            self.register_parameter(name, nn.Parameter(stacked))
+            self.register_parameter(name, nn.Parameter(stacked, requires_grad=getattr(maps[0], name).requires_grad))
         for slot, m in enumerate(maps):
             for name in m._param_names():
                 del m._parameters[name]

@@ -213,7 +213,16 @@ def task_model(path: Path, cfg: dict, hf, task, weights: Path) -> TaskModel:
     """The one-head TaskModel of `hf`, a transformers model of a class with a table, as config `cfg` describes it."""
     family, attr, _ = CLASSES[cfg["architectures"][0]]
     projection = TABLES[family].head == "projection"
-    if projection:          # an embedding's dimensions: no labels, no built-in task (heads.PLACEHOLDER: never one task by their names)
+    lm = TABLES[family].head == "lm"
+    if lm:                  # next-token logits: the vocabulary is the label set, one task per vocabulary
+        if task is not None:
+            raise ModelFileError(f"{path} is a {cfg['architectures'][0]}: its head predicts the next token, so no "
+                                 "--tasks applies to it")
+        size = cfg.get("vocab_size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 2:
+            raise ModelFileError(f"{path / 'config.json'}: vocab_size must be an integer >= 2, got {size!r}")
+        labels = {str(i): f"TOKEN_{i}" for i in range(size)}
+    elif projection:          # an embedding's dimensions: no labels, no built-in task (heads.PLACEHOLDER: never one task by their names)
         if task is not None:
             raise ModelFileError(f"{path} is a {cfg['architectures'][0]}: its head projects into an embedding "
                                  "space, not onto a task's classes, so no --tasks applies to it")
@@ -241,8 +250,8 @@ def task_model(path: Path, cfg: dict, hf, task, weights: Path) -> TaskModel:
     if distilled:
         backbone["pooling"] = "first+second"
     try:
-        model = TaskModel(family, backbone, [task], head_bias=not projection,
-                          head="projection" if projection else "linear")
+        model = TaskModel(family, backbone, [task], head_bias=not (projection or lm),
+                          head="projection" if projection else "lm" if lm else "linear")
     except ValueError as e:
         raise ModelFileError(f"{path}: {str(e).splitlines()[0]}") from None
     # the backbone's tensors under their Hugging Face names: the encoder's, and the features layer
@@ -261,10 +270,10 @@ def task_model(path: Path, cfg: dict, hf, task, weights: Path) -> TaskModel:
         else:
             head = hf.get_submodule(CLASSIFIER[family])
             model.heads[0].weight.copy_(head.weight)
-            if not projection:
+            if head.bias is not None:
                 model.heads[0].bias.copy_(head.bias)
     model.meta = {"path": str(path.resolve()), "hf_class": cfg["architectures"][0],
-                  **({} if projection else {"id2label": {int(k): v for k, v in labels.items()}}),
+                  **({} if projection or lm else {"id2label": {int(k): v for k, v in labels.items()}}),
                   "source_format": "huggingface",
                   **({"loaded_from_pickle": str(weights.resolve())} if weights.suffix != ".safetensors" else {})}
     model.eval()
@@ -447,6 +456,8 @@ def _write_hf(merged, out: Path, sources=()) -> None:
             cfg = getattr(transformers, chosen.sequence_config)(**{chosen.section: cfg.to_dict()})
         if merged.head_kind == "projection":     # each task's own embedding width
             cfg.projection_dim = task.num_classes
+        elif merged.head_kind == "lm":          # the merged head is its own matrix, tied to no embedding
+            cfg.tie_word_embeddings = False
         else:
             cfg.num_labels = task.num_classes
             cfg.id2label = {int(k): v for k, v in labels.items()}

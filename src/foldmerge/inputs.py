@@ -81,11 +81,22 @@ def _tokens(model: TaskModel, items: list[str]) -> torch.Tensor:
                          "read as unknown")
     length = min(model.backbone_config.get("max_position_embeddings", 512), tok.model_max_length or 512)
     ids = tok(items, truncation=True, max_length=length)["input_ids"]
-    pad = model.backbone_config.get("pad_token_id", 0)
-    masks = getattr(model.backbone, "pad_token_id", pad) is not None     # CLIP's text tower: causal, no padding mask
+    pad = padding_id(model)
+    # a causal model's (CLIP's text tower, a decoder) padding is never attended to: no padding mask
+    masks = getattr(model.backbone, "pad_token_id", pad) is not None
     if masks and tok.pad_token_id is not None and tok.pad_token_id != pad:
         raise ValueError(f"{folder}: the tokenizer pads with id {tok.pad_token_id}, the model with {pad}")
     return pad_ids([torch.tensor(row, dtype=torch.long) for row in ids], pad)
+
+
+def padding_id(model: TaskModel) -> int:
+    """The id texts are padded with: the model's padding id; for a decoder without one (Llama) its
+    end-of-text id, or 0 (under a causal mask what follows a text never reaches it)."""
+    c = model.backbone_config
+    for key in ("pad_token_id", "eos_token_id"):
+        if isinstance(c.get(key, 0 if key == "pad_token_id" else None), int):
+            return c.get(key, 0)
+    return 0
 
 
 def check_same_tokens(models: list[TaskModel], examples: list[Examples], sample: int = 32) -> None:

@@ -20,8 +20,9 @@ from .io import save_model
 
 # linear: a classifier (logits of the task's classes); class-embedding: a frozen one (below); projection:
 # a map into an embedding space without bias (CLIP's towers), whose outputs are compared by direction,
-# never routed or scored as classes
-HEADS = ("linear", "class-embedding", "projection")
+# never routed or scored as classes; lm: a language model's head (next-token logits over the vocabulary
+# at every position, no bias)
+HEADS = ("linear", "class-embedding", "projection", "lm")
 CHUNK = 256                 # examples per forward pass: memory stays flat however large the sample
 
 

@@ -42,7 +42,7 @@ class ModelConfig(_Strict):
     backbone: dict[StrictStr, JsonValue]
     tasks: list[Union[Name, OwnTask]] = Field(min_length=1)
     head_bias: StrictBool = True
-    head: Literal["linear", "class-embedding", "projection"] = "linear"
+    head: Literal["linear", "class-embedding", "projection", "lm"] = "linear"
     kind: Literal["gated"] | None = None
     gated: list[Name] = []
     gate: dict[StrictStr, Positive] | None = None

@@ -88,19 +88,36 @@ def fidelity(merged, sources, held: list[torch.Tensor], features, index: list[li
             student = features_in_chunks(merged, x)
             for j, h, task in zip(heads, source.heads, source.tasks):
                 p, q = h(teacher), merged.heads[j](student)
+                p, q = p.flatten(0, -2), q.flatten(0, -2)        # a language model's: one row per position
                 key = task.name if names.count(task.name) == 1 else f"{task.name} (source {k + 1})"
                 if merged.head_kind == "projection":      # embeddings: compared by direction, as they are used
                     out[key] = {"cosine": F.cosine_similarity(p, q, dim=1).mean().item(), "examples": len(x)}
                     continue
-                out[key] = {
+                if merged.head_kind == "lm":     # and each one's perplexity on the text itself
+                    out[key] = {"perplexity": _perplexity(merged.heads[j](student), x, merged.backbone_config),
+                                "source_perplexity": _perplexity(h(teacher), x, merged.backbone_config)}
+                else:
+                    out[key] = {}
+                out[key].update({
                     "agreement": 100.0 * (p.argmax(1) == q.argmax(1)).float().mean().item(),
                     # KL is never negative; rounding leaves about -1e-9 where the two agree exactly
                     "kl": max(0.0, F.kl_div(F.log_softmax(q, 1), F.log_softmax(p, 1), log_target=True,
                                             reduction="batchmean").item()),
-                    "examples": len(x)}
+                    "examples": len(x)})
         return out
     finally:
         merged.train(was)
+
+
+def _perplexity(logits: torch.Tensor, ids: torch.Tensor, config: dict) -> float:
+    """exp of the mean next-token cross-entropy of a language model's `logits` on token ids `ids`; the
+    positions whose next token is padding (or, with no padding id, the end-of-text id) are not scored."""
+    pad = config.get("pad_token_id")
+    pad = config.get("eos_token_id") if pad is None else pad
+    target = ids[:, 1:].to(logits.device)
+    keep = target != pad if pad is not None else torch.ones_like(target, dtype=torch.bool)
+    ce = F.cross_entropy(logits[:, :-1][keep].float(), target[keep])
+    return float(torch.exp(ce))
 
 
 def agreement(merged, sources, held: list[torch.Tensor], features) -> tuple[float, float]:

@@ -87,6 +87,15 @@ class Space:
     name: str
     heads: int = 1
     shared: bool = False
+    # fixed: the space's maps are fixed per-source multiples of the identity (model 1's for the `first`
+    # init, the mean otherwise), never learned nor matched: queries and keys that rotary position
+    # embeddings rotate pair by pair after the map (such maps commute with every rotation; a learned
+    # one would mix frequencies), and the values of grouped-query attention (below)
+    fixed: bool = False
+    # derived: written by a computation from another space, not by a parameter (grouped-query
+    # attention's output, each query head's weighted values of its group's fixed-map values): nothing
+    # merges into it; its readers' U are learned as any other
+    derived: bool = False
 
 
 @dataclass(frozen=True)
@@ -216,7 +225,7 @@ class ArchSpec:
         read = {p.axes[1] for p in self.weights()} | {self.output} | {nm.space for nm in self.norms}
         written = {p.axes[i] for p in self.params for i in self.merged_axes(p)[:1]}
         for s in sorted(read - written):
-            if not self._space[s].shared:
+            if not self._space[s].shared and not self._space[s].derived:
                 raise SpecError(f"{self.name} spec: space {s!r} is read but no parameter writes it")
 
     # ------------------------------------------------------------------ reading the spec

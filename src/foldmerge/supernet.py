@@ -89,6 +89,7 @@ class SuperNet(nn.Module):
 
         # one map per site: every M in spec order, then every U, then U_out
         g = torch.Generator().manual_seed(int(seed))
+        fixed = {s.name for s in spec.spaces if s.fixed}
         self._map: dict[tuple[str, str], FoldMap] = {}
         self._map_space: dict[tuple[str, str], str] = {}
         maps = []
@@ -100,7 +101,11 @@ class SuperNet(nn.Module):
                     raise SpecError(f"{spec.name} spec: site {name!r} maps two spaces, "
                                     f"{self._map_space[key]!r} and {space!r}")
                 return
-            fm = FoldMap(merged[space], [w[space] for w in src_widths], param, init, role, g, dtype)
+            if space in fixed:         # a multiple of the identity per source (spec.Space.fixed): not learned
+                fm = FoldMap(merged[space], [w[space] for w in src_widths], "full" if param == "full" else "diag",
+                             "first" if init == "first" else "average", role, g, dtype).requires_grad_(False)
+            else:
+                fm = FoldMap(merged[space], [w[space] for w in src_widths], param, init, role, g, dtype)
             self._map[key], self._map_space[key] = fm, space
             maps.append(fm)
 

@@ -39,11 +39,12 @@ from . import convnext, hf_resnet
 FOLDER = Path(__file__).parent / "families"
 Name = Annotated[StrictStr, Field(min_length=1)]
 # what a config key holds: a size (>= 1), an index (>= 0, or null), a positive number, any finite number
-# (ConvNeXt's layer_scale_init_value: <= 0 means no gains), a name, a boolean
+# (ConvNeXt's layer_scale_init_value: <= 0 means no gains), a name, a boolean, settings (an object of
+# names, numbers and booleans: a decoder's rope_parameters)
 KINDS = {"size": (Annotated[StrictInt, Field(ge=1)], None), "index": (Annotated[StrictInt, Field(ge=0)] | None, None),
          "sizes": (Annotated[list[Annotated[StrictInt, Field(ge=1)]], Field(min_length=1)] | None, None),
          "number": (Annotated[Number, Field(gt=0)], None), "real": (Number, None), "name": (Name, None),
-         "bool": (StrictBool, None)}
+         "bool": (StrictBool, None), "settings": (dict[StrictStr, StrictStr | Number | StrictBool | None] | None, None)}
 ACTIVATIONS = {"tanh": torch.tanh, "gelu": F.gelu, "relu": F.relu}
 
 
@@ -63,6 +64,7 @@ class MLP(_Strict):
     up: Name
     down: Name
     norm: Name
+    gate: Name | None = None                      # a gated MLP's gate (Llama's SwiGLU: down(act(gate x) * up x))
 
 
 class Features(_Strict):
@@ -82,6 +84,7 @@ class Roles(_Strict):
     mlp: Name                                     # the MLP's width, or (mlp_is_ratio) its ratio to the width
     mlp_is_ratio: StrictBool = False              # DINOv2: mlp_ratio
     pad: Name | None = None                       # text: the padding id, masked out of attention
+    kv_heads: Name | None = None                  # decoders: the key and value heads (grouped-query attention)
 
 
 class Distilled(_Strict):
@@ -129,7 +132,7 @@ class Table(_Strict):
     family: Name
     about: Name
     model_types: dict[StrictStr, Classes] = Field(min_length=1)   # the first is the default
-    layout: Literal["post-ln", "pre-ln", "convnext", "resnet"] = "post-ln"
+    layout: Literal["post-ln", "pre-ln", "decoder", "convnext", "resnet"] = "post-ln"
     input: Literal["text", "image"]
     base_arguments: dict[StrictStr, StrictBool] = {}
     prefix: Name
@@ -146,20 +149,24 @@ class Table(_Strict):
     layer_scale: LayerScale | None = None
     features: Features | None = None              # None: the stream at the first token is the features
     # images: what the classifier reads (`pooling` in docs/families.md)
-    pooling: Literal["first", "first+mean", "mean", "pooler"] = "first"
+    # decoders: "tokens", the final norm's output at every position (a language model's head reads each)
+    pooling: Literal["first", "first+mean", "mean", "pooler", "tokens"] = "first"
     classifier: Name
     # classifier: logits of the task's classes; projection: a map into an embedding space, no bias (CLIP's towers)
-    head: Literal["classifier", "projection"] = "classifier"
+    # lm: a language model's head (next-token logits over the vocabulary at every position, no bias)
+    head: Literal["classifier", "projection", "lm"] = "classifier"
     requires: dict[StrictStr, StrictBool] = {}    # boolean config keys the spec covers one value of
+    bias_key: Name | None = None                  # decoders: the boolean config key that gives attention biases
     roles: Roles | None = None                    # transformers: which config keys size the model
-    keys: dict[StrictStr, Literal["size", "index", "number", "real", "name", "bool", "sizes"]]
+    keys: dict[StrictStr, Literal["size", "index", "number", "real", "name", "bool", "sizes", "settings"]]
     defaults: dict[StrictStr, object]
     dropout: list[Name]
     must_match: dict[StrictStr, Name]        # besides the model type
 
     @model_validator(mode="after")
     def _transformer_parts(self):
-        if self.layout in ("post-ln", "pre-ln") and None in (self.layer, self.attention, self.mlp, self.roles):
+        if self.layout in ("post-ln", "pre-ln", "decoder") and None in (self.layer, self.attention, self.mlp,
+                                                                        self.roles):
             raise ValueError(f"a {self.layout} table names its layer, attention, mlp and roles")
         return self
 
@@ -271,6 +278,8 @@ class Backbone(nn.Module):
             out = encoder(input_ids=x, attention_mask=mask)
             if self.pooling == "pooler":      # CLIP's text tower: the final LayerNorm at the end-of-text token
                 return out.pooler_output
+            if self.pooling == "tokens":      # a decoder: every position's features, for its LM head
+                return out.last_hidden_state
             first = out.last_hidden_state[:, 0]
         else:
             if not x.is_floating_point():
@@ -296,6 +305,8 @@ def spec(family: str, config: dict) -> ArchSpec:
     table = tables()[family]
     if table.layout == "pre-ln":
         return _pre_ln_spec(table, config_of(table, config))
+    if table.layout == "decoder":
+        return _decoder_spec(table, config_of(table, config))
     if table.layout in ("convnext", "resnet"):          # stages of convolutional blocks: the spec is code
         layout = convnext if table.layout == "convnext" else hf_resnet
         return layout.spec(table, config_of(table, config), lambda cfg: Backbone(table, cfg),
@@ -409,6 +420,45 @@ def _pre_ln_spec(table: Table, c: dict) -> ArchSpec:
                     width_spaces=("res", "mlp0"), check=lambda configs: check_compatible(table, configs),
                     defaults="hf-vit", depth=lambda cfg: config_of(table, cfg)[r.layers],
                     deepen=lambda cfg, backbone, depth: deepen(table, cfg, backbone, depth))
+
+
+def _decoder_spec(table: Table, c: dict) -> ArchSpec:
+    """A pre-norm decoder (Llama, Mistral): the token table writes the stream `res`; per layer the
+    queries `q{l}` and keys `k{l}` are rotated by position after their projections, so their maps are
+    fixed (`Space.fixed`: per-source multiples of the identity commute with the rotations; a learned
+    map would mix rotation frequencies); the values `v{l}` are learned where every query head has its
+    own (the output projection reads them), and fixed under grouped-query attention, where the output
+    projection reads `o{l}`, each query head's weighted values of its group (`Space.derived`); the
+    gated MLP's gate and up projections write `mlp{l}`, its down projection reads their product. The
+    features are the final norm's output at every position, which the LM head reads."""
+    r, p, a, m = table.roles, table.prefix, table.attention, table.mlp
+    heads, kv = c[r.heads], c[r.kv_heads] if r.kv_heads else c[r.heads]
+    grouped = kv != heads
+    spaces = [Space("res")]
+    params = [Param(f"{p}.{e}", (None, "res"), merge_at="embed") for e in _embeddings(table, c)]
+    norms, probes = [], []
+    for l in range(c[r.layers]):
+        b, q, k, v, o, hid = (f"{p}.{table.layer.format(l=l)}", f"q{l}", f"k{l}", f"v{l}", f"o{l}", f"mlp{l}")
+        before = f"{b}.{a.norm}"
+        spaces += [Space(q, heads=heads, fixed=True), Space(k, heads=kv, fixed=True), Space(v, heads=kv, fixed=grouped),
+                   Space(hid)] + ([Space(o, heads=heads, derived=True)] if grouped else [])
+        reads = o if grouped else v
+        for name, out, inp, at in ((a.query, q, "res", before), (a.key, k, "res", before), (a.value, v, "res", before),
+                                   (a.output, "res", reads, None), (m.gate, hid, "res", f"{b}.{m.norm}"),
+                                   (m.up, hid, "res", f"{b}.{m.norm}"), (m.down, "res", hid, None)):
+            params.append(Param(f"{b}.{name}.weight", (out, inp), unmerge_at=at))
+            if c.get(table.bias_key or "", False) and name in (a.query, a.key, a.value, a.output):
+                params.append(Param(f"{b}.{name}.bias", (out,)))
+        norms += [Norm(before, "res"), Norm(f"{b}.{m.norm}", "res")]
+        probes += [Probe("res", before, "in"), Probe(q, f"{b}.{a.query}"), Probe(k, f"{b}.{a.key}"),
+                   Probe(v, f"{b}.{a.value}"), Probe(reads, f"{b}.{a.output}", "in") if grouped else
+                   Probe(v, f"{b}.{a.output}", "in"), Probe(hid, f"{b}.{m.down}", "in")]
+    norms.append(Norm(f"{p}.{table.final_norm}", "res"))
+    probes += [Probe("res", f"{p}.{table.final_norm}", "in"), Probe("res", "")]
+    return ArchSpec(table.family, spaces, params, norms, probes, output="res",
+                    build=lambda cfg: Backbone(table, cfg), resize=lambda cfg, widths: resize(table, cfg, widths),
+                    width_spaces=("res", "mlp0"), check=lambda configs: check_compatible(table, configs),
+                    defaults="hf-vit", depth=lambda cfg: config_of(table, cfg)[r.layers])
 
 
 def _layer_scales(table: Table, config: dict):

@@ -139,8 +139,9 @@ def run(args) -> None:
         return
     name = method + (f" {options['variant']}" if "variant" in options else "")
     title = f"merged {len(models)} models -> {out}" + (" (accuracy on --eval-data)" if eval_data else "")
-    unscored = "" if rows else "; no accuracy: a task has no built-in labelled data (give --eval-data)" \
-        if merged.head_kind != "projection" else "; projection heads: embeddings, no accuracy"
+    unscored = "" if rows else {"projection": "; projection heads: embeddings, no accuracy",
+                                "lm": "; language models: perplexity below, no accuracy"}.get(
+        merged.head_kind, "; no accuracy: a task has no built-in labelled data (give --eval-data)")
     print_table([result_row(r["model"], r, merged.meta["wall_seconds"] if r is rows[-1] else None) for r in rows]
                 or [result_row(name, None, merged.meta["wall_seconds"])], title,
                 footer=f"seed {merged.meta['seed']}{unscored}")
@@ -148,6 +149,13 @@ def run(args) -> None:
         print_table([{"task": t, "examples": f["examples"], "cosine": f["cosine"]} for t, f in fid.items()],
                     "fidelity to the sources: mean cosine of the merge's embeddings with each source's (held-out "
                     "unlabeled examples)", [("task", "task"), ("examples", "examples"), ("cosine", "cosine")])
+    elif fid and merged.head_kind == "lm":
+        print_table([{"task": t, "examples": f["examples"], "source": f["source_perplexity"],
+                      "merge": f["perplexity"], "agreement": f["agreement"]} for t, f in fid.items()],
+                    "perplexity of each source and of the merge on held-out text of each source (unlabeled), and "
+                    "how often their next-token predictions agree",
+                    [("task", "text of"), ("examples", "examples"), ("source", "source ppl"), ("merge", "merge ppl"),
+                     ("agreement", "agreement %")])
     elif fid:
         print_table([{"task": t, "examples": f["examples"], "agreement": f["agreement"], "kl": f["kl"]}
                      for t, f in fid.items()], "fidelity to the sources, no labels needed (held-out unlabeled "

@@ -160,9 +160,12 @@ def space_supernet(models, widths: dict[str, int] | None = None, seed: int = 0) 
 
 @torch.no_grad()
 def load_maps(sn: SuperNet, models, maps: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Every site of `sn` takes its space's (M, U); merged norms become M·concat(γ_k)."""
+    """Every site of `sn` takes its space's (M, U); merged norms become M·concat(γ_k). A fixed space
+    (queries and keys rotated by position: a match within a head would move a dimension to another
+    rotation frequency; grouped-query values) and a space derived from one take the mean."""
+    mean = {s.name for s in sn.spec.spaces if s.fixed or s.derived}
     for role, _, space, fm in sn.sites():
-        m, u = maps[space]
+        m, u = maps[space] if space not in mean else averaging_maps(fm.out_dim, [1 / fm.n] * fm.n, [None] * fm.n)
         fm.set_dense(m if role == "merge" else u.T)
     states = [dict(m.backbone.named_parameters()) for m in models]
     for key, space in sn.spec.norm_params():

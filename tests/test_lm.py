@@ -1,0 +1,103 @@
+"""Language models (decoders with rotary position embeddings) merge from the command line into a
+`…ForCausalLM` folder that transformers loads and generates with; the maps on queries and keys
+commute with the rotations (a learned map would not); perplexity is the report."""
+import random
+
+import pytest
+import torch
+
+import foldmerge
+from foldmerge import cli
+from foldmerge.hf import load_hf
+from foldmerge.supernet import SuperNet
+
+WORDS = "the a cat dog sat ran on under mat log big small red blue and then".split()
+
+
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch):
+    monkeypatch.setenv("FOLDMERGE_PROGRESS", "0")
+
+
+def make(path, seed, kv_heads=2):
+    """A tiny LlamaForCausalLM from plain transformers code, with a word-level tokenizer beside it."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=kv_heads, intermediate_size=32, vocab_size=len(vocab),
+                                      max_position_embeddings=32, bos_token_id=1, eos_token_id=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                         eos_token="</s>").save_pretrained(path)
+    return path
+
+
+def texts(path, seed, n=60):
+    r = random.Random(seed)
+    path.write_text("".join(" ".join(r.choice(WORDS) for _ in range(8)) + "\n" for _ in range(n)))
+    return path
+
+
+def test_two_llamas_merge_from_the_command_line_and_the_output_generates(tmp_path, capsys):
+    import transformers
+    models = [make(tmp_path / f"my lm {k}", k) for k in range(2)]
+    data = [texts(tmp_path / f"text {k}.txt", k) for k in range(2)]
+    out = tmp_path / "merged lm"
+    for method, extra in (("fs-merge", ["--epochs", "3"]), ("distill", ["--epochs", "2"]), ("average", [])):
+        assert cli.main(["merge", *map(str, models), "--data", *map(str, data), "--per-task", "16", "--fidelity", "16",
+                         "--method", method, *extra, "--out", str(out), "--force"]) == 0, capsys.readouterr().err
+        printed = capsys.readouterr().out
+        assert "merge ppl" in printed and "source ppl" in printed
+        folder = out / "hf" / "my_lm_0"                  # one vocabulary, one LM head: one folder
+        lm = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+        ids = tok("the cat sat on", return_tensors="pt").input_ids
+        with torch.no_grad():
+            torch.testing.assert_close(lm(input_ids=ids).logits, foldmerge.load(out)(ids)[0], rtol=1e-5, atol=1e-5)
+        generated = lm.generate(ids, max_new_tokens=4, do_sample=False)
+        assert generated.shape == (1, ids.shape[1] + 4) and not lm.config.tie_word_embeddings
+        fid = foldmerge.load(out).meta["fidelity"]
+        assert len(fid) == 2                              # each source's text scored
+        assert all(f["perplexity"] > 1 and f["source_perplexity"] > 1 for f in fid.values())
+
+
+def test_the_query_and_key_maps_commute_with_the_rotations(tmp_path):
+    """Rotating each source's queries by position, then merging, equals merging, then rotating: the
+    fixed maps (a multiple of the identity per source) do; a learned dense map does not."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+    src = [load_hf(make(tmp_path / f"m{k}", k, kv_heads=4)) for k in range(2)]
+    sn = SuperNet(src, param="full", init="average")
+    m = sn.merge_map("model.layers.0.self_attn.q_proj")
+    assert not any(p.requires_grad for p in m.parameters()) and sn.merge_map("model.layers.0.self_attn.v_proj").weight.requires_grad
+    rope = LlamaRotaryEmbedding(src[0].backbone.model.config)
+    g = torch.Generator().manual_seed(0)
+    q = [torch.randn(1, 4, 6, 4, generator=g) for _ in src]            # (batch, heads, positions, head width)
+    cos, sin = rope(q[0], torch.arange(6)[None])
+
+    def merge(maps, qs):      # M on the flattened heads of every position
+        flat = torch.cat([x.transpose(1, 2).flatten(2) for x in qs], dim=-1)
+        return (flat @ maps.T).unflatten(-1, (4, 4)).transpose(1, 2)
+
+    def rotate(x):
+        return apply_rotary_pos_emb(x, x, cos, sin)[0]
+    fixed = m.matrix().detach()
+    torch.testing.assert_close(merge(fixed, [rotate(x) for x in q]), rotate(merge(fixed, q)), rtol=0, atol=1e-6)
+    learned = torch.randn(fixed.shape, generator=g)
+    assert not torch.allclose(merge(learned, [rotate(x) for x in q]), rotate(merge(learned, q)), atol=1e-3)
+
+
+def test_a_language_model_bad_input_is_one_line(tmp_path, capsys):
+    a, b = make(tmp_path / "a", 0), make(tmp_path / "b", 1, kv_heads=4)
+    data = texts(tmp_path / "t.txt", 0)
+    for models, extra, says in [((a, b), [], "different key-value head counts"),
+                                ((a, a), ["--tasks", "bbc:0-2", "bbc:3-4"], "predicts the next token")]:
+        capsys.readouterr()
+        code = cli.main(["merge", *map(str, models), "--data", str(data), str(data), "--per-task", "8", *extra,
+                         "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.splitlines()) == 1 and says in err, err
+        assert not (tmp_path / "out").exists()
