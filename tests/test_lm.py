@@ -101,3 +101,28 @@ def test_a_language_model_bad_input_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and len(err.splitlines()) == 1 and says in err, err
         assert not (tmp_path / "out").exists()
+
+
+def test_bench_lm_runs_every_row_on_tiny_sources(monkeypatch, tmp_path):
+    """`foldmerge bench lm` on tiny sources trained a few steps on a few articles: every row, a report."""
+    import json
+
+    from foldmerge.bench import lm as bench
+    from foldmerge.bench.report import build_report
+    articles = bench._articles
+    monkeypatch.setattr(bench, "_articles", lambda: {k: (tr[:6], te[:3]) for k, (tr, te) in articles().items()})
+    monkeypatch.setattr(bench, "CONFIG", {**bench.CONFIG, "hidden_size": 16, "num_hidden_layers": 1,
+                                          "intermediate_size": 32})
+    monkeypatch.setattr(bench, "TRAIN", {**bench.TRAIN, "steps": 3})
+    monkeypatch.setattr(bench, "PER_TASK", 8)
+    monkeypatch.setattr(bench, "TEST", 8)
+    monkeypatch.setattr(bench, "PLAN", [(n, m, {**o, "epochs": 1} if o else o) for n, m, o in bench.PLAN])
+    r = bench.run_bench(settings=("domains",), methods=["average", "fs-merge"], out=str(tmp_path))
+    assert [row["method"] for row in r["rows"]] == ["source 1 (business+politics)", "source 2 (sport+entertainment)",
+                                                   "ensemble (2 models)", "average", "fs-merge diag+lowrank(12)"]
+    assert all(1 < row[f"ppl {d}"] < 10 * r["vocabulary"] for row in r["rows"] for d in r["domains"])
+    r.update(command="foldmerge bench lm", environment={"machine": "test"})
+    (tmp_path / "bench-lm.json").write_text(json.dumps(r))
+    build_report([str(tmp_path / "bench-lm.json")], str(tmp_path / "report"), "x")
+    assert "Language models" in (tmp_path / "report" / "report.md").read_text()
+    bench.print_report(r, "x")

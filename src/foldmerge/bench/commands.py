@@ -10,7 +10,8 @@ from pathlib import Path
 from ..commands import add_threads, argtype, command_line, set_threads
 from ..options import Integer, Number
 from ..provenance import environment
-from . import clip, cnn, cost, defaults, efficiency, families, gating, mlp, same_task, scale, selection, text, tune_fs, vit
+from . import (clip, cnn, cost, defaults, efficiency, families, gating, lm, mlp, same_task, scale, selection, text,
+               tune_fs, vit)
 
 
 def add_arguments(p) -> None:
@@ -89,6 +90,14 @@ def add_arguments(p) -> None:
     b = bench.add_parser("clip", help="two tiny CLIPModels from different seeds (MNIST, Fashion-MNIST with captions) "
                                       "merged tower by tower: zero-shot accuracy and what each method keeps of the "
                                       "image-text alignment")
+    b.add_argument("--methods", nargs="+", default=None, help="only these rows or methods (default all)")
+    b.add_argument("--out", default="runs/bench", help="cache for source models (default runs/bench)")
+    b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
+    add_threads(b, show=False)
+    b = bench.add_parser("lm", help="Llama-shaped language models from different seeds (one text, or two domains of "
+                                    "BBC News) merged: perplexity per domain against the sources and the ensemble")
+    b.add_argument("--settings", nargs="+", default=None, metavar="SETTING",
+                   help=f"of: {' '.join(lm.SETTINGS)} (default all)")
     b.add_argument("--methods", nargs="+", default=None, help="only these rows or methods (default all)")
     b.add_argument("--out", default="runs/bench", help="cache for source models (default runs/bench)")
     b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
@@ -178,6 +187,10 @@ def run(args) -> None:
         result = tune_fs.run_bench(cells=tuple(args.cells or tune_fs.CELLS), out=args.out, seed=args.seed,
                                    methods=tuple(args.methods or tune_fs.TRIALS))
         return _report_bench(result, args, tune_fs.print_report)
+    if args.bench == "lm":
+        result = lm.run_bench(settings=tuple(args.settings or lm.SETTINGS), methods=args.methods,
+                                    out=args.out)
+        return _report_bench(result, args, lm.print_report)
     if args.bench == "clip":
         return _report_bench(clip.run_bench(methods=args.methods, out=args.out), args, clip.print_report)
     if args.bench == "families":

@@ -40,7 +40,7 @@ MARK = "report.md"      # a directory holding this is a report, and may be repla
 # the sections, in this order: result kind -> heading
 TOPICS = {"mlp": "MLP", "vit": "ViT", "text": "Text (BERT)", "cnn": "CNN", "same-task": "Models of one task",
           "families": "Hugging Face families", "tune-fs": "FS-Merge against distillation, tuned alike",
-          "clip": "CLIP: what a merge keeps of the image-text alignment", "gating": "One start (gating)",
+          "clip": "CLIP: what a merge keeps of the image-text alignment", "lm": "Language models", "gating": "One start (gating)",
           "scale": "Scale", "data-efficiency": "Data efficiency", "cost": "Cost", "defaults": "Defaults",
           "select": "Label-free selection", "merge": "Merges", "eval": "Evaluations"}
 # the benches that compare methods at fixed settings, one summary row per setting; what a replicate is
@@ -313,6 +313,11 @@ def _special_table(result: dict) -> tuple[list[str], list[list[str]]] | None:
                 [[r["cell"], r["method"], r["trial"], f"{r['val_per_task']:.2f}", _fmt(r.get("val_joint")),
                   "–" if r["cell"] not in best else f"{r['val_per_task'] - best[r['cell']]:+.2f}",
                   _ratio(r.get("seconds"))] for r in result["rows"]])
+    if bench == "lm":           # perplexity, not accuracy
+        domains = result["domains"]
+        return (["setting", "model"] + [f"ppl {d}" for d in domains] + ["seconds"],
+                [[r["setting"], r["method"], *(_ratio(r.get(f"ppl {d}")) for d in domains), _ratio(r.get("seconds"))]
+                 for r in result["rows"]])
     if bench == "clip":         # zero-shot accuracy and alignment: not the classifiers' per-task / joint tables
         return (["method", "task", "zero-shot %", "matched similarity", "image cosine", "text cosine", "seconds"],
                 [[r["method"], r["task"], f"{r['zero_shot']:.1f}", f"{r['matched']:.3f}", _ratio(r.get("image_cosine")),

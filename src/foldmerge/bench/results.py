@@ -198,6 +198,16 @@ class Clip(_Bench):
     rows: list[_ClipRow]
 
 
+class _LmRow(_Row):
+    setting: Text
+
+
+class Lm(_Bench):
+    settings: list[Text]
+    domains: list[Text]
+    rows: list[_LmRow]
+
+
 class SameTask(_Bench):
     rows: list[_SameTaskRow]
     correlation: _Correlation
@@ -221,7 +231,7 @@ class TuneFs(_Bench):
 BENCHES: dict[str, type[_Bench]] = {"vit": VitText, "text": VitText, "cnn": Cnn, "mlp": Mlp, "gating": Gating,
                                     "defaults": Defaults, "select": Select, "cost": Cost, "scale": Scale,
                                     "data-efficiency": DataEfficiency, "same-task": SameTask,
-                                    "families": Families, "tune-fs": TuneFs, "clip": Clip}
+                                    "families": Families, "tune-fs": TuneFs, "clip": Clip, "lm": Lm}
 
 
 class _Scores(_Read):
