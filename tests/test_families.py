@@ -3,7 +3,7 @@ adding its table in src/foldmerge/arch/families and one line to FAMILIES here).
 
 For each: a tiny random model of the family built from its config with plain transformers code and
 saved with save_pretrained loads as the model it is (the same logits); folded == SuperNet in
-float64; the `first` init folds to model 1 exactly; the methods run; a merge from the command line
+float64, values and gradients; the `first` init folds to model 1 exactly; the methods run; a merge from the command line
 writes task directories that `AutoModelForSequenceClassification` (`…ForImageClassification`) loads
 with the merged model's predictions."""
 import copy
@@ -110,6 +110,14 @@ def _make(tmp_path, family, k):
             elif name.endswith(("running_mean", "normalization.bias")):
                 p.normal_()
     model.save_pretrained(path)
+    if not is_image(family):            # its own tokenizer: words w0…w39 are ids 0…39, <pad> at its padding id
+        from tokenizers import Tokenizer, models
+        vocab = {f"w{i}": i for i in range(SIZES["vocab_size"])}
+        names = {pad_id(family): "<pad>", 3: "<unk>"}
+        vocab = {names.get(i, w): i for w, i in vocab.items()}
+        transformers.PreTrainedTokenizerFast(
+            tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")), unk_token="<unk>",
+            pad_token="<pad>").save_pretrained(path)
     return path
 
 
@@ -180,7 +188,14 @@ def test_folded_equals_the_supernet_in_float64_and_first_folds_to_model_one(tmp_
         for p in sn.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     wide = sn(x, form="supernet")
-    torch.testing.assert_close(sn(x, form="folded"), wide, rtol=0, atol=1e-10)
+    folded = sn(x, form="folded")
+    torch.testing.assert_close(folded, wide, rtol=0, atol=1e-10)
+    learned = [p for p in sn.parameters() if p.requires_grad]      # and their gradients, every map's and norm's
+    for a, b in zip(torch.autograd.grad(folded.square().sum(), learned, allow_unused=True),   # a norm the
+                    torch.autograd.grad(wide.square().sum(), learned, allow_unused=True)):     # features skip: None
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
     plain = sn.fold()
     recon = sn.reconstruct(wide)
     for i, (k, out) in enumerate(zip(sn.head_owner, plain(x))):
@@ -222,8 +237,14 @@ def test_a_command_line_merge_loads_with_auto_classes_and_predicts_as_the_merge(
     sources = [make(tmp_path, family, k) for k in range(2)]
     data = []
     for k in range(2):
-        f = tmp_path / f"ids{k}.npy"
-        np.save(f, ids(family, 16, seed=k).numpy())
+        if is_image(family):            # images as tensors; a text family's data is text its own tokenizer reads
+            f = tmp_path / f"ids{k}.npy"
+            np.save(f, ids(family, 16, seed=k).numpy())
+        else:                           # longer than the position table: cut to what the model reads
+            g = torch.Generator().manual_seed(k)
+            f = tmp_path / f"texts {k}.txt"
+            f.write_text("".join(" ".join(f"w{int(i)}" for i in torch.randint(4, 39, (60,), generator=g)) + "\n"
+                                 for _ in range(16)))
         data.append(str(f))
     out = tmp_path / "merged model"
     assert cli.main(["merge", *map(str, sources), "--data", *data, "--method", "fs-merge", "--epochs", "2", "--per-task", "8",

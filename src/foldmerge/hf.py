@@ -90,7 +90,8 @@ def _hf_config(path: Path) -> dict:
     arch = (cfg.get("architectures") or ["?"])[0]
     if arch not in CLASSES and arch not in HEADLESS and arch not in WHOLE:
         raise ModelFileError(f"{path}: Hugging Face class {arch!r} (model_type {cfg.get('model_type')!r}) has no merge "
-                             f"spec here; supported: {', '.join(sorted(set(CLASSES) | HEADLESS | set(WHOLE)))}")
+                             f"spec here; supported: {', '.join(sorted(set(CLASSES) | set(WHOLE)))} (and their encoders "
+                             "without a head, as starts to fine-tune)")
     return cfg
 
 

@@ -79,7 +79,7 @@ def _tokens(model: TaskModel, items: list[str]) -> torch.Tensor:
     if len(tok) <= len(set(tok.all_special_ids)):
         raise ValueError(f"{folder}: its tokenizer has no vocabulary beyond its special tokens, so every word would "
                          "read as unknown")
-    length = min(model.backbone_config.get("max_position_embeddings", 512), tok.model_max_length or 512)
+    length = min(max_tokens(model), tok.model_max_length or 512)
     ids = tok(items, truncation=True, max_length=length)["input_ids"]
     pad = padding_id(model)
     # a causal model's (CLIP's text tower, a decoder) padding is never attended to: no padding mask
@@ -87,6 +87,17 @@ def _tokens(model: TaskModel, items: list[str]) -> torch.Tensor:
     if masks and tok.pad_token_id is not None and tok.pad_token_id != pad:
         raise ValueError(f"{folder}: the tokenizer pads with id {tok.pad_token_id}, the model with {pad}")
     return pad_ids([torch.tensor(row, dtype=torch.long) for row in ids], pad)
+
+
+def max_tokens(model: TaskModel) -> int:
+    """The most tokens a text model reads: its position table's size, less the positions before the first
+    one where its position ids start after the padding id (RoBERTa's)."""
+    c = model.backbone_config
+    positions = c.get("max_position_embeddings", 512)
+    table = encoder.tables().get(model.arch)
+    if table is not None and table.roles is not None and table.roles.positions_after_pad:
+        return positions - encoder.config_of(table, c)[table.roles.pad] - 1
+    return positions
 
 
 def padding_id(model: TaskModel) -> int:

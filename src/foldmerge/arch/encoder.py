@@ -85,6 +85,8 @@ class Roles(_Strict):
     mlp_is_ratio: StrictBool = False              # DINOv2: mlp_ratio
     pad: Name | None = None                       # text: the padding id, masked out of attention
     kv_heads: Name | None = None                  # decoders: the key and value heads (grouped-query attention)
+    # RoBERTa's position ids start after the padding id: a text reads at most max_position_embeddings - pad - 1
+    positions_after_pad: StrictBool = False
 
 
 class Distilled(_Strict):
