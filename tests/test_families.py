@@ -268,6 +268,7 @@ def test_bad_families_are_one_line_and_nothing_is_written(tmp_path, capsys):
     bert, roberta = make(tmp_path, "bert", 0), make(tmp_path, "roberta", 0)
     xlmr = make(tmp_path, "xlm-roberta", 1)
     deit, distilled = make(tmp_path, "deit", 0), make(tmp_path, "deit-distilled", 1)
+    convnext = make(tmp_path, "convnext", 0)
     torch.manual_seed(5)
     wide = tmp_path / "roberta-wide"
     transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**{**kw, "hidden_size": 12},
@@ -280,12 +281,14 @@ def test_bad_families_are_one_line_and_nothing_is_written(tmp_path, capsys):
     out = tmp_path / "out"
     capsys.readouterr()                  # what transformers printed while the test made the models
     for models, method, says in [((gpt, bert), "average", "GPT2ForSequenceClassification"),
-                                 ((bert, roberta), "average", "different architectures"),
+                                 # their tokenizers differ too, which is checked first
+                                 ((bert, roberta), "average", "tokenizers differ"),
+                                 ((convnext, deit), "average", "different architectures"),
                                  ((roberta, xlmr), "average", "different model types"),
                                  ((deit, distilled), "fs-merge", "different classifier inputs"),
                                  ((roberta, wide), "average", "differ in hidden_size"),
                                  ((roberta, wide), "zipit", "identical hidden widths")]:
-        data = "images.npy" if models[0] == deit else "ids.npy"
+        data = "images.npy" if models[0] in (deit, convnext) else "ids.npy"
         code = cli.main(["merge", *map(str, models), "--data", *[str(tmp_path / data)] * 2, "--per-task", "8",
                          "--method", method, "--out", str(out)])
         err = capsys.readouterr().err
@@ -435,7 +438,14 @@ def test_what_a_second_review_found(tmp_path, capsys):
     as unknown); a headless model is told its own family's classifier class; DINOv2s differing only in the
     layer-scale init (folded away) average; a ConvNeXt without layer-scale gains loads as it computes."""
     import transformers
-    pair = [make(tmp_path, "roberta", k) for k in range(2)]
+    import shutil
+    pair = []
+    for k in range(2):                  # the contract's sources, without their tokenizer files
+        pair.append(tmp_path / f"no tokenizer {k}")
+        shutil.copytree(make(tmp_path, "roberta", k), pair[-1])
+        for f in pair[-1].iterdir():
+            if "token" in f.name:
+                f.unlink()
     (tmp_path / "texts.txt").write_text("".join(f"text number {i}\n" for i in range(20)))
     capsys.readouterr()
     code = cli.main(["merge", *map(str, pair), "--data", *[str(tmp_path / "texts.txt")] * 2,

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 from torch.nn import functional as F
 
 from ..api import merge
@@ -68,7 +69,6 @@ def _topic(name: str) -> str:
 def tokenizer(articles: dict, folder: Path):
     """The word-level tokenizer of the commonest training words, saved in `folder`."""
     import transformers
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
     counts = Counter(w for train, _ in articles.values() for a in train for w in WORD.findall(a.lower()))
     words = [w for w, _ in counts.most_common(VOCAB - 3)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "<s>", "</s>"] + words)}, unk_token="<unk>"))
