@@ -19,18 +19,18 @@ def quiet(monkeypatch):
     monkeypatch.setenv("FOLDMERGE_PROGRESS", "0")
 
 
-def make(path, seed, kv_heads=2):
-    """A tiny LlamaForCausalLM from plain transformers code, with a word-level tokenizer beside it."""
+def make(path, seed, kv_heads=2, kind="Llama"):
+    """A tiny LlamaForCausalLM (or `kind`'s) from plain transformers code, with a word-level tokenizer beside it."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
     vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>"] + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+    config = getattr(transformers, f"{kind}Config")(hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=kv_heads, intermediate_size=32, vocab_size=len(vocab),
                                       max_position_embeddings=32, bos_token_id=1, eos_token_id=2)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    getattr(transformers, f"{kind}ForCausalLM")(config).save_pretrained(path)
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                          eos_token="</s>").save_pretrained(path)
     return path
@@ -91,10 +91,14 @@ def test_the_query_and_key_maps_commute_with_the_rotations(tmp_path):
 
 
 def test_a_language_model_bad_input_is_one_line(tmp_path, capsys):
+    """Different attention layouts; a --tasks that cannot apply; a tokenizer that reads a text as nothing
+    (transformers reads a word-level tokenizer beside a qwen2 config as Qwen2's BPE)."""
     a, b = make(tmp_path / "a", 0), make(tmp_path / "b", 1, kv_heads=4)
     data = texts(tmp_path / "t.txt", 0)
+    qwen = [make(tmp_path / f"qwen {k}", k, kind="Qwen2") for k in range(2)]
     for models, extra, says in [((a, b), [], "different key-value head counts"),
-                                ((a, a), ["--tasks", "bbc:0-2", "bbc:3-4"], "predicts the next token")]:
+                                ((a, a), ["--tasks", "bbc:0-2", "bbc:3-4"], "predicts the next token"),
+                                (qwen, [], "as no tokens at all")]:
         capsys.readouterr()
         code = cli.main(["merge", *map(str, models), "--data", str(data), str(data), "--per-task", "8", *extra,
                          "--out", str(tmp_path / "out")])

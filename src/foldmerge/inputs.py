@@ -81,6 +81,9 @@ def _tokens(model: TaskModel, items: list[str]) -> torch.Tensor:
                          "read as unknown")
     length = min(max_tokens(model), tok.model_max_length or 512)
     ids = tok(items, truncation=True, max_length=length)["input_ids"]
+    empty = next((t for t, row in zip(items, ids) if t.strip() and not row), None)
+    if empty is not None:
+        raise ValueError(f"{folder}: its tokenizer ({type(tok).__name__}) reads the text {empty[:60]!r} as no tokens at all")
     pad = padding_id(model)
     # a causal model's (CLIP's text tower, a decoder) padding is never attended to: no padding mask
     masks = getattr(model.backbone, "pad_token_id", pad) is not None

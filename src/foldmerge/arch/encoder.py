@@ -159,6 +159,7 @@ class Table(_Strict):
     head: Literal["classifier", "projection", "lm"] = "classifier"
     requires: dict[StrictStr, StrictBool] = {}    # boolean config keys the spec covers one value of
     bias_key: Name | None = None                  # decoders: the boolean config key that gives attention biases
+    attention_biases: list[Literal["query", "key", "value", "output"]] = []     # decoders: biases always there
     roles: Roles | None = None                    # transformers: which config keys size the model
     keys: dict[StrictStr, Literal["size", "index", "number", "real", "name", "bool", "sizes", "settings"]]
     defaults: dict[StrictStr, object]
@@ -436,6 +437,8 @@ def _decoder_spec(table: Table, c: dict) -> ArchSpec:
     r, p, a, m = table.roles, table.prefix, table.attention, table.mlp
     heads, kv = c[r.heads], c[r.kv_heads] if r.kv_heads else c[r.heads]
     grouped = kv != heads
+    roles = {"query": a.query, "key": a.key, "value": a.value, "output": a.output}
+    biased = set(roles.values()) if c.get(table.bias_key or "", False) else {roles[x] for x in table.attention_biases}
     spaces = [Space("res")]
     params = [Param(f"{p}.{e}", (None, "res"), merge_at="embed") for e in _embeddings(table, c)]
     norms, probes = [], []
@@ -449,7 +452,7 @@ def _decoder_spec(table: Table, c: dict) -> ArchSpec:
                                    (a.output, "res", reads, None), (m.gate, hid, "res", f"{b}.{m.norm}"),
                                    (m.up, hid, "res", f"{b}.{m.norm}"), (m.down, "res", hid, None)):
             params.append(Param(f"{b}.{name}.weight", (out, inp), unmerge_at=at))
-            if c.get(table.bias_key or "", False) and name in (a.query, a.key, a.value, a.output):
+            if name in biased:
                 params.append(Param(f"{b}.{name}.bias", (out,)))
         norms += [Norm(before, "res"), Norm(f"{b}.{m.norm}", "res")]
         probes += [Probe("res", before, "in"), Probe(q, f"{b}.{a.query}"), Probe(k, f"{b}.{a.key}"),
