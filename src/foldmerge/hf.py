@@ -215,22 +215,17 @@ def task_model(path: Path, cfg: dict, hf, task, weights: Path) -> TaskModel:
     family, attr, _ = CLASSES[cfg["architectures"][0]]
     projection = TABLES[family].head == "projection"
     lm = TABLES[family].head == "lm"
-    if lm:                  # next-token logits: the vocabulary is the label set, one task per vocabulary
+    if projection or lm:    # no labels of their own: the outputs are an embedding's dimensions (never one task
+        # by their names, heads.PLACEHOLDER) or a vocabulary's tokens (one task per vocabulary: one LM head)
+        key, prefix, what = (("projection_dim", "EMBED", "projects into an embedding space") if projection else
+                             ("vocab_size", "TOKEN", "predicts the next token"))
         if task is not None:
-            raise ModelFileError(f"{path} is a {cfg['architectures'][0]}: its head predicts the next token, so no "
-                                 "--tasks applies to it")
-        size = cfg.get("vocab_size")
+            raise ModelFileError(f"{path} is a {cfg['architectures'][0]}: its head {what}, not onto a task's classes, "
+                                 "so no --tasks applies to it")
+        size = cfg.get(key)
         if not isinstance(size, int) or isinstance(size, bool) or size < 2:
-            raise ModelFileError(f"{path / 'config.json'}: vocab_size must be an integer >= 2, got {size!r}")
-        labels = {str(i): f"TOKEN_{i}" for i in range(size)}
-    elif projection:          # an embedding's dimensions: no labels, no built-in task (heads.PLACEHOLDER: never one task by their names)
-        if task is not None:
-            raise ModelFileError(f"{path} is a {cfg['architectures'][0]}: its head projects into an embedding "
-                                 "space, not onto a task's classes, so no --tasks applies to it")
-        dim = cfg.get("projection_dim")
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-            raise ModelFileError(f"{path / 'config.json'}: projection_dim must be a positive integer, got {dim!r}")
-        labels = {str(i): f"EMBED_{i}" for i in range(dim)}
+            raise ModelFileError(f"{path / 'config.json'}: {key} must be an integer >= 2, got {size!r}")
+        labels = {str(i): f"{prefix}_{i}" for i in range(size)}
     else:
         # transformers leaves id2label (and num_labels) out of config.json when they are its defaults:
         # two classes, LABEL_0 and LABEL_1

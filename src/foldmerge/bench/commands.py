@@ -14,6 +14,14 @@ from . import (clip, cnn, cost, defaults, efficiency, families, gating, lm, mlp,
                tune_fs, vit)
 
 
+def _methods_out_json(b, cache: str = "source models") -> None:
+    """The flags most benches share: --methods, --out (their cache), --json, --threads."""
+    b.add_argument("--methods", nargs="+", default=None, help="only these rows or methods (default all)")
+    b.add_argument("--out", default="runs/bench", help=f"cache for {cache} (default runs/bench)")
+    b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
+    add_threads(b, show=False)
+
+
 def add_arguments(p) -> None:
     bench = p.add_subparsers(dest="bench", required=True, parser_class=type(p))
     b = bench.add_parser("mlp", help="FS-Merge paper Table 2 and Tables 9-14: MLP pairs on MNIST/Fashion-MNIST halves")
@@ -83,25 +91,16 @@ def add_arguments(p) -> None:
                                           "FS-Merge, distillation, alignment, averaging")
     b.add_argument("--families", nargs="+", default=None, metavar="FAMILY",
                    help=f"of: {' '.join(families.FAMILIES)} (default all)")
-    b.add_argument("--methods", nargs="+", default=None, help="only these rows or methods (default all)")
-    b.add_argument("--out", default="runs/bench", help="cache for source models (default runs/bench)")
-    b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
-    add_threads(b, show=False)
+    _methods_out_json(b)
     b = bench.add_parser("clip", help="two tiny CLIPModels from different seeds (MNIST, Fashion-MNIST with captions) "
                                       "merged tower by tower: zero-shot accuracy and what each method keeps of the "
                                       "image-text alignment")
-    b.add_argument("--methods", nargs="+", default=None, help="only these rows or methods (default all)")
-    b.add_argument("--out", default="runs/bench", help="cache for source models (default runs/bench)")
-    b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
-    add_threads(b, show=False)
+    _methods_out_json(b)
     b = bench.add_parser("lm", help="Llama-shaped language models from different seeds (one text, or two domains of "
                                     "BBC News) merged: perplexity per domain against the sources and the ensemble")
     b.add_argument("--settings", nargs="+", default=None, metavar="SETTING",
                    help=f"of: {' '.join(lm.SETTINGS)} (default all)")
-    b.add_argument("--methods", nargs="+", default=None, help="only these rows or methods (default all)")
-    b.add_argument("--out", default="runs/bench", help="cache for source models (default runs/bench)")
-    b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
-    add_threads(b, show=False)
+    _methods_out_json(b)
     b = bench.add_parser("tune-fs", help="FS-Merge against distillation on validation splits: the same number of "
                                          "trials each, one change to the validated options per trial")
     b.add_argument("--cells", nargs="+", default=None, metavar="CELL", help=f"of: {' '.join(tune_fs.CELLS)} (default all)")
