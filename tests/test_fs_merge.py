@@ -232,3 +232,21 @@ def test_logit_weight_mixes_the_features_and_the_logits_errors(w):
         logits = _recon_loss([r @ h.T for r, h in zip(recon, heads)], [t @ h.T for t, h in zip(targets, heads)], None)
     assert merged.meta["initial_loss"] == pytest.approx(float((1 - w) * feats + w * logits), rel=1e-5)
     assert merged.meta["train"]["logit_weight"] == w
+
+
+def test_the_permute_init_keeps_the_space_shared_class_embedding_heads_read():
+    """Sources with frozen class-embedding heads already share their output space (the heads are one
+    matrix): the permute init permutes every other space, never that one, and each permuted source still
+    computes what it did."""
+    from foldmerge.methods.fs_merge import _permuted_onto_first
+    models = []
+    for k, t in enumerate(("mnist:0-4", "mnist:0-4")):
+        torch.manual_seed(k)
+        models.append(TaskModel("mlp", {"in_dim": 12, "hidden": [10, 10]}, [t], head="class-embedding"))
+    data = [torch.randn(40, 12), torch.randn(40, 12)]
+    permuted = _permuted_onto_first(models, data)
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(permuted[1](x)[0], models[1](x)[0])
+    torch.testing.assert_close(permuted[1].features(x), models[1].features(x))       # the output space untouched
+    assert not torch.allclose(permuted[1].backbone.state_dict()["layers.0.weight"],
+                              models[1].backbone.state_dict()["layers.0.weight"])

@@ -182,10 +182,17 @@ def _permuted_onto_first(models, data):
     align.check_sources(models, data, "init 'permute'")
     spec = models[0].spec
     feats = align.observe(models, data)
+    # frozen class-embedding heads put every model's features in one space already (the heads are the
+    # same matrices): that space stays as it is, a permutation would undo the alignment the heads made
+    shared_out = all(m.head_kind == "class-embedding" for m in models)
     out = [models[0]]
     for k in range(1, len(models)):
         maps = {}
         for s in align.merged_spaces(spec):
+            if shared_out and s == spec.output:
+                eye = torch.eye(feats[s][k].shape[1], dtype=feats[s][k].dtype)
+                maps[s] = (eye, eye)
+                continue
             _, u, _ = align.per_head(lambda f: permutation_maps(f[0], f[1]), [feats[s][0], feats[s][k]],
                                      spec.space(s).heads)
             p = u[u.shape[1]:].T                        # U's second block is Pᵀ: model k read in model 1's order
