@@ -1,6 +1,7 @@
 """FS-Merge training: the objective goes down, the two forms agree, options behave."""
 import pytest
 import torch
+from torch.nn import functional as F
 
 import foldmerge
 from foldmerge.methods.common import reconstruction_loss as _recon_loss
@@ -250,3 +251,28 @@ def test_the_permute_init_keeps_the_space_shared_class_embedding_heads_read():
     torch.testing.assert_close(permuted[1].features(x), models[1].features(x))       # the output space untouched
     assert not torch.allclose(permuted[1].backbone.state_dict()["layers.0.weight"],
                               models[1].backbone.state_dict()["layers.0.weight"])
+
+
+@pytest.mark.parametrize("method", ["fs-merge", "distill"])
+def test_logit_loss_kl_scores_the_kl_divergence_of_each_heads_prediction(method):
+    """With --logit-weight 1 --logit-loss kl the first epoch's loss (full batch, scored before the step) is the
+    mean KL divergence from each source head's softmax (biases included) to the same head's on the
+    reconstructed features; without logit weight the option is refused."""
+    torch.manual_seed(0)
+    models = [TaskModel("mlp", {"in_dim": 12, "hidden": [10, 10]}, [t]) for t in ("mnist:0-4", "mnist:5-9")]
+    x = [torch.randn(20, 12), torch.randn(20, 12)]
+    opts = dict(epochs=1, lr=1e-9, target_scale="match", calibrate="none", seed=3,
+                **({"init": "random"} if method == "fs-merge" else {}))
+    merged = foldmerge.merge(models, x, method=method, logit_weight=1.0, logit_loss="kl", **opts)
+    xs = torch.cat(x)
+    with torch.no_grad():
+        if method == "fs-merge":
+            sn = SuperNet(models, param=merged.meta["param"], init="random", seed=3)
+            recon = sn.reconstruct(sn(xs))
+        else:
+            recon = [m.features(xs) for m in models[:1]] * 2          # the student starts as model 1, U = [I; I]
+        kl = sum(F.kl_div(F.log_softmax(m.heads[0](r), -1), F.log_softmax(m(xs)[0], -1), log_target=True,
+                          reduction="sum") for m, r in zip(models, recon)) / (2 * len(xs))
+    assert merged.meta["initial_loss"] == pytest.approx(float(kl), rel=1e-4)
+    with pytest.raises(ValueError, match="logit_weight 0"):
+        foldmerge.merge(models, x, method=method, logit_loss="kl", **opts)

@@ -73,6 +73,8 @@ def companions(method, option, root) -> dict:
         extra["epochs"] = 1
     if "gate_epochs" in names and option.name != "gate_epochs":
         extra["gate_epochs"] = 1
+    if option.name == "logit_loss":               # scores the logits: they must weigh something
+        extra["logit_weight"] = 0.5
     if method.name in ("task-arithmetic", "ties") and option.name != "base":
         extra["base"] = str(root / "base")
     if method.name == "gating":                    # a small gate, and averaging (no Gram solves) for the rest

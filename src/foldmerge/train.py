@@ -48,6 +48,7 @@ OPTIMIZERS = ("sgd", "adamw")
 # parameter of one axis, such as an identity-initialized diagonal, a norm's gain or a bias, keeps its
 # value), or every parameter toward its value when training began (decoupled, as AdamW's)
 DECAYS = ("all", "matrices", "to-start")
+LOGIT_LOSSES = ("mse", "kl")
 
 
 @dataclass
@@ -68,12 +69,19 @@ class TrainConfig:
     # a reconstruction objective (FS-Merge, distillation): the share of the sources' logits in it, the
     # rest the features' (0: the features alone, paper eq. 4)
     logit_weight: float = 0.0
+    # the logits' error: their squared error (biases cancel) or the KL divergence from each source's
+    # predicted distribution to the merge's (a language model's distillation)
+    logit_loss: str = "mse"
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0.0 <= self.logit_weight <= 1.0:
             raise ValueError(f"logit_weight is a share in [0, 1], got {self.logit_weight!r}")
+        if self.logit_loss not in LOGIT_LOSSES:
+            raise ValueError(f"logit_loss must be one of {LOGIT_LOSSES}, got {self.logit_loss!r}")
+        if self.logit_loss != "mse" and not self.logit_weight:
+            raise ValueError(f"logit_loss {self.logit_loss} scores the logits, which weigh nothing at logit_weight 0")
         if self.decay not in DECAYS:
             raise ValueError(f"decay must be one of {DECAYS}, got {self.decay!r}")
         if self.optimizer not in OPTIMIZERS:

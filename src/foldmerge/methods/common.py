@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
+from torch.nn import functional as F
 
 from ..arch import defaults
 from ..foldable import unmerge_features
@@ -148,6 +149,26 @@ def reconstruction_loss(recon: list[torch.Tensor], targets: list[torch.Tensor], 
     return total / max(count, 1)
 
 
+def logit_kl(recon: list[torch.Tensor], targets: list[torch.Tensor], owner: torch.Tensor | None, models,
+             scales) -> torch.Tensor:
+    """The mean KL divergence from each source head's predicted distribution on its own features to the
+    same head's on the reconstructed ones (per prediction: an input, or a position of a language
+    model's); the features unscaled first (`target_scales`), the heads' biases included."""
+    total, count = 0.0, 0
+    for k, (r, t) in enumerate(zip(recon, targets)):
+        if owner is not None:
+            keep = owner == k
+            r, t = r[keep], t[keep]
+        r, t = r / scales[k], t / scales[k]
+        for head in models[k].heads:
+            p = F.log_softmax(F.linear(t, head.weight.detach(), None if head.bias is None else head.bias.detach()), -1)
+            q = F.log_softmax(F.linear(r, head.weight.detach(), None if head.bias is None else head.bias.detach()), -1)
+            p, q = p.flatten(0, -2), q.flatten(0, -2)
+            total = total + F.kl_div(q, p, log_target=True, reduction="sum")
+            count += p.shape[0]
+    return total / max(count, 1)
+
+
 def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, owner: torch.Tensor | None,
                        cfg: TrainConfig, target_scale, desc: str, context, inputs: list[torch.Tensor] | None = None,
                        through: list | None = None, held_out=None, early_stop=None) -> list[float]:
@@ -188,12 +209,15 @@ def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, ow
 
     def objective(recon, tgt, ob):
         """The features' error, and with logit_weight the logits' (a source's heads read both alike:
-        their biases cancel)."""
+        their biases cancel in the squared error)."""
         loss = reconstruction_loss(recon, tgt, ob)
         if not w:
             return loss
-        logits = reconstruction_loss([r @ h.T for r, h in zip(recon, heads)], [t @ h.T for t, h in zip(tgt, heads)],
-                                     ob)
+        if cfg.logit_loss == "kl":
+            logits = logit_kl(recon, tgt, ob, models, scales)
+        else:
+            logits = reconstruction_loss([r @ h.T for r, h in zip(recon, heads)],
+                                         [t @ h.T for t, h in zip(tgt, heads)], ob)
         return (1 - w) * loss + w * logits
 
     def loss_fn(*batch):
@@ -262,6 +286,9 @@ def training_options(method: str) -> tuple[Option, ...]:
         Option("logit_weight", Number(0, 1), "the share of the sources' logits (each source's heads on its "
                "reconstructed and on its own features) in the reconstruction loss, the rest the features'", 0.0,
                "paper eq. 4: the features alone"),
+        Option("logit_loss", Choice(("mse", "kl")), "with logit_weight: the logits' error, their squared error or "
+               "the KL divergence from each source's predicted distribution to the merge's (a language model's "
+               "distillation)", "mse", "the features' squared error, carried to the logits"),
         Option("batch_size", Integer(1), "examples per step ('whole sample': gradient descent)",
                by_family("batch_size", method)),
         Option("optimizer", Choice(("sgd", "adamw")), "optimizer", by_family("optimizer", method)),
@@ -281,7 +308,7 @@ def training_config(options: dict, seed: int) -> tuple[TrainConfig, object]:
     """(TrainConfig, target scale) from a trained merge's resolved options."""
     cfg = TrainConfig(epochs=options["epochs"], lr=options["lr"], momentum=options["momentum"],
                       weight_decay=options["weight_decay"], decay=options["decay"], optimizer=options["optimizer"],
-                      logit_weight=options["logit_weight"],
+                      logit_weight=options["logit_weight"], logit_loss=options["logit_loss"],
                       schedule=options["schedule"], warmup=options["warmup"], batch_size=options["batch_size"],
                       seed=seed)
     return cfg, options["target_scale"]

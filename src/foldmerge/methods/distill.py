@@ -82,11 +82,11 @@ def student_init(models, data, init: str, regmean_alpha: float | None = None, se
 
 @method("distill", OPTIONS, "a student of the sources' size trained to reproduce their features", held_out=True)
 def merge(models, data, seed, context, init, output_map, regmean_alpha, epochs, lr, momentum, schedule, warmup,
-          weight_decay, decay, logit_weight, batch_size, optimizer, targets, target_scale, patience, held_out=None):
+          weight_decay, decay, logit_weight, logit_loss, batch_size, optimizer, targets, target_scale, patience, held_out=None):
     check_same_backbone(models, "distillation")
     cfg, target_scale = training_config(dict(epochs=epochs, lr=lr, momentum=momentum, schedule=schedule,
                                              warmup=warmup, weight_decay=weight_decay, decay=decay,
-                                             logit_weight=logit_weight, batch_size=batch_size,
+                                             logit_weight=logit_weight, logit_loss=logit_loss, batch_size=batch_size,
                                              optimizer=optimizer, target_scale=target_scale), seed)
     student = student_init(models, data, init, regmean_alpha, seed)
     student.train()

@@ -79,12 +79,12 @@ OPTIONS = (
 @method("fs-merge", OPTIONS, "Foldable SuperNet Merge: learn M and U around the frozen sources, then fold",
         held_out=True)
 def merge(models, data, seed, context, variant, param, init, widths, form, last_epochs, zipit_alpha, zipit_beta,
-          epochs, lr, momentum, schedule, warmup, weight_decay, decay, logit_weight, batch_size, optimizer, targets,
+          epochs, lr, momentum, schedule, warmup, weight_decay, decay, logit_weight, logit_loss, batch_size, optimizer, targets,
           target_scale, patience, held_out=None):
     sources_spec(models)                  # one architecture, two or more models
     cfg, target_scale = training_config(dict(epochs=epochs, lr=lr, momentum=momentum, schedule=schedule,
                                              warmup=warmup, weight_decay=weight_decay, decay=decay,
-                                             logit_weight=logit_weight, batch_size=batch_size,
+                                             logit_weight=logit_weight, logit_loss=logit_loss, batch_size=batch_size,
                                              optimizer=optimizer, target_scale=target_scale), seed)
     torch.manual_seed(seed)
     if logit_weight and variant == "local":
