@@ -123,7 +123,8 @@ def test_bench_lm_runs_every_row_on_tiny_sources(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "PLAN", [(n, m, {**o, "epochs": 1} if o else o) for n, m, o in bench.PLAN])
     r = bench.run_bench(settings=("domains",), methods=["average", "fs-merge"], out=str(tmp_path))
     assert [row["method"] for row in r["rows"]] == ["source 1 (business+politics)", "source 2 (sport+entertainment)",
-                                                   "ensemble (2 models)", "average", "fs-merge diag+lowrank(12)"]
+                                                   "ensemble (2 models)", "average", "fs-merge diag+lowrank(12)",
+                                                   "fs-merge full"]
     assert all(1 < row[f"ppl {d}"] < 10 * r["vocabulary"] for row in r["rows"] for d in r["domains"])
     r.update(command="foldmerge bench lm", environment={"machine": "test"})
     (tmp_path / "bench-lm.json").write_text(json.dumps(r))

@@ -10,7 +10,8 @@ cycle). Two settings:
   domains    source 1 on business and politics, source 2 on sport and entertainment
 
 Each merge reads 200 unlabeled training blocks per source (the models share one vocabulary, so one
-LM head); FS-Merge and distillation start from `first` and train 50 epochs at batch 64. Measured on
+LM head); FS-Merge (diagonal + low rank 12, and full maps) and distillation start from `first` and
+train 50 epochs at batch 64. Measured on
 300 held-out blocks of each domain (the test articles, a fixed 20 % of every topic): perplexity of
 the sources, of the ensemble (their next-token probabilities averaged: two models' cost), and of
 every merge; merge seconds.
@@ -45,7 +46,8 @@ TRAIN = dict(steps=600, lr=2e-3, batch_size=32)
 PER_TASK, TEST = 200, 300
 TRAINED = {"init": "first", "epochs": 50, "batch_size": 64}
 PLAN = [("average", "average", {}), ("ZipIt!", "zipit", {}), ("permute", "permute", {}),
-        ("distill", "distill", TRAINED), ("fs-merge diag+lowrank(12)", "fs-merge", {"param": "diag+lowrank(12)", **TRAINED})]
+        ("distill", "distill", TRAINED), ("fs-merge diag+lowrank(12)", "fs-merge", {"param": "diag+lowrank(12)", **TRAINED}),
+        ("fs-merge full", "fs-merge", {"param": "full", **TRAINED})]
 WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
 
