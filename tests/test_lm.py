@@ -98,7 +98,8 @@ def test_a_language_model_bad_input_is_one_line(tmp_path, capsys):
     qwen = [make(tmp_path / f"qwen {k}", k, kind="Qwen2") for k in range(2)]
     for models, extra, says in [((a, b), [], "different key-value head counts"),
                                 ((a, a), ["--tasks", "bbc:0-2", "bbc:3-4"], "predicts the next token"),
-                                (qwen, [], "as no tokens at all")]:
+                                (qwen, [], "as no tokens at all"),
+                                ((a, a), ["--same-task", "yes", "--eval-data", str(data)], "scores classifiers")]:
         capsys.readouterr()
         code = cli.main(["merge", *map(str, models), "--data", str(data), str(data), "--per-task", "8", *extra,
                          "--out", str(tmp_path / "out")])

@@ -44,13 +44,13 @@ from .errors import did_you_mean
 from .evaluation import SourceHeads
 from .heads import SAME_TASK, Sharing, merge_heads, share
 from .evaluation import evaluate as _evaluate
-from .inputs import check_same_tokens, common_length, padding_id, preprocess, reads
+from .inputs import check_same_tokens, common_length, preprocess, reads
 from .inputs import labelled as labelled_examples
 from .io import check_target, identity, nonfinite, save_model
 from .loading import load as _load
 from .loading import load_sources, read_option_files
 from .methods import METHODS, get_method
-from .model import TaskModel, as_input
+from .model import TaskModel, as_input, padding_id
 from .options import (
     Choice,
     FilePath,
@@ -488,9 +488,11 @@ def _labelled(models, sharing: Sharing, specs) -> dict:
     """{task: (inputs, labels)} of --eval-data, one spec per task of the merge (models sharing a task
     share one), each read as the first source of that task reads (`foldmerge.inputs.labelled`)."""
     tasks = sharing.tasks
-    if models[0].head_kind == "projection":
-        raise ValueError("--eval-data scores classifiers; these models' heads are projections into an embedding "
-                         "space (their fidelity to the sources is measured by cosine instead)")
+    if models[0].head_kind in ("projection", "lm"):
+        raise ValueError("--eval-data scores classifiers; these models' heads are "
+                         + ("projections into an embedding space (their fidelity to the sources is measured by cosine "
+                            "instead)" if models[0].head_kind == "projection" else
+                            "language models' (their report is perplexity on held-out text, --fidelity)"))
     if len(specs) != len(tasks):
         raise ValueError(f"--eval-data needs one labelled file or folder per task of the merge ({len(tasks)}: "
                          f"{', '.join(t.name for t in tasks)}), got {len(specs)}")

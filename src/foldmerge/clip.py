@@ -28,7 +28,6 @@ whole.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -65,10 +64,10 @@ def load_clip(path, allow_pickle: bool = False) -> tuple[TaskModel, TaskModel, t
     whole, weights = hf.read_model(path, cfg, allow_pickle)
     towers = []
     for _, name, section, body, projection in TOWERS:
-        settings = {**getattr(whole.config, section).to_dict(), "projection_dim": whole.config.projection_dim}
-        settings.update(architectures=[name], foldmerge_task=cfg.get("foldmerge_task"))
-        tower = getattr(transformers, name)(getattr(transformers, type(getattr(whole.config, section)).__name__)(
-            **{k: v for k, v in settings.items() if k not in ("architectures", "foldmerge_task")}))
+        part = getattr(whole.config, section)
+        tower = getattr(transformers, name)(type(part)(**{**part.to_dict(), "projection_dim": whole.config.projection_dim}))
+        # the tower's config.json, as task_model reads one: its class, and the task a merge recorded
+        settings = {**tower.config.to_dict(), "architectures": [name], "foldmerge_task": cfg.get("foldmerge_task")}
         setattr(tower, body, getattr(whole, body))           # the same modules: nothing copied or made up
         setattr(tower, projection, getattr(whole, projection))
         towers.append(hf.task_model(path, settings, tower, None, weights))
@@ -108,9 +107,7 @@ def merge_clip(sources, images, texts, method: str = "fs-merge", out=None, force
                 where = folder / "hf" / task.slug
                 with hf.quiet_transformers():
                     clip.save_pretrained(where)
-                for f in hf.TOKENIZER_FILES:
-                    if (path / f).is_file():
-                        shutil.copy2(path / f, where / f)
+                hf.copy_processor_files(path, where)
         save_model(image, target, image.meta, extra=extra, expect=seen)
     return {"image": image, "text": text, "clips": clips}
 

@@ -485,9 +485,14 @@ def _write_hf(merged, out: Path, sources=()) -> None:
         _link(tmp / "backbone" / BACKBONE_SHARD, where / BACKBONE_SHARD)
         _save_shards(where, {HEAD_SHARD: own}, also={BACKBONE_SHARD: shard})
         if first is not None:
-            for f in TOKENIZER_FILES:
-                if (first / f).is_file():
-                    shutil.copy2(first / f, where / f)
+            copy_processor_files(first, where)
+
+
+def copy_processor_files(source: Path, target: Path) -> None:
+    """The tokenizer and image-processor files `source` holds, copied into `target`."""
+    for f in TOKENIZER_FILES:
+        if (source / f).is_file():
+            shutil.copy2(source / f, target / f)
 
 
 def _processor_folder(paths: list[Path]) -> Path | None:

@@ -22,7 +22,7 @@ from .data.files import Examples, open_image
 from .data.files import read as read_examples
 from .data.tasks import _normalizer
 from .hf import TOKENIZER_FILES, quiet_transformers
-from .model import TaskModel
+from .model import TaskModel, padding_id
 
 # transformers is imported where a Hugging Face tokenizer or image processor is loaded: it adds
 # about 2 s to every command's start (measured here), and only Hugging Face models need them
@@ -101,16 +101,6 @@ def max_tokens(model: TaskModel) -> int:
     if table is not None and table.roles is not None and table.roles.positions_after_pad:
         return positions - encoder.config_of(table, c)[table.roles.pad] - 1
     return positions
-
-
-def padding_id(model: TaskModel) -> int:
-    """The id texts are padded with: the model's padding id; for a decoder without one (Llama) its
-    end-of-text id, or 0 (under a causal mask what follows a text never reaches it)."""
-    c = model.backbone_config
-    for key in ("pad_token_id", "eos_token_id"):
-        if isinstance(c.get(key, 0 if key == "pad_token_id" else None), int):
-            return c.get(key, 0)
-    return 0
 
 
 def check_same_tokens(models: list[TaskModel], examples: list[Examples], sample: int = 32) -> None:

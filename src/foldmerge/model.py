@@ -39,6 +39,16 @@ def features_in_chunks(model, x: torch.Tensor, chunk: int = CHUNK) -> torch.Tens
     return torch.cat([model.features(part) for part in x.split(chunk)]) if len(x) else model.features(x)
 
 
+def padding_id(model) -> int:
+    """The id texts are padded with: the model's padding id; for a decoder without one (Llama) its
+    end-of-text id, else 0 (under a causal mask what follows a text never reaches it)."""
+    c = model.backbone_config
+    pad = c.get("pad_token_id", 0)
+    if pad is None:
+        pad = c.get("eos_token_id")
+    return pad if isinstance(pad, int) else 0
+
+
 def class_embeddings(task: Task | str, dim: int) -> torch.Tensor:
     """A fixed (classes x dim) matrix of unit rows for `task`: the same for every model and
     every run (seeded by the task and class names), distinct for distinct tasks. It stands

@@ -26,7 +26,7 @@ import itertools
 import torch
 from torch.nn import functional as F
 
-from .model import features_in_chunks
+from .model import features_in_chunks, padding_id
 from .progress import bar
 
 
@@ -94,8 +94,8 @@ def fidelity(merged, sources, held: list[torch.Tensor], features, index: list[li
                     out[key] = {"cosine": F.cosine_similarity(p, q, dim=1).mean().item(), "examples": len(x)}
                     continue
                 if merged.head_kind == "lm":     # and each one's perplexity on the text itself
-                    out[key] = {"perplexity": _perplexity(merged.heads[j](student), x, merged.backbone_config),
-                                "source_perplexity": _perplexity(h(teacher), x, merged.backbone_config)}
+                    out[key] = {"perplexity": _perplexity(merged.heads[j](student), x, padding_id(merged)),
+                                "source_perplexity": _perplexity(h(teacher), x, padding_id(merged))}
                 else:
                     out[key] = {}
                 out[key].update({
@@ -109,13 +109,12 @@ def fidelity(merged, sources, held: list[torch.Tensor], features, index: list[li
         merged.train(was)
 
 
-def _perplexity(logits: torch.Tensor, ids: torch.Tensor, config: dict) -> float:
+def _perplexity(logits: torch.Tensor, ids: torch.Tensor, pad: int) -> float:
     """exp of the mean next-token cross-entropy of a language model's `logits` on token ids `ids`; the
-    positions whose next token is padding (or, with no padding id, the end-of-text id) are not scored."""
-    pad = config.get("pad_token_id")
-    pad = config.get("eos_token_id") if pad is None else pad
+    positions whose next token is the padding id the texts were padded with (`model.padding_id`) are not
+    scored."""
     target = ids[:, 1:].to(logits.device)
-    keep = target != pad if pad is not None else torch.ones_like(target, dtype=torch.bool)
+    keep = target != pad
     ce = F.cross_entropy(logits[:, :-1][keep].float(), target[keep])
     return float(torch.exp(ce))
 

@@ -456,8 +456,7 @@ def _decoder_spec(table: Table, c: dict) -> ArchSpec:
                 params.append(Param(f"{b}.{name}.bias", (out,)))
         norms += [Norm(before, "res"), Norm(f"{b}.{m.norm}", "res")]
         probes += [Probe("res", before, "in"), Probe(q, f"{b}.{a.query}"), Probe(k, f"{b}.{a.key}"),
-                   Probe(v, f"{b}.{a.value}"), Probe(reads, f"{b}.{a.output}", "in") if grouped else
-                   Probe(v, f"{b}.{a.output}", "in"), Probe(hid, f"{b}.{m.down}", "in")]
+                   Probe(v, f"{b}.{a.value}"), Probe(reads, f"{b}.{a.output}", "in"), Probe(hid, f"{b}.{m.down}", "in")]
     norms.append(Norm(f"{p}.{table.final_norm}", "res"))
     probes += [Probe("res", f"{p}.{table.final_norm}", "in"), Probe("res", "")]
     return ArchSpec(table.family, spaces, params, norms, probes, output="res",
