@@ -55,6 +55,9 @@ FAMILIES = {
                                                         "num_key_value_heads": 2, "head_dim": 4}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {**SIZES, **BERTISH, "num_attention_heads": 4,
                                                   "num_key_value_heads": 2, "eos_token_id": 2}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {**SIZES, "n_embd": 8, "n_layer": 2, "n_head": 2, "n_inner": 16,
+                                               "bos_token_id": 0, "eos_token_id": 2}),
+    "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {**SIZES, **BERTISH, "eos_token_id": 2}),
     "convnext": ("ConvNextConfig", "ConvNextForImageClassification",
                  {"num_stages": 2, "hidden_sizes": [8, 16], "depths": [1, 2], "patch_size": 2, **IMAGES}),
     "hf-resnet": ("ResNetConfig", "ResNetForImageClassification",
@@ -65,7 +68,7 @@ FAMILIES = {
 }
 LABELS = [["a", "b", "c"], ["d", "e", "f", "g", "h", "i", "j"]]      # more than five on one
 PROJECTIONS = {"clip-text", "clip-vision"}        # heads that embed, not classify: no labels to keep
-LMS = {"llama", "llama-grouped", "mistral", "qwen2"}
+LMS = {"llama", "llama-grouped", "mistral", "qwen2", "gpt2", "gpt-neox"}
 # transformers reads any tokenizer saved beside a qwen2 config as Qwen2's own (byte-level BPE): a made-up
 # word-level one reads every text as no tokens there, so that row's data is token ids
 OWN_TOKENIZER = {"qwen2"}       # one LM head over the vocabulary: the sources share it

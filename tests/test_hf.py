@@ -76,7 +76,7 @@ def test_hf_directories_that_cannot_merge_get_one_clear_error(tmp_path):
         load_hf(remote, "bbc:3-4")
     other = tmp_path / "gpt"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (other / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}))
     with pytest.raises(ModelFileError, match="has no merge spec"):
         load_hf(other, "bbc:3-4")
     b = hf_dir(tmp_path, "b", 1, ["s", "t"])

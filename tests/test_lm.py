@@ -19,7 +19,7 @@ def quiet(monkeypatch):
     monkeypatch.setenv("FOLDMERGE_PROGRESS", "0")
 
 
-def make(path, seed, kv_heads=2, kind="Llama"):
+def make(path, seed, kv_heads=2, kind="Llama", **settings):
     """A tiny LlamaForCausalLM (or `kind`'s) from plain transformers code, with a word-level tokenizer beside it."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -27,10 +27,17 @@ def make(path, seed, kv_heads=2, kind="Llama"):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     torch.manual_seed(seed)
-    config = getattr(transformers, f"{kind}Config")(hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=kv_heads, intermediate_size=32, vocab_size=len(vocab),
-                                      max_position_embeddings=32, bos_token_id=1, eos_token_id=2)
-    getattr(transformers, f"{kind}ForCausalLM")(config).save_pretrained(path)
+    sizes = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32,
+                 vocab_size=len(vocab), max_position_embeddings=32, bos_token_id=1, eos_token_id=2)
+    if kind == "GPT2":                     # its own key names; its LM head is its token table
+        config, head = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=4, n_inner=32, vocab_size=len(vocab),
+                                               n_positions=32, bos_token_id=1, eos_token_id=2, **settings), \
+            "GPT2LMHeadModel"
+    elif kind == "GPTNeoX":               # Pythia's: partial rotary, attention and MLP side by side
+        config, head = transformers.GPTNeoXConfig(**sizes, **settings), "GPTNeoXForCausalLM"
+    else:
+        config, head = getattr(transformers, f"{kind}Config")(**sizes, num_key_value_heads=kv_heads), f"{kind}ForCausalLM"
+    getattr(transformers, head)(config).save_pretrained(path)
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                          eos_token="</s>").save_pretrained(path)
     return path
@@ -65,6 +72,32 @@ def test_two_llamas_merge_from_the_command_line_and_the_output_generates(tmp_pat
         assert all(f["perplexity"] > 1 and f["source_perplexity"] > 1 for f in fid.values())
 
 
+@pytest.mark.parametrize("kind", ["GPT2", "GPTNeoX"])
+def test_gpt2_and_pythia_merge_from_the_command_line_and_gpt2_keeps_its_head_tied(tmp_path, capsys, kind):
+    """A GPT-2's LM head is its token table: FS-Merge ties U_out to the embedding's M, so the merged model
+    is one table in two places, one model's size (its config says tied, its files hold the table once);
+    distillation learns the head apart and saves it untied. Pythia's (GPT-NeoX) head is its own matrix."""
+    import transformers
+    models = [make(tmp_path / f"{kind} {k}", k, kind=kind) for k in range(2)]
+    data = [texts(tmp_path / f"text {k}.txt", k) for k in range(2)]
+    out = tmp_path / "merged"
+    size = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(models[0]).parameters())
+    for method, tied in (("fs-merge", kind == "GPT2"), ("average", kind == "GPT2"), ("distill", False)):
+        epochs = {"average": [], "fs-merge": ["--epochs", "2"], "distill": ["--epochs", "6", "--lr", "0.01"]}[method]
+        assert cli.main(["merge", *map(str, models), "--data", *map(str, data), "--per-task", "16", "--fidelity", "16",
+                         "--method", method, *epochs, "--out", str(out), "--force", "--quiet"]) == 0, \
+            capsys.readouterr().err
+        folder = next(p for p in (out / "hf").iterdir() if p.name != "backbone")
+        lm = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        assert lm.config.tie_word_embeddings == tied, method
+        assert ("tied to the token table" in (out / "README.md").read_text()) == tied or kind != "GPT2"
+        assert sum(p.numel() for p in lm.parameters()) == size + (0 if tied or kind != "GPT2" else lm.lm_head.weight.numel())
+        ids = torch.tensor([[1, 3, 4, 5, 6]])
+        with torch.no_grad():
+            torch.testing.assert_close(lm(input_ids=ids).logits, foldmerge.load(out)(ids)[0], rtol=1e-5, atol=1e-5)
+        assert lm.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 8)
+
+
 def test_the_query_and_key_maps_commute_with_the_rotations(tmp_path):
     """Rotating each source's queries by position, then merging, equals merging, then rotating: the
     fixed maps (a multiple of the identity per source) do; a learned dense map does not."""
@@ -96,7 +129,13 @@ def test_a_language_model_bad_input_is_one_line(tmp_path, capsys):
     a, b = make(tmp_path / "a", 0), make(tmp_path / "b", 1, kv_heads=4)
     data = texts(tmp_path / "t.txt", 0)
     qwen = [make(tmp_path / f"qwen {k}", k, kind="Qwen2") for k in range(2)]
+    gpt, neox = make(tmp_path / "gpt", 0, kind="GPT2"), make(tmp_path / "neox", 0, kind="GPTNeoX")
+    untied = make(tmp_path / "gpt untied", 1, kind="GPT2", tie_word_embeddings=False)      # layouts no spec covers
+    unbiased = make(tmp_path / "neox unbiased", 1, kind="GPTNeoX", attention_bias=False)
     for models, extra, says in [((a, b), [], "different key-value head counts"),
+                                ((gpt, untied), [], "covers models with tie_word_embeddings true"),
+                                ((neox, unbiased), [], "covers models with attention_bias true"),
+                                ((gpt, neox), [], "cannot merge"),
                                 ((a, a), ["--tasks", "bbc:0-2", "bbc:3-4"], "predicts the next token"),
                                 (qwen, [], "as no tokens at all"),
                                 ((a, a), ["--same-task", "yes", "--eval-data", str(data)], "scores classifiers")]:

@@ -646,6 +646,9 @@ def finish(job: Job, merged: TaskModel) -> TaskModel:
                                                      job.sharing.index) \
             if job.calibrate == "routing" else {"calibrate": "none"}
     merged.meta.update(seed=job.seed, merge_sample=job.sample, wall_seconds=time.perf_counter() - job.started)
+    if merged.head_kind == "lm" and hf.tied_family(merged):        # GPT-2's: the head is the token table
+        merged.meta["lm_head"] = "tied to the token table" if hf.lm_head_tied(merged) else \
+            "its own matrix: this merge learned it apart from the token table (saved with tie_word_embeddings false)"
     deepened = [m.meta.get("deepened") for m in job.models]
     if any(deepened):                            # per source: padded with identity blocks, or None
         merged.meta["deepened"] = deepened

@@ -19,6 +19,8 @@ def card(meta: dict, title: str = "a foldmerge merge", library: str = "foldmerge
     for s in meta.get("sources", []):
         lines.append(f"| `{s.get('path')}` | {', '.join(map(str, s.get('tasks', [])))} | "
                      f"`{s.get('sha256', 'in memory')}` |")
+    if meta.get("lm_head"):
+        lines += ["", f"The LM head is {meta['lm_head']}."]
     lines += ["", "## Method and options", "", f"`{meta.get('method')}`, seed {meta.get('seed')}:", ""]
     lines += [f"- `{k}`: `{v}`" for k, v in sorted((meta.get("options") or {}).items())] or ["- (no option)"]
     sample = meta.get("merge_sample") or {}

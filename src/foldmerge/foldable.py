@@ -234,6 +234,56 @@ class FoldMap(nn.Module):
             f", rank={self.rank}" if self.rank else "")
 
 
+class TiedMap(FoldMap):
+    """An unmerge map tied to a merge map M: S_U = n·S_M, i.e. U = n·Mᵀ (U_out where a head is its model's
+    token table, GPT-2's: the folded head, the mean of table_k · n·M_kᵀ, is the merged table Σ_k M_k table_k).
+    It holds no parameters: it reads M's, so training M trains both. `scale_block` (a target scaling)
+    scales its own view of a block only, never M."""
+
+    def __init__(self, m: FoldMap):
+        nn.Module.__init__(self)
+        self.__dict__["_tied"] = m                 # not a submodule: its parameters are M's, learned there
+        self.out_dim, self.in_dims, self.kind, self.rank, self.role = m.out_dim, list(m.in_dims), m.kind, m.rank, \
+            "unmerge"
+        self.n, self.copies, self.offsets, self.diag_lens = m.n, 1, m.offsets, m.diag_lens
+        self.__dict__["_cols_scale"] = torch.ones(m.offsets[-1], dtype=torch.float64)
+
+    def _col(self, like: torch.Tensor) -> torch.Tensor:
+        return (self.n * self._cols_scale).to(like)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._tied.weight * self._col(self._tied.weight)
+
+    @property
+    def diag(self) -> torch.Tensor:
+        d = self._tied.diag
+        return d * self._col(d)[self._tied._diag_index[1]]
+
+    @property
+    def A(self) -> torch.Tensor:
+        return self._tied.A * self.n
+
+    @property
+    def B(self) -> torch.Tensor:
+        b = self._tied.B
+        return b * self._cols_scale.to(b)
+
+    @property
+    def _diag_index(self) -> torch.Tensor:
+        return self._tied._diag_index
+
+    @torch.no_grad()
+    def scale_block(self, k: int, c: float) -> None:
+        self._cols_scale[self._cols(k)] *= c
+
+    def set_dense(self, s: torch.Tensor) -> None:
+        raise ValueError("a tied map is set through the merge map it is tied to")
+
+    def _tensor(self) -> torch.Tensor:
+        return self._tied._tensor()
+
+
 class MapBank(nn.Module):
     """The parameters of L FoldMaps of one shape, stacked: one (L x …) tensor per parameter name.
 

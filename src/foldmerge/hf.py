@@ -452,8 +452,8 @@ def _write_hf(merged, out: Path, sources=()) -> None:
             cfg = getattr(transformers, chosen.sequence_config)(**{chosen.section: cfg.to_dict()})
         if merged.head_kind == "projection":     # each task's own embedding width
             cfg.projection_dim = task.num_classes
-        elif merged.head_kind == "lm":          # the merged head is its own matrix, tied to no embedding
-            cfg.tie_word_embeddings = False
+        elif merged.head_kind == "lm":     # tied to the token table where the family's is and the merge kept it
+            cfg.tie_word_embeddings = tied = lm_head_tied(merged)
         else:
             cfg.num_labels = task.num_classes
             cfg.id2label = {int(k): v for k, v in labels.items()}
@@ -470,13 +470,14 @@ def _write_hf(merged, out: Path, sources=()) -> None:
                 for name_, part in zip(distilled.classifiers, w.chunk(2, dim=1)):
                     hf.get_submodule(name_).weight.copy_(2 * part)
                     hf.get_submodule(name_).bias.copy_(b)
-            else:
+            elif not (merged.head_kind == "lm" and tied):         # (a tied head is the table, already loaded)
                 head = hf.get_submodule(CLASSIFIER[merged.arch])
                 head.weight.copy_(w)
                 if b is not None:
                     head.bias.copy_(b)
         state = {k: v.detach().contiguous() for k, v in hf.state_dict().items()}
-        own = {k: v for k, v in state.items() if k not in shard}
+        own = {k: v for k, v in state.items() if k not in shard and
+               not (merged.head_kind == "lm" and tied and k == f"{CLASSIFIER[merged.arch]}.weight")}
         if any(not torch.equal(state[k], v) for k, v in shard.items() if k in state):
             raise AssertionError("a task's classifier would not read the merged backbone")  # a bug of ours
         where = tmp / task.slug
@@ -486,6 +487,24 @@ def _write_hf(merged, out: Path, sources=()) -> None:
         _save_shards(where, {HEAD_SHARD: own}, also={BACKBONE_SHARD: shard})
         if first is not None:
             copy_processor_files(first, where)
+
+
+def tied_family(model) -> bool:
+    """Whether the model's family ties its LM head to its token table (GPT-2's)."""
+    return model.arch in TABLES and TABLES[model.arch].tied_head
+
+
+def lm_head_tied(merged) -> bool:
+    """Whether a merged language model's head is its token table: where the family ties them (GPT-2) and
+    the merge kept them equal, which FS-Merge, the alignment methods and averaging do
+    (`ArchSpec.tied_output`); a merge that learns the head apart (distillation, RegMean) is saved with a
+    head of its own (tie_word_embeddings false)."""
+    if not tied_family(merged):
+        return False
+    table = TABLES[merged.arch]
+    emb = merged.backbone.get_parameter(f"{table.prefix}.{table.embeddings[0]}")
+    w = merged.heads[0].weight
+    return w.shape == emb.shape and torch.allclose(w, emb.to(w), rtol=1e-5, atol=1e-6)
 
 
 def copy_processor_files(source: Path, target: Path) -> None:

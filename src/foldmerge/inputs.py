@@ -95,11 +95,13 @@ def _tokens(model: TaskModel, items: list[str]) -> torch.Tensor:
 def max_tokens(model: TaskModel) -> int:
     """The most tokens a text model reads: its position table's size, less the positions before the first
     one where its position ids start after the padding id (RoBERTa's)."""
-    c = model.backbone_config
-    positions = c.get("max_position_embeddings", 512)
-    table = encoder.tables().get(model.arch)
-    if table is not None and table.roles is not None and table.roles.positions_after_pad:
-        return positions - encoder.config_of(table, c)[table.roles.pad] - 1
+    c, table = model.backbone_config, encoder.tables().get(model.arch)
+    if table is None or table.roles is None:
+        return c.get("max_position_embeddings", 512)
+    c = encoder.config_of(table, c)
+    positions = c[table.roles.positions]
+    if table.roles.positions_after_pad:
+        return positions - c[table.roles.pad] - 1
     return positions
 
 

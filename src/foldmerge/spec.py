@@ -58,6 +58,9 @@ lives in. That is all a method needs to know about an architecture:
                side (DINOv2's classifier reads the class token and the patches' mean; DeiT's distilled
                one its two tokens): every vector is reconstructed through U_out, which a head folds into
                each copy's columns.
+      tied_output: the merge site whose M the heads' reading of the output is tied to (GPT-2's LM head
+               is its token table): U_out = n·Mᵀ of that site, learned as M, so that the folded head
+               (the mean of head_k U_out[k] = Σ_k table_k M_kᵀ) is the merged table itself.
       depth(config) -> int:  the number of blocks, where models of the family may differ in it.
       deepen(config, backbone, depth) -> (config, state):  the equivalent backbone with identity blocks
                appended up to `depth`, where the family has an identity block (pre-LN: a block whose
@@ -154,6 +157,7 @@ class ArchSpec:
     depth: Callable[[dict], int] | None = None
     deepen: Callable | None = None
     feature_copies: int = 1
+    tied_output: str | None = None
     # (Linear module, the space it writes) of a backbone that is x -> [Linear -> ReLU] x L, the
     # last ReLU its output, in order; local FS-Merge trains each such layer alone (empty: not one)
     relu_layers: tuple[tuple[str, str], ...] = ()
@@ -191,6 +195,10 @@ class ArchSpec:
             raise SpecError(f"{self.name} spec: feature_copies must be a positive integer, got {self.feature_copies!r}")
         if self.output not in self._space or self._space[self.output].shared:
             raise SpecError(f"{self.name} spec: the output space {self.output!r} is not a merged space of the spec")
+        if self.tied_output is not None and not any(
+                self.merge_site(p) == self.tied_output and self.written_space(p) == self.output for p in self.params):
+            raise SpecError(f"{self.name} spec: tied_output {self.tied_output!r} is no merge site writing the output "
+                            f"space {self.output!r}")
         for s in self.width_spaces:
             if s not in self._space:
                 raise SpecError(f"{self.name} spec: width space {s!r} is not a space of the spec")

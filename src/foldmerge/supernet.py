@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from .foldable import (
     FoldMap,
+    TiedMap,
     fit_channels,
     fold_group_maps,
     fold_groups,
@@ -115,7 +116,11 @@ class SuperNet(nn.Module):
             site("merge", spec.merge_site(p), spec.written_space(p))
         for p in spec.weights():
             site("unmerge", spec.unmerge_site(p), p.axes[1])
-        site("unmerge", "output", spec.output)
+        if spec.tied_output is None:
+            site("unmerge", "output", spec.output)
+        else:                  # the heads read the output through n·Mᵀ of the tied site (spec.tied_output)
+            self._map["unmerge", "output"] = TiedMap(self._map["merge", spec.tied_output])
+            self._map_space["unmerge", "output"] = spec.output
         self._map["unmerge", "output"].copies = spec.feature_copies
         self.maps = nn.ModuleList(maps)
 

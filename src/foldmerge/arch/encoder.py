@@ -43,6 +43,7 @@ Name = Annotated[StrictStr, Field(min_length=1)]
 # names, numbers and booleans: a decoder's rope_parameters)
 KINDS = {"size": (Annotated[StrictInt, Field(ge=1)], None), "index": (Annotated[StrictInt, Field(ge=0)] | None, None),
          "sizes": (Annotated[list[Annotated[StrictInt, Field(ge=1)]], Field(min_length=1)] | None, None),
+         "optional size": (Annotated[StrictInt, Field(ge=1)] | None, None),
          "number": (Annotated[Number, Field(gt=0)], None), "real": (Number, None), "name": (Name, None),
          "bool": (StrictBool, None), "settings": (dict[StrictStr, StrictStr | Number | StrictBool | None] | None, None)}
 ACTIVATIONS = {"tanh": torch.tanh, "gelu": F.gelu, "relu": F.relu}
@@ -67,6 +68,13 @@ class MLP(_Strict):
     gate: Name | None = None                      # a gated MLP's gate (Llama's SwiGLU: down(act(gate x) * up x))
 
 
+class Fused(_Strict):
+    """Queries, keys and values computed by one module (GPT-2's c_attn, GPT-NeoX's query_key_value): the
+    backbone holds them as three linear maps under it (`FusedQKV`: query, key, value), joined again on saving."""
+    module: Name                                  # under the layer
+    interleaved: StrictBool = False               # per head [q_h, k_h, v_h] (GPT-NeoX), else [q, k, v] (GPT-2)
+
+
 class Features(_Strict):
     layer: Name                                   # full name in the backbone (under the prefix if inside the encoder)
     activation: Literal["tanh", "gelu", "relu"]
@@ -87,6 +95,9 @@ class Roles(_Strict):
     kv_heads: Name | None = None                  # decoders: the key and value heads (grouped-query attention)
     # RoBERTa's position ids start after the padding id: a text reads at most max_position_embeddings - pad - 1
     positions_after_pad: StrictBool = False
+    positions: Name = "max_position_embeddings"  # text: the position table's size (the most tokens read)
+    # where the MLP's width key may be null: that many times the width (GPT-2's n_inner)
+    mlp_when_null: Annotated[StrictInt, Field(ge=1)] | None = None
 
 
 class Distilled(_Strict):
@@ -160,8 +171,15 @@ class Table(_Strict):
     requires: dict[StrictStr, StrictBool] = {}    # boolean config keys the spec covers one value of
     bias_key: Name | None = None                  # decoders: the boolean config key that gives attention biases
     attention_biases: list[Literal["query", "key", "value", "output"]] = []     # decoders: biases always there
+    linear_biases: StrictBool = False             # decoders: every linear map has a bias (GPT-2, GPT-NeoX)
+    rotary: StrictBool = True                     # decoders: queries and keys rotated by position (else positions
+    # are a table summed into the stream, GPT-2's, and the queries' and keys' maps are learned)
+    fused_qkv: Fused | None = None
+    transposed: list[Name] = []                   # modules under the layer whose weights are (in, out): GPT-2's Conv1D
+    tied_head: StrictBool = False                 # the LM head is the token table (GPT-2): tied in the merge too
     roles: Roles | None = None                    # transformers: which config keys size the model
-    keys: dict[StrictStr, Literal["size", "index", "number", "real", "name", "bool", "sizes", "settings"]]
+    keys: dict[StrictStr, Literal["size", "optional size", "index", "number", "real", "name", "bool", "sizes",
+                                  "settings"]]
     defaults: dict[StrictStr, object]
     dropout: list[Name]
     must_match: dict[StrictStr, Name]        # besides the model type
@@ -171,6 +189,11 @@ class Table(_Strict):
         if self.layout in ("post-ln", "pre-ln", "decoder") and None in (self.layer, self.attention, self.mlp,
                                                                         self.roles):
             raise ValueError(f"a {self.layout} table names its layer, attention, mlp and roles")
+        f = self.fused_qkv
+        if f and [self.attention.query, self.attention.key, self.attention.value] != \
+                [f"{f.module}.{r}" for r in ("query", "key", "value")]:
+            raise ValueError(f"a table with fused_qkv names the attention's query, key and value {f.module}.query, "
+                             f"{f.module}.key and {f.module}.value")
         return self
 
 
@@ -211,6 +234,9 @@ def config_of(table: Table, config: dict) -> dict:
     except ValidationError as e:
         raise ValueError(f"a {table.family} backbone: {first_problem(e)}") from None
     c = {"model_type": next(iter(table.model_types)), **table.defaults, **config}
+    r = table.roles
+    if r is not None and r.mlp_when_null and c.get(r.mlp) is None:
+        c[r.mlp] = r.mlp_when_null * c[r.width]
     return {**c, "pooling": c.get("pooling") or table.pooling}
 
 
@@ -238,6 +264,62 @@ def _place(root: nn.Module, name: str, module: nn.Module) -> None:
     at.add_module(last, module)
 
 
+class FusedQKV(nn.Module):
+    """One module's queries, keys and values as three linear maps (each its own space in the spec),
+    returning what the fused one did: [q, k, v], or per head [q_h, k_h, v_h] (`heads`, GPT-NeoX's)."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool, heads: int | None):
+        super().__init__()
+        self.query, self.key, self.value = (nn.Linear(d_in, d_out, bias=bias) for _ in range(3))
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [self.query(x), self.key(x), self.value(x)]
+        if self.heads is None:
+            return torch.cat(parts, dim=-1)
+        return torch.cat([p.unflatten(-1, (self.heads, -1)) for p in parts], dim=-1).flatten(-2)
+
+
+def _unfuse(table: Table, config: dict, state: dict) -> dict:
+    """Hugging Face's fused and transposed tensors as the backbone holds them (`FusedQKV`, nn.Linear)."""
+    c, f, out = config_of(table, config), table.fused_qkv, dict(state)
+    for l in range(c[table.roles.layers]):
+        b = f"{table.prefix}.{table.layer.format(l=l)}"
+        for name in table.transposed:
+            out[f"{b}.{name}.weight"] = out[f"{b}.{name}.weight"].T.contiguous()
+        if f:
+            for kind in ("weight", "bias"):
+                t = out.pop(f"{b}.{f.module}.{kind}", None)
+                if t is None:
+                    continue
+                parts = t.unflatten(0, (c[table.roles.heads], 3, -1)).unbind(1) if f.interleaved else t.chunk(3)
+                for role, part in zip(("query", "key", "value"), parts):
+                    out[f"{b}.{f.module}.{role}.{kind}"] = part.reshape(-1, *t.shape[1:]).contiguous()
+    return out
+
+
+def _fuse(table: Table, config: dict, state: dict) -> dict:
+    """`_unfuse` undone: the tensors as Hugging Face's modules hold them."""
+    c, f, out = config_of(table, config), table.fused_qkv, dict(state)
+    for l in range(c[table.roles.layers]):
+        b = f"{table.prefix}.{table.layer.format(l=l)}"
+        if f:
+            for kind in ("weight", "bias"):
+                keys = [f"{b}.{f.module}.{role}.{kind}" for role in ("query", "key", "value")]
+                if keys[0] not in out:
+                    continue
+                parts = [out.pop(k) for k in keys]
+                if f.interleaved:
+                    heads = c[table.roles.heads]
+                    t = torch.stack([p.unflatten(0, (heads, -1)) for p in parts], 1).flatten(0, 2)
+                else:
+                    t = torch.cat(parts)
+                out[f"{b}.{f.module}.{kind}"] = t
+        for name in table.transposed:
+            out[f"{b}.{name}.weight"] = out[f"{b}.{name}.weight"].T.contiguous()
+    return out
+
+
 class Backbone(nn.Module):
     """The family's transformers encoder under its prefix, and the features layer where the family's
     classifier keeps it outside the encoder. Reads token ids (batch x length, padded with the pad id) or
@@ -256,6 +338,16 @@ class Backbone(nn.Module):
         self.family, self.pad_token_id = table.family, c[r.pad] if r is not None and r.pad else None
         encoder = getattr(transformers, classes(table, c).base)(hf_config(table, c), **table.base_arguments)
         self.add_module(table.prefix, encoder)
+        for l in range(c[r.layers] if table.transposed or table.fused_qkv else 0):
+            layer = encoder.get_submodule(table.layer.format(l=l))
+            for name in table.transposed:            # Conv1D, weight (in, out): the nn.Linear computing the same
+                old = layer.get_submodule(name)
+                _place(layer, name, nn.Linear(*old.weight.shape, bias=old.bias is not None))
+            if table.fused_qkv:
+                old = layer.get_submodule(table.fused_qkv.module)
+                _place(layer, table.fused_qkv.module,
+                       FusedQKV(old.in_features, old.out_features // 3, old.bias is not None,
+                                c[r.heads] if table.fused_qkv.interleaved else None))
         f = table.features
         if f and not f.layer.startswith(table.prefix + "."):
             _place(self, f.layer, nn.Linear(c[r.width], c[r.width]))
@@ -426,31 +518,41 @@ def _pre_ln_spec(table: Table, c: dict) -> ArchSpec:
 
 
 def _decoder_spec(table: Table, c: dict) -> ArchSpec:
-    """A pre-norm decoder (Llama, Mistral): the token table writes the stream `res`; per layer the
-    queries `q{l}` and keys `k{l}` are rotated by position after their projections, so their maps are
-    fixed (`Space.fixed`: per-source multiples of the identity commute with the rotations; a learned
-    map would mix rotation frequencies); the values `v{l}` are learned where every query head has its
-    own (the output projection reads them), and fixed under grouped-query attention, where the output
-    projection reads `o{l}`, each query head's weighted values of its group (`Space.derived`); the
-    gated MLP's gate and up projections write `mlp{l}`, its down projection reads their product. The
-    features are the final norm's output at every position, which the LM head reads."""
+    """A pre-norm decoder (Llama, Mistral, Qwen2, GPT-NeoX; GPT-2): the token table (and GPT-2's position
+    table) writes the stream `res`. Where queries and keys are rotated by position after their
+    projections (`rotary`), their spaces `q{l}` and `k{l}` are fixed (`Space.fixed`: per-source multiples
+    of the identity commute with the rotations; a learned map would mix rotation frequencies; a partial
+    rotary, GPT-NeoX's, is fixed whole); else they share one learned space `qk{l}`, as in an encoder. The
+    values `v{l}` are learned where every query head has its own (the output projection reads them), and
+    fixed under grouped-query attention, where the output projection reads `o{l}`, each query head's
+    weighted values of its group (`Space.derived`). The MLP's up (and a gated MLP's gate) projection
+    writes `mlp{l}`, its down projection reads it. GPT-NeoX's parallel attention and MLP both read the
+    stream through their norms as a sequential block does, so the spec is the same. The features are
+    the final norm's output at every position, which the LM head reads; where the head is the token
+    table (`tied_head`), the merge keeps it so (`ArchSpec.tied_output`)."""
     r, p, a, m = table.roles, table.prefix, table.attention, table.mlp
     heads, kv = c[r.heads], c[r.kv_heads] if r.kv_heads else c[r.heads]
     grouped = kv != heads
     roles = {"query": a.query, "key": a.key, "value": a.value, "output": a.output}
     biased = set(roles.values()) if c.get(table.bias_key or "", False) else {roles[x] for x in table.attention_biases}
+    if table.linear_biases:
+        biased |= set(roles.values()) | {m.up, m.down, m.gate}
     spaces = [Space("res")]
     params = [Param(f"{p}.{e}", (None, "res"), merge_at="embed") for e in _embeddings(table, c)]
     norms, probes = [], []
     for l in range(c[r.layers]):
-        b, q, k, v, o, hid = (f"{p}.{table.layer.format(l=l)}", f"q{l}", f"k{l}", f"v{l}", f"o{l}", f"mlp{l}")
+        b, v, o, hid = (f"{p}.{table.layer.format(l=l)}", f"v{l}", f"o{l}", f"mlp{l}")
+        q, k = (f"q{l}", f"k{l}") if table.rotary else (f"qk{l}", f"qk{l}")
         before = f"{b}.{a.norm}"
-        spaces += [Space(q, heads=heads, fixed=True), Space(k, heads=kv, fixed=True), Space(v, heads=kv, fixed=grouped),
-                   Space(hid)] + ([Space(o, heads=heads, derived=True)] if grouped else [])
+        spaces += ([Space(q, heads=heads, fixed=True), Space(k, heads=kv, fixed=True)] if table.rotary else
+                   [Space(q, heads=heads)])
+        spaces += [Space(v, heads=kv, fixed=grouped), Space(hid)] + ([Space(o, heads=heads, derived=True)]
+                                                                     if grouped else [])
         reads = o if grouped else v
+        mlp = ([(m.gate, hid, "res", f"{b}.{m.norm}")] if m.gate else []) + [(m.up, hid, "res", f"{b}.{m.norm}"),
+                                                                            (m.down, "res", hid, None)]
         for name, out, inp, at in ((a.query, q, "res", before), (a.key, k, "res", before), (a.value, v, "res", before),
-                                   (a.output, "res", reads, None), (m.gate, hid, "res", f"{b}.{m.norm}"),
-                                   (m.up, hid, "res", f"{b}.{m.norm}"), (m.down, "res", hid, None)):
+                                   (a.output, "res", reads, None), *mlp):
             params.append(Param(f"{b}.{name}.weight", (out, inp), unmerge_at=at))
             if name in biased:
                 params.append(Param(f"{b}.{name}.bias", (out,)))
@@ -462,7 +564,8 @@ def _decoder_spec(table: Table, c: dict) -> ArchSpec:
     return ArchSpec(table.family, spaces, params, norms, probes, output="res",
                     build=lambda cfg: Backbone(table, cfg), resize=lambda cfg, widths: resize(table, cfg, widths),
                     width_spaces=("res", "mlp0"), check=lambda configs: check_compatible(table, configs),
-                    defaults="hf-vit", depth=lambda cfg: config_of(table, cfg)[r.layers])
+                    defaults="hf-vit", depth=lambda cfg: config_of(table, cfg)[r.layers],
+                    tied_output="embed" if table.tied_head else None)
 
 
 def _layer_scales(table: Table, config: dict):
@@ -484,7 +587,7 @@ def from_hf_state(table: Table, config: dict, state: dict) -> dict:
     whose output it scales (g * (W x + b) = (g W) x + g b), each BatchNorm into its convolution."""
     if table.layout == "resnet":
         return hf_resnet.fold_batchnorm(state)
-    out = dict(state)
+    out = _unfuse(table, config, state) if table.fused_qkv or table.transposed else dict(state)
     for gain, proj in _layer_scales(table, config):
         g = out.pop(gain)
         out[f"{proj}.weight"] = out[f"{proj}.weight"] * g[:, None]
@@ -500,7 +603,7 @@ def to_hf_state(table: Table, config: dict, state: dict) -> dict:
     out = dict(state)
     for gain, proj in _layer_scales(table, config):
         out[gain] = torch.ones_like(out[f"{proj}.bias"])
-    return out
+    return _fuse(table, config, out) if table.fused_qkv or table.transposed else out
 
 
 def deepen(table: Table, config: dict, backbone: nn.Module, depth: int) -> tuple[dict, dict]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..foldable import TiedMap
 from ..model import as_input
 from ..supernet import SuperNet
 from ..spec import check_mergeable
@@ -165,6 +166,8 @@ def load_maps(sn: SuperNet, models, maps: dict[str, tuple[torch.Tensor, torch.Te
     rotation frequency; grouped-query values) and a space derived from one take the mean."""
     mean = {s.name for s in sn.spec.spaces if s.fixed or s.derived}
     for role, _, space, fm in sn.sites():
+        if isinstance(fm, TiedMap):         # set through the merge map it is tied to (spec.tied_output)
+            continue
         m, u = maps[space] if space not in mean else averaging_maps(fm.out_dim, [1 / fm.n] * fm.n, [None] * fm.n)
         fm.set_dense(m if role == "merge" else u.T)
     states = [dict(m.backbone.named_parameters()) for m in models]
