@@ -96,10 +96,12 @@ def add_arguments(p) -> None:
                                       "merged tower by tower: zero-shot accuracy and what each method keeps of the "
                                       "image-text alignment")
     _methods_out_json(b)
-    b = bench.add_parser("lm", help="Llama-shaped language models from different seeds (one text, or two domains of "
-                                    "BBC News) merged: perplexity per domain against the sources and the ensemble")
+    b = bench.add_parser("lm", help="Llama- and GPT-2-shaped language models from different seeds (one text, or two "
+                                    "domains of BBC News) merged: perplexity per domain against the sources and the "
+                                    "ensemble")
     b.add_argument("--settings", nargs="+", default=None, metavar="SETTING",
                    help=f"of: {' '.join(lm.SETTINGS)} (default all)")
+    b.add_argument("--shapes", nargs="+", default=None, metavar="SHAPE", help=f"of: {' '.join(lm.SHAPES)} (default all)")
     _methods_out_json(b)
     b = bench.add_parser("tune-fs", help="FS-Merge against distillation on validation splits: the same number of "
                                          "trials each, one change to the validated options per trial")
@@ -188,7 +190,7 @@ def run(args) -> None:
         return _report_bench(result, args, tune_fs.print_report)
     if args.bench == "lm":
         result = lm.run_bench(settings=tuple(args.settings or lm.SETTINGS), methods=args.methods,
-                                    out=args.out)
+                              out=args.out, shapes=tuple(args.shapes or lm.SHAPES))
         return _report_bench(result, args, lm.print_report)
     if args.bench == "clip":
         return _report_bench(clip.run_bench(methods=args.methods, out=args.out), args, clip.print_report)

@@ -1,7 +1,9 @@
 """`foldmerge bench lm`: language models from different seeds merged into one of the same size.
 
-Llama-shaped decoders (transformers' `LlamaForCausalLM`: 4 layers at width 128, 4 query heads and 2
-key-value heads, gated MLP 256, rotary embeddings), trained here from seeds 0 and 1 on BBC News text,
+Two shapes of decoder, each transformers' own class: Llama-shaped (`LlamaForCausalLM`: 4 layers at
+width 128, 4 query heads and 2 key-value heads, gated MLP 256, rotary embeddings) and GPT-2-shaped
+(`GPT2LMHeadModel`: 4 layers at width 128, 4 heads, MLP 256, a position table, its LM head tied to
+its token table), trained here from seeds 0 and 1 on BBC News text,
 words as tokens (the 2,000 commonest words of the training articles, lower case, a word-level
 tokenizer saved with every model), blocks of 64 tokens, 600 steps of 32 blocks (AdamW, lr 2e-3, one
 cycle). Two settings:
@@ -14,7 +16,7 @@ LM head); FS-Merge (diagonal + low rank 12, and full maps) and distillation star
 train 50 epochs at batch 64. Measured on
 300 held-out blocks of each domain (the test articles, a fixed 20 % of every topic): perplexity of
 the sources, of the ensemble (their next-token probabilities averaged: two models' cost), and of
-every merge; merge seconds.
+every merge; merge seconds and peak memory (resident set above the level before the merge).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from ..api import merge
 from ..data.texts import bbc_texts
 from ..hf import load_hf
 from ..progress import status
+from .cost import PeakMemory
 
 DOMAINS = {"all": ("business", "entertainment", "politics", "sport", "tech"),
            "business+politics": ("business", "politics"), "sport+entertainment": ("sport", "entertainment")}
@@ -42,6 +45,10 @@ SETTINGS = {"same": ("all", "all"), "domains": ("business+politics", "sport+ente
 VOCAB, BLOCK = 2000, 64
 CONFIG = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=256, max_position_embeddings=BLOCK, bos_token_id=1, eos_token_id=2)
+GPT2 = dict(n_embd=128, n_layer=4, n_head=4, n_inner=256, n_positions=BLOCK, bos_token_id=1, eos_token_id=2)
+# shape -> (config class, LM class, configuration, cache prefix of its sources)
+SHAPES = {"llama": ("LlamaConfig", "LlamaForCausalLM", "CONFIG", ""),
+          "gpt2": ("GPT2Config", "GPT2LMHeadModel", "GPT2", "gpt2-")}
 TRAIN = dict(steps=600, lr=2e-3, batch_size=32)
 PER_TASK, TEST = 200, 300
 TRAINED = {"init": "first", "epochs": 50, "batch_size": 64}
@@ -98,13 +105,16 @@ def _key(articles: dict, topic: str) -> str:
     return next(k for k in articles if _topic(k) == topic)
 
 
-def train_source(folder: Path, data: torch.Tensor, seed: int, tok) -> Path:
-    """A LlamaForCausalLM trained from `seed` on `data` (blocks), saved in `folder` with the tokenizer."""
+def train_source(folder: Path, data: torch.Tensor, seed: int, tok, shape: str = "llama") -> Path:
+    """A language model of `shape` (SHAPES) trained from `seed` on `data` (blocks), saved in `folder` with the
+    tokenizer."""
     import transformers
     if (folder / "config.json").is_file():
         return folder
+    config_class, model_class, config, _ = SHAPES[shape]
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG, vocab_size=len(tok)))
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**globals()[config],
+                                                                                   vocab_size=len(tok)))
     opt = torch.optim.AdamW(model.parameters(), lr=TRAIN["lr"], weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, TRAIN["lr"], total_steps=TRAIN["steps"], pct_start=0.05)
     g = torch.Generator().manual_seed(seed)
@@ -135,28 +145,29 @@ def perplexity(logits_of, x: torch.Tensor) -> float:
 
 
 def run_bench(settings: tuple = tuple(SETTINGS), methods: list[str] | None = None, out: str = "runs/bench",
-              seed: int = 0) -> dict:
-    bad = [s for s in settings if s not in SETTINGS]
+              seed: int = 0, shapes: tuple = tuple(SHAPES)) -> dict:
+    bad = [s for s in settings if s not in SETTINGS] + [s for s in shapes if s not in SHAPES]
     if bad:
-        raise ValueError(f"unknown setting {bad[0]!r}; this bench runs {', '.join(SETTINGS)}")
+        raise ValueError(f"unknown setting or shape {bad[0]!r}; this bench runs {', '.join(SETTINGS)} on "
+                         f"{', '.join(SHAPES)}")
     cache, t0, rows = Path(out) / "lm", time.perf_counter(), []
     cache.mkdir(parents=True, exist_ok=True)
     articles = _articles()
     tok = tokenizer(articles, cache / "tokenizer")
     tests = {d: domain_blocks(tok, articles, d, 1)[:TEST] for d in ("business+politics", "sport+entertainment")}
-    for setting in settings:
+    for shape, setting in ((sh, se) for sh in shapes for se in settings):
         domains = SETTINGS[setting]
         paths, train = [], []
         for k, d in enumerate(domains):
             data = domain_blocks(tok, articles, d, 0)
             train.append(data)
-            paths.append(train_source(cache / f"{setting}-{d}-seed{k}", data, k, tok))
+            paths.append(train_source(cache / f"{SHAPES[shape][3]}{setting}-{d}-seed{k}", data, k, tok, shape))
         sources = [load_hf(p) for p in paths]
         g = torch.Generator().manual_seed(seed)
         sample = [d[torch.randperm(len(d), generator=g)[:PER_TASK]] for d in train]
 
-        def row(name, logits_of, seconds=None):
-            rows.append({"setting": setting, "method": name, "seconds": seconds,
+        def row(name, logits_of, seconds=None, peak=None):
+            rows.append({"shape": shape, "setting": setting, "method": name, "seconds": seconds, "peak_bytes": peak,
                          **{f"ppl {d}": perplexity(logits_of, x) for d, x in tests.items()}})
         for k, s in enumerate(sources):
             row(f"source {k + 1} ({domains[k]})", lambda x, s=s: s(x)[0])
@@ -166,28 +177,32 @@ def run_bench(settings: tuple = tuple(SETTINGS), methods: list[str] | None = Non
             if methods and name not in methods and method not in methods:
                 continue
             start = time.perf_counter()
-            merged = merge(sources, sample, method, seed=seed, calibrate="none", **opts)
+            with PeakMemory("cpu") as peak:
+                merged = merge(sources, sample, method, seed=seed, calibrate="none", **opts)
             seconds = time.perf_counter() - start
-            row(name, lambda x, m=merged: m(x)[0], seconds)
-            status(f"  {setting} {name}: " + " / ".join(f"{v:.1f}" for k, v in rows[-1].items() if k.startswith("ppl"))
+            row(name, lambda x, m=merged: m(x)[0], seconds, peak.bytes)
+            status(f"  {shape} {setting} {name}: " + " / ".join(f"{v:.1f}" for k, v in rows[-1].items() if k.startswith("ppl"))
                    + f" ({seconds:.0f} s)")
-    return {"bench": "lm", "settings": list(settings), "domains": list(tests), "per_task": PER_TASK, "test": TEST,
-            "block": BLOCK, "vocabulary": len(tok), "model": CONFIG, "source_training": TRAIN,
+    return {"bench": "lm", "shapes": list(shapes), "settings": list(settings), "domains": list(tests),
+            "per_task": PER_TASK, "test": TEST, "block": BLOCK, "vocabulary": len(tok),
+            "models": {s: globals()[SHAPES[s][2]] for s in shapes}, "source_training": TRAIN,
             "trained_merges": TRAINED, "seed": seed, "rows": rows, "total_seconds": time.perf_counter() - t0}
 
 
 def print_report(result: dict, command: str) -> None:
     console = Console(file=sys.stdout, width=max(120, Console().width))
-    for setting in result["settings"]:
-        table = Table(title=f"Language models from different seeds ({setting}): perplexity on held-out text "
-                            "(lower is better)")
+    for shape, setting in ((sh, se) for sh in result.get("shapes", ["llama"]) for se in result["settings"]):
+        table = Table(title=f"{shape}-shaped language models from different seeds ({setting}): perplexity on "
+                            "held-out text (lower is better)")
         table.add_column("model")
         for d in result["domains"]:
             table.add_column(d, justify="right")
         table.add_column("seconds", justify="right")
-        for r in (r for r in result["rows"] if r["setting"] == setting):
+        table.add_column("peak MiB", justify="right")
+        for r in (r for r in result["rows"] if r["setting"] == setting and r.get("shape", "llama") == shape):
             table.add_row(r["method"], *(f"{r[f'ppl {d}']:.1f}" for d in result["domains"]),
-                          "-" if r["seconds"] is None else f"{r['seconds']:.0f}")
+                          "-" if r["seconds"] is None else f"{r['seconds']:.0f}",
+                          "-" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2 ** 20:.0f}")
         console.print(table)
     console.print(f"measured now: seed {result['seed']} (sources seeds 0, 1); {result['total_seconds'] / 60:.1f} min; "
                   f"command: {command}")

@@ -315,8 +315,9 @@ def _special_table(result: dict) -> tuple[list[str], list[list[str]]] | None:
                   _ratio(r.get("seconds"))] for r in result["rows"]])
     if bench == "lm":           # perplexity, not accuracy
         domains = result["domains"]
-        return (["setting", "model"] + [f"ppl {d}" for d in domains] + ["seconds"],
-                [[r["setting"], r["method"], *(_ratio(r.get(f"ppl {d}")) for d in domains), _ratio(r.get("seconds"))]
+        return (["shape", "setting", "model"] + [f"ppl {d}" for d in domains] + ["seconds", "peak MiB"],
+                [[r.get("shape", "llama"), r["setting"], r["method"], *(_ratio(r.get(f"ppl {d}")) for d in domains),
+                  _ratio(r.get("seconds")), "–" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2 ** 20:.0f}"]
                  for r in result["rows"]])
     if bench == "clip":         # zero-shot accuracy and alignment: not the classifiers' per-task / joint tables
         return (["method", "task", "zero-shot %", "matched similarity", "image cosine", "text cosine", "seconds"],
