@@ -42,6 +42,22 @@ def test_short_merge_reduces_reconstruction_loss(variant, init, param):
     assert [t.name for t in merged.tasks] == ["mnist:0-4", "mnist:5-9"]
 
 
+def test_local_fs_merge_of_a_residual_stream_learns_each_space_alone():
+    """On a residual stream (a ViT), local FS-Merge learns one (M, U) per space from that space's own
+    activations: from `first` with no epochs it folds to model 1 exactly; trained, the spaces'
+    reconstruction error falls below the start's."""
+    vit = {"width": 16, "depth": 2, "heads": 2, "mlp_dim": 16, "out_dim": 8}
+    src = [TaskModel("vit", vit, [t]) for t in ("mnist:0-4", "mnist:5-9")]
+    x = [torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    same = foldmerge.merge(src, x, method="fs-merge", variant="local", init="first", epochs=0, calibrate="none")
+    torch.testing.assert_close(same.features(x[0]), src[0].features(x[0]), rtol=1e-5, atol=1e-5)
+    trained = foldmerge.merge(src, x, method="fs-merge", variant="local", init="average", epochs=30, lr=0.01,
+                              calibrate="none")
+    assert trained.meta["variant"] == "local" and trained.meta["final_loss"] < 0.8 * trained.meta["initial_loss"]
+    with pytest.raises(ValueError, match="init 'zipit' applies to the global variant"):
+        foldmerge.merge(src, x, method="fs-merge", variant="local", init="zipit", param="full", epochs=1)
+
+
 def test_three_models_and_a_new_target_width():
     src = sources(([24, 16], [20, 12], [24, 10]))
     merged = foldmerge.merge(src, sample(3), method="fs-merge", variant="global", widths=[18, 14],

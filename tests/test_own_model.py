@@ -78,7 +78,7 @@ def test_traced_specs_merge_exactly_as_the_hand_written_ones(method, opts):
 
 def test_local_fs_merge_reads_the_spec_s_relu_chain_not_a_family_name():
     """A traced MLP merges by FS-Merge local exactly as the hand-written MLP; a model that is not a
-    chain of Linear -> ReLU layers is refused in one line, whatever its name."""
+    chain of Linear -> ReLU layers merges space by space, whatever its name."""
     foldmerge.register_traced("mlp-traced-local", build=lambda c: mlp.Backbone(**c), defaults="mlp")
     config = {"in_dim": 784, "hidden": [16, 12]}
     assert [m for m, _ in traced_spec("t", mlp.Backbone(**config)).relu_layers] == ["layers.0", "layers.1"]
@@ -91,8 +91,8 @@ def test_local_fs_merge_reads_the_spec_s_relu_chain_not_a_family_name():
         torch.testing.assert_close(b, a, rtol=0, atol=1e-10, msg=k)
     ns = example()
     assert traced_spec("r", ns["ResidualMLP"](width=16, hidden=24, blocks=2)).relu_layers == ()
-    with pytest.raises(ValueError, match="not one; use --variant global"):
-        foldmerge.merge(pair("residual-mlp", {"width": 16, "hidden": 24, "blocks": 2}), sample(), **opts)
+    residual = foldmerge.merge(pair("residual-mlp", {"width": 16, "hidden": 24, "blocks": 2}), sample(), **opts)
+    assert residual.meta["variant"] == "local"      # not a chain: one (M, U) per space instead
 
 
 def test_the_traced_spec_of_an_mlp_is_the_mlps():

@@ -249,9 +249,6 @@ def test_vit_mismatch_errors_are_clear():
         SuperNet([a, model("mnist:5-9", 1, depth=3)])
     with pytest.raises(ValueError, match="different attention head counts"):
         SuperNet([a, model("mnist:5-9", 1, heads=4)])
-    with pytest.raises(ValueError, match="not one; use --variant global"):
-        foldmerge.merge([a, model("mnist:5-9", 1)], [torch.randn(4, 1, 28, 28)] * 2, method="fs-merge",
-                        variant="local", epochs=1)
 
 
 def test_class_embedding_heads_are_fixed_shared_and_frozen(tmp_path):

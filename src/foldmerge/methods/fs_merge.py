@@ -1,7 +1,12 @@
 """FS-Merge: train a Foldable SuperNet to reconstruct the sources' features, then fold it.
 
-local  (paper eq. 3, MLPs): per hidden layer l, from the sources' own pre-activations
-       z_l^1‖…‖z_l^n, learn M_l, U_l so that U_l · relu(M_l · z) reconstructs f_l^1‖…‖f_l^n.
+local  (paper eq. 3): per hidden layer l of an MLP, from the sources' own pre-activations
+       z_l^1‖…‖z_l^n, learn M_l, U_l so that U_l · relu(M_l · z) reconstructs f_l^1‖…‖f_l^n. Any other
+       family (a residual stream, whose one space every block reads and writes): per merged space, from
+       the sources' own activations z^1‖…‖z^n at the space's probes (every block's, for the stream), learn
+       M, U so that U · M · z reconstructs them; every site of the space takes them, as alignment maps do
+       (`align.merge_with_maps`). Each space needs only its own activations, so the maps of a layer can be
+       learned as soon as its activations are seen: the variant that streams.
 global (paper eq. 4): learn every M, U together so that U_L · f*_L reconstructs the last
        representation layer of each source.
 seq    (paper B.4, "FS-Merge seq."): global FS-Merge of models 1 and 2, then of that merge
@@ -32,7 +37,7 @@ from dataclasses import replace
 import torch
 from torch.nn import functional as F
 
-from ..foldable import gather_params, merge_features, unmerge_features
+from ..foldable import FoldMap, gather_params, merge_features, unmerge_features
 from ..options import Choice, Grammar, Integer, ListOf, Number, Option, Rule, method
 from ..supernet import SuperNet
 from . import align, zipit
@@ -56,12 +61,14 @@ PARAM = Grammar(r"full|diag|diag\+lowrank\(([1-9][0-9]*|([1-9][0-9]?|100)%)\)",
 
 OPTIONS = (
     Option("variant", Choice(("local", "global", "seq")),
-           "objective: global (paper eq. 4), local (eq. 3, per layer; MLPs), seq (B.4: one model after another)",
+           "objective: global (paper eq. 4), local (eq. 3: per layer of an MLP, per space of a residual stream), "
+           "seq (B.4: one model after another)",
            "global", "paper section 2: the variant of its main results"),
     Option("param", PARAM, "how M and U are parameterized", by_family("param", "fs-merge", ("fs-merge",))),
     Option("init", Choice(("first", "average", "random", "zipit", "permute")), "where M and U start",
-           Rule(lambda c: "random" if c.options["variant"] == "local" else "first",
-                "first (global, seq), random (local): appendix E.1")),
+           Rule(lambda c: "random" if c.options["variant"] == "local" and c.models[0].spec.relu_layers else "first",
+                "random (local on an MLP: appendix E.1), else first (global, seq: section 2; local on a residual "
+                "stream starts where the global variant does)")),
     Option("widths", ListOf(Integer(1)), "merged widths, one per width space of the family (MLP: one per hidden "
            "layer; ViT: residual [MLP]); unset: model 1's"),
     Option("form", Choice(("folded", "supernet")), "how the SuperNet runs in training", "folded",
@@ -95,6 +102,11 @@ def merge(models, data, seed, context, variant, param, init, widths, form, last_
     if variant == "seq":
         return _merge_seq(models, data, widths, param, init, targets, target_scale, form, cfg, last_epochs, seed,
                           context)
+    if variant == "local" and not models[0].spec.relu_layers:
+        if init in ("zipit", "permute"):
+            raise ValueError(f"local FS-Merge of a residual stream learns each space's maps alone; init {init!r} "
+                             "applies to the global variant")
+        return _merge_local_spaces(models, data, param, init, widths, targets, target_scale, cfg, seed, context)
     if init == "zipit":
         supernet = _zipit_supernet(models, data, widths, param, seed, zipit_alpha, zipit_beta)
     elif init == "permute":
@@ -226,10 +238,7 @@ def _train_local(supernet, models, x, owner, cfg, target_scale, context):
     and one optimizer step serves all layers. When every layer has full maps of one shape
     (the usual constant-width MLP) the layers run as one batched matmul.
     """
-    chain = supernet.spec.relu_layers
-    if not chain:
-        raise ValueError("local FS-Merge trains each layer of a chain of Linear -> ReLU layers (an MLP) alone, and "
-                         f"this {supernet.spec.name} model is not one; use --variant global")
+    chain = supernet.spec.relu_layers          # (any other family: `_merge_local_spaces`)
     with torch.no_grad():
         pre = [_preactivations(m.backbone, [mod for mod, _ in chain], x) for m in models]   # [model][layer]
     n, depth = len(models), len(chain)
@@ -269,6 +278,53 @@ def _train_local(supernet, models, x, owner, cfg, target_scale, context):
             for k, s in enumerate(layer_scales[l]):
                 maps[l][1].scale_block(k, 1.0 / s)
     return history
+
+
+def _merge_local_spaces(models, data, param, init, widths, targets, target_scale, cfg, seed, context):
+    """Local FS-Merge of a family that is not a chain of layers: one (M, U) per merged space, each trained
+    alone to reconstruct the space's activations (module docstring), then folded as alignment maps are.
+    Fixed and derived spaces (rotary queries and keys, grouped-query values) take the mean, as there."""
+    if widths is not None:
+        raise ValueError("local FS-Merge of a residual stream merges to model 1's widths; leave widths unset")
+    align.check_sources(models, data, "local FS-Merge", equal_widths=False)
+    spec, start = models[0].spec, time.perf_counter()
+    per_task = [align.observe(models, [d]) for d in data]          # rows of task k's inputs: owner k
+    g = torch.Generator().manual_seed(int(seed))
+    maps, first, last, learned = {}, [], [], 0
+    for space in align.merged_spaces(spec):
+        s = spec.space(space)
+        if s.fixed or s.derived:
+            continue
+        z = [torch.cat([f[space][k] for f in per_task]).float() for k in range(len(models))]
+        owner = torch.cat([torch.full((len(f[space][0]),), k) for k, f in enumerate(per_task)])
+        scales = target_scales(z, target_scale)
+        z = [zk * c for zk, c in zip(z, scales)]
+        width, dims = z[0].shape[1], [zk.shape[1] for zk in z]
+        m = FoldMap(width, dims, param, init, "merge", g)
+        u = FoldMap(width, dims, param, init, "unmerge", g)
+        params = [*m.parameters(), *u.parameters()]
+        learned += sum(p.numel() for p in params)
+
+        def loss_fn(*batch, m=m, u=u):
+            zb, ob = list(batch[:-1]), batch[-1]
+            return reconstruction_loss(unmerge_features(u, merge_features(m, zb)), zb,
+                                       ob if targets == "own-task" else None)
+        # one loop per space (its own row count), so no checkpoint: a space's training is short
+        history = replace(context, checkpoint=None).train(params, loss_fn, [*z, owner], cfg,
+                                                          desc=f"FS-Merge local ({space})")
+        first, last = first + history[:1], last + history[-1:]
+        with torch.no_grad():
+            for k, c in enumerate(scales):     # trained on c_k·z_k: on z_k itself M_k is c_k·M_k, U_k is U_k / c_k
+                m.scale_block(k, c)
+                u.scale_block(k, 1.0 / c)
+            maps[space] = (m.dense().double(), u.dense().T.double())
+    merged = align.merge_with_maps(models, maps, seed)
+    merged.meta = {"method": "fs-merge", "variant": "local", "param": param, "init": init, "targets": targets,
+                   "target_scale": target_scale, "train": cfg.as_dict(sum(len(d) for d in data)),
+                   "train_seconds": time.perf_counter() - start, "learnable_parameters": learned,
+                   "initial_loss": sum(first) if first else None, "final_loss": sum(last) if last else None,
+                   "merge_examples": [len(d) for d in data]}
+    return merged
 
 
 def _preactivations(backbone, layers: list[str], x: torch.Tensor) -> list[torch.Tensor]:
