@@ -9,6 +9,7 @@ import torch
 import foldmerge
 from foldmerge import cli
 from foldmerge.hf import load_hf
+from foldmerge.io import map_tensors
 from foldmerge.supernet import SuperNet
 
 WORDS = "the a cat dog sat ran on under mat log big small red blue and then".split()
@@ -96,6 +97,52 @@ def test_gpt2_and_pythia_merge_from_the_command_line_and_gpt2_keeps_its_head_tie
         with torch.no_grad():
             torch.testing.assert_close(lm(input_ids=ids).logits, foldmerge.load(out)(ids)[0], rtol=1e-5, atol=1e-5)
         assert lm.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 8)
+
+
+def test_lazy_merges_read_bfloat16_sources_as_memory_maps_and_keep_their_dtype(tmp_path, capsys):
+    """--lazy: the sources are read-only maps of their files in bfloat16; FS-Merge local, permute and
+    averaging fold parameter by parameter (equal to the in-memory merge of the same sources); the merge is
+    bfloat16 too, loads with AutoModelForCausalLM and generates; the sources' files are unchanged; a
+    method that holds the sources whole is refused in one line."""
+    import hashlib
+
+    import transformers
+    models = []
+    for k, kind in enumerate(("Llama", "Llama")):
+        plain = make(tmp_path / f"plain {k}", k, kind=kind)
+        lm = transformers.AutoModelForCausalLM.from_pretrained(plain, dtype=torch.bfloat16)
+        lm.save_pretrained(tmp_path / f"bf16 lm {k}")
+        transformers.AutoTokenizer.from_pretrained(plain).save_pretrained(tmp_path / f"bf16 lm {k}")
+        models.append(tmp_path / f"bf16 lm {k}")
+    digest = [hashlib.sha256((m / "model.safetensors").read_bytes()).hexdigest() for m in models]
+    data = [texts(tmp_path / f"text {k}.txt", k) for k in range(2)]
+    for method, extra in (("fs-merge", ["--variant", "local", "--epochs", "3"]), ("permute", []), ("average", [])):
+        out = tmp_path / f"merged {method}"
+        common = ["merge", *map(str, models), "--data", *map(str, data), "--per-task", "16", "--method", method,
+                  *extra, "--quiet"]
+        assert cli.main([*common, "--lazy", "--out", str(out)]) == 0, capsys.readouterr().err
+        assert cli.main([*common, "--out", str(tmp_path / f"in memory {method}")]) == 0, capsys.readouterr().err
+        lazy, whole = foldmerge.load(out), foldmerge.load(tmp_path / f"in memory {method}")
+        assert {t.dtype for t in map_tensors(out / "model.safetensors").values()} == {torch.bfloat16}
+        for (key, a), b in zip(lazy.state_dict().items(), whole.state_dict().values()):
+            torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02, msg=key)
+        folder = next(p for p in (out / "hf").iterdir() if p.name != "backbone")
+        lm = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        assert lm.dtype == torch.bfloat16
+        ids = torch.tensor([[1, 3, 4, 5]])
+        with torch.no_grad():
+            torch.testing.assert_close(lm(input_ids=ids).logits.float(), lazy(ids)[0], rtol=0.02, atol=0.02)
+        assert lm.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 6)
+    assert digest == [hashlib.sha256((m / "model.safetensors").read_bytes()).hexdigest() for m in models]
+    for method, extra, says in (("distill", [], "distill holds the sources whole"),
+                                ("fs-merge", [], "fs-merge --variant global holds the sources whole"),
+                                ("zipit", [], "zipit holds the sources whole")):
+        capsys.readouterr()
+        code = cli.main(["merge", *map(str, models), "--data", *map(str, data), "--per-task", "16", "--method", method,
+                         *extra, "--lazy", "--out", str(tmp_path / "refused")])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.splitlines()) == 1 and says in err, err
+        assert not (tmp_path / "refused").exists()
 
 
 def test_the_query_and_key_maps_commute_with_the_rotations(tmp_path):

@@ -190,6 +190,10 @@ class Grid(ListOf):
         return selection.parse(super().check(value))
 
 
+# the methods that read their sources one layer at a time (what --lazy needs)
+LAZY = ("average", "permute", "fs-merge --variant local")
+
+
 SETTINGS = (
     Option("data", ListOf(FilePath()), "unlabeled examples of each model's task, one per model in model order: a "
            "folder of images, a .txt file (a line each), a table FILE:COLUMN (.csv .tsv .jsonl .json .parquet), a "
@@ -228,6 +232,10 @@ SETTINGS = (
            "the CPU)", False),
     Option("allow_pickle", Flag(), "allow loading pickle checkpoints (read with torch's weights-only unpickler)",
            False),
+    Option("lazy", Flag(), "read the sources as read-only memory maps of their safetensors files, in their own "
+           "dtype (bfloat16 stays bfloat16), and merge parameter by parameter: a merge then holds the merged model "
+           "and about one parameter of each source; for the methods that merge layer by layer (" +
+           ", ".join(LAZY) + ")", False, "the sources read whole into memory, as torch loads them"),
     Option("accelerator", Choice(ACCELERATORS), "train under Lightning Fabric on this device (unset: plain PyTorch "
            "on the CPU, unless --devices or --precision is given: then Fabric on the CPU)"),
     Option("devices", Integer(1), "processes / devices for data parallelism under Fabric", 1, "one process"),
@@ -292,11 +300,23 @@ def equal_depths(models: list[TaskModel]) -> list[TaskModel]:
     return out
 
 
+def _check_lazy(m, resolved: dict, sources, engine) -> None:
+    """--lazy only where the method merges layer by layer (LAZY) in this process, else one line."""
+    ok = m.name in ("average", "permute") or (m.name == "fs-merge" and resolved.get("variant") == "local"
+                                              and not sources[0].spec.relu_layers)
+    if not ok:
+        what = f"{m.name} --variant {resolved['variant']}" if m.name == "fs-merge" else m.name
+        raise ValueError(f"--lazy merges layer by layer ({', '.join(LAZY)}; fs-merge local on a residual stream); "
+                         f"{what} holds the sources whole")
+    if engine is not None:
+        raise ValueError("--lazy merges in this process; leave out --accelerator, --devices and --precision")
+
+
 def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: int | None = None, engine=None,
             calibrate: str = "routing", select=None, held_out=0, checkpoint_every: int = 0,
             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, keep_checkpoint: bool = False,
             out: str | os.PathLike | None = None, force: bool = False, tasks=None, allow_pickle: bool = False,
-            accelerator: str | None = None, devices: int | None = None, precision: str | None = None,
+            lazy: bool = False, accelerator: str | None = None, devices: int | None = None, precision: str | None = None,
             per_task: int | None = None, fidelity: int | None = None, same_task: str | None = None, eval_data=None,
             score: bool = False, cache: FeatureCache | None = None, command: str | None = None,
             config_file: str | os.PathLike | None = None, **options) -> Job:
@@ -313,7 +333,7 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
         raise ValueError("per_task counts the examples drawn from data files; " + (
             "given tensors are read whole" if isinstance(data, (list, tuple)) else "with data=N, N is the count"))
     s = check_values(SETTINGS, {"seed": seed, "calibrate": calibrate, "force": force, "resume": resume,
-                                "allow_pickle": allow_pickle, "checkpoint_every": checkpoint_every or None,
+                                "allow_pickle": allow_pickle, "lazy": lazy, "checkpoint_every": checkpoint_every or None,
                                 "tasks": tasks, "out": out, "select": select, "augment": augment,
                                 "data": data if from_files else None,
                                 "per_task": data if isinstance(data, int) else per_task,
@@ -338,7 +358,7 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
         out_seen = identity(s["out"])
     if where is not None and (s.get("checkpoint_every") or s["resume"]):
         check_target(where, True, inputs=inputs, kind="checkpoint", flag="the checkpoint directory")
-    sources = load_sources(models, s.get("tasks"), s["allow_pickle"])
+    sources = load_sources(models, s.get("tasks"), s["allow_pickle"], s["lazy"])
     given = read_option_files(given, [o.name for o in m.options if isinstance(o.kind, ModelRef)],
                               [o.name for o in m.options if isinstance(o.kind, TensorFile)], s["allow_pickle"])
     merged_form = equal_depths([x.merge_form() for x in sources])
@@ -362,6 +382,8 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
     data, held, fid = (_like(merged_form, x) for x in (data, held, fid))
     labelled = _labelled(merged_form, sharing, eval_data) if eval_data else None
     resolved = m.resolve(merged_form, given, data, held)
+    if s["lazy"]:
+        _check_lazy(m, resolved, merged_form, engine)
     grid = select_grid(m, s["select"], given) if "select" in s else None
     if grid and data is None:
         raise ValueError("--select scores candidates on the merge data, and this merge has none")
@@ -375,7 +397,7 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
 
 
 KEYWORDS = ("data", "method", "seed", "augment", "engine", "calibrate", "select", "held_out", "checkpoint_every",
-            "checkpoint_dir", "resume", "keep_checkpoint", "out", "force", "tasks", "allow_pickle", "accelerator",
+            "checkpoint_dir", "resume", "keep_checkpoint", "out", "force", "tasks", "allow_pickle", "lazy", "accelerator",
             "devices", "precision", "per_task", "cache", "command", "config_file")
 
 
@@ -718,7 +740,7 @@ def merge(models, data: int | list[torch.Tensor] = 64, method: str = "fs-merge",
       (plus `augment` augmented images per task made from them; None: `default_augment`).
     method: one of `foldmerge.methods.METHODS`; its options as keywords (`foldmerge merge --help`
       lists them with their defaults), e.g. variant, param, init, epochs.
-    seed, calibrate, select, held_out, fidelity, same_task, tasks, allow_pickle: as the command
+    seed, calibrate, select, held_out, fidelity, same_task, tasks, allow_pickle, lazy: as the command
       line's (`SETTINGS`). eval_data: labelled data per task of the merge, scored into meta.
     config_file: the YAML file the merge was described in, if any: an input, never written over.
     engine: a `foldmerge.engine.Engine` (device, devices for DDP, precision) to train under

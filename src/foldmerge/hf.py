@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -41,7 +41,8 @@ from safetensors.torch import load_file
 
 from .arch import encoder
 from .data import Task
-from .io import ModelFileError, check_finite, load_pickle, read_json, real, swap_in, tmp_beside, write_tensors
+from .io import (ModelFileError, check_finite, load_pickle, map_tensors, parameters_on_meta, read_json, real, swap_in,
+                 tmp_beside, write_tensors)
 from .model import TaskModel
 from .provenance import file_sha256
 from .schema import HFConfig, check
@@ -119,9 +120,10 @@ def load_backbone(path: str | os.PathLike) -> tuple[dict, dict]:
     return {k: cfg[k] for k in BACKBONE_KEYS if k in cfg}, state
 
 
-def read_weights(path: Path, allow_pickle: bool = False) -> tuple[dict, Path]:
-    """(tensors, the file read) of a Hugging Face directory: model.safetensors (or its shards); a
-    pytorch_model.bin only with `allow_pickle`, read with torch's weights-only unpickler."""
+def read_weights(path: Path, allow_pickle: bool = False, lazy: bool = False) -> tuple[dict, Path]:
+    """(tensors, the file read) of a Hugging Face directory: model.safetensors (or its shards; `lazy`:
+    memory-mapped, `io.map_tensors`); a pytorch_model.bin only with `allow_pickle`, read with torch's
+    weights-only unpickler."""
     if (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
     elif (path / "model.safetensors.index.json").is_file():
@@ -137,7 +139,9 @@ def read_weights(path: Path, allow_pickle: bool = False) -> tuple[dict, Path]:
         raise ModelFileError(f"{path} holds no weights (model.safetensors or pytorch_model.bin)")
     state = {}
     for f in files:
-        if f.suffix == ".safetensors":
+        if f.suffix == ".safetensors" and lazy:
+            state.update(map_tensors(f))
+        elif f.suffix == ".safetensors":
             try:
                 state.update(load_file(str(f)))
             except (SafetensorError, OSError) as e:
@@ -159,7 +163,7 @@ def _shards(index: Path) -> list[Path]:
     return files
 
 
-def load_hf(path: str | os.PathLike, task=None, allow_pickle: bool = False):
+def load_hf(path: str | os.PathLike, task=None, allow_pickle: bool = False, lazy: bool = False):
     """A `BertForSequenceClassification` / `ViTForImageClassification` directory as a one-head
     TaskModel of the bert / hf-vit family. Its weights are read as they are and must be exactly the
     model's (a missing or an unexpected tensor is refused, naming it): nothing is initialized at random."""
@@ -175,14 +179,16 @@ def load_hf(path: str | os.PathLike, task=None, allow_pickle: bool = False):
     if cfg["architectures"][0] in WHOLE:
         raise ModelFileError(f"{path} is a {cfg['architectures'][0]}, two towers: it merges tower by tower "
                              "(foldmerge.clip; `foldmerge merge` does so when every source is one)")
-    hf, weights = read_model(path, cfg, allow_pickle)
-    return task_model(path, cfg, hf, task, weights)
+    hf, weights = read_model(path, cfg, allow_pickle, lazy)
+    return task_model(path, cfg, hf, task, weights, lazy)
 
 
-def read_model(path: Path, cfg: dict, allow_pickle: bool):
+def read_model(path: Path, cfg: dict, allow_pickle: bool, lazy: bool = False):
     """(the transformers model of the class config.json names, the weights file read), every tensor
-    the model's and every one of its tensors in the file."""
-    state, weights = read_weights(path, allow_pickle)
+    the model's and every one of its tensors in the file. `lazy`: the model holds the file's mapped
+    tensors as they are (no copy, their dtype); the file's names must then be the class's own (transformers'
+    renames of older names are not applied)."""
+    state, weights = read_weights(path, allow_pickle, lazy)
     check_finite(state, str(path))
     import transformers
     try:
@@ -195,8 +201,17 @@ def read_model(path: Path, cfg: dict, allow_pickle: bool):
             if wrong is not None:
                 raise ModelFileError(f"{weights}: tensor {wrong!r} is {tuple(state[wrong].shape)}, but config.json "
                                      f"makes it {tuple(expected[wrong].shape)}")
-            hf, info = getattr(transformers, cfg["architectures"][0]).from_pretrained(
-                None, config=config, state_dict=state, output_loading_info=True)
+            if lazy:
+                with parameters_on_meta():
+                    hf = getattr(transformers, cfg["architectures"][0])(config)
+                result = hf.load_state_dict(_class_names(hf, state), strict=False, assign=True)
+                hf.tie_weights()                     # a head that is the token table (GPT-2's)
+                info = {"missing_keys": [k for k, p in hf.named_parameters() if p.is_meta],
+                        "unexpected_keys": result.unexpected_keys}
+                hf.eval()
+            else:
+                hf, info = getattr(transformers, cfg["architectures"][0]).from_pretrained(
+                    None, config=config, state_dict=state, output_loading_info=True)
     except ModelFileError:
         raise
     except Exception as e:       # transformers' and huggingface_hub's config checks raise many kinds
@@ -210,8 +225,29 @@ def read_model(path: Path, cfg: dict, allow_pickle: bool):
     return hf, weights
 
 
-def task_model(path: Path, cfg: dict, hf, task, weights: Path) -> TaskModel:
-    """The one-head TaskModel of `hf`, a transformers model of a class with a table, as config `cfg` describes it."""
+def _class_names(hf, state: dict) -> dict:
+    """The file's tensors under the names the class gives them: transformers' plain renames of older
+    names (GPT-NeoX's `embed_out` for its LM head, LayerNorm's gamma and beta) applied, as its own
+    loading does; its other conversions (tensors split or joined) are not, and such a file is refused."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+        rules = [(re.compile(s), t.target_patterns[0]) for t in get_model_conversion_mapping(hf)
+                 if type(t) is WeightRenaming and len(t.target_patterns) == 1 and not getattr(t, "scope_prefix", None)
+                 for s in t.source_patterns]
+    except (ImportError, AttributeError, TypeError):       # a transformers without them: the names as they are
+        rules = []
+    out = {}
+    for key, value in state.items():
+        for pattern, target in rules:
+            key = pattern.sub(target, key)
+        out[key] = value
+    return out
+
+
+def task_model(path: Path, cfg: dict, hf, task, weights: Path, lazy: bool = False) -> TaskModel:
+    """The one-head TaskModel of `hf`, a transformers model of a class with a table, as config `cfg` describes
+    it (`lazy`: holding `hf`'s tensors themselves, no copy)."""
     family, attr, _ = CLASSES[cfg["architectures"][0]]
     projection = TABLES[family].head == "projection"
     lm = TABLES[family].head == "lm"
@@ -246,8 +282,9 @@ def task_model(path: Path, cfg: dict, hf, task, weights: Path) -> TaskModel:
     if distilled:
         backbone["pooling"] = "first+second"
     try:
-        model = TaskModel(family, backbone, [task], head_bias=not (projection or lm),
-                          head="projection" if projection else "lm" if lm else "linear")
+        with parameters_on_meta() if lazy else nullcontext():
+            model = TaskModel(family, backbone, [task], head_bias=not (projection or lm),
+                              head="projection" if projection else "lm" if lm else "linear")
     except ValueError as e:
         raise ModelFileError(f"{path}: {str(e).splitlines()[0]}") from None
     # the backbone's tensors under their Hugging Face names: the encoder's, and the features layer
@@ -255,19 +292,16 @@ def task_model(path: Path, cfg: dict, hf, task, weights: Path) -> TaskModel:
     theirs = encoder.from_hf_state(TABLES[family], backbone, hf.state_dict())
     body = {k: theirs[k] for k in model.backbone.state_dict() if k in theirs}
     try:
-        _load_exact(model.backbone, body)
+        _load_exact(model.backbone, body, assign=lazy)
     except ValueError as e:
         raise ModelFileError(f"{path}: {e}") from None
-    with torch.no_grad():
-        if distilled:          # (W_c t_0 + b_c + W_d t_1 + b_d) / 2: one head on both tokens
-            cls_head, dist_head = (hf.get_submodule(n) for n in distilled.classifiers)
-            model.heads[0].weight.copy_(torch.cat([cls_head.weight, dist_head.weight], dim=1) / 2)
-            model.heads[0].bias.copy_((cls_head.bias + dist_head.bias) / 2)
-        else:
-            head = hf.get_submodule(CLASSIFIER[family])
-            model.heads[0].weight.copy_(head.weight)
-            if head.bias is not None:
-                model.heads[0].bias.copy_(head.bias)
+    if distilled:          # (W_c t_0 + b_c + W_d t_1 + b_d) / 2: one head on both tokens
+        cls_head, dist_head = (hf.get_submodule(n) for n in distilled.classifiers)
+        head = {"weight": torch.cat([cls_head.weight, dist_head.weight], dim=1) / 2,
+                "bias": (cls_head.bias + dist_head.bias) / 2}
+    else:
+        head = {k: v for k, v in hf.get_submodule(CLASSIFIER[family]).state_dict().items() if k in ("weight", "bias")}
+    model.heads[0].load_state_dict(head, assign=lazy)     # lazy: the file's tensors themselves
     model.meta = {"path": str(path.resolve()), "hf_class": cfg["architectures"][0],
                   **({} if projection or lm else {"id2label": {int(k): v for k, v in labels.items()}}),
                   "source_format": "huggingface",
@@ -433,7 +467,9 @@ def _write_hf(merged, out: Path, sources=()) -> None:
     ours = encoder.to_hf_state(table, merged.backbone_config, merged.backbone.state_dict())
     bert_state = {k[len(attr) + 1:]: v for k, v in ours.items() if k.startswith(attr + ".")}
     beside = {k: v for k, v in ours.items() if not k.startswith(attr + ".")}     # a features layer beside it
-    base = base_cls(config, **table.base_arguments)
+    dtype = next(merged.backbone.parameters()).dtype        # the merge's (the sources' under --lazy: bfloat16…)
+    config.dtype = str(dtype).removeprefix("torch.")
+    base = base_cls(config, **table.base_arguments).to(dtype)
     _load_exact(base, bert_state)
     # the backbone's tensors are written once, as a shard whose names carry the classifiers' prefix
     # (`bert.…`), which the headless class reads too; each task directory hard-links that shard beside
@@ -460,7 +496,8 @@ def _write_hf(merged, out: Path, sources=()) -> None:
             cfg.label2id = {v: int(k) for k, v in cfg.id2label.items()}
         cfg.foldmerge_task = task.name
         cfg.architectures = [name]
-        hf = cls(cfg)
+        cfg.dtype = config.dtype
+        hf = cls(cfg).to(dtype)
         _load_exact(getattr(hf, attr), bert_state)
         with torch.no_grad():
             for k, v in beside.items():
@@ -550,10 +587,10 @@ def _link(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _load_exact(module, state) -> None:
+def _load_exact(module, state, assign: bool = False) -> None:
     """load_state_dict that tolerates only the position-ids buffer (HF does not save it); a missing or an
     unexpected tensor is named."""
-    result = module.load_state_dict(state, strict=False)
+    result = module.load_state_dict(state, strict=False, assign=assign)
     missing = [k for k in result.missing_keys if "position_ids" not in k]
     if missing:
         raise ValueError(f"tensor {missing[0]!r} is missing")

@@ -15,10 +15,14 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -310,9 +314,11 @@ def _read_config(path: Path) -> dict[str, Any]:
     return check(ModelConfig, read_json(cfg_path), cfg_path)
 
 
-def read_model_files(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict, dict, Path | None]:
+def read_model_files(path: str | os.PathLike, allow_pickle: bool = False,
+                     lazy: bool = False) -> tuple[dict, dict, Path | None]:
     """(config, tensors, the pickle read or None) of a directory written by `save_model`: every check
-    of the files themselves (`foldmerge.loading.load` builds the model from them)."""
+    of the files themselves (`foldmerge.loading.load` builds the model from them). `lazy`: the
+    safetensors file memory-mapped (`map_tensors`); a pickle is read whole."""
     path = Path(path)
     if not path.exists():
         aside = sorted(real(path).parent.glob(f".{path.name}{TMP_TAG}*-old-*/{CONFIG}"))
@@ -337,6 +343,8 @@ def read_model_files(path: str | os.PathLike, allow_pickle: bool = False) -> tup
             raise ModelFileError(f"{path} has no {WEIGHTS}")
         pickled = pickles[0]
         state = load_pickle(pickled)
+    elif lazy:
+        state = map_tensors(weights)
     else:
         try:
             state = load_file(str(weights))
@@ -344,6 +352,58 @@ def read_model_files(path: str | os.PathLike, allow_pickle: bool = False) -> tup
             raise ModelFileError(f"{weights} is not a valid safetensors file: {e}") from None
     check_finite(state, f"{path}")
     return cfg, state, pickled
+
+
+# safetensors' dtype names
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+def map_tensors(file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as views of one read-only memory map of it, each in its stored
+    dtype. Nothing is read until a tensor is used, and what is read stays the file's pages, which the
+    system drops again under memory pressure: a merge that uses one layer at a time holds about one
+    layer of the file. The map is read-only, so a write into one of these tensors is stopped by the
+    hardware (a crash), never a changed input."""
+    file = Path(file)
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or n > file.stat().st_size - 8:
+                raise ValueError("no header")
+            header = json.loads(f.read(n))
+        start, size, out = 8 + n, file.stat().st_size, {}
+        whole = np.memmap(file, dtype=np.uint8, mode="r")
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (a, b) = DTYPES[info["dtype"]], [int(d) for d in info["shape"]], info["data_offsets"]
+            count = int(np.prod(shape)) if shape else 1
+            if not 0 <= a <= b or start + b > size or b - a != count * torch.empty((), dtype=dtype).element_size():
+                raise ValueError(f"tensor {name!r} has offsets that do not fit its shape")
+            with warnings.catch_warnings():          # the map is read-only on purpose (docstring)
+                warnings.simplefilter("ignore")
+                t = torch.frombuffer(whole[start + a:start + b], dtype=dtype) if b > a else torch.empty(0, dtype=dtype)
+            out[name] = t.view(shape)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelFileError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
+    return out
+
+
+@contextmanager
+def parameters_on_meta():
+    """Modules built inside hold their parameters on the meta device (shapes, no memory; buffers stay
+    real): a model then takes its tensors with `load_state_dict(…, assign=True)`, as they are."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self, name, param):
+        register(self, name, None if param is None else nn.Parameter(param.to("meta"), param.requires_grad))
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def load_pickle(file: Path) -> dict[str, torch.Tensor]:

@@ -18,20 +18,21 @@ from safetensors.torch import load_file
 from . import hf
 from .data import Task
 from .gated import GatedModel
-from .io import CONFIG, WEIGHTS, ModelFileError, nonfinite, read_model_files
+from .io import CONFIG, WEIGHTS, ModelFileError, nonfinite, parameters_on_meta, read_model_files
 from .model import TaskModel
 from .provenance import file_sha256
 
 
-def load(path: str | os.PathLike, task=None, allow_pickle: bool = False) -> TaskModel:
+def load(path: str | os.PathLike, task=None, allow_pickle: bool = False, lazy: bool = False) -> TaskModel:
     """The model at `path`. `task`: a Hugging Face model's task where its config does not record one
-    (foldmerge's models record theirs: a different one is refused)."""
+    (foldmerge's models record theirs: a different one is refused). `lazy`: its tensors are read-only
+    views of a memory map of its safetensors files, in their stored dtype (`io.map_tensors`)."""
     path = Path(path) if os.path.exists(path) else hf.cached(path)
     if hf.is_hf_dir(path):
-        model = hf.load_hf(path, task, allow_pickle)
+        model = hf.load_hf(path, task, allow_pickle, lazy)
         model.meta["sha256"] = hf.weights_sha256(path, model.meta.get("loaded_from_pickle"))
     else:
-        cfg, state, pickled = read_model_files(path, allow_pickle)
+        cfg, state, pickled = read_model_files(path, allow_pickle, lazy)
         kind = GatedModel if cfg.get("kind") == "gated" else TaskModel
         try:
             # shapes first: a config that declares huge layers allocates nothing (and torch's notes on
@@ -46,9 +47,14 @@ def load(path: str | os.PathLike, task=None, allow_pickle: bool = False) -> Task
         if wrong is not None:
             raise ModelFileError(f"{path / WEIGHTS} does not match {CONFIG}: {wrong!r} is "
                                  f"{tuple(state[wrong].shape)}, the config makes it {shapes[wrong]}")
-        model = kind.from_config(cfg)
         try:
-            model.load_state_dict(state)
+            if lazy:            # the model takes the mapped tensors as they are (no copy, their dtype)
+                with parameters_on_meta():
+                    model = kind.from_config(cfg)
+                model.load_state_dict(state, assign=True)
+            else:
+                model = kind.from_config(cfg)
+                model.load_state_dict(state)
         except RuntimeError as e:
             first = str(e).splitlines()[0] if str(e) else "shape or key mismatch"
             raise ModelFileError(f"{path / WEIGHTS} does not match {CONFIG}: {first}") from None
@@ -62,19 +68,21 @@ def load(path: str | os.PathLike, task=None, allow_pickle: bool = False) -> Task
                                  f"--tasks gave {task}")
         model.eval()
     model.meta["path"] = str(path)
+    if lazy:                  # its tensors are a file's read-only map: merges fold it parameter by parameter
+        model.meta["lazy"] = True
     return model
 
 
-def load_sources(models, tasks=None, allow_pickle: bool = False) -> list[TaskModel]:
+def load_sources(models, tasks=None, allow_pickle: bool = False, lazy: bool = False) -> list[TaskModel]:
     """The models of a merge as TaskModels (paths loaded: ours or Hugging Face's, whose tokenizers must
-    agree; `tasks[k]` for model k), each checked to hold finite weights."""
+    agree; `tasks[k]` for model k; `lazy`: memory-mapped, `load`), each checked to hold finite weights."""
     hf_paths = [p for p in models if isinstance(p, (str, os.PathLike)) and hf.is_hf_dir(p)]
     if hf_paths:
         hf.check_tokenizers(hf_paths)
     out = []
     for k, m in enumerate(models):
         if isinstance(m, (str, os.PathLike)):
-            m = load(m, tasks[k] if tasks else None, allow_pickle)
+            m = load(m, tasks[k] if tasks else None, allow_pickle, lazy)
         elif not isinstance(m, TaskModel):
             raise ValueError(f"model {k + 1} is a {type(m).__name__}, not a TaskModel or a model directory")
         bad = nonfinite(m.state_dict())

@@ -179,10 +179,78 @@ def load_maps(sn: SuperNet, models, maps: dict[str, tuple[torch.Tensor, torch.Te
 
 
 def merge_with_maps(models, maps: dict[str, tuple[torch.Tensor, torch.Tensor]], seed: int = 0):
-    """The merged model of alignment maps (one (M, U) per merged space); see the module docstring."""
+    """The merged model of alignment maps (one (M, U) per merged space); see the module docstring.
+    Sources read lazily (memory-mapped, `foldmerge.loading.load`) fold parameter by parameter
+    (`fold_by_parameter`), which the tests check against this SuperNet's fold."""
+    if any(m.meta.get("lazy") for m in models):
+        return fold_by_parameter(models, maps)
     sn = space_supernet(models, {s: m.shape[0] for s, (m, _) in maps.items()}, seed)
     load_maps(sn, models, maps)
     return sn.fold()
+
+
+@torch.no_grad()
+def fold_by_parameter(models, maps: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+    """The fold of `merge_with_maps`, one parameter at a time: each merged tensor is Σ_k of source k's tensor
+    with every merged axis mapped (the axis a parameter writes by M's block k, the axis a weight reads by
+    U's block k), computed in float32 from that one parameter of each source, and kept in the sources'
+    dtype. So a merge of memory-mapped sources reads one parameter of every source at a time, and holds
+    the merged model (one source's size) and the maps. Fixed and derived spaces take the mean, and a
+    head tied to the token table reads n·Mᵀ (`spec.tied_output`), as in `load_maps`."""
+    from ..io import parameters_on_meta
+    from ..model import TaskModel, head_layout
+    spec, n = models[0].spec, len(models)
+    widths = spec.validate(models[0].backbone)
+    if any(maps[s][0].shape[0] != widths[s] for s in maps):
+        raise ValueError("a merge of lazily read sources keeps model 1's widths; these maps change them")
+    mean = {s.name for s in spec.spaces if s.fixed or s.derived}
+    full = {s: averaging_maps(widths[s], [1 / n] * n, [None] * n) if s in mean else maps[s]
+            for s in merged_spaces(spec)}
+    offsets = {s: [0] + torch.tensor([m.spec.validate(m.backbone)[s] for m in models]).cumsum(0).tolist()
+               for s in full}
+    # the heads read the output through U, or n·Mᵀ where tied to the token table
+    u_out = full[spec.output][1] if spec.tied_output is None else n * full[spec.output][0].T
+    dtype = next(models[0].backbone.parameters()).dtype
+
+    def block(s, k, role):        # (d* x d_k): M's block k, or U's block k transposed
+        a, b = offsets[s][k], offsets[s][k + 1]
+        return (full[s][0][:, a:b] if role == "merge" else full[s][1][a:b].T).float()
+
+    def mapped(t, axes_roles):
+        t = t.float()
+        for axis, (space, role) in axes_roles:
+            t = torch.tensordot(block(space, k_now[0], role), t.movedim(axis, 0), dims=1).movedim(0, axis)
+        return t
+    k_now = [0]
+    kind, bias = head_layout(models)
+    with parameters_on_meta():          # shapes only: every tensor is assigned below
+        merged = TaskModel(models[0].arch, dict(models[0].backbone_config), [t for m in models for t in m.tasks],
+                           bias, head=kind)
+    sources = [dict(m.backbone.named_parameters()) for m in models]
+    state = {}
+    for p in spec.params + [type(spec.params[0])(key, (nm.space,)) for key, nm in
+                            ((f"{nm.module}.{a}", nm) for nm in spec.norms for a in ("weight", "bias"))
+                            if key in sources[0]]:
+        merged_axes = spec.merged_axes(p)
+        roles = [(a, (p.axes[a], "merge" if i == 0 else "unmerge")) for i, a in enumerate(merged_axes)]
+        total = None
+        for k in range(n):
+            k_now[0] = k
+            part = mapped(sources[k][p.key], roles)
+            total = part if total is None else total + part
+        state[p.key] = total.to(dtype)
+    merged.backbone.load_state_dict(state, assign=True)
+    heads = []
+    for k, m in enumerate(models):
+        k_now[0] = k
+        for h in m.heads:          # head_k · U_out[k] (each vector of the features, for feature_copies)
+            w = h.weight.float().unflatten(-1, (spec.feature_copies, -1))
+            a, b = offsets[spec.output][k], offsets[spec.output][k + 1]
+            w = torch.tensordot(w, u_out[a:b].float(), dims=([2], [0])).flatten(-2)
+            heads.append({"weight": w.to(dtype), **({"bias": h.bias.detach().clone()} if h.bias is not None else {})})
+    for head, st in zip(merged.heads, heads):
+        head.load_state_dict(st, assign=True)
+    return merged
 
 
 def averaging_maps(width: int, weights: list[float], perms: list[torch.Tensor | None]):
