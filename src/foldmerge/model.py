@@ -16,7 +16,7 @@ from torch import nn
 
 from .arch import arch_spec
 from .data import Task
-from .io import save_model
+from .io import parameters_on_meta, save_model
 
 # linear: a classifier (logits of the task's classes); class-embedding: a frozen one (below); projection:
 # a map into an embedding space without bias (CLIP's towers), whose outputs are compared by direction,
@@ -105,6 +105,15 @@ class TaskModel(nn.Module):
                      [t for m in models for t in m.tasks], bias, head=kind)
         p = next(first.backbone.parameters())
         return merged.to(dtype=p.dtype, device=p.device)
+
+    @classmethod
+    def shaped_for_merge(cls, models) -> "TaskModel":
+        """`for_merge`'s model with its parameters on the meta device (shapes, no memory): for a merge that
+        assigns every tensor (`load_state_dict(…, assign=True)`), so the merged model is allocated once."""
+        kind, bias = head_layout(models)
+        with parameters_on_meta():
+            return cls(models[0].arch, dict(models[0].backbone_config), [t for m in models for t in m.tasks], bias,
+                       head=kind)
 
     @property
     def spec(self):

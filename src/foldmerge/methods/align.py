@@ -16,12 +16,15 @@ written once for every architecture:
 """
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping
+
 import torch
 
 from ..foldable import TiedMap
-from ..model import as_input
+from ..model import TaskModel, as_input
 from ..supernet import SuperNet
-from ..spec import check_mergeable
+from ..spec import Param, check_mergeable
 from .common import CHUNK, cat_inputs, sources_spec
 
 
@@ -189,67 +192,103 @@ def merge_with_maps(models, maps: dict[str, tuple[torch.Tensor, torch.Tensor]], 
     return sn.fold()
 
 
-@torch.no_grad()
-def fold_by_parameter(models, maps: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+class SpaceMaps(Mapping):
+    """The (M, U) of every merged space, each computed when first read (`fn(space)`), and dropped by
+    `release(space)` once no parameter reads it again: a fold parameter by parameter (`fold_by_parameter`)
+    then holds the stream's maps and one layer's at a time, not every layer's. A released space is not
+    computed again (reading it is a bug)."""
+
+    def __init__(self, spaces, fn):
+        self._spaces, self._fn, self._made, self._released = list(spaces), fn, {}, set()
+
+    def __getitem__(self, space):
+        if space not in self._spaces or space in self._released:
+            raise KeyError(space)
+        if space not in self._made:
+            self._made[space] = self._fn(space)
+        return self._made[space]
+
+    def __iter__(self):
+        return iter(self._spaces)
+
+    def __len__(self):
+        return len(self._spaces)
+
+    def release(self, space) -> None:
+        self._made.pop(space, None)
+        self._released.add(space)
+
+
+def fold_by_parameter(models, maps):
     """The fold of `merge_with_maps`, one parameter at a time: each merged tensor is Σ_k of source k's tensor
     with every merged axis mapped (the axis a parameter writes by M's block k, the axis a weight reads by
     U's block k), computed in float32 from that one parameter of each source, and kept in the sources'
-    dtype. So a merge of memory-mapped sources reads one parameter of every source at a time, and holds
-    the merged model (one source's size) and the maps. Fixed and derived spaces take the mean, and a
-    head tied to the token table reads n·Mᵀ (`spec.tied_output`), as in `load_maps`."""
-    from ..io import parameters_on_meta
-    from ..model import TaskModel, head_layout
+    dtype. So a merge of memory-mapped sources reads one parameter of every source at a time and holds
+    the merged model (one source's size) and the maps in use: a space's maps are read when its first
+    parameter folds and released after its last (`SpaceMaps`, whose maps may be trained when read: so
+    only the arithmetic here runs without gradients). Fixed and derived spaces take the mean, and a head
+    tied to the token table reads n·Mᵀ (`spec.tied_output`), as in `load_maps`."""
     spec, n = models[0].spec, len(models)
-    widths = spec.validate(models[0].backbone)
-    if any(maps[s][0].shape[0] != widths[s] for s in maps):
-        raise ValueError("a merge of lazily read sources keeps model 1's widths; these maps change them")
+    widths = [m.spec.validate(m.backbone) for m in models]
     mean = {s.name for s in spec.spaces if s.fixed or s.derived}
-    full = {s: averaging_maps(widths[s], [1 / n] * n, [None] * n) if s in mean else maps[s]
-            for s in merged_spaces(spec)}
-    offsets = {s: [0] + torch.tensor([m.spec.validate(m.backbone)[s] for m in models]).cumsum(0).tolist()
-               for s in full}
-    # the heads read the output through U, or n·Mᵀ where tied to the token table
-    u_out = full[spec.output][1] if spec.tied_output is None else n * full[spec.output][0].T
-    dtype = next(models[0].backbone.parameters()).dtype
+    offsets = {s: [0] + torch.tensor([w[s] for w in widths]).cumsum(0).tolist() for s in merged_spaces(spec)}
+    sources = [dict(m.backbone.named_parameters()) for m in models]
+    norms = [Param(key, (nm.space,)) for nm in spec.norms for key in (f"{nm.module}.weight", f"{nm.module}.bias")
+             if key in sources[0]]
+    params = spec.params + norms
+    uses = Counter(p.axes[a] for p in params for a in spec.merged_axes(p))
+    uses[spec.output] += 1                                    # the heads read it last
+    held: dict[str, tuple] = {}
+
+    def get(s):
+        if s not in held:
+            m, u = averaging_maps(widths[0][s], [1 / n] * n, [None] * n) if s in mean else maps[s]
+            if m.shape[0] != widths[0][s]:
+                raise ValueError("a merge of lazily read sources keeps model 1's widths; these maps change them")
+            held[s] = (m.detach().float(), u.detach().float())
+        return held[s]
+
+    def done(s):
+        uses[s] -= 1
+        if uses[s] == 0:
+            held.pop(s, None)
+            if hasattr(maps, "release") and s not in mean:
+                maps.release(s)
 
     def block(s, k, role):        # (d* x d_k): M's block k, or U's block k transposed
         a, b = offsets[s][k], offsets[s][k + 1]
-        return (full[s][0][:, a:b] if role == "merge" else full[s][1][a:b].T).float()
+        return get(s)[0][:, a:b] if role == "merge" else get(s)[1][a:b].T
 
-    def mapped(t, axes_roles):
-        t = t.float()
-        for axis, (space, role) in axes_roles:
-            t = torch.tensordot(block(space, k_now[0], role), t.movedim(axis, 0), dims=1).movedim(0, axis)
-        return t
-    k_now = [0]
-    kind, bias = head_layout(models)
-    with parameters_on_meta():          # shapes only: every tensor is assigned below
-        merged = TaskModel(models[0].arch, dict(models[0].backbone_config), [t for m in models for t in m.tasks],
-                           bias, head=kind)
-    sources = [dict(m.backbone.named_parameters()) for m in models]
+    merged = TaskModel.shaped_for_merge(models)            # every tensor is assigned below
+    dtype = next(models[0].backbone.parameters()).dtype
     state = {}
-    for p in spec.params + [type(spec.params[0])(key, (nm.space,)) for key, nm in
-                            ((f"{nm.module}.{a}", nm) for nm in spec.norms for a in ("weight", "bias"))
-                            if key in sources[0]]:
-        merged_axes = spec.merged_axes(p)
-        roles = [(a, (p.axes[a], "merge" if i == 0 else "unmerge")) for i, a in enumerate(merged_axes)]
+    for p in params:
+        roles = [(a, p.axes[a], "merge" if i == 0 else "unmerge") for i, a in enumerate(spec.merged_axes(p))]
+        for _, space, _ in roles:
+            get(space)
         total = None
-        for k in range(n):
-            k_now[0] = k
-            part = mapped(sources[k][p.key], roles)
-            total = part if total is None else total + part
+        with torch.no_grad():
+            for k in range(n):
+                t = sources[k][p.key].detach().float()
+                for axis, space, role in roles:
+                    t = torch.tensordot(block(space, k, role), t.movedim(axis, 0), dims=1).movedim(0, axis)
+                total = t if total is None else total + t
         state[p.key] = total.to(dtype)
+        for _, space, _ in roles:
+            done(space)
     merged.backbone.load_state_dict(state, assign=True)
-    heads = []
-    for k, m in enumerate(models):
-        k_now[0] = k
-        for h in m.heads:          # head_k · U_out[k] (each vector of the features, for feature_copies)
-            w = h.weight.float().unflatten(-1, (spec.feature_copies, -1))
-            a, b = offsets[spec.output][k], offsets[spec.output][k + 1]
-            w = torch.tensordot(w, u_out[a:b].float(), dims=([2], [0])).flatten(-2)
-            heads.append({"weight": w.to(dtype), **({"bias": h.bias.detach().clone()} if h.bias is not None else {})})
-    for head, st in zip(merged.heads, heads):
-        head.load_state_dict(st, assign=True)
+    # the heads read the output through U, or n·Mᵀ where tied to the token table: head_k · U_out[k] (each
+    # vector of the features, for feature_copies)
+    m_out, u_out = get(spec.output)
+    u_out = u_out if spec.tied_output is None else n * m_out.T
+    sources_heads = [(k, h) for k, m in enumerate(models) for h in m.heads]
+    for head, (k, h) in zip(merged.heads, sources_heads):
+        a, b = offsets[spec.output][k], offsets[spec.output][k + 1]
+        w = h.weight.detach().float().unflatten(-1, (spec.feature_copies, -1))
+        w = torch.tensordot(w, u_out[a:b], dims=([2], [0])).flatten(-2)
+        head.load_state_dict({"weight": w.to(dtype),
+                              **({"bias": h.bias.detach().clone()} if h.bias is not None else {})}, assign=True)
+    done(spec.output)
     return merged
 
 

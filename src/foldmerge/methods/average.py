@@ -30,12 +30,12 @@ def merge(models, data, seed, context, weights, reset_bn):
     if weights is not None and not sum(weights) > 0:
         raise ValueError("weights must not all be 0")
     weights = list(weights) if weights else [1.0 / len(models)] * len(models)
-    merged = TaskModel.for_merge(models)
+    merged = TaskModel.shaped_for_merge(models)      # allocated once: each mean is assigned, not copied
     with torch.no_grad():
         states = [m.backbone.state_dict() for m in models]
         avg = {k: sum(w * s[k] for w, s in zip(weights, states)) for k in states[0]}
-        merged.backbone.load_state_dict(avg)
-        copy_heads(merged, models)
+        merged.backbone.load_state_dict(avg, assign=True)
+        copy_heads(merged, models, assign=True)
     if reset_bn:
         align.check_sources(models, data, "weight averaging with reset_bn")
         widths = models[0].spec.validate(models[0].backbone)

@@ -83,11 +83,13 @@ def layer_outputs(module, out: torch.Tensor) -> torch.Tensor:
     return out.reshape(-1, out.shape[-1])
 
 
-def copy_heads(merged, models) -> None:
-    """Every source's heads into the merge, in order: heads are never merged (FS-Merge paper, section 2)."""
+def copy_heads(merged, models, assign: bool = False) -> None:
+    """Every source's heads into the merge, in order: heads are never merged (FS-Merge paper, section 2).
+    `assign`: the merge's heads take copies of the tensors as they are (a merge shaped on the meta device)."""
     with torch.no_grad():
         for dst, src in zip(merged.heads, [h for m in models for h in m.heads]):
-            dst.load_state_dict(src.state_dict())
+            dst.load_state_dict({k: v.detach().clone() for k, v in src.state_dict().items()} if assign else
+                                src.state_dict(), assign=assign)
 
 
 # Task vectors: merging models fine-tuned from one pre-trained start ------------------

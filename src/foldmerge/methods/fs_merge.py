@@ -289,39 +289,40 @@ def _merge_local_spaces(models, data, param, init, widths, targets, target_scale
     align.check_sources(models, data, "local FS-Merge", equal_widths=False)
     spec, start = models[0].spec, time.perf_counter()
     per_task = [align.observe(models, [d]) for d in data]          # rows of task k's inputs: owner k
-    g = torch.Generator().manual_seed(int(seed))
-    maps, first, last, learned = {}, [], [], 0
-    for space in align.merged_spaces(spec):
-        s = spec.space(space)
-        if s.fixed or s.derived:
-            continue
+    first, last, learned = [], [], [0]
+
+    def space_maps(space):        # trained when the fold first reads the space (align.SpaceMaps)
         z = [torch.cat([f[space][k] for f in per_task]).float() for k in range(len(models))]
         owner = torch.cat([torch.full((len(f[space][0]),), k) for k, f in enumerate(per_task)])
         scales = target_scales(z, target_scale)
         z = [zk * c for zk, c in zip(z, scales)]
         width, dims = z[0].shape[1], [zk.shape[1] for zk in z]
+        g = torch.Generator().manual_seed(int(seed) * 7919 + learnable.index(space))   # whatever order spaces come in
         m = FoldMap(width, dims, param, init, "merge", g)
         u = FoldMap(width, dims, param, init, "unmerge", g)
         params = [*m.parameters(), *u.parameters()]
-        learned += sum(p.numel() for p in params)
+        learned[0] += sum(p.numel() for p in params)
 
-        def loss_fn(*batch, m=m, u=u):
+        def loss_fn(*batch):
             zb, ob = list(batch[:-1]), batch[-1]
             return reconstruction_loss(unmerge_features(u, merge_features(m, zb)), zb,
                                        ob if targets == "own-task" else None)
         # one loop per space (its own row count), so no checkpoint: a space's training is short
         history = replace(context, checkpoint=None).train(params, loss_fn, [*z, owner], cfg,
                                                           desc=f"FS-Merge local ({space})")
-        first, last = first + history[:1], last + history[-1:]
+        first.extend(history[:1])
+        last.extend(history[-1:])
         with torch.no_grad():
             for k, c in enumerate(scales):     # trained on c_k·z_k: on z_k itself M_k is c_k·M_k, U_k is U_k / c_k
                 m.scale_block(k, c)
                 u.scale_block(k, 1.0 / c)
-            maps[space] = (m.dense().double(), u.dense().T.double())
+            return m.dense(), u.dense().T
+    learnable = [s for s in align.merged_spaces(spec) if not (spec.space(s).fixed or spec.space(s).derived)]
+    maps = align.SpaceMaps(learnable, space_maps)
     merged = align.merge_with_maps(models, maps, seed)
     merged.meta = {"method": "fs-merge", "variant": "local", "param": param, "init": init, "targets": targets,
                    "target_scale": target_scale, "train": cfg.as_dict(sum(len(d) for d in data)),
-                   "train_seconds": time.perf_counter() - start, "learnable_parameters": learned,
+                   "train_seconds": time.perf_counter() - start, "learnable_parameters": learned[0],
                    "initial_loss": sum(first) if first else None, "final_loss": sum(last) if last else None,
                    "merge_examples": [len(d) for d in data]}
     return merged

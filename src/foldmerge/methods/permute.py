@@ -50,11 +50,13 @@ def merge(models, data, seed, context, reset_bn):
     align.check_sources(models, data, "permute")
     spec = models[0].spec
     feats = align.observe(models, data)
-    maps, fixed = {}, {}
-    for s in align.merged_spaces(spec):
+    fixed = {}
+
+    def space_maps(s):           # a space's permutation, when the fold first reads it (align.SpaceMaps)
         m, u, perms = align.per_head(lambda f: permutation_maps(f[0], f[1]), feats[s], spec.space(s).heads)
-        maps[s] = (m, u)
         fixed[s] = sum(int((p == torch.arange(len(p))).sum()) for (p,) in perms)
+        return m, u
+    maps = align.SpaceMaps(align.merged_spaces(spec), space_maps)
     merged = align.merge_with_maps(models, maps, seed)
     if reset_bn:
         reset_statistics(merged, models, data, maps)
