@@ -10,7 +10,8 @@ from pathlib import Path
 from ..commands import add_threads, argtype, command_line, set_threads
 from ..options import Integer, Number
 from ..provenance import environment
-from . import (clip, cnn, cost, defaults, efficiency, families, gating, lm, mlp, same_task, scale, selection, text,
+from . import (clip, cnn, cost, defaults, efficiency, families, gating, lm, mlp, same_task, scale, scaling, selection,
+               text,
                tune_fs, vit)
 
 
@@ -103,6 +104,14 @@ def add_arguments(p) -> None:
                    help=f"of: {' '.join(lm.SETTINGS)} (default all)")
     b.add_argument("--shapes", nargs="+", default=None, metavar="SHAPE", help=f"of: {' '.join(lm.SHAPES)} (default all)")
     _methods_out_json(b)
+    b = bench.add_parser("scaling", help="peak memory and time of a merge of two language models against their size, "
+                                         "read lazily (--lazy) and whole, float32 and bfloat16")
+    b.add_argument("--widths", nargs="+", type=argtype(Integer(64)), default=None,
+                   help=f"decoder widths, multiples of 64 (default {' '.join(map(str, scaling.WIDTHS))})")
+    b.add_argument("--dtypes", nargs="+", default=None, help=f"of: {' '.join(scaling.DTYPES)} (default both)")
+    b.add_argument("--methods", nargs="+", default=None, help=f"of: {', '.join(scaling.METHODS)} (default all)")
+    b.add_argument("--out", default="runs/bench", help="cache for the source models (default runs/bench)")
+    b.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     b = bench.add_parser("tune-fs", help="FS-Merge against distillation on validation splits: the same number of "
                                          "trials each, one change to the validated options per trial")
     b.add_argument("--cells", nargs="+", default=None, metavar="CELL", help=f"of: {' '.join(tune_fs.CELLS)} (default all)")
@@ -188,6 +197,11 @@ def run(args) -> None:
         result = tune_fs.run_bench(cells=tuple(args.cells or tune_fs.CELLS), out=args.out, seed=args.seed,
                                    methods=tuple(args.methods or tune_fs.TRIALS))
         return _report_bench(result, args, tune_fs.print_report)
+    if args.bench == "scaling":
+        result = scaling.run_bench(out=args.out, widths=tuple(args.widths or scaling.WIDTHS),
+                                   dtypes=tuple(args.dtypes or scaling.DTYPES),
+                                   methods=tuple(args.methods or scaling.METHODS))
+        return _report_bench(result, args, scaling.print_report)
     if args.bench == "lm":
         result = lm.run_bench(settings=tuple(args.settings or lm.SETTINGS), methods=args.methods,
                               out=args.out, shapes=tuple(args.shapes or lm.SHAPES))

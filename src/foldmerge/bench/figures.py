@@ -238,6 +238,28 @@ def scale_gap(result: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def scaling_curves(result: dict, path: Path) -> Path:
+    """Peak private memory and seconds against one source's size, a line per method, mode and dtype, with
+    each fitted slope in its label."""
+    fig, axes = _grid(2, 5.2, 3.8)
+    rows = result["rows"]
+    slope = {(f["method"], f["mode"], f["dtype"]): f["memory_per_source_byte"] for f in result.get("fits", [])}
+    for ax, key, label in zip(axes, ("peak_bytes", "seconds"), ("peak private memory (MiB)", "wall seconds")):
+        for group in dict.fromkeys((r["method"], r["mode"], r["dtype"]) for r in rows):
+            sel = sorted((r for r in rows if (r["method"], r["mode"], r["dtype"]) == group),
+                         key=lambda r: r["source_bytes"])
+            ys = [r[key] / 2 ** 20 if key == "peak_bytes" else r[key] for r in sel]
+            name = " ".join(group) + (f" (slope {slope[group]:.2f})" if key == "peak_bytes" and group in slope else "")
+            ax.plot([r["source_bytes"] / 2 ** 20 for r in sel], ys, marker="o", ms=3,
+                    ls="-" if group[1] == "lazy" else "--", label=name)
+        ax.set_xlabel("one source (MiB)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
+    fig.suptitle("merging two language models: memory and time against their size", fontsize=10)
+    return _save(fig, path)
+
+
 def cost_ratios(result: dict, path: Path) -> Path:
     fig, axes = _grid(2, 5.2, 3.8)
     rows = result["rows"]

@@ -22,7 +22,7 @@ from ..commands import command_line
 from ..io import REPORT_SIGNATURE, carry_over, check_target, identity, swap_in, tmp_beside
 from ..provenance import environment
 from ..tables import print_json
-from .figures import accuracy_against, accuracy_bars, cost_ratios, efficiency_curves, scale_gap
+from .figures import accuracy_against, accuracy_bars, cost_ratios, efficiency_curves, scale_gap, scaling_curves
 from .results import (
     REFERENCES,
     SIZE_TOLERANCE,
@@ -40,7 +40,8 @@ MARK = "report.md"      # a directory holding this is a report, and may be repla
 # the sections, in this order: result kind -> heading
 TOPICS = {"mlp": "MLP", "vit": "ViT", "text": "Text (BERT)", "cnn": "CNN", "same-task": "Models of one task",
           "families": "Hugging Face families", "tune-fs": "FS-Merge against distillation, tuned alike",
-          "clip": "CLIP: what a merge keeps of the image-text alignment", "lm": "Language models", "gating": "One start (gating)",
+          "clip": "CLIP: what a merge keeps of the image-text alignment", "lm": "Language models",
+          "scaling": "Merges bigger than memory", "gating": "One start (gating)",
           "scale": "Scale", "data-efficiency": "Data efficiency", "cost": "Cost", "defaults": "Defaults",
           "select": "Label-free selection", "merge": "Merges", "eval": "Evaluations"}
 # the benches that compare methods at fixed settings, one summary row per setting; what a replicate is
@@ -191,6 +192,8 @@ def bench_part(result: dict, name: str, folder: Path) -> list[tuple]:
         figs.append(scale_gap(result, folder / f"{stem}-gap.png"))
     elif bench == "data-efficiency":
         figs.append(efficiency_curves(result, folder / f"{stem}-curves.png"))
+    elif bench == "scaling":
+        figs.append(scaling_curves(result, folder / f"{stem}-curves.png"))
     rows = summary(points(result))
     if rows and bench not in ("scale", "data-efficiency"):
         figs.append(accuracy_bars(rows, folder / f"{stem}-accuracy.png",
@@ -318,6 +321,11 @@ def _special_table(result: dict) -> tuple[list[str], list[list[str]]] | None:
         return (["shape", "setting", "model"] + [f"ppl {d}" for d in domains] + ["seconds", "peak MiB"],
                 [[r.get("shape", "llama"), r["setting"], r["method"], *(_ratio(r.get(f"ppl {d}")) for d in domains),
                   _ratio(r.get("seconds")), "–" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 2 ** 20:.0f}"]
+                 for r in result["rows"]])
+    if bench == "scaling":      # memory and time, not accuracy
+        return (["width", "dtype", "one source MiB", "method", "mode", "peak MiB", "peak / one source", "seconds"],
+                [[str(r["width"]), r["dtype"], f"{r['source_bytes'] / 2 ** 20:.0f}", r["method"], r["mode"],
+                  f"{r['peak_bytes'] / 2 ** 20:.0f}", f"{r['peak_bytes'] / r['source_bytes']:.2f}", _ratio(r["seconds"])]
                  for r in result["rows"]])
     if bench == "clip":         # zero-shot accuracy and alignment: not the classifiers' per-task / joint tables
         return (["method", "task", "zero-shot %", "matched similarity", "image cosine", "text cosine", "seconds"],

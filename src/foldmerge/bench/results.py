@@ -208,6 +208,26 @@ class Lm(_Bench):
     rows: list[_LmRow]
 
 
+class _ScalingRow(_Row):
+    width: Count
+    dtype: Text
+    mode: Literal["lazy", "whole"]
+    source_bytes: Count
+    peak_bytes: Num
+
+
+class _Fit(_Read):
+    method: Text
+    mode: Text
+    dtype: Text
+    memory_per_source_byte: Num
+
+
+class Scaling(_Bench):
+    rows: list[_ScalingRow]
+    fits: list[_Fit]
+
+
 class SameTask(_Bench):
     rows: list[_SameTaskRow]
     correlation: _Correlation
@@ -231,7 +251,8 @@ class TuneFs(_Bench):
 BENCHES: dict[str, type[_Bench]] = {"vit": VitText, "text": VitText, "cnn": Cnn, "mlp": Mlp, "gating": Gating,
                                     "defaults": Defaults, "select": Select, "cost": Cost, "scale": Scale,
                                     "data-efficiency": DataEfficiency, "same-task": SameTask,
-                                    "families": Families, "tune-fs": TuneFs, "clip": Clip, "lm": Lm}
+                                    "families": Families, "tune-fs": TuneFs, "clip": Clip, "lm": Lm,
+                                    "scaling": Scaling}
 
 
 class _Scores(_Read):
