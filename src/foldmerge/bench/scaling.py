@@ -27,6 +27,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from ..api import merge
+from ..loading import load
 from ..progress import status
 
 WIDTHS = (256, 512, 1024, 1536)
@@ -66,8 +68,6 @@ def _private_bytes() -> int:
 
 def measure(paths: list[str], mode: str, method: str) -> dict:
     """One merge in this process: peak private memory above the level after set-up, and seconds."""
-    import foldmerge
-    from ..loading import load
     torch.set_num_threads(1)
     ids = [torch.randint(3, VOCAB, (TEXTS, TOKENS), generator=torch.Generator().manual_seed(k)) for k in range(2)]
     load(paths[0], lazy=True)                     # the code a load sets up is not the merge's
@@ -83,7 +83,7 @@ def measure(paths: list[str], mode: str, method: str) -> dict:
     name, options = METHODS[method]
     start = time.perf_counter()
     try:
-        foldmerge.merge(paths, ids, name, lazy=mode == "lazy", calibrate="none", fidelity=0, **options)
+        merge(paths, ids, name, lazy=mode == "lazy", calibrate="none", fidelity=0, **options)
     finally:
         seconds = time.perf_counter() - start
         stop.set()

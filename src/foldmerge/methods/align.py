@@ -62,24 +62,40 @@ def check_widths(models, method: str) -> None:
 
 
 @torch.no_grad()
-def observe(models, data, select=None, chunk: int = CHUNK) -> dict[str, list[torch.Tensor]]:
+def observe(models, data, select=None, chunk: int = CHUNK, spaces=None) -> dict[str, list[torch.Tensor]]:
     """feats[space][k]: model k's activations of `space` on the concatenated merge data (float64).
 
     Every probe of a space is read on every example; a probe's tensor (examples x … x d) becomes
     rows of d (`select(tensor)` if given, e.g. some tokens only; by default every position), and
     the probes of a space are stacked in spec order. Models run in eval mode, `chunk` examples
-    at a time."""
+    at a time. `spaces`: only those spaces, each forward pass stopped once their last probe is read."""
     spec = models[0].spec
     x = cat_inputs(list(data))
     feats: dict[str, list[torch.Tensor]] = {}
     for m in models:
-        for space, t in _observe_one(spec, m.backbone, x, select, chunk).items():
+        for space, t in _observe_one(spec, m.backbone, x, select, chunk, spaces).items():
             feats.setdefault(space, []).append(t)
     return feats
 
 
-def _observe_one(spec, backbone, x, select, chunk) -> dict[str, torch.Tensor]:
+def features_of(models, data):
+    """space -> [model k's activations of it] (`observe`): all observed at once for sources in memory;
+    for lazily read sources (`--lazy`) each space observed when asked, its forward passes stopped after
+    its last probe, so that one space's activations are held at a time (the passes are recomputed)."""
+    if not any(m.meta.get("lazy") for m in models):
+        feats = observe(models, data)
+        return feats.__getitem__
+    return lambda space: observe(models, data, spaces={space})[space]
+
+
+class _Seen(Exception):
+    """Every probe asked for has been read: the rest of the forward pass is not needed."""
+
+
+def _observe_one(spec, backbone, x, select, chunk, spaces=None) -> dict[str, torch.Tensor]:
     seen: list[list[torch.Tensor]] = [[] for _ in spec.probes]
+    wanted = [i for i, p in enumerate(spec.probes) if spaces is None or p.space in spaces]
+    read = [0]
 
     def keep(i):
         axis = spec.probes[i].axis
@@ -89,10 +105,15 @@ def _observe_one(spec, backbone, x, select, chunk) -> dict[str, torch.Tensor]:
             if axis not in (-1, t.dim() - 1):      # the space's axis last (a conv's channels)
                 t = t.movedim(axis, -1)
             seen[i].append((select(t) if select is not None else t.reshape(-1, t.shape[-1])).to(torch.float64))
+            read[0] += 1
+            if spaces is not None and read[0] == len(wanted):
+                raise _Seen
         return rows
 
     handles = []
     for i, probe in enumerate(spec.probes):
+        if i not in wanted:
+            continue
         try:
             module = backbone.get_submodule(probe.module)
         except AttributeError:
@@ -107,14 +128,18 @@ def _observe_one(spec, backbone, x, select, chunk) -> dict[str, torch.Tensor]:
     try:
         backbone.eval()
         for part in x.split(chunk):
-            backbone(as_input(part, p))
+            read[0] = 0
+            try:
+                backbone(as_input(part, p))
+            except _Seen:
+                pass
     finally:
         for h in handles:
             h.remove()
         backbone.train(was_training)
     out: dict[str, list[torch.Tensor]] = {}
-    for probe, parts in zip(spec.probes, seen):
-        out.setdefault(probe.space, []).append(torch.cat(parts))
+    for i in wanted:
+        out.setdefault(spec.probes[i].space, []).append(torch.cat(seen[i]))
     return {space: torch.cat(parts) for space, parts in out.items()}
 
 

@@ -288,12 +288,14 @@ def _merge_local_spaces(models, data, param, init, widths, targets, target_scale
         raise ValueError("local FS-Merge of a residual stream merges to model 1's widths; leave widths unset")
     align.check_sources(models, data, "local FS-Merge", equal_widths=False)
     spec, start = models[0].spec, time.perf_counter()
-    per_task = [align.observe(models, [d]) for d in data]          # rows of task k's inputs: owner k
+    per_task = [align.features_of(models, [d]) for d in data]       # rows of task k's inputs: owner k
     first, last, learned = [], [], [0]
 
     def space_maps(space):        # trained when the fold first reads the space (align.SpaceMaps)
-        z = [torch.cat([f[space][k] for f in per_task]).float() for k in range(len(models))]
-        owner = torch.cat([torch.full((len(f[space][0]),), k) for k, f in enumerate(per_task)])
+        seen = [f(space) for f in per_task]
+        z = [torch.cat([s[k] for s in seen]).float() for k in range(len(models))]
+        owner = torch.cat([torch.full((len(s[0]),), k) for k, s in enumerate(seen)])
+        del seen
         scales = target_scales(z, target_scale)
         z = [zk * c for zk, c in zip(z, scales)]
         width, dims = z[0].shape[1], [zk.shape[1] for zk in z]

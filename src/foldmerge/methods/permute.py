@@ -48,12 +48,15 @@ def merge(models, data, seed, context, reset_bn):
     if len(models) != 2:
         raise ValueError(f"permute merges exactly two models, got {len(models)}; use zipit for more")
     align.check_sources(models, data, "permute")
+    if reset_bn and any(m.meta.get("lazy") for m in models):
+        raise ValueError("reset_bn reads every space's maps after the fold, which --lazy releases layer by layer; "
+                         "merge without --lazy to reset BatchNorm statistics")
     spec = models[0].spec
-    feats = align.observe(models, data)
+    feats = align.features_of(models, data)
     fixed = {}
 
     def space_maps(s):           # a space's permutation, when the fold first reads it (align.SpaceMaps)
-        m, u, perms = align.per_head(lambda f: permutation_maps(f[0], f[1]), feats[s], spec.space(s).heads)
+        m, u, perms = align.per_head(lambda f: permutation_maps(f[0], f[1]), feats(s), spec.space(s).heads)
         fixed[s] = sum(int((p == torch.arange(len(p))).sum()) for (p,) in perms)
         return m, u
     maps = align.SpaceMaps(align.merged_spaces(spec), space_maps)
