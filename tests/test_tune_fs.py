@@ -27,8 +27,9 @@ def test_tune_fs_gives_both_methods_the_same_trials_on_validation(tmp_path, monk
     monkeypatch.setattr(Task, "split", first_examples)
     monkeypatch.setitem(tune_fs.CELLS, "toy", toy_cell)
     assert len(tune_fs.TRIALS["fs-merge"]) == len(tune_fs.TRIALS["distill"])
-    # the toy runs the first trial and the two of each method's own
-    monkeypatch.setattr(tune_fs, "TRIALS", {m: t[:1] + t[-2:] for m, t in tune_fs.TRIALS.items()})
+    # the toy runs the first trial and the first two of each method's own
+    own = len(tune_fs.SHARED)
+    monkeypatch.setattr(tune_fs, "TRIALS", {m: t[:1] + t[own:own + 2] for m, t in tune_fs.TRIALS.items()})
     r = tune_fs.run_bench(cells=("toy",), out=str(tmp_path))
     assert set(splits) == {"val"} and len(r["rows"]) == 2 * len(tune_fs.TRIALS["fs-merge"])
     assert all(0 <= row["val_per_task"] <= 100 for row in r["rows"])

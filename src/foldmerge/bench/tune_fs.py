@@ -32,9 +32,14 @@ SHARED = [("validated", {}), ("decay matrices", {"decay": "matrices"}), ("decay 
 TRIALS = {
     "fs-merge": SHARED + [("rank 32", {"param": "diag+lowrank(32)"}),
                           ("zipit init (full maps)", {"init": "zipit", "param": "full"}),
-                          ("permute init", {"init": "permute"})],
+                          ("permute init", {"init": "permute"}),
+                          # the second round: on language models the low rank was FS-Merge's gap (bench lm)
+                          ("full maps", {"param": "full"}), ("permute init, full maps", {"init": "permute", "param": "full"})],
     "distill": SHARED + [("lr /3", {"lr_scale": 1 / 3}), ("init average", {"init": "average"}),
-                         ("init regmean", {"init": "regmean"})],
+                         ("init regmean", {"init": "regmean"}),
+                         # the second round: the best start with each of the two other best changes
+                         ("init regmean, wd 0.01", {"init": "regmean", "weight_decay": 0.01}),
+                         ("init regmean, logits 0.5", {"init": "regmean", "logit_weight": 0.5})],
 }
 
 
