@@ -134,15 +134,37 @@ def test_lazy_merges_read_bfloat16_sources_as_memory_maps_and_keep_their_dtype(t
             torch.testing.assert_close(lm(input_ids=ids).logits.float(), lazy(ids)[0], rtol=0.02, atol=0.02)
         assert lm.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 6)
     assert digest == [hashlib.sha256((m / "model.safetensors").read_bytes()).hexdigest() for m in models]
-    for method, extra, says in (("distill", [], "distill holds the sources whole"),
+    mixed = [models[0], tmp_path / "plain 1"]                     # bfloat16 and float32
+    for method, extra, says in (("average", [], "these differ (bfloat16, float32)"),
+                                ("distill", [], "distill holds the sources whole"),
                                 ("fs-merge", [], "fs-merge --variant global holds the sources whole"),
                                 ("zipit", [], "zipit holds the sources whole")):
         capsys.readouterr()
-        code = cli.main(["merge", *map(str, models), "--data", *map(str, data), "--per-task", "16", "--method", method,
-                         *extra, "--lazy", "--out", str(tmp_path / "refused")])
+        code = cli.main(["merge", *map(str, mixed if method == "average" else models), "--data", *map(str, data),
+                         "--per-task", "16", "--method", method, *extra, "--lazy", "--out", str(tmp_path / "refused")])
         err = capsys.readouterr().err
         assert code == 2 and len(err.splitlines()) == 1 and says in err, err
         assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("kind", ["Llama", "GPT2", "GPTNeoX"])
+def test_a_shallower_decoder_is_deepened_by_identity_blocks(tmp_path, kind):
+    """Decoders are pre-norm: a block whose output projections are zero adds nothing to the stream, so a
+    1-layer source merges with a 2-layer one at depth 2 and, deepened, computes what it did."""
+    import transformers
+
+    from foldmerge.api import equal_depths
+    deep = make(tmp_path / "deep", 0, kind=kind)
+    config = transformers.AutoConfig.from_pretrained(deep)
+    setattr(config, config.attribute_map.get("num_hidden_layers", "num_hidden_layers"), 1)
+    torch.manual_seed(1)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "shallow")
+    shallow = load_hf(tmp_path / "shallow")
+    both = equal_depths([load_hf(deep), shallow])
+    ids = torch.tensor([[1, 3, 4, 5, 6, 7]])
+    assert both[1].meta["deepened"] == {"from": 1, "to": 2, "rule": "identity blocks appended"}
+    with torch.no_grad():
+        torch.testing.assert_close(both[1](ids)[0], shallow(ids)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_the_query_and_key_maps_commute_with_the_rotations(tmp_path):

@@ -310,6 +310,10 @@ def _check_lazy(m, resolved: dict, sources, engine) -> None:
                          f"{what} holds the sources whole")
     if engine is not None:
         raise ValueError("--lazy merges in this process; leave out --accelerator, --devices and --precision")
+    dtypes = sorted({str(next(s.backbone.parameters()).dtype).removeprefix("torch.") for s in sources})
+    if len(dtypes) > 1:
+        raise ValueError(f"--lazy keeps the sources' dtype, and these differ ({', '.join(dtypes)}); convert one, "
+                         "or merge without --lazy (in float32)")
 
 
 def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: int | None = None, engine=None,

@@ -534,8 +534,8 @@ def tied_family(model) -> bool:
 def lm_head_tied(merged) -> bool:
     """Whether a merged language model's head is its token table: where the family ties them (GPT-2) and
     the merge kept them equal, which FS-Merge, the alignment methods and averaging do
-    (`ArchSpec.tied_output`); a merge that learns the head apart (distillation, RegMean) is saved with a
-    head of its own (tie_word_embeddings false)."""
+    (`ArchSpec.tied_output`); a merge that learns the head apart (distillation) is saved with a head of its
+    own (tie_word_embeddings false)."""
     if not tied_family(merged):
         return False
     table = TABLES[merged.arch]

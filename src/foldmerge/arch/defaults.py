@@ -64,7 +64,10 @@ VIT = Row({
 ROWS = {
     "mlp": MLP,
     "vit": VIT,
-    "hf-vit": Row(borrows="vit", note="Hugging Face's ViTModel; not measured apart from foldmerge's ViT"),
+    "hf-vit": Row(borrows="vit", note="every Hugging Face table family (ViT, DeiT, DINOv2, CLIP's towers, ConvNeXt, "
+                                      "ResNet; the decoders: Llama, Mistral, Qwen2, GPT-2, GPT-NeoX); not measured "
+                                      "apart from foldmerge's ViT but by bench lm, which ran its trained merges "
+                                      "with these values at 50 epochs"),
     "bert": Row(borrows="vit", note="bench text (from-scratch BERTs) ran with these values and held-out early "
                                     "stopping; not searched on text"),
     "resnet": Row(borrows="vit", note="bench cnn ran the trained merges with these values at 50 epochs; "

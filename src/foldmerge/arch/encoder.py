@@ -565,6 +565,7 @@ def _decoder_spec(table: Table, c: dict) -> ArchSpec:
                     build=lambda cfg: Backbone(table, cfg), resize=lambda cfg, widths: resize(table, cfg, widths),
                     width_spaces=("res", "mlp0"), check=lambda configs: check_compatible(table, configs),
                     defaults="hf-vit", depth=lambda cfg: config_of(table, cfg)[r.layers],
+                    deepen=lambda cfg, backbone, depth: deepen(table, cfg, backbone, depth),
                     tied_output="embed" if table.tied_head else None)
 
 
