@@ -140,7 +140,8 @@ def run(args) -> None:
     name = method + (f" {options['variant']}" if "variant" in options else "")
     title = f"merged {len(models)} models -> {out}" + (" (accuracy on --eval-data)" if eval_data else "")
     unscored = "" if rows else {"projection": "; projection heads: embeddings, no accuracy",
-                                "lm": "; language models: perplexity below, no accuracy"}.get(
+                                "lm": "; language models: perplexity below, no accuracy" if fid else
+                                "; language models: no accuracy (perplexity with --fidelity N)"}.get(
         merged.head_kind, "; no accuracy: a task has no built-in labelled data (give --eval-data)")
     print_table([result_row(r["model"], r, merged.meta["wall_seconds"] if r is rows[-1] else None) for r in rows]
                 or [result_row(name, None, merged.meta["wall_seconds"])], title,
