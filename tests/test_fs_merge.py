@@ -58,6 +58,28 @@ def test_local_fs_merge_of_a_residual_stream_learns_each_space_alone():
         foldmerge.merge(src, x, method="fs-merge", variant="local", init="zipit", param="full", epochs=1)
 
 
+def test_local_fs_merge_samples_the_same_rows_of_every_source():
+    """`rows`: at most about that many activation rows per probe and task, the same inputs and positions
+    in every source (a model observed twice gives the same rows), recorded in meta; an MLP's local variant
+    reads that many examples per task."""
+    from foldmerge.methods import align
+    vit = {"width": 16, "depth": 2, "heads": 2, "mlp_dim": 16, "out_dim": 8}
+    a = TaskModel("vit", vit, ["mnist:0-4"])
+    x = torch.randn(40, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    whole = align.observe([a, a], [x])
+    some = align.observe([a, a], [x], rows=30, chunk=16)
+    probes = sum(p.space == "mlp0" for p in a.spec.probes)
+    assert len(whole["mlp0"][0]) > 30 * probes and 30 * probes <= len(some["mlp0"][0]) <= 33 * probes
+    assert torch.equal(some["mlp0"][0], some["mlp0"][1])
+    assert all(any(torch.equal(r, w) for w in whole["mlp0"][0]) for r in some["mlp0"][0][:5])   # rows, not mixes
+    src = [a, TaskModel("vit", vit, ["mnist:5-9"])]
+    merged = foldmerge.merge(src, [x[:20], x[20:]], method="fs-merge", variant="local", rows=50, epochs=2,
+                             calibrate="none")
+    assert merged.meta["rows"] == 50
+    mlp = foldmerge.merge(sources(), sample(2), method="fs-merge", variant="local", rows=8, epochs=1)
+    assert mlp.meta["merge_examples"] == [8, 8]
+
+
 def test_three_models_and_a_new_target_width():
     src = sources(([24, 16], [20, 12], [24, 10]))
     merged = foldmerge.merge(src, sample(3), method="fs-merge", variant="global", widths=[18, 14],

@@ -62,40 +62,44 @@ def check_widths(models, method: str) -> None:
 
 
 @torch.no_grad()
-def observe(models, data, select=None, chunk: int = CHUNK, spaces=None) -> dict[str, list[torch.Tensor]]:
+def observe(models, data, select=None, chunk: int = CHUNK, spaces=None, rows: int | None = None,
+            seed: int = 0) -> dict[str, list[torch.Tensor]]:
     """feats[space][k]: model k's activations of `space` on the concatenated merge data (float64).
 
     Every probe of a space is read on every example; a probe's tensor (examples x … x d) becomes
     rows of d (`select(tensor)` if given, e.g. some tokens only; by default every position), and
     the probes of a space are stacked in spec order. Models run in eval mode, `chunk` examples
-    at a time. `spaces`: only those spaces, each forward pass stopped once their last probe is read."""
+    at a time. `spaces`: only those spaces, each forward pass stopped once their last probe is read.
+    `rows`: at most about that many rows per probe, drawn at random in each chunk (seeded by the probe
+    and the chunk, so every model gives the rows of the same inputs and positions)."""
     spec = models[0].spec
     x = cat_inputs(list(data))
     feats: dict[str, list[torch.Tensor]] = {}
     for m in models:
-        for space, t in _observe_one(spec, m.backbone, x, select, chunk, spaces).items():
+        for space, t in _observe_one(spec, m.backbone, x, select, chunk, spaces, rows, seed).items():
             feats.setdefault(space, []).append(t)
     return feats
 
 
-def features_of(models, data):
-    """space -> [model k's activations of it] (`observe`): all observed at once for sources in memory;
-    for lazily read sources (`--lazy`) each space observed when asked, its forward passes stopped after
-    its last probe, so that one space's activations are held at a time (the passes are recomputed)."""
+def features_of(models, data, rows: int | None = None, seed: int = 0):
+    """space -> [model k's activations of it] (`observe`, `rows` per probe): all observed at once for
+    sources in memory; for lazily read sources (`--lazy`) each space observed when asked, its forward
+    passes stopped after its last probe, so that one space's activations are held at a time (the passes
+    are recomputed)."""
     if not any(m.meta.get("lazy") for m in models):
-        feats = observe(models, data)
+        feats = observe(models, data, rows=rows, seed=seed)
         return feats.__getitem__
-    return lambda space: observe(models, data, spaces={space})[space]
+    return lambda space: observe(models, data, spaces={space}, rows=rows, seed=seed)[space]
 
 
 class _Seen(Exception):
     """Every probe asked for has been read: the rest of the forward pass is not needed."""
 
 
-def _observe_one(spec, backbone, x, select, chunk, spaces=None) -> dict[str, torch.Tensor]:
+def _observe_one(spec, backbone, x, select, chunk, spaces=None, most=None, seed=0) -> dict[str, torch.Tensor]:
     seen: list[list[torch.Tensor]] = [[] for _ in spec.probes]
     wanted = [i for i, p in enumerate(spec.probes) if spaces is None or p.space in spaces]
-    read = [0]
+    read, part_no = [0], [0]
 
     def keep(i):
         axis = spec.probes[i].axis
@@ -104,7 +108,13 @@ def _observe_one(spec, backbone, x, select, chunk, spaces=None) -> dict[str, tor
             t = t.detach()
             if axis not in (-1, t.dim() - 1):      # the space's axis last (a conv's channels)
                 t = t.movedim(axis, -1)
-            seen[i].append((select(t) if select is not None else t.reshape(-1, t.shape[-1])).to(torch.float64))
+            r = select(t) if select is not None else t.reshape(-1, t.shape[-1])
+            if most is not None:                  # this chunk's share of `most`, the same rows in every model
+                share = -(-most * len(t) // len(x))
+                if len(r) > share:
+                    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + i * 10_007 + part_no[0])
+                    r = r[torch.randperm(len(r), generator=g)[:share].sort().values]
+            seen[i].append(r.to(torch.float64))
             read[0] += 1
             if spaces is not None and read[0] == len(wanted):
                 raise _Seen
@@ -127,7 +137,7 @@ def _observe_one(spec, backbone, x, select, chunk, spaces=None) -> dict[str, tor
     p = next(backbone.parameters())
     try:
         backbone.eval()
-        for part in x.split(chunk):
+        for part_no[0], part in enumerate(x.split(chunk)):
             read[0] = 0
             try:
                 backbone(as_input(part, p))

@@ -73,6 +73,10 @@ OPTIONS = (
            "layer; ViT: residual [MLP]); unset: model 1's"),
     Option("form", Choice(("folded", "supernet")), "how the SuperNet runs in training", "folded",
            "the same function and gradients as the SuperNet form (tested), one merged-width model per step"),
+    Option("rows", Integer(1), "local: at most this many activation rows per probe and task, drawn at random "
+           "(seeded; the same inputs and positions in every source; an MLP's layer gives one row per example): "
+           "bounds the activations a space's maps train on", None, "every row: each position of each example",
+           when=("variant", ("local",))),
     Option("zipit_alpha", Number(), "with init zipit: ZipIt!'s alpha",
            by_family("alpha", "zipit", ("zipit",)), when=("init", ("zipit",))),
     Option("zipit_beta", Number(0, 1), "with init zipit: ZipIt!'s beta",
@@ -85,7 +89,7 @@ OPTIONS = (
 
 @method("fs-merge", OPTIONS, "Foldable SuperNet Merge: learn M and U around the frozen sources, then fold",
         held_out=True)
-def merge(models, data, seed, context, variant, param, init, widths, form, last_epochs, zipit_alpha, zipit_beta,
+def merge(models, data, seed, context, variant, param, init, widths, form, last_epochs, rows, zipit_alpha, zipit_beta,
           epochs, lr, momentum, schedule, warmup, weight_decay, decay, logit_weight, logit_loss, batch_size, optimizer, targets,
           target_scale, patience, held_out=None):
     sources_spec(models)                  # one architecture, two or more models
@@ -102,11 +106,15 @@ def merge(models, data, seed, context, variant, param, init, widths, form, last_
     if variant == "seq":
         return _merge_seq(models, data, widths, param, init, targets, target_scale, form, cfg, last_epochs, seed,
                           context)
+    if rows is not None and models[0].spec.relu_layers:     # an MLP's layer gives one row per example
+        g = torch.Generator().manual_seed(int(seed))
+        data = [d[torch.randperm(len(d), generator=g)[:rows].sort().values] for d in data]
     if variant == "local" and not models[0].spec.relu_layers:
         if init in ("zipit", "permute"):
             raise ValueError(f"local FS-Merge of a residual stream learns each space's maps alone; init {init!r} "
                              "applies to the global variant")
-        return _merge_local_spaces(models, data, param, init, widths, targets, target_scale, cfg, seed, context)
+        return _merge_local_spaces(models, data, param, init, widths, targets, target_scale, cfg, seed, context,
+                                   rows)
     if init == "zipit":
         supernet = _zipit_supernet(models, data, widths, param, seed, zipit_alpha, zipit_beta)
     elif init == "permute":
@@ -280,7 +288,7 @@ def _train_local(supernet, models, x, owner, cfg, target_scale, context):
     return history
 
 
-def _merge_local_spaces(models, data, param, init, widths, targets, target_scale, cfg, seed, context):
+def _merge_local_spaces(models, data, param, init, widths, targets, target_scale, cfg, seed, context, rows=None):
     """Local FS-Merge of a family that is not a chain of layers: one (M, U) per merged space, each trained
     alone to reconstruct the space's activations (module docstring), then folded as alignment maps are.
     Fixed and derived spaces (rotary queries and keys, grouped-query values) take the mean, as there."""
@@ -288,7 +296,7 @@ def _merge_local_spaces(models, data, param, init, widths, targets, target_scale
         raise ValueError("local FS-Merge of a residual stream merges to model 1's widths; leave widths unset")
     align.check_sources(models, data, "local FS-Merge", equal_widths=False)
     spec, start = models[0].spec, time.perf_counter()
-    per_task = [align.features_of(models, [d]) for d in data]       # rows of task k's inputs: owner k
+    per_task = [align.features_of(models, [d], rows, seed) for d in data]   # rows of task k's inputs: owner k
     first, last, learned = [], [], [0]
 
     def space_maps(space):        # trained when the fold first reads the space (align.SpaceMaps)
@@ -323,6 +331,7 @@ def _merge_local_spaces(models, data, param, init, widths, targets, target_scale
     maps = align.SpaceMaps(learnable, space_maps)
     merged = align.merge_with_maps(models, maps, seed)
     merged.meta = {"method": "fs-merge", "variant": "local", "param": param, "init": init, "targets": targets,
+                   "rows": rows,
                    "target_scale": target_scale, "train": cfg.as_dict(sum(len(d) for d in data)),
                    "train_seconds": time.perf_counter() - start, "learnable_parameters": learned[0],
                    "initial_loss": sum(first) if first else None, "final_loss": sum(last) if last else None,
