@@ -91,6 +91,7 @@ def test_gpt2_and_pythia_merge_from_the_command_line_and_gpt2_keeps_its_head_tie
         folder = next(p for p in (out / "hf").iterdir() if p.name != "backbone")
         lm = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
         assert lm.config.tie_word_embeddings == tied, method
+        assert len(transformers.AutoTokenizer.from_pretrained(out / "hf" / "backbone")) == 19   # the base model's too
         assert ("tied to the token table" in (out / "README.md").read_text()) == tied or kind != "GPT2"
         assert sum(p.numel() for p in lm.parameters()) == size + (0 if tied or kind != "GPT2" else lm.lm_head.weight.numel())
         ids = torch.tensor([[1, 3, 4, 5, 6]])

@@ -480,6 +480,8 @@ def _write_hf(merged, out: Path, sources=()) -> None:
     config.save_pretrained(tmp / "backbone")
     _save_shards(tmp / "backbone", {BACKBONE_SHARD: shard})
     first = _processor_folder([Path(s.meta["path"]) for s in sources if s.meta.get("path")])
+    if first is not None:           # the base model reads what the task folders read
+        copy_processor_files(first, tmp / "backbone")
     for i, task in enumerate(merged.tasks):
         owner = next((s for s in sources if task.name in [t.name for t in s.tasks]), None)
         labels = (owner.meta.get("id2label") if owner else None) or {c: str(c) for c in range(task.num_classes)}
