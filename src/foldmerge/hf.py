@@ -186,8 +186,8 @@ def load_hf(path: str | os.PathLike, task=None, allow_pickle: bool = False, lazy
 def read_model(path: Path, cfg: dict, allow_pickle: bool, lazy: bool = False):
     """(the transformers model of the class config.json names, the weights file read), every tensor
     the model's and every one of its tensors in the file. `lazy`: the model holds the file's mapped
-    tensors as they are (no copy, their dtype); the file's names must then be the class's own (transformers'
-    renames of older names are not applied)."""
+    tensors as they are (no copy, their dtype), under the class's names (`_class_names`: transformers' plain
+    renames of older names; a file that needs its other conversions is refused)."""
     state, weights = read_weights(path, allow_pickle, lazy)
     check_finite(state, str(path))
     import transformers
@@ -482,6 +482,7 @@ def _write_hf(merged, out: Path, sources=()) -> None:
     first = _processor_folder([Path(s.meta["path"]) for s in sources if s.meta.get("path")])
     if first is not None:           # the base model reads what the task folders read
         copy_processor_files(first, tmp / "backbone")
+    tied = merged.head_kind == "lm" and lm_head_tied(merged)   # a GPT-2 whose head stayed its token table
     for i, task in enumerate(merged.tasks):
         owner = next((s for s in sources if task.name in [t.name for t in s.tasks]), None)
         labels = (owner.meta.get("id2label") if owner else None) or {c: str(c) for c in range(task.num_classes)}
@@ -491,7 +492,7 @@ def _write_hf(merged, out: Path, sources=()) -> None:
         if merged.head_kind == "projection":     # each task's own embedding width
             cfg.projection_dim = task.num_classes
         elif merged.head_kind == "lm":     # tied to the token table where the family's is and the merge kept it
-            cfg.tie_word_embeddings = tied = lm_head_tied(merged)
+            cfg.tie_word_embeddings = tied
         else:
             cfg.num_labels = task.num_classes
             cfg.id2label = {int(k): v for k, v in labels.items()}
@@ -509,14 +510,14 @@ def _write_hf(merged, out: Path, sources=()) -> None:
                 for name_, part in zip(distilled.classifiers, w.chunk(2, dim=1)):
                     hf.get_submodule(name_).weight.copy_(2 * part)
                     hf.get_submodule(name_).bias.copy_(b)
-            elif not (merged.head_kind == "lm" and tied):         # (a tied head is the table, already loaded)
+            elif not tied:                      # (a tied head is the table, already loaded)
                 head = hf.get_submodule(CLASSIFIER[merged.arch])
                 head.weight.copy_(w)
                 if b is not None:
                     head.bias.copy_(b)
         state = {k: v.detach().contiguous() for k, v in hf.state_dict().items()}
         own = {k: v for k, v in state.items() if k not in shard and
-               not (merged.head_kind == "lm" and tied and k == f"{CLASSIFIER[merged.arch]}.weight")}
+               not (tied and k == f"{CLASSIFIER[merged.arch]}.weight")}
         if any(not torch.equal(state[k], v) for k, v in shard.items() if k in state):
             raise AssertionError("a task's classifier would not read the merged backbone")  # a bug of ours
         where = tmp / task.slug

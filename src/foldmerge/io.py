@@ -380,7 +380,7 @@ def map_tensors(file: str | os.PathLike) -> dict[str, torch.Tensor]:
                 continue
             dtype, shape, (a, b) = DTYPES[info["dtype"]], [int(d) for d in info["shape"]], info["data_offsets"]
             count = int(np.prod(shape)) if shape else 1
-            if not 0 <= a <= b or start + b > size or b - a != count * torch.empty((), dtype=dtype).element_size():
+            if not 0 <= a <= b or start + b > size or b - a != count * dtype.itemsize:
                 raise ValueError(f"tensor {name!r} has offsets that do not fit its shape")
             with warnings.catch_warnings():          # the map is read-only on purpose (docstring)
                 warnings.simplefilter("ignore")

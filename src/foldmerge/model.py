@@ -99,21 +99,22 @@ class TaskModel(nn.Module):
     def for_merge(cls, models, backbone: dict[str, Any] | None = None) -> "TaskModel":
         """An (untrained) model to hold the merge of `models`: model 1's backbone configuration (or
         `backbone`), every task of every model, their head kind and bias, their dtype and device."""
-        kind, bias = head_layout(models)
-        first = models[0]
-        merged = cls(first.arch, dict(first.backbone_config if backbone is None else backbone),
-                     [t for m in models for t in m.tasks], bias, head=kind)
-        p = next(first.backbone.parameters())
-        return merged.to(dtype=p.dtype, device=p.device)
+        p = next(models[0].backbone.parameters())
+        return cls._merge_of(models, backbone).to(dtype=p.dtype, device=p.device)
 
     @classmethod
     def shaped_for_merge(cls, models) -> "TaskModel":
         """`for_merge`'s model with its parameters on the meta device (shapes, no memory): for a merge that
         assigns every tensor (`load_state_dict(…, assign=True)`), so the merged model is allocated once."""
-        kind, bias = head_layout(models)
         with parameters_on_meta():
-            return cls(models[0].arch, dict(models[0].backbone_config), [t for m in models for t in m.tasks], bias,
-                       head=kind)
+            return cls._merge_of(models)
+
+    @classmethod
+    def _merge_of(cls, models, backbone: dict[str, Any] | None = None) -> "TaskModel":
+        kind, bias = head_layout(models)
+        first = models[0]
+        return cls(first.arch, dict(first.backbone_config if backbone is None else backbone),
+                   [t for m in models for t in m.tasks], bias, head=kind)
 
     @property
     def spec(self):

@@ -281,12 +281,14 @@ class FusedQKV(nn.Module):
 
 
 def _unfuse(table: Table, config: dict, state: dict) -> dict:
-    """Hugging Face's fused and transposed tensors as the backbone holds them (`FusedQKV`, nn.Linear)."""
+    """Hugging Face's fused and transposed tensors as the backbone holds them (`FusedQKV`, nn.Linear): views
+    of them where a view can be one (a transposed or a split weight), so a memory-mapped source stays
+    mapped; GPT-NeoX's per-head interleaving is the one copy."""
     c, f, out = config_of(table, config), table.fused_qkv, dict(state)
     for l in range(c[table.roles.layers]):
         b = f"{table.prefix}.{table.layer.format(l=l)}"
         for name in table.transposed:
-            out[f"{b}.{name}.weight"] = out[f"{b}.{name}.weight"].T.contiguous()
+            out[f"{b}.{name}.weight"] = out[f"{b}.{name}.weight"].T
         if f:
             for kind in ("weight", "bias"):
                 t = out.pop(f"{b}.{f.module}.{kind}", None)
@@ -294,7 +296,7 @@ def _unfuse(table: Table, config: dict, state: dict) -> dict:
                     continue
                 parts = t.unflatten(0, (c[table.roles.heads], 3, -1)).unbind(1) if f.interleaved else t.chunk(3)
                 for role, part in zip(("query", "key", "value"), parts):
-                    out[f"{b}.{f.module}.{role}.{kind}"] = part.reshape(-1, *t.shape[1:]).contiguous()
+                    out[f"{b}.{f.module}.{role}.{kind}"] = part.reshape(-1, *t.shape[1:])
     return out
 
 

@@ -28,6 +28,18 @@ from ..spec import Param, check_mergeable
 from .common import CHUNK, cat_inputs, sources_spec
 
 
+def read_lazily(models) -> bool:
+    """Whether a merge's sources are memory-mapped (`--lazy`, `foldmerge.loading.load`): then spaces are
+    observed one at a time and maps fold parameter by parameter."""
+    return any(m.meta.get("lazy") for m in models)
+
+
+def averaged_spaces(spec) -> set[str]:
+    """The spaces whose maps are the sources' mean, never matched or learned: fixed ones (rotary queries and
+    keys, grouped-query values) and those derived from them."""
+    return {s.name for s in spec.spaces if s.fixed or s.derived}
+
+
 def merged_spaces(spec) -> list[str]:
     """The spaces a merge maps (every space that is not a shared input), in spec order."""
     return [s.name for s in spec.spaces if not s.shared]
@@ -86,7 +98,7 @@ def features_of(models, data, rows: int | None = None, seed: int = 0):
     sources in memory; for lazily read sources (`--lazy`) each space observed when asked, its forward
     passes stopped after its last probe, so that one space's activations are held at a time (the passes
     are recomputed)."""
-    if not any(m.meta.get("lazy") for m in models):
+    if not read_lazily(models):
         feats = observe(models, data, rows=rows, seed=seed)
         return feats.__getitem__
     return lambda space: observe(models, data, spaces={space}, rows=rows, seed=seed)[space]
@@ -202,7 +214,7 @@ def load_maps(sn: SuperNet, models, maps: dict[str, tuple[torch.Tensor, torch.Te
     """Every site of `sn` takes its space's (M, U); merged norms become M·concat(γ_k). A fixed space
     (queries and keys rotated by position: a match within a head would move a dimension to another
     rotation frequency; grouped-query values) and a space derived from one take the mean."""
-    mean = {s.name for s in sn.spec.spaces if s.fixed or s.derived}
+    mean = averaged_spaces(sn.spec)
     for role, _, space, fm in sn.sites():
         if isinstance(fm, TiedMap):         # set through the merge map it is tied to (spec.tied_output)
             continue
@@ -220,7 +232,7 @@ def merge_with_maps(models, maps: dict[str, tuple[torch.Tensor, torch.Tensor]], 
     """The merged model of alignment maps (one (M, U) per merged space); see the module docstring.
     Sources read lazily (memory-mapped, `foldmerge.loading.load`) fold parameter by parameter
     (`fold_by_parameter`), which the tests check against this SuperNet's fold."""
-    if any(m.meta.get("lazy") for m in models):
+    if read_lazily(models):
         return fold_by_parameter(models, maps)
     sn = space_supernet(models, {s: m.shape[0] for s, (m, _) in maps.items()}, seed)
     load_maps(sn, models, maps)
@@ -265,7 +277,7 @@ def fold_by_parameter(models, maps):
     tied to the token table reads n·Mᵀ (`spec.tied_output`), as in `load_maps`."""
     spec, n = models[0].spec, len(models)
     widths = [m.spec.validate(m.backbone) for m in models]
-    mean = {s.name for s in spec.spaces if s.fixed or s.derived}
+    mean = averaged_spaces(spec)
     offsets = {s: [0] + torch.tensor([w[s] for w in widths]).cumsum(0).tolist() for s in merged_spaces(spec)}
     sources = [dict(m.backbone.named_parameters()) for m in models]
     norms = [Param(key, (nm.space,)) for nm in spec.norms for key in (f"{nm.module}.weight", f"{nm.module}.bias")

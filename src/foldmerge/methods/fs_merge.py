@@ -327,7 +327,7 @@ def _merge_local_spaces(models, data, param, init, widths, targets, target_scale
                 m.scale_block(k, c)
                 u.scale_block(k, 1.0 / c)
             return m.dense(), u.dense().T
-    learnable = [s for s in align.merged_spaces(spec) if not (spec.space(s).fixed or spec.space(s).derived)]
+    learnable = [s for s in align.merged_spaces(spec) if s not in align.averaged_spaces(spec)]
     maps = align.SpaceMaps(learnable, space_maps)
     merged = align.merge_with_maps(models, maps, seed)
     merged.meta = {"method": "fs-merge", "variant": "local", "param": param, "init": init, "targets": targets,

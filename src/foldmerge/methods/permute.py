@@ -48,7 +48,7 @@ def merge(models, data, seed, context, reset_bn):
     if len(models) != 2:
         raise ValueError(f"permute merges exactly two models, got {len(models)}; use zipit for more")
     align.check_sources(models, data, "permute")
-    if reset_bn and any(m.meta.get("lazy") for m in models):
+    if reset_bn and align.read_lazily(models):
         raise ValueError("reset_bn reads every space's maps after the fold, which --lazy releases layer by layer; "
                          "merge without --lazy to reset BatchNorm statistics")
     spec = models[0].spec
