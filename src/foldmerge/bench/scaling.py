@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from rich.table import Table
 from ..api import merge
 from ..loading import load
 from ..progress import status
+from .cost import PeakMemory
 
 WIDTHS = (256, 512, 1024, 1536)
 DEPTH, VOCAB, TOKENS, TEXTS = 8, 4000, 64, 8
@@ -58,37 +58,16 @@ def make_sources(folder: Path, width: int, dtype: str) -> list[Path]:
     return out
 
 
-def _private_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def measure(paths: list[str], mode: str, method: str) -> dict:
     """One merge in this process: peak private memory above the level after set-up, and seconds."""
     torch.set_num_threads(1)
     ids = [torch.randint(3, VOCAB, (TEXTS, TOKENS), generator=torch.Generator().manual_seed(k)) for k in range(2)]
     load(paths[0], lazy=True)                     # the code a load sets up is not the merge's
-    base = peak = _private_bytes()
-    stop = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not stop.wait(0.001):
-            peak = max(peak, _private_bytes())
-    watcher = threading.Thread(target=sample, daemon=True)
-    watcher.start()
     name, options = METHODS[method]
     start = time.perf_counter()
-    try:
+    with PeakMemory("cpu", private=True) as peak:
         merge(paths, ids, name, lazy=mode == "lazy", calibrate="none", fidelity=0, **options)
-    finally:
-        seconds = time.perf_counter() - start
-        stop.set()
-        watcher.join()
-    return {"peak_bytes": max(peak, _private_bytes()) - base, "seconds": seconds}
+    return {"peak_bytes": peak.bytes, "seconds": time.perf_counter() - start}
 
 
 def run_bench(out: str = "runs/bench", widths: tuple = WIDTHS, dtypes: tuple = tuple(DTYPES),
