@@ -26,7 +26,12 @@ def test_tune_fs_gives_both_methods_the_same_trials_on_validation(tmp_path, monk
         return tuple(t[:200] for t in split(self, which))
     monkeypatch.setattr(Task, "split", first_examples)
     monkeypatch.setitem(tune_fs.CELLS, "toy", toy_cell)
+    monkeypatch.setattr(tune_fs, "FULL_SEARCH", {"toy"})
     assert len(tune_fs.TRIALS["fs-merge"]) == len(tune_fs.TRIALS["distill"])
+    # a follow-up cell runs each method's leads: every lead is a trial, the counts equal
+    leads = {m: [label for label, _ in tune_fs.trials_for("vit-pairs100", m)] for m in tune_fs.TRIALS}
+    assert {m: set(v) for m, v in leads.items()} == {m: set(v) for m, v in tune_fs.LEADS.items()}
+    assert len(leads["fs-merge"]) == len(leads["distill"]) > 1
     # the toy runs the first trial and the first two of each method's own
     own = len(tune_fs.SHARED)
     monkeypatch.setattr(tune_fs, "TRIALS", {m: t[:1] + t[own:own + 2] for m, t in tune_fs.TRIALS.items()})

@@ -19,11 +19,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..api import merge, merge_sample
+from ..api import held_out_sample, merge, merge_sample
 from ..evaluation import evaluate
 from ..progress import status
-from . import Cells, read_back, vit
+from . import Cells, read_back, text, vit
 from .mlp import e1_warmup
+from .scale import SOURCE_EPOCHS, vit_config
 
 # a trial: (label, changes to the cell's base options); FS-Merge and distillation get as many each
 SHARED = [("validated", {}), ("decay matrices", {"decay": "matrices"}), ("decay to-start", {"decay": "to-start"}),
@@ -43,21 +44,52 @@ TRIALS = {
 }
 
 
-def _vit_pairs16(out: Path, seed: int):
-    """bench vit pairs16's first pair (its sources, its 16 + 800 augmented images per task) and the
-    options validation chose there (docs/results/bench-vit-pairs16.json)."""
-    orig, aug, _ = vit.SETTINGS["pairs16"]
-    sources = vit.get_sources(vit.groups("pairs16")[0], vit.VIT, out, None, (3, 2))
-    data = merge_sample(sources, orig, seed, augment=aug)
-
-    def base(row):
-        epochs, lr = vit.VALIDATED[row]
-        return {"epochs": epochs, "lr": lr, **e1_warmup(epochs), **vit.TRAIN}
-    return sources, data, {"fs-merge": {**vit.FS_MERGE, "param": "diag+lowrank(12)", **base("fs-merge diag+lowrank(12)")},
-                           "distill": {"init": "first", **base("distill")}}
+def _vit_base(row: str) -> dict:
+    epochs, lr = vit.VALIDATED[row]
+    return {"epochs": epochs, "lr": lr, **e1_warmup(epochs), **vit.TRAIN}
 
 
-CELLS = {"vit-pairs16": _vit_pairs16}
+def _vit_cell(setting: str, config: dict):
+    """bench vit's first pair (sources as that bench or the scale study trains them), the setting's merge
+    sample (originals + augmented images per task) and the options bench vit validated on pairs16
+    (docs/results/bench-vit-pairs16.json), which bench vit and the scale study use at every cell."""
+    def cell(out: Path, seed: int):
+        orig, aug, _ = vit.SETTINGS[setting]
+        sources = vit.get_sources(vit.groups(setting)[0], config, out, None, SOURCE_EPOCHS)
+        data = merge_sample(sources, orig, seed, augment=aug)
+        return sources, data, {"fs-merge": {**vit.FS_MERGE, "param": "diag+lowrank(12)",
+                                            **_vit_base("fs-merge diag+lowrank(12)")},
+                               "distill": {"init": "first", **_vit_base("distill")}}
+    return cell
+
+
+def _text_scratch(out: Path, seed: int):
+    """bench text scratch's first pair (BERTs trained from scratch), its 200 merge texts per task, its
+    held-out texts for early stopping and its options (docs/results/bench-text-scratch.json)."""
+    s = text.SETTINGS["scratch"]
+    sources = text.get_sources("scratch", 0, out)
+    data = merge_sample(sources, s["per_task"], seed)
+    held = held_out_sample(sources, s["per_task"], s["held_out"], seed)
+    plan = {name: opts for name, _, opts in text.method_plan("scratch")}
+    return sources, data, {"fs-merge": {**plan["fs-merge diag+lowrank(12)"], "held_out": held},
+                           "distill": {**plan["distill"], "held_out": held}}
+
+
+# vit-pairs16 is also the scale study's width-64 cell (the same sources, sample and options)
+CELLS = {"vit-pairs16": _vit_cell("pairs16", vit.VIT), "vit-pairs100": _vit_cell("pairs100", vit.VIT),
+         "text-scratch": _text_scratch,
+         "scale-w128": _vit_cell("pairs16", vit_config(128, 4)), "scale-w192": _vit_cell("pairs16", vit_config(192, 4))}
+FULL_SEARCH = {"vit-pairs16"}
+# vit-pairs16 runs every trial; the other cells run, for each method, the validated options and the three
+# changes that led on vit-pairs16 (the same count for both methods)
+LEADS = {"fs-merge": ("validated", "permute init, full maps", "permute init", "full maps"),
+         "distill": ("validated", "init regmean", "init regmean, wd 0.01", "logits 0.5")}
+
+
+def trials_for(cell: str, method: str) -> list[tuple[str, dict]]:
+    if cell in FULL_SEARCH:
+        return TRIALS[method]
+    return [t for t in TRIALS[method] if t[0] in LEADS[method]]
 
 
 def _options(base: dict, change: dict) -> dict:
@@ -76,14 +108,15 @@ def run_bench(cells: tuple[str, ...] = tuple(CELLS), out: str = "runs/bench", se
     for cell in cells:
         sources, data, bases = CELLS[cell](Path(out), seed)
         for method in methods:
-            for label, change in TRIALS[method]:
+            for label, change in trials_for(cell, method):
                 opts = _options(bases[method], change)
 
                 def measure():
                     status(f"{cell}: {method} {label}")
                     merged = merge(sources, data, method=method, seed=seed, **opts)
                     val = evaluate(merged, split="val")
-                    return [{"cell": cell, "method": method, "trial": label, "options": opts,
+                    return [{"cell": cell, "method": method, "trial": label,
+                             "options": {k: v for k, v in opts.items() if k != "held_out"},
                              "val_per_task": val["per_task_mean"], "val_joint": val.get("joint_mean"),
                              "seconds": merged.meta["wall_seconds"],
                              "learnable_parameters": merged.meta.get("learnable_parameters")}]
