@@ -80,10 +80,10 @@ CELLS = {"vit-pairs16": _vit_cell("pairs16", vit.VIT), "vit-pairs100": _vit_cell
          "text-scratch": _text_scratch,
          "scale-w128": _vit_cell("pairs16", vit_config(128, 4)), "scale-w192": _vit_cell("pairs16", vit_config(192, 4))}
 FULL_SEARCH = {"vit-pairs16"}
-# vit-pairs16 runs every trial; the other cells run, for each method, the validated options and the three
-# changes that led on vit-pairs16 (the same count for both methods)
-LEADS = {"fs-merge": ("validated", "permute init, full maps", "permute init", "full maps"),
-         "distill": ("validated", "init regmean", "init regmean, wd 0.01", "logits 0.5")}
+# vit-pairs16 runs every trial; the other cells run, for each method, the validated options and its three
+# best trials on vit-pairs16 (docs/results/bench-tune-fs-pairs16.json): the same count for both methods
+LEADS = {"fs-merge": ("validated", "permute init, full maps", "permute init", "wd 0.01"),
+         "distill": ("validated", "init regmean, wd 0.01", "init regmean", "init regmean, logits 0.5")}
 
 
 def trials_for(cell: str, method: str) -> list[tuple[str, dict]]:
