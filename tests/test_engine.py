@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import foldmerge
-from foldmerge.engine import Engine
+from foldmerge.engine import Engine, Sharded
 from foldmerge.model import TaskModel
 
 
@@ -37,6 +37,43 @@ def test_two_process_ddp_merge_matches_one_process(method, opts):
     torch.testing.assert_close(ddp.meta["final_loss"], one.meta["final_loss"], rtol=1e-9, atol=0)
 
 
+@pytest.mark.parametrize("method,opts", [
+    ("fs-merge", dict(variant="global", param="diag+lowrank(3)", epochs=6, lr=0.05, batch_size=13,
+                      targets="own-task")),
+    ("distill", dict(epochs=4, lr=0.05, batch_size=None)),
+])
+def test_two_process_fsdp_merge_matches_one_process(method, opts):
+    # PyTorch FSDP over two gloo processes: each holds half of every trained parameter; the uneven
+    # shards are weighted before FSDP averages the gradients
+    one = foldmerge.merge(sources(), sample(), method=method, **opts)
+    fsdp = foldmerge.merge(sources(), sample(), method=method, engine=Engine("cpu", devices=2, parallel="fsdp"),
+                           **opts)
+    assert fsdp.meta["engine"]["parallel"] == "fsdp"
+    assert_same(one, fsdp, atol=1e-9)
+    torch.testing.assert_close(fsdp.meta["final_loss"], one.meta["final_loss"], rtol=1e-9, atol=0)
+
+
+def _sharded_on_a_rank(fabric):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 2))
+    whole = {k: v.clone() for k, v in net.state_dict().items()}
+    sharded = Sharded(fabric, [net], list(net.parameters()))
+    rows = [p.to_local().shape[0] for p in sharded.params]
+    out = sharded(lambda x: net(x).sum(), torch.ones(3, 6)).item()
+    sharded.gather()
+    after = net.state_dict()
+    return rows, out, all(type(v) is torch.Tensor and torch.equal(v, whole[k]) for k, v in after.items())
+
+
+def test_fsdp_holds_a_share_of_each_parameter_per_process_and_gathers_them_back():
+    rows, out, restored = Engine("cpu", devices=2, parallel="fsdp").run(_sharded_on_a_rank)
+    assert rows == [4, 4, 1, 1]                     # half the rows of (8, 6), (8,), (2, 8), (2,)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 2))
+    assert out == pytest.approx(net(torch.ones(3, 6)).sum().item(), abs=1e-6)
+    assert restored                                 # plain tensors again, the values they had
+
+
 def test_single_device_engine_and_bf16_autocast_run_on_cpu():
     src = [m.float() for m in sources()]
     data = [d.float() for d in sample()]
@@ -53,6 +90,10 @@ def test_engine_bad_input():
         Engine("cpu", precision="fp8")
     with pytest.raises(ValueError, match="devices"):
         Engine("cpu", devices=0)
+    with pytest.raises(ValueError, match="parallel"):
+        Engine("cpu", devices=2, parallel="deepspeed")
+    with pytest.raises(ValueError, match="2 or more"):
+        Engine("cpu", devices=1, parallel="fsdp")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA"):
             Engine("cuda")

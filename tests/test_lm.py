@@ -243,3 +243,21 @@ def test_bench_lm_runs_every_row_on_tiny_sources(monkeypatch, tmp_path):
     build_report([str(tmp_path / "bench-lm.json")], str(tmp_path / "report"), "x")
     assert "Language models" in (tmp_path / "report" / "report.md").read_text()
     bench.print_report(r, "x")
+
+
+@pytest.mark.parametrize("variant", ["global", "local"])
+def test_a_language_model_merge_under_fsdp_equals_the_one_process_merge(tmp_path, capsys, variant):
+    # two gloo processes, each holding half of every trained parameter (the SuperNet's, or each
+    # stream space's maps for local): the merged model as one process makes it
+    models = [make(tmp_path / f"lm {k}", k) for k in range(2)]
+    data = [texts(tmp_path / f"text {k}.txt", k) for k in range(2)]
+    common = [*map(str, models), "--data", *map(str, data), "--per-task", "12", "--fidelity", "0",
+              "--variant", variant, "--epochs", "3", "--batch-size", "7", "--calibrate", "none"]
+    outs = []
+    for k, extra in enumerate(([], ["--devices", "2", "--parallel", "fsdp"])):
+        outs.append(tmp_path / f"out {k}")
+        assert cli.main(["merge", *common, *extra, "--out", str(outs[-1])]) == 0, capsys.readouterr().err
+    one, fsdp = (foldmerge.load(o) for o in outs)
+    assert fsdp.meta["engine"]["parallel"] == "fsdp" and fsdp.meta["engine"]["devices"] == 2
+    for (name, a), (_, b) in zip(one.state_dict().items(), fsdp.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)

@@ -39,7 +39,7 @@ from .data.augment import expand
 from .data.files import Examples
 from .data.files import describe as describe_examples
 from .data.files import read as read_examples
-from .engine import ACCELERATORS, PRECISIONS, Engine
+from .engine import ACCELERATORS, PRECISIONS, PARALLEL, Engine
 from .errors import did_you_mean
 from .evaluation import SourceHeads
 from .heads import SAME_TASK, Sharing, merge_heads, share
@@ -240,6 +240,10 @@ SETTINGS = (
            "on the CPU, unless --devices or --precision is given: then Fabric on the CPU)"),
     Option("devices", Integer(1), "processes / devices for data parallelism under Fabric", 1, "one process"),
     Option("precision", Choice(PRECISIONS), "training precision under Fabric (unset: 32-true)"),
+    Option("parallel", Choice(PARALLEL), "how --devices processes share training: ddp (each holds the whole "
+           "trained network, gradients averaged) or fsdp (PyTorch FSDP: the trained modules sharded over the "
+           "processes, each holding 1/N of their parameters, gradients and optimizer state)", "ddp",
+           "the trained networks of the merges measured here fit one device; fsdp where they do not"),
 )
 SETTING = {o.name: o for o in SETTINGS}
 
@@ -309,7 +313,7 @@ def _check_lazy(m, resolved: dict, sources, engine) -> None:
         raise ValueError(f"--lazy merges layer by layer ({', '.join(LAZY)}; fs-merge local on a residual stream); "
                          f"{what} holds the sources whole")
     if engine is not None:
-        raise ValueError("--lazy merges in this process; leave out --accelerator, --devices and --precision")
+        raise ValueError("--lazy merges in this process; leave out --accelerator, --devices, --precision and --parallel")
     dtypes = sorted({str(next(s.backbone.parameters()).dtype).removeprefix("torch.") for s in sources})
     if len(dtypes) > 1:
         raise ValueError(f"--lazy keeps the sources' dtype, and these differ ({', '.join(dtypes)}); convert one, "
@@ -321,7 +325,7 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, keep_checkpoint: bool = False,
             out: str | os.PathLike | None = None, force: bool = False, tasks=None, allow_pickle: bool = False,
             lazy: bool = False, accelerator: str | None = None, devices: int | None = None, precision: str | None = None,
-            per_task: int | None = None, fidelity: int | None = None, same_task: str | None = None, eval_data=None,
+            parallel: str | None = None, per_task: int | None = None, fidelity: int | None = None, same_task: str | None = None, eval_data=None,
             score: bool = False, cache: FeatureCache | None = None, command: str | None = None,
             config_file: str | os.PathLike | None = None, **options) -> Job:
     """Every check of a merge, before any work (see the module docstring); the arguments are `merge`'s."""
@@ -343,7 +347,7 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
                                 "per_task": data if isinstance(data, int) else per_task,
                                 "held_out": None if isinstance(held_out, (list, tuple)) else held_out,
                                 "accelerator": accelerator, "devices": devices, "precision": precision,
-                                "fidelity": fidelity, "same_task": same_task}, "foldmerge.merge")
+                                "parallel": parallel, "fidelity": fidelity, "same_task": same_task}, "foldmerge.merge")
     _check_keywords(m, options)
     given = m.check(options)                     # names and grammar now, defaults once the data is known
     engine = _engine(engine, s)
@@ -402,7 +406,7 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
 
 KEYWORDS = ("data", "method", "seed", "augment", "engine", "calibrate", "select", "held_out", "checkpoint_every",
             "checkpoint_dir", "resume", "keep_checkpoint", "out", "force", "tasks", "allow_pickle", "lazy", "accelerator",
-            "devices", "precision", "per_task", "cache", "command", "config_file")
+            "devices", "precision", "parallel", "per_task", "cache", "command", "config_file")
 
 
 def _like(models, tensors: list | None) -> list | None:
@@ -437,12 +441,13 @@ def _check_keywords(method, options: dict) -> None:
 def _engine(engine, settings: dict):
     """The Engine a merge trains under: the one given, or one made of the accelerator, devices and
     precision settings (any of them given: Lightning Fabric, on the CPU unless an accelerator is named)."""
-    named = [k for k in ("accelerator", "devices", "precision") if k in settings]
+    named = [k for k in ("accelerator", "devices", "precision", "parallel") if k in settings]
     if named and engine is not None:
         raise ValueError(f"give engine= or {', '.join(named)}, not both")
     if not named:
         return engine
-    return Engine(settings.get("accelerator", "cpu"), settings.get("devices", 1), settings.get("precision", "32-true"))
+    return Engine(settings.get("accelerator", "cpu"), settings.get("devices", 1), settings.get("precision", "32-true"),
+                  settings.get("parallel", "ddp"))
 
 
 def _draw(models, data, seed: int, augment, method) -> tuple[list | None, dict]:
@@ -628,18 +633,18 @@ def _run(job: Job, data, options: dict) -> TaskModel:
         torch.manual_seed(job.seed)
         return job.method(job.models, data, seed=job.seed, context=job.context, held_out=job.held_out, **options)
     config, weights, meta = job.engine.run(_merge_on_device, job.models, data, job.method.name, job.seed, options,
-                                           job.held_out)
+                                           job.held_out, job.engine.parallel)
     merged = TaskModel.from_config(config)
     tensors = load_bytes(weights)
     merged.to(next(iter(tensors.values())).dtype)
     merged.load_state_dict(tensors)
     merged.meta = meta
     merged.meta["engine"] = {"accelerator": job.engine.accelerator, "devices": job.engine.devices,
-                             "precision": job.engine.precision}
+                             "precision": job.engine.precision, "parallel": job.engine.parallel}
     return merged
 
 
-def _merge_on_device(fabric, models, data, method: str, seed: int, options: dict, held_out):
+def _merge_on_device(fabric, models, data, method: str, seed: int, options: dict, held_out, parallel: str = "ddp"):
     """One rank of an engine run: copies of the sources and the data on this rank's device (the
     caller's models stay where they are), the result back on the CPU."""
     device = fabric.device
@@ -647,7 +652,8 @@ def _merge_on_device(fabric, models, data, method: str, seed: int, options: dict
     data = None if data is None else [d.to(device) for d in data]
     held_out = None if held_out is None else [h.to(device) for h in held_out]
     torch.manual_seed(seed)
-    merged = get_method(method)(models, data, seed=seed, context=Context(fabric=fabric), held_out=held_out, **options)
+    merged = get_method(method)(models, data, seed=seed, context=Context(fabric=fabric, parallel=parallel),
+                                    held_out=held_out, **options)
     # sent back to the launching process by value (a spawned rank's shared tensors die with it),
     # as the safetensors bytes the model files use
     state = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}

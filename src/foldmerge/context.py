@@ -1,6 +1,7 @@
 """What the steps of one merge share, passed down to them explicitly (no module holds it).
 
   fabric      the Lightning Fabric of a device run (`foldmerge.engine`), or None: plain PyTorch here
+  parallel    that run's: "ddp" (every rank a whole copy) or "fsdp" (the trained modules sharded)
   checkpoint  the run's `foldmerge.checkpoint.Checkpoint`, or None: no checkpoints
   features    a `FeatureCache` of the sources' features on the merge data
   fit         the training loop every trained method calls (`foldmerge.train.fit`; a bench that
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -62,15 +63,13 @@ class FeatureCache:
 @dataclass
 class Context:
     fabric: object | None = None
+    parallel: str = "ddp"
     checkpoint: object | None = None
     features: FeatureCache = field(default_factory=FeatureCache)
     fit: Callable = train.fit
 
-    def train(self, params, loss_fn, data, cfg, desc: str = "training", early_stop=None) -> list[float]:
-        """`fit` with this merge's device and checkpoint."""
+    def train(self, params, loss_fn, data, cfg, desc: str = "training", early_stop=None, modules=None) -> list[float]:
+        """`fit` with this merge's device and checkpoint. `modules`: those holding `params` and all the
+        loss runs (what parallel "fsdp" shards)."""
         return self.fit(params, loss_fn, data, cfg, desc=desc, early_stop=early_stop, fabric=self.fabric,
-                        checkpoint=self.checkpoint)
-
-    def on(self, fabric) -> "Context":
-        """The same context on a rank of a device run."""
-        return replace(self, fabric=fabric)
+                        checkpoint=self.checkpoint, modules=modules, parallel=self.parallel)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
@@ -151,32 +152,57 @@ def decay_to_start(params, start, lr: float, weight_decay: float) -> None:
 
 
 def train_step(opt: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tensor],
-               batch: Sequence[torch.Tensor], fabric=None) -> float:
-    """One optimizer step on `batch` (the body of `fit`'s loop); returns the batch's loss."""
+               batch: Sequence[torch.Tensor], fabric=None, sharded=None) -> float:
+    """One optimizer step on `batch` (the body of `fit`'s loop); returns the batch's loss.
+    `sharded` (an `engine.Sharded`): the loss runs through it, and every rank runs it (FSDP's gathers
+    are collective), a rank with no share of the batch on one example weighted 0."""
     opt.zero_grad(set_to_none=True)
     part, weight = engine.shard(batch, fabric)
-    if len(part[0]):
+    if sharded is not None:
+        if not len(part[0]):
+            part = [t[:1] for t in batch]
+        with engine.autocast(fabric):
+            loss = sharded(loss_fn, *part)
+        (loss * weight).backward()
+    elif len(part[0]):
         with engine.autocast(fabric):
             loss = loss_fn(*part)
         loss.backward()
     else:                           # more ranks than examples: this rank adds nothing
         loss = torch.zeros(())
-    batch_loss = engine.average_gradients(params, loss, weight, fabric)
+    batch_loss = engine.average_gradients(params, loss, weight, fabric, sharded is not None)
     opt.step()
     return batch_loss
 
 
 def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tensor],
         data: Sequence[torch.Tensor], cfg: TrainConfig, desc: str = "training",
-        early_stop: EarlyStop | None = None, fabric=None, checkpoint=None) -> list[float]:
+        early_stop: EarlyStop | None = None, fabric=None, checkpoint=None, modules=None,
+        parallel: str = "ddp") -> list[float]:
     """Minimize loss_fn(*batch) over `data` (tensors sharing their first dimension).
 
     Returns the mean loss of every epoch. With a Fabric of a device run (`foldmerge.engine`) the
     batch is shared among the ranks and their gradients averaged; otherwise plain PyTorch.
     `early_stop`: stop on a held-out loss and keep the best epoch's parameters (`EarlyStop`).
     `checkpoint`: a `foldmerge.checkpoint.Checkpoint` to save to every N epochs and resume from.
+    `parallel` "fsdp" (a Fabric of two or more ranks): `modules`, the modules holding `params` and
+    everything the loss runs, are sharded over the ranks while training (`engine.Sharded`).
     """
     params = [p for p in params if p.requires_grad]
+    if parallel == "fsdp" and fabric is not None and fabric.world_size > 1:
+        if modules is None:
+            raise ValueError(f"{desc} does not train under parallel 'fsdp' (its modules are not named); use 'ddp'")
+        sharded = engine.Sharded(fabric, modules, params)
+        try:
+            if early_stop is not None:
+                early_stop.loss = partial(sharded, early_stop.loss)
+            return _fit(sharded.params, loss_fn, data, cfg, desc, early_stop, fabric, checkpoint, sharded)
+        finally:
+            sharded.gather()
+    return _fit(params, loss_fn, data, cfg, desc, early_stop, fabric, checkpoint, None)
+
+
+def _fit(params, loss_fn, data, cfg: TrainConfig, desc: str, early_stop, fabric, checkpoint, sharded) -> list[float]:
     ck = checkpoint
     if ck and early_stop is not None:
         raise ValueError("early stopping on held-out data does not combine with checkpoints / --resume")
@@ -207,7 +233,7 @@ def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tenso
                 batch = data if order is None else [t[order[i * bs:(i + 1) * bs]] for t in data]
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * lr_factor(cfg, step, total, steps_per_epoch)
-                batch_loss = train_step(opt, params, loss_fn, batch, fabric)
+                batch_loss = train_step(opt, params, loss_fn, batch, fabric, sharded)
                 if begun is not None:
                     decay_to_start(params, begun, opt.param_groups[0]["lr"], cfg.weight_decay)
                 step += 1

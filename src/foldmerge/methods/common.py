@@ -173,7 +173,7 @@ def logit_kl(recon: list[torch.Tensor], targets: list[torch.Tensor], owner: torc
 
 def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, owner: torch.Tensor | None,
                        cfg: TrainConfig, target_scale, desc: str, context, inputs: list[torch.Tensor] | None = None,
-                       through: list | None = None, held_out=None, early_stop=None) -> list[float]:
+                       through: list | None = None, held_out=None, early_stop=None, modules=()) -> list[float]:
     """The objective and loop FS-Merge global and distillation share.
 
     `features(*batch_inputs)` gives the merged features f*; `output_map` (a FoldMap, unmerge
@@ -190,6 +190,8 @@ def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, ow
 
     `held_out` (x, owner) with `early_stop` (a `train.EarlyStop`): the same loss on held-out
     inputs, f* computed by `features` on them alone, scored after every epoch (paper F.8).
+
+    `modules`: those holding `params` and running `features` (besides `output_map`), for FSDP.
     """
     targets = [context.features(m, x) for m in models]
     scales = target_scales(targets, target_scale)
@@ -238,7 +240,8 @@ def fit_reconstruction(params, features, output_map, models, x: torch.Tensor, ow
     for b, s in own_blocks:
         output_map.scale_block(b, s)
     try:
-        return context.train(params, loss_fn, args, cfg, desc=desc, early_stop=early_stop)
+        return context.train(params, loss_fn, args, cfg, desc=desc, early_stop=early_stop,
+                             modules=[*modules, output_map])
     finally:
         for b, s in own_blocks:
             output_map.scale_block(b, 1.0 / s)

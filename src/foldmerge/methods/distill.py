@@ -103,7 +103,7 @@ def merge(models, data, seed, context, init, output_map, regmean_alpha, epochs, 
     learned = list(student.backbone.parameters()) + [q for q in u.parameters() if q.requires_grad]
     history = fit_reconstruction(learned, student.features,
                                  u, models, x, owner if targets == "own-task" else None, cfg, target_scale,
-                                 "distillation", context, held_out=held, early_stop=stop)
+                                 "distillation", context, held_out=held, early_stop=stop, modules=[student])
     student.eval()
     if output_map == "learned":                     # a fixed U is [I; I; …]: the heads stay as they are
         with torch.no_grad():

@@ -232,10 +232,11 @@ def _train_global(supernet, models, x, owner, cfg, target_scale, form, context, 
     stop = {"held_out": held_out, "early_stop": early_stop}
     if fixed is None:
         return fit_reconstruction(supernet.parameters(), lambda xb: supernet(xb, form=form), supernet.output_map,
-                                  models, x, owner, cfg, target_scale, desc, context, through=through, **stop)
+                                  models, x, owner, cfg, target_scale, desc, context, through=through, **stop,
+                                  modules=[supernet])
     return fit_reconstruction(supernet.parameters(), lambda xb, *zb: supernet(xb, form=form, fixed=list(zb)),
                               supernet.output_map, models, x, owner, cfg, target_scale, desc, context,
-                              inputs=[x, *fixed], through=through)
+                              inputs=[x, *fixed], through=through, modules=[supernet])
 
 
 def _train_local(supernet, models, x, owner, cfg, target_scale, context):
@@ -268,7 +269,7 @@ def _train_local(supernet, models, x, owner, cfg, target_scale, context):
     try:
         if batched:
             history = context.train(params, _batched_local_loss(maps, owner, maps[0][0].in_dims),
-                          _batched_local_data(z, tgt, owner), cfg, desc=desc)
+                                    _batched_local_data(z, tgt, owner), cfg, desc=desc, modules=[supernet])
         else:
             args = [t for l in range(depth) for t in (*z[l], *tgt[l])] + ([owner] if owner is not None else [])
 
@@ -280,7 +281,7 @@ def _train_local(supernet, models, x, owner, cfg, target_scale, context):
                     total = total + reconstruction_loss(unmerge_features(U, F.relu(merge_features(M, zb))), tb, ob)
                 return total
 
-            history = context.train(params, loss_fn, args, cfg, desc=desc)
+            history = context.train(params, loss_fn, args, cfg, desc=desc, modules=[supernet])
     finally:                                # the folded model never sees the target scaling
         for l in range(depth):
             for k, s in enumerate(layer_scales[l]):
@@ -319,7 +320,7 @@ def _merge_local_spaces(models, data, param, init, widths, targets, target_scale
                                        ob if targets == "own-task" else None)
         # one loop per space (its own row count), so no checkpoint: a space's training is short
         history = replace(context, checkpoint=None).train(params, loss_fn, [*z, owner], cfg,
-                                                          desc=f"FS-Merge local ({space})")
+                                                          desc=f"FS-Merge local ({space})", modules=[m, u])
         first.extend(history[:1])
         last.extend(history[-1:])
         with torch.no_grad():

@@ -67,7 +67,7 @@ def train_gate(data: list[torch.Tensor], width: int = DEFAULTS["gate_width"], ep
     cfg = TrainConfig.adamw(epochs, lr, batch_size, seed)
     gate.train()
     (context or Context()).train(list(gate.parameters()), lambda xb, yb: F.cross_entropy(gate(xb), yb), (x, owner),
-                                 cfg, desc="train the gate")
+                                 cfg, desc="train the gate", modules=[gate])
     gate.eval()
     with torch.no_grad():
         acc = 100.0 * (gate(x).argmax(1) == owner).float().mean().item()
