@@ -469,8 +469,12 @@ def _write_hf(merged, out: Path, sources=()) -> None:
     beside = {k: v for k, v in ours.items() if not k.startswith(attr + ".")}     # a features layer beside it
     dtype = next(merged.backbone.parameters()).dtype        # the merge's (the sources' under --lazy: bfloat16…)
     config.dtype = str(dtype).removeprefix("torch.")
-    base = base_cls(config, **table.base_arguments).to(dtype)
-    _load_exact(base, bert_state)
+    # the Hugging Face models are built without parameters and take the merged tensors themselves (no
+    # copy: under --lazy these lie in a file's pages, and the export holds no second model)
+    with parameters_on_meta():
+        base = base_cls(config, **table.base_arguments)
+    _load_exact(base, bert_state, assign=True)
+    base.to(dtype)
     # the backbone's tensors are written once, as a shard whose names carry the classifiers' prefix
     # (`bert.…`), which the headless class reads too; each task directory hard-links that shard beside
     # its own small classifier shard, so the backbone is on disk once and every directory loads alone
@@ -500,21 +504,23 @@ def _write_hf(merged, out: Path, sources=()) -> None:
         cfg.foldmerge_task = task.name
         cfg.architectures = [name]
         cfg.dtype = config.dtype
-        hf = cls(cfg).to(dtype)
-        _load_exact(getattr(hf, attr), bert_state)
-        with torch.no_grad():
-            for k, v in beside.items():
-                hf.get_parameter(k).copy_(v)
-            w, b = merged.heads[i].weight, merged.heads[i].bias
-            if distilled:      # one head on both tokens as two whose logits are averaged (exact: x2 then /2)
-                for name_, part in zip(distilled.classifiers, w.chunk(2, dim=1)):
-                    hf.get_submodule(name_).weight.copy_(2 * part)
-                    hf.get_submodule(name_).bias.copy_(b)
-            elif not tied:                      # (a tied head is the table, already loaded)
-                head = hf.get_submodule(CLASSIFIER[merged.arch])
-                head.weight.copy_(w)
-                if b is not None:
-                    head.bias.copy_(b)
+        with parameters_on_meta():
+            hf = cls(cfg)
+        full = {**{f"{attr}.{k}": v for k, v in bert_state.items()}, **beside}
+        w, b = merged.heads[i].weight.detach(), merged.heads[i].bias
+        b = None if b is None else b.detach()
+        head = CLASSIFIER[merged.arch]
+        if distilled:          # one head on both tokens as two whose logits are averaged (exact: x2 then /2)
+            for name_, part in zip(distilled.classifiers, w.chunk(2, dim=1)):
+                full.update({f"{name_}.weight": 2 * part, f"{name_}.bias": b})
+        elif tied:                              # the head is the token table: tied again below
+            full[f"{head}.weight"] = full[f"{attr}.{table.embeddings[0]}"]
+        else:
+            full.update({f"{head}.weight": w, **({f"{head}.bias": b} if b is not None else {})})
+        _load_exact(hf, full, assign=True)
+        if tied:
+            hf.tie_weights()
+        hf.to(dtype)
         state = {k: v.detach().contiguous() for k, v in hf.state_dict().items()}
         own = {k: v for k, v in state.items() if k not in shard and
                not (tied and k == f"{CLASSIFIER[merged.arch]}.weight")}

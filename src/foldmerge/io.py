@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .errors import ModelFileError
 from .schema import ModelConfig, check
@@ -239,13 +238,32 @@ def carry_over(old: Path, new: Path, own: frozenset = frozenset()) -> None:
 
 
 def write_tensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """`save_file`, whose I/O failures (a full disk) are OSErrors like every other write's: safetensors
-    raises its own error type for them."""
-    try:
-        save_file(tensors, str(path), metadata=metadata)
-    except SafetensorError as e:
-        code = errno.ENOSPC if "os error 28" in str(e) else errno.EIO
-        raise OSError(code, f"{path}: {str(e).splitlines()[0]}") from None
+    """A safetensors file of `tensors` (names in sorted order), written one tensor at a time: the
+    header first (every shape and offset is known beforehand), then each tensor's bytes straight from
+    its memory. safetensors' own `save_file` first copies every tensor into one buffer, a second model
+    in memory; this holds at most one tensor's contiguous copy (none for a contiguous CPU tensor, a
+    memory-mapped one included). I/O failures (a full disk) are OSErrors like every other write's."""
+    names = sorted(tensors)
+    header, offset = {}, 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in SAFETENSORS_DTYPE:
+            raise ValueError(f"tensor {name!r}: dtype {t.dtype} has no safetensors code")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPE[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)             # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name in names:
+            t = tensors[name].detach().cpu().contiguous().reshape(-1)
+            if t.numel():
+                f.write(memoryview(t.view(torch.uint8).numpy()))
 
 
 def save_model(model, out_dir: str | os.PathLike, meta: dict[str, Any] | None = None,
@@ -358,6 +376,7 @@ def read_model_files(path: str | os.PathLike, allow_pickle: bool = False,
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
+SAFETENSORS_DTYPE = {v: k for k, v in DTYPES.items()}
 
 
 def map_tensors(file: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -389,6 +408,40 @@ def map_tensors(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ModelFileError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
     return out
+
+
+class MappedTensors:
+    """Tensors kept in the pages of a temporary file instead of the process's own memory: one shared,
+    writable memory map of a file that is unlinked as soon as it is mapped (nothing is left on disk, even
+    if the process is killed; the space returns when the map is dropped). What a merge writes there the
+    system writes back and drops under memory pressure, as it drops a memory-mapped source's pages, so a
+    merge of memory-mapped sources (`--lazy`) does not hold the merged model in its own memory either.
+    `sizes`: name -> (shape, dtype) of every tensor to come; `put(name, t)` copies t in and returns the
+    mapped tensor. The file lies in the system's temporary folder (TMPDIR, else /tmp)."""
+
+    def __init__(self, sizes: dict[str, tuple[tuple[int, ...], torch.dtype]]):
+        self.slots, end = {}, 0
+        for name, (shape, dtype) in sizes.items():
+            end += -end % 64                       # every tensor starts aligned
+            n = int(np.prod(shape)) * dtype.itemsize if len(shape) else dtype.itemsize
+            self.slots[name] = (end, tuple(shape), dtype)
+            end += n
+        fd, path = tempfile.mkstemp(prefix="foldmerge-merged-")
+        try:
+            os.ftruncate(fd, max(end, 1))
+            self._map = np.memmap(path, dtype=np.uint8, mode="r+", shape=(max(end, 1),))
+        finally:
+            os.close(fd)
+            os.unlink(path)
+
+    def put(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        a, shape, dtype = self.slots[name]
+        n = (int(np.prod(shape)) if shape else 1) * dtype.itemsize
+        if not n:
+            return torch.empty(shape, dtype=dtype)
+        view = torch.frombuffer(self._map[a:a + n], dtype=dtype).view(shape)
+        view.copy_(t)
+        return view
 
 
 @contextmanager

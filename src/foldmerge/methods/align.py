@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from ..foldable import TiedMap
+from ..io import MappedTensors
 from ..model import TaskModel, as_input
 from ..supernet import SuperNet
 from ..spec import Param, check_mergeable
@@ -270,8 +271,9 @@ def fold_by_parameter(models, maps):
     """The fold of `merge_with_maps`, one parameter at a time: each merged tensor is Σ_k of source k's tensor
     with every merged axis mapped (the axis a parameter writes by M's block k, the axis a weight reads by
     U's block k), computed in float32 from that one parameter of each source, and kept in the sources'
-    dtype. So a merge of memory-mapped sources reads one parameter of every source at a time and holds
-    the merged model (one source's size) and the maps in use: a space's maps are read when its first
+    dtype, and written to a temporary file's pages as it is made (`io.MappedTensors`). So a merge of
+    memory-mapped sources reads one parameter of every source at a time and holds that parameter's
+    float32 arithmetic and the maps in use (the merged backbone is in the file's pages, as the sources are): a space's maps are read when its first
     parameter folds and released after its last (`SpaceMaps`, whose maps may be trained when read: so
     only the arithmetic here runs without gradients). Fixed and derived spaces take the mean, and a head
     tied to the token table reads n·Mᵀ (`spec.tied_output`), as in `load_maps`."""
@@ -308,6 +310,8 @@ def fold_by_parameter(models, maps):
 
     merged = TaskModel.shaped_for_merge(models)            # every tensor is assigned below
     dtype = next(models[0].backbone.parameters()).dtype
+    # the merged backbone goes to a file's pages as it is made (`io.MappedTensors`), not to this process's memory
+    store = MappedTensors({p.key: (tuple(sources[0][p.key].shape), dtype) for p in params})
     state = {}
     for p in params:
         roles = [(a, p.axes[a], "merge" if i == 0 else "unmerge") for i, a in enumerate(spec.merged_axes(p))]
@@ -320,7 +324,7 @@ def fold_by_parameter(models, maps):
                 for axis, space, role in roles:
                     t = torch.tensordot(block(space, k, role), t.movedim(axis, 0), dims=1).movedim(0, axis)
                 total = t if total is None else total + t
-        state[p.key] = total.to(dtype)
+        state[p.key] = store.put(p.key, total)
         for _, space, _ in roles:
             done(space)
     merged.backbone.load_state_dict(state, assign=True)

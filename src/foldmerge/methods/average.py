@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..io import MappedTensors
 from ..model import TaskModel
 from ..options import ListOf, Number, Option, Rule, method
 from . import align
@@ -33,7 +34,11 @@ def merge(models, data, seed, context, weights, reset_bn):
     merged = TaskModel.shaped_for_merge(models)      # allocated once: each mean is assigned, not copied
     with torch.no_grad():
         states = [m.backbone.state_dict() for m in models]
-        avg = {k: sum(w * s[k] for w, s in zip(weights, states)) for k in states[0]}
+        # memory-mapped sources (--lazy): each mean goes to a temporary file's pages as it is made
+        store = MappedTensors({k: (tuple(v.shape), v.dtype) for k, v in states[0].items()}) \
+            if align.read_lazily(models) else None
+        avg = {k: sum(w * s[k] for w, s in zip(weights, states)) for k in states[0]} if store is None else \
+            {k: store.put(k, sum(w * s[k] for w, s in zip(weights, states))) for k in states[0]}
         merged.backbone.load_state_dict(avg, assign=True)
         copy_heads(merged, models, assign=True)
     if reset_bn:
