@@ -232,9 +232,9 @@ def test_bench_lm_runs_every_row_on_tiny_sources(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "TEST", 8)
     monkeypatch.setattr(bench, "PLAN", [(n, m, {**o, "epochs": 1} if o else o) for n, m, o in bench.PLAN])
     monkeypatch.setattr(bench, "GPT2", {**bench.GPT2, "n_embd": 16, "n_layer": 1, "n_inner": 32})
-    r = bench.run_bench(settings=("domains",), methods=["average", "fs-merge"], out=str(tmp_path))
+    r = bench.run_bench(settings=("domains",), methods=["average", "fs-merge", "regmean"], out=str(tmp_path))
     rows = ["source 1 (business+politics)", "source 2 (sport+entertainment)", "ensemble (2 models)", "average",
-            "fs-merge diag+lowrank(12)", "fs-merge full"]
+            "fs-merge diag+lowrank(12)", "fs-merge full", "regmean", "fs-merge local full"]
     assert [(row["shape"], row["method"]) for row in r["rows"]] == [(s, m) for s in ("llama", "gpt2") for m in rows]
     assert all(row["peak_bytes"] >= 0 for row in r["rows"] if row["seconds"] is not None)
     assert all(1 < row[f"ppl {d}"] < 10 * r["vocabulary"] for row in r["rows"] for d in r["domains"])

@@ -233,8 +233,9 @@ SETTINGS = (
     Option("allow_pickle", Flag(), "allow loading pickle checkpoints (read with torch's weights-only unpickler)",
            False),
     Option("lazy", Flag(), "read the sources as read-only memory maps of their safetensors files, in their own "
-           "dtype (bfloat16 stays bfloat16), and merge parameter by parameter: a merge then holds the merged model "
-           "and about one parameter of each source; for the methods that merge layer by layer (" +
+           "dtype (bfloat16 stays bfloat16), and merge parameter by parameter into a temporary file's pages (in "
+           "TMPDIR): a merge then holds about one parameter of each source, not the sources nor the merged model; "
+           "for the methods that merge layer by layer (" +
            ", ".join(LAZY) + ")", False, "the sources read whole into memory, as torch loads them"),
     Option("accelerator", Choice(ACCELERATORS), "train under Lightning Fabric on this device (unset: plain PyTorch "
            "on the CPU, unless --devices or --precision is given: then Fabric on the CPU)"),

@@ -54,7 +54,12 @@ PER_TASK, TEST = 200, 300
 TRAINED = {"init": "first", "epochs": 50, "batch_size": 64}
 PLAN = [("average", "average", {}), ("ZipIt!", "zipit", {}), ("permute", "permute", {}),
         ("distill", "distill", TRAINED), ("fs-merge diag+lowrank(12)", "fs-merge", {"param": "diag+lowrank(12)", **TRAINED}),
-        ("fs-merge full", "fs-merge", {"param": "full", **TRAINED})]
+        ("fs-merge full", "fs-merge", {"param": "full", **TRAINED}),
+        # added after the first runs (the full list): RegMean, distillation on the logits by KL, and
+        # FS-Merge local (one (M, U) per space of the stream, on every token's activations: 1,024 rows a step)
+        ("regmean", "regmean", {}),
+        ("distill (logits, KL)", "distill", {**TRAINED, "logit_weight": 1.0, "logit_loss": "kl"}),
+        ("fs-merge local full", "fs-merge", {"variant": "local", "param": "full", **TRAINED, "batch_size": 1024})]
 WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
 
