@@ -29,6 +29,7 @@ first steps of each stage; every step after repeats the same allocations). Ratio
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib
 import importlib.util
@@ -87,9 +88,26 @@ def private_bytes() -> int:
     return 0
 
 
+def release_freed_memory() -> None:
+    """Have glibc's malloc give large freed blocks back to the system from now on (a fixed mmap threshold
+    of 128 KiB, as MALLOC_MMAP_THRESHOLD_=131072 would: by default the threshold rises to the size of
+    the largest block freed, up to 32 MiB, and blocks below it stay with the process for reuse) and
+    trim what it keeps now. Otherwise a merge in a process that merged before reuses what an earlier one
+    freed, and the memory it adds says nothing of what it needs (measured: distillation of two bench-lm
+    Llamas after a permute merge added 3 MiB; with this, 250 MiB; 337 MiB in a fresh process)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)                # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):               # not glibc: RSS as it comes
+        pass
+
+
 class PeakMemory:
     """Peak memory above the level at entry: CUDA allocator stats, else sampled RSS (`private`: sampled
-    private memory, `private_bytes`, for a merge whose sources are memory-mapped files)."""
+    private memory, `private_bytes`, for a merge whose sources are memory-mapped files), with freed
+    memory given back to the system first (`release_freed_memory`), so that in a long process the peak
+    is what the block inside allocates, not what it found free."""
 
     def __init__(self, device: str, private: bool = False):
         self.cuda = device.startswith("cuda")
@@ -101,6 +119,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
             return self
+        release_freed_memory()
         self.base = self.peak = self._bytes()
         self._stop = threading.Event()
 
