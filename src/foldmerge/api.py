@@ -191,7 +191,7 @@ class Grid(ListOf):
 
 
 # the methods that read their sources one layer at a time (what --lazy needs)
-LAZY = ("average", "permute", "fs-merge --variant local")
+LAZY = tuple(m.name + (f" {m.lazy.when}" if m.lazy.when else "") for m in METHODS.values() if m.lazy)
 
 
 SETTINGS = (
@@ -236,7 +236,7 @@ SETTINGS = (
            "dtype (bfloat16 stays bfloat16), and merge parameter by parameter into a temporary file's pages (in "
            "TMPDIR): a merge then holds about one parameter of each source, not the sources nor the merged model; "
            "for the methods that merge layer by layer (" +
-           ", ".join(LAZY) + ")", False, "the sources read whole into memory, as torch loads them"),
+           "; ".join(LAZY) + ")", False, "the sources read whole into memory, as torch loads them"),
     Option("accelerator", Choice(ACCELERATORS), "train under Lightning Fabric on this device (unset: plain PyTorch "
            "on the CPU, unless --devices or --precision is given: then Fabric on the CPU)"),
     Option("devices", Integer(1), "processes / devices for data parallelism under Fabric", 1, "one process"),
@@ -306,13 +306,10 @@ def equal_depths(models: list[TaskModel]) -> list[TaskModel]:
 
 
 def _check_lazy(m, resolved: dict, sources, engine) -> None:
-    """--lazy only where the method merges layer by layer (LAZY) in this process, else one line."""
-    ok = m.name in ("average", "permute") or (m.name == "fs-merge" and resolved.get("variant") == "local"
-                                              and not sources[0].spec.relu_layers)
-    if not ok:
-        what = f"{m.name} --variant {resolved['variant']}" if m.name == "fs-merge" else m.name
-        raise ValueError(f"--lazy merges layer by layer ({', '.join(LAZY)}; fs-merge local on a residual stream); "
-                         f"{what} holds the sources whole")
+    """--lazy only where the method merges layer by layer (its `lazy` declaration) in this process, else one line."""
+    if m.lazy is None or not m.lazy.applies(resolved, sources[0].spec):
+        what = m.name + (f" --variant {resolved['variant']}" if resolved.get("variant") else "")
+        raise ValueError(f"--lazy merges layer by layer ({'; '.join(LAZY)}); {what} holds the sources whole")
     if engine is not None:
         raise ValueError("--lazy merges in this process; leave out --accelerator, --devices, --precision and --parallel")
     dtypes = sorted({str(next(s.backbone.parameters()).dtype).removeprefix("torch.") for s in sources})

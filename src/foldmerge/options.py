@@ -442,6 +442,14 @@ def record(resolved: dict) -> dict:
     return {k: describe(v) for k, v in resolved.items() if v is not None}
 
 
+@dataclass(frozen=True)
+class Lazy:
+    """A method that merges layer by layer, so that its sources may be memory-mapped (`--lazy`): for the
+    options `when` names (empty: any), which `applies(resolved options, the sources' spec)` checks."""
+    when: str = ""
+    applies: Callable = lambda options, spec: True
+
+
 @dataclass
 class Method:
     """A merging method: its function and its declared options.
@@ -455,6 +463,7 @@ class Method:
     data: str = "required"         # required | optional (only for some options) | none
     held_out: bool = False         # stops early on held-out data (fs-merge, distill)
     doc: str = field(default="", repr=False)
+    lazy: Lazy | None = None       # merges layer by layer (average, permute, fs-merge local)
 
     def check(self, given: dict) -> dict:
         """The options given (None: not given), read by their grammar; an unknown one refused."""
@@ -479,8 +488,9 @@ class Method:
         return merged
 
 
-def method(name: str, options, summary: str, data: str = "required", held_out: bool = False):
+def method(name: str, options, summary: str, data: str = "required", held_out: bool = False,
+           lazy: Lazy | None = None):
     """Decorator: `@method("zipit", OPTIONS, "…")` above a method's merge function makes it a `Method`."""
     def wrap(fn):
-        return Method(name, fn, tuple(options), summary, data, held_out, fn.__doc__ or "")
+        return Method(name, fn, tuple(options), summary, data, held_out, fn.__doc__ or "", lazy)
     return wrap

@@ -9,7 +9,7 @@ import torch
 
 from ..io import MappedTensors
 from ..model import TaskModel
-from ..options import ListOf, Number, Option, Rule, method
+from ..options import Lazy, ListOf, Number, Option, Rule, method
 from . import align
 from .common import check_same_backbone, copy_heads
 from .repair import RESET, reset_statistics
@@ -21,7 +21,8 @@ OPTIONS = (
 )
 
 
-@method("average", OPTIONS, "the weighted mean of the backbones (for models from one start)", data="optional")
+@method("average", OPTIONS, "the weighted mean of the backbones (for models from one start)", data="optional",
+        lazy=Lazy())
 def merge(models, data, seed, context, weights, reset_bn):
     """The weighted mean of the backbones; `reset_bn` then resets every layer's statistics on
     `data` (`foldmerge.methods.repair`, the maps being the averaging M = [w_1 I, …, w_n I])."""

@@ -38,7 +38,7 @@ import torch
 from torch.nn import functional as F
 
 from ..foldable import FoldMap, gather_params, merge_features, unmerge_features
-from ..options import Choice, Grammar, Integer, ListOf, Number, Option, Rule, method
+from ..options import Choice, Grammar, Integer, Lazy, ListOf, Number, Option, Rule, method
 from ..supernet import SuperNet
 from . import align, zipit
 from .permute import permutation_maps
@@ -88,7 +88,8 @@ OPTIONS = (
 
 
 @method("fs-merge", OPTIONS, "Foldable SuperNet Merge: learn M and U around the frozen sources, then fold",
-        held_out=True)
+        held_out=True, lazy=Lazy("--variant local, on a residual stream",
+                                 lambda o, spec: o["variant"] == "local" and not spec.relu_layers))
 def merge(models, data, seed, context, variant, param, init, widths, form, last_epochs, rows, zipit_alpha, zipit_beta,
           epochs, lr, momentum, schedule, warmup, weight_decay, decay, logit_weight, logit_loss, batch_size, optimizer, targets,
           target_scale, patience, held_out=None):

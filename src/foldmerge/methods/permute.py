@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ..options import method
+from ..options import Lazy, method
 from . import align
 from .repair import RESET, reset_statistics
 from .zipit import correlation
@@ -41,7 +41,8 @@ def permutation_maps(f0: torch.Tensor, f1: torch.Tensor) -> tuple[torch.Tensor, 
     return m.to(dtype), u.to(dtype), perm
 
 
-@method("permute", (RESET,), "permute model 2's neurons onto model 1's by activation correlation, then average")
+@method("permute", (RESET,), "permute model 2's neurons onto model 1's by activation correlation, then average",
+        lazy=Lazy())
 def merge(models, data, seed, context, reset_bn):
     """Permute-and-average two models of identical widths; see the module docstring. `reset_bn`:
     the BatchNorm reset on the merge data (`foldmerge.methods.repair`)."""
