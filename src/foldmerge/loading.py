@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from . import hf
 from .data import Task
 from .gated import GatedModel
-from .io import CONFIG, WEIGHTS, ModelFileError, nonfinite, parameters_on_meta, read_model_files
+from .io import CONFIG, WEIGHTS, ModelFileError, nonfinite, parameters_on_meta, read_model_files, release_freed_memory
 from .model import TaskModel
 from .provenance import file_sha256
 
@@ -76,6 +76,8 @@ def load(path: str | os.PathLike, task=None, allow_pickle: bool = False, lazy: b
 def load_sources(models, tasks=None, allow_pickle: bool = False, lazy: bool = False) -> list[TaskModel]:
     """The models of a merge as TaskModels (paths loaded: ours or Hugging Face's, whose tokenizers must
     agree; `tasks[k]` for model k; `lazy`: memory-mapped, `load`), each checked to hold finite weights."""
+    if lazy:
+        release_freed_memory()
     hf_paths = [p for p in models if isinstance(p, (str, os.PathLike)) and hf.is_hf_dir(p)]
     if hf_paths:
         hf.check_tokenizers(hf_paths)

@@ -29,7 +29,6 @@ first steps of each stage; every step after repeats the same allocations). Ratio
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import importlib
 import importlib.util
@@ -54,6 +53,7 @@ from .. import api, train
 from .. import context as context_module
 from .. import methods as methods_module
 from ..api import merge
+from ..io import release_freed_memory
 from ..methods.common import cat_with_owner
 from ..model import TaskModel
 from ..progress import bar, status
@@ -86,21 +86,6 @@ def private_bytes() -> int:
             if line.startswith("RssAnon"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def release_freed_memory() -> None:
-    """Have glibc's malloc give large freed blocks back to the system from now on (a fixed mmap threshold
-    of 128 KiB, as MALLOC_MMAP_THRESHOLD_=131072 would: by default the threshold rises to the size of
-    the largest block freed, up to 32 MiB, and blocks below it stay with the process for reuse) and
-    trim what it keeps now. Otherwise a merge in a process that merged before reuses what an earlier one
-    freed, and the memory it adds says nothing of what it needs (measured: distillation of two bench-lm
-    Llamas after a permute merge added 3 MiB; with this, 250 MiB; 337 MiB in a fresh process)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)                # M_MMAP_THRESHOLD
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):               # not glibc: RSS as it comes
-        pass
 
 
 class PeakMemory:
