@@ -17,18 +17,19 @@ def sample():
     return [torch.randn(30, 20, generator=g, dtype=torch.float64) + k for k in range(2)]
 
 
+# batch 13 of 60 examples: uneven shards (6 + 7) and a last batch of 8; own-task targets
+CASES = [("fs-merge", dict(variant="global", param="diag+lowrank(3)", epochs=6, lr=0.05, batch_size=13,
+                           targets="own-task")),
+         ("distill", dict(epochs=4, lr=0.05, batch_size=None))]
+
+
 def assert_same(a, b, atol):
     for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(va, vb, rtol=0, atol=atol, msg=k)
 
 
-@pytest.mark.parametrize("method,opts", [
-    ("fs-merge", dict(variant="global", param="diag+lowrank(3)", epochs=6, lr=0.05, batch_size=13,
-                      targets="own-task")),
-    ("distill", dict(epochs=4, lr=0.05, batch_size=None)),
-])
+@pytest.mark.parametrize("method,opts", CASES)
 def test_two_process_ddp_merge_matches_one_process(method, opts):
-    # batch 13 of 60 examples: uneven shards (6 + 7) and a last batch of 8; own-task targets
     one = foldmerge.merge(sources(), sample(), method=method, **opts)
     ddp = foldmerge.merge(sources(), sample(), method=method, engine=Engine("cpu", devices=2), **opts)
     assert ddp.meta["engine"]["devices"] == 2
@@ -37,11 +38,7 @@ def test_two_process_ddp_merge_matches_one_process(method, opts):
     torch.testing.assert_close(ddp.meta["final_loss"], one.meta["final_loss"], rtol=1e-9, atol=0)
 
 
-@pytest.mark.parametrize("method,opts", [
-    ("fs-merge", dict(variant="global", param="diag+lowrank(3)", epochs=6, lr=0.05, batch_size=13,
-                      targets="own-task")),
-    ("distill", dict(epochs=4, lr=0.05, batch_size=None)),
-])
+@pytest.mark.parametrize("method,opts", CASES)
 def test_two_process_fsdp_merge_matches_one_process(method, opts):
     # PyTorch FSDP over two gloo processes: each holds half of every trained parameter; the uneven
     # shards are weighted before FSDP averages the gradients

@@ -193,12 +193,15 @@ def fit(params: Sequence[torch.nn.Parameter], loss_fn: Callable[..., torch.Tenso
         if modules is None:
             raise ValueError(f"{desc} does not train under parallel 'fsdp' (its modules are not named); use 'ddp'")
         sharded = engine.Sharded(fabric, modules, params)
+        held_out_loss = early_stop.loss if early_stop is not None else None
         try:
-            if early_stop is not None:
-                early_stop.loss = partial(sharded, early_stop.loss)
+            if early_stop is not None:                  # scored with the parameters gathered too
+                early_stop.loss = partial(sharded, held_out_loss)
             return _fit(sharded.params, loss_fn, data, cfg, desc, early_stop, fabric, checkpoint, sharded)
         finally:
             sharded.gather()
+            if early_stop is not None:
+                early_stop.loss = held_out_loss
     return _fit(params, loss_fn, data, cfg, desc, early_stop, fabric, checkpoint, None)
 
 
