@@ -238,6 +238,9 @@ def test_bench_lm_runs_every_row_on_tiny_sources(monkeypatch, tmp_path):
     assert [(row["shape"], row["method"]) for row in r["rows"]] == [(s, m) for s in ("llama", "gpt2") for m in rows]
     assert all(row["peak_bytes"] >= 0 for row in r["rows"] if row["seconds"] is not None)
     assert all(1 < row[f"ppl {d}"] < 10 * r["vocabulary"] for row in r["rows"] for d in r["domains"])
+    again = bench.run_bench(settings=("domains",), methods=["average"], out=str(tmp_path))   # read back
+    assert again["cells_from_cache"] == 2            # the average of each shape, not merged again
+    assert again["rows"] == [row for row in r["rows"] if row["seconds"] is None or row["method"] == "average"]
     r.update(command="foldmerge bench lm", environment={"machine": "test"})
     (tmp_path / "bench-lm.json").write_text(json.dumps(r))
     build_report([str(tmp_path / "bench-lm.json")], str(tmp_path / "report"), "x")

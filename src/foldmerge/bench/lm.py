@@ -12,11 +12,14 @@ cycle). Two settings:
   domains    source 1 on business and politics, source 2 on sport and entertainment
 
 Each merge reads 200 unlabeled training blocks per source (the models share one vocabulary, so one
-LM head); FS-Merge (diagonal + low rank 12, and full maps) and distillation start from `first` and
-train 50 epochs at batch 64. Measured on
+LM head); FS-Merge (diagonal + low rank 12, and full maps; global, and local with full maps) and
+distillation (on the last features, and on the logits by KL) start from `first` and train 50 epochs
+at batch 64 (FS-Merge local: 1,024 token rows a step). Measured on
 300 held-out blocks of each domain (the test articles, a fixed 20 % of every topic): perplexity of
 the sources, of the ensemble (their next-token probabilities averaged: two models' cost), and of
-every merge; merge seconds and peak memory (resident set above the level before the merge).
+every merge; merge seconds and peak memory (resident set above the level before the merge, freed
+memory given back to the system first: `bench.cost.PeakMemory`). Each merge's row is a cell kept
+under OUT/lm/cells: an interrupted run resumes.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from ..api import merge
 from ..data.texts import bbc_texts
 from ..hf import load_hf
 from ..progress import status
+from . import Cells
 from .cost import PeakMemory
 
 DOMAINS = {"all": ("business", "entertainment", "politics", "sport", "tech"),
@@ -155,7 +159,7 @@ def run_bench(settings: tuple = tuple(SETTINGS), methods: list[str] | None = Non
     if bad:
         raise ValueError(f"unknown setting or shape {bad[0]!r}; this bench runs {', '.join(SETTINGS)} on "
                          f"{', '.join(SHAPES)}")
-    cache, t0, rows = Path(out) / "lm", time.perf_counter(), []
+    cache, t0, rows, store = Path(out) / "lm", time.perf_counter(), [], Cells()
     cache.mkdir(parents=True, exist_ok=True)
     articles = _articles()
     tok = tokenizer(articles, cache / "tokenizer")
@@ -172,26 +176,33 @@ def run_bench(settings: tuple = tuple(SETTINGS), methods: list[str] | None = Non
         sample = [d[torch.randperm(len(d), generator=g)[:PER_TASK]] for d in train]
 
         def row(name, logits_of, seconds=None, peak=None):
-            rows.append({"shape": shape, "setting": setting, "method": name, "seconds": seconds, "peak_bytes": peak,
-                         **{f"ppl {d}": perplexity(logits_of, x) for d, x in tests.items()}})
+            return {"shape": shape, "setting": setting, "method": name, "seconds": seconds, "peak_bytes": peak,
+                    **{f"ppl {d}": perplexity(logits_of, x) for d, x in tests.items()}}
         for k, s in enumerate(sources):
-            row(f"source {k + 1} ({domains[k]})", lambda x, s=s: s(x)[0])
-        row("ensemble (2 models)", lambda x: torch.logsumexp(torch.stack([F.log_softmax(s(x)[0], -1)
-                                                                           for s in sources]), 0) - np.log(2))
+            rows.append(row(f"source {k + 1} ({domains[k]})", lambda x, s=s: s(x)[0]))
+        rows.append(row("ensemble (2 models)", lambda x: torch.logsumexp(torch.stack([F.log_softmax(s(x)[0], -1)
+                                                                                      for s in sources]), 0) - np.log(2)))
         for name, method, opts in PLAN:
             if methods and name not in methods and method not in methods:
                 continue
-            start = time.perf_counter()
-            with PeakMemory("cpu") as peak:
-                merged = merge(sources, sample, method, seed=seed, calibrate="none", **opts)
-            seconds = time.perf_counter() - start
-            row(name, lambda x, m=merged: m(x)[0], seconds, peak.bytes)
-            status(f"  {shape} {setting} {name}: " + " / ".join(f"{v:.1f}" for k, v in rows[-1].items() if k.startswith("ppl"))
-                   + f" ({seconds:.0f} s)")
+
+            def measure(name=name, method=method, opts=opts):
+                start = time.perf_counter()
+                with PeakMemory("cpu") as peak:
+                    merged = merge(sources, sample, method, seed=seed, calibrate="none", **opts)
+                seconds = time.perf_counter() - start
+                r = row(name, lambda x: merged(x)[0], seconds, peak.bytes)
+                status(f"  {shape} {setting} {name}: " + " / ".join(f"{v:.1f}" for k, v in r.items()
+                                                                    if k.startswith("ppl")) + f" ({seconds:.0f} s)")
+                return [r]
+            # each merge is a cell kept under OUT/lm/cells (an interrupted run resumes at the first it lacks)
+            slug = f"{shape}-{setting}-{name}-seed{seed}".replace(" ", "_").replace("!", "").replace(",", "")
+            rows += store.rows(cache / "cells" / f"{slug.replace('(', '').replace(')', '')}.json", measure)
     return {"bench": "lm", "shapes": list(shapes), "settings": list(settings), "domains": list(tests),
             "per_task": PER_TASK, "test": TEST, "block": BLOCK, "vocabulary": len(tok),
             "models": {s: globals()[SHAPES[s][2]] for s in shapes}, "source_training": TRAIN,
-            "trained_merges": TRAINED, "seed": seed, "rows": rows, "total_seconds": time.perf_counter() - t0}
+            "trained_merges": TRAINED, "seed": seed, "rows": rows, **store.facts(),
+            "total_seconds": time.perf_counter() - t0}
 
 
 def print_report(result: dict, command: str) -> None:
