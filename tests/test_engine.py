@@ -1,4 +1,8 @@
 """Lightning Fabric engine: a 2-process DDP (gloo) merge on CPU equals the one-process merge."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -69,6 +73,28 @@ def test_fsdp_holds_a_share_of_each_parameter_per_process_and_gathers_them_back(
     net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 2))
     assert out == pytest.approx(net(torch.ones(3, 6)).sum().item(), abs=1e-6)
     assert restored                                 # plain tensors again, the values they had
+
+
+BIG_RESULT = r"""
+import torch
+from foldmerge.engine import Engine
+
+def big(fabric):        # each past a pipe's 64 KiB: a tensor (2 MB), bytes (as a merged model comes back)
+    return torch.arange(500_000, dtype=torch.float32) + fabric.global_rank, bytes(200_000)
+
+if __name__ == "__main__":
+    out, blob = Engine("cpu", devices=2).run(big)
+    print("rank 0's", out.numel(), float(out[1]), len(blob))
+"""
+
+
+def test_a_result_bigger_than_a_pipe_comes_back_from_two_processes(tmp_path):
+    # Lightning's launcher reads the ranks' pipe only after they exit: a big result sent through it hung
+    script = tmp_path / "big.py"
+    script.write_text(BIG_RESULT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "FOLDMERGE_PROGRESS": "0"})
+    assert done.returncode == 0 and "rank 0's 500000 1.0 200000" in done.stdout, done.stdout + done.stderr[-2000:]
 
 
 def test_single_device_engine_and_bf16_autocast_run_on_cpu():

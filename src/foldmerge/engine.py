@@ -28,8 +28,11 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -72,13 +75,25 @@ class Engine:
                       precision=self.precision)
 
     def run(self, fn, *args):
-        """fn(fabric, *args) on every rank; rank 0's result."""
-        return self.fabric().launch(_on_rank, fn, *args)
+        """fn(fabric, *args) on every rank; rank 0's result.
+
+        The result comes back through a file in a private (0700) temporary folder, pickled as
+        multiprocessing would pickle it through a pipe: Lightning's launcher waits for the ranks to
+        exit before it reads their pipe, so a result past the pipe's 64 KiB buffer (a merged model
+        of any size) left rank 0 blocked writing it, and the run hanging."""
+        with tempfile.TemporaryDirectory(prefix="foldmerge-ranks-") as folder:
+            where = Path(folder) / "result.pickle"
+            self.fabric().launch(_on_rank, fn, where, *args)
+            with open(where, "rb") as f:
+                return pickle.load(f)
 
 
-def _on_rank(fabric, fn, *args):
+def _on_rank(fabric, fn, where, *args):
     try:
-        return fn(fabric, *args)
+        result = fn(fabric, *args)
+        if fabric.global_rank == 0:
+            with open(where, "wb") as f:
+                pickle.dump(result, f)
     finally:
         if fabric.world_size > 1 and torch.distributed.is_initialized():
             # leave together and close the process group before the spawned process exits
