@@ -372,6 +372,8 @@ class Backbone(nn.Module):
             if x.is_floating_point():
                 raise ValueError(f"a {self.family} reads token ids (integers), not floating-point inputs")
             mask = None if self.pad_token_id is None else (x != self.pad_token_id).long()
+            if mask is None and self.pooling == "tokens":     # a decoder reads every position (causally); said
+                mask = torch.ones_like(x)                       # outright, or GPT-2 warns that none was given
             out = encoder(input_ids=x, attention_mask=mask)
             if self.pooling == "pooler":      # CLIP's text tower: the final LayerNorm at the end-of-text token
                 return out.pooler_output
