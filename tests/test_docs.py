@@ -80,3 +80,13 @@ def test_the_defaults_page_shows_every_fixed_default_and_the_source_recipes():
         for key, value in group.values.items():
             shown = words[key].format(f"{value:g}")
             assert shown in row.replace("fine-tuning epochs", "epochs"), (family, key, shown)
+
+
+def test_every_merge_setting_is_in_the_command_line_page_and_its_yaml_keys():
+    """docs/cli.md's settings table names every merge setting's flag, and its YAML key list every one
+    a file may set (all but those a YAML file gives otherwise: its models' data and tasks)."""
+    from foldmerge.api import SETTINGS
+    page = (ROOT / "docs" / "cli.md").read_text()
+    keys = page[page.index("The keys:"):page.index("Relative paths in the file")]
+    assert [o.flag for o in SETTINGS if f"`{o.flag}" not in page] == []
+    assert [o.name for o in SETTINGS if o.name not in ("data", "tasks") and f"`{o.name}`" not in keys] == []
