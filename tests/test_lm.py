@@ -59,7 +59,7 @@ def test_two_llamas_merge_from_the_command_line_and_the_output_generates(tmp_pat
         assert cli.main(["merge", *map(str, models), "--data", *map(str, data), "--per-task", "16", "--fidelity", "16",
                          "--method", method, *extra, "--out", str(out), "--force"]) == 0, capsys.readouterr().err
         printed = capsys.readouterr().out
-        assert "merge ppl" in printed and "source ppl" in printed
+        assert "merge ppl" in printed and "source ppl" in printed and "ensemble ppl" in printed
         folder = out / "hf" / "my_lm_0"                  # one vocabulary, one LM head: one folder
         lm = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
         tok = transformers.AutoTokenizer.from_pretrained(folder)
@@ -264,3 +264,27 @@ def test_a_language_model_merge_under_fsdp_equals_the_one_process_merge(tmp_path
     assert fsdp.meta["engine"]["parallel"] == "fsdp" and fsdp.meta["engine"]["devices"] == 2
     for (name, a), (_, b) in zip(one.state_dict().items(), fsdp.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_fidelity_table_scores_the_sources_ensemble_by_averaging_their_probabilities(tmp_path):
+    import math
+
+    from torch.nn import functional as F
+
+    from foldmerge.context import FeatureCache
+    from foldmerge.model import padding_id
+    from foldmerge.selection import fidelity
+    paths = [make(tmp_path / f"lm {k}", k) for k in range(2)]
+    sources = [foldmerge.load(p) for p in paths]
+    merged = foldmerge.merge(paths, [texts(tmp_path / f"t{k}.txt", k) for k in range(2)], "average", calibrate="none",
+                             fidelity=0, per_task=8)
+    held = [torch.randint(3, 3 + len(WORDS), (5, 12), generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    scores = fidelity(merged, sources, held, FeatureCache(), index=[[0], [0]])      # one LM head, shared
+    pad = padding_id(merged)
+    for (task, f), x in zip(scores.items(), held):
+        with torch.no_grad():                      # by hand: log of the mean of the two softmaxes
+            probs = sum(F.softmax(s(x)[0], -1) for s in sources) / 2
+        target = x[:, 1:]
+        keep = target != pad
+        expected = math.exp(F.nll_loss(probs[:, :-1][keep].log(), target[keep]).item())
+        assert f["ensemble_perplexity"] == pytest.approx(expected, rel=1e-5), task

@@ -41,11 +41,12 @@ def card(meta: dict, title: str = "a foldmerge merge", library: str = "foldmerge
         lines += [f"| {t} | {f['examples']} | {f['cosine']:.4f} |" for t, f in fid.items()]
     elif fid and "perplexity" in next(iter(fid.values())):      # language models
         lines += ["", "## Perplexity (no labels needed)", "",
-                  "On held-out text of each source: the source's perplexity and the merge's, and how often their "
-                  "next-token predictions agree.", "", "| text of | examples | source | merge | agreement % |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {t} | {f['examples']} | {f['source_perplexity']:.2f} | {f['perplexity']:.2f} | "
-                  f"{_fmt(f['agreement'])} |" for t, f in fid.items()]
+                  "On held-out text of each source: the source's perplexity, the sources' ensemble's (their "
+                  "next-token probabilities averaged) and the merge's, and how often the source's and the merge's "
+                  "next-token predictions agree.", "",
+                  "| text of | examples | source | ensemble | merge | agreement % |", "|---|---|---|---|---|---|"]
+        lines += [f"| {t} | {f['examples']} | {f['source_perplexity']:.2f} | {f['ensemble_perplexity']:.2f} | "
+                  f"{f['perplexity']:.2f} | {_fmt(f['agreement'])} |" for t, f in fid.items()]
     elif fid:
         lines += ["", "## Fidelity to the sources (no labels needed)", "",
                   "On held-out unlabeled examples of each task: how often the merge predicts the class its "

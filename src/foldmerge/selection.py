@@ -22,6 +22,7 @@ select` (docs/selection.md).
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 from torch.nn import functional as F
@@ -93,9 +94,11 @@ def fidelity(merged, sources, held: list[torch.Tensor], features, index: list[li
                 if merged.head_kind == "projection":      # embeddings: compared by direction, as they are used
                     out[key] = {"cosine": F.cosine_similarity(p, q, dim=1).mean().item(), "examples": len(x)}
                     continue
-                if merged.head_kind == "lm":     # and each one's perplexity on the text itself
-                    out[key] = {"perplexity": _perplexity(merged.heads[j](student), x, padding_id(merged)),
-                                "source_perplexity": _perplexity(h(teacher), x, padding_id(merged))}
+                if merged.head_kind == "lm":     # and each one's perplexity on the text itself, and the ensemble's
+                    pad = padding_id(merged)
+                    out[key] = {"perplexity": _perplexity(merged.heads[j](student), x, pad),
+                                "source_perplexity": _perplexity(h(teacher), x, pad),
+                                "ensemble_perplexity": _perplexity(_ensemble_log_probs(sources, x, features), x, pad)}
                 else:
                     out[key] = {}
                 out[key].update({
@@ -107,6 +110,16 @@ def fidelity(merged, sources, held: list[torch.Tensor], features, index: list[li
         return out
     finally:
         merged.train(was)
+
+
+def _ensemble_log_probs(sources, x: torch.Tensor, features) -> torch.Tensor:
+    """The log of the sources' next-token probabilities averaged (language models of one vocabulary, one
+    head each): the ensemble, at the cost of every source. Summed a source at a time."""
+    total = None
+    for s in sources:
+        lp = F.log_softmax(s.heads[0](features(s, x)).float(), -1)
+        total = lp if total is None else torch.logaddexp(total, lp)
+    return total - math.log(len(sources))
 
 
 def _perplexity(logits: torch.Tensor, ids: torch.Tensor, pad: int) -> float:

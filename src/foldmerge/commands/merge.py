@@ -152,11 +152,13 @@ def run(args) -> None:
                     "unlabeled examples)", [("task", "task"), ("examples", "examples"), ("cosine", "cosine")])
     elif fid and merged.head_kind == "lm":
         print_table([{"task": t, "examples": f["examples"], "source": f["source_perplexity"],
-                      "merge": f["perplexity"], "agreement": f["agreement"]} for t, f in fid.items()],
-                    "perplexity of each source and of the merge on held-out text of each source (unlabeled), and "
-                    "how often their next-token predictions agree",
-                    [("task", "text of"), ("examples", "examples"), ("source", "source ppl"), ("merge", "merge ppl"),
-                     ("agreement", "agreement %")])
+                      "ensemble": f["ensemble_perplexity"], "merge": f["perplexity"], "agreement": f["agreement"]}
+                     for t, f in fid.items()],
+                    "perplexity of each source, of the sources' ensemble (their probabilities averaged) and of the "
+                    "merge on held-out text of each source (unlabeled), and how often the source's and the merge's "
+                    "next-token predictions agree",
+                    [("task", "text of"), ("examples", "examples"), ("source", "source ppl"),
+                     ("ensemble", "ensemble ppl"), ("merge", "merge ppl"), ("agreement", "agreement %")])
     elif fid:
         print_table([{"task": t, "examples": f["examples"], "agreement": f["agreement"], "kl": f["kl"]}
                      for t, f in fid.items()], "fidelity to the sources, no labels needed (held-out unlabeled "
