@@ -188,7 +188,7 @@ def test_a_full_disk_while_saving_leaves_the_old_model_and_its_export_whole(two,
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
     if where == "weights":
-        monkeypatch.setattr(io, "save_file", full)
+        monkeypatch.setattr(io, "_write_file", full)
     else:
         monkeypatch.setattr(api, "_export", lambda merged, d, sources: full())
     refused(["merge", *two, "--method", "slerp", "--out", out, "--force"], capsys, "No space left")

@@ -148,7 +148,7 @@ def test_a_full_disk_while_checkpointing_leaves_the_last_checkpoint_whole(tmp_pa
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(io, "save_file", full)            # every tensor file is written through io
+    monkeypatch.setattr(io, "_write_file", full)          # every tensor file is written through io
     with pytest.raises(OSError, match="No space"):
         ck.save(0, 2, 2, [p], opt, torch.Generator().manual_seed(0), [0.5, 0.4])
     assert {f.name: f.read_bytes() for f in where.iterdir()} == before

@@ -257,13 +257,19 @@ def write_tensors(tensors: dict, path: str | os.PathLike, metadata: dict | None 
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)             # the data starts 8-byte aligned, as safetensors writes it
+    _write_file(path, [len(blob).to_bytes(8, "little"), blob] + [tensors[n] for n in names])
+
+
+def _write_file(path, parts: list) -> None:
+    """Bytes and tensors (their memory, as it is), one after the other: where every tensor file is written."""
     with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for name in names:
-            t = tensors[name].detach().cpu().contiguous().reshape(-1)
-            if t.numel():
-                f.write(memoryview(t.view(torch.uint8).numpy()))
+        for part in parts:
+            if isinstance(part, torch.Tensor):
+                part = part.detach().cpu().contiguous().reshape(-1)
+                if not part.numel():
+                    continue
+                part = memoryview(part.view(torch.uint8).numpy())
+            f.write(part)
 
 
 def save_model(model, out_dir: str | os.PathLike, meta: dict[str, Any] | None = None,
