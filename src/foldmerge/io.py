@@ -422,8 +422,9 @@ def release_freed_memory() -> None:
     largest block freed, up to 32 MiB, and blocks below it stay with the process, fragmented, for reuse)
     and trim what it keeps now. A merge of memory-mapped sources (`--lazy`) makes and frees one
     parameter's arithmetic after another: averaging two 351 MiB Llamas (bench scaling's width 1024) and
-    saving the merge peaked at 414 MiB of private memory without this, 98-107 MiB with it (fresh processes). A bench measuring a merge in a process
-    that merged before needs it too, or the merge reuses what an earlier one freed."""
+    saving the merge peaked at 414 MiB of private memory without this, 98-107 MiB with it (fresh
+    processes). A bench measuring a merge in a process that merged before needs it too, or the merge
+    reuses what an earlier one freed."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 128 * 1024)                # M_MMAP_THRESHOLD
@@ -445,8 +446,8 @@ class MappedTensors:
         self.slots, end = {}, 0
         for name, (shape, dtype) in sizes.items():
             end += -end % 64                       # every tensor starts aligned
-            n = int(np.prod(shape)) * dtype.itemsize if len(shape) else dtype.itemsize
-            self.slots[name] = (end, tuple(shape), dtype)
+            n = int(np.prod(shape)) * dtype.itemsize
+            self.slots[name] = (end, n, tuple(shape), dtype)
             end += n
         fd, path = tempfile.mkstemp(prefix="foldmerge-merged-")
         try:
@@ -457,8 +458,7 @@ class MappedTensors:
             os.unlink(path)
 
     def put(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        a, shape, dtype = self.slots[name]
-        n = (int(np.prod(shape)) if shape else 1) * dtype.itemsize
+        a, n, shape, dtype = self.slots[name]
         if not n:
             return torch.empty(shape, dtype=dtype)
         view = torch.frombuffer(self._map[a:a + n], dtype=dtype).view(shape)

@@ -98,7 +98,7 @@ def fidelity(merged, sources, held: list[torch.Tensor], features, index: list[li
                     pad = padding_id(merged)
                     out[key] = {"perplexity": _perplexity(merged.heads[j](student), x, pad),
                                 "source_perplexity": _perplexity(h(teacher), x, pad),
-                                "ensemble_perplexity": _perplexity(_ensemble_log_probs(sources, x, features), x, pad)}
+                                "ensemble_perplexity": _perplexity(ensemble_log_probs(sources, x, features), x, pad)}
                 else:
                     out[key] = {}
                 out[key].update({
@@ -112,7 +112,7 @@ def fidelity(merged, sources, held: list[torch.Tensor], features, index: list[li
         merged.train(was)
 
 
-def _ensemble_log_probs(sources, x: torch.Tensor, features) -> torch.Tensor:
+def ensemble_log_probs(sources, x: torch.Tensor, features) -> torch.Tensor:
     """The log of the sources' next-token probabilities averaged (language models of one vocabulary, one
     head each): the ensemble, at the cost of every source. Summed a source at a time."""
     total = None

@@ -40,6 +40,7 @@ from ..api import merge
 from ..data.texts import bbc_texts
 from ..hf import load_hf
 from ..progress import status
+from ..selection import ensemble_log_probs
 from . import Cells
 from .cost import PeakMemory
 
@@ -180,8 +181,7 @@ def run_bench(settings: tuple = tuple(SETTINGS), methods: list[str] | None = Non
                     **{f"ppl {d}": perplexity(logits_of, x) for d, x in tests.items()}}
         for k, s in enumerate(sources):
             rows.append(row(f"source {k + 1} ({domains[k]})", lambda x, s=s: s(x)[0]))
-        rows.append(row("ensemble (2 models)", lambda x: torch.logsumexp(torch.stack([F.log_softmax(s(x)[0], -1)
-                                                                                      for s in sources]), 0) - np.log(2)))
+        rows.append(row("ensemble (2 models)", lambda x: ensemble_log_probs(sources, x, lambda s, t: s.features(t))))
         for name, method, opts in PLAN:
             if methods and name not in methods and method not in methods:
                 continue

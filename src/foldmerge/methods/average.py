@@ -36,10 +36,9 @@ def merge(models, data, seed, context, weights, reset_bn):
     with torch.no_grad():
         states = [m.backbone.state_dict() for m in models]
         # memory-mapped sources (--lazy): each mean goes to a temporary file's pages as it is made
-        store = MappedTensors({k: (tuple(v.shape), v.dtype) for k, v in states[0].items()}) \
-            if align.read_lazily(models) else None
-        avg = {k: sum(w * s[k] for w, s in zip(weights, states)) for k in states[0]} if store is None else \
-            {k: store.put(k, sum(w * s[k] for w, s in zip(weights, states))) for k in states[0]}
+        keep = MappedTensors({k: (tuple(v.shape), v.dtype) for k, v in states[0].items()}).put \
+            if align.read_lazily(models) else lambda k, mean: mean
+        avg = {k: keep(k, sum(w * s[k] for w, s in zip(weights, states))) for k in states[0]}
         merged.backbone.load_state_dict(avg, assign=True)
         copy_heads(merged, models, assign=True)
     if reset_bn:
