@@ -323,7 +323,8 @@ def prepare(models, data=64, method: str = "fs-merge", seed: int = 0, augment: i
             checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, keep_checkpoint: bool = False,
             out: str | os.PathLike | None = None, force: bool = False, tasks=None, allow_pickle: bool = False,
             lazy: bool = False, accelerator: str | None = None, devices: int | None = None, precision: str | None = None,
-            parallel: str | None = None, per_task: int | None = None, fidelity: int | None = None, same_task: str | None = None, eval_data=None,
+            parallel: str | None = None, per_task: int | None = None, fidelity: int | None = None,
+            same_task: str | None = None, eval_data=None,
             score: bool = False, cache: FeatureCache | None = None, command: str | None = None,
             config_file: str | os.PathLike | None = None, **options) -> Job:
     """Every check of a merge, before any work (see the module docstring); the arguments are `merge`'s."""
